@@ -1,0 +1,267 @@
+"""The data-channel offload interface: commands, replies and notifications as plain data.
+
+The control plane drives every backend (the kernel ``ovpn`` driver, pyovpn's userspace
+data plane) only through these types, modelled one-to-one on the kernel's generic-netlink
+API (``OVPN_CMD_*``). They are frozen dataclasses of ints, bytes and strings, so the same
+calls can cross a netlink socket or a local socket unchanged.
+
+Two additions exist because userspace must keep talking on the transport socket after
+handing it over: ``SendControl`` (the kernel equivalent is a plain ``send()`` on the
+socket, which the kernel backend does) and the ``ControlPacket`` notification (the kernel
+passes every non-DATA_V2 packet up the socket, which the kernel backend reads).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Cipher(enum.Enum):
+    """Data-channel AEAD ciphers; values are OpenVPN's names."""
+
+    AES_128_GCM = "AES-128-GCM"
+    AES_256_GCM = "AES-256-GCM"
+    CHACHA20_POLY1305 = "CHACHA20-POLY1305"
+
+    @property
+    def key_len(self) -> int:
+        return 16 if self is Cipher.AES_128_GCM else 32
+
+    @classmethod
+    def from_name(cls, name: str) -> Cipher:
+        upper = name.strip().upper()
+        for c in cls:
+            if c.value == upper:
+                return c
+        raise ValueError(f"unsupported data cipher {name!r}")
+
+
+class IfaceMode(enum.IntEnum):
+    P2P = 0  # one peer; OVPN_MODE_P2P
+    MP = 1  # many peers, looked up by route; OVPN_MODE_MP
+
+
+class KeySlot(enum.IntEnum):
+    PRIMARY = 0
+    SECONDARY = 1
+
+
+class PeerDelReason(enum.IntEnum):
+    TEARDOWN = 0
+    USERSPACE = 1
+    EXPIRED = 2  # keepalive timeout
+    TRANSPORT_ERROR = 3
+    TRANSPORT_DISCONNECT = 4
+
+
+class Transport(enum.Enum):
+    UDP = "udp"
+    TCP = "tcp"
+
+
+Address = tuple[str, int]  # (ip literal, port); IPv6 literals without brackets
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class NewIface:
+    name: str
+    mode: IfaceMode = IfaceMode.P2P
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
+class DelIface:
+    name: str
+
+
+@dataclass(frozen=True)
+class NewPeer:
+    """Create a peer. ``socket_fd`` is a file descriptor in the caller's process.
+
+    For UDP ``remote`` is required; for TCP it must be ``None`` and the socket connected.
+    ``tcp_backlog`` holds bytes already read from a TCP stream past the last whole frame
+    (userspace backend only; the kernel needs the handover at a frame boundary).
+    """
+
+    peer_id: int
+    socket_fd: int
+    transport: Transport
+    remote: Address | None = None
+    local_ip: str | None = None
+    vpn_ipv4: str | None = None
+    vpn_ipv6: str | None = None
+    keepalive_interval: int = 0
+    keepalive_timeout: int = 0
+    tx_peer_id: int | None = None  # defaults to peer_id
+    tcp_backlog: bytes = b""
+
+
+@dataclass(frozen=True)
+class SetPeer:
+    peer_id: int
+    remote: Address | None = None
+    keepalive_interval: int | None = None
+    keepalive_timeout: int | None = None
+
+
+@dataclass(frozen=True)
+class GetPeer:
+    peer_id: int
+
+
+@dataclass(frozen=True)
+class DelPeer:
+    peer_id: int
+
+
+@dataclass(frozen=True)
+class KeyDirection:
+    cipher_key: bytes
+    nonce_tail: bytes  # exactly 8 bytes: the implicit IV
+
+
+@dataclass(frozen=True)
+class NewKey:
+    peer_id: int
+    slot: KeySlot
+    key_id: int  # 0..7
+    cipher: Cipher
+    encrypt: KeyDirection
+    decrypt: KeyDirection
+
+
+@dataclass(frozen=True)
+class DelKey:
+    peer_id: int
+    slot: KeySlot
+
+
+@dataclass(frozen=True)
+class SwapKeys:
+    """Atomically exchange the primary and secondary key slots of a peer."""
+
+    peer_id: int
+
+
+@dataclass(frozen=True)
+class GetKey:
+    peer_id: int
+    slot: KeySlot
+
+
+@dataclass(frozen=True)
+class SendControl:
+    """Send one whole control packet (no TCP length prefix) to the peer's remote."""
+
+    peer_id: int
+    packet: bytes
+
+
+Command = (
+    NewIface | DelIface | NewPeer | SetPeer | GetPeer | DelPeer | NewKey | DelKey | SwapKeys | GetKey
+    | SendControl
+)
+
+
+# ---------------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    peer_id: int
+    remote: Address | None
+    keepalive_interval: int
+    keepalive_timeout: int
+    vpn_rx_bytes: int = 0
+    vpn_tx_bytes: int = 0
+    vpn_rx_packets: int = 0
+    vpn_tx_packets: int = 0
+    link_rx_bytes: int = 0
+    link_tx_bytes: int = 0
+    link_rx_packets: int = 0
+    link_tx_packets: int = 0
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    peer_id: int
+    slot: KeySlot
+    key_id: int
+    cipher: Cipher
+
+
+# ---------------------------------------------------------------------------- notifications
+
+
+@dataclass(frozen=True)
+class PeerDeleted:
+    peer_id: int
+    reason: PeerDelReason
+
+
+@dataclass(frozen=True)
+class KeyExhausted:
+    """The key's packet-id space is used up; the control plane should renegotiate."""
+
+    peer_id: int
+    key_id: int
+
+
+@dataclass(frozen=True)
+class PeerFloated:
+    peer_id: int
+    remote: Address
+
+
+@dataclass(frozen=True)
+class ControlPacket:
+    """A non-data packet that arrived on a handed-over socket (no TCP length prefix)."""
+
+    peer_id: int
+    packet: bytes
+    remote: Address | None
+
+
+Notification = PeerDeleted | KeyExhausted | PeerFloated | ControlPacket
+
+
+@dataclass
+class Stats:
+    """Mutable per-peer counters a backend keeps; ``PeerInfo`` is its snapshot."""
+
+    vpn_rx_bytes: int = 0
+    vpn_tx_bytes: int = 0
+    vpn_rx_packets: int = 0
+    vpn_tx_packets: int = 0
+    link_rx_bytes: int = 0
+    link_tx_bytes: int = 0
+    link_rx_packets: int = 0
+    link_tx_packets: int = 0
+    dropped_auth: int = 0
+    dropped_replay: int = 0
+    dropped_other: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class DataChannel(Protocol):
+    """What the control plane may do with a backend.
+
+    ``request`` executes one command and returns ``PeerInfo`` for ``GetPeer``, ``KeyInfo``
+    for ``GetKey`` and ``None`` otherwise; failures raise :class:`pyovpn.errors.BackendError`
+    naming the command. Notifications are delivered through the callback given to
+    ``subscribe`` from the event loop thread.
+    """
+
+    name: str  # "kernel" or "userspace", for logs only
+
+    async def request(self, command: Command) -> PeerInfo | KeyInfo | None: ...
+
+    def subscribe(self, callback: Callable[[Notification], None]) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,737 @@
+"""The sans-I/O OpenVPN control session: handshake, key negotiation, push/pull and rekeying for one peer.
+
+:class:`Session` takes control packets, the time and random bytes, and gives back control
+packets to send, the next timer deadline, and events: data-channel commands
+(``NewKey``/``SwapKeys``/``DelKey`` from :mod:`pyovpn.datachannel.api`) plus the session
+events defined here. It never touches sockets, clocks or the OS random generator.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from OpenSSL import SSL
+
+from pyovpn.datachannel.api import Cipher, DelKey, KeyDirection, KeySlot, NewKey, SwapKeys
+from pyovpn.errors import ProtocolError
+from pyovpn.proto import keymethod as km
+from pyovpn.proto.keys import EKM_LABEL_DATAKEYS, EKM_LABEL_P2P_PEERID, P2P_DEFAULT_PEER_ID, prf_key2
+from pyovpn.proto.packets import SESSION_ID_LEN, ControlPacket, Opcode, ReliabilityHeader
+from pyovpn.proto.push import PushedOptions, parse_pushed_options, split_push_message
+from pyovpn.proto.reliable import AckTracker, ReliableReceiver, ReliableSender
+from pyovpn.proto.tls import PeerCheck, TlsEndpoint
+from pyovpn.proto.tlswrap import NoWrap, TlsAuth, TlsCrypt, Wrap
+
+log = logging.getLogger("pyovpn.session")
+
+TLS_MTU = 1250
+PUSH_REQUEST_INTERVAL = 5.0
+ACK_MAX_PIGGYBACK = 4
+ACK_MAX_STANDALONE = 8
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    is_tls_server: bool
+    pull: bool
+    tls_context: SSL.Context
+    peer_check: PeerCheck = PeerCheck()
+    tls_auth_key: bytes | None = None
+    key_direction: int | None = None
+    auth_digest: str = "SHA1"
+    tls_crypt_key: bytes | None = None
+    data_ciphers: tuple[str, ...] = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
+    data_ciphers_fallback: str | None = None
+    reneg_sec: int = 3600
+    tls_timeout: float = 2.0
+    hand_window: int = 60
+    tran_window: int = 3600
+    proto: str = "udp"
+    tun_mtu: int = 1500
+    username: str | None = None
+    password: str | None = None
+    version: str = "2.6.14"
+    replay_window: int = 64
+    ping: int = 0
+    ping_restart: int = 0
+
+
+# ---------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class TunnelUp:
+    """The first data keys are about to be installed: create the data-channel peer now."""
+
+    peer_id: int
+    cipher: Cipher
+    keepalive_interval: int
+    keepalive_timeout: int
+    pushed: PushedOptions | None
+    cc_exit: bool
+    key_derivation: str  # "tls-ekm" or "prf", for the log
+    tls_summary: str
+
+
+@dataclass(frozen=True)
+class SessionClosed:
+    """The session ended. ``restart`` false means the process should exit (HALT, AUTH_FAILED)."""
+
+    reason: str
+    restart: bool = True
+
+
+@dataclass(frozen=True)
+class PeerRestarted:
+    """A new hard reset arrived from a peer we already had a session with (the peer restarted)."""
+
+    packet: bytes
+
+
+SessionEvent = TunnelUp | SessionClosed | PeerRestarted | NewKey | SwapKeys | DelKey
+
+
+# ---------------------------------------------------------------------------- key state
+
+
+class KS(enum.IntEnum):
+    PRE_START = 1
+    START = 2  # reset exchanged, TLS running
+    SENT_KEY = 3
+    GOT_KEY = 4
+    ACTIVE = 5  # key-method-2 messages exchanged
+    GENERATED_KEYS = 6
+    FAILED = 9
+
+
+def next_key_id(key_id: int) -> int:
+    """Renegotiations use key ids 1..7 cyclically; 0 belongs to the first session only."""
+    return 1 if key_id >= 7 else key_id + 1
+
+
+@dataclass
+class KeyState:
+    key_id: int
+    tls: TlsEndpoint
+    sender: ReliableSender
+    receiver: ReliableReceiver
+    acks: AckTracker = field(default_factory=AckTracker)
+    state: KS = KS.PRE_START
+    local_km2: km.KeyMethod2 | None = None
+    remote_km2: km.KeyMethod2 | None = None
+    km2_sent: bool = False
+    started: float = 0.0
+    must_negotiate: float = 0.0
+    auth_deferred_expire: float = 0.0
+    established: float = 0.0
+    must_die: float | None = None
+    key2: bytes | None = None
+    pending_text: deque[str] = field(default_factory=deque)
+
+
+def _chunk_limit(wrap: Wrap) -> int:
+    # A whole control datagram must fit the tls-mtu, worst case IPv6 + UDP headers (48) around it,
+    # plus opcode, session id, up to 4 ACKs with the remote session id, the message id and the wrap.
+    return TLS_MTU - 48 - 9 - (1 + 4 * ACK_MAX_PIGGYBACK + 8) - 4 - wrap.overhead - 16
+
+
+class Session:
+    """One control-channel session (one tls_session in OpenVPN terms) with one peer."""
+
+    def __init__(self, config: SessionConfig, *, rng: Callable[[int], bytes], now: float) -> None:
+        self.cfg = config
+        self._rng = rng
+        self.session_id = self._new_session_id()
+        self.peer_session_id: bytes | None = None
+        self.wrap: Wrap = self._make_wrap()
+        self._out: list[bytes] = []
+        self._events: deque[SessionEvent] = deque()
+        self.primary: KeyState | None = None
+        self.lame_duck: KeyState | None = None
+        self.closed = False
+        self.peer_id: int | None = None
+        self.cipher: Cipher | None = None
+        self.use_ekm = False
+        self.cc_exit = False
+        self._remote_iv_proto = 0
+        self._push_parts: list[str] = []
+        self._next_push_request: float | None = None
+        self._backend_slots: dict[KeySlot, int | None] = {KeySlot.PRIMARY: None, KeySlot.SECONDARY: None}
+        self._now = now
+        self.primary = self._new_key_state(0, now)
+        if not config.is_tls_server:
+            self.primary.sender.enqueue(Opcode.CONTROL_HARD_RESET_CLIENT_V2, b"")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _new_session_id(self) -> bytes:
+        while True:
+            sid = self._rng(SESSION_ID_LEN)
+            if sid != b"\x00" * SESSION_ID_LEN:
+                return sid
+
+    def _make_wrap(self) -> Wrap:
+        c = self.cfg
+        if c.tls_crypt_key is not None:
+            return TlsCrypt(c.tls_crypt_key, is_server=c.is_tls_server, replay_window=c.replay_window)
+        if c.tls_auth_key is not None:
+            return TlsAuth(c.tls_auth_key, c.key_direction, c.auth_digest, c.replay_window)
+        return NoWrap()
+
+    def _new_key_state(self, key_id: int, now: float) -> KeyState:
+        tls = TlsEndpoint(self.cfg.tls_context, is_server=self.cfg.is_tls_server, check=self.cfg.peer_check)
+        ks = KeyState(
+            key_id=key_id,
+            tls=tls,
+            sender=ReliableSender(initial_timeout=self.cfg.tls_timeout),
+            receiver=ReliableReceiver(),
+        )
+        ks.started = now
+        ks.must_negotiate = now + self.cfg.hand_window
+        window = self.cfg.hand_window
+        if self.cfg.reneg_sec and self.cfg.reneg_sec // 2 < window:
+            window = self.cfg.reneg_sec // 2
+        ks.auth_deferred_expire = now + window
+        return ks
+
+    def _emit(self, event: SessionEvent) -> None:
+        self._events.append(event)
+
+    def _fail(self, reason: str, *, restart: bool = True) -> None:
+        if not self.closed:
+            self.closed = True
+            log.warning("session closed: %s", reason)
+            self._emit(SessionClosed(reason, restart))
+
+    # ------------------------------------------------------------------ public API
+
+    def packets_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> SessionEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def events(self) -> list[SessionEvent]:
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    def next_timer(self) -> float | None:
+        if self.closed:
+            return None
+        deadlines: list[float] = []
+        for ks in (self.primary, self.lame_duck):
+            if ks is None:
+                continue
+            d = ks.sender.next_deadline()
+            if d is not None:
+                deadlines.append(d)
+            if ks.state < KS.GENERATED_KEYS:
+                deadlines.append(ks.must_negotiate)
+            if ks.must_die is not None:
+                deadlines.append(ks.must_die)
+        p = self.primary
+        if p is not None and p.state is KS.GENERATED_KEYS:
+            if self.cfg.reneg_sec:
+                deadlines.append(p.established + self.cfg.reneg_sec)
+            if self._backend_slots[KeySlot.SECONDARY] == p.key_id:
+                deadlines.append(p.auth_deferred_expire)
+        if self._next_push_request is not None:
+            deadlines.append(self._next_push_request)
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        if self.closed:
+            return
+        self._housekeeping(now)
+        self._flush(now)
+
+    def receive(self, data: bytes, now: float) -> None:
+        """Feed one control packet (no TCP length prefix). Bad packets are dropped and logged."""
+        self._now = now
+        if self.closed:
+            return
+        try:
+            self._receive(data, now)
+        except ProtocolError as exc:
+            log.info("dropped control packet: %s", exc)
+        if not self.closed:
+            self._housekeeping(now)
+            self._flush(now)
+
+    def send_text(self, message: str) -> None:
+        """Queue a text control message (NUL-terminated, one TLS record) on the active key."""
+        ks = self.primary
+        if ks is None:
+            return
+        if ks.state >= KS.ACTIVE:
+            ks.tls.send(message.encode() + b"\x00")
+            self._pump_tls_output(ks)
+        else:
+            ks.pending_text.append(message)
+
+    def close(self, now: float, *, notify: bool = True) -> None:
+        """Local shutdown: tell the peer with EXIT when cc-exit was negotiated."""
+        if self.closed:
+            return
+        if notify and self.cc_exit and self.primary is not None and self.primary.state >= KS.ACTIVE:
+            self.send_text("EXIT")
+            self._flush(now)
+        self.closed = True
+
+    @property
+    def established(self) -> bool:
+        return self.primary is not None and self.primary.state is KS.GENERATED_KEYS
+
+    # ------------------------------------------------------------------ receive path
+
+    def _receive(self, data: bytes, now: float) -> None:
+        pkt = self.wrap.unwrap(data)
+        op = pkt.opcode
+        if self.cfg.is_tls_server and op is Opcode.CONTROL_HARD_RESET_SERVER_V2:
+            raise ProtocolError("server->server hard reset (both sides are tls-server?)")
+        if not self.cfg.is_tls_server and op in (
+            Opcode.CONTROL_HARD_RESET_CLIENT_V2,
+            Opcode.CONTROL_HARD_RESET_CLIENT_V3,
+        ):
+            raise ProtocolError("client->client hard reset (both sides are tls-client?)")
+        if op is Opcode.CONTROL_HARD_RESET_CLIENT_V3:
+            raise ProtocolError("tls-crypt-v2 client reset received; tls-crypt-v2 is not supported")
+
+        if self.peer_session_id is None:
+            if not pkt.is_hard_reset or pkt.rh.message_id != 0:
+                raise ProtocolError(f"{op.name} before the hard reset; dropped")
+            self.peer_session_id = pkt.session_id
+        elif pkt.session_id != self.peer_session_id:
+            if pkt.is_hard_reset and pkt.rh.message_id == 0 and self.cfg.is_tls_server:
+                self._emit(PeerRestarted(data))
+                return
+            raise ProtocolError("control packet from an unknown session id")
+
+        if pkt.rh.acks and pkt.rh.remote_session_id != self.session_id:
+            raise ProtocolError("ACK for a session id that is not ours")
+
+        ks = self._key_state_for(pkt, now)
+        if ks is None:
+            return
+        ks.sender.process_acks(pkt.rh.acks)
+        if op is Opcode.ACK_V1:
+            return
+        mid = pkt.rh.message_id
+        assert mid is not None
+        if pkt.is_hard_reset and mid != 0:
+            raise ProtocolError("hard reset with a non-zero message id")
+        if ks.receiver.receive(mid, op, pkt.rh.payload):
+            ks.acks.add(mid)
+        for r_op, payload in ks.receiver.pop_ready():
+            self._deliver(ks, r_op, payload, now)
+
+    def _key_state_for(self, pkt: ControlPacket, now: float) -> KeyState | None:
+        p = self.primary
+        assert p is not None
+        if pkt.key_id == p.key_id:
+            return p
+        if self.lame_duck is not None and pkt.key_id == self.lame_duck.key_id:
+            return self.lame_duck
+        if pkt.opcode is Opcode.CONTROL_SOFT_RESET_V1 and p.state is KS.GENERATED_KEYS:
+            if pkt.key_id != next_key_id(p.key_id):
+                raise ProtocolError(f"soft reset to unexpected key_id {pkt.key_id}")
+            self._start_renegotiation(now, initiator=False)
+            return self.primary
+        raise ProtocolError(f"key IDs out of sync (got key_id {pkt.key_id}, active {p.key_id})")
+
+    def _deliver(self, ks: KeyState, op: Opcode, payload: bytes, now: float) -> None:
+        if op in (Opcode.CONTROL_HARD_RESET_CLIENT_V2, Opcode.CONTROL_HARD_RESET_SERVER_V2):
+            if ks.key_id != 0:
+                raise ProtocolError("hard reset on a renegotiated key")
+            if self.cfg.is_tls_server:
+                ks.sender.enqueue(Opcode.CONTROL_HARD_RESET_SERVER_V2, b"")
+            elif payload:
+                _check_reset_tlvs(payload)
+            self._tls_start(ks)
+            return
+        if op is Opcode.CONTROL_SOFT_RESET_V1:
+            self._tls_start(ks)
+            return
+        if op in (Opcode.CONTROL_V1, Opcode.CONTROL_WKC_V1):
+            if ks.state < KS.START:
+                raise ProtocolError("TLS data before the reset exchange")
+            ks.tls.feed(payload)
+            self._tls_progress(ks, now)
+            return
+        raise ProtocolError(f"unexpected {op.name}")
+
+    # ------------------------------------------------------------------ TLS + key-method-2
+
+    def _tls_start(self, ks: KeyState) -> None:
+        if ks.state >= KS.START:
+            return
+        ks.state = KS.START
+        if not self.cfg.is_tls_server:
+            ks.tls.advance()  # produces the ClientHello
+            self._pump_tls_output(ks)
+
+    def _pump_tls_output(self, ks: KeyState) -> None:
+        data = ks.tls.pending_output()
+        limit = _chunk_limit(self.wrap)
+        for i in range(0, len(data), limit):
+            ks.sender.enqueue(Opcode.CONTROL_V1, data[i : i + limit])
+
+    def _tls_progress(self, ks: KeyState, now: float) -> None:
+        done = ks.tls.advance()
+        if done and not ks.km2_sent and not self.cfg.is_tls_server:
+            self._send_km2(ks)
+        self._pump_tls_output(ks)
+        if not done:
+            return
+        for record in ks.tls.receive():
+            if ks.remote_km2 is None:
+                ks.remote_km2 = km.KeyMethod2.decode(record, from_client=self.cfg.is_tls_server)
+                self._on_remote_km2(ks, now)
+            else:
+                for raw in record.split(b"\x00"):
+                    text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if text:
+                        self._on_text(ks, text, now)
+        self._pump_tls_output(ks)
+
+    def _iv_proto(self) -> int:
+        bits = km.IV_PROTO_DATA_V2 | km.IV_PROTO_TLS_KEY_EXPORT | km.IV_PROTO_CC_EXIT_NOTIFY
+        if self.cfg.pull:
+            bits |= km.IV_PROTO_REQUEST_PUSH
+        else:
+            bits |= km.IV_PROTO_NCP_P2P
+        return bits
+
+    def _send_km2(self, ks: KeyState) -> None:
+        c = self.cfg
+        peer_info = km.build_peer_info(
+            version=c.version, ciphers=list(c.data_ciphers), iv_proto=self._iv_proto(), pull=c.pull, tun_mtu=c.tun_mtu
+        )
+        options = km.occ_options_string(
+            tls_server=c.is_tls_server,
+            proto=c.proto,
+            cipher=(self.cipher.value if self.cipher else c.data_ciphers[0]) if c.data_ciphers else None,
+            tun_mtu=c.tun_mtu,
+            tls_auth=c.tls_auth_key is not None,
+            key_direction=c.key_direction,
+        )
+        msg = km.KeyMethod2(
+            random1=self._rng(km.RANDOM_LEN),
+            random2=self._rng(km.RANDOM_LEN),
+            options=options,
+            pre_master=None if c.is_tls_server else self._rng(km.PRE_MASTER_LEN),
+            username=(c.username or "") if not c.is_tls_server else "",
+            password=(c.password or "") if not c.is_tls_server else "",
+            peer_info=peer_info,
+        )
+        ks.local_km2 = msg
+        ks.tls.send(msg.encode())
+        ks.km2_sent = True
+        if ks.state < KS.SENT_KEY:
+            ks.state = KS.SENT_KEY
+
+    def _on_remote_km2(self, ks: KeyState, now: float) -> None:
+        remote = ks.remote_km2
+        assert remote is not None
+        if ks.key_id == 0:
+            info = km.parse_peer_info(remote.peer_info)
+            self._remote_iv_proto = km.peer_iv_proto(info)
+            self._remote_info = info
+            self._remote_options = remote.options
+        if self.cfg.is_tls_server:
+            self._send_km2(ks)
+        ks.state = KS.ACTIVE
+        while ks.pending_text:
+            ks.tls.send(ks.pending_text.popleft().encode() + b"\x00")
+        if ks.key_id != 0:
+            self._generate_keys(ks, now)
+        elif self.cfg.pull:
+            self._send_push_request(now)
+        else:
+            self._p2p_negotiate(ks)
+            self._generate_keys(ks, now)
+
+    # ------------------------------------------------------------------ negotiation
+
+    def _p2p_negotiate(self, ks: KeyState) -> None:
+        peer = self._remote_iv_proto
+        if not peer & km.IV_PROTO_NCP_P2P:
+            fallback = self.cfg.data_ciphers_fallback
+            if fallback is None:
+                raise_closed = "peer does not support P2P cipher negotiation (OpenVPN < 2.6); set data-ciphers-fallback"
+                self._fail(raise_closed, restart=False)
+                return
+            self.cipher = Cipher.from_name(fallback)
+        else:
+            peer_ciphers = [c.upper() for c in self._remote_info.get("IV_CIPHERS", "").split(":") if c]
+            ours = [c.upper() for c in self.cfg.data_ciphers]
+            server_list, client_list = (ours, peer_ciphers) if self.cfg.is_tls_server else (peer_ciphers, ours)
+            common = next((c for c in server_list if c in client_list), None)
+            if common is None:
+                common = self.cfg.data_ciphers_fallback
+            if common is None:
+                self._fail(f"no common data cipher: ours {':'.join(ours)}, peer {':'.join(peer_ciphers)}",
+                           restart=False)
+                return
+            try:
+                self.cipher = Cipher.from_name(common)
+            except ValueError:
+                self._fail(f"negotiated cipher {common} cannot be offloaded (AEAD only)", restart=False)
+                return
+        if not peer & km.IV_PROTO_DATA_V2:
+            self._fail("peer does not support DATA_V2 packets, which the offloaded data channel needs",
+                       restart=False)
+            return
+        self.use_ekm = bool(peer & km.IV_PROTO_TLS_KEY_EXPORT)
+        self.cc_exit = bool(peer & km.IV_PROTO_CC_EXIT_NOTIFY)
+        if self.use_ekm:
+            raw = ks.tls.export_keying_material(EKM_LABEL_P2P_PEERID, 3)
+            self.peer_id = int.from_bytes(raw, "big")
+        else:
+            self.peer_id = P2P_DEFAULT_PEER_ID
+
+    def _send_push_request(self, now: float) -> None:
+        self.send_text("PUSH_REQUEST")
+        self._next_push_request = now + PUSH_REQUEST_INTERVAL
+
+    def _on_text(self, ks: KeyState, text: str, now: float) -> None:
+        if text.startswith("PUSH_REPLY"):
+            if not self.cfg.pull or self._backend_slots[KeySlot.PRIMARY] is not None:
+                log.info("ignoring unexpected %s", text[:40])
+                return
+            opts, more = split_push_message(text)
+            self._push_parts += opts
+            if more:
+                return
+            self._next_push_request = None
+            pushed = parse_pushed_options(self._push_parts)
+            self._push_parts = []
+            self._apply_push(ks, pushed, now)
+        elif text.startswith("AUTH_FAILED"):
+            self._fail(f"server said {text}: check auth-user-pass credentials / client certificate",
+                       restart=False)
+        elif text.startswith("AUTH_PENDING"):
+            self._next_push_request = now + PUSH_REQUEST_INTERVAL
+        elif text.startswith("RESTART"):
+            self._fail(f"server requested a restart ({text})")
+        elif text.startswith("HALT"):
+            self._fail(f"server requested halt ({text})", restart=False)
+        elif text == "EXIT":
+            self._fail("peer sent exit notification")
+        elif text.startswith("INFO"):
+            log.info("server info: %s", text)
+        elif text.startswith("PUSH_REQUEST"):
+            log.debug("ignoring PUSH_REQUEST (not a P2MP server)")
+        else:
+            log.info("ignoring unknown control message %r", text[:60])
+
+    def _apply_push(self, ks: KeyState, pushed: PushedOptions, now: float) -> None:
+        ours = [c.upper() for c in self.cfg.data_ciphers]
+        name = pushed.cipher
+        if name is None:
+            occ_cipher = _occ_value(getattr(self, "_remote_options", ""), "cipher")
+            name = occ_cipher if occ_cipher and occ_cipher.upper() in ours else self.cfg.data_ciphers_fallback
+        if name is None:
+            self._fail("server pushed no cipher and no data-ciphers-fallback is set", restart=False)
+            return
+        if name.upper() not in ours and name != self.cfg.data_ciphers_fallback:
+            self._fail(f"server pushed cipher {name}, which is not in data-ciphers {':'.join(ours)}",
+                       restart=False)
+            return
+        try:
+            self.cipher = Cipher.from_name(name)
+        except ValueError:
+            self._fail(f"server pushed cipher {name}, which the offloaded data channel cannot do (AEAD only)",
+                       restart=False)
+            return
+        if pushed.peer_id is None:
+            self._fail("server pushed no peer-id; the offloaded data channel needs DATA_V2 (OpenVPN >= 2.4 server)",
+                       restart=False)
+            return
+        if pushed.aead_epoch:
+            self._fail("server enabled the epoch data format, which pyovpn did not offer", restart=False)
+            return
+        self.peer_id = pushed.peer_id
+        self.use_ekm = pushed.tls_ekm
+        self.cc_exit = pushed.cc_exit
+        self._pushed = pushed
+        self._generate_keys(ks, now)
+
+    # ------------------------------------------------------------------ keys
+
+    def _derive_key2(self, ks: KeyState) -> bytes:
+        if self.use_ekm:
+            return ks.tls.export_keying_material(EKM_LABEL_DATAKEYS, 256)
+        local, remote = ks.local_km2, ks.remote_km2
+        assert local is not None and remote is not None
+        client, server = (remote, local) if self.cfg.is_tls_server else (local, remote)
+        assert client.pre_master is not None
+        assert self.peer_session_id is not None
+        client_sid, server_sid = (
+            (self.peer_session_id, self.session_id) if self.cfg.is_tls_server else (self.session_id, self.peer_session_id)
+        )
+        return prf_key2(
+            pre_master=client.pre_master,
+            client_random1=client.random1,
+            server_random1=server.random1,
+            client_random2=client.random2,
+            server_random2=server.random2,
+            client_session_id=client_sid,
+            server_session_id=server_sid,
+        )
+
+    def _key_command(self, ks: KeyState, slot: KeySlot) -> NewKey:
+        assert ks.key2 is not None and self.cipher is not None and self.peer_id is not None
+        enc, dec = split_key2(ks.key2, self.cipher, tls_client=not self.cfg.is_tls_server)
+        return NewKey(self.peer_id, slot, ks.key_id, self.cipher, enc, dec)
+
+    def _generate_keys(self, ks: KeyState, now: float) -> None:
+        if self.closed or ks.state is KS.GENERATED_KEYS:
+            return
+        assert self.cipher is not None and self.peer_id is not None
+        ks.key2 = self._derive_key2(ks)
+        ks.state = KS.GENERATED_KEYS
+        ks.established = now
+        if ks.key_id == 0 and self._backend_slots[KeySlot.PRIMARY] is None:
+            c = self.cfg
+            pushed = getattr(self, "_pushed", None)
+            interval, timeout = c.ping, c.ping_restart
+            if pushed is not None:
+                interval = pushed.ping if pushed.ping is not None else interval
+                timeout = pushed.ping_restart if pushed.ping_restart is not None else timeout
+            if bool(interval) != bool(timeout):
+                # the kernel takes keepalive as a pair; OpenVPN's pre-pull default restart is 120 s
+                interval, timeout = interval or 10, timeout or 120
+            self._emit(
+                TunnelUp(
+                    peer_id=self.peer_id,
+                    cipher=self.cipher,
+                    keepalive_interval=interval,
+                    keepalive_timeout=timeout,
+                    pushed=pushed,
+                    cc_exit=self.cc_exit,
+                    key_derivation="tls-ekm" if self.use_ekm else "prf",
+                    tls_summary=f"{ks.tls.version} {ks.tls.cipher}, peer CN={ks.tls.peer_common_name()!r}",
+                )
+            )
+            self._emit(self._key_command(ks, KeySlot.PRIMARY))
+            self._backend_slots[KeySlot.PRIMARY] = ks.key_id
+        else:
+            self._emit(self._key_command(ks, KeySlot.SECONDARY))
+            self._backend_slots[KeySlot.SECONDARY] = ks.key_id
+            log.info("renegotiated data channel key_id=%d (%s)", ks.key_id, self.cipher.value)
+            self._maybe_swap(now)
+
+    def _maybe_swap(self, now: float) -> None:
+        p = self.primary
+        if p is None or self.peer_id is None:
+            return
+        if self._backend_slots[KeySlot.SECONDARY] == p.key_id and now >= p.auth_deferred_expire:
+            self._emit(SwapKeys(self.peer_id))
+            s = self._backend_slots
+            s[KeySlot.PRIMARY], s[KeySlot.SECONDARY] = s[KeySlot.SECONDARY], s[KeySlot.PRIMARY]
+            log.info("data channel now sends with key_id=%d", p.key_id)
+
+    def _start_renegotiation(self, now: float, *, initiator: bool) -> None:
+        old = self.primary
+        assert old is not None
+        new = self._new_key_state(next_key_id(old.key_id), now)
+        if self.lame_duck is not None and self.lame_duck.state is KS.GENERATED_KEYS:
+            self._retire(self.lame_duck)
+        old.must_die = now + self.cfg.tran_window
+        self.lame_duck = old
+        self.primary = new
+        new.sender.enqueue(Opcode.CONTROL_SOFT_RESET_V1, b"")
+        log.info("%s renegotiation, key_id=%d", "starting" if initiator else "peer started", new.key_id)
+
+    def _retire(self, ks: KeyState) -> None:
+        """Forget a lame-duck key; tell the backend if it still holds it."""
+        if self.peer_id is not None and self._backend_slots[KeySlot.SECONDARY] == ks.key_id:
+            self._emit(DelKey(self.peer_id, KeySlot.SECONDARY))
+            self._backend_slots[KeySlot.SECONDARY] = None
+        if ks is self.lame_duck:
+            self.lame_duck = None
+
+    def _housekeeping(self, now: float) -> None:
+        p = self.primary
+        assert p is not None
+        if p.state < KS.GENERATED_KEYS and now >= p.must_negotiate:
+            if p.key_id == 0:
+                self._fail(
+                    f"TLS key negotiation failed to occur within {self.cfg.hand_window} seconds "
+                    "(check your network connectivity, the remote address and that tls-auth/tls-crypt keys match)"
+                )
+                return
+            log.warning("renegotiation of key_id=%d timed out; keeping the previous key", p.key_id)
+            if self.lame_duck is not None:
+                self.primary, self.lame_duck = self.lame_duck, None
+                self.primary.must_die = None
+                self.primary.established = now  # retry after another reneg interval
+        if self.lame_duck is not None and self.lame_duck.must_die is not None and now >= self.lame_duck.must_die:
+            self._retire(self.lame_duck)
+        if p.state is KS.GENERATED_KEYS:
+            self._maybe_swap(now)
+            if self.cfg.reneg_sec and now >= p.established + self.cfg.reneg_sec:
+                self._start_renegotiation(now, initiator=True)
+        if self._next_push_request is not None and now >= self._next_push_request:
+            self._send_push_request(now)
+
+    # ------------------------------------------------------------------ send path
+
+    def _flush(self, now: float) -> None:
+        wnow = int(now)
+        for ks in (self.lame_duck, self.primary):
+            if ks is None:
+                continue
+            for out in ks.sender.due(now):
+                acks = ks.acks.take(ACK_MAX_PIGGYBACK) if self.peer_session_id is not None else []
+                rh = ReliabilityHeader(
+                    tuple(acks), self.peer_session_id if acks else None, out.message_id, out.payload
+                )
+                self._out.append(self.wrap.wrap(out.opcode, ks.key_id, self.session_id, rh, wnow))
+            if ks.acks.pending and self.peer_session_id is not None:
+                limit = ACK_MAX_STANDALONE if self._wrapped_or_ekm() else ACK_MAX_PIGGYBACK
+                acks = ks.acks.take(limit)
+                rh = ReliabilityHeader(tuple(acks), self.peer_session_id, None, b"")
+                self._out.append(self.wrap.wrap(Opcode.ACK_V1, ks.key_id, self.session_id, rh, wnow))
+
+    def _wrapped_or_ekm(self) -> bool:
+        # SoftEther drops packets with more than 4 ACKs; OpenVPN clients without a wrap cap at 4.
+        return self.cfg.is_tls_server or not isinstance(self.wrap, NoWrap)
+
+
+def _occ_value(options: str, name: str) -> str | None:
+    for item in options.split(","):
+        key, _, value = item.partition(" ")
+        if key == name:
+            return value.strip()
+    return None
+
+
+def _check_reset_tlvs(payload: bytes) -> None:
+    pos = 0
+    while pos < len(payload):
+        if pos + 4 > len(payload):
+            raise ProtocolError("malformed TLV in the server's hard reset")
+        length = int.from_bytes(payload[pos + 2 : pos + 4], "big")
+        pos += 4 + length
+        if pos > len(payload):
+            raise ProtocolError("malformed TLV in the server's hard reset")
+
+
+def split_key2(key2: bytes, cipher: Cipher, *, tls_client: bool) -> tuple[KeyDirection, KeyDirection]:
+    """Per-direction data keys from OpenVPN's 256-byte key block (client sends with keys[0])."""
+    n = cipher.key_len
+    c2s = KeyDirection(key2[0:n], key2[64:72])
+    s2c = KeyDirection(key2[128 : 128 + n], key2[192:200])
+    return (c2s, s2c) if tls_client else (s2c, c2s)

@@ -1,0 +1,193 @@
+"""TLS for the control channel: pyOpenSSL over memory BIOs, certificate checks and the RFC 5705 exporter.
+
+Each key state gets its own :class:`TlsEndpoint` (a fresh SSL object: a soft reset is a new
+TLS handshake, never TLS renegotiation). No sockets: ciphertext goes in with ``feed`` and
+comes out of ``pending_output``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+
+from pyovpn.errors import ConfigError, ProtocolError
+
+
+@dataclass(frozen=True)
+class PeerCheck:
+    """What to require of the peer's leaf certificate beyond the CA chain."""
+
+    remote_cert_tls: str | None = None  # "server" | "client"
+    verify_x509_name: tuple[str, str] | None = None  # (name, "subject" | "name" | "name-prefix")
+
+
+def _load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: not a PEM certificate ({exc})") from None
+    if not certs:
+        raise ConfigError(f"{what}: no certificate found")
+    return certs
+
+
+def build_context(
+    *, ca: bytes, cert: bytes | None, key: bytes | None, is_server: bool, tls_version_min: str | None = None
+) -> SSL.Context:
+    """A TLS context for one role; ConfigError if the PEM material is unusable."""
+    method = SSL.TLS_SERVER_METHOD if is_server else SSL.TLS_CLIENT_METHOD
+    ctx = SSL.Context(method)
+    minimum = {"1.0": SSL.TLS1_VERSION, "1.1": SSL.TLS1_1_VERSION, "1.2": SSL.TLS1_2_VERSION,
+               "1.3": SSL.TLS1_3_VERSION}
+    ctx.set_min_proto_version(minimum.get((tls_version_min or "1.2").split()[0], SSL.TLS1_2_VERSION))
+    store = ctx.get_cert_store()
+    assert store is not None
+    for c in _load_certs(ca, "ca"):
+        store.add_cert(crypto.X509.from_cryptography(c))
+    if cert is not None:
+        chain = _load_certs(cert, "cert")
+        ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        if key is None:
+            raise ConfigError("cert given without key")
+        try:
+            pkey = serialization.load_pem_private_key(key, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"key: cannot load the private key ({exc}); encrypted keys are not supported") from None
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(pkey))  # type: ignore[arg-type]
+        try:
+            ctx.check_privatekey()
+        except SSL.Error:
+            raise ConfigError("key does not match cert") from None
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *args: bool(args[-1]))
+    # One plaintext message per record matters to OpenVPN; disable options that merge writes.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    return ctx
+
+
+def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
+    if check.remote_cert_tls:
+        want = ExtendedKeyUsageOID.SERVER_AUTH if check.remote_cert_tls == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            eku = None
+        if eku is None or want not in eku:
+            raise ProtocolError(
+                f"peer certificate lacks the TLS Web {check.remote_cert_tls.title()} Authentication usage "
+                f"required by remote-cert-tls {check.remote_cert_tls}"
+            )
+    if check.verify_x509_name:
+        name, kind = check.verify_x509_name
+        cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if kind == "subject":
+            ok = cert.subject.rfc4514_string() == name or _openvpn_subject(cert) == name
+        elif kind == "name":
+            ok = name in cns
+        else:
+            ok = any(str(cn).startswith(name) for cn in cns)
+        if not ok:
+            raise ProtocolError(f"peer certificate does not match verify-x509-name {name} {kind}")
+
+
+def _openvpn_subject(cert: x509.Certificate) -> str:
+    # OpenVPN prints subjects as "C=XX, O=..., CN=..." in certificate order.
+    return ", ".join(f"{a.rfc4514_attribute_name}={a.value}" for a in cert.subject)
+
+
+class TlsEndpoint:
+    """One TLS session driven through memory BIOs."""
+
+    def __init__(self, ctx: SSL.Context, *, is_server: bool, check: PeerCheck) -> None:
+        self._conn = SSL.Connection(ctx, None)
+        if is_server:
+            self._conn.set_accept_state()
+        else:
+            self._conn.set_connect_state()
+        self._check = check
+        self.established = False
+
+    def feed(self, ciphertext: bytes) -> None:
+        self._conn.bio_write(ciphertext)
+
+    def pending_output(self) -> bytes:
+        chunks = []
+        while True:
+            try:
+                data = self._conn.bio_read(65536)
+            except SSL.WantReadError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def advance(self) -> bool:
+        """Drive the handshake; True once it is complete and the peer certificate is acceptable."""
+        if self.established:
+            return True
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            return False
+        except SSL.Error as exc:
+            raise ProtocolError(f"TLS handshake failed: {_ssl_reason(exc)}") from None
+        peer = self._conn.get_peer_certificate(as_cryptography=True)
+        if peer is None:
+            raise ProtocolError("peer sent no certificate")
+        check_peer_certificate(peer, self._check)
+        self.established = True
+        return True
+
+    def send(self, plaintext: bytes) -> None:
+        """Write one message as one TLS record (OpenVPN parses record by record)."""
+        try:
+            self._conn.send(plaintext)
+        except SSL.Error as exc:
+            raise ProtocolError(f"TLS write failed: {_ssl_reason(exc)}") from None
+
+    def receive(self) -> list[bytes]:
+        """Plaintext records available now, one entry per SSL_read."""
+        out = []
+        while True:
+            try:
+                data = self._conn.recv(16384)
+            except (SSL.WantReadError, SSL.ZeroReturnError):
+                break
+            except SSL.Error as exc:
+                raise ProtocolError(f"TLS read failed: {_ssl_reason(exc)}") from None
+            if not data:
+                break
+            out.append(data)
+        return out
+
+    def export_keying_material(self, label: bytes, length: int) -> bytes:
+        return self._conn.export_keying_material(label, length, None)
+
+    @property
+    def version(self) -> str:
+        return self._conn.get_protocol_version_name()
+
+    @property
+    def cipher(self) -> str:
+        return self._conn.get_cipher_name() or "?"
+
+    def peer_common_name(self) -> str:
+        peer = self._conn.get_peer_certificate(as_cryptography=True)
+        if peer is None:
+            return ""
+        cns = peer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(cns[0].value) if cns else ""
+
+
+def _ssl_reason(exc: SSL.Error) -> str:
+    try:
+        errs = exc.args[0]
+        return "; ".join(":".join(str(p) for p in e if p) for e in errs) or str(exc)
+    except (IndexError, TypeError):
+        return str(exc)
