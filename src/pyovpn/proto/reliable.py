@@ -132,7 +132,7 @@ class AckTracker:
                 break
             if mid not in out:
                 out.append(mid)
-        for mid in out:
+        for mid in reversed(out):
             if mid in self._mru:
                 self._mru.remove(mid)
             self._mru.appendleft(mid)

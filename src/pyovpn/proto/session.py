@@ -61,6 +61,7 @@ class SessionConfig:
     replay_window: int = 64
     ping: int = 0
     ping_restart: int = 0
+    offer_ekm: bool = True  # advertise TLS-EKM key derivation (IV_PROTO bit 3)
 
 
 # ---------------------------------------------------------------------------- events
@@ -288,6 +289,15 @@ class Session:
             self._flush(now)
         self.closed = True
 
+    def request_renegotiation(self, now: float) -> None:
+        """Start a soft reset now (e.g. the data channel reported the key exhausted)."""
+        self._now = now
+        p = self.primary
+        if self.closed or p is None or p.state is not KS.GENERATED_KEYS:
+            return
+        self._start_renegotiation(now, initiator=True)
+        self._flush(now)
+
     @property
     def established(self) -> bool:
         return self.primary is not None and self.primary.state is KS.GENERATED_KEYS
@@ -405,7 +415,9 @@ class Session:
         self._pump_tls_output(ks)
 
     def _iv_proto(self) -> int:
-        bits = km.IV_PROTO_DATA_V2 | km.IV_PROTO_TLS_KEY_EXPORT | km.IV_PROTO_CC_EXIT_NOTIFY
+        bits = km.IV_PROTO_DATA_V2 | km.IV_PROTO_CC_EXIT_NOTIFY
+        if self.cfg.offer_ekm:
+            bits |= km.IV_PROTO_TLS_KEY_EXPORT
         if self.cfg.pull:
             bits |= km.IV_PROTO_REQUEST_PUSH
         else:
@@ -492,7 +504,7 @@ class Session:
             self._fail("peer does not support DATA_V2 packets, which the offloaded data channel needs",
                        restart=False)
             return
-        self.use_ekm = bool(peer & km.IV_PROTO_TLS_KEY_EXPORT)
+        self.use_ekm = bool(peer & km.IV_PROTO_TLS_KEY_EXPORT) and self.cfg.offer_ekm
         self.cc_exit = bool(peer & km.IV_PROTO_CC_EXIT_NOTIFY)
         if self.use_ekm:
             raw = ks.tls.export_keying_material(EKM_LABEL_P2P_PEERID, 3)

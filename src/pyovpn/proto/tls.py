@@ -50,16 +50,16 @@ def build_context(
         store.add_cert(crypto.X509.from_cryptography(c))
     if cert is not None:
         chain = _load_certs(cert, "cert")
-        ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+        ctx.use_certificate(chain[0])
         for extra in chain[1:]:
-            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+            ctx.add_extra_chain_cert(extra)  # type: ignore[arg-type]
         if key is None:
             raise ConfigError("cert given without key")
         try:
             pkey = serialization.load_pem_private_key(key, password=None)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"key: cannot load the private key ({exc}); encrypted keys are not supported") from None
-        ctx.use_privatekey(crypto.PKey.from_cryptography_key(pkey))  # type: ignore[arg-type]
+        ctx.use_privatekey(pkey)  # type: ignore[arg-type]
         try:
             ctx.check_privatekey()
         except SSL.Error:

@@ -1,0 +1,1 @@
+"""Data-channel offload: the command interface (:mod:`.api`) and its backends."""
