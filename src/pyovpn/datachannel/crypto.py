@@ -1,0 +1,332 @@
+"""The AEAD data-packet format (the kernel ``ovpn`` driver's): keys, packet ids and replay.
+
+Wire format (OPENVPN-PROTOCOL.md §5.1)::
+
+    P_DATA_V2: [(9 << 3) | key_id] [peer_id:24] [pid:u32] [tag:16] [ciphertext]
+    P_DATA_V1: [(6 << 3) | key_id]              [pid:u32] [tag:16] [ciphertext]
+
+``nonce = pid (4 bytes, big-endian) || nonce_tail (8 bytes)``; the AAD is the first
+8 bytes for V2 (opcode/key_id/peer_id and pid) and only the pid for V1. Decryption
+authenticates first and only then consults the replay window, so a forged packet can
+never move the window.
+
+Everything here is per-packet hot code: structs are precompiled, AEAD objects are
+created once per key and the only per-packet allocations are the nonce, the output
+and (on receive) the ciphertext||tag join that ``cryptography`` needs.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from pyovpn.datachannel.api import Cipher, KeyDirection
+from pyovpn.errors import AuthenticationError, ProtocolError, PyovpnError, ReplayError
+
+__all__ = [
+    "DATA_V1_OVERHEAD",
+    "DATA_V2_OVERHEAD",
+    "MAX_PACKET_ID",
+    "NONCE_TAIL_SIZE",
+    "OCC_MAGIC",
+    "OPCODE_DATA_V1",
+    "OPCODE_DATA_V2",
+    "PEER_ID_UNDEF",
+    "PING_MAGIC",
+    "TAG_SIZE",
+    "DataKey",
+    "KeyState",
+    "PacketIdExhaustedError",
+    "ReplayWindow",
+    "split_key2",
+]
+
+OPCODE_DATA_V1 = 6
+OPCODE_DATA_V2 = 9
+PEER_ID_UNDEF = 0xFFFFFF  # "no peer id": receivers look the peer up by address instead
+TAG_SIZE = 16
+NONCE_TAIL_SIZE = 8
+DATA_V2_OVERHEAD = 4 + 4 + TAG_SIZE  # op/peer-id, pid, tag
+DATA_V1_OVERHEAD = 1 + 4 + TAG_SIZE
+MAX_PACKET_ID = 0xFFFFFFFF  # the last pid a key may send; the kernel kills the key after it
+
+# Keepalive ping payload (§5.5) and OCC message prefix (§3.8).
+PING_MAGIC = bytes.fromhex("2a187bf3641eb4cb07ed2d0a981fc748")
+OCC_MAGIC = bytes.fromhex("287f346bd4ef7a812d56b8d3afc5459c")
+
+DEFAULT_REPLAY_WINDOW = 2048  # the kernel's REPLAY_WINDOW_SIZE; OpenVPN's userspace uses 64
+MAX_REPLAY_WINDOW = 65536  # OpenVPN's --replay-window upper limit
+REPLAY_EXPIRE_SECONDS = 30.0  # the kernel's PKTID_RECV_EXPIRE
+
+_HDR_V2 = struct.Struct(">II")  # (opcode/key_id << 24 | peer_id, pid)
+_HDR_V1 = struct.Struct(">BI")  # (opcode/key_id, pid)
+_NONCE = struct.Struct(">I8s")  # pid || nonce_tail
+_PID = struct.Struct(">I")
+
+
+class PacketIdExhaustedError(PyovpnError):
+    """The key has sent packet id 2**32-1; it must never be used to encrypt again."""
+
+
+class DataKey:
+    """One direction's AEAD context: the cipher object, built once, and the nonce tail."""
+
+    __slots__ = ("aead", "cipher", "nonce_tail")
+
+    def __init__(self, cipher: Cipher, key: bytes, nonce_tail: bytes) -> None:
+        if not isinstance(cipher, Cipher):
+            raise ValueError(f"unsupported data cipher {cipher!r}")
+        if len(key) != cipher.key_len:
+            raise ValueError(f"{cipher.value} needs a {cipher.key_len}-byte key, got {len(key)} bytes")
+        if len(nonce_tail) != NONCE_TAIL_SIZE:
+            raise ValueError(f"nonce tail must be exactly {NONCE_TAIL_SIZE} bytes, got {len(nonce_tail)}")
+        self.cipher = cipher
+        self.nonce_tail = bytes(nonce_tail)
+        self.aead: AESGCM | ChaCha20Poly1305 = (
+            ChaCha20Poly1305(bytes(key)) if cipher is Cipher.CHACHA20_POLY1305 else AESGCM(bytes(key))
+        )
+
+    @classmethod
+    def from_direction(cls, cipher: Cipher, direction: KeyDirection) -> DataKey:
+        return cls(cipher, direction.cipher_key, direction.nonce_tail)
+
+    def nonce(self, pid: int) -> bytes:
+        return _NONCE.pack(pid, self.nonce_tail)
+
+    def __repr__(self) -> str:  # never show key material
+        return f"DataKey({self.cipher.value})"
+
+
+class ReplayWindow:
+    """Sliding-window replay filter modelled on the kernel's ``ovpn_pktid_recv``.
+
+    Bit ``i`` of ``_bits`` records whether ``highest - i`` was seen. A pid up to
+    ``size - 1`` below the highest is accepted once; pid 0 never. As in the kernel,
+    ``extent`` limits backtracking to ids the window has actually covered (so
+    a first packet of 5 still admits 1..4 later), and after ``expire`` seconds
+    without an accepted packet, ids at or below the highest become unacceptable.
+    """
+
+    __slots__ = ("_bits", "_clock", "_expire", "_expire_at", "_extent", "_floor", "_mask", "highest", "size")
+
+    def __init__(
+        self,
+        size: int = DEFAULT_REPLAY_WINDOW,
+        *,
+        expire: float | None = REPLAY_EXPIRE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 1 <= size <= MAX_REPLAY_WINDOW:
+            raise ValueError(f"replay window must be 1..{MAX_REPLAY_WINDOW} packets, got {size}")
+        self.size = size
+        self.highest = 0
+        self._bits = 0
+        self._mask = (1 << size) - 1
+        self._extent = 0
+        self._floor = 0
+        self._expire = expire
+        self._expire_at = float("inf")
+        self._clock = clock
+
+    def accept(self, pid: int) -> None:
+        """Record ``pid`` as received, or raise :class:`ReplayError` if it must be dropped."""
+        if pid == 0:
+            raise ReplayError("packet id 0 is never valid")
+        now = 0.0
+        if self._expire is not None:
+            now = self._clock()
+            if now >= self._expire_at:
+                # a long silence: old ids could only be replays of captured traffic
+                self._floor = self.highest
+        highest = self.highest
+        if pid > highest:
+            delta = pid - highest
+            size = self.size
+            if delta < size:
+                self._bits = ((self._bits << delta) | 1) & self._mask
+                extent = self._extent + delta
+                self._extent = extent if extent < size else size
+            else:
+                self._bits = 1
+                self._extent = size
+            self.highest = pid
+        else:
+            delta = highest - pid
+            if delta >= self._extent:
+                raise ReplayError(f"packet id {pid} is outside the replay window (highest {highest})")
+            if pid <= self._floor:
+                raise ReplayError(f"packet id {pid} is below the expired-window floor {self._floor}")
+            bit = 1 << delta
+            if self._bits & bit:
+                raise ReplayError(f"packet id {pid} was already received")
+            self._bits |= bit
+        if self._expire is not None:
+            self._expire_at = now + self._expire
+
+    def would_accept(self, pid: int) -> bool:
+        """Whether :meth:`accept` would take ``pid`` now, without recording it."""
+        if pid == 0:
+            return False
+        if pid > self.highest:
+            return True
+        delta = self.highest - pid
+        floor = self._floor
+        if self._expire is not None and self._clock() >= self._expire_at:
+            floor = self.highest
+        return delta < self._extent and pid > floor and not (self._bits >> delta) & 1
+
+
+class KeyState:
+    """One key_id of a peer: encrypt key + tx packet id, decrypt key + replay window."""
+
+    __slots__ = (
+        "_dec_tail",
+        "_enc_tail",
+        "_op_v1",
+        "_op_v2",
+        "_open",
+        "_seal",
+        "_tx_pid",
+        "cipher",
+        "key_id",
+        "replay",
+    )
+
+    def __init__(
+        self,
+        key_id: int,
+        encrypt: DataKey,
+        decrypt: DataKey,
+        *,
+        replay_window: int = DEFAULT_REPLAY_WINDOW,
+        replay_expire: float | None = REPLAY_EXPIRE_SECONDS,
+    ) -> None:
+        if not 0 <= key_id <= 7:
+            raise ValueError(f"key id must be 0..7, got {key_id}")
+        if encrypt.cipher is not decrypt.cipher:
+            raise ValueError("encrypt and decrypt keys must use the same cipher")
+        self.key_id = key_id
+        self.cipher = encrypt.cipher
+        self.replay = ReplayWindow(replay_window, expire=replay_expire)
+        self._tx_pid = 0  # last pid sent; the first packet carries 1
+        self._op_v2 = ((OPCODE_DATA_V2 << 3) | key_id) << 24
+        self._op_v1 = (OPCODE_DATA_V1 << 3) | key_id
+        self._seal = encrypt.aead.encrypt
+        self._open = decrypt.aead.decrypt
+        self._enc_tail = encrypt.nonce_tail
+        self._dec_tail = decrypt.nonce_tail
+
+    @classmethod
+    def from_directions(
+        cls,
+        key_id: int,
+        cipher: Cipher,
+        encrypt: KeyDirection,
+        decrypt: KeyDirection,
+        **kwargs: int | float | None,
+    ) -> KeyState:
+        return cls(
+            key_id,
+            DataKey.from_direction(cipher, encrypt),
+            DataKey.from_direction(cipher, decrypt),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    @property
+    def tx_packet_id(self) -> int:
+        """The last packet id sent (0 before the first packet)."""
+        return self._tx_pid
+
+    @tx_packet_id.setter
+    def tx_packet_id(self, value: int) -> None:
+        # for tests and for resuming; never move it backwards on a live key
+        if not 0 <= value <= MAX_PACKET_ID:
+            raise ValueError(f"packet id must be 0..{MAX_PACKET_ID}")
+        self._tx_pid = value
+
+    @property
+    def exhausted(self) -> bool:
+        return self._tx_pid >= MAX_PACKET_ID
+
+    def encrypt(
+        self, payload: bytes | bytearray | memoryview, peer_id: int, *, data_v1: bool = False
+    ) -> bytes:
+        """Seal ``payload`` into a DATA_V2 packet for ``peer_id`` (or DATA_V1 if asked).
+
+        Raises :class:`PacketIdExhaustedError` once pid 2**32-1 has been used: the nonce
+        would repeat, so the key is dead (the kernel returns -ERANGE and kills it).
+        """
+        pid = self._tx_pid + 1
+        if pid > MAX_PACKET_ID:
+            raise PacketIdExhaustedError(f"key {self.key_id} has used all 2**32-1 packet ids")
+        self._tx_pid = pid
+        if data_v1:
+            hdr = _HDR_V1.pack(self._op_v1, pid)
+            aad = hdr[1:]
+        else:
+            if not 0 <= peer_id <= PEER_ID_UNDEF:
+                raise ValueError(f"peer id must be 0..0xFFFFFF, got {peer_id}")
+            hdr = aad = _HDR_V2.pack(self._op_v2 | peer_id, pid)
+        sealed = memoryview(self._seal(_NONCE.pack(pid, self._enc_tail), payload, aad))
+        # cryptography returns ciphertext||tag; the wire wants the tag first
+        return b"".join((hdr, sealed[-TAG_SIZE:], sealed[:-TAG_SIZE]))
+
+    def decrypt(self, packet: bytes | bytearray | memoryview) -> bytes:
+        """Authenticate, replay-check and open a DATA_V2 or DATA_V1 packet.
+
+        Raises only :class:`ProtocolError` subclasses: :class:`AuthenticationError`
+        (wrong key, corruption, forgery), :class:`ReplayError`, or plain
+        :class:`ProtocolError` for malformed packets.
+        """
+        mv = memoryview(packet)
+        n = len(mv)
+        if n == 0:
+            raise ProtocolError("empty data packet")
+        b0 = mv[0]
+        if b0 & 7 != self.key_id:
+            raise ProtocolError(f"packet is for key id {b0 & 7}, this key is {self.key_id}")
+        opcode = b0 >> 3
+        if opcode == OPCODE_DATA_V2:
+            if n < DATA_V2_OVERHEAD:
+                raise ProtocolError(f"DATA_V2 packet too short ({n} bytes)")
+            pid = _HDR_V2.unpack_from(mv)[1]
+            aad = mv[:8]
+            body = 8
+        elif opcode == OPCODE_DATA_V1:
+            if n < DATA_V1_OVERHEAD:
+                raise ProtocolError(f"DATA_V1 packet too short ({n} bytes)")
+            pid = _PID.unpack_from(mv, 1)[0]
+            aad = mv[1:5]
+            body = 5
+        else:
+            raise ProtocolError(f"opcode {opcode} is not a data packet")
+        tag_end = body + TAG_SIZE
+        try:
+            plain = self._open(
+                _NONCE.pack(pid, self._dec_tail), b"".join((mv[tag_end:], mv[body:tag_end])), aad
+            )
+        except InvalidTag:
+            raise AuthenticationError(f"data packet failed authentication (key id {self.key_id})") from None
+        self.replay.accept(pid)
+        return plain
+
+    def __repr__(self) -> str:
+        return f"KeyState(key_id={self.key_id}, {self.cipher.value}, tx_pid={self._tx_pid})"
+
+
+def split_key2(key2: bytes, cipher: Cipher, *, tls_client: bool) -> tuple[KeyDirection, KeyDirection]:
+    """Map OpenVPN's 256-byte key block to this side's (encrypt, decrypt) directions.
+
+    key2[0:64] is the client→server cipher key, key2[64:72] its nonce tail,
+    key2[128:192] the server→client key and key2[192:200] its tail (§4.1, §7.2).
+    """
+    if len(key2) != 256:
+        raise ValueError(f"the data-channel key block must be 256 bytes, got {len(key2)}")
+    klen = cipher.key_len
+    c2s = KeyDirection(bytes(key2[0:klen]), bytes(key2[64:72]))
+    s2c = KeyDirection(bytes(key2[128 : 128 + klen]), bytes(key2[192:200]))
+    return (c2s, s2c) if tls_client else (s2c, c2s)
