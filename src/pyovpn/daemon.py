@@ -236,6 +236,7 @@ class Connection:
         self.session = Session(self.d.session_cfg, rng=os.urandom, now=time.time())
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
         self._worker = asyncio.create_task(self._command_worker())
+        self.session.handle_timer(time.time())  # sends the client's hard reset
         self._pump()
         try:
             return await self._done
@@ -280,7 +281,7 @@ class Connection:
                         data, sa = self.sock.recvfrom(65535)
                     except BlockingIOError:
                         break
-                    self._on_packet(data, _addr(sa[:2]))
+                    self._on_packet(data, (sa[0], sa[1]))
             else:
                 try:
                     data = self.sock.recv(65535)
@@ -304,7 +305,7 @@ class Connection:
             return  # data before keys are installed: drop, as OpenVPN does
         if self.transport is Transport.UDP and self.remote is None and source is not None:
             self.remote = source
-        elif self.transport is Transport.UDP and source is not None and source != _addr(self.remote or ("", 0)):
+        elif self.transport is Transport.UDP and source is not None and source != self.remote:
             if sess.peer_session_id is not None:
                 return  # a stranger; the peer we talk to has not moved
             self.remote = source

@@ -13,7 +13,7 @@ from pyovpn.proto import keymethod as km
 from pyovpn.proto.keys import prf_key2, tls1_prf
 from pyovpn.proto.packets import Opcode, ReliabilityHeader, StreamFramer, frame, pack_byte0, peek_opcode
 from pyovpn.proto.reliable import AckTracker, ReliableReceiver, ReliableSender
-from pyovpn.proto.session import split_key2
+from pyovpn.datachannel.crypto import split_key2
 from pyovpn.proto.tlswrap import LongReplayWindow, NoWrap, TlsAuth, TlsCrypt
 
 KEY2 = bytes(range(256))

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from OpenSSL import SSL
 
-from pyovpn.datachannel.api import Cipher, DelKey, KeyDirection, KeySlot, NewKey, SwapKeys
+from pyovpn.datachannel.api import Cipher, DelKey, KeySlot, NewKey, SwapKeys
+from pyovpn.datachannel.crypto import split_key2
 from pyovpn.errors import ProtocolError
 from pyovpn.proto import keymethod as km
 from pyovpn.proto.keys import EKM_LABEL_DATAKEYS, EKM_LABEL_P2P_PEERID, P2P_DEFAULT_PEER_ID, prf_key2
@@ -739,11 +740,3 @@ def _check_reset_tlvs(payload: bytes) -> None:
         pos += 4 + length
         if pos > len(payload):
             raise ProtocolError("malformed TLV in the server's hard reset")
-
-
-def split_key2(key2: bytes, cipher: Cipher, *, tls_client: bool) -> tuple[KeyDirection, KeyDirection]:
-    """Per-direction data keys from OpenVPN's 256-byte key block (client sends with keys[0])."""
-    n = cipher.key_len
-    c2s = KeyDirection(key2[0:n], key2[64:72])
-    s2c = KeyDirection(key2[128 : 128 + n], key2[192:200])
-    return (c2s, s2c) if tls_client else (s2c, c2s)

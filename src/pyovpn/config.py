@@ -1,0 +1,1537 @@
+"""OpenVPN configuration syntax: config files and command lines in, one validated frozen `Options` out.
+
+The pipeline has three stages:
+
+1. `tokenize` splits text into `Directive`s (source, line, name, args) with OpenVPN's quoting,
+   comment and inline-block (`<ca>` ... `</ca>`) rules (OpenVPN's `parse_line`/`read_config_file`).
+2. The applier folds directives, in order, into a mutable `_Builder`; later options override earlier
+   ones, `config FILE` includes are expanded where they occur, and file arguments are read at once.
+3. `_Builder.validate` does the cross-option checks and produces the frozen `Options`.
+
+Every problem is reported as `pyovpn.errors.ConfigError` naming the option, where it came from and
+what to do about it. Anything pyovpn cannot do (compression, fragmentation, tap, non-AEAD ciphers,
+static-key mode, proxies, ...) is refused loudly rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, cast
+
+from pyovpn.errors import ConfigError
+
+__all__ = [
+    "AEAD_CIPHERS",
+    "Directive",
+    "Options",
+    "Proto",
+    "Remote",
+    "Route",
+    "RouteV6",
+    "load_static_key",
+    "parse_args",
+    "parse_config_text",
+    "tokenize",
+]
+
+Proto = Literal["udp", "tcp-client", "tcp-server"]
+Family = Literal[4, 6] | None
+
+#: Data-channel ciphers pyovpn can run (both the kernel ovpn module and the userspace data plane).
+AEAD_CIPHERS: tuple[str, ...] = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
+
+#: `auth` digests usable for tls-auth HMACs.
+_DIGESTS = ("SHA1", "SHA256", "SHA384", "SHA512")
+
+COMMAND_LINE = "command line"
+_MAX_INCLUDE_DEPTH = 10  # same limit as OpenVPN's read_config_file
+_MAX_FILE_SIZE = 4 * 1024 * 1024  # guards against `ca /dev/zero` and friends
+_STATIC_KEY_LEN = 256
+_STATIC_KEY_HEAD = "-----BEGIN OpenVPN Static key V1-----"
+_STATIC_KEY_FOOT = "-----END OpenVPN Static key V1-----"
+_GENKEY_HINT = "generate a fresh one with `openvpn --genkey secret ta.key` and use it on both peers"
+
+# C isspace() in the "C" locale; Python's str.isspace() also accepts Unicode spaces, OpenVPN does not.
+_SPACE = frozenset(" \t\n\v\f\r")
+_INT_RE = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_TAG_LINE_RE = re.compile(r"[ \t\v\f\r]*<(/?)([A-Za-z0-9_-]+)>[ \t\v\f\r]*", re.ASCII)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public value types
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One `remote HOST [PORT [PROTO]]` entry; None means "use the global setting"."""
+
+    host: str
+    port: int | None = None
+    proto: Proto | None = None
+    #: 4 or 6 when the per-remote proto forces an address family (`udp4`, `tcp6-client`, ...).
+    family: Literal[4, 6] | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """One IPv4 `route NETWORK [NETMASK [GATEWAY [METRIC]]]`.
+
+    network/gateway may also be OpenVPN's special words `vpn_gateway`, `net_gateway`, `remote_host`.
+    """
+
+    network: str
+    netmask: str = "255.255.255.255"
+    gateway: str | None = None
+    metric: int | None = None
+
+
+@dataclass(frozen=True)
+class RouteV6:
+    """One `route-ipv6 NETWORK/BITS [GATEWAY [METRIC]]`; network always carries a /prefix."""
+
+    network: str
+    gateway: str | None = None
+    metric: int | None = None
+
+
+@dataclass(frozen=True)
+class Directive:
+    """One option occurrence: `name args...` from `source` at `line` (0 for the command line).
+
+    For an inline block (`<ca>...</ca>`) `inline` is True and `args` is the one-element block body.
+    `base_dir` is the directory of the config file it came from, for resolving relative paths.
+    """
+
+    source: str
+    line: int
+    name: str
+    args: tuple[str, ...]
+    inline: bool = False
+    base_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    """The validated configuration. Defaults are OpenVPN's defaults for a P2P/client setup.
+
+    Secret material (key, tls_auth, tls_crypt, auth_user_pass) is kept out of repr() so that logging
+    an Options never leaks it.
+    """
+
+    config_sources: tuple[str, ...] = ()
+    mode: Literal["p2p", "server"] = "p2p"
+    pull: bool = False
+    tls_role: Literal["client", "server"] | None = None
+    dev: str = "tun"
+    dev_type: str = "tun"
+    proto: Proto = "udp"
+    family: Literal[4, 6] | None = None
+    remotes: tuple[Remote, ...] = ()
+    port: int = 1194
+    #: Set only by an explicit `lport`/`rport` after the last `port`; see local_port / remote_port_for.
+    lport: int | None = None
+    rport: int | None = None
+    local: str | None = None
+    nobind: bool = False
+    ifconfig: tuple[str, str] | None = None
+    ifconfig_ipv6: tuple[str, str] | None = None
+    routes: tuple[Route, ...] = ()
+    routes_ipv6: tuple[RouteV6, ...] = ()
+    topology: Literal["net30", "p2p", "subnet"] = "net30"
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
+    #: Recorded only: pyovpn uses ECDHE. "none", the file path as given, or "inline".
+    dh: str | None = None
+    tls_auth: bytes | None = field(default=None, repr=False)
+    key_direction: int | None = None
+    tls_crypt: bytes | None = field(default=None, repr=False)
+    remote_cert_tls: Literal["server", "client"] | None = None
+    verify_x509_name: tuple[str, str] | None = None
+    data_ciphers: tuple[str, ...] = AEAD_CIPHERS
+    data_ciphers_fallback: str | None = None
+    cipher: str | None = None
+    auth: str = "SHA1"
+    reneg_sec: int = 3600
+    ping: int = 0
+    ping_restart: int = 0
+    keepalive: tuple[int, int] | None = None
+    tun_mtu: int = 1500
+    mssfix: int | None = None
+    explicit_exit_notify: int = 0
+    auth_user_pass: tuple[str, str] | None = field(default=None, repr=False)
+    verb: int = 1
+    log: str | None = None
+    log_append: str | None = None
+    writepid: str | None = None
+    persist_tun: bool = False
+    persist_key: bool = False
+    mute_replay_warnings: bool = False
+    dco: Literal["auto", "kernel", "userspace"] = "auto"
+    tls_timeout: int = 2
+    hand_window: int = 60
+    tran_window: int = 3600
+    replay_window: tuple[int, int] = (64, 15)
+    tls_version_min: str | None = None
+    tls_cert_profile: str | None = None
+    user: str | None = None
+    group: str | None = None
+    #: (option, source, line) of options accepted without effect, so the daemon can warn about them.
+    ignored: tuple[tuple[str, str, int], ...] = ()
+
+    @property
+    def local_port(self) -> int:
+        """The UDP/TCP port to bind locally (`lport`, else `port`)."""
+        return self.lport if self.lport is not None else self.port
+
+    def remote_port_for(self, remote: Remote) -> int:
+        """The port to contact `remote` on: its own port, else `rport`, else `port`."""
+        if remote.port is not None:
+            return remote.port
+        return self.rport if self.rport is not None else self.port
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: tokenizing
+# --------------------------------------------------------------------------------------------------
+
+
+def _error(d: Directive, message: str) -> ConfigError:
+    return ConfigError(message, source=d.source, line=d.line or None)
+
+
+def _split_line(text: str, source: str, line: int) -> list[str]:
+    """Split one config line into words exactly like OpenVPN's parse_line state machine."""
+    initial, unquoted, dquoted, squoted = 0, 1, 2, 3
+    words: list[str] = []
+    word: list[str] = []
+    state = initial
+    backslash = False
+    # "" plays the role of C's terminating NUL: it ends an unquoted word.
+    for ch in (*text, ""):
+        if not backslash and ch == "\\" and state != squoted:
+            backslash = True
+            continue
+        is_space = ch == "" or ch in _SPACE
+        out = ""
+        done = False
+        if state == initial:
+            if not is_space:
+                # OpenVPN treats # or ; at the start of any word as a comment, not only at line start.
+                if ch in "#;":
+                    backslash = False
+                    break
+                if not backslash and ch == '"':
+                    state = dquoted
+                elif not backslash and ch == "'":
+                    state = squoted
+                else:
+                    out = ch
+                    state = unquoted
+        elif state == unquoted:
+            if not backslash and is_space:
+                done = True
+            else:
+                out = ch
+        elif state == dquoted:
+            if not backslash and ch == '"':
+                done = True
+            else:
+                out = ch
+        elif ch == "'":
+            done = True
+        else:
+            out = ch
+        if done:
+            words.append("".join(word))
+            word = []
+            state = initial
+        if backslash and out and out not in '\\"' and out not in _SPACE:
+            raise ConfigError(
+                f"bad backslash escape '\\{out}': outside single quotes a backslash may only escape "
+                '\\, " or a space; write a literal backslash as \\\\ (e.g. "C:\\\\keys\\\\ta.key") '
+                "or put the word in single quotes",
+                source=source,
+                line=line or None,
+            )
+        backslash = False
+        if out:
+            word.append(out)
+    if state == dquoted:
+        raise ConfigError(
+            'no closing double quote (") on this line; close the quote or escape a literal quote as \\"',
+            source=source,
+            line=line or None,
+        )
+    if state == squoted:
+        raise ConfigError(
+            "no closing single quote (') on this line; close the quote",
+            source=source,
+            line=line or None,
+        )
+    if state != initial:
+        raise ConfigError(
+            "the line ends with a backslash; remove it (options cannot continue on the next line)",
+            source=source,
+            line=line or None,
+        )
+    return words
+
+
+def tokenize(text: str, *, source: str = "<string>", base_dir: str | None = None) -> list[Directive]:
+    """Turn config-file text into directives, collecting `<tag>` ... `</tag>` inline blocks.
+
+    `config` includes are not expanded here; they are ordinary directives for the applier.
+    """
+    if "\0" in text:
+        bad = text.count("\n", 0, text.index("\0")) + 1
+        raise ConfigError(
+            "the file contains a NUL byte; is this really an OpenVPN configuration file?",
+            source=source,
+            line=bad,
+        )
+    text = text.removeprefix("\ufeff")  # UTF-8 BOM, which OpenVPN also skips
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    directives: list[Directive] = []
+    i = 0
+    while i < len(lines):
+        lineno = i + 1
+        words = _split_line(lines[i], source, lineno)
+        i += 1
+        if not words:
+            continue
+        name = words[0]
+        if len(name) >= 3 and name.startswith("--"):
+            name = name[2:]
+        if len(words) == 1 and len(name) >= 2 and name.startswith("<") and name.endswith(">"):
+            tag = name[1:-1]
+            if tag.startswith("/"):
+                raise ConfigError(
+                    f"closing tag <{tag}> without a matching opening <{tag[1:]}>; "
+                    "remove it or add the opening tag",
+                    source=source,
+                    line=lineno,
+                )
+            body, i = _read_inline_block(lines, i, tag, source, lineno)
+            directives.append(Directive(source, lineno, tag, (body,), inline=True, base_dir=base_dir))
+            continue
+        directives.append(Directive(source, lineno, name, tuple(words[1:]), base_dir=base_dir))
+    return directives
+
+
+def _read_inline_block(
+    lines: list[str], start: int, tag: str, source: str, open_line: int
+) -> tuple[str, int]:
+    """Collect the body of `<tag>` opened at `open_line`; return it and the index after `</tag>`."""
+    close = f"</{tag}>"
+    body: list[str] = []
+    i = start
+    while i < len(lines):
+        raw = lines[i]
+        stripped = raw.lstrip(" \t\n\v\f\r")
+        if stripped.startswith(close):
+            return "".join(body), i + 1
+        m = _TAG_LINE_RE.fullmatch(raw)
+        if m is not None:
+            # A key or certificate body never contains a bare tag line, so this is a typo or a
+            # forgotten closing tag; OpenVPN would swallow the rest of the file into the block.
+            other = ("/" if m.group(1) else "") + m.group(2)
+            raise ConfigError(
+                f"inline block <{tag}> opened at line {open_line} is not closed: found <{other}> at "
+                f"line {i + 1} before {close}; add {close} at the end of the block",
+                source=source,
+                line=i + 1,
+            )
+        body.append(raw + "\n")
+        i += 1
+    raise ConfigError(
+        f"inline block <{tag}> is never closed; add {close} after its content",
+        source=source,
+        line=open_line,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Static keys
+# --------------------------------------------------------------------------------------------------
+
+
+class _KeyFormatError(ValueError):
+    """A static key text is malformed; the message is meant for the user."""
+
+
+def load_static_key(text: str, *, source: str) -> bytes:
+    """Parse an "OpenVPN Static key V1" text into exactly 256 key bytes (OpenVPN's read_key_file).
+
+    Text before the BEGIN line is ignored; between BEGIN and END only hex digits and whitespace may
+    appear. Anything else, or a key that is not exactly 256 bytes, is a ConfigError.
+    """
+    try:
+        return _parse_static_key(text)
+    except _KeyFormatError as exc:
+        raise ConfigError(str(exc), source=source) from None
+
+
+def _parse_static_key(text: str) -> bytes:
+    lines = text.split("\n")
+    start = next((n for n, ln in enumerate(lines) if ln.startswith(_STATIC_KEY_HEAD)), None)
+    if start is None:
+        raise _KeyFormatError(
+            f"not an OpenVPN static key: no '{_STATIC_KEY_HEAD}' line found; "
+            f"check that the right file is used, or {_GENKEY_HINT}"
+        )
+    digits: list[str] = []
+    for n in range(start + 1, len(lines)):
+        ln = lines[n]
+        if ln.startswith("-"):
+            if not ln.startswith(_STATIC_KEY_FOOT):
+                raise _KeyFormatError(
+                    f"static key line {n + 1}: expected '{_STATIC_KEY_FOOT}'; "
+                    f"the key looks damaged, copy it again or {_GENKEY_HINT}"
+                )
+            break
+        for ch in ln:
+            if ch in _SPACE:
+                continue
+            if ch not in "0123456789abcdefABCDEF":
+                raise _KeyFormatError(
+                    f"static key line {n + 1}: invalid character {ch!r} in the hex key data; "
+                    f"copy the key again or {_GENKEY_HINT}"
+                )
+            digits.append(ch)
+    else:
+        raise _KeyFormatError(
+            f"static key has no '{_STATIC_KEY_FOOT}' line; the key is truncated, "
+            f"copy it again or {_GENKEY_HINT}"
+        )
+    if len(digits) != 2 * _STATIC_KEY_LEN:
+        raise _KeyFormatError(
+            f"static key has {len(digits)} hex digits, expected exactly {2 * _STATIC_KEY_LEN} "
+            f"({_STATIC_KEY_LEN} bytes); copy the whole key or {_GENKEY_HINT}"
+        )
+    return bytes.fromhex("".join(digits))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: the applier
+# --------------------------------------------------------------------------------------------------
+
+Handler = Callable[["_Builder", Directive], None]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    handler: Handler
+    min_args: int
+    max_args: int | None
+    usage: str
+    inline: bool
+
+
+_OPTIONS: dict[str, _Spec] = {}
+
+
+def _option(
+    *names: str, args: tuple[int, int | None] = (0, 0), usage: str = "", inline: bool = False
+) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        for name in names:
+            _OPTIONS[name] = _Spec(fn, args[0], args[1], usage or name, inline)
+        return fn
+
+    return register
+
+
+@dataclass
+class _Builder:
+    """Mutable accumulation of options while directives are applied in order."""
+
+    cwd: str
+    config_sources: list[str] = field(default_factory=list)
+    mode: str = "p2p"
+    pull: bool = False
+    tls_client: bool = False
+    tls_server: bool = False
+    dev: str = "tun"
+    dev_type: str | None = None
+    proto: str = "udp"
+    family: int | None = None
+    remotes: list[tuple[str, int | None, str | None, int | None]] = field(default_factory=list)
+    port: int = 1194
+    lport: int | None = None
+    rport: int | None = None
+    local: str | None = None
+    nobind: bool = False
+    ifconfig: tuple[str, str] | None = None
+    ifconfig_ipv6: tuple[str, str] | None = None
+    routes: list[Route] = field(default_factory=list)
+    routes_ipv6: list[RouteV6] = field(default_factory=list)
+    topology: str = "net30"
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    dh: str | None = None
+    tls_auth: bytes | None = None
+    key_direction: int | None = None
+    tls_crypt: bytes | None = None
+    remote_cert_tls: str | None = None
+    verify_x509_name: tuple[str, str] | None = None
+    data_ciphers: tuple[str, ...] = AEAD_CIPHERS
+    data_ciphers_fallback: str | None = None
+    cipher: str | None = None
+    auth: str = "SHA1"
+    reneg_sec: int = 3600
+    ping: int = 0
+    ping_restart: int = 0
+    keepalive: tuple[int, int] | None = None
+    tun_mtu: int = 1500
+    mssfix: int | None = None
+    explicit_exit_notify: int = 0
+    auth_user_pass: tuple[str, str] | None = None
+    verb: int = 1
+    log: str | None = None
+    log_append: str | None = None
+    writepid: str | None = None
+    persist_tun: bool = False
+    persist_key: bool = False
+    mute_replay_warnings: bool = False
+    dco: str = "auto"
+    tls_timeout: int = 2
+    hand_window: int = 60
+    tran_window: int = 3600
+    replay_window: tuple[int, int] = (64, 15)
+    tls_version_min: str | None = None
+    tls_cert_profile: str | None = None
+    user: str | None = None
+    group: str | None = None
+    ignored: list[tuple[str, str, int]] = field(default_factory=list)
+    ignore_unknown: set[str] = field(default_factory=set)
+    #: Last directive that set each option, so validate() can point at the offending line.
+    where: dict[str, Directive] = field(default_factory=dict)
+
+    # -- applying -------------------------------------------------------------------------------
+
+    def apply_all(self, directives: Sequence[Directive], depth: int) -> None:
+        for d in directives:
+            self.apply(d, depth)
+
+    def apply(self, d: Directive, depth: int, *, forgiving: bool = False) -> None:
+        if d.name == "config":
+            self._include(d, depth)
+            return
+        if d.name == "setenv":
+            self._setenv(d, depth)
+            return
+        spec = _OPTIONS.get(d.name)
+        if spec is None:
+            if forgiving or d.name in self.ignore_unknown:
+                self.ignored.append((d.name, d.source, d.line))
+                return
+            raise _error(
+                d,
+                f"unknown option '{d.name}'; check the spelling, remove it, or put "
+                f"`ignore-unknown-option {d.name}` before it if it is safe to ignore",
+            )
+        if d.inline and not spec.inline:
+            raise _error(
+                d,
+                f"option '{d.name}' cannot be given as an inline <{d.name}> block; "
+                f"write it on one line as `{spec.usage}`",
+            )
+        if not d.inline:
+            n = len(d.args)
+            if n < spec.min_args or (spec.max_args is not None and n > spec.max_args):
+                raise _error(d, f"option '{d.name}' {_count_text(spec, n)}; usage: {spec.usage}")
+        spec.handler(self, d)
+        self.where[d.name] = d
+
+    def _include(self, d: Directive, depth: int) -> None:
+        if d.inline or len(d.args) != 1:
+            raise _error(d, "option 'config' takes exactly 1 argument; usage: config FILE")
+        if depth >= _MAX_INCLUDE_DEPTH:
+            raise _error(
+                d,
+                f"config: too many nested includes (more than {_MAX_INCLUDE_DEPTH}) while including "
+                f"'{d.args[0]}'; does a config file include itself?",
+            )
+        path = self.resolve(d, d.args[0])
+        text = _read_config_text(d, path)
+        self.config_sources.append(path)
+        base = os.path.dirname(os.path.abspath(path))
+        self.apply_all(tokenize(text, source=path, base_dir=base), depth + 1)
+
+    def _setenv(self, d: Directive, depth: int) -> None:
+        if d.inline:
+            raise _error(d, "option 'setenv' cannot be an inline block; usage: setenv NAME VALUE")
+        if d.args and d.args[0] == "opt":
+            # `setenv opt X ...` is OpenVPN's way to say "X is fine to ignore if unknown".
+            if len(d.args) < 2:
+                raise _error(d, "`setenv opt` needs an option after it; usage: setenv opt OPTION [ARGS]")
+            inner = Directive(d.source, d.line, d.args[1], d.args[2:], base_dir=d.base_dir)
+            self.apply(inner, depth, forgiving=True)
+            return
+        if not 1 <= len(d.args) <= 2:
+            raise _error(
+                d, f"option 'setenv' takes 1 or 2 arguments, got {len(d.args)}; usage: setenv NAME VALUE"
+            )
+        self.ignored.append(("setenv", d.source, d.line))
+
+    # -- helpers for handlers -------------------------------------------------------------------
+
+    def resolve(self, d: Directive, path: str) -> str:
+        """Find a relative file like OpenVPN (process cwd) and then next to the config file."""
+        if os.path.isabs(path):
+            return path
+        tried = [os.path.join(self.cwd, path)]
+        if d.base_dir is not None:
+            tried.append(os.path.join(d.base_dir, path))
+        for candidate in tried:
+            if os.path.exists(candidate):
+                return candidate
+        where = " or ".join(f"'{t}'" for t in dict.fromkeys(tried))
+        raise _error(
+            d,
+            f"{d.name}: file '{path}' not found (looked for {where}); "
+            "give an absolute path or put the file next to the config file",
+        )
+
+    def file_or_inline(self, d: Directive) -> bytes:
+        if d.inline:
+            return _to_bytes(d.args[0])
+        return _read_bytes(d, self.resolve(d, d.args[0]))
+
+    def ignore(self, d: Directive) -> None:
+        self.ignored.append((d.name, d.source, d.line))
+
+
+def _count_text(spec: _Spec, n: int) -> str:
+    lo, hi = spec.min_args, spec.max_args
+    if hi is None:
+        want = f"at least {lo} argument{'s' if lo != 1 else ''}"
+    elif lo == hi:
+        want = "no arguments" if lo == 0 else f"exactly {lo} argument{'s' if lo != 1 else ''}"
+    else:
+        want = f"{lo} to {hi} arguments"
+    return f"takes {want}, got {n}"
+
+
+def _read_bytes(d: Directive, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_FILE_SIZE + 1)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _error(
+            d, f"{d.name}: cannot read '{path}' ({reason}); check the path and permissions"
+        ) from None
+    if len(data) > _MAX_FILE_SIZE:
+        raise _error(d, f"{d.name}: '{path}' is larger than {_MAX_FILE_SIZE} bytes; is this the right file?")
+    return data
+
+
+def _read_config_text(d: Directive, path: str) -> str:
+    # OpenVPN reads bytes; surrogateescape keeps e.g. Latin-1 comments harmless and lets inline
+    # blocks be turned back into the exact original bytes.
+    return _read_bytes(d, path).decode("utf-8", "surrogateescape")
+
+
+def _to_bytes(text: str) -> bytes:
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _as_text(d: Directive, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _error(d, f"{d.name}: the content is not UTF-8 text; is this the right file?") from None
+
+
+def _int(d: Directive, value: str, what: str, lo: int, hi: int | None = None) -> int:
+    if not _INT_RE.fullmatch(value):
+        raise _error(d, f"{what}: '{value}' is not an integer; give a whole number")
+    n = int(value)
+    if n < lo or (hi is not None and n > hi):
+        rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise _error(d, f"{what}: must be an integer {rng}, not {n}")
+    return n
+
+
+def _port(d: Directive, value: str, what: str, lo: int = 1) -> int:
+    return _int(d, value, f"{what} port", lo, 65535)
+
+
+def _ipv4(d: Directive, value: str, what: str) -> str:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise _error(d, f"{what}: '{value}' is not a valid IPv4 address (like 10.8.0.1)") from None
+    return value
+
+
+def _ipv6(d: Directive, value: str, what: str) -> str:
+    try:
+        ipaddress.IPv6Address(value)
+    except ValueError:
+        raise _error(d, f"{what}: '{value}' is not a valid IPv6 address (like fd00::1)") from None
+    return value
+
+
+# OpenVPN's proto names (socket_util.c proto_names); "tcp" is resolved to a side in validate().
+_PROTOS: dict[str, tuple[str, int | None]] = {
+    "udp": ("udp", None),
+    "tcp": ("tcp", None),
+    "tcp-client": ("tcp-client", None),
+    "tcp-server": ("tcp-server", None),
+    "udp4": ("udp", 4),
+    "tcp4": ("tcp", 4),
+    "tcp4-client": ("tcp-client", 4),
+    "tcp4-server": ("tcp-server", 4),
+    "udp6": ("udp", 6),
+    "tcp6": ("tcp", 6),
+    "tcp6-client": ("tcp-client", 6),
+    "tcp6-server": ("tcp-server", 6),
+}
+
+
+def _proto(d: Directive, value: str) -> tuple[str, int | None]:
+    try:
+        return _PROTOS[value]
+    except KeyError:
+        raise _error(d, f"{d.name}: bad protocol '{value}'; use one of: {', '.join(_PROTOS)}") from None
+
+
+def _aead(d: Directive, name: str) -> str:
+    upper = name.upper()
+    if upper not in AEAD_CIPHERS:
+        raise _error(
+            d,
+            f"{d.name}: cipher '{name}' is not supported: pyovpn's offloaded data channel runs only the "
+            f"AEAD ciphers {', '.join(AEAD_CIPHERS)} (CBC, BF and 'none' cannot be offloaded, "
+            "AES-192-GCM is not offered by the kernel). Remove it, or use e.g. "
+            "`data-ciphers AES-256-GCM:AES-128-GCM` here and make sure the server offers one of them "
+            "(OpenVPN >= 2.4 negotiates the data cipher)",
+        )
+    return upper
+
+
+# -- connection and device ---------------------------------------------------------------------
+
+
+@_option("mode", args=(1, 1), usage="mode p2p|server")
+def _opt_mode(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("p2p", "server"):
+        raise _error(d, f"mode: bad value '{d.args[0]}'; use `mode p2p`")
+    b.mode = d.args[0]
+
+
+@_option("server", args=(2, 3), usage="server NETWORK NETMASK ['nopool']")
+def _opt_server(b: _Builder, d: Directive) -> None:
+    b.mode = "server"
+    b.where["mode"] = d
+
+
+@_option("client", usage="client")
+def _opt_client(b: _Builder, d: Directive) -> None:
+    b.pull = True
+    b.tls_client = True
+    b.where["tls-client"] = d
+    b.where["pull"] = d
+
+
+@_option("pull", usage="pull")
+def _opt_pull(b: _Builder, d: Directive) -> None:
+    b.pull = True
+
+
+@_option("tls-client", usage="tls-client")
+def _opt_tls_client(b: _Builder, d: Directive) -> None:
+    b.tls_client = True
+
+
+@_option("tls-server", usage="tls-server")
+def _opt_tls_server(b: _Builder, d: Directive) -> None:
+    b.tls_server = True
+
+
+@_option("dev", args=(1, 1), usage="dev tun|tunN|NAME")
+def _opt_dev(b: _Builder, d: Directive) -> None:
+    if not d.args[0]:
+        raise _error(d, "dev: the device name is empty; use `dev tun`")
+    b.dev = d.args[0]
+
+
+@_option("dev-type", args=(1, 1), usage="dev-type tun")
+def _opt_dev_type(b: _Builder, d: Directive) -> None:
+    if d.args[0] != "tun":
+        raise _error(d, _layer2_message(f"dev-type {d.args[0]}"))
+    b.dev_type = "tun"
+
+
+def _layer2_message(what: str) -> str:
+    return (
+        f"`{what}` is not supported: pyovpn's offloaded data channel carries only routed IP "
+        "packets (layer 3, tun), not Ethernet frames (tap) or a null device; use `dev tun` here "
+        "and on the server"
+    )
+
+
+@_option("proto", args=(1, 1), usage="proto udp|tcp-client|tcp-server (or udp4, tcp6-client, ...)")
+def _opt_proto(b: _Builder, d: Directive) -> None:
+    b.proto, b.family = _proto(d, d.args[0])
+
+
+@_option("remote", args=(1, 3), usage="remote HOST [PORT [PROTO]]")
+def _opt_remote(b: _Builder, d: Directive) -> None:
+    host = d.args[0]
+    if not host:
+        raise _error(d, "remote: the host is empty; usage: remote HOST [PORT [PROTO]]")
+    port = _port(d, d.args[1], "remote") if len(d.args) > 1 else None
+    proto, family = _proto(d, d.args[2]) if len(d.args) > 2 else (None, None)
+    b.remotes.append((host, port, proto, family))
+
+
+@_option("port", args=(1, 1), usage="port PORT")
+def _opt_port(b: _Builder, d: Directive) -> None:
+    b.port = _port(d, d.args[0], "port")
+    # `port` sets both the local and the remote port, overriding earlier lport/rport.
+    b.lport = None
+    b.rport = None
+
+
+@_option("lport", args=(1, 1), usage="lport PORT")
+def _opt_lport(b: _Builder, d: Directive) -> None:
+    b.lport = _port(d, d.args[0], "lport", lo=0)
+
+
+@_option("rport", args=(1, 1), usage="rport PORT")
+def _opt_rport(b: _Builder, d: Directive) -> None:
+    b.rport = _port(d, d.args[0], "rport")
+
+
+@_option("local", args=(1, 2), usage="local HOST [PORT]")
+def _opt_local(b: _Builder, d: Directive) -> None:
+    host = d.args[0]
+    if not host:
+        raise _error(d, "local: the address is empty; use `local ADDRESS` or `local *`")
+    b.local = None if host == "*" else host
+    if len(d.args) > 1:
+        b.lport = _port(d, d.args[1], "local", lo=0)
+
+
+@_option("nobind", usage="nobind")
+def _opt_nobind(b: _Builder, d: Directive) -> None:
+    b.nobind = True
+
+
+@_option("ifconfig", args=(2, 2), usage="ifconfig LOCAL_IP REMOTE_IP|NETMASK")
+def _opt_ifconfig(b: _Builder, d: Directive) -> None:
+    b.ifconfig = (_ipv4(d, d.args[0], "ifconfig"), _ipv4(d, d.args[1], "ifconfig"))
+
+
+@_option("ifconfig-ipv6", args=(2, 2), usage="ifconfig-ipv6 ADDRESS/BITS REMOTE_ADDRESS")
+def _opt_ifconfig_ipv6(b: _Builder, d: Directive) -> None:
+    addr, sep, bits = d.args[0].partition("/")
+    if not sep:
+        raise _error(d, f"ifconfig-ipv6: '{d.args[0]}' has no /prefix; write it like fd00::2/64")
+    _ipv6(d, addr, "ifconfig-ipv6")
+    _int(d, bits, "ifconfig-ipv6 prefix length", 64, 124)
+    b.ifconfig_ipv6 = (d.args[0], _ipv6(d, d.args[1], "ifconfig-ipv6"))
+
+
+_ROUTE_SPECIAL = ("vpn_gateway", "net_gateway", "remote_host")
+
+
+@_option("route", args=(1, 4), usage="route NETWORK [NETMASK [GATEWAY [METRIC]]]")
+def _opt_route(b: _Builder, d: Directive) -> None:
+    args = list(d.args) + [""] * (4 - len(d.args))
+    network = args[0] if args[0] in _ROUTE_SPECIAL else _ipv4(d, args[0], "route network")
+    netmask = "255.255.255.255"
+    if args[1] and args[1] != "default":
+        netmask = _ipv4(d, args[1], "route netmask")
+    gateway: str | None = None
+    if args[2] and args[2] != "default":
+        gateway = args[2] if args[2] in _ROUTE_SPECIAL else _ipv4(d, args[2], "route gateway")
+    metric = None
+    if args[3] and args[3] != "default":
+        metric = _int(d, args[3], "route metric", 0)
+    b.routes.append(Route(network, netmask, gateway, metric))
+
+
+@_option("route-ipv6", args=(1, 3), usage="route-ipv6 NETWORK/BITS [GATEWAY [METRIC]]")
+def _opt_route_ipv6(b: _Builder, d: Directive) -> None:
+    addr, sep, bits = d.args[0].partition("/")
+    _ipv6(d, addr, "route-ipv6 network")
+    network = d.args[0] if sep else f"{addr}/128"
+    if sep:
+        _int(d, bits, "route-ipv6 prefix length", 0, 128)
+    gateway = None
+    if len(d.args) > 1 and d.args[1] != "default":
+        gateway = _ipv6(d, d.args[1], "route-ipv6 gateway")
+    metric = _int(d, d.args[2], "route-ipv6 metric", 0) if len(d.args) > 2 else None
+    b.routes_ipv6.append(RouteV6(network, gateway, metric))
+
+
+@_option("topology", args=(1, 1), usage="topology net30|p2p|subnet")
+def _opt_topology(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("net30", "p2p", "subnet"):
+        raise _error(d, f"topology: bad value '{d.args[0]}'; use net30, p2p or subnet")
+    b.topology = d.args[0]
+
+
+@_option("tun-mtu", args=(1, 2), usage="tun-mtu MTU [OCC_MTU]")
+def _opt_tun_mtu(b: _Builder, d: Directive) -> None:
+    b.tun_mtu = _int(d, d.args[0], "tun-mtu", 100, 65536)
+    if len(d.args) > 1:
+        _int(d, d.args[1], "tun-mtu occ-mtu", 100, 65536)
+
+
+@_option("mssfix", args=(0, 2), usage="mssfix [MAX_BYTES ['mtu'|'fixed']]")
+def _opt_mssfix(b: _Builder, d: Directive) -> None:
+    if not d.args:
+        b.mssfix = 1492
+        return
+    value = _int(d, d.args[0], "mssfix", 0, 65535)
+    if 0 < value < 154:
+        raise _error(d, f"mssfix: must be 0 (off) or at least 154, not {value}")
+    if len(d.args) > 1 and d.args[1] not in ("mtu", "fixed"):
+        raise _error(d, f"mssfix: unknown flag '{d.args[1]}'; use 'mtu' or 'fixed'")
+    b.mssfix = value
+
+
+@_option("dco", args=(1, 1), usage="dco auto|kernel|userspace")
+def _opt_dco(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("auto", "kernel", "userspace"):
+        raise _error(d, f"dco: bad value '{d.args[0]}'; use auto, kernel or userspace")
+    b.dco = d.args[0]
+
+
+@_option("disable-dco", usage="disable-dco")
+def _opt_disable_dco(b: _Builder, d: Directive) -> None:
+    b.dco = "userspace"
+
+
+# -- TLS and keys ------------------------------------------------------------------------------
+
+
+@_option("ca", args=(1, 1), usage="ca FILE", inline=True)
+def _opt_ca(b: _Builder, d: Directive) -> None:
+    b.ca = b.file_or_inline(d)
+
+
+@_option("cert", args=(1, 1), usage="cert FILE", inline=True)
+def _opt_cert(b: _Builder, d: Directive) -> None:
+    b.cert = b.file_or_inline(d)
+
+
+@_option("key", args=(1, 1), usage="key FILE", inline=True)
+def _opt_key(b: _Builder, d: Directive) -> None:
+    b.key = b.file_or_inline(d)
+
+
+@_option("dh", args=(1, 1), usage="dh FILE|none", inline=True)
+def _opt_dh(b: _Builder, d: Directive) -> None:
+    if d.inline:
+        b.dh = "inline"
+    elif d.args[0] == "none":
+        b.dh = "none"
+    else:
+        b.file_or_inline(d)  # read only to report a missing file like OpenVPN would
+        b.dh = d.args[0]
+
+
+@_option("extra-certs", args=(1, 1), usage="extra-certs FILE", inline=True)
+def _opt_extra_certs(b: _Builder, d: Directive) -> None:
+    b.file_or_inline(d)
+    b.ignore(d)
+
+
+def _static_key(b: _Builder, d: Directive) -> bytes:
+    try:
+        return _parse_static_key(_as_text(d, b.file_or_inline(d)))
+    except _KeyFormatError as exc:
+        raise _error(d, f"{d.name}: {exc}") from None
+
+
+def _key_direction(d: Directive, value: str) -> int:
+    if value not in ("0", "1"):
+        raise _error(
+            d, f"{d.name}: bad key direction '{value}'; use 0 (usually the server) or 1 (the client)"
+        )
+    return int(value)
+
+
+@_option("tls-auth", args=(1, 2), usage="tls-auth FILE [0|1]", inline=True)
+def _opt_tls_auth(b: _Builder, d: Directive) -> None:
+    b.tls_auth = _static_key(b, d)
+    if not d.inline and len(d.args) > 1:
+        b.key_direction = _key_direction(d, d.args[1])
+
+
+@_option("key-direction", args=(1, 1), usage="key-direction 0|1")
+def _opt_key_direction(b: _Builder, d: Directive) -> None:
+    b.key_direction = _key_direction(d, d.args[0])
+
+
+@_option("tls-crypt", args=(1, 1), usage="tls-crypt FILE", inline=True)
+def _opt_tls_crypt(b: _Builder, d: Directive) -> None:
+    b.tls_crypt = _static_key(b, d)
+
+
+@_option("remote-cert-tls", args=(1, 1), usage="remote-cert-tls server|client")
+def _opt_remote_cert_tls(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("server", "client"):
+        raise _error(d, f"remote-cert-tls: bad value '{d.args[0]}'; use server or client")
+    b.remote_cert_tls = d.args[0]
+
+
+@_option("verify-x509-name", args=(1, 2), usage="verify-x509-name NAME [subject|name|name-prefix]")
+def _opt_verify_x509_name(b: _Builder, d: Directive) -> None:
+    if not d.args[0]:
+        raise _error(d, "verify-x509-name: the name is empty; give the expected certificate name")
+    kind = d.args[1] if len(d.args) > 1 else "subject"
+    if kind not in ("subject", "name", "name-prefix"):
+        raise _error(d, f"verify-x509-name: unknown type '{kind}'; use subject, name or name-prefix")
+    b.verify_x509_name = (d.args[0], kind)
+
+
+@_option("data-ciphers", "ncp-ciphers", args=(1, 1), usage="data-ciphers CIPHER[:CIPHER...]")
+def _opt_data_ciphers(b: _Builder, d: Directive) -> None:
+    ciphers: list[str] = []
+    for item in d.args[0].split(":"):
+        if not item:
+            continue
+        # "?CIPHER" is optional in OpenVPN: skipped when unavailable, which is what a non-AEAD one is here.
+        if item.startswith("?"):
+            if item[1:].upper() in AEAD_CIPHERS:
+                ciphers.append(item[1:].upper())
+            continue
+        ciphers.append(_aead(d, item))
+    if not ciphers:
+        raise _error(d, f"{d.name}: no usable cipher in '{d.args[0]}'; use e.g. AES-256-GCM:AES-128-GCM")
+    b.data_ciphers = tuple(dict.fromkeys(ciphers))
+
+
+@_option("data-ciphers-fallback", args=(1, 1), usage="data-ciphers-fallback CIPHER")
+def _opt_data_ciphers_fallback(b: _Builder, d: Directive) -> None:
+    b.data_ciphers_fallback = _aead(d, d.args[0])
+
+
+@_option("cipher", args=(1, 1), usage="cipher CIPHER")
+def _opt_cipher(b: _Builder, d: Directive) -> None:
+    b.cipher = _aead(d, d.args[0])
+
+
+@_option("auth", args=(1, 1), usage="auth SHA1|SHA256|SHA384|SHA512")
+def _opt_auth(b: _Builder, d: Directive) -> None:
+    digest = d.args[0].upper().replace("-", "")
+    if digest not in _DIGESTS:
+        raise _error(
+            d,
+            f"auth: digest '{d.args[0]}' is not supported; use one of {', '.join(_DIGESTS)} "
+            "(it only matters for tls-auth, since the data channel uses AEAD ciphers)",
+        )
+    b.auth = digest
+
+
+@_option("reneg-sec", args=(1, 2), usage="reneg-sec SECONDS [MIN_SECONDS]")
+def _opt_reneg_sec(b: _Builder, d: Directive) -> None:
+    b.reneg_sec = _int(d, d.args[0], "reneg-sec", 0)
+    if len(d.args) > 1:
+        _int(d, d.args[1], "reneg-sec minimum", 0)
+
+
+@_option("tls-timeout", args=(1, 1), usage="tls-timeout SECONDS")
+def _opt_tls_timeout(b: _Builder, d: Directive) -> None:
+    b.tls_timeout = _int(d, d.args[0], "tls-timeout", 0)
+
+
+@_option("hand-window", args=(1, 1), usage="hand-window SECONDS")
+def _opt_hand_window(b: _Builder, d: Directive) -> None:
+    b.hand_window = _int(d, d.args[0], "hand-window", 0)
+
+
+@_option("tran-window", args=(1, 1), usage="tran-window SECONDS")
+def _opt_tran_window(b: _Builder, d: Directive) -> None:
+    b.tran_window = _int(d, d.args[0], "tran-window", 0)
+
+
+@_option("replay-window", args=(1, 2), usage="replay-window PACKETS [SECONDS]")
+def _opt_replay_window(b: _Builder, d: Directive) -> None:
+    size = _int(d, d.args[0], "replay-window size", 0, 65536)
+    seconds = _int(d, d.args[1], "replay-window time", 0, 600) if len(d.args) > 1 else b.replay_window[1]
+    b.replay_window = (size, seconds)
+
+
+@_option("tls-version-min", args=(1, 2), usage="tls-version-min 1.2|1.3 ['or-highest']")
+def _opt_tls_version_min(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("1.0", "1.1", "1.2", "1.3"):
+        raise _error(d, f"tls-version-min: unknown version '{d.args[0]}'; use 1.2 or 1.3")
+    if len(d.args) > 1 and d.args[1] != "or-highest":
+        raise _error(d, f"tls-version-min: unknown flag '{d.args[1]}'; only 'or-highest' is allowed")
+    b.tls_version_min = d.args[0]
+
+
+@_option("tls-cert-profile", args=(1, 1), usage="tls-cert-profile legacy|preferred|suiteb|insecure")
+def _opt_tls_cert_profile(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("legacy", "preferred", "suiteb", "insecure"):
+        raise _error(d, f"tls-cert-profile: unknown profile '{d.args[0]}'; use legacy, preferred or suiteb")
+    b.tls_cert_profile = d.args[0]
+
+
+@_option("auth-user-pass", args=(0, 1), usage="auth-user-pass FILE", inline=True)
+def _opt_auth_user_pass(b: _Builder, d: Directive) -> None:
+    if not d.args or d.args[0] == "username-only":
+        raise _error(
+            d,
+            "auth-user-pass: interactive password prompt is not supported; give a file "
+            "(`auth-user-pass FILE` with the username on line 1 and the password on line 2) "
+            "or an inline <auth-user-pass> block",
+        )
+    text = _as_text(d, b.file_or_inline(d))
+    lines = [ln.removesuffix("\r") for ln in text.removesuffix("\n").split("\n")]
+    if len(lines) < 2:
+        raise _error(
+            d,
+            "auth-user-pass: need the username on the first line and the password on the second; "
+            "interactive password prompt is not supported",
+        )
+    if not lines[0]:
+        raise _error(d, "auth-user-pass: the username (first line) is empty; put the username there")
+    b.auth_user_pass = (lines[0], lines[1])
+
+
+# -- timers, logging, process ------------------------------------------------------------------
+
+
+@_option("ping", args=(1, 1), usage="ping SECONDS")
+def _opt_ping(b: _Builder, d: Directive) -> None:
+    b.ping = _int(d, d.args[0], "ping", 0, 86400)
+
+
+@_option("ping-restart", args=(1, 1), usage="ping-restart SECONDS")
+def _opt_ping_restart(b: _Builder, d: Directive) -> None:
+    b.ping_restart = _int(d, d.args[0], "ping-restart", 0, 86400)
+
+
+@_option("keepalive", args=(2, 2), usage="keepalive PING_SECONDS RESTART_SECONDS")
+def _opt_keepalive(b: _Builder, d: Directive) -> None:
+    interval = _int(d, d.args[0], "keepalive ping", 1, 86400)
+    timeout = _int(d, d.args[1], "keepalive timeout", 1, 86400)
+    if interval * 2 > timeout:
+        raise _error(
+            d,
+            f"keepalive: the restart timeout ({timeout}) must be at least twice the ping interval "
+            f"({interval}); the usual setting is `keepalive 10 60`",
+        )
+    b.keepalive = (interval, timeout)
+
+
+@_option("explicit-exit-notify", args=(0, 1), usage="explicit-exit-notify [N]")
+def _opt_explicit_exit_notify(b: _Builder, d: Directive) -> None:
+    b.explicit_exit_notify = _int(d, d.args[0], "explicit-exit-notify", 0) if d.args else 1
+
+
+@_option("verb", args=(1, 1), usage="verb LEVEL")
+def _opt_verb(b: _Builder, d: Directive) -> None:
+    b.verb = _int(d, d.args[0], "verb", 0)
+
+
+@_option("log", args=(1, 1), usage="log FILE")
+def _opt_log(b: _Builder, d: Directive) -> None:
+    b.log = d.args[0]
+
+
+@_option("log-append", args=(1, 1), usage="log-append FILE")
+def _opt_log_append(b: _Builder, d: Directive) -> None:
+    b.log_append = d.args[0]
+
+
+@_option("writepid", args=(1, 1), usage="writepid FILE")
+def _opt_writepid(b: _Builder, d: Directive) -> None:
+    b.writepid = d.args[0]
+
+
+@_option("user", args=(1, 1), usage="user NAME")
+def _opt_user(b: _Builder, d: Directive) -> None:
+    b.user = d.args[0]
+
+
+@_option("group", args=(1, 1), usage="group NAME")
+def _opt_group(b: _Builder, d: Directive) -> None:
+    b.group = d.args[0]
+
+
+@_option("persist-tun", usage="persist-tun")
+def _opt_persist_tun(b: _Builder, d: Directive) -> None:
+    b.persist_tun = True
+
+
+@_option("persist-key", usage="persist-key")
+def _opt_persist_key(b: _Builder, d: Directive) -> None:
+    b.persist_key = True
+
+
+@_option("mute-replay-warnings", usage="mute-replay-warnings")
+def _opt_mute_replay_warnings(b: _Builder, d: Directive) -> None:
+    b.mute_replay_warnings = True
+
+
+@_option("ignore-unknown-option", args=(1, None), usage="ignore-unknown-option OPTION [OPTION...]")
+def _opt_ignore_unknown_option(b: _Builder, d: Directive) -> None:
+    b.ignore_unknown.update(name.removeprefix("--") for name in d.args)
+
+
+@_option("allow-compression", args=(1, 1), usage="allow-compression no")
+def _opt_allow_compression(b: _Builder, d: Directive) -> None:
+    if d.args[0] == "no":
+        return  # pyovpn never compresses, so this is what happens anyway
+    if d.args[0] in ("yes", "asym"):
+        raise _error(d, _COMPRESSION_MESSAGE.format(what=f"allow-compression {d.args[0]}"))
+    raise _error(d, f"allow-compression: bad value '{d.args[0]}'; use `allow-compression no`")
+
+
+@_option("key-method", args=(1, 1), usage="key-method 2")
+def _opt_key_method(b: _Builder, d: Directive) -> None:
+    if d.args[0] != "2":
+        raise _error(
+            d, f"key-method {d.args[0]} is not supported (only 2 exists since OpenVPN 2.5); remove it"
+        )
+    b.ignore(d)
+
+
+# Options accepted without any effect, with OpenVPN's argument counts (to still catch typos).
+_IGNORED: dict[str, tuple[int, int | None]] = {
+    "resolv-retry": (1, 1),
+    "persist-remote-ip": (0, 0),
+    "persist-local-ip": (0, 0),
+    "auth-nocache": (0, 0),
+    "script-security": (1, 2),
+    "status": (1, 2),
+    "status-version": (0, 1),
+    "mute": (1, 1),
+    "remote-random": (0, 0),
+    "float": (0, 0),
+    "ping-timer-rem": (0, 0),
+    "tls-exit": (0, 0),
+    "route-delay": (0, 2),
+    "route-method": (1, 1),
+    "setenv-safe": (1, 2),
+    "push-peer-info": (0, 0),
+    "sndbuf": (1, 1),
+    "rcvbuf": (1, 1),
+    "txqueuelen": (1, 1),
+    "fast-io": (0, 0),
+    "connect-retry": (1, 2),
+    "connect-retry-max": (1, 1),
+    "connect-timeout": (1, 1),
+    "server-poll-timeout": (1, 1),
+    "auth-retry": (1, 1),
+    "redirect-gateway": (0, None),
+    "dhcp-option": (1, None),
+    "block-outside-dns": (0, 0),
+    "tls-cipher": (1, 1),
+    "tls-ciphersuites": (1, 1),
+    "ecdh-curve": (1, 1),
+    "tun-ipv6": (0, 0),
+}
+
+
+def _opt_ignored(b: _Builder, d: Directive) -> None:
+    b.ignore(d)
+
+
+for _name, _count in _IGNORED.items():
+    _option(_name, args=_count, usage=f"{_name} ...")(_opt_ignored)
+del _name, _count
+
+
+# -- refused: things an offloaded, AEAD-only, layer-3 data channel cannot do ------------------
+
+_COMPRESSION_MESSAGE = (
+    "`{what}`: compression is not supported by offloaded data channels (and is a security risk, "
+    "VORACLE); even `comp-lzo no` or `compress` without an algorithm adds a compression framing "
+    "byte that cannot be offloaded. Remove comp-lzo/compress here and on the server, and make sure "
+    "the server does not push comp-lzo/compress either"
+)
+
+_REFUSED: dict[str, str] = {
+    "fragment": (
+        "`fragment` is not supported: OpenVPN's internal fragmentation cannot be offloaded to the "
+        "kernel data channel. Remove it here and on the server, and use `mssfix` or a smaller "
+        "`tun-mtu` to keep packets from being fragmented"
+    ),
+    "secret": (
+        "static-key mode (`secret`) is not supported: it has no forward secrecy or key renegotiation "
+        "and OpenVPN itself deprecates it. Use TLS instead: `tls-server`/`tls-client` with ca/cert/key "
+        "(a static key can still protect the handshake via `tls-crypt`)"
+    ),
+    "tls-crypt-v2": (
+        "`tls-crypt-v2` is not supported yet; use `tls-crypt` with a shared key (or `tls-auth`) "
+        "on both peers instead"
+    ),
+    "http-proxy": (
+        "`http-proxy` is not supported: pyovpn connects to the server directly. Remove it, or run "
+        "the connection through a system-level proxy/tunnel"
+    ),
+    "socks-proxy": (
+        "`socks-proxy` is not supported: pyovpn connects to the server directly. Remove it, or run "
+        "the connection through a system-level proxy/tunnel"
+    ),
+    "shaper": (
+        "`shaper` is not supported: offloaded packets bypass the userspace path where OpenVPN shapes "
+        "traffic. Remove it and shape the tun device with tc instead "
+        "(e.g. `tc qdisc add dev tun0 root tbf rate 1mbit burst 32kbit latency 400ms`)"
+    ),
+    "ncp-disable": (
+        "`ncp-disable` was removed in OpenVPN 2.6; remove it and restrict ciphers with `data-ciphers`"
+    ),
+    "crl-verify": (
+        "`crl-verify` is not supported yet, and ignoring it would silently accept revoked "
+        "certificates; remove it only if you accept that, or use a CA without revoked certificates"
+    ),
+    "pkcs12": (
+        "`pkcs12` is not supported; convert the bundle to PEM files and use ca/cert/key, e.g. "
+        "`openssl pkcs12 -in client.p12 -out client.pem -nodes`"
+    ),
+    "connection": (
+        "<connection> blocks are not supported; list the servers as several "
+        "`remote HOST PORT PROTO` lines instead"
+    ),
+}
+
+
+def _make_refusal(message: str) -> Handler:
+    def refuse(b: _Builder, d: Directive) -> None:
+        raise _error(d, message)
+
+    return refuse
+
+
+for _name, _message in _REFUSED.items():
+    _option(_name, args=(0, None), inline=True)(_make_refusal(_message))
+del _name, _message
+
+
+@_option("comp-lzo", "compress", args=(0, 1), inline=True)
+def _opt_compression(b: _Builder, d: Directive) -> None:
+    raise _error(d, _COMPRESSION_MESSAGE.format(what=" ".join((d.name, *d.args[:1]))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 3: validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _validate(b: _Builder) -> Options:
+    """Cross-option checks; turn the builder into the frozen Options."""
+    top = b.config_sources[0] if b.config_sources else COMMAND_LINE
+
+    def fail(message: str, *option_names: str) -> ConfigError:
+        for name in option_names:
+            d = b.where.get(name)
+            if d is not None:
+                return _error(d, message)
+        return ConfigError(message, source=top)
+
+    if b.mode == "server":
+        raise fail(
+            "P2MP server mode (`server` / `mode server`) is a later pyovpn feature and not implemented "
+            "yet (planned). For one peer, point-to-point works: use `tls-server` with "
+            "`ifconfig LOCAL_IP REMOTE_IP` instead of `server`/`mode server`",
+            "mode",
+            "server",
+        )
+
+    dev_type = b.dev_type
+    if dev_type is None:
+        dev_type = "tap" if b.dev.startswith("tap") else "null" if b.dev.startswith("null") else "tun"
+    if dev_type != "tun":
+        raise fail(_layer2_message(f"dev {b.dev}"), "dev")
+
+    if b.tls_client and b.tls_server:
+        raise fail(
+            "both a client role (`client`/`tls-client`) and `tls-server` are set; keep only one",
+            "tls-server",
+            "tls-client",
+        )
+    if not (b.tls_client or b.tls_server):
+        raise fail("pyovpn supports TLS modes only: add `client`, `tls-client` or `tls-server`")
+    role: Literal["client", "server"] = "client" if b.tls_client else "server"
+
+    if b.pull and role != "client":
+        raise fail(
+            "`pull` needs the client role; use `client` (or `tls-client`) instead of `tls-server`", "pull"
+        )
+    if b.auth_user_pass is not None and not b.pull:
+        raise fail("auth-user-pass requires `pull`; add `client` (or `pull`)", "auth-user-pass")
+
+    if b.ca is None:
+        who = "the server's" if role == "client" else "the clients'"
+        raise fail(
+            f"tls-{role} needs `ca`: the CA certificate that signed {who} certificate; add `ca FILE` or <ca>"
+        )
+    if role == "server" or not b.pull:
+        for name, value in (("cert", b.cert), ("key", b.key)):
+            if value is None:
+                raise fail(
+                    f"tls-{role} needs `{name}` (its own certificate and private key); add `{name} FILE`"
+                )
+    elif (b.cert is None) != (b.key is None):
+        raise fail("if you use one of `cert` or `key`, you must use both", "cert", "key")
+    elif b.cert is None and b.auth_user_pass is None:
+        raise fail("the client has no way to authenticate: add `cert` and `key`, or `auth-user-pass FILE`")
+
+    if b.tls_auth is not None and b.tls_crypt is not None:
+        raise fail(
+            "`tls-auth` and `tls-crypt` cannot be used together; keep one (tls-crypt is preferred)",
+            "tls-crypt",
+            "tls-auth",
+        )
+
+    if role == "client" and not b.remotes:
+        raise fail("a TLS client needs to know its server: add `remote HOST [PORT]`", "tls-client", "client")
+
+    ping, ping_restart = b.ping, b.ping_restart
+    if b.keepalive is not None:
+        if "ping" in b.where or "ping-restart" in b.where:
+            raise fail(
+                "`keepalive` conflicts with `ping`/`ping-restart`; use only `keepalive` (it sets both)",
+                "keepalive",
+            )
+        ping, ping_restart = b.keepalive
+
+    # Outside server mode OpenVPN resolves a bare "tcp" to the client side.
+    def side(proto: str) -> Proto:
+        return cast(Proto, "tcp-client" if proto == "tcp" else proto)
+
+    remotes = tuple(
+        Remote(host, port, side(proto) if proto is not None else None, cast(Family, family))
+        for host, port, proto, family in b.remotes
+    )
+
+    return Options(
+        config_sources=tuple(b.config_sources),
+        mode="p2p",
+        pull=b.pull,
+        tls_role=role,
+        dev=b.dev,
+        dev_type=dev_type,
+        proto=side(b.proto),
+        family=cast(Family, b.family),
+        remotes=remotes,
+        port=b.port,
+        lport=b.lport,
+        rport=b.rport,
+        local=b.local,
+        nobind=b.nobind,
+        ifconfig=b.ifconfig,
+        ifconfig_ipv6=b.ifconfig_ipv6,
+        routes=tuple(b.routes),
+        routes_ipv6=tuple(b.routes_ipv6),
+        topology=cast(Literal["net30", "p2p", "subnet"], b.topology),
+        ca=b.ca,
+        cert=b.cert,
+        key=b.key,
+        dh=b.dh,
+        tls_auth=b.tls_auth,
+        key_direction=b.key_direction,
+        tls_crypt=b.tls_crypt,
+        remote_cert_tls=cast(Literal["server", "client"] | None, b.remote_cert_tls),
+        verify_x509_name=b.verify_x509_name,
+        data_ciphers=b.data_ciphers,
+        data_ciphers_fallback=b.data_ciphers_fallback,
+        cipher=b.cipher,
+        auth=b.auth,
+        reneg_sec=b.reneg_sec,
+        ping=ping,
+        ping_restart=ping_restart,
+        keepalive=b.keepalive,
+        tun_mtu=b.tun_mtu,
+        mssfix=b.mssfix,
+        explicit_exit_notify=b.explicit_exit_notify,
+        auth_user_pass=b.auth_user_pass,
+        verb=b.verb,
+        log=b.log,
+        log_append=b.log_append,
+        writepid=b.writepid,
+        persist_tun=b.persist_tun,
+        persist_key=b.persist_key,
+        mute_replay_warnings=b.mute_replay_warnings,
+        dco=cast(Literal["auto", "kernel", "userspace"], b.dco),
+        tls_timeout=b.tls_timeout,
+        hand_window=b.hand_window,
+        tran_window=b.tran_window,
+        replay_window=b.replay_window,
+        tls_version_min=b.tls_version_min,
+        tls_cert_profile=b.tls_cert_profile,
+        user=b.user,
+        group=b.group,
+        ignored=tuple(b.ignored),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_config_text(
+    text: str, *, source: str = "<string>", base_dir: str | None = None, cwd: str | None = None
+) -> Options:
+    """Parse one configuration text (as in a .conf/.ovpn file) into validated Options.
+
+    Relative file names are looked up in `cwd` (default: the process cwd), then in `base_dir`.
+    """
+    b = _Builder(cwd=cwd if cwd is not None else os.getcwd())
+    b.config_sources.append(source)
+    b.apply_all(tokenize(text, source=source, base_dir=base_dir), depth=1)
+    return _validate(b)
+
+
+def _argv_directives(argv: Sequence[str]) -> Iterator[Directive]:
+    # Like OpenVPN's parse_argv: a lone non-option argument is the config file.
+    if len(argv) == 1 and not argv[0].startswith("--"):
+        yield Directive(COMMAND_LINE, 0, "config", (argv[0],))
+        return
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("--"):
+            raise ConfigError(
+                f"expected an --option but got '{word}'; option arguments follow their option "
+                "(e.g. `--verb 3`), and a config file is given as `--config FILE`",
+                source=COMMAND_LINE,
+            )
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        yield Directive(COMMAND_LINE, 0, word[2:], tuple(argv[i + 1 : j]))
+        i = j
+
+
+def parse_args(argv: list[str], *, cwd: str | None = None) -> Options:
+    """Parse an OpenVPN-style command line (`--config FILE`, `--opt ARG...`) into validated Options.
+
+    Options apply in order, later ones overriding earlier ones; a `--config` file's options take
+    effect at the position of `--config`.
+    """
+    if not argv:
+        raise ConfigError(
+            "no configuration given; pass a config file (`pyovpn client.conf`) or options like "
+            "`--config FILE`",
+            source=COMMAND_LINE,
+        )
+    b = _Builder(cwd=cwd if cwd is not None else os.getcwd())
+    for d in _argv_directives(argv):
+        b.apply(d, depth=0)
+    return _validate(b)
