@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -32,8 +33,9 @@ def kernel_ovpn_status() -> tuple[bool, str]:
 
 
 async def open_backend(choice: str) -> DataChannel:
+    # pyroute2's synchronous sockets cannot be created inside a running event loop's thread
     if choice == "kernel":
-        ok, why = kernel_ovpn_status()
+        ok, why = await asyncio.to_thread(kernel_ovpn_status)
         if not ok:
             raise BackendError(f"--dco kernel: {why}; or use --dco userspace")
         raise BackendError(
@@ -45,7 +47,7 @@ async def open_backend(choice: str) -> DataChannel:
     if choice == "userspace":
         log.info("DCO: using the userspace data channel (--dco userspace)")
     else:
-        ok, why = kernel_ovpn_status()
+        ok, why = await asyncio.to_thread(kernel_ovpn_status)
         reason = why if not ok else "kernel driver found, but the kernel backend is not implemented in this release"
         log.info("DCO: auto selected the userspace data channel: %s", reason)
     return UserspaceDataChannel()

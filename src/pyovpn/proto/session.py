@@ -31,6 +31,7 @@ log = logging.getLogger("pyovpn.session")
 
 TLS_MTU = 1250
 PUSH_REQUEST_INTERVAL = 5.0
+KEY_SWITCH_MAX_DELAY = 5
 ACK_MAX_PIGGYBACK = 4
 ACK_MAX_STANDALONE = 8
 
@@ -197,7 +198,11 @@ class Session:
         )
         ks.started = now
         ks.must_negotiate = now + self.cfg.hand_window
-        window = self.cfg.hand_window
+        # OpenVPN switches its send key min(hand-window, reneg-sec/2) after a renegotiation starts.
+        # A peer with a shorter reneg-sec than ours may discard our old key sooner than that
+        # (it keeps only one lame duck), so we never wait longer than KEY_SWITCH_MAX_DELAY: by then
+        # the peer has ACKed the key-method-2 exchange and derived the new key itself.
+        window = min(self.cfg.hand_window, KEY_SWITCH_MAX_DELAY)
         if self.cfg.reneg_sec and self.cfg.reneg_sec // 2 < window:
             window = self.cfg.reneg_sec // 2
         ks.auth_deferred_expire = now + window
