@@ -177,19 +177,23 @@ class Connection:
                 sock.bind(_bind_address(opts, af))
             except OSError as exc:
                 sock.close()
-                raise _Stop(f"cannot bind UDP {_bind_address(opts, af)}: {exc.strerror}", restart=False,
-                            exit_code=1) from None
+                raise _Stop(
+                    f"cannot bind UDP {_bind_address(opts, af)}: {exc.strerror}", restart=False, exit_code=1
+                ) from None
             sock.setblocking(False)
             self.sock = sock
-            log.info("UDP link local: %s, remote: %s", _addr(sock.getsockname()[:2]),
-                     self.remote or "[undef] (waiting for the peer)")
+            log.info(
+                "UDP link local: %s, remote: %s",
+                _addr(sock.getsockname()[:2]),
+                self.remote or "[undef] (waiting for the peer)",
+            )
         elif opts.proto == "tcp-client":
             if not remotes:
                 raise _Stop("tcp-client needs a remote", restart=False, exit_code=1)
             af, self.remote = _resolve(remotes[0].host, remotes[0].port, opts.family, socket.SOCK_STREAM)
             sock = socket.socket(af, socket.SOCK_STREAM)
             sock.setblocking(False)
-            if opts.local or not opts.nobind and opts.lport:
+            if opts.local or (not opts.nobind and opts.lport):
                 sock.bind(_bind_address(opts, af))
             log.info("Attempting to establish TCP connection with %s", self.remote)
             try:
@@ -210,8 +214,9 @@ class Connection:
                 lsock.bind(_bind_address(opts, af))
             except OSError as exc:
                 lsock.close()
-                raise _Stop(f"cannot bind TCP {_bind_address(opts, af)}: {exc.strerror}", restart=False,
-                            exit_code=1) from None
+                raise _Stop(
+                    f"cannot bind TCP {_bind_address(opts, af)}: {exc.strerror}", restart=False, exit_code=1
+                ) from None
             lsock.listen(1)
             lsock.setblocking(False)
             log.info("Listening for incoming TCP connection on %s", _addr(lsock.getsockname()[:2]))
@@ -379,8 +384,14 @@ class Connection:
     async def _tunnel_up(self, up: TunnelUp) -> None:
         assert self.sock is not None
         opts = self.opts
-        log.info("Data Channel: cipher '%s', peer-id: %d, key derivation %s, keepalive %d/%d", up.cipher.value,
-                 up.peer_id, up.key_derivation, up.keepalive_interval, up.keepalive_timeout)
+        log.info(
+            "Data Channel: cipher '%s', peer-id: %d, key derivation %s, keepalive %d/%d",
+            up.cipher.value,
+            up.peer_id,
+            up.key_derivation,
+            up.keepalive_interval,
+            up.keepalive_timeout,
+        )
         log.info("Control Channel: %s", up.tls_summary)
         await self.d.ensure_iface(up.pushed)
         if self.transport is Transport.UDP and self.remote is None:
@@ -448,7 +459,11 @@ class Daemon:
             await self.dc.request(NewIface(name, IfaceMode.P2P, mtu))
             self.iface = name
             log.info("TUN/TAP device %s opened (%s data channel)", self.iface, self.dc.name)
-        key = (pushed.ifconfig, pushed.ifconfig_ipv6, tuple(pushed.routes), tuple(pushed.routes_ipv6)) if pushed else 1
+        key = (
+            (pushed.ifconfig, pushed.ifconfig_ipv6, tuple(pushed.routes), tuple(pushed.routes_ipv6))
+            if pushed
+            else 1
+        )
         if self._iface_configured_for == key:
             return  # persist-tun semantics: same config, nothing to redo after a restart
         if self._iface_configured_for is not None:
@@ -459,8 +474,12 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._signal = loop.create_future()
-        for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT"), (signal.SIGUSR1, "SIGUSR1"),
-                          (signal.SIGHUP, "SIGHUP")):
+        for sig, name in (
+            (signal.SIGTERM, "SIGTERM"),
+            (signal.SIGINT, "SIGINT"),
+            (signal.SIGUSR1, "SIGUSR1"),
+            (signal.SIGHUP, "SIGHUP"),
+        ):
             loop.add_signal_handler(sig, self._on_signal, name)
         self.dc = await select.open_backend(self.opts.dco)
         self.dc.subscribe(self._notify)
@@ -540,7 +559,11 @@ def configure_addresses(ifname: str, opts: Options, pushed: PushedOptions | None
             tun.add_address(ifname, local, prefix)
         else:
             tun.add_address(ifname, local, 32, peer=other)
-    v6 = pushed.ifconfig_ipv6 if pushed and pushed.ifconfig_ipv6 else (opts.ifconfig_ipv6 if not pushed else None)
+    v6 = (
+        pushed.ifconfig_ipv6
+        if pushed and pushed.ifconfig_ipv6
+        else (opts.ifconfig_ipv6 if not pushed else None)
+    )
     if v6:
         iface6 = ipaddress.IPv6Interface(v6[0])
         tun.add_address(ifname, str(iface6.ip), iface6.network.prefixlen)

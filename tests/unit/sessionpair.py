@@ -25,10 +25,15 @@ def load_pki(tmp: Path) -> dict[str, bytes]:
 def configs(pki: dict[str, bytes], **common: object) -> tuple[SessionConfig, SessionConfig]:
     server_ctx = build_context(ca=pki["ca"], cert=pki["server_crt"], key=pki["server_key"], is_server=True)
     client_ctx = build_context(ca=pki["ca"], cert=pki["client_crt"], key=pki["client_key"], is_server=False)
-    server = SessionConfig(is_tls_server=True, pull=False, tls_context=server_ctx,
-                           peer_check=PeerCheck(remote_cert_tls="client"))
-    client = SessionConfig(is_tls_server=False, pull=False, tls_context=client_ctx,
-                           peer_check=PeerCheck(remote_cert_tls="server"))
+    server = SessionConfig(
+        is_tls_server=True, pull=False, tls_context=server_ctx, peer_check=PeerCheck(remote_cert_tls="client")
+    )
+    client = SessionConfig(
+        is_tls_server=False,
+        pull=False,
+        tls_context=client_ctx,
+        peer_check=PeerCheck(remote_cert_tls="server"),
+    )
     server_over = {k[7:]: v for k, v in common.items() if k.startswith("server_")}
     client_over = {k[7:]: v for k, v in common.items() if k.startswith("client_")}
     both = {k: v for k, v in common.items() if not k.startswith(("server_", "client_"))}
@@ -36,8 +41,9 @@ def configs(pki: dict[str, bytes], **common: object) -> tuple[SessionConfig, Ses
 
 
 class Pair:
-    def __init__(self, server_cfg: SessionConfig, client_cfg: SessionConfig, *, seed: int = 1,
-                 loss: float = 0.0) -> None:
+    def __init__(
+        self, server_cfg: SessionConfig, client_cfg: SessionConfig, *, seed: int = 1, loss: float = 0.0
+    ) -> None:
         self.now = 1_700_000_000.0
         rnd = random.Random(seed)
         self.rnd = rnd

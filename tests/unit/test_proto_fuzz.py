@@ -60,9 +60,31 @@ def test_push_reply_any_text(text: str) -> None:
 
 
 @FUZZ
-@given(st.lists(st.sampled_from(["ifconfig", "route", "route-ipv6", "peer-id", "ping", "topology", "cipher",
-                                 "ifconfig-ipv6", "tun-mtu", "protocol-flags", "1.2.3.4", "x", "-1", "99999999",
-                                 "fd00::1/64", "255.255.255.0"]), max_size=6))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "ifconfig",
+                "route",
+                "route-ipv6",
+                "peer-id",
+                "ping",
+                "topology",
+                "cipher",
+                "ifconfig-ipv6",
+                "tun-mtu",
+                "protocol-flags",
+                "1.2.3.4",
+                "x",
+                "-1",
+                "99999999",
+                "fd00::1/64",
+                "255.255.255.0",
+            ]
+        ),
+        max_size=6,
+    )
+)
 def test_push_options_any_words(words: list[str]) -> None:
     _only_protocol_errors(parse_pushed_options, [" ".join(words)])
 

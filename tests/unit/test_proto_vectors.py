@@ -8,12 +8,12 @@ import hmac
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from pyovpn.datachannel.crypto import split_key2
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.proto import keymethod as km
 from pyovpn.proto.keys import prf_key2, tls1_prf
 from pyovpn.proto.packets import Opcode, ReliabilityHeader, StreamFramer, frame, pack_byte0, peek_opcode
 from pyovpn.proto.reliable import AckTracker, ReliableReceiver, ReliableSender
-from pyovpn.datachannel.crypto import split_key2
 from pyovpn.proto.tlswrap import LongReplayWindow, NoWrap, TlsAuth, TlsCrypt
 
 KEY2 = bytes(range(256))
@@ -32,8 +32,13 @@ def test_tls1_prf_matches_openssl_kdf() -> None:
 
 def test_prf_key2_uses_both_randoms_and_session_ids() -> None:
     base = dict(
-        pre_master=b"\x01" * 48, client_random1=b"\x02" * 32, server_random1=b"\x03" * 32,
-        client_random2=b"\x04" * 32, server_random2=b"\x05" * 32, client_session_id=SID, server_session_id=PEER_SID,
+        pre_master=b"\x01" * 48,
+        client_random1=b"\x02" * 32,
+        server_random1=b"\x03" * 32,
+        client_random2=b"\x04" * 32,
+        server_random2=b"\x05" * 32,
+        client_session_id=SID,
+        server_session_id=PEER_SID,
     )
     k = prf_key2(**base)
     assert len(k) == 256
@@ -59,7 +64,15 @@ def test_byte0_and_reliability_header_layout() -> None:
     assert pack_byte0(Opcode.DATA_V2, 3) == 0x4B
     rh = ReliabilityHeader((1, 2), PEER_SID, 7, b"xyz")
     raw = rh.encode()
-    assert raw == b"\x02" + (1).to_bytes(4, "big") + (2).to_bytes(4, "big") + PEER_SID + (7).to_bytes(4, "big") + b"xyz"
+    assert (
+        raw
+        == b"\x02"
+        + (1).to_bytes(4, "big")
+        + (2).to_bytes(4, "big")
+        + PEER_SID
+        + (7).to_bytes(4, "big")
+        + b"xyz"
+    )
     assert ReliabilityHeader.decode(raw, has_message_id=True) == rh
     ack_only = ReliabilityHeader((9,), PEER_SID, None)
     assert ReliabilityHeader.decode(ack_only.encode(), has_message_id=False) == ack_only
@@ -117,7 +130,9 @@ def test_tls_crypt_layout_matches_spec() -> None:
     enc = Cipher(algorithms.AES(KEY2[128:160]), modes.CTR(tag[:16])).encryptor()
     assert pkt[49:] == enc.update(rh.encode()) + enc.finalize()
     assert server.unwrap(pkt).rh == rh
-    reply = server.wrap(Opcode.CONTROL_HARD_RESET_SERVER_V2, 0, PEER_SID, ReliabilityHeader((0,), SID, 0), 5000)
+    reply = server.wrap(
+        Opcode.CONTROL_HARD_RESET_SERVER_V2, 0, PEER_SID, ReliabilityHeader((0,), SID, 0), 5000
+    )
     assert client.unwrap(reply).rh.acks == (0,)
     with pytest.raises(AuthenticationError):
         TlsCrypt(KEY2, is_server=True).unwrap(reply)  # server key cannot open server traffic
@@ -158,12 +173,18 @@ def test_key_method_2_encoding() -> None:
 
 
 def test_peer_info_bits() -> None:
-    text = km.build_peer_info(version="x", ciphers=["AES-256-GCM", "AES-128-GCM"], iv_proto=142, pull=True,
-                              tun_mtu=1500)
+    text = km.build_peer_info(
+        version="x", ciphers=["AES-256-GCM", "AES-128-GCM"], iv_proto=142, pull=True, tun_mtu=1500
+    )
     info = km.parse_peer_info(text)
-    assert info["IV_NCP"] == "2" and info["IV_CIPHERS"] == "AES-256-GCM:AES-128-GCM" and km.peer_iv_proto(info) == 142
-    p2p = km.parse_peer_info(km.build_peer_info(version="x", ciphers=["CHACHA20-POLY1305"], iv_proto=170,
-                                                pull=False, tun_mtu=1500))
+    assert (
+        info["IV_NCP"] == "2"
+        and info["IV_CIPHERS"] == "AES-256-GCM:AES-128-GCM"
+        and km.peer_iv_proto(info) == 142
+    )
+    p2p = km.parse_peer_info(
+        km.build_peer_info(version="x", ciphers=["CHACHA20-POLY1305"], iv_proto=170, pull=False, tun_mtu=1500)
+    )
     assert "IV_VER" not in p2p and "IV_NCP" not in p2p
 
 

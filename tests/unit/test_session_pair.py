@@ -66,7 +66,11 @@ def test_prf_key_derivation_when_ekm_is_off(pki: dict[str, bytes]) -> None:
 @pytest.mark.parametrize(
     ("server_ciphers", "client_ciphers", "expect"),
     [
-        (("CHACHA20-POLY1305", "AES-128-GCM"), ("AES-128-GCM", "CHACHA20-POLY1305"), Cipher.CHACHA20_POLY1305),
+        (
+            ("CHACHA20-POLY1305", "AES-128-GCM"),
+            ("AES-128-GCM", "CHACHA20-POLY1305"),
+            Cipher.CHACHA20_POLY1305,
+        ),
         (("AES-256-GCM", "AES-128-GCM"), ("AES-128-GCM",), Cipher.AES_128_GCM),
     ],
 )

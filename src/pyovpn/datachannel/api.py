@@ -164,7 +164,16 @@ class SendControl:
 
 
 Command = (
-    NewIface | DelIface | NewPeer | SetPeer | GetPeer | DelPeer | NewKey | DelKey | SwapKeys | GetKey
+    NewIface
+    | DelIface
+    | NewPeer
+    | SetPeer
+    | GetPeer
+    | DelPeer
+    | NewKey
+    | DelKey
+    | SwapKeys
+    | GetKey
     | SendControl
 )
 

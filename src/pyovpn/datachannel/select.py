@@ -48,6 +48,10 @@ async def open_backend(choice: str) -> DataChannel:
         log.info("DCO: using the userspace data channel (--dco userspace)")
     else:
         ok, why = await asyncio.to_thread(kernel_ovpn_status)
-        reason = why if not ok else "kernel driver found, but the kernel backend is not implemented in this release"
+        reason = (
+            why
+            if not ok
+            else "kernel driver found, but the kernel backend is not implemented in this release"
+        )
         log.info("DCO: auto selected the userspace data channel: %s", reason)
     return UserspaceDataChannel()

@@ -137,12 +137,20 @@ def build_peer_info(*, version: str, ciphers: list[str], iv_proto: int, pull: bo
 
 
 def occ_options_string(
-    *, tls_server: bool, proto: str, cipher: str | None, tun_mtu: int, tls_auth: bool, key_direction: int | None,
+    *,
+    tls_server: bool,
+    proto: str,
+    cipher: str | None,
+    tun_mtu: int,
+    tls_auth: bool,
+    key_direction: int | None,
     ifconfig: str | None = None,
 ) -> str:
     """OpenVPN's options-consistency string; peers only compare it and warn, but old peers read ``cipher``."""
     link_mtu = tun_mtu + 49  # informational (AES-GCM over UDP); OpenVPN never rejects a mismatch
-    proto_name = {"udp": "UDPv4", "tcp-client": "TCPv4_CLIENT", "tcp-server": "TCPv4_SERVER"}.get(proto, "UDPv4")
+    proto_name = {"udp": "UDPv4", "tcp-client": "TCPv4_CLIENT", "tcp-server": "TCPv4_SERVER"}.get(
+        proto, "UDPv4"
+    )
     parts = ["V4", "dev-type tun", f"link-mtu {link_mtu}", f"tun-mtu {tun_mtu}", f"proto {proto_name}"]
     if ifconfig:
         parts.append(f"ifconfig {ifconfig}")

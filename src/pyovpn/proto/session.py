@@ -44,7 +44,7 @@ class SessionConfig:
     is_tls_server: bool
     pull: bool
     tls_context: SSL.Context
-    peer_check: PeerCheck = PeerCheck()
+    peer_check: PeerCheck = field(default_factory=PeerCheck)
     tls_auth_key: bytes | None = None
     key_direction: int | None = None
     auth_digest: str = "SHA1"
@@ -433,7 +433,11 @@ class Session:
     def _send_km2(self, ks: KeyState) -> None:
         c = self.cfg
         peer_info = km.build_peer_info(
-            version=c.version, ciphers=list(c.data_ciphers), iv_proto=self._iv_proto(), pull=c.pull, tun_mtu=c.tun_mtu
+            version=c.version,
+            ciphers=list(c.data_ciphers),
+            iv_proto=self._iv_proto(),
+            pull=c.pull,
+            tun_mtu=c.tun_mtu,
         )
         options = km.occ_options_string(
             tls_server=c.is_tls_server,
@@ -486,20 +490,26 @@ class Session:
         if not peer & km.IV_PROTO_NCP_P2P:
             fallback = self.cfg.data_ciphers_fallback
             if fallback is None:
-                raise_closed = "peer does not support P2P cipher negotiation (OpenVPN < 2.6); set data-ciphers-fallback"
+                raise_closed = (
+                    "peer does not support P2P cipher negotiation (OpenVPN < 2.6); set data-ciphers-fallback"
+                )
                 self._fail(raise_closed, restart=False)
                 return
             self.cipher = Cipher.from_name(fallback)
         else:
             peer_ciphers = [c.upper() for c in self._remote_info.get("IV_CIPHERS", "").split(":") if c]
             ours = [c.upper() for c in self.cfg.data_ciphers]
-            server_list, client_list = (ours, peer_ciphers) if self.cfg.is_tls_server else (peer_ciphers, ours)
+            server_list, client_list = (
+                (ours, peer_ciphers) if self.cfg.is_tls_server else (peer_ciphers, ours)
+            )
             common = next((c for c in server_list if c in client_list), None)
             if common is None:
                 common = self.cfg.data_ciphers_fallback
             if common is None:
-                self._fail(f"no common data cipher: ours {':'.join(ours)}, peer {':'.join(peer_ciphers)}",
-                           restart=False)
+                self._fail(
+                    f"no common data cipher: ours {':'.join(ours)}, peer {':'.join(peer_ciphers)}",
+                    restart=False,
+                )
                 return
             try:
                 self.cipher = Cipher.from_name(common)
@@ -507,8 +517,9 @@ class Session:
                 self._fail(f"negotiated cipher {common} cannot be offloaded (AEAD only)", restart=False)
                 return
         if not peer & km.IV_PROTO_DATA_V2:
-            self._fail("peer does not support DATA_V2 packets, which the offloaded data channel needs",
-                       restart=False)
+            self._fail(
+                "peer does not support DATA_V2 packets, which the offloaded data channel needs", restart=False
+            )
             return
         self.use_ekm = bool(peer & km.IV_PROTO_TLS_KEY_EXPORT) and self.cfg.offer_ekm
         self.cc_exit = bool(peer & km.IV_PROTO_CC_EXIT_NOTIFY)
@@ -536,8 +547,9 @@ class Session:
             self._push_parts = []
             self._apply_push(ks, pushed, now)
         elif text.startswith("AUTH_FAILED"):
-            self._fail(f"server said {text}: check auth-user-pass credentials / client certificate",
-                       restart=False)
+            self._fail(
+                f"server said {text}: check auth-user-pass credentials / client certificate", restart=False
+            )
         elif text.startswith("AUTH_PENDING"):
             self._next_push_request = now + PUSH_REQUEST_INTERVAL
         elif text.startswith("RESTART"):
@@ -563,18 +575,23 @@ class Session:
             self._fail("server pushed no cipher and no data-ciphers-fallback is set", restart=False)
             return
         if name.upper() not in ours and name != self.cfg.data_ciphers_fallback:
-            self._fail(f"server pushed cipher {name}, which is not in data-ciphers {':'.join(ours)}",
-                       restart=False)
+            self._fail(
+                f"server pushed cipher {name}, which is not in data-ciphers {':'.join(ours)}", restart=False
+            )
             return
         try:
             self.cipher = Cipher.from_name(name)
         except ValueError:
-            self._fail(f"server pushed cipher {name}, which the offloaded data channel cannot do (AEAD only)",
-                       restart=False)
+            self._fail(
+                f"server pushed cipher {name}, which the offloaded data channel cannot do (AEAD only)",
+                restart=False,
+            )
             return
         if pushed.peer_id is None:
-            self._fail("server pushed no peer-id; the offloaded data channel needs DATA_V2 (OpenVPN >= 2.4 server)",
-                       restart=False)
+            self._fail(
+                "server pushed no peer-id; the offloaded data channel needs DATA_V2 (OpenVPN >= 2.4 server)",
+                restart=False,
+            )
             return
         if pushed.aead_epoch:
             self._fail("server enabled the epoch data format, which pyovpn did not offer", restart=False)
@@ -596,7 +613,9 @@ class Session:
         assert client.pre_master is not None
         assert self.peer_session_id is not None
         client_sid, server_sid = (
-            (self.peer_session_id, self.session_id) if self.cfg.is_tls_server else (self.session_id, self.peer_session_id)
+            (self.peer_session_id, self.session_id)
+            if self.cfg.is_tls_server
+            else (self.session_id, self.peer_session_id)
         )
         return prf_key2(
             pre_master=client.pre_master,
@@ -687,7 +706,8 @@ class Session:
             if p.key_id == 0:
                 self._fail(
                     f"TLS key negotiation failed to occur within {self.cfg.hand_window} seconds "
-                    "(check your network connectivity, the remote address and that tls-auth/tls-crypt keys match)"
+                    "(check your network connectivity, the remote address, and that the "
+                    "tls-auth/tls-crypt keys match)"
                 )
                 return
             log.warning("renegotiation of key_id=%d timed out; keeping the previous key", p.key_id)
@@ -695,7 +715,11 @@ class Session:
                 self.primary, self.lame_duck = self.lame_duck, None
                 self.primary.must_die = None
                 self.primary.established = now  # retry after another reneg interval
-        if self.lame_duck is not None and self.lame_duck.must_die is not None and now >= self.lame_duck.must_die:
+        if (
+            self.lame_duck is not None
+            and self.lame_duck.must_die is not None
+            and now >= self.lame_duck.must_die
+        ):
             self._retire(self.lame_duck)
         if p.state is KS.GENERATED_KEYS:
             self._maybe_swap(now)

@@ -41,8 +41,12 @@ def build_context(
     """A TLS context for one role; ConfigError if the PEM material is unusable."""
     method = SSL.TLS_SERVER_METHOD if is_server else SSL.TLS_CLIENT_METHOD
     ctx = SSL.Context(method)
-    minimum = {"1.0": SSL.TLS1_VERSION, "1.1": SSL.TLS1_1_VERSION, "1.2": SSL.TLS1_2_VERSION,
-               "1.3": SSL.TLS1_3_VERSION}
+    minimum = {
+        "1.0": SSL.TLS1_VERSION,
+        "1.1": SSL.TLS1_1_VERSION,
+        "1.2": SSL.TLS1_2_VERSION,
+        "1.3": SSL.TLS1_3_VERSION,
+    }
     ctx.set_min_proto_version(minimum.get((tls_version_min or "1.2").split()[0], SSL.TLS1_2_VERSION))
     store = ctx.get_cert_store()
     assert store is not None
@@ -58,7 +62,9 @@ def build_context(
         try:
             pkey = serialization.load_pem_private_key(key, password=None)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"key: cannot load the private key ({exc}); encrypted keys are not supported") from None
+            raise ConfigError(
+                f"key: cannot load the private key ({exc}); encrypted keys are not supported"
+            ) from None
         ctx.use_privatekey(pkey)  # type: ignore[arg-type]
         try:
             ctx.check_privatekey()
@@ -72,7 +78,11 @@ def build_context(
 
 def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
     if check.remote_cert_tls:
-        want = ExtendedKeyUsageOID.SERVER_AUTH if check.remote_cert_tls == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+        want = (
+            ExtendedKeyUsageOID.SERVER_AUTH
+            if check.remote_cert_tls == "server"
+            else ExtendedKeyUsageOID.CLIENT_AUTH
+        )
         try:
             eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:

@@ -92,8 +92,9 @@ class Wrap(Protocol):
 
     overhead: int
 
-    def wrap(self, opcode: Opcode, key_id: int, session_id: bytes, rh: ReliabilityHeader, now: int) -> bytes:
-        ...
+    def wrap(
+        self, opcode: Opcode, key_id: int, session_id: bytes, rh: ReliabilityHeader, now: int
+    ) -> bytes: ...
 
     def unwrap(self, packet: bytes) -> ControlPacket: ...
 

@@ -36,8 +36,11 @@ def _config(role: str, pki: Path, cipher: str, proto: str) -> str:
     server = role == "server"
     lines = [
         "dev tun0",
-        f"proto {proto}-server" if proto == "tcp" and server else f"proto {proto}-client" if proto == "tcp" else
-        "proto udp",
+        f"proto {proto}-server"
+        if proto == "tcp" and server
+        else f"proto {proto}-client"
+        if proto == "tcp"
+        else "proto udp",
         "tls-server" if server else "tls-client",
         f"ca {pki / 'ca.crt'}",
         f"cert {pki / ('server.crt' if server else 'client.crt')}",
@@ -72,19 +75,25 @@ def _wait_for(path: Path, needle: str, proc: subprocess.Popen[bytes], timeout: f
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pyovpn demo", description=__doc__)
-    ap.add_argument("--cipher", default="AES-256-GCM",
-                    choices=["AES-128-GCM", "AES-256-GCM", "CHACHA20-POLY1305"])
+    ap.add_argument(
+        "--cipher", default="AES-256-GCM", choices=["AES-128-GCM", "AES-256-GCM", "CHACHA20-POLY1305"]
+    )
     ap.add_argument("--proto", default="udp", choices=["udp", "tcp"])
     ap.add_argument("--keep-logs", action="store_true", help="print both daemons' logs at the end")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
-        print("pyovpn demo needs root (it creates network namespaces and TUN devices); run it with sudo",
-              file=sys.stderr)
+        print(
+            "pyovpn demo needs root (it creates network namespaces and TUN devices); run it with sudo",
+            file=sys.stderr,
+        )
         return 1
     for tool in ("ip", "ping"):
         if shutil.which(tool) is None:
-            print(f"pyovpn demo needs `{tool}`: run scripts/setup.sh (or apt-get install iproute2 iputils-ping)",
-                  file=sys.stderr)
+            print(
+                f"pyovpn demo needs `{tool}`: run scripts/setup.sh "
+                "(or apt-get install iproute2 iputils-ping)",
+                file=sys.stderr,
+            )
             return 1
     tag = secrets.token_hex(3)
     ns_a, ns_b = f"pov-demo-a-{tag}", f"pov-demo-b-{tag}"
@@ -109,9 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             conf.write_text(_config(role, pki, args.cipher, args.proto))
             logs[role] = tmp / f"{role}.log"
             with open(logs[role], "wb") as out:
-                procs.append(subprocess.Popen(
-                    ["ip", "netns", "exec", ns, sys.executable, "-m", "pyovpn", "--config", str(conf)],
-                    stdout=out, stderr=subprocess.STDOUT))
+                procs.append(
+                    subprocess.Popen(
+                        ["ip", "netns", "exec", ns, sys.executable, "-m", "pyovpn", "--config", str(conf)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         for role, proc in zip(("server", "client"), procs, strict=True):
             if not _wait_for(logs[role], "Initialization Sequence Completed", proc, 30):
                 print(f"pyovpn {role} did not come up; its log:\n{logs[role].read_text(errors='replace')}")
