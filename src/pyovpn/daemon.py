@@ -125,6 +125,18 @@ def _resolve(host: str, port: int, family: int | None, stype: int) -> tuple[int,
     return af, (sa[0], sa[1])
 
 
+def _listen_family(opts: Options) -> int:
+    """AF_INET6 (dual-stack unless udp6/tcp6) by default; AF_INET for udp4/tcp4 or an IPv4 ``local``."""
+    if opts.family == 4:
+        return socket.AF_INET
+    if opts.local:
+        try:
+            return socket.AF_INET if ipaddress.ip_address(opts.local).version == 4 else socket.AF_INET6
+        except ValueError:
+            return socket.getaddrinfo(opts.local, None)[0][0]
+    return socket.AF_INET6
+
+
 def _bind_address(opts: Options, af: int) -> tuple[str, int]:
     port = 0 if opts.nobind else (opts.lport if opts.lport is not None else opts.port)
     host = opts.local or ("::" if af == socket.AF_INET6 else "0.0.0.0")
@@ -166,7 +178,7 @@ class Connection:
             if remotes:
                 af, self.remote = _resolve(remotes[0].host, remotes[0].port, opts.family, socket.SOCK_DGRAM)
             else:
-                af = socket.AF_INET if opts.family == 4 else socket.AF_INET6
+                af = _listen_family(opts)
             sock = socket.socket(af, socket.SOCK_DGRAM)
             if af == socket.AF_INET6 and opts.family != 6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -205,7 +217,7 @@ class Connection:
             self.sock = sock
             log.info("TCP connection established with %s", self.remote)
         else:  # tcp-server: one peer, like OpenVPN's P2P TCP server
-            af = socket.AF_INET if opts.family == 4 else socket.AF_INET6
+            af = _listen_family(opts)
             lsock = socket.socket(af, socket.SOCK_STREAM)
             if af == socket.AF_INET6 and opts.family != 6:
                 lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
