@@ -1,0 +1,90 @@
+"""Interop cases outside the main matrix: TLS 1.2, username/password auth, AUTH_FAILED."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyovpn.tools.pki import Pki
+from tests.netns.harness import (
+    INIT_LINE,
+    Netns,
+    Proc,
+    TunnelSpec,
+    client_config,
+    inner_addrs,
+    ping,
+    server_config,
+    vpn_argv,
+    wait_for_lines,
+    wait_listening,
+)
+
+pytestmark = pytest.mark.netns
+
+
+def _start(
+    net: Netns,
+    pki: Pki,
+    spec: TunnelSpec,
+    server_impl: str,
+    client_impl: str,
+    server_extra: str = "",
+    client_extra: str = "",
+) -> tuple[Proc, Proc]:
+    scfg = server_config(spec, pki, impl=server_impl, local=net.outer("b", spec.family))  # type: ignore[arg-type]
+    ccfg = client_config(spec, pki, impl=client_impl, remote=net.outer("b", spec.family))  # type: ignore[arg-type]
+    (net.workdir / "s.conf").write_text(scfg + server_extra)
+    (net.workdir / "c.conf").write_text(ccfg + client_extra)
+    server = net.spawn("b", vpn_argv(server_impl, net.workdir / "s.conf"), f"server-{server_impl}")  # type: ignore[arg-type]
+    wait_listening(net.b, spec.proto, spec.port, proc=server)
+    client = net.spawn("a", vpn_argv(client_impl, net.workdir / "c.conf"), f"client-{client_impl}")  # type: ignore[arg-type]
+    return server, client
+
+
+@pytest.mark.parametrize("pyovpn_side", ["client", "server"])
+def test_tls_1_2_with_ekm(net: Netns, pki: Pki, pyovpn_side: str) -> None:
+    """OpenVPN capped at TLS 1.2: the RFC 5705 exporter without context must still match."""
+    spec = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-auth", proto="udp", family=4)
+    impls = ("openvpn", "pyovpn") if pyovpn_side == "client" else ("pyovpn", "openvpn")
+    cap = "tls-version-max 1.2\n"
+    server, client = _start(
+        net,
+        pki,
+        spec,
+        *impls,
+        server_extra=cap if impls[0] == "openvpn" else "",
+        client_extra=cap if impls[1] == "openvpn" else "",
+    )
+    wait_for_lines([server, client], INIT_LINE, 30)
+    py = client if pyovpn_side == "client" else server
+    assert "TLSv1.2" in py.text()
+    assert ping(net.a, inner_addrs(spec).server4).ok
+    assert py.stop() == 0
+
+
+def test_username_password_accepted_and_rejected(net: Netns, pki: Pki) -> None:
+    """auth-user-pass against openvpn's auth-user-pass-verify: right password connects, wrong gets AUTH_FAILED."""
+    script = net.workdir / "verify.sh"
+    script.write_text('#!/bin/sh\n[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = s3cret ]\n')
+    script.chmod(0o755)
+    spec = TunnelSpec(role="server", cipher="AES-128-GCM", wrap="tls-crypt", proto="udp", family=4)
+    server_extra = f"script-security 2\nauth-user-pass-verify {script} via-file\n"
+    creds = net.workdir / "creds.txt"
+    creds.write_text("alice\ns3cret\n")
+    server, client = _start(
+        net,
+        pki,
+        spec,
+        "openvpn",
+        "pyovpn",
+        server_extra=server_extra,
+        client_extra=f"auth-user-pass {creds}\n",
+    )
+    wait_for_lines([server, client], INIT_LINE, 30)
+    assert ping(net.a, inner_addrs(spec).server4).ok
+    assert client.stop() == 0
+
+    creds.write_text("alice\nwrong\n")
+    bad = net.spawn("a", vpn_argv("pyovpn", net.workdir / "c.conf"), "client-bad")
+    assert bad.wait(40) == 1, bad.tail()
+    assert "AUTH_FAILED" in bad.text()
