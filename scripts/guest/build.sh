@@ -411,15 +411,15 @@ done
 [ -n "$VMLINUZ" ] || die "no vmlinuz for $KABI in the rootfs"
 cp "$VMLINUZ" "$WORK/vmlinuz"
 {
-    echo "stamp:    $STAMP (built $(date -u +%FT%TZ))"
-    echo "kernel:   $KABI ($(in_chroot dpkg-query -W -f '${Version}' "linux-binary-$KABI"))"
-    echo "openvpn:  $OPENVPN_VERSION"
-    echo "iproute2: $(in_chroot dpkg-query -W -f '${Version}' iproute2)"
+    echo "stamp:        $STAMP (built $(date -u +%FT%TZ))"
+    echo "kernel:       $KABI ($(in_chroot dpkg-query -W -f '${Version}' "linux-binary-$KABI"))"
+    echo "openvpn:      $OPENVPN_VERSION"
+    echo "iproute2:     $(in_chroot dpkg-query -W -f '${Version}' iproute2)"
     in_chroot python3 -c '
 import sys, importlib.metadata as md
-print("python:  ", sys.version.split()[0])
+print("%-13s %s" % ("python:", sys.version.split()[0]))
 for d in ("cryptography", "pyOpenSSL", "pyroute2", "pytest", "hypothesis"):
-    print(f"{d + ":":10}", md.version(d))'
+    print("%-13s %s" % (d + ":", md.version(d)))'
 } >"$WORK/manifest.txt"
 umount "$ROOT/var/cache/apt/archives"
 in_chroot apt-get clean
@@ -428,7 +428,7 @@ umount "$ROOT/proc"
 rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin "$ROOT"/usr/share/doc/* "$ROOT"/usr/share/man/*
 ROOT_MIB=$(du -sm "$ROOT" | cut -f1)
 IMG_MIB=$(( ROOT_MIB * 13 / 10 + 512 ))   # free space for what tests write outside /tmp (copy-on-write)
-mke2fs -q -t ext4 -L pyovpn-guest -d "$ROOT" "$WORK/rootfs.img" "${IMG_MIB}M"
+mke2fs -q -t ext4 -L pyovpn-guest -d "$ROOT" "$WORK/rootfs.img" "${IMG_MIB}M" >/dev/null
 
 # --- 11. publish: img-<stamp>, then swap the `current` link -----------------------------------------------
 stage "publish"
