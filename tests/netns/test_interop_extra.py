@@ -63,7 +63,7 @@ def test_tls_1_2_with_ekm(net: Netns, pki: Pki, pyovpn_side: str) -> None:
 
 
 def test_username_password_accepted_and_rejected(net: Netns, pki: Pki) -> None:
-    """auth-user-pass against openvpn's auth-user-pass-verify: good password connects, bad one: AUTH_FAILED."""
+    """auth-user-pass vs openvpn's auth-user-pass-verify: good password connects, bad one: AUTH_FAILED."""
     script = net.workdir / "verify.sh"
     script.write_text('#!/bin/sh\n[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = s3cret ]\n')
     script.chmod(0o755)
