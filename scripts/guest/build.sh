@@ -19,7 +19,7 @@
 # PYOVPN_GUEST_EXTRA_PKGS overrides) nothing is rebuilt. The Debian archive is the one this host's own
 # apt uses; the host's apt sources are never changed (trixie is configured only inside the chroot).
 #
-# Usage:  scripts/guest/build.sh [--force]        (as root)
+# Usage:  scripts/guest/build.sh [--force]        (as root; --print-stamp prints the stamp and exits)
 # Environment:
 #   PYOVPN_GUEST_CACHE       cache directory (default /var/cache/pyovpn-guest)
 #   PYOVPN_GUEST_MIRROR      Debian archive URL (default: the host apt's Debian archive)
@@ -73,10 +73,15 @@ stage() {  # prints how long the previous stage took, then starts the next one
 }
 mib() { du -sm --apparent-size "$@" 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'; }
 
+# What the image depends on: this script and the overrides that change the guest's contents.
+STAMP=$( { sha256sum <"$SCRIPT"; echo "kernel=${PYOVPN_GUEST_KERNEL:-} extra=${PYOVPN_GUEST_EXTRA_PKGS:-}"; } \
+         | sha256sum | cut -c1-16)
+
 FORCE=0
 case "${1:-}" in
     "") ;;
     --force) FORCE=1 ;;
+    --print-stamp) echo "$STAMP"; exit 0 ;;   # used by run.sh to tell a stale image
     -h|--help) sed -n '2,/^set -euo/p' "$SCRIPT" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage: $0 [--force]" >&2; exit 64 ;;
 esac
@@ -110,8 +115,6 @@ install_host_prereqs() {
 install_host_prereqs
 
 # --- 2. up to date already? ----------------------------------------------------------------------------
-STAMP=$( { sha256sum <"$SCRIPT"; echo "kernel=${PYOVPN_GUEST_KERNEL:-} extra=${PYOVPN_GUEST_EXTRA_PKGS:-}"; } \
-         | sha256sum | cut -c1-16)
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.build.lock"
 if ! flock -n 9; then

@@ -41,7 +41,7 @@ from pyovpn.datachannel.api import (
 )
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
 from pyovpn.net import tun
-from pyovpn.proto.packets import DATA_OPCODES, StreamFramer, frame
+from pyovpn.proto.packets import DATA_OPCODES, Opcode, StreamFramer, frame
 from pyovpn.proto.push import PushedOptions
 from pyovpn.proto.session import PeerRestarted, Session, SessionClosed, SessionConfig, TunnelUp
 from pyovpn.proto.tls import PeerCheck, build_context
@@ -318,14 +318,21 @@ class Connection:
         sess = self.session
         if sess is None or not data:
             return
-        if data[0] >> 3 in DATA_OPCODES:
+        opcode = data[0] >> 3
+        log.debug("control packet opcode %d from %s (%d bytes)", opcode, source, len(data))
+        if opcode in DATA_OPCODES:
             return  # data before keys are installed: drop, as OpenVPN does
-        if self.transport is Transport.UDP and self.remote is None and source is not None:
-            self.remote = source
-        elif self.transport is Transport.UDP and source is not None and source != self.remote:
-            if sess.peer_session_id is not None:
-                return  # a stranger; the peer we talk to has not moved
-            self.remote = source
+        if self.transport is Transport.UDP and source is not None:
+            if self.remote is None:
+                self.remote = source
+            elif _addr(source) != _addr(self.remote):
+                if sess.peer_session_id is not None and not (
+                    opcode == Opcode.CONTROL_HARD_RESET_CLIENT_V2 and sess.cfg.is_tls_server
+                ):
+                    return  # a stranger; the peer we talk to has not moved
+                # before the handshake, or a (re)starting client: the session decides
+                if sess.peer_session_id is None:
+                    self.remote = source
         sess.receive(data, time.time())
         self._pump()
 
@@ -608,6 +615,8 @@ def setup_logging(opts: Options) -> None:
     root = logging.getLogger()
     root.handlers[:] = handlers
     root.setLevel(level)
+    # pyroute2 logs every netlink message at DEBUG; that is never what a --verb user wants
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 def run(opts: Options) -> int:
