@@ -61,3 +61,21 @@ def test_exit_notification_reaches_openvpn(net: Netns, pki: Pki) -> None:
     tunnel = start_tunnel(net, pki, spec, server_impl="openvpn", client_impl="pyovpn")
     assert tunnel.stop()["client"] == 0  # SIGTERM to pyovpn first
     assert "exit message received by peer" in tunnel.server.text() or "remote-exit" in tunnel.server.text()
+
+
+@pytest.mark.parametrize("pyovpn_side", ["server", "client"])
+def test_rekeys_with_control_packets_through_the_data_channel(net: Netns, pki: Pki, pyovpn_side: str) -> None:
+    """After the hand-over every control packet reaches the session via the data channel backend.
+
+    Short reneg-sec on both ends; pyovpn itself must log several completed send-key switches and the
+    tunnel must still carry pings on the newest key.
+    """
+    spec = TunnelSpec(role="p2p", cipher="AES-128-GCM", wrap="tls-crypt", proto="udp", family=4, reneg_sec=5)
+    impls = ("pyovpn", "openvpn") if pyovpn_side == "server" else ("openvpn", "pyovpn")
+    tunnel = start_tunnel(net, pki, spec, server_impl=impls[0], client_impl=impls[1])
+    py = tunnel.server if pyovpn_side == "server" else tunnel.client
+    for n in range(1, 4):
+        py.wait_for_line(f"data channel now sends with key_id={n}", 30)
+    assert ping(net.a, tunnel.addrs.server4).ok
+    assert "Inactivity timeout" not in py.text()
+    assert tunnel.stop()[pyovpn_side] == 0
