@@ -277,6 +277,17 @@ rm -f "$ROOT/usr/sbin/policy-rc.d"
 : >"$ROOT/etc/resolv.conf"          # the guest has no network interfaces besides lo
 echo pyovpn-guest >"$ROOT/etc/hostname"
 printf '127.0.0.1\tlocalhost pyovpn-guest\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$ROOT/etc/hosts"
+cat >"$ROOT/etc/fstab" <<'EOF'
+# mounted by the guest's init (pyovpn-guest-init) with one `mount -a`
+proc      /proc              proc      defaults                                   0 0
+sysfs     /sys               sysfs     defaults                                   0 0
+devtmpfs  /dev               devtmpfs  defaults                                   0 0
+devpts    /dev/pts           devpts    gid=5,mode=620,ptmxmode=666,X-mount.mkdir  0 0
+tmpfs     /dev/shm           tmpfs     mode=1777,X-mount.mkdir                    0 0
+tmpfs     /run               tmpfs     mode=755                                   0 0
+tmpfs     /tmp               tmpfs     mode=1777                                  0 0
+debugfs   /sys/kernel/debug  debugfs   nofail                                     0 0
+EOF
 
 cat >"$ROOT/usr/local/sbin/pyovpn-guest-init" <<'GUEST_INIT'
 #!/bin/bash
@@ -287,7 +298,7 @@ cat >"$ROOT/usr/local/sbin/pyovpn-guest-init" <<'GUEST_INIT'
 # loads ovpn, runs the command as root in the checkout, records its exit status, and powers off.
 # No `set -e`: PID 1 must always reach the power-off.
 set -u
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 TERM=dumb
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 TERM=dumb NO_COLOR=1
 CTL=/run/pyovpn
 say() { echo "pyovpn-guest: $*"; }
 power_off() {
@@ -299,24 +310,16 @@ power_off() {
 }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
+exec </dev/console >/dev/console 2>&1   # the rootfs's own /dev/console, before devtmpfs covers /dev
+mount -a                                  # /etc/fstab: proc, sysfs, devtmpfs, devpts, tmpfs, debugfs
 ln -sfn /proc/self/fd /dev/fd
 ln -sfn /proc/self/fd/0 /dev/stdin
 ln -sfn /proc/self/fd/1 /dev/stdout
 ln -sfn /proc/self/fd/2 /dev/stderr
-mkdir -p /dev/pts /dev/shm /dev/net
-mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 echo pyovpn-guest >/proc/sys/kernel/hostname
 ip link set lo up
 
-modprobe -a 9pnet_virtio 9p
+modprobe -a 9pnet_virtio 9p ovpn   # one modprobe: every process start is slow under TCG
 mkdir -p "$CTL"
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,cache=none pyovpnctl "$CTL"; then
     say "cannot mount run.sh's control share"
@@ -326,12 +329,12 @@ fi
 PYOVPN_CHECKOUT=/ PYOVPN_TIMEOUT=600
 . "$CTL/settings"
 mkdir -p "$PYOVPN_CHECKOUT"
-if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,cache=loose pyovpnsrc "$PYOVPN_CHECKOUT"; then
+if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose pyovpnsrc "$PYOVPN_CHECKOUT"; then
     say "cannot mount the checkout at $PYOVPN_CHECKOUT"
     power_off
 fi
 
-if modprobe ovpn; then say "modprobe ovpn: ok"; else say "modprobe ovpn: FAILED"; fi
+if [ -d /sys/module/ovpn ] || modprobe ovpn; then say "modprobe ovpn: ok"; else say "modprobe ovpn: FAILED"; fi
 cd "$PYOVPN_CHECKOUT"
 export PYOVPN_GUEST=1 PYOVPN_CHECKOUT PYTHONPATH="$PYOVPN_CHECKOUT/src"
 [ -f "$CTL/env" ] && . "$CTL/env"

@@ -3,33 +3,80 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import subprocess
 
 from pyovpn.datachannel.api import DataChannel
 from pyovpn.errors import BackendError
 
 log = logging.getLogger("pyovpn")
 
+_WHAT_TO_DO = "it needs Linux >= 6.16 with the ovpn module (modprobe ovpn) and CAP_NET_ADMIN"
 
-def kernel_ovpn_status() -> tuple[bool, str]:
-    """Whether the kernel ``ovpn`` generic-netlink family is usable, and why not."""
+
+def _family_present() -> tuple[bool, str]:
+    """Resolve the generic-netlink family ``ovpn``; then check that commands are allowed."""
+    from pyroute2 import NetlinkError
+
+    from pyovpn.datachannel.kernel import OvpnNetlink
+
     try:
-        from pyroute2.netlink.generic import GenericNetlinkSocket
-    except ImportError:  # pragma: no cover - pyroute2 is a dependency
-        return False, "pyroute2 is not installed"
-    sock = GenericNetlinkSocket()
+        sock = OvpnNetlink()
+    except OSError as e:
+        return False, f"cannot open a generic netlink socket: {e.strerror or e}"
     try:
-        sock.bind("ovpn", None)
-    except Exception:
-        release = os.uname().release
-        return False, (
-            f"the kernel ({release}) has no 'ovpn' generic netlink family: it needs Linux >= 6.16 "
-            "with the ovpn module (modprobe ovpn)"
-        )
+        try:
+            sock.bind()
+        except Exception:
+            release = os.uname().release
+            return False, f"the kernel ({release}) has no 'ovpn' generic netlink family"
+        # every ovpn command needs CAP_NET_ADMIN; a peer dump of ifindex 0 is refused with
+        # EPERM without it and with ENODEV/EINVAL with it, and changes nothing
+        try:
+            sock.peers(0)
+        except NetlinkError as e:
+            if e.code in (errno.EPERM, errno.EACCES):
+                return False, (
+                    "the kernel 'ovpn' driver is present, but this process lacks CAP_NET_ADMIN "
+                    "(netlink said EPERM): run as root or grant the capability"
+                )
+        except Exception as e:  # pragma: no cover - unexpected, but not a reason to refuse
+            log.debug("ovpn permission probe failed: %r", e)
     finally:
         sock.close()
-    return True, "the kernel 'ovpn' driver is available"
+    return True, "generic netlink family 'ovpn' found"
+
+
+def kernel_ovpn_status() -> tuple[bool, str]:
+    """Whether the kernel ``ovpn`` driver is usable, and why not.
+
+    Loads the module (``modprobe ovpn``, quietly) if the family is missing. Synchronous
+    (pyroute2's sync API): call it with ``asyncio.to_thread`` from a running loop.
+    """
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:  # pragma: no cover - pyroute2 is a dependency
+        return False, "pyroute2 is not installed"
+    ok, why = _family_present()
+    if ok or "generic netlink family" not in why:
+        return ok, why
+    try:
+        subprocess.run(
+            ["modprobe", "-q", "ovpn"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ok, f"{why}; {_WHAT_TO_DO}"
+    ok, why2 = _family_present()
+    if ok:
+        return True, f"{why2} (after modprobe ovpn)"
+    return False, f"{why2}; {_WHAT_TO_DO}"
 
 
 async def open_backend(choice: str) -> DataChannel:
@@ -38,20 +85,20 @@ async def open_backend(choice: str) -> DataChannel:
         ok, why = await asyncio.to_thread(kernel_ovpn_status)
         if not ok:
             raise BackendError(f"--dco kernel: {why}; or use --dco userspace")
-        raise BackendError(
-            "--dco kernel: the kernel ovpn driver is present, but pyovpn's kernel backend is not "
-            "implemented in this release; use --dco userspace (or auto)"
-        )
+        from pyovpn.datachannel.kernel import KernelDataChannel
+
+        log.info("DCO: using the kernel ovpn driver (--dco kernel, %s)", why)
+        return KernelDataChannel()
     from pyovpn.datachannel.userspace import UserspaceDataChannel
 
     if choice == "userspace":
         log.info("DCO: using the userspace data channel (--dco userspace)")
-    else:
-        ok, why = await asyncio.to_thread(kernel_ovpn_status)
-        reason = (
-            why
-            if not ok
-            else "kernel driver found, but the kernel backend is not implemented in this release"
-        )
-        log.info("DCO: auto selected the userspace data channel: %s", reason)
+        return UserspaceDataChannel()
+    ok, why = await asyncio.to_thread(kernel_ovpn_status)
+    if ok:
+        from pyovpn.datachannel.kernel import KernelDataChannel
+
+        log.info("DCO: using the kernel ovpn driver (%s)", why)
+        return KernelDataChannel()
+    log.info("DCO: auto selected the userspace data channel: %s", why)
     return UserspaceDataChannel()

@@ -250,7 +250,7 @@ class Session:
             if self.cfg.reneg_sec:
                 deadlines.append(p.established + self.cfg.reneg_sec)
             if self._backend_slots[KeySlot.SECONDARY] == p.key_id:
-                deadlines.append(p.auth_deferred_expire)
+                deadlines.append(self._swap_time(p))
         if self._next_push_request is not None:
             deadlines.append(self._next_push_request)
         return min(deadlines) if deadlines else None
@@ -673,11 +673,16 @@ class Session:
         p = self.primary
         if p is None or self.peer_id is None:
             return
-        if self._backend_slots[KeySlot.SECONDARY] == p.key_id and now >= p.auth_deferred_expire:
+        if self._backend_slots[KeySlot.SECONDARY] == p.key_id and now >= self._swap_time(p):
             self._emit(SwapKeys(self.peer_id))
             s = self._backend_slots
             s[KeySlot.PRIMARY], s[KeySlot.SECONDARY] = s[KeySlot.SECONDARY], s[KeySlot.PRIMARY]
             log.info("data channel now sends with key_id=%d", p.key_id)
+
+    def _swap_time(self, ks: KeyState) -> float:
+        # The peer derives its key only once our last handshake packet is ACKed, which can take a
+        # retransmission under load; sending on the new key before then gets it dropped.
+        return max(ks.auth_deferred_expire, ks.established + self.cfg.tls_timeout + 1.0)
 
     def _start_renegotiation(self, now: float, *, initiator: bool) -> None:
         old = self.primary
