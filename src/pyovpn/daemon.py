@@ -168,6 +168,7 @@ class Connection:
         self._done: asyncio.Future[_Stop] = self.loop.create_future()
         self._cmds: asyncio.Queue[object] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self._reading = False
 
     # ------------------------------------------------------------------ setup
 
@@ -252,6 +253,7 @@ class Connection:
         assert self.sock is not None
         self.session = Session(self.d.session_cfg, rng=os.urandom, now=time.time())
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._reading = True
         self._worker = asyncio.create_task(self._command_worker())
         self.session.handle_timer(time.time())  # sends the client's hard reset
         self._pump()
@@ -280,8 +282,9 @@ class Connection:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._worker, 5)
         if self.sock is not None:
-            if not self.handed_over:
+            if self._reading:
                 self.loop.remove_reader(self.sock.fileno())
+                self._reading = False
             if self.handed_over and self.peer_id is not None:
                 with contextlib.suppress(PyovpnError):
                     await self.d.dc.request(DelPeer(self.peer_id))
@@ -300,15 +303,18 @@ class Connection:
                         break
                     self._on_packet(data, (sa[0], sa[1]))
             else:
-                try:
-                    data = self.sock.recv(65535)
-                except BlockingIOError:
-                    return
-                if not data:
-                    self.stop(_Stop("connection reset by peer (TCP EOF)", restart=True))
-                    return
-                for pkt in self.framer.feed(data):
-                    self._on_packet(pkt, self.remote)
+                for _ in range(64):
+                    try:
+                        data = self.sock.recv(self.framer.wanted())
+                    except BlockingIOError:
+                        return
+                    if not data:
+                        self.stop(_Stop("connection reset by peer (TCP EOF)", restart=True))
+                        return
+                    for pkt in self.framer.feed(data):
+                        self._on_packet(pkt, self.remote)
+                        if self.handed_over:
+                            return  # the data channel reads the socket from here on
         except ConnectionError as exc:
             self.stop(_Stop(f"transport error: {exc}", restart=True))
         except PyovpnError as exc:
@@ -366,6 +372,11 @@ class Connection:
             elif isinstance(ev, PeerRestarted):
                 self.stop(_Stop("peer restarted (new hard reset)", restart=True))
             else:
+                if isinstance(ev, TunnelUp) and not self.handed_over and self._reading:
+                    # Stop reading now, not when the worker gets to NewPeer: whatever arrives in
+                    # between stays queued in the socket for the data channel instead of being lost.
+                    self.loop.remove_reader(self.sock.fileno())
+                    self._reading = False
                 self._cmds.put_nowait(ev)
         if self._timer:
             self._timer.cancel()
@@ -416,7 +427,9 @@ class Connection:
         if self.transport is Transport.UDP and self.remote is None:
             raise BackendError("tunnel up but the peer address is unknown")
         if not self.handed_over:
-            self.loop.remove_reader(self.sock.fileno())
+            if self._reading:
+                self.loop.remove_reader(self.sock.fileno())
+                self._reading = False
             backlog = self.framer.take_backlog() if self.transport is Transport.TCP else b""
             await self.d.dc.request(
                 NewPeer(

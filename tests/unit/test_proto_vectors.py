@@ -240,3 +240,17 @@ def test_stream_framer() -> None:
     assert f.take_backlog() == b"\x00\x05ab"
     with pytest.raises(ProtocolError):
         StreamFramer().feed(b"\x00\x00")
+
+
+def test_stream_framer_wanted_never_reads_past_a_frame() -> None:
+    stream = frame(b"hello") + frame(b"x" * 300)
+    f = StreamFramer()
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(stream):
+        n = f.wanted()
+        out += f.feed(stream[pos : pos + n])
+        pos += n
+        if out and pos == len(frame(b"hello")):
+            assert f.take_backlog() == b""  # exactly at the boundary after the first frame
+    assert out == [b"hello", b"x" * 300]

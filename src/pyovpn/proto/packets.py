@@ -180,6 +180,17 @@ class StreamFramer:
         del buf[:pos]
         return out
 
+    def wanted(self) -> int:
+        """Bytes still missing for the frame being read (its length prefix first).
+
+        Reading exactly this much never consumes bytes past a frame boundary, so the socket can
+        be handed to the kernel (which needs the stream positioned at a frame start) at any time.
+        """
+        have = len(self._buf)
+        if have < 2:
+            return 2 - have
+        return 2 + ((self._buf[0] << 8) | self._buf[1]) - have
+
     def take_backlog(self) -> bytes:
         """Bytes read past the last whole frame, for a hand-over to the data channel."""
         rest = bytes(self._buf)
