@@ -20,6 +20,7 @@ from pyovpn.datachannel.api import Cipher, DelKey, KeySlot, NewKey, SwapKeys
 from pyovpn.datachannel.crypto import split_key2
 from pyovpn.errors import ProtocolError
 from pyovpn.proto import keymethod as km
+from pyovpn.proto.cookie import CookieVerified
 from pyovpn.proto.keys import EKM_LABEL_DATAKEYS, EKM_LABEL_P2P_PEERID, P2P_DEFAULT_PEER_ID, prf_key2
 from pyovpn.proto.packets import SESSION_ID_LEN, ControlPacket, Opcode, ReliabilityHeader
 from pyovpn.proto.push import PushedOptions, parse_pushed_options, split_push_message
@@ -64,6 +65,7 @@ class SessionConfig:
     ping: int = 0
     ping_restart: int = 0
     offer_ekm: bool = True  # advertise TLS-EKM key derivation (IV_PROTO bit 3)
+    mode_server: bool = False  # P2MP server: the client pulls its options (needs is_tls_server)
 
 
 # ---------------------------------------------------------------------------- events
@@ -98,7 +100,20 @@ class PeerRestarted:
     packet: bytes
 
 
-SessionEvent = TunnelUp | SessionClosed | PeerRestarted | NewKey | SwapKeys | DelKey
+@dataclass(frozen=True)
+class ClientAuthRequest:
+    """P2MP server: a client finished key-method-2; answer with accept_client() or reject_client()."""
+
+    common_name: str
+    username: str
+    password: str
+    peer_info: dict[str, str]
+    iv_proto: int
+
+
+SessionEvent = TunnelUp | SessionClosed | PeerRestarted | ClientAuthRequest | NewKey | SwapKeys | DelKey
+
+PUSH_MESSAGE_LIMIT = 1024 - 84  # OpenVPN keeps each PUSH_REPLY message below this
 
 
 # ---------------------------------------------------------------------------- key state
@@ -165,12 +180,40 @@ class Session:
         self.cc_exit = False
         self._remote_iv_proto = 0
         self._push_parts: list[str] = []
+        self._auth_state = "none"  # P2MP server: none | pending | accepted | rejected
+        self._push_requested = False
+        self._push_options: list[str] = []
         self._next_push_request: float | None = None
         self._backend_slots: dict[KeySlot, int | None] = {KeySlot.PRIMARY: None, KeySlot.SECONDARY: None}
         self._now = now
         self.primary = self._new_key_state(0, now)
         if not config.is_tls_server:
             self.primary.sender.enqueue(Opcode.CONTROL_HARD_RESET_CLIENT_V2, b"")
+
+    @classmethod
+    def after_cookie(
+        cls,
+        config: SessionConfig,
+        proof: CookieVerified,
+        *,
+        rng: Callable[[bytes], bytes] | Callable[[int], bytes],
+        now: float,
+    ) -> Session:
+        """A P2MP server session for a client that passed the stateless cookie check.
+
+        Behaves as if the two hard resets (message id 0 each way) had been exchanged; feed the
+        proof packet to :meth:`receive` next.
+        """
+        sess = cls(config, rng=rng, now=now)  # type: ignore[arg-type]
+        sess.session_id = proof.server_session_id
+        sess.peer_session_id = proof.client_session_id
+        ks = sess.primary
+        assert ks is not None
+        ks.receiver.expected = 1
+        ks.sender.skip_id()
+        ks.state = KS.START
+        sess.wrap.skip_replay_ids(1)
+        return sess
 
     # ------------------------------------------------------------------ helpers
 
@@ -294,6 +337,87 @@ class Session:
             self.send_text("EXIT")
             self._flush(now)
         self.closed = True
+
+    # ------------------------------------------------------------------ P2MP server
+
+    def server_cipher(self) -> Cipher | None:
+        """NCP on the server: the first of our data-ciphers that the client announced."""
+        info = getattr(self, "_remote_info", {})
+        theirs = [c.upper() for c in info.get("IV_CIPHERS", "").split(":") if c]
+        if not theirs and int(info.get("IV_NCP", "0") or 0) >= 2:
+            theirs = ["AES-256-GCM", "AES-128-GCM"]
+        for name in self.cfg.data_ciphers:
+            if name.upper() in theirs:
+                try:
+                    return Cipher.from_name(name)
+                except ValueError:
+                    continue
+        fallback = self.cfg.data_ciphers_fallback
+        if not theirs and fallback:
+            return Cipher.from_name(fallback)
+        return None
+
+    def accept_client(self, now: float, *, peer_id: int, push: list[str]) -> None:
+        """Let an authenticated client in: derive its keys now, push ``push`` plus the negotiated options."""
+        ks = self.primary
+        if self.closed or ks is None or self._auth_state != "pending":
+            return
+        cipher = self.server_cipher()
+        if cipher is None:
+            self.reject_client(now, "Data channel cipher negotiation failed (no shared cipher)")
+            return
+        if not self._remote_iv_proto & km.IV_PROTO_DATA_V2:
+            self.reject_client(
+                now, "client does not support DATA_V2 (peer-id), needed by the offloaded data channel"
+            )
+            return
+        self.cipher = cipher
+        self.peer_id = peer_id
+        self.use_ekm = bool(self._remote_iv_proto & km.IV_PROTO_TLS_KEY_EXPORT) and self.cfg.offer_ekm
+        self.cc_exit = bool(self._remote_iv_proto & km.IV_PROTO_CC_EXIT_NOTIFY)
+        opts = [*push, f"peer-id {peer_id}", f"cipher {cipher.value}"]
+        flags = (["cc-exit"] if self.cc_exit else []) + (["tls-ekm"] if self.use_ekm else [])
+        if self.cc_exit:
+            opts.append("protocol-flags " + " ".join(flags))
+        elif self.use_ekm:
+            opts.append("key-derivation tls-ekm")
+        self._push_options = opts
+        self._auth_state = "accepted"
+        self._generate_keys(ks, now)
+        if self._push_requested or self._remote_iv_proto & km.IV_PROTO_REQUEST_PUSH:
+            self._send_push_reply()
+        self._flush(now)
+
+    def reject_client(self, now: float, reason: str = "") -> None:
+        """Send AUTH_FAILED and end the session once it has been delivered."""
+        if self.closed:
+            return
+        self._auth_state = "rejected"
+        self.send_text("AUTH_FAILED" + (f",{reason}" if reason else ""))
+        self._flush(now)
+        self._fail(f"client rejected: {reason or 'authentication failed'}", restart=False)
+
+    def _send_push_reply(self) -> None:
+        self._push_requested = False
+        messages: list[str] = []
+        current: list[str] = []
+        for opt in self._push_options:
+            if (
+                current
+                and len("PUSH_REPLY," + ",".join([*current, opt]) + ",push-continuation 2")
+                > PUSH_MESSAGE_LIMIT
+            ):
+                messages.append(",".join(current))
+                current = []
+            current.append(opt)
+        messages.append(",".join(current))
+        for i, body in enumerate(messages):
+            tail = (
+                ""
+                if len(messages) == 1
+                else (",push-continuation 2" if i < len(messages) - 1 else ",push-continuation 1")
+            )
+            self.send_text(f"PUSH_REPLY,{body}{tail}")
 
     def request_renegotiation(self, now: float) -> None:
         """Start a soft reset now (e.g. the data channel reported the key exhausted)."""
@@ -432,12 +556,16 @@ class Session:
 
     def _send_km2(self, ks: KeyState) -> None:
         c = self.cfg
-        peer_info = km.build_peer_info(
-            version=c.version,
-            ciphers=list(c.data_ciphers),
-            iv_proto=self._iv_proto(),
-            pull=c.pull,
-            tun_mtu=c.tun_mtu,
+        peer_info = (
+            ""
+            if c.mode_server
+            else km.build_peer_info(
+                version=c.version,
+                ciphers=list(c.data_ciphers),
+                iv_proto=self._iv_proto(),
+                pull=c.pull,
+                tun_mtu=c.tun_mtu,
+            )
         )
         options = km.occ_options_string(
             tls_server=c.is_tls_server,
@@ -479,6 +607,17 @@ class Session:
             self._generate_keys(ks, now)
         elif self.cfg.pull:
             self._send_push_request(now)
+        elif self.cfg.mode_server:
+            self._auth_state = "pending"
+            self._emit(
+                ClientAuthRequest(
+                    common_name=ks.tls.peer_common_name(),
+                    username=remote.username,
+                    password=remote.password,
+                    peer_info=self._remote_info,
+                    iv_proto=self._remote_iv_proto,
+                )
+            )
         else:
             self._p2p_negotiate(ks)
             self._generate_keys(ks, now)
@@ -561,7 +700,14 @@ class Session:
         elif text.startswith("INFO"):
             log.info("server info: %s", text)
         elif text.startswith("PUSH_REQUEST"):
-            log.debug("ignoring PUSH_REQUEST (not a P2MP server)")
+            if not self.cfg.mode_server:
+                log.debug("ignoring PUSH_REQUEST (not a P2MP server)")
+            elif self._auth_state == "accepted":
+                self._send_push_reply()
+            elif self._auth_state == "pending":
+                self.send_text("AUTH_PENDING")
+            else:
+                self._push_requested = True
         else:
             log.info("ignoring unknown control message %r", text[:60])
 

@@ -98,6 +98,8 @@ class Wrap(Protocol):
 
     def unwrap(self, packet: bytes) -> ControlPacket: ...
 
+    def skip_replay_ids(self, last_sent: int) -> None: ...
+
 
 def _has_message_id(opcode: Opcode) -> bool:
     return opcode is not Opcode.ACK_V1
@@ -114,6 +116,9 @@ def _check_control_opcode(packet: bytes) -> tuple[Opcode, int]:
 
 class NoWrap:
     overhead = 0
+
+    def skip_replay_ids(self, last_sent: int) -> None:
+        """No replay ids without a wrap."""
 
     def wrap(self, opcode: Opcode, key_id: int, session_id: bytes, rh: ReliabilityHeader, now: int) -> bytes:
         return control_header(opcode, key_id, session_id) + rh.encode()
@@ -157,6 +162,10 @@ class TlsAuth:
         self._counter = _ReplayCounter()
         self.replay = LongReplayWindow(replay_window)
         self.overhead = self.hlen + 8
+
+    def skip_replay_ids(self, last_sent: int) -> None:
+        """Continue after ids already used elsewhere (the stateless reset reply used id 1)."""
+        self._counter.pid = max(self._counter.pid, last_sent)
 
     def wrap(self, opcode: Opcode, key_id: int, session_id: bytes, rh: ReliabilityHeader, now: int) -> bytes:
         hdr = control_header(opcode, key_id, session_id)
@@ -207,6 +216,10 @@ class TlsCrypt:
     def _ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
         ctx = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
         return ctx.update(data) + ctx.finalize()
+
+    def skip_replay_ids(self, last_sent: int) -> None:
+        """Continue after ids already used elsewhere (the stateless reset reply used id 1)."""
+        self._counter.pid = max(self._counter.pid, last_sent)
 
     def wrap(self, opcode: Opcode, key_id: int, session_id: bytes, rh: ReliabilityHeader, now: int) -> bytes:
         hdr = control_header(opcode, key_id, session_id) + _PID_TIME.pack(*self._counter.next(now))
