@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyovpn import __version__
 from pyovpn.config import Options
@@ -46,6 +47,9 @@ from pyovpn.proto.push import PushedOptions
 from pyovpn.proto.session import PeerRestarted, Session, SessionClosed, SessionConfig, TunnelUp
 from pyovpn.proto.tls import PeerCheck, build_context
 
+if TYPE_CHECKING:
+    from pyovpn.server import MultiServer
+
 log = logging.getLogger("pyovpn")
 
 RESTART_DELAY = 2.0
@@ -66,8 +70,14 @@ def session_config(opts: Options) -> SessionConfig:
     is_server = opts.tls_role == "server"
     if opts.ca is None:
         raise ConfigError("a CA certificate is required: add `ca FILE` or an inline <ca> block")
+    peer_cert = getattr(opts, "verify_client_cert", "require") if is_server else "require"
     ctx = build_context(
-        ca=opts.ca, cert=opts.cert, key=opts.key, is_server=is_server, tls_version_min=opts.tls_version_min
+        ca=opts.ca,
+        cert=opts.cert,
+        key=opts.key,
+        is_server=is_server,
+        tls_version_min=opts.tls_version_min,
+        peer_cert=peer_cert,
     )
     user, password = opts.auth_user_pass or (None, None)
     if opts.data_ciphers:
@@ -78,7 +88,12 @@ def session_config(opts: Options) -> SessionConfig:
         is_tls_server=is_server,
         pull=opts.pull,
         tls_context=ctx,
-        peer_check=PeerCheck(opts.remote_cert_tls, opts.verify_x509_name),
+        peer_check=PeerCheck(
+            opts.remote_cert_tls,
+            opts.verify_x509_name,
+            peer_cert=peer_cert,
+            crl=getattr(opts, "crl_verify", None),
+        ),
         tls_auth_key=opts.tls_auth,
         key_direction=opts.key_direction,
         auth_digest=opts.auth,
@@ -479,7 +494,7 @@ class Daemon:
         self.session_cfg = session_config(opts)
         self.dc: DataChannel
         self.iface: str | None = None
-        self.current: Connection | None = None
+        self.current: Connection | MultiServer | None = None
         self._signal: asyncio.Future[str] | None = None
         self._iface_configured_for: object = None
 
@@ -518,7 +533,13 @@ class Daemon:
         exit_code = 0
         try:
             while True:
-                conn = Connection(self)
+                conn: Connection | MultiServer
+                if getattr(self.opts, "mode", "p2p") == "server":
+                    from pyovpn.server import MultiServer as _MultiServer
+
+                    conn = _MultiServer(self)
+                else:
+                    conn = Connection(self)
                 self.current = conn
                 sig_wait = asyncio.ensure_future(asyncio.shield(self._signal))
                 run = asyncio.create_task(conn.run())

@@ -145,6 +145,27 @@ def add_route(
     _run(f"add route {network}/{prefixlen} via {gateway or ifname}", op)
 
 
+def del_route(
+    ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
+) -> None:
+    """Remove a route added with :func:`add_route`; a route that is already gone is not an error."""
+    net = _ip(network, "network")
+
+    def op(ipr: IPRoute) -> None:
+        spec: dict[str, object] = {"dst": str(net), "dst_len": prefixlen, "oif": _index(ipr, ifname)}
+        if gateway is not None:
+            spec["gateway"] = str(_ip(gateway, "gateway"))
+        if metric is not None:
+            spec["priority"] = metric
+        try:
+            ipr.route("del", **spec)
+        except NetlinkError as e:
+            if e.code != 3:  # ESRCH: no such route
+                raise
+
+    _run(f"delete route {network}/{prefixlen} via {gateway or ifname}", op)
+
+
 def flush_addresses(ifname: str) -> None:
     """Remove every address (and so the routes that depend on them) from ``ifname``."""
 

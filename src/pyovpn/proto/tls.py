@@ -23,6 +23,8 @@ class PeerCheck:
 
     remote_cert_tls: str | None = None  # "server" | "client"
     verify_x509_name: tuple[str, str] | None = None  # (name, "subject" | "name" | "name-prefix")
+    peer_cert: str = "require"  # a server's verify-client-cert: "require" | "optional" | "none"
+    crl: bytes | None = None  # PEM CRL (crl-verify): a revoked peer certificate is refused
 
 
 def _load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
@@ -36,7 +38,13 @@ def _load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
 
 
 def build_context(
-    *, ca: bytes, cert: bytes | None, key: bytes | None, is_server: bool, tls_version_min: str | None = None
+    *,
+    ca: bytes,
+    cert: bytes | None,
+    key: bytes | None,
+    is_server: bool,
+    tls_version_min: str | None = None,
+    peer_cert: str = "require",
 ) -> SSL.Context:
     """A TLS context for one role; ConfigError if the PEM material is unusable."""
     method = SSL.TLS_SERVER_METHOD if is_server else SSL.TLS_CLIENT_METHOD
@@ -70,13 +78,25 @@ def build_context(
             ctx.check_privatekey()
         except SSL.Error:
             raise ConfigError("key does not match cert") from None
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *args: bool(args[-1]))
+    if peer_cert == "none":
+        ctx.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+    elif peer_cert == "optional":
+        ctx.set_verify(SSL.VERIFY_PEER, lambda *args: bool(args[-1]))
+    else:
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *args: bool(args[-1]))
     # One plaintext message per record matters to OpenVPN; disable options that merge writes.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     return ctx
 
 
 def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
+    if check.crl is not None:
+        try:
+            crl = x509.load_pem_x509_crl(check.crl)
+        except ValueError:
+            raise ProtocolError("crl-verify: the CRL cannot be parsed") from None
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            raise ProtocolError(f"peer certificate serial {cert.serial_number:x} is revoked (crl-verify)")
     if check.remote_cert_tls:
         want = (
             ExtendedKeyUsageOID.SERVER_AUTH
@@ -149,8 +169,10 @@ class TlsEndpoint:
             raise ProtocolError(f"TLS handshake failed: {_ssl_reason(exc)}") from None
         peer = self._conn.get_peer_certificate(as_cryptography=True)
         if peer is None:
-            raise ProtocolError("peer sent no certificate")
-        check_peer_certificate(peer, self._check)
+            if self._check.peer_cert == "require":
+                raise ProtocolError("peer sent no certificate")
+        else:
+            check_peer_certificate(peer, self._check)
         self.established = True
         return True
 
