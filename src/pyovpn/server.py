@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyovpn.server")
 
 Addr = tuple[str, int]
+# OpenVPN DCO installs iroutes with this metric, so they coexist with a `route` for the same network
+IROUTE_METRIC = 100
 
 
 def _norm(addr: tuple) -> Addr:  # type: ignore[type-arg]
@@ -70,6 +72,7 @@ class AddressPool:
         if end < start:
             raise ConfigError(f"ifconfig-pool {first} {last}: the end is before the start")
         self._free = list(range(start, end + 1))
+        self._start = start
         self._v6 = ipaddress.IPv6Interface(v6_base) if v6_base else None
         self._used: dict[int, str] = {}  # address -> common name
         self._sticky: dict[str, int] = {}
@@ -81,6 +84,10 @@ class AddressPool:
                     with contextlib.suppress(ValueError):
                         self._sticky[parts[0]] = int(ipaddress.IPv4Address(parts[1]))
 
+    @property
+    def has_ipv6(self) -> bool:
+        return self._v6 is not None
+
     def _v6_for(self, v4: int, start: int) -> str | None:
         if self._v6 is None:
             return None
@@ -88,7 +95,6 @@ class AddressPool:
         return f"{addr}/{self._v6.network.prefixlen}"
 
     def acquire(self, cn: str, *, exclusive_cn: bool) -> tuple[str, str | None]:
-        start = min(self._free + list(self._used)) if (self._free or self._used) else 0
         want = self._sticky.get(cn) if exclusive_cn else None
         if want is not None and want in self._free:
             addr = want
@@ -100,7 +106,7 @@ class AddressPool:
         self._used[addr] = cn
         self._sticky[cn] = addr
         self._save()
-        return str(ipaddress.IPv4Address(addr)), self._v6_for(addr, start)
+        return str(ipaddress.IPv4Address(addr)), self._v6_for(addr, self._start)
 
     def release(self, address: str) -> None:
         addr = int(ipaddress.IPv4Address(address))
@@ -125,6 +131,7 @@ class Client:
     username: str = ""
     vpn_ip: str | None = None
     vpn_ip6: str | None = None
+    pool_ip: str | None = None
     iroutes: list[tuple[str, int]] = field(default_factory=list)
     iroutes6: list[tuple[str, int]] = field(default_factory=list)
     in_backend: bool = False
@@ -396,6 +403,10 @@ class MultiServer:
                             cn,
                         )
                         await self._remove_client(other, "duplicate common name", notify_backend=True)
+            tls_verify = getattr(o, "tls_verify", None)
+            if tls_verify and await self._run_script(tls_verify, "tls-verify", client, "0", f"CN={cn}") != 0:
+                self._reject(client, "tls-verify script refused the certificate")
+                return
             ccd = self._read_ccd(cn)
             if ccd is not None and getattr(ccd, "disable", False):
                 self._reject(client, "client disabled in client-config-dir")
@@ -480,23 +491,28 @@ class MultiServer:
         push: list[str] = (
             [] if ccd is not None and getattr(ccd, "push_reset", False) else list(getattr(o, "push", ()))
         )
+        for prefix in getattr(ccd, "push_remove", ()) if ccd is not None else ():
+            push = [opt for opt in push if not opt.startswith(prefix)]
         fixed = getattr(ccd, "ifconfig_push", None) if ccd is not None else None
-        if fixed:
-            client.vpn_ip, mask = fixed[0], fixed[1]
-        elif self.pool is not None:
-            client.vpn_ip, v6 = self.pool.acquire(
+        fixed6 = getattr(ccd, "ifconfig_ipv6_push", None) if ccd is not None else None
+        if self.pool is not None and (not fixed or (self.pool.has_ipv6 and not fixed6)):
+            # like OpenVPN, a static IPv4 from the ccd still takes its IPv6 from the pool
+            client.pool_ip, v6 = self.pool.acquire(
                 client.common_name, exclusive_cn=not getattr(o, "duplicate_cn", False)
             )
-            mask = self.pool.netmask
-            if v6:
-                client.vpn_ip6 = v6
-        else:
+            client.vpn_ip, mask, client.vpn_ip6 = client.pool_ip, self.pool.netmask, v6
+        if fixed:
+            client.vpn_ip, mask = fixed[0], fixed[1]
+        if client.vpn_ip is None:
             raise PyovpnError("no ifconfig-pool and no ifconfig-push for this client")
         fixed6 = getattr(ccd, "ifconfig_ipv6_push", None) if ccd is not None else None
         if fixed6:
             client.vpn_ip6 = fixed6[0] if isinstance(fixed6, tuple) else fixed6
-        base = ["topology subnet"]
-        if self.server_ip:
+        base = []
+        named = {opt.split()[0] for opt in push if opt.split()}
+        if "topology" not in named:
+            base.append("topology subnet")
+        if self.server_ip and "route-gateway" not in named:
             base.append(f"route-gateway {self.server_ip}")
         base.append(f"ifconfig {client.vpn_ip} {mask}")
         if client.vpn_ip6 and self.server_ip6:
@@ -552,9 +568,9 @@ class MultiServer:
             self._reading = False
         iface = self.d.iface or "tun0"
         for net, plen in client.iroutes:
-            await asyncio.to_thread(tun.add_route, iface, net, plen, client.vpn_ip)
+            await asyncio.to_thread(tun.add_route, iface, net, plen, client.vpn_ip, IROUTE_METRIC)
         for net6, plen6 in client.iroutes6:
-            await asyncio.to_thread(tun.add_route, iface, net6, plen6, vpn6)
+            await asyncio.to_thread(tun.add_route, iface, net6, plen6, vpn6, IROUTE_METRIC)
         await self._run_script(
             getattr(o, "learn_address", None),
             "learn-address",
@@ -586,9 +602,9 @@ class MultiServer:
         iface = self.d.iface or "tun0"
         for net, plen in client.iroutes:
             with contextlib.suppress(PyovpnError):
-                await asyncio.to_thread(tun.del_route, iface, net, plen, client.vpn_ip)
-        if client.vpn_ip and self.pool is not None:
-            self.pool.release(client.vpn_ip)
+                await asyncio.to_thread(tun.del_route, iface, net, plen, client.vpn_ip, IROUTE_METRIC)
+        if client.pool_ip and self.pool is not None:
+            self.pool.release(client.pool_ip)
         if client.peer_id is not None:
             await self._run_script(getattr(self.opts, "client_disconnect", None), "client-disconnect", client)
             await self._run_script(

@@ -210,6 +210,25 @@ def make_pki(dirpath: str | os.PathLike[str], key_type: KeyType = "ec") -> Pki:
     return pki
 
 
+def issue_client(pki: Pki, cn: str, key_type: KeyType = "ec") -> tuple[Path, Path]:
+    """Sign one more client certificate with the PKI's CA; returns (cert path, key path)."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_crt.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    key = _new_key(key_type)
+    cert = _make_leaf(
+        cn,
+        key,
+        ca_cert,
+        ca_key,
+        ExtendedKeyUsageOID.CLIENT_AUTH,  # type: ignore[arg-type]
+        dt.datetime.now(dt.UTC),
+    )
+    crt_path, key_path = pki.dir / f"{cn}.crt", pki.dir / f"{cn}.key"
+    _write(key_path, _key_pem(key), secret=True)
+    _write(crt_path, _cert_pem(cert), secret=False)
+    return crt_path, key_path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pyovpn.tools.pki",

@@ -1,0 +1,232 @@
+"""pyovpn as a P2MP server with several stock OpenVPN 2.6 clients, each in its own namespace.
+
+Layout: namespace ``s`` (the pyovpn server) has one veth to each client namespace ``c<i>``,
+172.31.(210+i).1/24 on the server side and .2 on the client side. Inside the tunnel the
+server is 10.78.0.1 / fd00:78::1; clients get pool addresses (or ccd ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyovpn.tools.pki import Pki, issue_client
+from tests.netns.harness import INIT_LINE, Proc, ping, wait_for_lines, wait_listening
+
+pytestmark = pytest.mark.netns
+
+SERVER4, SERVER6 = "10.78.0.1", "fd00:78::1"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+class Star:
+    """One server namespace with a veth to each of ``n`` client namespaces; removed on exit."""
+
+    def __init__(self, workdir: Path, n: int) -> None:
+        tag = secrets.token_hex(3)
+        self.workdir = workdir
+        self.server = f"pov-{tag}-s"
+        self.clients = [f"pov-{tag}-c{i}" for i in range(n)]
+        self.procs: list[Proc] = []
+        self._tag = tag
+
+    def __enter__(self) -> Star:
+        try:
+            for ns in (self.server, *self.clients):
+                _ip("netns", "add", ns)
+                _ip("-n", ns, "link", "set", "lo", "up")
+            for i, ns in enumerate(self.clients):
+                a, b = f"vs{self._tag}{i}", f"vc{self._tag}{i}"
+                _ip("link", "add", a, "type", "veth", "peer", "name", b)
+                _ip("link", "set", a, "netns", self.server)
+                _ip("link", "set", b, "netns", ns)
+                _ip("-n", self.server, "addr", "add", f"172.31.{210 + i}.1/24", "dev", a)
+                _ip("-n", ns, "addr", "add", f"172.31.{210 + i}.2/24", "dev", b)
+                _ip("-n", self.server, "link", "set", a, "up")
+                _ip("-n", ns, "link", "set", b, "up")
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def server_addr(self, i: int) -> str:
+        return f"172.31.{210 + i}.1"
+
+    def spawn(self, ns: str, argv: list[str], name: str) -> Proc:
+        p = Proc(ns, argv, self.workdir / f"{name}.log", name=name, cwd=self.workdir)
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                p.stop(timeout=5)
+        for ns in (self.server, *self.clients):
+            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def star(tmp_path: Path) -> Iterator[Star]:
+    with Star(tmp_path, 3) as s:
+        yield s
+
+
+def server_conf(pki: Pki, workdir: Path, *, client_to_client: bool, extra: str = "") -> Path:
+    ccd = workdir / "ccd"
+    ccd.mkdir(exist_ok=True)
+    # client "carol" gets a fixed address and a network behind her (iroute)
+    (ccd / "carol").write_text("ifconfig-push 10.78.0.50 255.255.255.0\niroute 10.66.0.0 255.255.255.0\n")
+    conf = workdir / "server.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "dev tun0",
+                "proto udp",
+                "port 1194",
+                "server 10.78.0.0 255.255.255.0",
+                "server-ipv6 fd00:78::/64",
+                "topology subnet",
+                f"ca {pki.ca_crt}",
+                f"cert {pki.server_crt}",
+                f"key {pki.server_key}",
+                "dh none",
+                f"tls-crypt {pki.tc_key}",
+                "keepalive 10 60",
+                "data-ciphers AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305",
+                f"client-config-dir {ccd}",
+                "route 10.66.0.0 255.255.255.0",
+                'push "route 10.66.0.0 255.255.255.0"',
+                *(["client-to-client"] if client_to_client else []),
+                "dco userspace",
+                "verb 4",
+                extra,
+            ]
+        )
+        + "\n"
+    )
+    return conf
+
+
+def client_conf(pki: Pki, workdir: Path, cn: str, remote: str, cipher: str, extra: str = "") -> Path:
+    crt, key = issue_client(pki, cn)
+    conf = workdir / f"{cn}.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "client",
+                "dev tun0",
+                "proto udp",
+                f"remote {remote} 1194",
+                "nobind",
+                f"ca {pki.ca_crt}",
+                f"cert {crt}",
+                f"key {key}",
+                f"tls-crypt {pki.tc_key}",
+                "remote-cert-tls server",
+                f"data-ciphers {cipher}",
+                "disable-dco",
+                "verb 4",
+                extra,
+            ]
+        )
+        + "\n"
+    )
+    return conf
+
+
+CLIENTS = [("alice", "AES-128-GCM"), ("bob", "CHACHA20-POLY1305"), ("carol", "AES-256-GCM")]
+
+
+def start_all(star: Star, pki: Pki, *, client_to_client: bool) -> tuple[Proc, list[Proc]]:
+    conf = server_conf(pki, star.workdir, client_to_client=client_to_client)
+    server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
+    wait_listening(star.server, "udp", 1194, proc=server)
+    clients = []
+    for i, (cn, cipher) in enumerate(CLIENTS):
+        cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher)
+        clients.append(star.spawn(star.clients[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
+    wait_for_lines([server, *clients], INIT_LINE, 40)
+    return server, clients
+
+
+def pushed_ip(log: str) -> str:
+    for line in log.splitlines():
+        if "PUSH: Received control message" in line and "ifconfig " in line:
+            return line.split("ifconfig ", 1)[1].split()[0].rstrip(",'")
+    raise AssertionError("no pushed ifconfig in the client log")
+
+
+def test_three_openvpn_clients_with_their_own_ciphers(star: Star, pki: Pki) -> None:
+    server, clients = start_all(star, pki, client_to_client=True)
+    addrs = [pushed_ip(c.text()) for c in clients]
+    assert addrs[2] == "10.78.0.50"  # ccd ifconfig-push
+    assert len(set(addrs)) == 3 and all(a.startswith("10.78.0.") for a in addrs)
+    for (cn, cipher), c in zip(CLIENTS, clients, strict=True):
+        assert f"Data Channel: cipher '{cipher}'" in c.text(), f"{cn} did not get {cipher}"
+    for i in range(3):
+        assert ping(star.clients[i], SERVER4).ok, f"client {i} cannot reach the server"
+        assert ping(star.clients[i], SERVER6).ok, f"client {i} cannot reach the server over IPv6"
+    # client-to-client through the server
+    assert ping(star.clients[0], addrs[1]).ok
+    # iroute: a network behind carol, reachable from alice via the pushed route
+    _ip("-n", star.clients[2], "addr", "add", "10.66.0.1/32", "dev", "lo")
+    subprocess.run(["ip", "netns", "exec", star.clients[2], "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+    assert ping(star.clients[0], "10.66.0.1").ok, "iroute behind carol not reachable from alice"
+
+
+def test_client_to_client_refused_when_disabled(star: Star, pki: Pki) -> None:
+    server, clients = start_all(star, pki, client_to_client=False)
+    addrs = [pushed_ip(c.text()) for c in clients]
+    assert ping(star.clients[0], SERVER4).ok
+    assert not ping(star.clients[0], addrs[1], count=2, timeout=4).ok
+
+
+def test_disconnected_client_address_is_reused_and_others_unaffected(star: Star, pki: Pki) -> None:
+    server, clients = start_all(star, pki, client_to_client=False)
+    first = pushed_ip(clients[0].text())
+    clients[0].stop()
+    mark = server.mark()
+    server.wait_for_line("client disconnected", 20, since=mark)
+    assert ping(star.clients[1], SERVER4).ok
+    # a new client (another identity) may now take the freed pool address
+    cconf = client_conf(pki, star.workdir, "dave", star.server_addr(0), "AES-128-GCM")
+    dave = star.spawn(star.clients[0], ["openvpn", "--config", str(cconf)], "client-dave")
+    dave.wait_for_line(INIT_LINE, 30)
+    assert pushed_ip(dave.text()) == first
+    assert ping(star.clients[0], SERVER4).ok
+
+
+def test_auth_user_pass_verify_rejects_one_client_only(star: Star, pki: Pki) -> None:
+    script = star.workdir / "verify.sh"
+    script.write_text('#!/bin/sh\n[ "$(sed -n 2p "$1")" = good ]\n')
+    script.chmod(0o755)
+    conf = server_conf(pki, star.workdir, client_to_client=False,
+                       extra=f"script-security 2\nauth-user-pass-verify {script} via-file")
+    server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
+    wait_listening(star.server, "udp", 1194, proc=server)
+    procs = []
+    for i, (cn, cipher) in enumerate(CLIENTS):
+        creds = star.workdir / f"{cn}.pass"
+        creds.write_text(f"{cn}\n{'bad' if cn == 'bob' else 'good'}\n")
+        cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher, extra=f"auth-user-pass {creds}")
+        procs.append(star.spawn(star.clients[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
+    wait_for_lines([procs[0], procs[2]], INIT_LINE, 40)
+    deadline = time.monotonic() + 30
+    while "AUTH_FAILED" not in procs[1].text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "AUTH_FAILED" in procs[1].text()
+    assert ping(star.clients[0], SERVER4).ok and ping(star.clients[2], SERVER4).ok
