@@ -52,6 +52,7 @@ log = logging.getLogger("pyovpn.server")
 Addr = tuple[str, int]
 # OpenVPN DCO installs iroutes with this metric, so they coexist with a `route` for the same network
 IROUTE_METRIC = 100
+SERVER_ROUTE_METRIC = 200
 
 
 def _norm(addr: tuple) -> Addr:  # type: ignore[type-arg]
@@ -232,7 +233,9 @@ class MultiServer:
             tun.add_address(name, str(iface6.ip), iface6.network.prefixlen)
         for r in o.routes:
             n = ipaddress.IPv4Network(f"{r.network}/{r.netmask}", strict=False)
-            tun.add_route(name, str(n.network_address), n.prefixlen, gateway=r.gateway)
+            # above IROUTE_METRIC, so a connected client's iroute for the same network wins
+            metric = r.metric if r.metric is not None else SERVER_ROUTE_METRIC
+            tun.add_route(name, str(n.network_address), n.prefixlen, gateway=r.gateway, metric=metric)
         if getattr(o, "client_to_client", False):
             # client-to-client: the kernel forwards between clients on the tunnel device
             for path in (

@@ -139,6 +139,7 @@ def client_conf(pki: Pki, workdir: Path, cn: str, remote: str, cipher: str, extr
                 "remote-cert-tls server",
                 f"data-ciphers {cipher}",
                 "disable-dco",
+                "explicit-exit-notify 1",
                 "verb 4",
                 extra,
             ]
@@ -184,7 +185,9 @@ def test_three_openvpn_clients_with_their_own_ciphers(star: Star, pki: Pki) -> N
     assert ping(star.clients[0], addrs[1]).ok
     # iroute: a network behind carol, reachable from alice via the pushed route
     _ip("-n", star.clients[2], "addr", "add", "10.66.0.1/32", "dev", "lo")
-    subprocess.run(["ip", "netns", "exec", star.clients[2], "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+    subprocess.run(
+        ["ip", "netns", "exec", star.clients[2], "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True
+    )
     assert ping(star.clients[0], "10.66.0.1").ok, "iroute behind carol not reachable from alice"
 
 
@@ -198,9 +201,9 @@ def test_client_to_client_refused_when_disabled(star: Star, pki: Pki) -> None:
 def test_disconnected_client_address_is_reused_and_others_unaffected(star: Star, pki: Pki) -> None:
     server, clients = start_all(star, pki, client_to_client=False)
     first = pushed_ip(clients[0].text())
-    clients[0].stop()
     mark = server.mark()
-    server.wait_for_line("client disconnected", 20, since=mark)
+    clients[0].stop()
+    server.wait_for_line("alice.*client disconnected", 20, since=mark)
     assert ping(star.clients[1], SERVER4).ok
     # a new client (another identity) may now take the freed pool address
     cconf = client_conf(pki, star.workdir, "dave", star.server_addr(0), "AES-128-GCM")
@@ -214,15 +217,21 @@ def test_auth_user_pass_verify_rejects_one_client_only(star: Star, pki: Pki) -> 
     script = star.workdir / "verify.sh"
     script.write_text('#!/bin/sh\n[ "$(sed -n 2p "$1")" = good ]\n')
     script.chmod(0o755)
-    conf = server_conf(pki, star.workdir, client_to_client=False,
-                       extra=f"script-security 2\nauth-user-pass-verify {script} via-file")
+    conf = server_conf(
+        pki,
+        star.workdir,
+        client_to_client=False,
+        extra=f"script-security 2\nauth-user-pass-verify {script} via-file",
+    )
     server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
     wait_listening(star.server, "udp", 1194, proc=server)
     procs = []
     for i, (cn, cipher) in enumerate(CLIENTS):
         creds = star.workdir / f"{cn}.pass"
         creds.write_text(f"{cn}\n{'bad' if cn == 'bob' else 'good'}\n")
-        cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher, extra=f"auth-user-pass {creds}")
+        cconf = client_conf(
+            pki, star.workdir, cn, star.server_addr(i), cipher, extra=f"auth-user-pass {creds}"
+        )
         procs.append(star.spawn(star.clients[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
     wait_for_lines([procs[0], procs[2]], INIT_LINE, 40)
     deadline = time.monotonic() + 30
