@@ -50,7 +50,7 @@ MARK_END = "<!-- bench/throughput.py:end -->"
 @dataclass
 class Variant:
     name: str
-    server: str | None  # "openvpn" | "pyovpn" | None for raw veth
+    server: str | None  # "openvpn" | "pyovpn" | "pyovpn-offload" | None for raw veth
     client: str | None
     tuned: bool = False
 
@@ -61,7 +61,33 @@ VARIANTS = [
     Variant("OpenVPN 2.6 <-> OpenVPN 2.6 (tuned)", "openvpn", "openvpn", tuned=True),
     Variant("pyovpn <-> pyovpn (userspace)", "pyovpn", "pyovpn"),
     Variant("pyovpn client <-> OpenVPN server", "openvpn", "pyovpn", tuned=True),
+    Variant("pyovpn <-> pyovpn (offload engine)", "pyovpn-offload", "pyovpn-offload"),
+    Variant("pyovpn client (offload engine) <-> OpenVPN server", "openvpn", "pyovpn-offload", tuned=True),
+    Variant("OpenVPN client <-> pyovpn server (offload engine)", "pyovpn-offload", "openvpn", tuned=True),
 ]
+
+OFFLOAD_LAUNCHER = ROOT / "bench" / "pyovpn_offload.py"
+
+
+def _impl(name: str) -> str:
+    """The harness implementation behind a variant side ("pyovpn-offload" is pyovpn)."""
+    return "pyovpn" if name == "pyovpn-offload" else name
+
+
+def _argv(name: str, config: Path) -> list[str]:
+    if name == "pyovpn-offload":
+        # same daemon, with select.open_backend returning OffloadDataChannel
+        return [sys.executable, str(OFFLOAD_LAUNCHER), "--config", str(config)]
+    return vpn_argv(name, config)  # type: ignore[arg-type]
+
+
+def _pids(pid: int) -> list[int]:
+    """A process and all its descendants (the offload engine and its workers)."""
+    out = [pid]
+    for child in Path(f"/proc/{pid}/task").glob("*/children"):
+        for c in child.read_text().split():
+            out += _pids(int(c))
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -80,8 +106,8 @@ def run_variant(v: Variant, pki_dir: Path, seconds: float) -> dict[str, float]:
             procs = []
         else:
             assert v.client is not None
-            scfg = server_config(spec, pki, impl=v.server, local=net.outer("b", 4))  # type: ignore[arg-type]
-            ccfg = client_config(spec, pki, impl=v.client, remote=net.outer("b", 4))  # type: ignore[arg-type]
+            scfg = server_config(spec, pki, impl=_impl(v.server), local=net.outer("b", 4))  # type: ignore[arg-type]
+            ccfg = client_config(spec, pki, impl=_impl(v.client), remote=net.outer("b", 4))  # type: ignore[arg-type]
             if v.tuned:
                 if v.server == "openvpn":
                     scfg += "\n".join(OPENVPN_TUNED) + "\n"
@@ -89,21 +115,22 @@ def run_variant(v: Variant, pki_dir: Path, seconds: float) -> dict[str, float]:
                     ccfg += "\n".join(OPENVPN_TUNED) + "\n"
             (net.workdir / "s.conf").write_text(scfg)
             (net.workdir / "c.conf").write_text(ccfg)
-            server = net.spawn("b", vpn_argv(v.server, net.workdir / "s.conf"), f"server-{v.server}")  # type: ignore[arg-type]
+            server = net.spawn("b", _argv(v.server, net.workdir / "s.conf"), f"server-{v.server}")
             wait_listening(net.b, "udp", spec.port, proc=server)
-            client = net.spawn("a", vpn_argv(v.client, net.workdir / "c.conf"), f"client-{v.client}")  # type: ignore[arg-type]
+            client = net.spawn("a", _argv(v.client, net.workdir / "c.conf"), f"client-{v.client}")
             wait_for_lines([server, client], INIT_LINE, 30)
             procs = [("server", server.pid), ("client", client.pid)]
             target = inner_addrs(spec).server4
             time.sleep(0.5)
         for direction, reverse in (("a->b", False), ("b->a", True)):
-            before = {name: cpu_seconds(pid) for name, pid in procs}
+            # CPU of the VPN process and its children (an offload engine's processes)
+            before = {name: sum(cpu_seconds(p) for p in _pids(pid)) for name, pid in procs}
             res = iperf3_transfer(net.a, net.b, target, seconds=seconds, reverse=reverse, log_dir=net.workdir)
             gbit = res["bytes_sent"] * 8 / res["seconds"] / 1e9
             out[f"{direction} Gbit/s"] = gbit
             gbytes = res["bytes_sent"] / 1e9
             for name, pid in procs:
-                used = cpu_seconds(pid) - before[name]
+                used = sum(cpu_seconds(p) for p in _pids(pid)) - before[name]
                 out[f"{direction} {name} CPU s/GB"] = used / gbytes if gbytes else float("nan")
     return out
 

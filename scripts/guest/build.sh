@@ -10,13 +10,13 @@
 # and the host packages the harness needs (qemu-system-x86, debootstrap, ...; apt-get installs missing ones).
 #
 # The guest holds: linux 7.3.x with its modules (ovpn.ko) and openvpn 2.7.x, both from trixie-backports;
-# python3 with cryptography, pyOpenSSL, pyroute2, pytest and hypothesis (Debian's packages where new
-# enough for pyovpn, otherwise wheels fetched by the host's pip and installed with the guest's pip);
-# iproute2, iperf3, ping, procps, kmod, openssl. PID 1 is the init written below, which runs the command
-# that scripts/guest/run.sh hands it.
+# python3 with pyovpn's dependencies as pyproject.toml states them (cryptography, pyOpenSSL, pyroute2)
+# plus pytest and hypothesis: Debian's packages where new enough, otherwise wheels fetched by the host's
+# pip and installed by the guest's pip; iproute2, iperf3, ping, procps, kmod, openssl. PID 1 is the init
+# written below, which runs the command that scripts/guest/run.sh hands it.
 #
-# Idempotent: when current/stamp matches this script's sha256 (plus the PYOVPN_GUEST_KERNEL and
-# PYOVPN_GUEST_EXTRA_PKGS overrides) nothing is rebuilt. The Debian archive is the one this host's own
+# Idempotent: when current/stamp matches the sha256 of this script, of those requirements and of the
+# PYOVPN_GUEST_KERNEL / PYOVPN_GUEST_EXTRA_PKGS overrides, nothing is rebuilt. The Debian archive is the one this host's own
 # apt uses; the host's apt sources are never changed (trixie is configured only inside the chroot).
 #
 # Usage:  scripts/guest/build.sh [--force]        (as root; --print-stamp prints the stamp and exits)
@@ -29,25 +29,45 @@
 # prerequisites cannot be installed).
 set -euo pipefail
 
-readonly SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
+SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
+CHECKOUT=$(cd "$(dirname "$SCRIPT")/../.." && pwd -P)
+readonly SCRIPT CHECKOUT
 readonly CACHE=${PYOVPN_GUEST_CACHE:-/var/cache/pyovpn-guest}
 readonly SUITE=trixie
 readonly KERNEL_SERIES=7.3
 readonly OPENVPN_SERIES=2.7
 
 # Guest Debian packages (from trixie; openvpn and the kernel come from trixie-backports below).
-GUEST_PKGS=(python3 python3-packaging iproute2 iperf3 iputils-ping procps kmod mount openssl
-            busybox-static ${PYOVPN_GUEST_EXTRA_PKGS:-})
-# pyovpn's Python requirements (keep the minimums in step with pyproject.toml) and the test tools:
-# "<Debian package> <distribution name> <minimum version>". Debian's package is used when its
-# version is at least the minimum, otherwise the distribution is pip-installed from a wheel.
-PY_REQS=(
-    "python3-cryptography cryptography 41"
-    "python3-openssl pyOpenSSL 23.2"
-    "python3-pyroute2 pyroute2 0.7.9"
-    "python3-pytest pytest 7"
-    "python3-hypothesis hypothesis 6"
-)
+GUEST_PKGS=(python3 python3-packaging iproute2 iperf3 iputils-ping procps kmod mount openssl busybox-static)
+read -r -a EXTRA_PKGS <<<"${PYOVPN_GUEST_EXTRA_PKGS:-}"
+GUEST_PKGS+=("${EXTRA_PKGS[@]+"${EXTRA_PKGS[@]}"}")
+# Python packages the guest needs: pyovpn's [project] dependencies and these test tools, with the
+# minimum versions pyproject.toml gives them (its [test] extra for the tools).
+GUEST_TEST_TOOLS="pytest hypothesis"
+# Debian's name for a Python distribution, where it is not python3-<name in lower case>.
+deb_name_of() {
+    case ${1,,} in
+        pyopenssl) echo python3-openssl ;;
+        *) echo "python3-${1,,}" ;;
+    esac
+}
+python_requirements() {  # one line per distribution: "<name> <minimum or 0> <requirement for pip>"
+    python3 - "$CHECKOUT/pyproject.toml" "$GUEST_TEST_TOOLS" <<'EOF'
+import re, sys, tomllib
+
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)["project"]
+tools = sys.argv[2].split()
+name_of = lambda req: re.match(r"[A-Za-z0-9._-]+", req).group(0)
+reqs = list(project.get("dependencies", []))
+extra = {name_of(r).lower(): r for r in project.get("optional-dependencies", {}).get("test", [])}
+reqs += [extra.get(tool, tool) for tool in tools]
+for req in reqs:
+    req = req.split(";")[0].replace(" ", "")
+    minimum = re.search(r">=([0-9][^,]*)", req)
+    print(name_of(req), minimum.group(1) if minimum else "0", req)
+EOF
+}
 # Host packages: command (or file) it provides -> package.
 HOST_PREREQS=(
     "qemu-system-x86_64 qemu-system-x86"
@@ -73,9 +93,10 @@ stage() {  # prints how long the previous stage took, then starts the next one
 }
 mib() { du -sm --apparent-size "$@" 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'; }
 
-# What the image depends on: this script and the overrides that change the guest's contents.
-STAMP=$( { sha256sum <"$SCRIPT"; echo "kernel=${PYOVPN_GUEST_KERNEL:-} extra=${PYOVPN_GUEST_EXTRA_PKGS:-}"; } \
-         | sha256sum | cut -c1-16)
+# What the image depends on: this script, pyovpn's Python requirements, and the overrides.
+PY_REQS=$(python_requirements) || die "cannot read the Python requirements from $CHECKOUT/pyproject.toml"
+STAMP=$( { sha256sum <"$SCRIPT"; echo "$PY_REQS"
+           echo "kernel=${PYOVPN_GUEST_KERNEL:-} extra=${PYOVPN_GUEST_EXTRA_PKGS:-}"; } | sha256sum | cut -c1-16)
 
 FORCE=0
 case "${1:-}" in
@@ -141,6 +162,7 @@ host_debian_mirror() {
     local codename
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
     [ -n "$codename" ] || return 0
+    # shellcheck disable=SC2016  # $(...) here is apt's format syntax, not the shell's
     apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Identifier: Packages' 2>/dev/null |
         awk -v cn="$codename" '$2 == cn { print $1; exit }'
 }
@@ -208,17 +230,17 @@ log "kernel: linux-binary-$KABI"
 
 # Python requirements: Debian's package if new enough, else a wheel.
 PIP_SPECS=()
-for entry in "${PY_REQS[@]}"; do
-    read -r deb dist min <<<"$entry"
+while read -r dist min spec; do
+    deb=$(deb_name_of "$dist")
     cand=$(in_chroot apt-cache policy "$deb" | awk '$1 == "Candidate:" { print $2 }')
     if [ -n "$cand" ] && [ "$cand" != "(none)" ] && dpkg --compare-versions "$cand" ge "$min"; then
         GUEST_PKGS+=("$deb")
-        log "python: $dist from Debian ($deb $cand >= $min)"
+        log "python: $dist from Debian ($deb $cand; pyproject.toml: $spec)"
     else
-        PIP_SPECS+=("$dist>=$min")
-        log "python: $dist from a wheel (Debian has ${cand:-none}, pyovpn needs >= $min)"
+        PIP_SPECS+=("$spec")
+        log "python: $dist from a wheel (Debian has ${cand:-nothing}; pyproject.toml: $spec)"
     fi
-done
+done <<<"$PY_REQS"
 [ "${#PIP_SPECS[@]}" -eq 0 ] || GUEST_PKGS+=(python3-pip)
 
 stage "apt-get install: ${#GUEST_PKGS[@]} packages + openvpn and linux $KABI from $SUITE-backports"
@@ -230,31 +252,48 @@ OPENVPN_VERSION=$(in_chroot openvpn --version | head -n 1) || true
     die "expected openvpn $OPENVPN_SERIES.x from $SUITE-backports, got: $OPENVPN_VERSION"
 
 # --- 7. wheels for what Debian has too old -------------------------------------------------------------
-if [ "${#PIP_SPECS[@]}" -gt 0 ]; then
-    stage "pip: ${PIP_SPECS[*]}"
+pip_install() {
     # The host's pip (and its configuration: index, proxy, certificates) downloads wheels for the
-    # guest's Python; the guest's pip installs them without network access.
-    GUEST_PYVER=$(in_chroot python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
-    mkdir -p "$WORK/wheels"
-    python3 -m pip download --disable-pip-version-check --dest "$WORK/wheels" \
-        --only-binary=:all: --implementation cp --python-version "$GUEST_PYVER" \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "${PIP_SPECS[@]}" \
-        >"$WORK/pip.log" 2>&1 || { tail -n 30 "$WORK/pip.log" >&2; die "pip download failed"; }
+    # guest's interpreter and platform; the guest's pip installs them without network access, into
+    # /usr/local, where they take precedence over Debian's packages (which pip must not uninstall).
+    local platforms=() p
+    for p in $(in_chroot python3 -c 'from packaging import tags; print(*tags.platform_tags())'); do
+        platforms+=(--platform "$p")
+    done
+    rm -rf "$WORK/wheels" "$ROOT/tmp/wheels"
+    python3 -m pip download --disable-pip-version-check --dest "$WORK/wheels" --only-binary=:all: \
+        --implementation cp --python-version "$GUEST_PYVER" "${platforms[@]}" "${PIP_SPECS[@]}" \
+        >>"$WORK/pip.log" 2>&1 || { tail -n 30 "$WORK/pip.log" >&2; die "pip download failed"; }
     cp -r "$WORK/wheels" "$ROOT/tmp/wheels"
     in_chroot python3 -m pip install --disable-pip-version-check --no-cache-dir --root-user-action=ignore \
-        --no-warn-script-location --break-system-packages --no-index --find-links /tmp/wheels \
+        --no-warn-script-location --break-system-packages --no-index --find-links /tmp/wheels --ignore-installed \
         "${PIP_SPECS[@]}" >>"$WORK/pip.log" 2>&1 || { tail -n 30 "$WORK/pip.log" >&2; die "pip install failed"; }
     rm -rf "$ROOT/tmp/wheels"
+}
+if [ "${#PIP_SPECS[@]}" -gt 0 ]; then
+    stage "pip: ${PIP_SPECS[*]}"
+    GUEST_PYVER=$(in_chroot python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
+    for round in 1 2 3; do
+        pip_install
+        # A wheel may be too new for a Debian package that depends on it (say pyOpenSSL on
+        # cryptography); such packages then come from wheels as well.
+        if broken=$(in_chroot python3 -m pip check 2>&1); then break; fi
+        [ "$round" -lt 3 ] || die "pip check still fails: $broken"
+        more=$(awk '/ has requirement / { print $1 }' <<<"$broken" | sort -u)
+        [ -n "$more" ] || die "pip check: $broken"
+        log "wheels break what these need, so they come from wheels too: $(tr "\n" " " <<<"$more")"
+        for dist in $more; do PIP_SPECS+=("$dist"); done
+    done
     log "installed: $(cd "$WORK/wheels" && echo *.whl)"
 fi
 
 stage "checking the guest userspace"
-in_chroot python3 - "${PY_REQS[@]}" <<'EOF'
+in_chroot python3 - "$PY_REQS" <<'EOF'
 import importlib, importlib.metadata as md, sys
 from packaging.version import Version
 bad = []
-for req in sys.argv[1:]:
-    _deb, dist, minimum = req.split()
+for line in sys.argv[1].splitlines():
+    dist, minimum, _spec = line.split()
     have = md.version(dist)
     if Version(have) < Version(minimum):
         bad.append(f"{dist} {have} < {minimum}")
@@ -305,8 +344,8 @@ power_off() {
     cd /
     sync
     echo o >/proc/sysrq-trigger
-    sleep 30
-    exit 1   # if power-off failed: PID 1 exits, the kernel panics, qemu (-no-reboot) stops
+    read -r -t 30 _   # a builtin: once the power-off has begun, nothing can be run from the disk
+    exit 1            # if power-off failed: PID 1 exits, the kernel panics, qemu (-no-reboot) stops
 }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
@@ -319,7 +358,9 @@ ln -sfn /proc/self/fd/2 /dev/stderr
 echo pyovpn-guest >/proc/sys/kernel/hostname
 ip link set lo up
 
-modprobe -a 9pnet_virtio 9p ovpn   # one modprobe: every process start is slow under TCG
+# One modprobe, as every process start is slow under TCG. tun: there is no udev to create the
+# /dev/net/tun node that would load it on first use.
+modprobe -a 9pnet_virtio 9p ovpn tun
 mkdir -p "$CTL"
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,cache=none pyovpnctl "$CTL"; then
     say "cannot mount run.sh's control share"
@@ -327,6 +368,7 @@ if ! mount -t 9p -o trans=virtio,version=9p2000.L,cache=none pyovpnctl "$CTL"; t
 fi
 : >"$CTL/started"
 PYOVPN_CHECKOUT=/ PYOVPN_TIMEOUT=600
+# shellcheck source=/dev/null
 . "$CTL/settings"
 mkdir -p "$PYOVPN_CHECKOUT"
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose pyovpnsrc "$PYOVPN_CHECKOUT"; then
@@ -335,8 +377,9 @@ if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose pyovp
 fi
 
 if [ -d /sys/module/ovpn ] || modprobe ovpn; then say "modprobe ovpn: ok"; else say "modprobe ovpn: FAILED"; fi
-cd "$PYOVPN_CHECKOUT"
+cd "$PYOVPN_CHECKOUT" || power_off
 export PYOVPN_GUEST=1 PYOVPN_CHECKOUT PYTHONPATH="$PYOVPN_CHECKOUT/src"
+# shellcheck source=/dev/null
 [ -f "$CTL/env" ] && . "$CTL/env"
 t0=$(uptime_s)
 : >"$CTL/command-started"
@@ -416,6 +459,7 @@ for f in "$ROOT/boot/vmlinuz-$KABI" "$ROOT/usr/lib/modules/$KABI/vmlinuz"; do
 done
 [ -n "$VMLINUZ" ] || die "no vmlinuz for $KABI in the rootfs"
 cp "$VMLINUZ" "$WORK/vmlinuz"
+# shellcheck disable=SC2016  # ${Version} is dpkg-query's format syntax
 {
     echo "stamp:        $STAMP (built $(date -u +%FT%TZ))"
     echo "kernel:       $KABI ($(in_chroot dpkg-query -W -f '${Version}' "linux-binary-$KABI"))"
@@ -424,8 +468,9 @@ cp "$VMLINUZ" "$WORK/vmlinuz"
     in_chroot python3 -c '
 import sys, importlib.metadata as md
 print("%-13s %s" % ("python:", sys.version.split()[0]))
-for d in ("cryptography", "pyOpenSSL", "pyroute2", "pytest", "hypothesis"):
-    print("%-13s %s" % (d + ":", md.version(d)))'
+for line in sys.argv[1].splitlines():
+    dist = line.split()[0]
+    print("%-13s %s" % (dist + ":", md.version(dist)))' "$PY_REQS"
 } >"$WORK/manifest.txt"
 umount "$ROOT/var/cache/apt/archives"
 in_chroot apt-get clean

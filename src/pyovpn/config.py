@@ -6,7 +6,11 @@ The pipeline has three stages:
    comment and inline-block (`<ca>` ... `</ca>`) rules (OpenVPN's `parse_line`/`read_config_file`).
 2. The applier folds directives, in order, into a mutable `_Builder`; later options override earlier
    ones, `config FILE` includes are expanded where they occur, and file arguments are read at once.
-3. `_Builder.validate` does the cross-option checks and produces the frozen `Options`.
+3. `_Builder.validate` does the cross-option checks and produces the frozen `Options`, expanding
+   OpenVPN's helper directives (`server`, `server-ipv6`, and `keepalive` in server mode) into the
+   settings they stand for so that nothing downstream has to recompute them.
+
+Per-client files of a P2MP server's `client-config-dir` are read separately by `parse_ccd`.
 
 Every problem is reported as `pyovpn.errors.ConfigError` naming the option, where it came from and
 what to do about it. Anything pyovpn cannot do (compression, fragmentation, tap, non-AEAD ciphers,
@@ -26,6 +30,7 @@ from pyovpn.errors import ConfigError
 
 __all__ = [
     "AEAD_CIPHERS",
+    "CcdOptions",
     "Directive",
     "Options",
     "Proto",
@@ -34,6 +39,7 @@ __all__ = [
     "RouteV6",
     "load_static_key",
     "parse_args",
+    "parse_ccd",
     "parse_config_text",
     "tokenize",
 ]
@@ -117,13 +123,18 @@ class Directive:
 
 @dataclass(frozen=True)
 class Options:
-    """The validated configuration. Defaults are OpenVPN's defaults for a P2P/client setup.
+    """The validated configuration. Defaults are OpenVPN's defaults.
+
+    In server mode the helper directives are already expanded: `ifconfig`, `ifconfig_ipv6`,
+    `ifconfig_pool`, `ifconfig_ipv6_pool`, `ping`/`ping_restart` and `push` hold what `server`,
+    `server-ipv6` and `keepalive` stand for, exactly as OpenVPN's helper computes them.
 
     Secret material (key, tls_auth, tls_crypt, auth_user_pass) is kept out of repr() so that logging
     an Options never leaks it.
     """
 
     config_sources: tuple[str, ...] = ()
+    #: "server" for a P2MP server (`mode server`, or implied by `server`/`server-ipv6`).
     mode: Literal["p2p", "server"] = "p2p"
     pull: bool = False
     tls_role: Literal["client", "server"] | None = None
@@ -181,6 +192,46 @@ class Options:
     tls_cert_profile: str | None = None
     user: str | None = None
     group: str | None = None
+    #: Accept authenticated packets from a new peer address (`float`).
+    float_: bool = False
+    #: PEM content of `crl-verify` (file or inline <crl-verify>).
+    crl_verify: bytes | None = None
+    # -- P2MP server ------------------------------------------------------------------------------
+    #: `server NETWORK NETMASK [nopool]`: (network, netmask) as given; already expanded into
+    #: ifconfig, ifconfig_pool and push.
+    server_network: tuple[str, str] | None = None
+    server_nopool: bool = False
+    #: `server-ipv6 NETWORK/BITS` (normalized); already expanded into ifconfig_ipv6,
+    #: ifconfig_ipv6_pool and push.
+    server_ipv6: str | None = None
+    #: (first, last, netmask or None) addresses handed out to clients.
+    ifconfig_pool: tuple[str, str, str | None] | None = None
+    #: "FIRST_ADDRESS/BITS" of the IPv6 pool.
+    ifconfig_ipv6_pool: str | None = None
+    #: (file, seconds between writes; 0 = only read at startup).
+    ifconfig_pool_persist: tuple[str, int] | None = None
+    #: Options pushed to every client, in order: the config's `push "..."` lines verbatim, then those
+    #: added by the helpers (`tun-ipv6`; `route-gateway NET+1`, `topology subnet`; `ping A`,
+    #: `ping-restart B` from `keepalive A B`), as in OpenVPN's push list.
+    push: tuple[str, ...] = ()
+    #: Directory of per-client files (see parse_ccd), resolved like file arguments.
+    client_config_dir: str | None = None
+    ccd_exclusive: bool = False
+    client_to_client: bool = False
+    duplicate_cn: bool = False
+    max_clients: int = 1024
+    verify_client_cert: Literal["none", "optional", "require"] = "require"
+    username_as_common_name: bool = False
+    # -- scripts (only with script_security >= 2); each is one command line, words joined by spaces --
+    script_security: int = 1
+    #: (command, "via-env" | "via-file")
+    auth_user_pass_verify: tuple[str, str] | None = None
+    tls_verify: str | None = None
+    client_connect: str | None = None
+    client_disconnect: str | None = None
+    learn_address: str | None = None
+    up: str | None = None
+    down: str | None = None
     #: (option, source, line) of options accepted without effect, so the daemon can warn about them.
     ignored: tuple[tuple[str, str, int], ...] = ()
 
@@ -194,6 +245,32 @@ class Options:
         if remote.port is not None:
             return remote.port
         return self.rport if self.rport is not None else self.port
+
+
+@dataclass(frozen=True)
+class CcdOptions:
+    """One client-config-dir file (per-client options of a P2MP server), see `parse_ccd`.
+
+    The server builds a client's push list like OpenVPN: start from the server's `push` list, drop
+    it entirely if `push_reset`, else drop every entry that starts with one of `push_remove`
+    (the special words "ifconfig"/"ifconfig-ipv6" instead block pushing that address), then append
+    `push`. `push` already reflects push-reset/push-remove lines that came after a push line in
+    the file.
+    """
+
+    #: (client address, netmask); with `topology subnet` the second word is the netmask.
+    ifconfig_push: tuple[str, str] | None = None
+    #: ("ADDRESS/BITS", server-side address or None for the server's own ifconfig-ipv6 address)
+    ifconfig_ipv6_push: tuple[str, str | None] | None = None
+    #: (network, netmask) routed to this client.
+    iroutes: tuple[tuple[str, str], ...] = ()
+    #: "NETWORK/BITS" routed to this client.
+    iroutes_ipv6: tuple[str, ...] = ()
+    push: tuple[str, ...] = ()
+    push_reset: bool = False
+    push_remove: tuple[str, ...] = ()
+    #: The client is refused.
+    disable: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,6 +588,30 @@ class _Builder:
     tls_cert_profile: str | None = None
     user: str | None = None
     group: str | None = None
+    float_: bool = False
+    crl_verify: bytes | None = None
+    server_network: tuple[str, str] | None = None
+    server_nopool: bool = False
+    server_ipv6: str | None = None
+    ifconfig_pool: tuple[str, str, str | None] | None = None
+    ifconfig_ipv6_pool: str | None = None
+    ifconfig_pool_persist: tuple[str, int] | None = None
+    push: list[str] = field(default_factory=list)
+    client_config_dir: str | None = None
+    ccd_exclusive: bool = False
+    client_to_client: bool = False
+    duplicate_cn: bool = False
+    max_clients: int = 1024
+    verify_client_cert: str = "require"
+    username_as_common_name: bool = False
+    script_security: int = 1
+    auth_user_pass_verify: tuple[str, str] | None = None
+    tls_verify: str | None = None
+    client_connect: str | None = None
+    client_disconnect: str | None = None
+    learn_address: str | None = None
+    up: str | None = None
+    down: str | None = None
     ignored: list[tuple[str, str, int]] = field(default_factory=list)
     ignore_unknown: set[str] = field(default_factory=set)
     #: Last directive that set each option, so validate() can point at the offending line.
@@ -602,6 +703,25 @@ class _Builder:
             "give an absolute path or put the file next to the config file",
         )
 
+    def resolve_dir(self, d: Directive, path: str) -> str:
+        """Find a directory like `resolve` finds a file: process cwd first, then the config's directory."""
+        tried = [path] if os.path.isabs(path) else [os.path.join(self.cwd, path)]
+        if not os.path.isabs(path) and d.base_dir is not None:
+            tried.append(os.path.join(d.base_dir, path))
+        tried = list(dict.fromkeys(tried))
+        for candidate in tried:
+            if os.path.isdir(candidate):
+                return candidate
+        for candidate in tried:
+            if os.path.exists(candidate):
+                raise _error(d, f"{d.name}: '{candidate}' is not a directory; give the directory's path")
+        where = " or ".join(f"'{t}'" for t in tried)
+        raise _error(
+            d,
+            f"{d.name}: directory '{path}' not found (looked for {where}); create it (e.g. "
+            f"`mkdir {path}`) or give the right path",
+        )
+
     def file_or_inline(self, d: Directive) -> bytes:
         if d.inline:
             return _to_bytes(d.args[0])
@@ -686,6 +806,35 @@ def _ipv6(d: Directive, value: str, what: str) -> str:
     return value
 
 
+def _netmask_bits(d: Directive, value: str, what: str) -> int:
+    """The prefix length of a dotted netmask like 255.255.255.0; non-contiguous masks are errors."""
+    mask = int(ipaddress.IPv4Address(_ipv4(d, value, what)))
+    bits = 32 - (~mask & 0xFFFFFFFF).bit_length()
+    if mask != (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF:
+        raise _error(d, f"{what}: '{value}' is not a valid netmask; use one like 255.255.255.0")
+    return bits
+
+
+def _ipv6_prefix(d: Directive, value: str, what: str, lo: int, hi: int, *, default: int | None = None) -> int:
+    """Check "ADDRESS/BITS" (or a bare address when `default` bits are given); return the bits."""
+    addr, sep, bits = value.partition("/")
+    if not sep and default is None:
+        raise _error(d, f"{what}: '{value}' has no /prefix; write it like fd00::1/64")
+    _ipv6(d, addr, what)
+    return _int(d, bits, f"{what} prefix length", lo, hi) if sep else cast(int, default)
+
+
+def _check_network(d: Directive, network: str, bits: int, what: str) -> None:
+    """Refuse a network address with host bits set (it would never match any packet)."""
+    net = ipaddress.ip_network(f"{network}/{bits}", strict=False)
+    if str(net.network_address) != str(ipaddress.ip_address(network)):
+        raise _error(
+            d,
+            f"{what}: {network}/{bits} has host bits set; use the network address "
+            f"{net.network_address}/{bits}",
+        )
+
+
 # OpenVPN's proto names (socket_util.c proto_names); "tcp" is resolved to a side in validate().
 _PROTOS: dict[str, tuple[str, int | None]] = {
     "udp": ("udp", None),
@@ -730,14 +879,8 @@ def _aead(d: Directive, name: str) -> str:
 @_option("mode", args=(1, 1), usage="mode p2p|server")
 def _opt_mode(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("p2p", "server"):
-        raise _error(d, f"mode: bad value '{d.args[0]}'; use `mode p2p`")
+        raise _error(d, f"mode: bad value '{d.args[0]}'; use `mode p2p` or `mode server`")
     b.mode = d.args[0]
-
-
-@_option("server", args=(2, 3), usage="server NETWORK NETMASK ['nopool']")
-def _opt_server(b: _Builder, d: Directive) -> None:
-    b.mode = "server"
-    b.where["mode"] = d
 
 
 @_option("client", usage="client")
@@ -1209,18 +1352,236 @@ def _opt_key_method(b: _Builder, d: Directive) -> None:
     b.ignore(d)
 
 
+@_option("float", usage="float")
+def _opt_float(b: _Builder, d: Directive) -> None:
+    b.float_ = True
+
+
+@_option("crl-verify", args=(1, 2), usage="crl-verify FILE", inline=True)
+def _opt_crl_verify(b: _Builder, d: Directive) -> None:
+    if not d.inline and len(d.args) > 1:
+        if d.args[1] == "dir":
+            raise _error(
+                d,
+                "`crl-verify DIR dir` (a directory of revoked serial numbers) is not supported; "
+                "use a PEM CRL file instead: `crl-verify crl.pem`",
+            )
+        raise _error(d, f"crl-verify: unknown flag '{d.args[1]}'; usage: crl-verify FILE")
+    data = b.file_or_inline(d)
+    if b"-----BEGIN X509 CRL-----" not in data:
+        what = "the inline <crl-verify> block" if d.inline else f"'{d.args[0]}'"
+        raise _error(
+            d,
+            f"crl-verify: {what} is not a PEM CRL (no '-----BEGIN X509 CRL-----' line); give the "
+            "CRL in PEM form (convert a DER one with `openssl crl -inform DER -in crl.der -out crl.pem`)",
+        )
+    b.crl_verify = data
+
+
+# -- P2MP server -------------------------------------------------------------------------------
+
+#: Smallest and largest `server` networks (OpenVPN: at most a /16 pool, at least a /29 with tun).
+_SERVER_MIN_BITS, _SERVER_MAX_BITS = 16, 29
+_POOL_MAX = 65536  # OpenVPN's IFCONFIG_POOL_MAX
+_MAX_CLIENTS = 1048576
+
+
+@_option("server", args=(2, 3), usage="server NETWORK NETMASK ['nopool']")
+def _opt_server(b: _Builder, d: Directive) -> None:
+    network = _ipv4(d, d.args[0], "server network")
+    bits = _netmask_bits(d, d.args[1], "server netmask")
+    if network == "0.0.0.0":
+        raise _error(d, "server: the network 0.0.0.0 is not usable; use e.g. `server 10.8.0.0 255.255.255.0`")
+    _check_network(d, network, bits, "server")
+    if bits < _SERVER_MIN_BITS:
+        raise _error(
+            d,
+            f"server: the netmask {d.args[1]} (/{bits}) allows too many addresses; use a subnet of "
+            f"255.255.0.0 (/{_SERVER_MIN_BITS}) or smaller",
+        )
+    if bits > _SERVER_MAX_BITS:
+        raise _error(
+            d,
+            f"server: the netmask {d.args[1]} (/{bits}) leaves no room for clients; use a subnet of "
+            f"255.255.255.248 (/{_SERVER_MAX_BITS}) or larger",
+        )
+    nopool = False
+    if len(d.args) > 2:
+        if d.args[2] != "nopool":
+            raise _error(d, f"server: unknown flag '{d.args[2]}'; the only flag is 'nopool'")
+        nopool = True
+    b.server_network = (network, d.args[1])
+    b.server_nopool = nopool
+
+
+@_option("server-ipv6", args=(1, 1), usage="server-ipv6 NETWORK/BITS")
+def _opt_server_ipv6(b: _Builder, d: Directive) -> None:
+    bits = _ipv6_prefix(d, d.args[0], "server-ipv6", 64, 124)
+    network = d.args[0].partition("/")[0]
+    _check_network(d, network, bits, "server-ipv6")
+    b.server_ipv6 = str(ipaddress.IPv6Network(f"{network}/{bits}"))
+
+
+@_option("ifconfig-pool", args=(2, 3), usage="ifconfig-pool START_IP END_IP [NETMASK]")
+def _opt_ifconfig_pool(b: _Builder, d: Directive) -> None:
+    start = _ipv4(d, d.args[0], "ifconfig-pool start")
+    end = _ipv4(d, d.args[1], "ifconfig-pool end")
+    first, last = int(ipaddress.IPv4Address(start)), int(ipaddress.IPv4Address(end))
+    if first > last:
+        raise _error(d, f"ifconfig-pool: the start {start} is after the end {end}; swap them")
+    if last - first >= _POOL_MAX:
+        raise _error(
+            d, f"ifconfig-pool: {start} - {end} is too large; a pool holds at most {_POOL_MAX} addresses"
+        )
+    netmask = None
+    if len(d.args) > 2:
+        _netmask_bits(d, d.args[2], "ifconfig-pool netmask")
+        netmask = d.args[2]
+    b.ifconfig_pool = (start, end, netmask)
+
+
+@_option("ifconfig-ipv6-pool", args=(1, 1), usage="ifconfig-ipv6-pool FIRST_ADDRESS/BITS")
+def _opt_ifconfig_ipv6_pool(b: _Builder, d: Directive) -> None:
+    bits = _ipv6_prefix(d, d.args[0], "ifconfig-ipv6-pool", 64, 124)
+    b.ifconfig_ipv6_pool = f"{ipaddress.IPv6Address(d.args[0].partition('/')[0])}/{bits}"
+
+
+@_option("ifconfig-pool-persist", args=(1, 2), usage="ifconfig-pool-persist FILE [SECONDS]")
+def _opt_ifconfig_pool_persist(b: _Builder, d: Directive) -> None:
+    if not d.args[0]:
+        raise _error(d, "ifconfig-pool-persist: the file name is empty; usage: ifconfig-pool-persist FILE")
+    seconds = _int(d, d.args[1], "ifconfig-pool-persist seconds", 0) if len(d.args) > 1 else 600
+    b.ifconfig_pool_persist = (d.args[0], seconds)
+
+
+def _push_option(d: Directive, option: str) -> str:
+    """Check one `push "..."` argument; it is pushed verbatim."""
+    if not option.strip():
+        raise _error(d, 'push: the option is empty; usage: push "route 10.0.0.0 255.255.255.0"')
+    if "," in option:
+        raise _error(
+            d,
+            f"push: '{option}' contains a comma, which separates options in the pushed message; "
+            'push each option separately, e.g. `push "dhcp-option DNS 10.8.0.1"` once per option',
+        )
+    name = option.split()[0]
+    if name in ("comp-lzo", "compress"):
+        raise _error(d, _COMPRESSION_MESSAGE.format(what=f'push "{option}"'))
+    return option
+
+
+@_option("push", args=(1, 1), usage='push "OPTION [ARGS]" (quote the whole option)')
+def _opt_push(b: _Builder, d: Directive) -> None:
+    b.push.append(_push_option(d, d.args[0]))
+
+
+def _ccd_only(b: _Builder, d: Directive) -> None:
+    raise _error(
+        d,
+        f"`{d.name}` is only valid in a client-config-dir file (the per-client files in the "
+        "`client-config-dir` directory, named after the client's certificate common name); move it there",
+    )
+
+
+for _name in ("push-reset", "push-remove", "iroute", "iroute-ipv6", "ifconfig-push", "ifconfig-ipv6-push",
+              "disable"):  # fmt: skip
+    _option(_name, args=(0, None))(_ccd_only)
+del _name
+
+
+@_option("client-config-dir", args=(1, 1), usage="client-config-dir DIR")
+def _opt_client_config_dir(b: _Builder, d: Directive) -> None:
+    b.client_config_dir = b.resolve_dir(d, d.args[0])
+
+
+@_option("ccd-exclusive", usage="ccd-exclusive")
+def _opt_ccd_exclusive(b: _Builder, d: Directive) -> None:
+    b.ccd_exclusive = True
+
+
+@_option("client-to-client", usage="client-to-client")
+def _opt_client_to_client(b: _Builder, d: Directive) -> None:
+    b.client_to_client = True
+
+
+@_option("duplicate-cn", usage="duplicate-cn")
+def _opt_duplicate_cn(b: _Builder, d: Directive) -> None:
+    b.duplicate_cn = True
+
+
+@_option("max-clients", args=(1, 1), usage="max-clients N")
+def _opt_max_clients(b: _Builder, d: Directive) -> None:
+    b.max_clients = _int(d, d.args[0], "max-clients", 1, _MAX_CLIENTS)
+
+
+@_option("verify-client-cert", args=(0, 1), usage="verify-client-cert none|optional|require")
+def _opt_verify_client_cert(b: _Builder, d: Directive) -> None:
+    value = d.args[0] if d.args else "require"
+    if value not in ("none", "optional", "require"):
+        raise _error(d, f"verify-client-cert: bad value '{value}'; use none, optional or require")
+    b.verify_client_cert = value
+
+
+@_option("username-as-common-name", usage="username-as-common-name")
+def _opt_username_as_common_name(b: _Builder, d: Directive) -> None:
+    b.username_as_common_name = True
+
+
+# -- scripts -----------------------------------------------------------------------------------
+
+#: Script options, in the order validate() reports them.
+_SCRIPTS = (
+    "up", "down", "tls-verify", "auth-user-pass-verify", "client-connect", "client-disconnect",
+    "learn-address",
+)  # fmt: skip
+
+
+def _command(d: Directive, words: Sequence[str]) -> str:
+    command = " ".join(words)
+    if not command.strip():
+        raise _error(
+            d, f"{d.name}: the command is empty; give the script to run, e.g. `{d.name} /path/script`"
+        )
+    return command
+
+
+@_option("script-security", args=(1, 1), usage="script-security 0|1|2|3")
+def _opt_script_security(b: _Builder, d: Directive) -> None:
+    b.script_security = _int(d, d.args[0], "script-security", 0, 3)
+
+
+@_option("auth-user-pass-verify", args=(2, None), usage="auth-user-pass-verify COMMAND via-file|via-env")
+def _opt_auth_user_pass_verify(b: _Builder, d: Directive) -> None:
+    method = d.args[-1]
+    if method not in ("via-file", "via-env"):
+        raise _error(
+            d,
+            f"auth-user-pass-verify: the last word must be 'via-file' or 'via-env', not '{method}'; "
+            "usage: auth-user-pass-verify COMMAND via-file",
+        )
+    b.auth_user_pass_verify = (_command(d, d.args[:-1]), method)
+
+
+def _opt_script(b: _Builder, d: Directive) -> None:
+    setattr(b, d.name.replace("-", "_"), _command(d, d.args))
+
+
+for _name in _SCRIPTS:
+    if _name != "auth-user-pass-verify":
+        _option(_name, args=(1, None), usage=f"{_name} COMMAND")(_opt_script)
+del _name
+
+
 # Options accepted without any effect, with OpenVPN's argument counts (to still catch typos).
 _IGNORED: dict[str, tuple[int, int | None]] = {
     "resolv-retry": (1, 1),
     "persist-remote-ip": (0, 0),
     "persist-local-ip": (0, 0),
     "auth-nocache": (0, 0),
-    "script-security": (1, 2),
     "status": (1, 2),
     "status-version": (0, 1),
     "mute": (1, 1),
     "remote-random": (0, 0),
-    "float": (0, 0),
     "ping-timer-rem": (0, 0),
     "tls-exit": (0, 0),
     "route-delay": (0, 2),
@@ -1295,10 +1656,6 @@ _REFUSED: dict[str, str] = {
     "ncp-disable": (
         "`ncp-disable` was removed in OpenVPN 2.6; remove it and restrict ciphers with `data-ciphers`"
     ),
-    "crl-verify": (
-        "`crl-verify` is not supported yet, and ignoring it would silently accept revoked "
-        "certificates; remove it only if you accept that, or use a CA without revoked certificates"
-    ),
     "pkcs12": (
         "`pkcs12` is not supported; convert the bundle to PEM files and use ca/cert/key, e.g. "
         "`openssl pkcs12 -in client.p12 -out client.pem -nodes`"
@@ -1343,14 +1700,9 @@ def _validate(b: _Builder) -> Options:
                 return _error(d, message)
         return ConfigError(message, source=top)
 
-    if b.mode == "server":
-        raise fail(
-            "P2MP server mode (`server` / `mode server`) is a later pyovpn feature and not implemented "
-            "yet (planned). For one peer, point-to-point works: use `tls-server` with "
-            "`ifconfig LOCAL_IP REMOTE_IP` instead of `server`/`mode server`",
-            "mode",
-            "server",
-        )
+    # `server`/`server-ipv6` imply `mode server` and `tls-server`, whatever `mode` says (as in OpenVPN).
+    helper = b.server_network is not None or b.server_ipv6 is not None
+    server = helper or b.mode == "server"
 
     dev_type = b.dev_type
     if dev_type is None:
@@ -1358,19 +1710,42 @@ def _validate(b: _Builder) -> Options:
     if dev_type != "tun":
         raise fail(_layer2_message(f"dev {b.dev}"), "dev")
 
-    if b.tls_client and b.tls_server:
+    tls_server = b.tls_server
+    if server:
+        if b.tls_client or b.pull:
+            raise fail(
+                "a P2MP server (`server`/`mode server`) cannot also be a client: remove "
+                "`client`/`tls-client`/`pull` from the server's config (they belong in the clients' configs)",
+                "tls-client",
+                "pull",
+            )
+        if not helper and not b.tls_server:
+            raise fail(
+                "`mode server` requires `tls-server`; add it (the `server NETWORK NETMASK` helper "
+                "implies both)",
+                "mode",
+            )
+        tls_server = True
+
+    if b.tls_client and tls_server:
         raise fail(
             "both a client role (`client`/`tls-client`) and `tls-server` are set; keep only one",
             "tls-server",
             "tls-client",
         )
-    if not (b.tls_client or b.tls_server):
+    if not (b.tls_client or tls_server):
         raise fail("pyovpn supports TLS modes only: add `client`, `tls-client` or `tls-server`")
     role: Literal["client", "server"] = "client" if b.tls_client else "server"
 
     if b.pull and role != "client":
         raise fail(
             "`pull` needs the client role; use `client` (or `tls-client`) instead of `tls-server`", "pull"
+        )
+    if b.auth_user_pass is not None and server:
+        raise fail(
+            "`auth-user-pass` is for clients (their own username and password) and cannot be used by a "
+            "server; remove it, and check the clients' passwords with `auth-user-pass-verify` instead",
+            "auth-user-pass",
         )
     if b.auth_user_pass is not None and not b.pull:
         raise fail("auth-user-pass requires `pull`; add `client` (or `pull`)", "auth-user-pass")
@@ -1401,27 +1776,87 @@ def _validate(b: _Builder) -> Options:
     if role == "client" and not b.remotes:
         raise fail("a TLS client needs to know its server: add `remote HOST [PORT]`", "tls-client", "client")
 
-    ping, ping_restart = b.ping, b.ping_restart
-    if b.keepalive is not None:
-        if "ping" in b.where or "ping-restart" in b.where:
-            raise fail(
-                "`keepalive` conflicts with `ping`/`ping-restart`; use only `keepalive` (it sets both)",
-                "keepalive",
-            )
-        ping, ping_restart = b.keepalive
+    if b.keepalive is not None and ("ping" in b.where or "ping-restart" in b.where):
+        raise fail(
+            "`keepalive` conflicts with `ping`/`ping-restart`; use only `keepalive` (it sets both)",
+            "keepalive",
+        )
 
-    # Outside server mode OpenVPN resolves a bare "tcp" to the client side.
+    _check_scripts(b, fail)
+
+    if server:
+        _check_server(b, fail)
+    else:
+        for name in (
+            "ifconfig-pool", "ifconfig-ipv6-pool", "ifconfig-pool-persist", "push", "client-config-dir",
+            "ccd-exclusive", "client-to-client", "duplicate-cn", "auth-user-pass-verify",
+            "client-connect", "client-disconnect", "learn-address", "username-as-common-name",
+        ):  # fmt: skip
+            if name in b.where:
+                raise fail(
+                    f"`{name}` is a server option and needs P2MP server mode: add `server NETWORK NETMASK` "
+                    "and `topology subnet`, or remove it",
+                    name,
+                )
+        if b.verify_client_cert != "require":
+            raise fail(
+                "`verify-client-cert` is a server option and needs P2MP server mode; remove it",
+                "verify-client-cert",
+            )
+
+    # Outside server mode OpenVPN resolves a bare "tcp" to the client side, in server mode to the server.
     def side(proto: str) -> Proto:
-        return cast(Proto, "tcp-client" if proto == "tcp" else proto)
+        return cast(Proto, ("tcp-server" if server else "tcp-client") if proto == "tcp" else proto)
 
     remotes = tuple(
         Remote(host, port, side(proto) if proto is not None else None, cast(Family, family))
         for host, port, proto, family in b.remotes
     )
 
+    # Helper expansion (OpenVPN's helper_client_server / helper_keepalive), in OpenVPN's push order.
+    ping, ping_restart = b.ping, b.ping_restart
+    ifconfig, ifconfig_ipv6 = b.ifconfig, b.ifconfig_ipv6
+    pool, pool6 = b.ifconfig_pool, b.ifconfig_ipv6_pool
+    push = list(b.push)
+    topology = b.topology
+    if b.server_ipv6 is not None:
+        net6 = ipaddress.IPv6Network(b.server_ipv6)
+        base6, bits6 = net6.network_address, net6.prefixlen
+        ifconfig_ipv6 = (f"{base6 + 1}/{bits6}", str(base6 + 2))
+        # OpenVPN starts the pool at +0x1000, or at +2 in networks too small to reach that far.
+        pool6 = f"{base6 + (0x1000 if bits6 < 112 else 2)}/{bits6}"
+        push.append("tun-ipv6")
+    if b.server_network is not None:
+        network, netmask = b.server_network
+        net = ipaddress.IPv4Network(f"{network}/{netmask}")
+        ifconfig = (str(net.network_address + 1), netmask)
+        if not b.server_nopool:
+            pool = (str(net.network_address + 2), str(net.broadcast_address - 1), netmask)
+        push += [f"route-gateway {net.network_address + 1}", f"topology {topology}"]
+    if b.keepalive is not None:
+        ping, ping_restart = b.keepalive
+        if server:
+            # The server waits twice as long as it tells its clients to.
+            ping_restart *= 2
+            push += [f"ping {b.keepalive[0]}", f"ping-restart {b.keepalive[1]}"]
+
+    if server:
+        if pool is None and pool6 is None and b.ifconfig_pool_persist is not None:
+            raise fail(
+                "`ifconfig-pool-persist` needs an address pool: use `server NETWORK NETMASK` (without "
+                "nopool) or `ifconfig-pool`/`ifconfig-ipv6-pool`",
+                "ifconfig-pool-persist",
+            )
+        if pool6 is not None and ifconfig_ipv6 is None:
+            raise fail(
+                "`ifconfig-ipv6-pool` needs the server's own IPv6 address: add `ifconfig-ipv6 ADDRESS/BITS "
+                "REMOTE` or use `server-ipv6 NETWORK/BITS` instead",
+                "ifconfig-ipv6-pool",
+            )
+
     return Options(
         config_sources=tuple(b.config_sources),
-        mode="p2p",
+        mode="server" if server else "p2p",
         pull=b.pull,
         tls_role=role,
         dev=b.dev,
@@ -1434,11 +1869,11 @@ def _validate(b: _Builder) -> Options:
         rport=b.rport,
         local=b.local,
         nobind=b.nobind,
-        ifconfig=b.ifconfig,
-        ifconfig_ipv6=b.ifconfig_ipv6,
+        ifconfig=ifconfig,
+        ifconfig_ipv6=ifconfig_ipv6,
         routes=tuple(b.routes),
         routes_ipv6=tuple(b.routes_ipv6),
-        topology=cast(Literal["net30", "p2p", "subnet"], b.topology),
+        topology=cast(Literal["net30", "p2p", "subnet"], topology),
         ca=b.ca,
         cert=b.cert,
         key=b.key,
@@ -1476,7 +1911,284 @@ def _validate(b: _Builder) -> Options:
         tls_cert_profile=b.tls_cert_profile,
         user=b.user,
         group=b.group,
+        float_=b.float_,
+        crl_verify=b.crl_verify,
+        server_network=b.server_network,
+        server_nopool=b.server_nopool,
+        server_ipv6=b.server_ipv6,
+        ifconfig_pool=pool,
+        ifconfig_ipv6_pool=pool6,
+        ifconfig_pool_persist=b.ifconfig_pool_persist,
+        push=tuple(push),
+        client_config_dir=b.client_config_dir,
+        ccd_exclusive=b.ccd_exclusive,
+        client_to_client=b.client_to_client,
+        duplicate_cn=b.duplicate_cn,
+        max_clients=b.max_clients,
+        verify_client_cert=cast(Literal["none", "optional", "require"], b.verify_client_cert),
+        username_as_common_name=b.username_as_common_name,
+        script_security=b.script_security,
+        auth_user_pass_verify=b.auth_user_pass_verify,
+        tls_verify=b.tls_verify,
+        client_connect=b.client_connect,
+        client_disconnect=b.client_disconnect,
+        learn_address=b.learn_address,
+        up=b.up,
+        down=b.down,
         ignored=tuple(b.ignored),
+    )
+
+
+_Fail = Callable[..., ConfigError]
+
+
+def _check_scripts(b: _Builder, fail: _Fail) -> None:
+    """OpenVPN refuses to run scripts below `script-security 2`; say so now instead of at run time."""
+    for name in _SCRIPTS:
+        if name in b.where and b.script_security < 2:
+            level = "is set to 0 or 1" if "script-security" in b.where else "defaults to 1"
+            raise fail(
+                f"`{name}` runs a script, which needs script-security 2 (script-security {level}, "
+                "where OpenVPN refuses to run scripts); add `script-security 2`",
+                name,
+            )
+    if (
+        b.auth_user_pass_verify is not None
+        and b.auth_user_pass_verify[1] == "via-env"
+        and b.script_security < 3
+    ):
+        raise fail(
+            "`auth-user-pass-verify ... via-env` passes the password in the environment, which OpenVPN "
+            "only does with `script-security 3` (at 2 the script would never see the password); use "
+            "via-file (recommended) or set `script-security 3`",
+            "auth-user-pass-verify",
+        )
+
+
+def _check_server(b: _Builder, fail: _Fail) -> None:
+    """The checks OpenVPN makes for `mode server`, plus what an offloaded data channel needs."""
+    if b.topology != "subnet":
+        raise fail(
+            "P2MP server needs `topology subnet` (net30/p2p are not supported with an offloaded data "
+            "channel, as with OpenVPN DCO); add `topology subnet`",
+            "topology",
+            "server",
+            "server-ipv6",
+            "mode",
+        )
+    if b.proto == "tcp-client":
+        raise fail(
+            "a P2MP server needs `proto udp` or `proto tcp-server` (it waits for clients); change the proto",
+            "proto",
+        )
+    if b.remotes:
+        raise fail(
+            "`remote` cannot be used by a P2MP server (it waits for clients to connect); remove it",
+            "remote",
+        )
+    if b.nobind:
+        raise fail("`nobind` cannot be used by a P2MP server (it must listen); remove it", "nobind")
+    if "redirect-gateway" in b.where:
+        raise fail(
+            "`redirect-gateway` cannot be used by a P2MP server; to send the clients' traffic through "
+            'the VPN, use `push "redirect-gateway def1"` instead',
+            "redirect-gateway",
+        )
+    if b.keepalive is not None and b.keepalive[1] > 43200:
+        raise fail(
+            "keepalive: in server mode the timeout must not exceed 43200 (the server waits twice as "
+            "long); use a smaller value, like `keepalive 10 60`",
+            "keepalive",
+        )
+    if b.server_network is not None:
+        if "ifconfig" in b.where:
+            raise fail(
+                "`server` sets the server's own address itself (the first address of the network); "
+                "remove `ifconfig`",
+                "ifconfig",
+            )
+        if b.ifconfig_pool is not None and not b.server_nopool:
+            raise fail(
+                "`server` already defines the address pool; remove `ifconfig-pool`, or add `nopool` to "
+                "`server` to use your own pool",
+                "ifconfig-pool",
+            )
+    if b.server_ipv6 is not None:
+        if b.server_nopool:
+            raise fail(
+                "`server-ipv6` always defines an IPv6 address pool and cannot be combined with "
+                "`server ... nopool`; remove `nopool`, or set up IPv6 by hand with `ifconfig-ipv6` "
+                "instead of `server-ipv6`",
+                "server",
+            )
+        if "ifconfig-ipv6" in b.where:
+            raise fail(
+                "`server-ipv6` sets the server's own IPv6 address itself; remove `ifconfig-ipv6`",
+                "ifconfig-ipv6",
+            )
+        if b.ifconfig_ipv6_pool is not None:
+            raise fail(
+                "`server-ipv6` already defines the IPv6 address pool; remove `ifconfig-ipv6-pool`",
+                "ifconfig-ipv6-pool",
+            )
+    if b.ccd_exclusive and b.client_config_dir is None:
+        raise fail(
+            "`ccd-exclusive` needs `client-config-dir DIR` (it refuses clients without a file there); "
+            "add it or remove ccd-exclusive",
+            "ccd-exclusive",
+        )
+    if b.auth_user_pass_verify is None:
+        if b.verify_client_cert != "require":
+            raise fail(
+                f"`verify-client-cert {b.verify_client_cert}` lets clients connect without a "
+                "certificate, but there is no other authentication method; add "
+                "`auth-user-pass-verify COMMAND via-file` (with `script-security 2`) to check their "
+                "passwords, or remove verify-client-cert",
+                "verify-client-cert",
+            )
+        if b.username_as_common_name:
+            raise fail(
+                "`username-as-common-name` needs `auth-user-pass-verify COMMAND via-file` (the username "
+                "is only trusted once a script has checked it); add it or remove username-as-common-name",
+                "username-as-common-name",
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Client-config-dir files
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _CcdBuilder:
+    ifconfig_push: tuple[str, str] | None = None
+    ifconfig_ipv6_push: tuple[str, str | None] | None = None
+    iroutes: list[tuple[str, str]] = field(default_factory=list)
+    iroutes_ipv6: list[str] = field(default_factory=list)
+    push: list[str] = field(default_factory=list)
+    push_reset: bool = False
+    push_remove: list[str] = field(default_factory=list)
+    disable: bool = False
+
+
+CcdHandler = Callable[[_CcdBuilder, Directive], None]
+
+#: name -> (handler, min args, max args, usage)
+_CCD_OPTIONS: dict[str, tuple[CcdHandler, int, int, str]] = {}
+
+
+def _ccd_option(name: str, lo: int, hi: int, usage: str) -> Callable[[CcdHandler], CcdHandler]:
+    def register(fn: CcdHandler) -> CcdHandler:
+        _CCD_OPTIONS[name] = (fn, lo, hi, usage)
+        return fn
+
+    return register
+
+
+@_ccd_option("ifconfig-push", 2, 2, "ifconfig-push CLIENT_IP NETMASK")
+def _ccd_ifconfig_push(c: _CcdBuilder, d: Directive) -> None:
+    local = _ipv4(d, d.args[0], "ifconfig-push")
+    if local == "0.0.0.0":
+        raise _error(d, "ifconfig-push: 0.0.0.0 is not a usable client address")
+    try:
+        bits = _netmask_bits(d, d.args[1], "ifconfig-push netmask")
+    except ConfigError:
+        raise _error(
+            d,
+            f"ifconfig-push: '{d.args[1]}' is not a netmask; with `topology subnet` (the only server "
+            "topology pyovpn supports) the second argument is the netmask, e.g. "
+            f"`ifconfig-push {local} 255.255.255.0`, not the net30-style peer address",
+        ) from None
+    if bits == 0:
+        raise _error(d, "ifconfig-push: the netmask 0.0.0.0 is not usable; use the server's netmask")
+    c.ifconfig_push = (local, d.args[1])
+
+
+@_ccd_option("ifconfig-ipv6-push", 1, 2, "ifconfig-ipv6-push CLIENT_ADDRESS/BITS [SERVER_ADDRESS]")
+def _ccd_ifconfig_ipv6_push(c: _CcdBuilder, d: Directive) -> None:
+    _ipv6_prefix(d, d.args[0], "ifconfig-ipv6-push", 64, 124)
+    remote = _ipv6(d, d.args[1], "ifconfig-ipv6-push server address") if len(d.args) > 1 else None
+    c.ifconfig_ipv6_push = (d.args[0], remote)
+
+
+@_ccd_option("iroute", 1, 2, "iroute NETWORK [NETMASK]")
+def _ccd_iroute(c: _CcdBuilder, d: Directive) -> None:
+    network = _ipv4(d, d.args[0], "iroute network")
+    netmask = d.args[1] if len(d.args) > 1 else "255.255.255.255"
+    _check_network(d, network, _netmask_bits(d, netmask, "iroute netmask"), "iroute")
+    c.iroutes.append((network, netmask))
+
+
+@_ccd_option("iroute-ipv6", 1, 1, "iroute-ipv6 NETWORK/BITS")
+def _ccd_iroute_ipv6(c: _CcdBuilder, d: Directive) -> None:
+    bits = _ipv6_prefix(d, d.args[0], "iroute-ipv6", 0, 128, default=128)
+    network = d.args[0].partition("/")[0]
+    _check_network(d, network, bits, "iroute-ipv6")
+    c.iroutes_ipv6.append(f"{network}/{bits}")
+
+
+@_ccd_option("push", 1, 1, 'push "OPTION [ARGS]" (quote the whole option)')
+def _ccd_push(c: _CcdBuilder, d: Directive) -> None:
+    c.push.append(_push_option(d, d.args[0]))
+
+
+@_ccd_option("push-reset", 0, 0, "push-reset")
+def _ccd_push_reset(c: _CcdBuilder, d: Directive) -> None:
+    c.push_reset = True
+    c.push.clear()
+    c.push_remove.clear()
+
+
+@_ccd_option("push-remove", 1, 1, "push-remove OPTION")
+def _ccd_push_remove(c: _CcdBuilder, d: Directive) -> None:
+    prefix = d.args[0]
+    if not prefix:
+        raise _error(
+            d, "push-remove: the option is empty; usage: push-remove OPTION (e.g. push-remove route)"
+        )
+    c.push_remove.append(prefix)
+    if prefix not in ("ifconfig", "ifconfig-ipv6"):
+        # Like OpenVPN: a prefix match on the options pushed so far.
+        c.push = [opt for opt in c.push if not opt.startswith(prefix)]
+
+
+@_ccd_option("disable", 0, 0, "disable")
+def _ccd_disable(c: _CcdBuilder, d: Directive) -> None:
+    c.disable = True
+
+
+def parse_ccd(text: str, *, source: str) -> CcdOptions:
+    """Parse one client-config-dir file (the per-client options of a P2MP server).
+
+    Only ifconfig-push, ifconfig-ipv6-push, iroute, iroute-ipv6, push, push-reset, push-remove and
+    disable are allowed; anything else is a ConfigError naming `source` and the line.
+    """
+    c = _CcdBuilder()
+    allowed = ", ".join(_CCD_OPTIONS)
+    for d in tokenize(text, source=source):
+        entry = _CCD_OPTIONS.get(d.name)
+        if entry is None:
+            raise _error(
+                d,
+                f"option '{d.name}' is not allowed in a client-config-dir file (allowed there: "
+                f"{allowed}); remove it, or put server-wide options in the server's config",
+            )
+        handler, lo, hi, usage = entry
+        if d.inline:
+            raise _error(d, f"option '{d.name}' cannot be an inline <{d.name}> block; write `{usage}`")
+        if not lo <= len(d.args) <= hi:
+            spec = _Spec(_opt_ignored, lo, hi, usage, False)
+            raise _error(d, f"option '{d.name}' {_count_text(spec, len(d.args))}; usage: {usage}")
+        handler(c, d)
+    return CcdOptions(
+        ifconfig_push=c.ifconfig_push,
+        ifconfig_ipv6_push=c.ifconfig_ipv6_push,
+        iroutes=tuple(c.iroutes),
+        iroutes_ipv6=tuple(c.iroutes_ipv6),
+        push=tuple(c.push),
+        push_reset=c.push_reset,
+        push_remove=tuple(c.push_remove),
+        disable=c.disable,
     )
 
 

@@ -172,7 +172,7 @@ def pushed_ip(log: str) -> str:
 
 
 def test_three_openvpn_clients_with_their_own_ciphers(star: Star, pki: Pki) -> None:
-    server, clients = start_all(star, pki, client_to_client=True)
+    _server, clients = start_all(star, pki, client_to_client=True)
     addrs = [pushed_ip(c.text()) for c in clients]
     assert addrs[2] == "10.78.0.50"  # ccd ifconfig-push
     assert len(set(addrs)) == 3 and all(a.startswith("10.78.0.") for a in addrs)
@@ -192,7 +192,7 @@ def test_three_openvpn_clients_with_their_own_ciphers(star: Star, pki: Pki) -> N
 
 
 def test_client_to_client_refused_when_disabled(star: Star, pki: Pki) -> None:
-    server, clients = start_all(star, pki, client_to_client=False)
+    _server, clients = start_all(star, pki, client_to_client=False)
     addrs = [pushed_ip(c.text()) for c in clients]
     assert ping(star.clients[0], SERVER4).ok
     assert not ping(star.clients[0], addrs[1], count=2, timeout=4).ok

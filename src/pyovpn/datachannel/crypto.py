@@ -189,7 +189,9 @@ class KeyState:
         "_op_v1",
         "_op_v2",
         "_open",
+        "_open_into",
         "_seal",
+        "_seal_bytes",
         "_tx_pid",
         "cipher",
         "key_id",
@@ -215,8 +217,11 @@ class KeyState:
         self._tx_pid = 0  # last pid sent; the first packet carries 1
         self._op_v2 = ((OPCODE_DATA_V2 << 3) | key_id) << 24
         self._op_v1 = (OPCODE_DATA_V1 << 3) | key_id
-        self._seal = encrypt.aead.encrypt
+        # the *_into variants (in-place batches for the offload engine) need a recent cryptography
+        self._seal = getattr(encrypt.aead, "encrypt_into", None)
+        self._seal_bytes = encrypt.aead.encrypt
         self._open = decrypt.aead.decrypt
+        self._open_into = getattr(decrypt.aead, "decrypt_into", None)
         self._enc_tail = encrypt.nonce_tail
         self._dec_tail = decrypt.nonce_tail
 
@@ -271,9 +276,90 @@ class KeyState:
             if not 0 <= peer_id <= PEER_ID_UNDEF:
                 raise ValueError(f"peer id must be 0..0xFFFFFF, got {peer_id}")
             hdr = aad = _HDR_V2.pack(self._op_v2 | peer_id, pid)
-        sealed = memoryview(self._seal(_NONCE.pack(pid, self._enc_tail), payload, aad))
+        sealed = memoryview(self._seal_bytes(_NONCE.pack(pid, self._enc_tail), payload, aad))
         # cryptography returns ciphertext||tag; the wire wants the tag first
         return b"".join((hdr, sealed[-TAG_SIZE:], sealed[:-TAG_SIZE]))
+
+    def encrypt_slots(
+        self, buf: memoryview, offsets: list[int], lengths: list[int], peer_id: int, *, frame: bool = False
+    ) -> int:
+        """Seal packets laid out in place in ``buf`` as DATA_V2; return how many were sealed.
+
+        Slot ``i`` starts at ``offsets[i]``: 24 reserved bytes (26 with ``frame``: a TCP
+        length prefix first), then ``lengths[i]`` bytes of plaintext, which are encrypted in
+        place. The AEAD writes its tag after the ciphertext, over the first 16 bytes of the
+        next slot (or 16 spare bytes after the last one) before it is moved in front, so
+        slots must be processed in order and the buffer needs those spare bytes. Each
+        sealed slot is then a whole wire packet (a TCP frame with ``frame``) of
+        ``24 + lengths[i]`` (+2) bytes. Fewer than ``len(offsets)`` sealed means the
+        packet ids ran out: the key is exhausted.
+        """
+        if not 0 <= peer_id <= PEER_ID_UNDEF:
+            raise ValueError(f"peer id must be 0..0xFFFFFF, got {peer_id}")
+        seal = self._seal
+        tail = self._enc_tail
+        op = self._op_v2 | peer_id
+        pack_nonce = _NONCE.pack
+        pack_hdr = _HDR_V2.pack
+        pid = self._tx_pid
+        skip = 2 if frame else 0
+        done = 0
+        for off, n in zip(offsets, lengths, strict=True):
+            if pid >= MAX_PACKET_ID:
+                break
+            pid += 1
+            hdr = pack_hdr(op, pid)
+            p = off + skip + 24
+            seal(pack_nonce(pid, tail), buf[p : p + n], hdr, buf[p : p + n + TAG_SIZE])
+            buf[p - TAG_SIZE : p] = buf[p + n : p + n + TAG_SIZE]
+            buf[p - 24 : p - TAG_SIZE] = hdr
+            if skip:
+                ln = n + 24
+                buf[off] = ln >> 8
+                buf[off + 1] = ln & 0xFF
+            done += 1
+        self._tx_pid = pid
+        return done
+
+    def decrypt_into(self, buf: memoryview, off: int, n: int, out: memoryview) -> int:
+        """Like :meth:`decrypt` for the packet ``buf[off:off+n]``, writing the plaintext to ``out``.
+
+        The packet's bytes are rearranged in place (ciphertext moved in front of the tag), so
+        it cannot be decrypted again. Returns the plaintext length.
+        """
+        if n == 0:
+            raise ProtocolError("empty data packet")
+        b0 = buf[off]
+        if b0 & 7 != self.key_id:
+            raise ProtocolError(f"packet is for key id {b0 & 7}, this key is {self.key_id}")
+        opcode = b0 >> 3
+        if opcode == OPCODE_DATA_V2:
+            if n < DATA_V2_OVERHEAD:
+                raise ProtocolError(f"DATA_V2 packet too short ({n} bytes)")
+            pid = _HDR_V2.unpack_from(buf, off)[1]
+            aad = buf[off : off + 8]
+            body = off + 8
+        elif opcode == OPCODE_DATA_V1:
+            if n < DATA_V1_OVERHEAD:
+                raise ProtocolError(f"DATA_V1 packet too short ({n} bytes)")
+            pid = _PID.unpack_from(buf, off + 1)[0]
+            aad = bytes(buf[off + 1 : off + 5])
+            body = off + 5
+        else:
+            raise ProtocolError(f"opcode {opcode} is not a data packet")
+        end = off + n
+        clen = end - body - TAG_SIZE
+        if clen > len(out):
+            raise ProtocolError(f"data packet too long ({n} bytes)")
+        tag = bytes(buf[body : body + TAG_SIZE])
+        buf[body : body + clen] = buf[body + TAG_SIZE : end]  # memoryview copies overlap safely
+        buf[end - TAG_SIZE : end] = tag
+        try:
+            self._open_into(_NONCE.pack(pid, self._dec_tail), buf[body:end], aad, out[:clen])
+        except InvalidTag:
+            raise AuthenticationError(f"data packet failed authentication (key id {self.key_id})") from None
+        self.replay.accept(pid)
+        return clen
 
     def decrypt(self, packet: bytes | bytearray | memoryview) -> bytes:
         """Authenticate, replay-check and open a DATA_V2 or DATA_V1 packet.

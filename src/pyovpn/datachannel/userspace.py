@@ -9,9 +9,42 @@ Behaviour follows OPENVPN-PROTOCOL.md §7.3-7.4 (key slots, float, keepalive, pe
 deletion reasons, key exhaustion).
 
 Differences from the kernel, on purpose: DATA_V1 is accepted (interop with peers that
-have no peer-id), TCP keeps a bounded output buffer instead of a single in-flight
-frame, and only P2P mode exists so far. One backend instance drives one interface,
-because the commands carry no interface index.
+have no peer-id) and TCP keeps a bounded output buffer instead of a single in-flight
+frame. One backend instance drives one interface, because the commands carry no
+interface index.
+
+Multipoint (``IfaceMode.MP``, a P2MP server), as the kernel's MP mode (§7.3):
+
+* every peer has a VPN_IPV4 and/or VPN_IPV6 (``NewPeer`` without one fails, and an
+  address another peer holds is refused); a peer id that exists is refused too;
+* UDP peers share one socket: the same socket (the same fd, or any duplicate of it) may
+  be passed in many ``NewPeer`` calls. The first one takes it over and starts the one
+  reader; it stays open (our duplicate, reference-counted) until its last peer is
+  deleted, and the caller's descriptor gets its blocking mode back then. TCP peers each
+  bring their own connected socket, as in P2P;
+* incoming DATA_V2 goes to the peer named by its peer-id (that peer must use this
+  socket), peer-id 0xFFFFFF and DATA_V1 to the peer whose remote is the source address;
+  anything else is dropped and counted in ``iface_stats`` (``rx_unknown_peer``);
+* **every non-data packet on the shared socket goes up as** ``ControlPacket``, with the
+  peer id of the peer whose remote is the source address, or ``PEER_ID_UNDEF``
+  (0xFFFFFF, as the kernel backend reports it) when no peer has that address. So once
+  the first peer has handed the socket over, the server edge must stop reading it and
+  takes new clients' handshakes from these notifications; it answers a source without
+  a peer with a plain ``sendto()`` on its own descriptor (``SendControl`` needs a peer;
+  sending on the socket stays fine, only reading moved here);
+* an IP packet read from the TUN goes to the peer whose VPN address is its destination,
+  else, like the kernel's ``ovpn_peer_get_by_dst``, to the peer whose VPN address is the
+  gateway of the longest route through the TUN that covers the destination. iroutes are
+  therefore ordinary system routes: ``ip route add 10.55.0.0/24 via <client VPN IP> dev
+  <tun>``. The backend mirrors those routes from rtnetlink (see
+  :mod:`pyovpn.datachannel.routing`). No peer: the packet is dropped and counted in
+  ``iface_stats`` (``tx_dropped_no_peer``). Packets for one peer are sent as one batch
+  (UDP GSO as in P2P);
+* a decrypted packet is written to the TUN only if that same lookup for its source
+  address names the peer it came from (the kernel's ``ovpn_peer_check_by_src``); else it
+  is dropped and counted in that peer's stats (``rx_dropped_src``);
+* keys, keepalive, stats and float are per peer; a float re-indexes the peer's address.
+Unlike the ovpn device, the TUN's ``send_redirects`` is left alone.
 
 Batching: each reader wakeup drains its descriptor (up to a cap so one busy socket
 cannot starve the loop). UDP receive enables UDP_GRO when the kernel offers it and
@@ -70,6 +103,7 @@ from pyovpn.datachannel.crypto import (
     KeyState,
     PacketIdExhaustedError,
 )
+from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonitor
 from pyovpn.errors import AuthenticationError, BackendError, ProtocolError, ReplayError
 from pyovpn.net import tun
 
@@ -105,7 +139,7 @@ _TCP_DISCONNECT_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNAB
 
 
 class _Iface:
-    __slots__ = ("fd", "mode", "mtu", "name", "peer", "requested_name")
+    __slots__ = ("fd", "mode", "monitor", "mtu", "name", "peer", "requested_name", "router")
 
     def __init__(self, name: str, requested_name: str, fd: int, mode: IfaceMode, mtu: int) -> None:
         self.name = name
@@ -114,6 +148,8 @@ class _Iface:
         self.mode = mode
         self.mtu = mtu
         self.peer: _Peer | None = None
+        self.router: PeerRouter[_Peer] | None = None  # MP only: VPN IPs and routes -> peer
+        self.monitor: RouteMonitor | None = None  # MP only: keeps the router's routes current
 
 
 class _Peer:
@@ -134,6 +170,7 @@ class _Peer:
         "raw_port",
         "remote",
         "send_addr",
+        "shared",
         "sock",
         "stats",
         "tcp_rx",
@@ -169,6 +206,53 @@ class _Peer:
         self.tcp_rx = bytearray()
         self.tcp_tx = bytearray()
         self.tcp_writer = False
+        self.shared: _SharedUdp | None = None  # MP UDP: the socket this peer shares
+
+
+class _SharedUdp:
+    """MP: our duplicate of the UDP socket the UDP peers share; one reader, closed with its last peer."""
+
+    __slots__ = ("by_addr", "fd", "gro", "gso", "key", "orig_blocking", "peers", "sock")
+
+    def __init__(self, key: tuple[int, int], sock: socket.socket) -> None:
+        self.key = key
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.gro = False
+        self.gso = False
+        self.orig_blocking = True
+        self.peers: set[_Peer] = set()
+        self.by_addr: dict[tuple[str | None, int], _Peer] = {}  # (raw_ip, raw_port) -> peer
+
+    def attach(self, peer: _Peer) -> None:
+        self.peers.add(peer)
+        self.by_addr[(peer.raw_ip, peer.raw_port)] = peer
+
+    def detach(self, peer: _Peer) -> None:
+        self.peers.discard(peer)
+        self._unindex(peer, (peer.raw_ip, peer.raw_port))
+
+    def move(self, peer: _Peer, old: tuple[str | None, int]) -> None:
+        """The peer's remote changed (float or SetPeer): index it under the new address."""
+        new = (peer.raw_ip, peer.raw_port)
+        if new != old:
+            self._unindex(peer, old)
+            self.by_addr[new] = peer
+
+    def _unindex(self, peer: _Peer, addr: tuple[str | None, int]) -> None:
+        if self.by_addr.get(addr) is not peer:
+            return
+        del self.by_addr[addr]
+        for other in self.peers:  # rare: two peers at one address; the other takes over
+            if other is not peer and (other.raw_ip, other.raw_port) == addr:
+                self.by_addr[addr] = other
+                break
+
+
+def _socket_key(fd: int) -> tuple[int, int]:
+    """Identifies a socket across duplicated descriptors."""
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
 
 
 def _count(stats: Stats, name: str, n: int = 1) -> None:
@@ -205,6 +289,7 @@ class UserspaceDataChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._iface: _Iface | None = None
         self._peers: dict[int, _Peer] = {}
+        self._shared: dict[tuple[int, int], _SharedUdp] = {}  # MP: shared UDP sockets by identity
         self._subscribers: list[Callable[[Notification], None]] = []
         self._closed = False
         self._rx_buf = bytearray(_RX_BUF_SIZE)
@@ -257,10 +342,8 @@ class UserspaceDataChannel:
             raise BackendError(
                 f"NewIface: this backend already drives {self._iface.name}; use one backend per interface"
             )
-        if cmd.mode is IfaceMode.MP:
-            raise BackendError(
-                "NewIface: multipoint (MP) mode is not implemented yet in the userspace backend"
-            )
+        if cmd.mode not in (IfaceMode.P2P, IfaceMode.MP):
+            raise BackendError(f"NewIface: unknown interface mode {cmd.mode!r}")
         if not 68 <= cmd.mtu <= 65535:
             raise BackendError(f"NewIface: MTU {cmd.mtu} out of range 68..65535")
         try:
@@ -278,10 +361,21 @@ class UserspaceDataChannel:
             os.close(fd)
             raise BackendError("NewIface: the userspace backend is closed")
         iface = _Iface(ifname, cmd.name, fd, cmd.mode, cmd.mtu)
-        self._iface = iface
         assert self._loop is not None
-        self._loop.add_reader(fd, self._on_tun_readable, iface)
-        log.info("userspace data channel: created %s (mtu %d)", ifname, cmd.mtu)
+        if cmd.mode is IfaceMode.MP:
+            try:
+                # in the loop's thread: the index and the netlink socket belong to its namespace
+                iface.router = PeerRouter()
+                iface.monitor = RouteMonitor(self._loop, socket.if_nametoindex(ifname), iface.router)
+            except OSError as e:
+                os.close(fd)
+                raise BackendError(
+                    f"NewIface: cannot watch the routes through {ifname}: {e.strerror or e}"
+                ) from None
+        self._iface = iface
+        reader = self._on_mp_tun_readable if iface.router is not None else self._on_tun_readable
+        self._loop.add_reader(fd, reader, iface)
+        log.info("userspace data channel: created %s (%s, mtu %d)", ifname, cmd.mode.name, cmd.mtu)
 
     def _del_iface(self, cmd: DelIface) -> None:
         iface = self._iface
@@ -303,7 +397,7 @@ class UserspaceDataChannel:
         tx_id = cmd.peer_id if cmd.tx_peer_id is None else cmd.tx_peer_id
         if not 0 <= tx_id <= PEER_ID_UNDEF:
             raise BackendError(f"{what}: tx peer id {tx_id} out of range 0..0xFFFFFF")
-        if cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None:
+        if iface.router is None and (cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None):
             raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
         self._check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
         if cmd.transport is Transport.UDP and cmd.remote is None:
@@ -312,6 +406,9 @@ class UserspaceDataChannel:
             raise BackendError(f"{what}: a TCP peer must not have a remote; the socket is connected")
         if cmd.transport is Transport.TCP and cmd.local_ip is not None:
             raise BackendError(f"{what}: local_ip applies to UDP peers only")
+        if iface.router is not None:
+            self._new_mp_peer(what, cmd, tx_id, iface, iface.router)
+            return
         try:
             sock = socket.socket(fileno=os.dup(cmd.socket_fd))
         except OSError as e:
@@ -349,6 +446,111 @@ class UserspaceDataChannel:
             peer.gso_max > 0,
             peer.gro,
         )
+
+    def _new_mp_peer(
+        self, what: str, cmd: NewPeer, tx_id: int, iface: _Iface, router: PeerRouter[_Peer]
+    ) -> None:
+        """MP: add one of many peers (see the module docstring); UDP peers share one socket."""
+        if cmd.vpn_ipv4 is None and cmd.vpn_ipv6 is None:
+            raise BackendError(f"{what}: an MP peer needs vpn_ipv4 or vpn_ipv6 (the kernel requires one too)")
+        if cmd.peer_id in self._peers:
+            raise BackendError(f"{what}: peer id {cmd.peer_id} already exists (delete it first)")
+        try:
+            key = _socket_key(cmd.socket_fd)
+        except OSError as e:
+            raise BackendError(
+                f"{what}: socket fd {cmd.socket_fd} is not usable: {e.strerror or e}"
+            ) from None
+        shared = self._shared.get(key) if cmd.transport is Transport.UDP else None
+        if cmd.transport is Transport.TCP:
+            for other in self._peers.values():
+                if other.transport is Transport.TCP and _socket_key(other.fd) == key:
+                    raise BackendError(
+                        f"{what}: the TCP socket already carries peer {other.peer_id}; "
+                        "every TCP peer needs its own connection"
+                    )
+        if shared is not None:
+            sock = shared.sock
+        else:
+            try:
+                sock = socket.socket(fileno=os.dup(cmd.socket_fd))
+            except OSError as e:
+                raise BackendError(
+                    f"{what}: socket fd {cmd.socket_fd} is not usable: {e.strerror or e}"
+                ) from None
+        try:
+            peer = self._check_socket(what, cmd, sock, tx_id, iface)
+            router.add_peer(peer, cmd.vpn_ipv4, cmd.vpn_ipv6)
+        except BaseException as e:
+            if shared is None:
+                sock.close()
+            if isinstance(e, AddressInUseError):
+                raise BackendError(f"{what}: {e} by peer {e.owner.peer_id}") from None
+            if isinstance(e, ValueError):
+                raise BackendError(f"{what}: {e}") from None
+            raise
+        assert self._loop is not None
+        if cmd.transport is Transport.TCP:
+            self._configure_socket(peer)
+            peer.tcp_rx += cmd.tcp_backlog
+            self._loop.add_reader(peer.fd, self._on_tcp_readable, peer)
+            if peer.tcp_rx:
+                self._loop.call_soon(self._tcp_process, peer)
+        elif shared is None:
+            self._configure_socket(peer)  # the first peer sets the socket up for all of them
+            shared = _SharedUdp(key, sock)
+            shared.gro = peer.gro
+            shared.gso = peer.gso_max > 0
+            shared.orig_blocking = peer.orig_blocking
+            self._shared[key] = shared
+            self._loop.add_reader(shared.fd, self._on_mp_udp_readable, shared)
+        else:
+            peer.gro = shared.gro
+            peer.gso_max = 0x10000 if shared.gso else 0  # per peer: a path may refuse big segments
+            peer.orig_blocking = shared.orig_blocking
+        if shared is not None:
+            peer.shared = shared
+            shared.attach(peer)
+        self._peers[cmd.peer_id] = peer
+        self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)
+        log.info(
+            "userspace data channel: MP peer %d (%s) over %s%s%s",
+            cmd.peer_id,
+            ", ".join(a for a in (cmd.vpn_ipv4, cmd.vpn_ipv6) if a),
+            cmd.transport.value,
+            f" from {peer.remote[0]}:{peer.remote[1]}" if peer.remote else "",
+            f", sharing the socket with {len(shared.peers) - 1} more" if shared else "",
+        )
+
+    def _mp_detach(self, peer: _Peer, shared: _SharedUdp) -> None:
+        """A UDP peer leaves its shared socket; the last one out closes our duplicate."""
+        peer.shared = None
+        shared.detach(peer)
+        if shared.peers:
+            return
+        if self._shared.get(shared.key) is shared:
+            del self._shared[shared.key]
+        sock = shared.sock
+        if sock.fileno() >= 0:
+            if self._loop is not None:
+                self._loop.remove_reader(shared.fd)
+            # give the caller's socket back as we found it (flags are shared with our dup)
+            if shared.gro:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(SOL_UDP, UDP_GRO, 0)
+            with contextlib.suppress(OSError):
+                os.set_blocking(shared.fd, shared.orig_blocking)
+        sock.close()
+
+    def mp_routes(self) -> list[tuple[str, str | None]]:
+        """MP: the routes through the interface the backend follows, as ``(prefix, gateway)``.
+
+        ``gateway`` is None for a route without one. Empty in P2P mode.
+        """
+        iface = self._iface
+        if iface is None or iface.monitor is None:
+            return []
+        return iface.monitor.mirror.routes()
 
     def _check_socket(self, what: str, cmd: NewPeer, sock: socket.socket, tx_id: int, iface: _Iface) -> _Peer:
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -419,7 +621,10 @@ class UserspaceDataChannel:
         if cmd.remote is not None:
             if peer.transport is Transport.TCP:
                 raise BackendError(f"{what}: a TCP peer's remote cannot change")
+            old = (peer.raw_ip, peer.raw_port)
             self._set_remote(what, peer, cmd.remote)
+            if peer.shared is not None:
+                peer.shared.move(peer, old)
         if cmd.keepalive_interval is not None:
             assert cmd.keepalive_timeout is not None
             self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)
@@ -560,6 +765,9 @@ class UserspaceDataChannel:
         with contextlib.suppress(OSError):
             os.close(iface.fd)  # a non-persistent TUN disappears with its last descriptor
         iface.peer = None
+        if iface.monitor is not None:
+            iface.monitor.close()
+            iface.monitor = None
 
     def _remove_peer(self, peer: _Peer, reason: PeerDelReason) -> None:
         if self._peers.get(peer.peer_id) is not peer:
@@ -579,6 +787,12 @@ class UserspaceDataChannel:
         if peer.ka_handle is not None:
             peer.ka_handle.cancel()
             peer.ka_handle = None
+        if peer.iface.router is not None:
+            peer.iface.router.remove_peer(peer)  # MP: its VPN IPs lead nowhere from now on
+        if peer.shared is not None:
+            self._mp_detach(peer, peer.shared)  # MP UDP: the socket stays while others use it
+            peer.keys = [None, None]
+            return
         if self._loop is not None and peer.sock.fileno() >= 0:
             self._loop.remove_reader(peer.fd)
             if peer.tcp_writer:
@@ -764,6 +978,134 @@ class UserspaceDataChannel:
             i += 1
         return sent_packets, sent_bytes
 
+    # ------------------------------------------------------------------ MP data path
+
+    def _on_mp_tun_readable(self, iface: _Iface) -> None:
+        """MP TUN -> network: each packet goes to the peer its destination routes to."""
+        router = iface.router
+        assert router is not None and self._loop is not None
+        fd = iface.fd
+        buf = [self._tun_buf]
+        mv = self._tun_mv
+        readv = os.readv
+        for_dst = router.for_dst
+        batches: dict[_Peer, list[bytes]] = {}
+        no_peer = 0
+        for _ in range(_RX_BATCH):
+            try:
+                n = readv(fd, buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                log.warning("userspace data channel: reading %s failed: %s", iface.name, e)
+                break
+            pkt = mv[:n]
+            peer = for_dst(pkt)
+            if peer is None:
+                no_peer += 1
+                continue
+            ks = peer.keys[0]
+            if ks is None:
+                _count(peer.stats, "tx_dropped_no_key")
+                continue
+            try:
+                sealed = ks.encrypt(pkt, peer.tx_peer_id)
+            except PacketIdExhaustedError:
+                self._key_exhausted(peer, ks)
+                _count(peer.stats, "tx_dropped_no_key")
+                continue
+            peer.stats.vpn_tx_bytes += n
+            batch = batches.get(peer)
+            if batch is None:
+                batches[peer] = [sealed]
+            else:
+                batch.append(sealed)
+        if no_peer:
+            _count(self.iface_stats, "tx_dropped_no_peer", no_peer)
+        if batches:
+            now = self._loop.time()
+            for peer, out in batches.items():
+                if self._peers.get(peer.peer_id) is not peer:
+                    continue  # a TCP send failure above removed it
+                peer.stats.vpn_tx_packets += len(out)
+                self._send_data(peer, out, now)
+
+    def _on_mp_udp_readable(self, shared: _SharedUdp) -> None:
+        """MP network -> TUN: the one reader of the UDP socket all UDP peers share."""
+        sock = shared.sock
+        rx = self._rx_buf
+        mv = self._rx_mv
+        assert self._loop is not None
+        now = self._loop.time()
+        for _ in range(_RX_BATCH):
+            if self._shared.get(shared.key) is not shared:
+                return
+            try:
+                if shared.gro:
+                    n, anc, _flags, addr = sock.recvmsg_into([rx], _GRO_CMSG_SPACE)
+                else:
+                    n, addr = sock.recvfrom_into(rx)
+                    anc = None
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # ICMP errors queued on the socket (e.g. port unreachable) are reported once
+                _count(self.iface_stats, "rx_errors")
+                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue
+                log.debug("userspace data channel: receive on the shared socket failed: %s", e)
+                return
+            seg = 0
+            if anc:
+                for level, kind, data in anc:
+                    if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                        seg = int.from_bytes(data[:4], sys.byteorder)
+            if seg and seg < n:
+                _count(self.iface_stats, "gro_batches")
+                for off in range(0, n, seg):
+                    self._mp_udp_packet(shared, mv[off : min(off + seg, n)], addr, now)
+            else:
+                self._mp_udp_packet(shared, mv[:n], addr, now)
+
+    def _mp_udp_packet(self, shared: _SharedUdp, pkt: memoryview, addr: tuple[Any, ...], now: float) -> None:
+        if not pkt:
+            _count(self.iface_stats, "rx_empty")
+            return
+        opcode = pkt[0] >> 3
+        peer: _Peer | None
+        if opcode == OPCODE_DATA_V2:
+            if len(pkt) < 4:
+                self.iface_stats.dropped_other += 1
+                return
+            rx_id = (pkt[1] << 16) | (pkt[2] << 8) | pkt[3]
+            if rx_id == PEER_ID_UNDEF:
+                peer = shared.by_addr.get((addr[0], addr[1]))  # as the kernel: by source address
+            else:
+                peer = self._peers.get(rx_id)
+                if peer is not None and peer.shared is not shared:
+                    peer = None  # a TCP peer's id, or another socket's
+        elif opcode == OPCODE_DATA_V1:
+            peer = shared.by_addr.get((addr[0], addr[1]))
+        else:
+            peer = shared.by_addr.get((addr[0], addr[1]))
+            # unknown source: PEER_ID_UNDEF, so the server edge sees new clients' handshakes
+            owner = peer.peer_id if peer is not None else PEER_ID_UNDEF
+            self._emit(ControlPacket(owner, bytes(pkt), _normalize(addr)))
+            return
+        if peer is None:
+            _count(self.iface_stats, "rx_unknown_peer")
+            return
+        if self._rx_data(peer, pkt, now) and (addr[0] != peer.raw_ip or addr[1] != peer.raw_port):
+            # float: an authenticated packet from a new address moves the peer there
+            old = (peer.raw_ip, peer.raw_port)
+            peer.raw_ip = addr[0]
+            peer.raw_port = addr[1]
+            peer.send_addr = addr
+            peer.remote = _normalize(addr)
+            shared.move(peer, old)
+            log.info("userspace data channel: peer %d floated to %s:%d", peer.peer_id, *peer.remote)
+            self._emit(PeerFloated(peer.peer_id, peer.remote))
+
     # ------------------------------------------------------------------ network -> TUN
 
     def _on_udp_readable(self, peer: _Peer) -> None:
@@ -864,6 +1206,12 @@ class UserspaceDataChannel:
             # not an IP packet (e.g. OCC): the kernel drops these too
             st.dropped_other += 1
             _count(st, "rx_not_ip")
+            return True
+        router = peer.iface.router
+        if router is not None and router.for_src(plain) is not peer:
+            # MP reverse-path check: the source must be this peer's VPN IP or behind its routes
+            st.dropped_other += 1
+            _count(st, "rx_dropped_src")
             return True
         try:
             os.write(peer.iface.fd, plain)
