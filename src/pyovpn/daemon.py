@@ -528,7 +528,9 @@ class Daemon:
             (signal.SIGHUP, "SIGHUP"),
         ):
             loop.add_signal_handler(sig, self._on_signal, name)
-        self.dc = await select.open_backend(self.opts.dco)
+        self.dc = await select.open_backend(
+            self.opts.dco, mp=getattr(self.opts, "mode", "p2p") == "server", mssfix=self.opts.mssfix
+        )
         self.dc.subscribe(self._notify)
         exit_code = 0
         try:

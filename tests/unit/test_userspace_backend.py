@@ -284,8 +284,8 @@ def test_commands_fail_cleanly_without_interface() -> None:
             await b.request(GetPeer(3))
         with pytest.raises(BackendError, match="NewPeer: no interface"):
             await b.request(NewPeer(1, 0, Transport.UDP, ("192.0.2.1", 1194)))
-        with pytest.raises(BackendError, match="NewIface: multipoint"):
-            await b.request(NewIface("tun", IfaceMode.MP))
+        with pytest.raises(BackendError, match="NewIface: MTU 10 out of range"):
+            await b.request(NewIface("tun", IfaceMode.MP, 10))
         with pytest.raises(BackendError, match="DelIface: no interface"):
             await b.request(DelIface("tun9"))
         with pytest.raises(BackendError, match="SwapKeys: unknown peer"):

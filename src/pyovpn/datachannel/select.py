@@ -12,6 +12,7 @@ from pyovpn.datachannel.api import DataChannel
 from pyovpn.errors import BackendError
 
 log = logging.getLogger("pyovpn")
+DEFAULT_ENGINE = "inprocess"
 
 _WHAT_TO_DO = "it needs Linux >= 6.16 with the ovpn module (modprobe ovpn) and CAP_NET_ADMIN"
 
@@ -79,7 +80,26 @@ def kernel_ovpn_status() -> tuple[bool, str]:
     return False, f"{why2}; {_WHAT_TO_DO}"
 
 
-async def open_backend(choice: str) -> DataChannel:
+def _userspace_backend(*, mp: bool, mssfix: int | None) -> DataChannel:
+    """The userspace data channel: the multi-process offload engine for P2P, in-process for MP.
+
+    ``PYOVPN_ENGINE=inprocess`` forces the simple in-process backend (its MP support is the only
+    one today); ``PYOVPN_ENGINE_WORKERS`` caps the engine's worker processes.
+    """
+    from pyovpn.datachannel.userspace import UserspaceDataChannel
+
+    engine = os.environ.get("PYOVPN_ENGINE", DEFAULT_ENGINE)
+    if mp or engine == "inprocess":
+        return UserspaceDataChannel()
+    if engine != "offload":
+        raise BackendError(f"PYOVPN_ENGINE={engine!r}: use 'offload' or 'inprocess'")
+    from pyovpn.datachannel.offload import OffloadDataChannel
+
+    workers = int(os.environ.get("PYOVPN_ENGINE_WORKERS", "0") or 0) or None
+    return OffloadDataChannel(workers=workers, mssfix=mssfix if mssfix is not None else 1492)
+
+
+async def open_backend(choice: str, *, mp: bool = False, mssfix: int | None = None) -> DataChannel:
     # pyroute2's synchronous sockets cannot be created inside a running event loop's thread
     if choice == "kernel":
         ok, why = await asyncio.to_thread(kernel_ovpn_status)
@@ -89,11 +109,9 @@ async def open_backend(choice: str) -> DataChannel:
 
         log.info("DCO: using the kernel ovpn driver (--dco kernel, %s)", why)
         return KernelDataChannel()
-    from pyovpn.datachannel.userspace import UserspaceDataChannel
-
     if choice == "userspace":
         log.info("DCO: using the userspace data channel (--dco userspace)")
-        return UserspaceDataChannel()
+        return _userspace_backend(mp=mp, mssfix=mssfix)
     ok, why = await asyncio.to_thread(kernel_ovpn_status)
     if ok:
         from pyovpn.datachannel.kernel import KernelDataChannel
@@ -101,4 +119,4 @@ async def open_backend(choice: str) -> DataChannel:
         log.info("DCO: using the kernel ovpn driver (%s)", why)
         return KernelDataChannel()
     log.info("DCO: auto selected the userspace data channel: %s", why)
-    return UserspaceDataChannel()
+    return _userspace_backend(mp=mp, mssfix=mssfix)

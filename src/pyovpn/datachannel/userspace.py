@@ -44,7 +44,10 @@ Multipoint (``IfaceMode.MP``, a P2MP server), as the kernel's MP mode (§7.3):
   address names the peer it came from (the kernel's ``ovpn_peer_check_by_src``); else it
   is dropped and counted in that peer's stats (``rx_dropped_src``);
 * keys, keepalive, stats and float are per peer; a float re-indexes the peer's address.
-Unlike the ovpn device, the TUN's ``send_redirects`` is left alone.
+
+Unlike the ovpn device, the backend does not switch off ICMP redirects on the TUN
+(``net.ipv4.conf.*.send_redirects``), so a server forwarding between clients may send them
+redirects; they are harmless on a point-to-point link.
 
 Batching: each reader wakeup drains its descriptor (up to a cap so one busy socket
 cannot starve the loop). UDP receive enables UDP_GRO when the kernel offers it and

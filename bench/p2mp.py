@@ -1,0 +1,416 @@
+#!/usr/bin/env python3
+"""P2MP server benchmark: connect time, memory per client and idle CPU of pyovpn vs stock OpenVPN 2.6.
+
+Needs root (network namespaces). For each server it builds a fresh namespace pair joined by a
+veth (server in ``b``, the load generator in ``a``), starts the server with the same config
+(UDP, tls-crypt, ``server 10.80.0.0 255.255.0.0``, ``topology subnet``, ``duplicate-cn``,
+``max-clients``, ``keepalive 10 60``; stock OpenVPN with ``disable-dco``, pyovpn with
+``dco userspace``) and then runs ``python -m pyovpn.tools.loadgen`` (the same generator for
+both) to connect ``-n`` simulated pull clients sharing one client certificate:
+
+* connect time: first client start until the last client's TunnelUp, plus per-client
+  connect-time percentiles (loadgen concurrency ``--concurrency`` handshakes at once);
+* memory per client: (server RSS with N clients connected, after ``--settle`` s) minus
+  (RSS with 0 clients, before the load generator started), divided by N;
+* idle CPU: the server's user+system CPU over ``--idle`` s while the N clients sit idle
+  sending keepalive pings every 10 s, as a percentage of one CPU.
+
+Stock OpenVPN 2.6 limits stateless replies to new clients to 100 per 10 s by default
+(``connect-freq-initial 100 10``), which alone makes 1000 clients take > 90 s. The main
+OpenVPN row raises that limit (``connect-freq-initial <10*N> 10``) so the table compares
+handshake capacity; ``--with-openvpn-default-limits`` adds a row with the stock limit.
+
+Prints a Markdown table with ratios (pyovpn / OpenVPN) and writes it into docs/BENCHMARKS.md
+between ``<!-- bench/p2mp.py:begin -->`` and ``<!-- bench/p2mp.py:end -->`` (``--no-write``
+to skip)::
+
+    sudo python3 bench/p2mp.py            # 1000 clients, 30 s idle
+    sudo python3 bench/p2mp.py -n 50 --idle 10 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from tests.netns.harness import Netns, Proc, wait_listening  # noqa: E402
+
+from pyovpn.tools.pki import Pki, make_pki  # noqa: E402
+
+MARK_BEGIN = "<!-- bench/p2mp.py:begin -->"
+MARK_END = "<!-- bench/p2mp.py:end -->"
+PORT = 1194
+CIPHERS = "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305"
+
+
+@dataclass
+class Variant:
+    name: str
+    impl: str  # "openvpn" | "pyovpn"
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Measurement:
+    n: int
+    connected: int = 0
+    failed: int = 0
+    connect_seconds: float = float("nan")  # first start -> last TunnelUp
+    settle_seconds: float = float("nan")
+    p50: float | None = None
+    p99: float | None = None
+    connect_cpu_s: float = float("nan")  # server CPU during the connect phase
+    loadgen_connect_cpu_s: float = float("nan")
+    rss0_kib: float = float("nan")
+    rssn_kib: float = float("nan")
+    rss_end_kib: float = float("nan")
+    idle_cpu_pct: float = float("nan")
+    idle_seconds: float = 0.0
+    loadgen_idle_cpu_pct: float = float("nan")
+    lg: dict[str, object] = field(default_factory=dict)
+    server_notes: list[str] = field(default_factory=list)
+
+    @property
+    def kib_per_client(self) -> float:
+        return (self.rssn_kib - self.rss0_kib) / self.connected if self.connected else float("nan")
+
+
+# ---------------------------------------------------------------------------- /proc
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants."""
+    out = [pid]
+    for child in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids = child.read_text().split()
+        except OSError:
+            continue
+        for c in kids:
+            out += _tree(int(c))
+    return out
+
+
+def rss_kib(pid: int) -> float:
+    total = 0
+    for p in _tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return float(total)
+
+
+def cpu_seconds(pid: int) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def rss_steady(pid: int, samples: int = 5, interval: float = 0.2) -> float:
+    vals = []
+    for _ in range(samples):
+        vals.append(rss_kib(pid))
+        time.sleep(interval)
+    return statistics.median(vals)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def server_conf(pki: Pki, variant: Variant, n: int, local: str) -> str:
+    lines = [
+        f"# {variant.name}, generated by bench/p2mp.py",
+        "dev tun0",
+        "proto udp",
+        f"local {local}",
+        f"port {PORT}",
+        "server 10.80.0.0 255.255.0.0",
+        "topology subnet",
+        f"ca {pki.ca_crt}",
+        f"cert {pki.server_crt}",
+        f"key {pki.server_key}",
+        "dh none",
+        f"tls-crypt {pki.tc_key}",
+        "duplicate-cn",
+        f"max-clients {n + 50}",
+        "keepalive 10 60",
+        f"data-ciphers {CIPHERS}",
+        "verb 3",
+        "disable-dco" if variant.impl == "openvpn" else "dco userspace",
+        *variant.extra,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def client_conf(pki: Pki, remote: str) -> str:
+    lines = [
+        "client",
+        "dev tun",
+        "proto udp",
+        f"remote {remote} {PORT}",
+        "nobind",
+        f"ca {pki.ca_crt}",
+        f"cert {pki.client_crt}",
+        f"key {pki.client_key}",
+        f"tls-crypt {pki.tc_key}",
+        "remote-cert-tls server",
+        f"data-ciphers {CIPHERS}",
+        "verb 3",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def server_argv(impl: str, conf: Path) -> list[str]:
+    if impl == "openvpn":
+        return ["openvpn", "--config", str(conf)]
+    return [sys.executable, "-m", "pyovpn", "--config", str(conf)]
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+def _json_line(proc: Proc, tag: str, timeout: float) -> dict[str, object]:
+    m = proc.wait_for_line(rf"{tag} (\{{.*\}})\n", timeout)
+    return json.loads(m.group(1))
+
+
+def _server_notes(impl: str, text: str) -> list[str]:
+    notes = []
+    checks = {
+        "pyovpn": [
+            ("Traceback", "tracebacks"),
+            ("new client session", "sessions created"),
+            ("client disconnected", "disconnects"),
+            ("Inactivity timeout", "inactivity timeouts"),
+            ("data channel error", "data channel errors"),
+            ("max-clients reached", "refused (max-clients)"),
+        ],
+        "openvpn": [
+            ("Peer Connection Initiated", "sessions created"),
+            ("Inactivity timeout", "inactivity timeouts"),
+            ("TLS Error", "TLS errors"),
+            ("MAX_CLIENTS", "refused (max-clients)"),
+        ],
+    }[impl]
+    for needle, label in checks:
+        count = text.count(needle)
+        if count:
+            notes.append(f"{label}: {count}")
+    return notes
+
+
+def run_variant(
+    variant: Variant, pki: Pki, workdir: Path, n: int, concurrency: int, settle: float, idle: float
+) -> Measurement:
+    m = Measurement(n=n)
+    with Netns(workdir / "net") as net:
+        sconf = workdir / "server.conf"
+        cconf = workdir / "client.conf"
+        sconf.write_text(server_conf(pki, variant, n, net.outer("b", 4)))
+        cconf.write_text(client_conf(pki, net.outer("b", 4)))
+        server = net.spawn("b", server_argv(variant.impl, sconf), f"server-{variant.impl}")
+        wait_listening(net.b, "udp", PORT, timeout=20, proc=server)
+        time.sleep(2.0)  # let the server finish starting up before the 0-client baseline
+        m.rss0_kib = rss_steady(server.pid)
+        cpu0 = cpu_seconds(server.pid)
+        lg_argv = [sys.executable, "-m", "pyovpn.tools.loadgen", "--config", str(cconf)]
+        lg_argv += ["-n", str(n), "--concurrency", str(concurrency), "--hold", "inf"]
+        loadgen = net.spawn("a", lg_argv, "loadgen", cwd=ROOT)
+        settled = _json_line(loadgen, "LOADGEN SETTLED", timeout=120 + n * 1.0)
+        m.connect_cpu_s = cpu_seconds(server.pid) - cpu0
+        m.loadgen_connect_cpu_s = cpu_seconds(loadgen.pid)
+        m.connected = int(settled["connected"])  # type: ignore[call-overload]
+        m.failed = int(settled["failed"])  # type: ignore[call-overload]
+        m.connect_seconds = float(settled["total_seconds"])  # type: ignore[arg-type]
+        m.settle_seconds = float(settled["settle_seconds"])  # type: ignore[arg-type]
+        m.p50 = settled["connect_p50"]  # type: ignore[assignment]
+        m.p99 = settled["connect_p99"]  # type: ignore[assignment]
+        print(f"    settled: {json.dumps(settled)}", flush=True)
+        time.sleep(settle)
+        m.rssn_kib = rss_steady(server.pid)
+        s_cpu, l_cpu, t = cpu_seconds(server.pid), cpu_seconds(loadgen.pid), time.monotonic()
+        time.sleep(idle)
+        wall = time.monotonic() - t
+        m.idle_seconds = wall
+        m.idle_cpu_pct = 100.0 * (cpu_seconds(server.pid) - s_cpu) / wall
+        m.loadgen_idle_cpu_pct = 100.0 * (cpu_seconds(loadgen.pid) - l_cpu) / wall
+        m.rss_end_kib = rss_steady(server.pid)
+        loadgen.stop(timeout=30)
+        try:
+            m.lg = _json_line(loadgen, "LOADGEN RESULT", timeout=1)
+        except Exception as exc:
+            m.lg = {"error": str(exc)}
+        time.sleep(1.0)
+        m.server_notes = _server_notes(variant.impl, server.text())
+        server.stop(timeout=10)
+        # keep the logs of this run next to the results
+        for p in (server, loadgen):
+            if p.log_path.exists():
+                (workdir / p.log_path.name).write_bytes(p.log_path.read_bytes())
+    return m
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.0f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    if not (b and a == a and b == b):
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def table(results: dict[str, Measurement], n: int, idle: float, concurrency: int) -> str:
+    lines = [
+        f"{n} simulated pull clients (`pyovpn.tools.loadgen`, one process, {concurrency} handshakes "
+        "in flight), UDP/IPv4, tls-crypt, TLS 1.3 EC P-256 certificates, AES-256-GCM, two namespaces "
+        "over veth. Server config: `server 10.80.0.0 255.255.0.0`, `topology subnet`, "
+        "`duplicate-cn`, `max-clients`, `keepalive 10 60`; stock OpenVPN with `disable-dco`, "
+        "pyovpn with `dco userspace`.",
+        "",
+        "Connect = first client start to last TunnelUp; per-client p50/p99 = start to TunnelUp. "
+        "Memory = (server RSS with all clients connected - RSS with none) / clients. "
+        f"Idle CPU = server user+system CPU over {idle:.0f} s while the clients send a keepalive "
+        "ping every 10 s (100% = one core).",
+        "",
+        "| server | connected | connect all (s) | p50 / p99 (ms) | server CPU s during connect "
+        "| RSS 0 → N (MiB) | KiB per client | idle CPU % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in results.items():
+        lines.append(
+            f"| {name} | {m.connected}/{m.n} | {m.connect_seconds:.1f} | {_ms(m.p50)} / {_ms(m.p99)} "
+            f"| {m.connect_cpu_s:.1f} | {m.rss0_kib / 1024:.1f} → {m.rssn_kib / 1024:.1f} "
+            f"| {m.kib_per_client:.1f} | {m.idle_cpu_pct:.2f} |"
+        )
+    ref = next((m for k, m in results.items() if k.startswith("OpenVPN") and "default" not in k), None)
+    py = next((m for k, m in results.items() if k.startswith("pyovpn")), None)
+    if ref is not None and py is not None:
+        lines.append(
+            f"| **ratio pyovpn / OpenVPN** | | **{_ratio(py.connect_seconds, ref.connect_seconds)}** "
+            f"| {_ratio(py.p50 or 0, ref.p50 or 0)} / {_ratio(py.p99 or 0, ref.p99 or 0)} "
+            f"| {_ratio(py.connect_cpu_s, ref.connect_cpu_s)} "
+            f"| | **{_ratio(py.kib_per_client, ref.kib_per_client)}** "
+            f"| **{_ratio(py.idle_cpu_pct, ref.idle_cpu_pct)}** |"
+        )
+    lines.append("")
+    for name, m in results.items():
+        lg = m.lg
+        extra = (
+            f"load generator: pings sent {lg.get('pings_sent')}, data packets received "
+            f"{lg.get('data_received')} (bad {lg.get('data_bad')}), clients silent for a whole "
+            f"ping-restart {lg.get('silent_at_end')}, sessions closed while idle "
+            f"{lg.get('closed_after_up')}; loadgen CPU {m.loadgen_connect_cpu_s:.1f} s during connect"
+        )
+        notes = "; ".join(m.server_notes) or "-"
+        lines.append(f"- {name}: server log: {notes}; {extra}.")
+    return "\n".join(lines)
+
+
+def write_doc(text: str, command: str) -> None:
+    doc = ROOT / "docs" / "BENCHMARKS.md"
+    content = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    openvpn = subprocess.run(["openvpn", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    block = (
+        f"{MARK_BEGIN}\n## P2MP server: many clients (bench/p2mp.py)\n\n"
+        f"Command: `{command}`  \n"
+        f"Machine: {os.cpu_count()} vCPU, Linux {platform.release()}, Python {platform.python_version()}, "
+        f"{openvpn.split(' [')[0]}  \nDate: {time.strftime('%Y-%m-%d')}\n\n"
+        f"{text}\n{MARK_END}"
+    )
+    if MARK_BEGIN in content:
+        content = re.sub(
+            re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: block, content, flags=re.S
+        )
+    else:
+        content = content.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(content)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", "--clients", type=int, default=1000, help="simulated clients (default 1000)")
+    ap.add_argument("--idle", type=float, default=30.0, help="idle CPU window in seconds (default 30)")
+    ap.add_argument("--settle", type=float, default=5.0, help="wait after connecting before measuring")
+    ap.add_argument("--concurrency", type=int, default=50, help="loadgen handshakes in flight (default 50)")
+    ap.add_argument("--only", choices=["openvpn", "pyovpn"], help="run one server only")
+    ap.add_argument(
+        "--with-openvpn-default-limits",
+        action="store_true",
+        help="also run stock OpenVPN with its default connect-freq-initial 100 10",
+    )
+    ap.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
+    ap.add_argument("--keep", metavar="DIR", help="keep configs and logs in DIR")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/p2mp.py needs root (network namespaces)", file=sys.stderr)
+        return 1
+    n = args.clients
+    variants = [
+        Variant(
+            "OpenVPN 2.6 (connect-freq-initial raised)",
+            "openvpn",
+            [f"connect-freq-initial {max(100, 10 * n)} 10"],
+        ),
+        Variant("pyovpn (userspace data channel)", "pyovpn"),
+    ]
+    if args.with_openvpn_default_limits:
+        variants.insert(1, Variant("OpenVPN 2.6 (default connect-freq-initial 100 10)", "openvpn"))
+    if args.only:
+        variants = [v for v in variants if v.impl == args.only]
+    results: dict[str, Measurement] = {}
+    keep = Path(args.keep) if args.keep else None
+    with tempfile.TemporaryDirectory(prefix="pov-p2mp-") as tmp:
+        base = keep or Path(tmp)
+        base.mkdir(parents=True, exist_ok=True)
+        pki = make_pki(base / "pki")
+        for i, v in enumerate(variants):
+            print(f"running: {v.name} with {n} clients", flush=True)
+            workdir = base / f"{i}-{v.impl}"
+            workdir.mkdir(exist_ok=True)
+            m = run_variant(v, pki, workdir, n, args.concurrency, args.settle, args.idle)
+            results[v.name] = m
+            print(
+                f"    connected {m.connected}/{n} in {m.connect_seconds:.1f} s, "
+                f"{m.kib_per_client:.1f} KiB/client, idle CPU {m.idle_cpu_pct:.2f} %, "
+                f"notes: {m.server_notes}, loadgen: {json.dumps(m.lg)}",
+                flush=True,
+            )
+    text = table(results, n, args.idle, args.concurrency)
+    print()
+    print(text)
+    if not args.no_write:
+        write_doc(text, ("sudo python3 bench/p2mp.py " + shlex.join(sys.argv[1:])).strip())
+        print("\nwritten to docs/BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

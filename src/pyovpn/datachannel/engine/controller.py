@@ -1,0 +1,845 @@
+"""The engine's controller: executes data-channel commands and places peers on workers.
+
+It is the only part of the engine the control plane talks to (over the unix socket given on
+the command line), and it behaves like the kernel's generic-netlink side: it validates a
+command, applies it to its own picture of the interface, peers and key slots, fans it out to
+the workers that hold the peer (waiting for every acknowledgement before replying), and
+turns worker events into notifications. It never touches a data packet.
+
+Placement (P2P, one peer): worker 0 reads the TUN and owns the peer's transmit side (so
+every packet id of a key comes from one counter, and the TUN's packets stay in order),
+the next worker owns the receive side (socket, replay window, decryption, GRO into the
+TUN). With one worker both sides share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyovpn.datachannel.api import (
+    Address,
+    ControlPacket,
+    DelIface,
+    DelKey,
+    DelPeer,
+    GetKey,
+    GetPeer,
+    IfaceMode,
+    KeyExhausted,
+    KeyInfo,
+    KeySlot,
+    NewIface,
+    NewKey,
+    NewPeer,
+    Notification,
+    PeerDeleted,
+    PeerDelReason,
+    PeerFloated,
+    PeerInfo,
+    SendControl,
+    SetPeer,
+    Stats,
+    SwapKeys,
+    Transport,
+)
+from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PEER_ID_UNDEF, KeyState
+from pyovpn.datachannel.engine.remote import RemoteCell
+from pyovpn.datachannel.engine.wire import decode, encode, recv_msg, send_msg
+from pyovpn.errors import BackendError
+from pyovpn.net import tun
+
+log = logging.getLogger("pyovpn.engine")
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+TUNSETIFF = 0x400454CA
+_IFREQ = struct.Struct("16sH22x")
+_STAT_FIELDS = (
+    "vpn_rx_bytes",
+    "vpn_tx_bytes",
+    "vpn_rx_packets",
+    "vpn_tx_packets",
+    "link_rx_bytes",
+    "link_tx_bytes",
+    "link_rx_packets",
+    "link_tx_packets",
+    "dropped_auth",
+    "dropped_replay",
+    "dropped_other",
+)
+
+
+@dataclass
+class _KeyMeta:
+    key_id: int
+    cipher: Any
+    serial: int
+
+
+@dataclass
+class _Peer:
+    peer_id: int
+    gen: int
+    tx_peer_id: int
+    sock: socket.socket
+    transport: Transport
+    workers: list[int]  # [tx worker, rx worker] (may be equal)
+    remote: Address | None = None
+    send_addr: tuple[Any, ...] | None = None
+    raw_ip: str | None = None
+    raw_port: int = 0
+    ka_interval: int = 0
+    ka_timeout: int = 0
+    keys: list[_KeyMeta | None] = field(default_factory=lambda: [None, None])
+    orig_blocking: bool = True
+    orig_bufs: tuple[int, int] = (0, 0)
+    gro: bool = False
+    cell: RemoteCell | None = None  # UDP: the remote address shared with the workers
+
+
+@dataclass
+class _Iface:
+    name: str
+    requested_name: str
+    fd: int
+    mode: IfaceMode
+    mtu: int
+    vnet: bool
+
+
+class _WorkerLink:
+    def __init__(self, index: int, sock: socket.socket, pid: int) -> None:
+        self.index = index
+        self.sock = sock
+        self.pid = pid
+        self.next_id = 1
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+
+
+def _normalize(addr: tuple[Any, ...]) -> Address:
+    ip = addr[0]
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    return (ip, addr[1])
+
+
+def _scope_index(scope: str | None) -> int:
+    if not scope:
+        return 0
+    if scope.isdigit():
+        return int(scope)
+    try:
+        return socket.if_nametoindex(scope)
+    except OSError:
+        return 0
+
+
+class Controller:
+    """Serves one proxy connection; ``workers`` are ``(index, channel, pid)`` of forked workers."""
+
+    def __init__(
+        self, proxy: socket.socket, workers: list[tuple[int, socket.socket, int]], opts: dict[str, Any]
+    ):
+        self.proxy = proxy
+        self.links = [_WorkerLink(i, s, pid) for i, s, pid in workers]
+        self.opts = opts
+        self.replay_window = int(opts.get("replay_window", 2048))
+        self.want_gso = bool(opts.get("udp_gso", True))
+        self.want_gro = bool(opts.get("udp_gro", True))
+        self.tun_offload = bool(opts.get("tun_offload", True))
+        self.mssfix = int(opts.get("mssfix") or 0)
+        self.sock_buf = int(opts.get("socket_buffer", 4 << 20))
+        self.iface: _Iface | None = None
+        self.peers: dict[int, _Peer] = {}
+        self.queue: asyncio.Queue[tuple[str, Any, list[int]]] = asyncio.Queue()
+        self.closed = False
+        self.gen = 0
+        self.serial = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.done: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+        self.proxy.setblocking(False)
+        self.loop.add_reader(self.proxy.fileno(), self._on_proxy)
+        for link in self.links:
+            link.sock.setblocking(False)
+            self.loop.add_reader(link.sock.fileno(), self._on_worker, link)
+        self._send_proxy({"ready": {"workers": [link.pid for link in self.links]}})
+        task = asyncio.create_task(self._process())
+        try:
+            await self.done
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            await self._shutdown()
+
+    def _send_proxy(self, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        try:
+            self.proxy.setblocking(True)
+            send_msg(self.proxy, msg, fds)
+        except OSError:
+            self._finish()
+        finally:
+            with contextlib.suppress(OSError):
+                self.proxy.setblocking(False)
+
+    def _finish(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def _on_proxy(self) -> None:
+        while True:
+            try:
+                msg, fds = recv_msg(self.proxy)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._finish()
+                return
+            if msg is None:  # the control plane is gone: tear everything down
+                assert self.loop is not None
+                self.loop.remove_reader(self.proxy.fileno())
+                self._finish()
+                return
+            self.queue.put_nowait(("req", msg, fds))
+
+    def _on_worker(self, link: _WorkerLink) -> None:
+        while True:
+            try:
+                msg, fds = recv_msg(link.sock)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg, fds = None, []
+            if msg is None:
+                assert self.loop is not None
+                self.loop.remove_reader(link.sock.fileno())
+                for fut in link.pending.values():
+                    if not fut.done():
+                        fut.set_exception(BackendError(f"engine worker {link.index} exited"))
+                link.pending.clear()
+                if not self.closed:
+                    log.error("engine: worker %d exited unexpectedly", link.index)
+                    self._finish()
+                return
+            for fd in fds:
+                os.close(fd)
+            if "ev" in msg:
+                self.queue.put_nowait(("ev", msg, []))
+                continue
+            fut = link.pending.pop(msg.get("id"), None)
+            if fut is None or fut.done():
+                continue
+            if "err" in msg:
+                fut.set_exception(BackendError(msg["err"]))
+            else:
+                fut.set_result(decode(msg.get("ok")))
+
+    async def _call(self, index: int, op: str, fds: list[int] | tuple[int, ...] = (), **kw: Any) -> Any:
+        link = self.links[index]
+        rid = link.next_id
+        link.next_id += 1
+        assert self.loop is not None
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        link.pending[rid] = fut
+        try:
+            link.sock.setblocking(True)
+            send_msg(link.sock, {"id": rid, "op": op, **kw}, fds)
+        except OSError as e:
+            link.pending.pop(rid, None)
+            raise BackendError(f"engine worker {index} is unreachable: {e}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                link.sock.setblocking(False)
+        return await fut
+
+    async def _call_peer(self, peer: _Peer, op: str, **kw: Any) -> list[Any]:
+        out = []
+        for index in sorted(set(peer.workers)):
+            out.append(await self._call(index, op, peer_id=peer.peer_id, gen=peer.gen, **kw))
+        return out
+
+    def _emit(self, n: Notification) -> None:
+        self._send_proxy({"note": encode(n)})
+
+    async def _process(self) -> None:
+        while True:
+            kind, msg, fds = await self.queue.get()
+            if kind == "ev":
+                try:
+                    await self._worker_event(msg)
+                except Exception:
+                    log.exception("engine: handling worker event %r failed", msg.get("ev"))
+                continue
+            rid = msg.get("id")
+            try:
+                result = await self._request(msg, fds)
+                reply: dict[str, Any] = {"id": rid, "ok": encode(result)}
+            except BackendError as e:
+                reply = {"id": rid, "err": str(e)}
+            except Exception as e:
+                log.exception("engine: request failed")
+                reply = {"id": rid, "err": f"engine internal error: {e}"}
+            finally:
+                pass
+            self._send_proxy(reply)
+            if msg.get("op") == "close":
+                self._finish()
+                return
+
+    # ------------------------------------------------------------------ requests
+
+    async def _request(self, msg: dict[str, Any], fds: list[int]) -> Any:
+        op = msg.get("op")
+        if op == "close":
+            await self._teardown()
+            return None
+        if op == "stats":
+            return await self._stats(self._peer("GetPeer", msg["peer_id"]))
+        if op == "debug":
+            peer = self._peer("debug", msg["peer_id"])
+            try:
+                return await self._call(
+                    peer.workers[0],
+                    "debug",
+                    peer_id=peer.peer_id,
+                    gen=peer.gen,
+                    what=msg["what"],
+                    **{k: v for k, v in msg.items() if k not in ("op", "id", "what", "peer_id")},
+                )
+            except BackendError as e:
+                raise BackendError(f"debug: {e}") from None
+        if op != "cmd":
+            for fd in fds:
+                os.close(fd)
+            raise BackendError(f"unknown engine request {op!r}")
+        try:
+            cmd = decode(msg["cmd"])
+        except (ValueError, TypeError, KeyError) as e:
+            for fd in fds:
+                os.close(fd)
+            raise BackendError(f"malformed command: {e}") from None
+        what = type(cmd).__name__
+        if isinstance(cmd, NewPeer):
+            if not fds:
+                raise BackendError(f"{what}: no socket descriptor was passed")
+            return await self._new_peer(cmd, fds[0])
+        for fd in fds:
+            os.close(fd)
+        if self.closed:
+            raise BackendError(f"{what}: the offload engine is closed")
+        handler = self._handlers.get(type(cmd))
+        if handler is None:
+            raise BackendError(f"{what}: not a data-channel command")
+        return await handler(self, cmd)
+
+    async def _new_iface(self, cmd: NewIface) -> dict[str, Any]:
+        if self.iface is not None:
+            raise BackendError(
+                f"NewIface: this backend already drives {self.iface.name}; use one backend per interface"
+            )
+        if cmd.mode is IfaceMode.MP:
+            raise BackendError("NewIface: multipoint (MP) mode is not implemented yet in the offload engine")
+        if not 68 <= cmd.mtu <= 65535:
+            raise BackendError(f"NewIface: MTU {cmd.mtu} out of range 68..65535")
+        try:
+            fd, ifname, vnet = _open_tun(cmd.name or None, self.tun_offload)
+        except BackendError as e:
+            raise BackendError(f"NewIface: {e}") from None
+        try:
+            await asyncio.to_thread(_configure, ifname, cmd.mtu)
+        except BaseException as e:
+            os.close(fd)
+            if isinstance(e, BackendError):
+                raise BackendError(f"NewIface: {e}") from None
+            raise
+        iface = _Iface(ifname, cmd.name, fd, cmd.mode, cmd.mtu, vnet)
+        for link in self.links:
+            await self._call(link.index, "set_tun", [fd], vnet=vnet, mtu=cmd.mtu, read=link.index == 0)
+        self.iface = iface
+        log.info("offload engine: created %s (mtu %d, vnet offloads %s)", ifname, cmd.mtu, vnet)
+        return {"ifname": ifname, "vnet": vnet}
+
+    async def _del_iface(self, cmd: DelIface) -> None:
+        iface = self.iface
+        if iface is None or cmd.name not in (iface.name, iface.requested_name):
+            raise BackendError(f"DelIface: no interface named {cmd.name!r}")
+        for peer in list(self.peers.values()):
+            await self._remove_peer(peer, PeerDelReason.TEARDOWN)
+        await self._close_iface()
+
+    async def _close_iface(self) -> None:
+        iface = self.iface
+        if iface is None:
+            return
+        self.iface = None
+        for link in self.links:
+            with contextlib.suppress(BackendError):
+                await self._call(link.index, "clear_tun")
+        with contextlib.suppress(OSError):
+            os.close(iface.fd)
+
+    async def _new_peer(self, cmd: NewPeer, fd: int) -> None:
+        what = "NewPeer"
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            os.close(fd)
+            raise BackendError(
+                f"{what}: socket fd {cmd.socket_fd} is not usable: {e.strerror or e}"
+            ) from None
+        try:
+            peer = self._check_new_peer(cmd, sock)
+        except BaseException:
+            sock.close()
+            raise
+        for old in (self.peers.get(cmd.peer_id), *self.peers.values()):
+            if old is not None and self.peers.get(old.peer_id) is old:
+                await self._remove_peer(old, PeerDelReason.TEARDOWN)  # P2P: one peer at a time
+        self._configure_socket(peer)
+        mss4 = mss6 = 0
+        if self.mssfix:
+            outer = (
+                48
+                if peer.sock.family == socket.AF_INET6 and not (peer.remote and "." in peer.remote[0])
+                else 28
+            )
+            base = self.mssfix - outer - DATA_V2_OVERHEAD
+            mss4, mss6 = max(base - 40, 536), max(base - 60, 1220)
+        desc = {
+            "peer_id": peer.peer_id,
+            "gen": peer.gen,
+            "tx_peer_id": peer.tx_peer_id,
+            "transport": peer.transport.value,
+            "send_addr": peer.send_addr,
+            "raw_ip": peer.raw_ip,
+            "raw_port": peer.raw_port,
+            "gso": self.want_gso and peer.transport is Transport.UDP and _gso_ok(peer.sock),
+            "gro": peer.gro,
+            "mss4": mss4,
+            "mss6": mss6,
+        }
+        tx_w, rx_w = peer.workers
+        self.peers[peer.peer_id] = peer
+        fds = [sock.fileno()]
+        if peer.transport is Transport.UDP:
+            assert peer.send_addr is not None
+            peer.cell = RemoteCell()
+            peer.cell.store(peer.send_addr)
+            fds.append(peer.cell.fd)
+        try:
+            for index in sorted(set(peer.workers)):
+                d = dict(desc, tx=index == tx_w, rx=index == rx_w)
+                if index == rx_w:
+                    d["backlog"] = cmd.tcp_backlog
+                await self._call(index, "add_peer", fds, peer=encode(d))
+            await self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)
+        except BaseException:
+            await self._remove_peer(peer, None)
+            raise
+        log.info(
+            "offload engine: peer %d over %s%s (tx worker %d, rx worker %d, gso=%s gro=%s)",
+            peer.peer_id,
+            peer.transport.value,
+            f" to {peer.remote[0]}:{peer.remote[1]}" if peer.remote else "",
+            tx_w,
+            rx_w,
+            desc["gso"],
+            peer.gro,
+        )
+
+    def _check_new_peer(self, cmd: NewPeer, sock: socket.socket) -> _Peer:
+        what = "NewPeer"
+        if self.closed:
+            raise BackendError(f"{what}: the offload engine is closed")
+        if self.iface is None:
+            raise BackendError(f"{what}: no interface; send NewIface first")
+        if not 0 <= cmd.peer_id < PEER_ID_UNDEF:
+            raise BackendError(f"{what}: peer id {cmd.peer_id} out of range 0..0xFFFFFE")
+        tx_id = cmd.peer_id if cmd.tx_peer_id is None else cmd.tx_peer_id
+        if not 0 <= tx_id <= PEER_ID_UNDEF:
+            raise BackendError(f"{what}: tx peer id {tx_id} out of range 0..0xFFFFFF")
+        if cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None:
+            raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
+        self._check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
+        if cmd.transport is Transport.UDP and cmd.remote is None:
+            raise BackendError(f"{what}: a UDP peer needs a remote address")
+        if cmd.transport is Transport.TCP and cmd.remote is not None:
+            raise BackendError(f"{what}: a TCP peer must not have a remote; the socket is connected")
+        if cmd.transport is Transport.TCP and cmd.local_ip is not None:
+            raise BackendError(f"{what}: local_ip applies to UDP peers only")
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise BackendError(f"{what}: the socket is not an IPv4/IPv6 socket")
+        want = socket.SOCK_DGRAM if cmd.transport is Transport.UDP else socket.SOCK_STREAM
+        if sock.type != want:
+            raise BackendError(f"{what}: the socket is not a {cmd.transport.value.upper()} socket")
+        n = len(self.links)
+        self.gen += 1
+        peer = _Peer(cmd.peer_id, self.gen, tx_id, sock, cmd.transport, [0, 1 % n])
+        if cmd.transport is Transport.TCP:
+            try:
+                sock.getpeername()
+            except OSError:
+                raise BackendError(f"{what}: the TCP socket is not connected") from None
+        else:
+            assert cmd.remote is not None
+            self._set_remote(what, peer, cmd.remote)
+        return peer
+
+    def _configure_socket(self, peer: _Peer) -> None:
+        sock = peer.sock
+        peer.orig_blocking = os.get_blocking(sock.fileno())
+        sock.setblocking(False)
+        peer.orig_bufs = (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        )
+        if self.sock_buf:
+            for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, force, self.sock_buf)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, plain, self.sock_buf)
+        if peer.transport is Transport.UDP and self.want_gro:
+            try:
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                peer.gro = True
+            except OSError:
+                peer.gro = False
+
+    def _set_remote(self, what: str, peer: _Peer, remote: Address) -> None:
+        try:
+            ip = ipaddress.ip_address(remote[0])
+            port = int(remote[1])
+        except (ValueError, TypeError, IndexError):
+            raise BackendError(f"{what}: remote {remote!r} is not an (ip, port) pair") from None
+        if not 1 <= port <= 65535:
+            raise BackendError(f"{what}: remote port {port} out of range 1..65535")
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if peer.sock.family == socket.AF_INET:
+            if ip.version != 4:
+                raise BackendError(f"{what}: remote {ip} is IPv6 but the socket is IPv4")
+            peer.raw_ip = str(ip)
+            peer.send_addr = (peer.raw_ip, port)
+        else:
+            peer.raw_ip = f"::ffff:{ip}" if ip.version == 4 else str(ip)
+            scope = ip.scope_id if isinstance(ip, ipaddress.IPv6Address) else None
+            peer.send_addr = (peer.raw_ip.split("%")[0], port, 0, _scope_index(scope))
+        peer.raw_port = port
+        peer.remote = (str(ip), port)
+
+    async def _set_peer(self, cmd: SetPeer) -> None:
+        what = "SetPeer"
+        peer = self._peer(what, cmd.peer_id)
+        if (cmd.keepalive_interval is None) != (cmd.keepalive_timeout is None):
+            raise BackendError(f"{what}: keepalive interval and timeout must be given together")
+        if cmd.keepalive_interval is not None:
+            assert cmd.keepalive_timeout is not None
+            self._check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
+        if cmd.remote is not None:
+            if peer.transport is Transport.TCP:
+                raise BackendError(f"{what}: a TCP peer's remote cannot change")
+            self._set_remote(what, peer, cmd.remote)
+            assert peer.cell is not None and peer.send_addr is not None
+            peer.cell.store(peer.send_addr)  # the workers pick it up before their next packet
+        if cmd.keepalive_interval is not None:
+            assert cmd.keepalive_timeout is not None
+            await self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)
+
+    async def _set_keepalive(self, peer: _Peer, interval: int, timeout: int) -> None:
+        peer.ka_interval = interval
+        peer.ka_timeout = timeout
+        await self._call_peer(peer, "set_keepalive", interval=interval, timeout=timeout)
+
+    async def _stats(self, peer: _Peer) -> Stats:
+        total = Stats()
+        for part in await self._call_peer(peer, "stats"):
+            for f in _STAT_FIELDS:
+                setattr(total, f, getattr(total, f) + part[f])
+            for k, v in part["extra"].items():
+                total.extra[k] = total.extra.get(k, 0) + v
+        return total
+
+    async def _get_peer(self, cmd: GetPeer) -> PeerInfo:
+        peer = self._peer("GetPeer", cmd.peer_id)
+        st = await self._stats(peer)
+        return PeerInfo(
+            peer_id=peer.peer_id,
+            remote=peer.remote,
+            keepalive_interval=peer.ka_interval,
+            keepalive_timeout=peer.ka_timeout,
+            **{f: getattr(st, f) for f in _STAT_FIELDS[:8]},
+        )
+
+    async def _del_peer(self, cmd: DelPeer) -> None:
+        await self._remove_peer(self._peer("DelPeer", cmd.peer_id), PeerDelReason.USERSPACE)
+
+    async def _new_key(self, cmd: NewKey) -> None:
+        what = "NewKey"
+        peer = self._peer(what, cmd.peer_id)
+        slot = self._slot(what, cmd.slot)
+        if not 0 <= cmd.key_id <= 7:
+            raise BackendError(f"{what}: key id {cmd.key_id} out of range 0..7")
+        for name, direction in (("encrypt", cmd.encrypt), ("decrypt", cmd.decrypt)):
+            if len(direction.cipher_key) != cmd.cipher.key_len:
+                raise BackendError(
+                    f"{what}: bad {name} key length {len(direction.cipher_key)} for {cmd.cipher.value} "
+                    f"(needs {cmd.cipher.key_len})"
+                )
+            if len(direction.nonce_tail) != 8:
+                raise BackendError(
+                    f"{what}: {name} nonce tail must be 8 bytes, got {len(direction.nonce_tail)}"
+                )
+        try:
+            KeyState.from_directions(cmd.key_id, cmd.cipher, cmd.encrypt, cmd.decrypt)
+        except ValueError as e:
+            raise BackendError(f"{what}: {e}") from None
+        self.serial += 1
+        await self._call_peer(
+            peer,
+            "new_key",
+            slot=slot,
+            key_id=cmd.key_id,
+            cipher=cmd.cipher.value,
+            serial=self.serial,
+            enc_key=encode(cmd.encrypt.cipher_key),
+            enc_tail=encode(cmd.encrypt.nonce_tail),
+            dec_key=encode(cmd.decrypt.cipher_key),
+            dec_tail=encode(cmd.decrypt.nonce_tail),
+            replay_window=self.replay_window,
+        )
+        peer.keys[slot] = _KeyMeta(cmd.key_id, cmd.cipher, self.serial)
+
+    async def _del_key(self, cmd: DelKey) -> None:
+        peer = self._peer("DelKey", cmd.peer_id)
+        slot = self._slot("DelKey", cmd.slot)
+        await self._call_peer(peer, "del_key", slot=slot)
+        peer.keys[slot] = None
+
+    async def _swap_keys(self, cmd: SwapKeys) -> None:
+        peer = self._peer("SwapKeys", cmd.peer_id)
+        await self._call_peer(peer, "swap_keys")
+        peer.keys.reverse()
+
+    async def _get_key(self, cmd: GetKey) -> KeyInfo:
+        peer = self._peer("GetKey", cmd.peer_id)
+        slot = self._slot("GetKey", cmd.slot)
+        meta = peer.keys[slot]
+        if meta is None:
+            raise BackendError(
+                f"GetKey: peer {cmd.peer_id} has no key in the {KeySlot(slot).name.lower()} slot"
+            )
+        return KeyInfo(peer_id=peer.peer_id, slot=KeySlot(slot), key_id=meta.key_id, cipher=meta.cipher)
+
+    async def _send_control(self, cmd: SendControl) -> None:
+        what = "SendControl"
+        peer = self._peer(what, cmd.peer_id)
+        if not cmd.packet:
+            raise BackendError(f"{what}: empty packet")
+        if peer.transport is Transport.TCP and len(cmd.packet) > 0xFFFF:
+            raise BackendError(f"{what}: {len(cmd.packet)} bytes do not fit a TCP frame (max 65535)")
+        try:
+            await self._call(
+                peer.workers[0], "send_control", peer_id=peer.peer_id, gen=peer.gen, packet=encode(cmd.packet)
+            )
+        except BackendError as e:
+            raise BackendError(f"{what}: {e}") from None
+
+    _handlers: dict[type, Callable[[Controller, Any], Any]] = {
+        NewIface: _new_iface,
+        DelIface: _del_iface,
+        SetPeer: _set_peer,
+        GetPeer: _get_peer,
+        DelPeer: _del_peer,
+        NewKey: _new_key,
+        DelKey: _del_key,
+        SwapKeys: _swap_keys,
+        GetKey: _get_key,
+        SendControl: _send_control,
+    }
+
+    # ------------------------------------------------------------------ worker events
+
+    async def _worker_event(self, msg: dict[str, Any]) -> None:
+        ev = msg["ev"]
+        peer = self.peers.get(msg.get("peer_id", -1))
+        if peer is None or peer.gen != msg.get("gen"):
+            return  # about a peer that is already gone
+        if ev == "control":
+            addr = decode(msg.get("addr"))
+            self._emit(ControlPacket(peer.peer_id, decode(msg["packet"]), _normalize(addr) if addr else None))
+        elif ev == "float":
+            addr = decode(msg["addr"])
+            peer.send_addr = tuple(addr)
+            peer.raw_ip = addr[0]
+            peer.raw_port = addr[1]
+            peer.remote = _normalize(addr)  # the receiving worker already moved both sides
+            log.info("offload engine: peer %d floated to %s:%d", peer.peer_id, *peer.remote)
+            self._emit(PeerFloated(peer.peer_id, peer.remote))
+        elif ev == "expired":
+            await self._remove_peer(peer, PeerDelReason.EXPIRED)
+        elif ev == "tcp_closed":
+            await self._remove_peer(peer, decode(msg["reason"]))
+        elif ev == "key_exhausted":
+            serial = msg["serial"]
+            for i in (0, 1):
+                meta = peer.keys[i]
+                if meta is not None and meta.serial == serial:
+                    peer.keys[i] = None
+            await self._call_peer(peer, "kill_key", serial=serial)
+            log.warning(
+                "offload engine: killing key %d of peer %d (packet ids exhausted)",
+                msg["key_id"],
+                peer.peer_id,
+            )
+            self._emit(KeyExhausted(peer.peer_id, msg["key_id"]))
+
+    # ------------------------------------------------------------------ removal and shutdown
+
+    async def _remove_peer(self, peer: _Peer, reason: PeerDelReason | None) -> None:
+        if self.peers.get(peer.peer_id) is not peer:
+            return
+        del self.peers[peer.peer_id]
+        flush = reason is PeerDelReason.USERSPACE
+        for index in sorted(set(peer.workers)):
+            with contextlib.suppress(BackendError):
+                await self._call(index, "del_peer", peer_id=peer.peer_id, gen=peer.gen, flush=flush)
+        self._release_socket(peer)
+        if reason is not None:
+            log.info("offload engine: peer %d deleted (%s)", peer.peer_id, reason.name)
+            self._emit(PeerDeleted(peer.peer_id, reason))
+
+    def _release_socket(self, peer: _Peer) -> None:
+        if peer.cell is not None:
+            peer.cell.close()
+            peer.cell = None
+        sock = peer.sock
+        if sock.fileno() >= 0:
+            # give the caller's socket back as we found it (flags live on the shared file)
+            if peer.gro:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(SOL_UDP, UDP_GRO, 0)
+            with contextlib.suppress(OSError):
+                os.set_blocking(sock.fileno(), peer.orig_blocking)
+        sock.close()
+
+    async def _teardown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for peer in list(self.peers.values()):
+            del self.peers[peer.peer_id]
+            for index in sorted(set(peer.workers)):
+                with contextlib.suppress(BackendError):
+                    await self._call(index, "del_peer", peer_id=peer.peer_id, gen=peer.gen, flush=False)
+            self._release_socket(peer)
+        await self._close_iface()
+
+    async def _shutdown(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._teardown(), 5)
+        for link in self.links:
+            with contextlib.suppress(OSError):
+                link.sock.setblocking(True)
+                send_msg(link.sock, {"id": 0, "op": "exit"})
+            with contextlib.suppress(OSError):
+                link.sock.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _peer(self, what: str, peer_id: int) -> _Peer:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            raise BackendError(f"{what}: unknown peer id {peer_id}")
+        return peer
+
+    @staticmethod
+    def _slot(what: str, slot: int) -> int:
+        if slot not in (KeySlot.PRIMARY, KeySlot.SECONDARY):
+            raise BackendError(f"{what}: no such key slot {slot!r} (PRIMARY or SECONDARY)")
+        return int(slot)
+
+    @staticmethod
+    def _check_keepalive(what: str, interval: int, timeout: int) -> None:
+        if interval < 0 or timeout < 0:
+            raise BackendError(f"{what}: keepalive interval and timeout must not be negative")
+
+
+def _gso_ok(sock: socket.socket) -> bool:
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+        return True
+    except OSError:
+        return False
+
+
+def _open_tun(name: str | None, offload: bool) -> tuple[int, str, bool]:
+    """A TUN with ``IFF_VNET_HDR`` and checksum/TSO/USO offloads, or a plain one if refused."""
+    if not offload:
+        fd, ifname = tun.open_tun(name)
+        return fd, ifname, False
+    pattern = "tun%d" if name in (None, "", "tun") else name
+    assert pattern is not None
+    raw = pattern.encode()
+    if len(raw) >= 16:
+        raise BackendError(f"interface name {pattern!r} is too long (at most 15 bytes)")
+    try:
+        fd = os.open(tun.TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        fd, ifname = tun.open_tun(name)  # let the plain path produce the detailed error
+        return fd, ifname, False
+    try:
+        res = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(raw, tun.IFF_TUN | tun.IFF_NO_PI | IFF_VNET_HDR))
+    except OSError:
+        os.close(fd)
+        fd, ifname = tun.open_tun(name)
+        return fd, ifname, False
+    ifname = _IFREQ.unpack(res)[0].rstrip(b"\0").decode()
+    base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+    for flags in (base | TUN_F_USO4 | TUN_F_USO6, base, TUN_F_CSUM, 0):
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+            break
+        except OSError:
+            continue
+    return fd, ifname, True
+
+
+def _configure(ifname: str, mtu: int) -> None:
+    tun.configure_link(ifname, mtu, True)
+    # a longer queue in front of the engine, as OpenVPN's tuned `txqueuelen 1000`
+    with contextlib.suppress(Exception):
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
+            if idx:
+                ipr.link("set", index=idx[0], txqlen=1000)

@@ -1,0 +1,65 @@
+"""A peer's remote address in shared memory, so a float reaches the transmit side at once.
+
+The receive side of a peer (one worker) detects a float when an authenticated packet comes
+from a new address; the transmit side (usually another worker) must send the very next
+packet there, for instance the reply the kernel generates to the packet that floated.
+A message through the controller would arrive too late, so the address lives in a small
+``memfd`` mapping shared by the controller and both workers, guarded by a sequence
+counter (odd while a writer is in the middle of an update, seqlock style). Readers
+compare the counter with the one they cached, which costs one ``unpack_from`` per batch.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import struct
+from typing import Any
+
+__all__ = ["RemoteCell"]
+
+_GEN = struct.Struct("<I")
+_BODY = struct.Struct("<HH16sI")  # family, port, address, scope id
+_SIZE = 64
+
+
+class RemoteCell:
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("pyovpn-remote", os.MFD_CLOEXEC)
+            os.ftruncate(fd, _SIZE)
+        self.fd = fd
+        self.mm = mmap.mmap(fd, _SIZE)
+
+    def generation(self) -> int:
+        return _GEN.unpack_from(self.mm, 0)[0]
+
+    def store(self, send_addr: tuple[Any, ...]) -> None:
+        """Publish a socket address: ``(ip, port)`` for AF_INET, ``(ip, port, flow, scope)`` for AF_INET6."""
+        family = socket.AF_INET6 if len(send_addr) == 4 else socket.AF_INET
+        raw = socket.inet_pton(family, str(send_addr[0]).split("%")[0])
+        scope = int(send_addr[3]) if family == socket.AF_INET6 else 0
+        gen = self.generation()
+        if gen & 1:
+            gen += 1
+        _GEN.pack_into(self.mm, 0, (gen + 1) & 0xFFFFFFFF)
+        _BODY.pack_into(self.mm, 4, family, send_addr[1], raw.ljust(16, b"\0"), scope)
+        _GEN.pack_into(self.mm, 0, (gen + 2) & 0xFFFFFFFF)
+
+    def load(self) -> tuple[int, tuple[Any, ...]]:
+        """``(generation, send_addr)``, retrying while a writer is mid-update."""
+        while True:
+            g1 = self.generation()
+            if g1 & 1:
+                continue
+            family, port, raw, scope = _BODY.unpack_from(self.mm, 4)
+            if self.generation() == g1:
+                break
+        if family == socket.AF_INET6:
+            return g1, (socket.inet_ntop(socket.AF_INET6, raw), port, 0, scope)
+        return g1, (socket.inet_ntop(socket.AF_INET, raw[:4]), port)
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)

@@ -1,0 +1,957 @@
+"""One engine worker process: an epoll loop that moves packets for the peers it is given.
+
+A peer has a *transmit* side (read the TUN, segment super-packets, encrypt with the primary
+key, send with UDP GSO, keepalive pings, control packets out) and a *receive* side (read
+the transport socket with UDP GRO, decrypt, replay check, float, userspace GRO into the
+TUN, keepalive expiry, control packets in). The controller gives each side to exactly one
+worker, so a key's transmit packet ids come from a single counter and its replay window
+lives in a single process, and a flow's packets are handled in order by one process.
+
+The worker talks to the controller over a ``SOCK_SEQPACKET`` channel (see ``wire.py``):
+requests ``{"id", "op", ...}`` answered by ``{"id", "ok"|"err"}``, and events
+``{"ev", ...}`` (control packet, float, expiry, TCP disconnect, key exhausted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from pyovpn.datachannel.api import Cipher, KeyDirection, PeerDelReason, Stats, Transport
+from pyovpn.datachannel.crypto import (
+    OPCODE_DATA_V1,
+    OPCODE_DATA_V2,
+    PEER_ID_UNDEF,
+    PING_MAGIC,
+    KeyState,
+    PacketIdExhaustedError,
+)
+from pyovpn.datachannel.engine import gso
+from pyovpn.datachannel.engine.remote import RemoteCell
+from pyovpn.datachannel.engine.wire import decode, encode, recv_msg, send_msg
+from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
+
+log = logging.getLogger("pyovpn.engine")
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+_GSO_SIZE = struct.Struct("=H")
+_FRAME_LEN = struct.Struct(">H")
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_GSO_MAX_SEGMENTS = 64
+_GSO_MAX_BYTES = 65000
+_TUN_BATCH = 64  # TUN reads per wakeup before other descriptors get a turn
+_UDP_BATCH = 32  # GRO receives per wakeup
+_TCP_RX_CHUNK = 262144
+_TCP_TX_HIGH_WATER = 1 << 20
+_TX_BUF = 1 << 20
+_TX_FLUSH_AT = _TX_BUF - 2 * 65536 - 4096  # room for one more 64 KiB super-packet's slots
+_RX_BUF = 65536 + 4096
+_PLAIN_BUF = 2 * 65536 + 8192
+_TRANSIENT = frozenset(
+    {
+        errno.EAGAIN,
+        errno.ENOBUFS,
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EPERM,
+    }
+)
+_TCP_DISCONNECT = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ESHUTDOWN})
+
+
+def _count(stats: Stats, name: str, n: int = 1) -> None:
+    stats.extra[name] = stats.extra.get(name, 0) + n
+
+
+class _Peer:
+    def __init__(self, m: dict[str, Any], sock: socket.socket, cell: RemoteCell | None) -> None:
+        self.cell = cell
+        self.cell_gen = -1
+        self.peer_id: int = m["peer_id"]
+        self.gen: int = m["gen"]
+        self.tx_peer_id: int = m["tx_peer_id"]
+        self.transport = Transport(m["transport"])
+        self.tx: bool = m["tx"]
+        self.rx: bool = m["rx"]
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.keys: list[KeyState | None] = [None, None]
+        self.serials: list[int] = [0, 0]
+        self.stats = Stats()
+        self.send_addr: tuple[Any, ...] | None = None
+        self.raw_ip: str | None = None
+        self.raw_port = 0
+        self.gso_max = 0x10000 if m["gso"] else 0
+        self.gro: bool = m["gro"]
+        self.mss4: int = m["mss4"]
+        self.mss6: int = m["mss6"]
+        self.ka_interval = 0
+        self.ka_timeout = 0
+        self.last_rx = self.last_tx = time.monotonic()
+        self.expired_sent = False
+        self.tcp_rx = bytearray(m.get("backlog", b""))
+        self.tcp_tx = bytearray()
+        self.tcp_writer = False
+        self.dead = False
+        self.set_send(m.get("send_addr"), m.get("raw_ip"), m.get("raw_port", 0))
+
+    def set_send(self, send_addr: Any, raw_ip: str | None, raw_port: int) -> None:
+        self.send_addr = tuple(send_addr) if send_addr is not None else None
+        self.raw_ip = raw_ip
+        self.raw_port = raw_port
+
+
+class Worker:
+    def __init__(self, index: int, chan: socket.socket, options: dict[str, Any]) -> None:
+        self.index = index
+        self.chan = chan
+        self.opts = options
+        self.verify_rx_csum = bool(options.get("verify_rx_checksums", True))
+        self.tun_gro = bool(options.get("tun_gro", True))
+        self.ep = select.epoll()
+        self.handlers: dict[int, Any] = {}
+        self.peers: dict[int, _Peer] = {}
+        self.tx_peer: _Peer | None = None  # P2P: the peer TUN packets go to
+        self.rx_peer: _Peer | None = None
+        self.tun_fd = -1
+        self.tun_read = False
+        self.tun_vnet = False
+        self.tun_mtu = 1500
+        self.running = True
+        self.no_peer_drops = 0
+        # transmit buffers
+        self.tun_buf = bytearray(65536 + 64)
+        self.tun_mv = memoryview(self.tun_buf)
+        self.tun_np = np.frombuffer(self.tun_buf, np.uint8)
+        self.tx_buf = bytearray(_TX_BUF)
+        self.tx_mv = memoryview(self.tx_buf)
+        self.seg = gso.Segmenter(self.tx_buf)
+        self.tx_offs: list[int] = []
+        self.tx_lens: list[int] = []
+        self.tx_pos = 0
+        # receive buffers
+        self.rx_buf = bytearray(_RX_BUF)
+        self.rx_mv = memoryview(self.rx_buf)
+        self.plain = bytearray(_PLAIN_BUF)
+        self.plain_mv = memoryview(self.plain)
+        self.plain_np = np.frombuffer(self.plain, np.uint8)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        self.chan.setblocking(False)
+        self._register(self.chan.fileno(), select.EPOLLIN, self._on_chan)
+        while self.running:
+            timeout = self._next_timer()
+            try:
+                events = self.ep.poll(timeout)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    try:
+                        handler(ev)
+                    except Exception:  # one bad packet or state must not kill the data plane
+                        log.exception("engine worker %d: handler for fd %d failed", self.index, fd)
+            try:
+                self._run_timers()
+            except Exception:
+                log.exception("engine worker %d: timer failed", self.index)
+
+    def _register(self, fd: int, mask: int, handler: Any) -> None:
+        if fd in self.handlers:
+            self.ep.modify(fd, mask)
+        else:
+            self.ep.register(fd, mask)
+        self.handlers[fd] = handler
+
+    def _unregister(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.unregister(fd)
+
+    def _event(self, ev: str, **kw: Any) -> None:
+        msg = {"ev": ev, **{k: encode(v) for k, v in kw.items()}}
+        try:
+            self.chan.setblocking(True)
+            send_msg(self.chan, msg)
+        except OSError:
+            self.running = False
+        finally:
+            with contextlib.suppress(OSError):
+                self.chan.setblocking(False)
+
+    # ------------------------------------------------------------------ controller channel
+
+    def _on_chan(self, _ev: int) -> None:
+        while self.running:
+            try:
+                msg, fds = recv_msg(self.chan)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.running = False
+                return
+            if msg is None:
+                self.running = False  # the controller is gone
+                return
+            rid = msg.get("id")
+            try:
+                result = self._dispatch(msg, fds)
+                reply: dict[str, Any] = {"id": rid, "ok": encode(result)}
+            except Exception as e:  # reported to the controller, which turns it into BackendError
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                reply = {"id": rid, "err": str(e) or type(e).__name__}
+            try:
+                self.chan.setblocking(True)
+                send_msg(self.chan, reply)
+                self.chan.setblocking(False)
+            except OSError:
+                self.running = False
+
+    def _dispatch(self, m: dict[str, Any], fds: list[int]) -> Any:
+        op = m["op"]
+        if op == "set_tun":
+            return self._set_tun(m, fds[0])
+        if op == "clear_tun":
+            return self._clear_tun()
+        if op == "add_peer":
+            return self._add_peer(decode(m["peer"]), fds)
+        if op == "exit":
+            self.running = False
+            return None
+        peer = self.peers.get(m["peer_id"])
+        if peer is None or peer.gen != m.get("gen", peer.gen):
+            raise ValueError(f"worker {self.index}: no peer {m['peer_id']}")
+        if op == "del_peer":
+            return self._del_peer(peer, bool(m.get("flush")))
+        if op == "set_keepalive":
+            now = time.monotonic()
+            peer.ka_interval = m["interval"]
+            peer.ka_timeout = m["timeout"]
+            peer.last_rx = peer.last_tx = now
+            peer.expired_sent = False
+            return None
+        if op == "new_key":
+            cipher = Cipher(m["cipher"])
+            ks = KeyState.from_directions(
+                m["key_id"],
+                cipher,
+                KeyDirection(decode(m["enc_key"]), decode(m["enc_tail"])),
+                KeyDirection(decode(m["dec_key"]), decode(m["dec_tail"])),
+                replay_window=m["replay_window"],
+            )
+            peer.keys[m["slot"]] = ks
+            peer.serials[m["slot"]] = m["serial"]
+            return None
+        if op == "del_key":
+            peer.keys[m["slot"]] = None
+            peer.serials[m["slot"]] = 0
+            return None
+        if op == "swap_keys":
+            peer.keys.reverse()
+            peer.serials.reverse()
+            return None
+        if op == "kill_key":
+            for i in (0, 1):
+                if peer.serials[i] == m["serial"]:
+                    peer.keys[i] = None
+                    peer.serials[i] = 0
+            return None
+        if op == "send_control":
+            return self._send_control(peer, decode(m["packet"]))
+        if op == "stats":
+            st = peer.stats
+            return {
+                f: getattr(st, f)
+                for f in (
+                    "vpn_rx_bytes",
+                    "vpn_tx_bytes",
+                    "vpn_rx_packets",
+                    "vpn_tx_packets",
+                    "link_rx_bytes",
+                    "link_tx_bytes",
+                    "link_rx_packets",
+                    "link_tx_packets",
+                    "dropped_auth",
+                    "dropped_replay",
+                    "dropped_other",
+                )
+            } | {"extra": dict(st.extra)}
+        if op == "debug":
+            return self._debug(peer, m)
+        raise ValueError(f"unknown worker op {op!r}")
+
+    def _debug(self, peer: _Peer, m: dict[str, Any]) -> Any:
+        ks = peer.keys[0]
+        if ks is None:
+            raise ValueError("no primary key")
+        what = m["what"]
+        if what == "set_tx_pid":
+            ks.tx_packet_id = m["value"]
+            return None
+        if what == "encrypt":
+            return ks.encrypt(decode(m["payload"]), peer.tx_peer_id)
+        raise ValueError(f"unknown debug op {what!r}")
+
+    # ------------------------------------------------------------------ setup
+
+    def _set_tun(self, m: dict[str, Any], fd: int) -> None:
+        self._clear_tun()
+        self.tun_fd = fd
+        self.tun_vnet = bool(m["vnet"])
+        self.tun_mtu = m["mtu"]
+        self.tun_read = bool(m["read"])
+        os.set_blocking(fd, False)
+        if self.tun_read:
+            self._register(fd, select.EPOLLIN, self._on_tun)
+
+    def _clear_tun(self) -> None:
+        if self.tun_fd >= 0:
+            self._unregister(self.tun_fd)
+            with contextlib.suppress(OSError):
+                os.close(self.tun_fd)
+        self.tun_fd = -1
+        self.tun_read = False
+
+    def _add_peer(self, m: dict[str, Any], fds: list[int]) -> None:
+        sock = socket.socket(fileno=fds[0])
+        cell = RemoteCell(fds[1]) if len(fds) > 1 else None
+        peer = _Peer(m, sock, cell)
+        self._sync_remote(peer)
+        old = self.peers.get(peer.peer_id)
+        if old is not None:
+            self._del_peer(old, False)
+        self.peers[peer.peer_id] = peer
+        if peer.tx:
+            self.tx_peer = peer
+        if peer.rx:
+            self.rx_peer = peer
+            if peer.transport is Transport.UDP:
+                self._register(peer.fd, select.EPOLLIN, lambda _ev, p=peer: self._on_udp(p))
+            else:
+                self._register(peer.fd, select.EPOLLIN, lambda ev, p=peer: self._on_tcp_event(p, ev))
+                if peer.tcp_rx:
+                    self._tcp_process(peer)
+
+    def _del_peer(self, peer: _Peer, flush: bool) -> None:
+        peer.dead = True
+        self.peers.pop(peer.peer_id, None)
+        if self.tx_peer is peer:
+            self.tx_peer = None
+            self.tx_offs.clear()
+            self.tx_lens.clear()
+            self.tx_pos = 0
+        if self.rx_peer is peer:
+            self.rx_peer = None
+        if flush and peer.transport is Transport.TCP and peer.tcp_tx:
+            with contextlib.suppress(OSError):
+                peer.sock.send(peer.tcp_tx)
+        self._unregister(peer.fd)
+        with contextlib.suppress(OSError):
+            peer.sock.detach()
+            os.close(peer.fd)
+        if peer.cell is not None:
+            with contextlib.suppress(OSError, ValueError):
+                peer.cell.close()
+        peer.keys = [None, None]
+
+    @staticmethod
+    def _sync_remote(peer: _Peer) -> None:
+        """Adopt a remote address published by the controller (SetPeer) or the receive side (float)."""
+        cell = peer.cell
+        if cell is not None and cell.generation() != peer.cell_gen:
+            peer.cell_gen, addr = cell.load()
+            peer.set_send(addr, addr[0], addr[1])
+
+    # ------------------------------------------------------------------ timers (keepalive)
+
+    def _next_timer(self) -> float:
+        best = None
+        for p in self.peers.values():
+            if not (p.ka_interval and p.ka_timeout):
+                continue
+            if p.tx:
+                d = p.last_tx + p.ka_interval
+                best = d if best is None or d < best else best
+            if p.rx and not p.expired_sent:
+                d = p.last_rx + p.ka_timeout
+                best = d if best is None or d < best else best
+        if best is None:
+            return -1
+        return max(0.0, best - time.monotonic()) + 0.001
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        for p in list(self.peers.values()):
+            if not (p.ka_interval and p.ka_timeout):
+                continue
+            if p.rx and not p.expired_sent and now >= p.last_rx + p.ka_timeout:
+                p.expired_sent = True
+                self._event("expired", peer_id=p.peer_id, gen=p.gen)
+            if p.tx and now >= p.last_tx + p.ka_interval:
+                self._send_ping(p, now)
+                p.last_tx = max(p.last_tx, now)  # a lost ping must not make us spin
+
+    def _send_ping(self, peer: _Peer, now: float) -> None:
+        ks = peer.keys[0]
+        if ks is None:
+            return
+        try:
+            packet = ks.encrypt(PING_MAGIC, peer.tx_peer_id)
+        except PacketIdExhaustedError:
+            self._key_exhausted(peer, ks)
+            return
+        _count(peer.stats, "keepalive_tx")
+        if peer.transport is Transport.TCP:
+            if self._tcp_queue(peer, _FRAME_LEN.pack(len(packet)) + packet, control=False):
+                peer.stats.link_tx_packets += 1
+                peer.stats.link_tx_bytes += len(packet)
+                peer.last_tx = now
+            return
+        self._sync_remote(peer)
+        try:
+            peer.sock.sendto(packet, peer.send_addr)
+        except OSError:
+            _count(peer.stats, "tx_dropped")
+            return
+        peer.stats.link_tx_packets += 1
+        peer.stats.link_tx_bytes += len(packet)
+        peer.last_tx = now
+
+    def _key_exhausted(self, peer: _Peer, ks: KeyState) -> None:
+        for i in (0, 1):
+            if peer.keys[i] is ks:
+                serial = peer.serials[i]
+                peer.keys[i] = None
+                peer.serials[i] = 0
+                self._event(
+                    "key_exhausted", peer_id=peer.peer_id, gen=peer.gen, serial=serial, key_id=ks.key_id
+                )
+
+    # ------------------------------------------------------------------ TUN -> network
+
+    def _on_tun(self, _ev: int) -> None:
+        fd = self.tun_fd
+        readv = os.readv
+        bufs = [self.tun_buf]
+        tmv = self.tun_mv
+        peer = self.tx_peer
+        ks = peer.keys[0] if peer is not None else None
+        vnet = self.tun_vnet
+        hl = gso.VNET_HDR_LEN if vnet else 0
+        frame = peer is not None and peer.transport is Transport.TCP
+        reserve = 26 if frame else 24
+        offs = self.tx_offs
+        lens = self.tx_lens
+        mv = self.tx_mv
+        dropped = 0
+        vpn_bytes = 0
+        vpn_packets = 0
+        for _ in range(_TUN_BATCH):
+            try:
+                n = readv(fd, bufs)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                log.warning("engine worker %d: reading the TUN failed: %s", self.index, e)
+                break
+            if ks is None:
+                dropped += 1
+                continue
+            if vnet:
+                flags, gtype, _hdr_len, gsize, cstart, coff = gso.VNET_HDR.unpack_from(tmv)
+            else:
+                flags = gtype = 0
+            ln = n - hl
+            if ln <= 0:
+                continue
+            pos = self.tx_pos
+            if gtype == gso.GSO_NONE:
+                p = pos + reserve
+                mv[p : p + ln] = tmv[hl:n]
+                if flags & gso.VNET_F_NEEDS_CSUM:
+                    try:
+                        gso.finish_partial(mv, p, p + ln, cstart, coff)
+                    except ValueError:
+                        dropped += 1
+                        continue
+                if self.tx_buf[p + 9 if self.tx_buf[p] >> 4 == 4 else p + 6] == gso.PROTO_TCP:
+                    self._clamp(peer, p, ln)  # type: ignore[arg-type]
+                offs.append(pos)
+                lens.append(ln)
+                self.tx_pos = pos + reserve + ln
+                vpn_packets += 1
+            else:
+                if pos & 3:
+                    pos += 4 - (pos & 3)  # 4-byte aligned rows let numpy sum 32-bit words
+                try:
+                    cnt, full, last = self.seg.segment(self.tun_np[hl:n], gtype, gsize, cstart, pos, reserve)
+                except (ValueError, BufferError) as e:
+                    _count(peer.stats, "tx_bad_gso")  # type: ignore[union-attr]
+                    log.debug("engine worker %d: dropping a super-packet: %s", self.index, e)
+                    dropped += 1
+                    continue
+                stride = reserve + full
+                for i in range(cnt - 1):
+                    offs.append(pos + i * stride)
+                    lens.append(full)
+                offs.append(pos + (cnt - 1) * stride)
+                lens.append(last)
+                self.tx_pos = pos + (cnt - 1) * stride + reserve + last
+                vpn_packets += cnt
+                _count(peer.stats, "tso_packets")  # type: ignore[union-attr]
+            vpn_bytes += ln
+            if self.tx_pos >= _TX_FLUSH_AT:
+                ks = self._tx_flush(peer, ks)  # type: ignore[arg-type]
+        if peer is not None:
+            st = peer.stats
+            st.vpn_tx_packets += vpn_packets
+            st.vpn_tx_bytes += vpn_bytes
+            if offs and ks is not None:
+                self._tx_flush(peer, ks)
+            if dropped:
+                _count(st, "tx_dropped_no_key", dropped)
+        elif dropped:
+            self.no_peer_drops += dropped
+
+    def _clamp(self, peer: _Peer, p: int, ln: int) -> None:
+        if gso.clamp_mss(self.tx_buf, p, ln, peer.mss4, peer.mss6):
+            _count(peer.stats, "mss_clamped")
+
+    def _tx_flush(self, peer: _Peer, ks: KeyState) -> KeyState | None:
+        offs = self.tx_offs
+        lens = self.tx_lens
+        frame = peer.transport is Transport.TCP
+        done = ks.encrypt_slots(self.tx_mv, offs, lens, peer.tx_peer_id, frame=frame)
+        if done < len(offs):
+            _count(peer.stats, "tx_dropped_no_key", len(offs) - done)
+            self._key_exhausted(peer, ks)
+            del offs[done:]
+            del lens[done:]
+            ks_next: KeyState | None = None
+        else:
+            ks_next = ks
+        if offs:
+            if frame:
+                self._tcp_send_slots(peer)
+            else:
+                self._sync_remote(peer)
+                self._udp_send_slots(peer)
+            peer.last_tx = time.monotonic()
+        offs.clear()
+        lens.clear()
+        self.tx_pos = 0
+        return ks_next
+
+    def _udp_send_slots(self, peer: _Peer) -> None:
+        offs = self.tx_offs
+        lens = self.tx_lens
+        mv = self.tx_mv
+        sock = peer.sock
+        addr = peer.send_addr
+        st = peer.stats
+        total = len(offs)
+        i = 0
+        sent_p = sent_b = 0
+        while i < total:
+            size = lens[i] + 24
+            start = offs[i]
+            j = i + 1
+            end = start + size
+            if size < peer.gso_max:
+                limit = min(total, i + _GSO_MAX_SEGMENTS, i + _GSO_MAX_BYTES // size)
+                while j < limit and offs[j] == end and lens[j] + 24 == size:
+                    end += size
+                    j += 1
+                if j < limit and offs[j] == end and lens[j] + 24 < size:
+                    end += lens[j] + 24
+                    j += 1
+            if j - i > 1:
+                try:
+                    sock.sendmsg([mv[start:end]], [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, addr)
+                    sent_p += j - i
+                    sent_b += end - start
+                    _count(st, "gso_sends")
+                    i = j
+                    continue
+                except OSError as e:
+                    if e.errno in (errno.EAGAIN, errno.ENOBUFS):
+                        _count(st, "tx_dropped", j - i)
+                        i = j
+                        continue
+                    if e.errno in (errno.EINVAL, errno.EMSGSIZE):
+                        peer.gso_max = min(peer.gso_max, size)
+                    else:
+                        peer.gso_max = 0
+                    log.info("engine: UDP GSO off for peer %d at %d-byte segments: %s", peer.peer_id, size, e)
+                    _count(st, "gso_fallbacks")
+            try:
+                sock.sendto(mv[start : start + size], addr)
+                sent_p += 1
+                sent_b += size
+            except OSError as e:
+                _count(st, "tx_dropped")
+                if e.errno not in _TRANSIENT:
+                    log.debug("engine: send to peer %d failed: %s", peer.peer_id, e)
+            i += 1
+        st.link_tx_packets += sent_p
+        st.link_tx_bytes += sent_b
+
+    def _tcp_send_slots(self, peer: _Peer) -> None:
+        offs = self.tx_offs
+        lens = self.tx_lens
+        # slots are contiguous except at 4-byte alignment gaps before super-packets
+        start = offs[0]
+        end = start
+        chunks = []
+        for off, ln in zip(offs, lens, strict=True):
+            if off != end:
+                chunks.append(self.tx_mv[start:end])
+                start = off
+            end = off + 26 + ln
+        chunks.append(self.tx_mv[start:end])
+        data = b"".join(chunks)
+        if self._tcp_queue(peer, data, control=False):
+            peer.stats.link_tx_packets += len(offs)
+            peer.stats.link_tx_bytes += len(data) - 2 * len(offs)
+
+    def _send_control(self, peer: _Peer, packet: bytes) -> None:
+        if peer.transport is Transport.TCP:
+            self._tcp_queue(peer, _FRAME_LEN.pack(len(packet)) + packet, control=True)
+            return
+        self._sync_remote(peer)
+        try:
+            peer.sock.sendto(packet, peer.send_addr)
+        except OSError as e:
+            if e.errno in _TRANSIENT:
+                _count(peer.stats, "control_tx_dropped")
+                return
+            raise OSError(e.errno, f"send to {peer.send_addr} failed: {e.strerror or e}") from None
+
+    # ------------------------------------------------------------------ network -> TUN
+
+    def _on_udp(self, peer: _Peer) -> None:
+        """Drain the socket, then write everything decrypted in this wakeup to the TUN at once.
+
+        Decrypted packets from all receives of one wakeup are coalesced together, so TCP
+        segments are merged into GSO writes even when the kernel delivers the datagrams one
+        by one (a peer without UDP GSO, a path without GRO). Nothing waits for more traffic.
+        """
+        sock = peer.sock
+        rx = self.rx_buf
+        rmv = self.rx_mv
+        self._sync_remote(peer)
+        slots: list[tuple[int, int]] = []
+        ppos = 0
+        limit = len(self.plain) - 70000
+        for _ in range(_UDP_BATCH):
+            if peer.dead:
+                return
+            try:
+                if peer.gro:
+                    n, anc, _flags, addr = sock.recvmsg_into([rx], _GRO_CMSG_SPACE)
+                else:
+                    n, addr = sock.recvfrom_into(rx)
+                    anc = None
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                _count(peer.stats, "rx_errors")
+                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue
+                break
+            seg = 0
+            if anc:
+                for level, kind, data in anc:
+                    if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                        seg = int.from_bytes(data[:4], sys.byteorder)
+            if seg and seg < n:
+                _count(peer.stats, "gro_batches")
+                dgrams = [(off, min(seg, n - off)) for off in range(0, n, seg)]
+            else:
+                dgrams = [(0, n)]
+            ppos = self._rx_datagrams(peer, rmv, dgrams, addr, slots, ppos)
+            if ppos > limit:
+                self._tun_write(peer, slots)
+                slots = []
+                ppos = 0
+        if slots and not peer.dead:
+            self._tun_write(peer, slots)
+
+    def _rx_datagrams(
+        self,
+        peer: _Peer,
+        rmv: memoryview,
+        dgrams: list[tuple[int, int]],
+        addr: Any,
+        slots: list[tuple[int, int]],
+        ppos: int,
+    ) -> int:
+        """Decrypt datagrams into the plaintext buffer from ``ppos``; append their slots."""
+        st = peer.stats
+        rx = self.rx_buf
+        keys = peer.keys
+        pmv = self.plain_mv
+        plain = self.plain
+        authed = False
+        link_p = link_b = 0
+        for off, sz in dgrams:
+            if not sz:
+                _count(st, "rx_empty")
+                continue
+            b0 = rx[off]
+            opcode = b0 >> 3
+            if opcode == OPCODE_DATA_V2:
+                if sz < 4:
+                    st.dropped_other += 1
+                    continue
+                if addr is None:  # TCP: the stream is the peer
+                    pass
+                elif (rx_id := (rx[off + 1] << 16) | (rx[off + 2] << 8) | rx[off + 3]) != peer.peer_id and (
+                    rx_id != PEER_ID_UNDEF or addr[0] != peer.raw_ip or addr[1] != peer.raw_port
+                ):
+                    _count(st, "rx_unknown_peer")
+                    continue
+            elif opcode != OPCODE_DATA_V1:
+                self._event(
+                    "control",
+                    peer_id=peer.peer_id,
+                    gen=peer.gen,
+                    packet=bytes(rmv[off : off + sz]),
+                    addr=tuple(addr[:2]),
+                )
+                continue
+            link_p += 1
+            link_b += sz
+            kid = b0 & 7
+            ks = keys[0]
+            if ks is None or ks.key_id != kid:
+                ks = keys[1]
+                if ks is None or ks.key_id != kid:
+                    st.dropped_other += 1
+                    _count(st, "rx_no_key")
+                    continue
+            try:
+                clen = ks.decrypt_into(rmv, off, sz, pmv[ppos:])
+            except AuthenticationError:
+                st.dropped_auth += 1
+                continue
+            except ReplayError:
+                st.dropped_replay += 1
+                continue
+            except ProtocolError:
+                st.dropped_other += 1
+                continue
+            authed = True
+            if clen == 16 and pmv[ppos : ppos + 16] == PING_MAGIC:
+                _count(st, "keepalive_rx")
+                continue
+            if not clen or (plain[ppos] >> 4) not in (4, 6):
+                st.dropped_other += 1
+                _count(st, "rx_not_ip")
+                continue
+            slots.append((ppos, clen))
+            ppos = (ppos + clen + 2) & ~1
+        st.link_rx_packets += link_p
+        st.link_rx_bytes += link_b
+        if authed:
+            peer.last_rx = time.monotonic()
+            if addr is not None and (addr[0] != peer.raw_ip or addr[1] != peer.raw_port):
+                peer.raw_ip = addr[0]
+                peer.raw_port = addr[1]
+                peer.send_addr = tuple(addr)
+                if peer.cell is not None:
+                    # before the packet reaches the TUN: the transmit side must answer there
+                    peer.cell.store(peer.send_addr)
+                    peer.cell_gen = peer.cell.generation()
+                # packets decrypted so far go out first, so the reply to this one follows the float
+                self._event("float", peer_id=peer.peer_id, gen=peer.gen, addr=tuple(addr))
+        return ppos
+
+    def _tun_write(self, peer: _Peer, slots: list[tuple[int, int]]) -> None:
+        st = peer.stats
+        fd = self.tun_fd
+        plain = self.plain
+        for off, ln in slots:
+            if plain[off + (9 if plain[off] >> 4 == 4 else 6)] == gso.PROTO_TCP:
+                self._clamp_rx(peer, off, ln)
+        if self.tun_vnet and self.tun_gro:
+            writes = gso.coalesce(plain, self.plain_np, slots, verify=self.verify_rx_csum)
+        elif self.tun_vnet:
+            pmv = self.plain_mv
+            writes = [[gso.ZERO_VNET, pmv[o : o + ln]] for o, ln in slots]
+        else:
+            pmv = self.plain_mv
+            writes = [[pmv[o : o + ln]] for o, ln in slots]
+        writev = os.writev
+        for iov in writes:
+            try:
+                writev(fd, iov)
+            except OSError:
+                st.dropped_other += 1
+                _count(st, "tun_write_errors")
+        st.vpn_rx_packets += len(slots)
+        st.vpn_rx_bytes += sum(ln for _o, ln in slots)
+        if len(writes) < len(slots):
+            _count(st, "gro_merged", len(slots) - len(writes))
+
+    def _clamp_rx(self, peer: _Peer, off: int, ln: int) -> None:
+        if gso.clamp_mss(self.plain, off, ln, peer.mss4, peer.mss6):
+            _count(peer.stats, "mss_clamped")
+
+    # ------------------------------------------------------------------ TCP transport
+
+    def _on_tcp_event(self, peer: _Peer, ev: int) -> None:
+        if ev & select.EPOLLOUT and peer.tx:
+            self._on_tcp_writable(peer)
+        if peer.dead:
+            return
+        if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and peer.rx:
+            self._on_tcp_readable(peer)
+
+    def _on_tcp_readable(self, peer: _Peer) -> None:
+        for _ in range(16):
+            try:
+                data = peer.sock.recv(_TCP_RX_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                reason = (
+                    PeerDelReason.TRANSPORT_DISCONNECT
+                    if e.errno in _TCP_DISCONNECT
+                    else PeerDelReason.TRANSPORT_ERROR
+                )
+                self._tcp_dead(peer, reason)
+                return
+            if not data:
+                self._tcp_dead(peer, PeerDelReason.TRANSPORT_DISCONNECT)
+                return
+            peer.tcp_rx += data
+            if not self._tcp_process(peer):
+                return
+            if len(data) < _TCP_RX_CHUNK:
+                return
+
+    def _tcp_dead(self, peer: _Peer, reason: PeerDelReason) -> None:
+        self._unregister(peer.fd)
+        if not peer.dead:
+            self._event("tcp_closed", peer_id=peer.peer_id, gen=peer.gen, reason=reason)
+
+    def _tcp_process(self, peer: _Peer) -> bool:
+        """Handle every whole frame in the receive buffer; False if the stream is unusable."""
+        buf = peer.tcp_rx
+        end_all = len(buf)
+        off = 0
+        packets: list[bytearray] = []
+        pending = 0
+        while end_all - off >= 2:
+            size = (buf[off] << 8) | buf[off + 1]
+            if size < 2:
+                self._tcp_dead(peer, PeerDelReason.TRANSPORT_ERROR)
+                return False
+            end = off + 2 + size
+            if end > end_all:
+                break
+            pkt = buf[off + 2 : end]
+            opcode = pkt[0] >> 3
+            if opcode in (OPCODE_DATA_V2, OPCODE_DATA_V1):
+                if pending + size > _RX_BUF - 16:
+                    self._tcp_rx_data(peer, packets)
+                    packets = []
+                    pending = 0
+                packets.append(pkt)
+                pending += size
+            else:
+                if packets:
+                    self._tcp_rx_data(peer, packets)
+                    packets = []
+                    pending = 0
+                self._event("control", peer_id=peer.peer_id, gen=peer.gen, packet=bytes(pkt), addr=None)
+            off = end
+        if packets:
+            self._tcp_rx_data(peer, packets)
+        if off:
+            del buf[:off]
+        return True
+
+    def _tcp_rx_data(self, peer: _Peer, packets: list[bytearray]) -> None:
+        dgrams = []
+        off = 0
+        rx = self.rx_buf
+        for p in packets:
+            rx[off : off + len(p)] = p
+            dgrams.append((off, len(p)))
+            off += len(p)
+        slots: list[tuple[int, int]] = []
+        self._rx_datagrams(peer, self.rx_mv, dgrams, None, slots, 0)
+        if slots:
+            self._tun_write(peer, slots)
+
+    def _tcp_queue(self, peer: _Peer, frames: bytes, *, control: bool) -> bool:
+        out = peer.tcp_tx
+        if out:
+            if not control and len(out) >= _TCP_TX_HIGH_WATER:
+                _count(peer.stats, "tx_dropped")
+                return False
+            out += frames
+            return True
+        try:
+            sent = peer.sock.send(frames)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._tcp_dead(peer, PeerDelReason.TRANSPORT_ERROR)
+            return False
+        if sent < len(frames):
+            out += memoryview(frames)[sent:]
+            if not peer.tcp_writer:
+                mask = select.EPOLLOUT | (select.EPOLLIN if peer.rx else 0)
+                self._register(peer.fd, mask, lambda ev, p=peer: self._on_tcp_event(p, ev))
+                peer.tcp_writer = True
+        return True
+
+    def _on_tcp_writable(self, peer: _Peer) -> None:
+        out = peer.tcp_tx
+        try:
+            sent = peer.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._tcp_dead(peer, PeerDelReason.TRANSPORT_ERROR)
+            return
+        del out[:sent]
+        if not out and peer.tcp_writer:
+            if peer.rx:
+                self._register(peer.fd, select.EPOLLIN, lambda ev, p=peer: self._on_tcp_event(p, ev))
+            else:
+                self._unregister(peer.fd)  # a writer-only worker must not see EPOLLHUP forever
+            peer.tcp_writer = False
+
+
+def worker_main(index: int, chan: socket.socket, options: dict[str, Any]) -> None:
+    """Entry point in the forked child: die with the controller, ignore terminal signals."""
+    from pyovpn.datachannel.engine.proc import set_parent_death_signal
+
+    set_parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Worker(index, chan, options).run()
