@@ -55,6 +55,8 @@ from pyovpn.tools.pki import Pki, make_pki  # noqa: E402
 MARK_BEGIN = "<!-- bench/p2mp.py:begin -->"
 MARK_END = "<!-- bench/p2mp.py:end -->"
 PORT = 1194
+EXIT_WAIT = 15.0
+EXIT_LINE = {"pyovpn": "client disconnected: peer sent exit notification", "openvpn": "CC-EEN exit message"}
 CIPHERS = "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305"
 
 
@@ -84,6 +86,8 @@ class Measurement:
     loadgen_idle_cpu_pct: float = float("nan")
     lg: dict[str, object] = field(default_factory=dict)
     server_notes: list[str] = field(default_factory=list)
+    server_rcvbuf_errors: int = 0  # UDP datagrams the server's kernel dropped (socket buffer full)
+    exits_seen: int = 0  # clients the server dropped on their EXIT within EXIT_WAIT s of the loadgen stop
 
     @property
     def kib_per_client(self) -> float:
@@ -128,6 +132,17 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / ticks
     return total
+
+
+def udp_rcvbuf_errors(ns: str) -> int:
+    """UdpRcvbufErrors of namespace ``ns`` (datagrams dropped because a socket buffer was full)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], capture_output=True, text=True, check=False
+    ).stdout
+    rows = [line.split()[1:] for line in out.splitlines() if line.startswith("Udp:")]
+    if len(rows) < 2 or "RcvbufErrors" not in rows[0]:
+        return 0
+    return int(rows[1][rows[0].index("RcvbufErrors")])
 
 
 def rss_steady(pid: int, samples: int = 5, interval: float = 0.2) -> float:
@@ -205,6 +220,7 @@ def _server_notes(impl: str, text: str) -> list[str]:
             ("Traceback", "tracebacks"),
             ("new client session", "sessions created"),
             ("client disconnected", "disconnects"),
+            ("session closed", "sessions closed"),
             ("Inactivity timeout", "inactivity timeouts"),
             ("data channel error", "data channel errors"),
             ("max-clients reached", "refused (max-clients)"),
@@ -259,13 +275,20 @@ def run_variant(
         m.idle_cpu_pct = 100.0 * (cpu_seconds(server.pid) - s_cpu) / wall
         m.loadgen_idle_cpu_pct = 100.0 * (cpu_seconds(loadgen.pid) - l_cpu) / wall
         m.rss_end_kib = rss_steady(server.pid)
+        m.server_rcvbuf_errors = udp_rcvbuf_errors(net.b)
+        m.server_notes = _server_notes(variant.impl, server.text())
+        mark = server.mark()
         loadgen.stop(timeout=30)
         try:
             m.lg = _json_line(loadgen, "LOADGEN RESULT", timeout=1)
         except Exception as exc:
             m.lg = {"error": str(exc)}
-        time.sleep(1.0)
-        m.server_notes = _server_notes(variant.impl, server.text())
+        deadline = time.monotonic() + EXIT_WAIT
+        while time.monotonic() < deadline:
+            m.exits_seen = server.text()[mark:].count(EXIT_LINE[variant.impl])
+            if m.exits_seen >= m.connected:
+                break
+            time.sleep(0.5)
         server.stop(timeout=10)
         # keep the logs of this run next to the results
         for p in (server, loadgen):
@@ -307,7 +330,7 @@ def table(results: dict[str, Measurement], n: int, idle: float, concurrency: int
     for name, m in results.items():
         lines.append(
             f"| {name} | {m.connected}/{m.n} | {m.connect_seconds:.1f} | {_ms(m.p50)} / {_ms(m.p99)} "
-            f"| {m.connect_cpu_s:.1f} | {m.rss0_kib / 1024:.1f} → {m.rssn_kib / 1024:.1f} "
+            f"| {m.connect_cpu_s:.2f} | {m.rss0_kib / 1024:.1f} → {m.rssn_kib / 1024:.1f} "
             f"| {m.kib_per_client:.1f} | {m.idle_cpu_pct:.2f} |"
         )
     ref = next((m for k, m in results.items() if k.startswith("OpenVPN") and "default" not in k), None)
@@ -328,9 +351,11 @@ def table(results: dict[str, Measurement], n: int, idle: float, concurrency: int
             f"{lg.get('data_received')} (bad {lg.get('data_bad')}), clients silent for a whole "
             f"ping-restart {lg.get('silent_at_end')}, sessions closed while idle "
             f"{lg.get('closed_after_up')}; loadgen CPU {m.loadgen_connect_cpu_s:.1f} s during connect"
+            f"; server-side UDP receive-buffer drops {m.server_rcvbuf_errors}"
+            f"; EXIT notifications the server acted on within {EXIT_WAIT:.0f} s: {m.exits_seen}/{m.connected}"
         )
-        notes = "; ".join(m.server_notes) or "-"
-        lines.append(f"- {name}: server log: {notes}; {extra}.")
+        notes = ", ".join(m.server_notes) or "-"
+        lines.append(f"- {name}: server log while connected: {notes}; {extra}.")
     return "\n".join(lines)
 
 

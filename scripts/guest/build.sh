@@ -16,8 +16,9 @@
 # written below, which runs the command that scripts/guest/run.sh hands it.
 #
 # Idempotent: when current/stamp matches the sha256 of this script, of those requirements and of the
-# PYOVPN_GUEST_KERNEL / PYOVPN_GUEST_EXTRA_PKGS overrides, nothing is rebuilt. The Debian archive is the one this host's own
-# apt uses; the host's apt sources are never changed (trixie is configured only inside the chroot).
+# PYOVPN_GUEST_KERNEL / PYOVPN_GUEST_EXTRA_PKGS overrides, nothing is rebuilt. The Debian archive is
+# the one this host's own apt uses; the host's apt sources are never changed (trixie is configured
+# only inside the chroot).
 #
 # Usage:  scripts/guest/build.sh [--force]        (as root; --print-stamp prints the stamp and exits)
 # Environment:
@@ -113,15 +114,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- 1. host prerequisites -----------------------------------------------------------------------------
-install_host_prereqs() {
-    local missing=() entry cmd pkg
-    for entry in "${HOST_PREREQS[@]}"; do
-        read -r cmd pkg <<<"$entry"
-        command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
-    done
-    # The host's pip fetches wheels for the guest (with the host's pip configuration).
-    python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
-    [ "${#missing[@]}" -eq 0 ] && return 0
+apt_install_on_host() {
+    local missing=("$@")
     log "installing host packages: ${missing[*]}"
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "build.sh: no apt-get to install ${missing[*]}" >&2
@@ -132,6 +126,14 @@ install_host_prereqs() {
         echo "build.sh: could not install the host packages ${missing[*]}" >&2
         exit 69
     fi
+}
+install_host_prereqs() {
+    local missing=() entry cmd pkg
+    for entry in "${HOST_PREREQS[@]}"; do
+        read -r cmd pkg <<<"$entry"
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [ "${#missing[@]}" -eq 0 ] || apt_install_on_host "${missing[@]}"
 }
 install_host_prereqs
 
@@ -170,6 +172,8 @@ MIRROR=${PYOVPN_GUEST_MIRROR:-$(host_debian_mirror)}
 MIRROR=${MIRROR%/}
 [ -n "$MIRROR" ] || die "cannot find a Debian archive in this host's apt sources; set PYOVPN_GUEST_MIRROR"
 log "building guest image $STAMP in $CACHE from $MIRROR ($SUITE + $SUITE-backports)"
+# The host's pip fetches wheels for the guest (with the host's pip configuration).
+python3 -m pip --version >/dev/null 2>&1 || apt_install_on_host python3-pip
 
 # --- 4. workspace and clean-up -------------------------------------------------------------------------
 DL=$CACHE/downloads
@@ -223,8 +227,11 @@ in_chroot apt-get update -qq
 
 # kernel ABI: linux-image-<abi> is only a meta package (it would pull an initramfs generator); the
 # kernel is linux-binary-<abi> and its modules linux-modules-<abi>.
-KABI=${PYOVPN_GUEST_KERNEL:-$(in_chroot apt-cache search --names-only "^linux-binary-${KERNEL_SERIES//./\\.}\\.[0-9]+\\+deb13-amd64\$" |
-                              awk '{ sub(/^linux-binary-/, "", $1); print $1 }' | sort -V | tail -n 1)}
+newest_kernel() {
+    in_chroot apt-cache search --names-only "^linux-binary-${KERNEL_SERIES//./\\.}\\.[0-9]+\\+deb13-amd64\$" |
+        awk '{ sub(/^linux-binary-/, "", $1); print $1 }' | sort -V | tail -n 1
+}
+KABI=${PYOVPN_GUEST_KERNEL:-$(newest_kernel)}
 [ -n "$KABI" ] || die "no linux ${KERNEL_SERIES}.x kernel found in $SUITE-backports"
 log "kernel: linux-binary-$KABI"
 
@@ -387,7 +394,9 @@ say "linux $(uname -r), up ${t0}s; running in $PWD: $(cat "$CTL/command")"
 timeout --kill-after=10 "$PYOVPN_TIMEOUT" bash "$CTL/command" </dev/null
 rc=$?
 elapsed=$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.1f", b - a }')
-if { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && awk -v e="$elapsed" -v t="$PYOVPN_TIMEOUT" 'BEGIN { exit !(e >= t) }'; then
+# timeout(1) exits 124 (or 137 after its KILL); the command itself might too, so check the clock
+if { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } &&
+    awk -v e="$elapsed" -v t="$PYOVPN_TIMEOUT" 'BEGIN { exit !(e >= t) }'; then
     echo "$PYOVPN_TIMEOUT" >"$CTL/timed-out"
     say "TIMEOUT: the command was stopped after ${elapsed}s (limit ${PYOVPN_TIMEOUT}s)"
 else
@@ -500,7 +509,9 @@ rm -rf --one-file-system "$WORK"
 log "   ... $STAGE_NAME took $(secs_since "$STAGE_T") s"
 log "guest image: $IMG"
 sed 's/^/build.sh:   /' "$IMG/manifest.txt"
-log "sizes: vmlinuz $(mib "$IMG/vmlinuz") MiB, initrd.cpio $(du -k --apparent-size "$IMG/initrd.cpio" | cut -f1) KiB," \
-    "rootfs.img $(mib "$IMG/rootfs.img") MiB ($(du -sm "$IMG/rootfs.img" | cut -f1) MiB allocated; rootfs tree $ROOT_MIB MiB)"
+log "sizes: vmlinuz $(mib "$IMG/vmlinuz") MiB," \
+    "initrd.cpio $(du -k --apparent-size "$IMG/initrd.cpio" | cut -f1) KiB," \
+    "rootfs.img $(mib "$IMG/rootfs.img") MiB ($(du -sm "$IMG/rootfs.img" | cut -f1) MiB allocated;" \
+    "rootfs tree $ROOT_MIB MiB)"
 log "downloads: $(( $(mib "$DL") - DL_MIB_BEFORE )) MiB this build, cache $DL holds $(mib "$DL") MiB"
 log "done in $(secs_since "$T0") s"
