@@ -531,6 +531,8 @@ class TunnelSpec:
     # pyovpn only: emits `dco <mode>`; stock openvpn always gets `disable-dco` so the
     # control group never depends on whichever DCO module the kernel happens to have.
     dco: str | None = "userspace"
+    # stock openvpn with its kernel DCO (only inside the guest kernel that has the ovpn driver)
+    openvpn_dco: bool = False
 
     def with_(self, **changes: Any) -> TunnelSpec:
         return replace(self, **changes)
@@ -586,7 +588,8 @@ def _common_tail(spec: TunnelSpec, impl: Impl) -> list[str]:
         lines.append(f"reneg-sec {spec.reneg_sec}")
     lines.append(f"verb {spec.verb}")
     if impl == "openvpn":
-        lines.append("disable-dco")
+        if not spec.openvpn_dco:
+            lines.append("disable-dco")
     elif spec.dco:
         lines.append(f"dco {spec.dco}")
     return lines
