@@ -66,7 +66,6 @@ VARIANTS = [
     Variant("OpenVPN client <-> pyovpn server (offload engine)", "pyovpn-offload", "openvpn", tuned=True),
 ]
 
-OFFLOAD_LAUNCHER = ROOT / "bench" / "pyovpn_offload.py"
 
 
 def _impl(name: str) -> str:
@@ -75,9 +74,11 @@ def _impl(name: str) -> str:
 
 
 def _argv(name: str, config: Path) -> list[str]:
+    # `env` execs the daemon, so the pid (and its CPU accounting) is pyovpn's own
     if name == "pyovpn-offload":
-        # same daemon, with select.open_backend returning OffloadDataChannel
-        return [sys.executable, str(OFFLOAD_LAUNCHER), "--config", str(config)]
+        return ["env", "PYOVPN_ENGINE=offload", *vpn_argv("pyovpn", config)]
+    if name == "pyovpn":
+        return ["env", "PYOVPN_ENGINE=inprocess", *vpn_argv("pyovpn", config)]
     return vpn_argv(name, config)  # type: ignore[arg-type]
 
 
