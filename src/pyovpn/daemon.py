@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pyovpn import __version__
+from pyovpn import __version__, privdrop
 from pyovpn.config import Options
 from pyovpn.datachannel import select
 from pyovpn.datachannel.api import (
@@ -462,6 +462,7 @@ class Connection:
             self.d.current = self
         del opts
         log.info("Initialization Sequence Completed")
+        self.d.after_init()
 
     def on_notification(self, n: Notification) -> None:
         if isinstance(n, ControlPacket):
@@ -497,6 +498,18 @@ class Daemon:
         self.current: Connection | MultiServer | None = None
         self._signal: asyncio.Future[str] | None = None
         self._iface_configured_for: object = None
+        self._dropped = False
+        privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
+
+    def after_init(self) -> None:
+        """Once the first tunnel is up: drop to user/group with CAP_NET_ADMIN only (like OpenVPN)."""
+        if self._dropped or (self.opts.user is None and self.opts.group is None):
+            return
+        self._dropped = True
+        try:
+            privdrop.drop_privileges(self.opts.user, self.opts.group)
+        except (PyovpnError, OSError) as exc:
+            raise BackendError(f"cannot drop privileges to user/group: {exc}") from None
 
     async def ensure_iface(self, pushed: PushedOptions | None) -> None:
         opts = self.opts

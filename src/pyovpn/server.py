@@ -260,6 +260,10 @@ class MultiServer:
         self._worker = asyncio.create_task(self._command_worker())
         log.info("Initialization Sequence Completed")
         try:
+            self.d.after_init()
+        except PyovpnError as exc:
+            return _Stop(str(exc), restart=False, exit_code=1)
+        try:
             return await self._done
         finally:
             await self._teardown()

@@ -99,3 +99,10 @@ def test_kernel_rekeys_during_transfer(net: Netns, pki: Pki) -> None:
     assert res["max_stall"] <= 2.0, res["intervals"]
     assert ping(net.a, tunnel.addrs.server4, timeout=20).ok
     assert tunnel.stop()["client"] == 0
+
+
+def test_kernel_backend_after_dropping_to_nobody(net: Netns, pki: Pki) -> None:
+    """The same privilege-drop scenario as tests/netns/test_privdrop.py, on the kernel backend."""
+    from tests.netns.test_privdrop import test_user_nobody_keeps_only_cap_net_admin_and_rekeys as scenario
+
+    scenario(net, pki, dco="kernel")
