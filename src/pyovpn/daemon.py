@@ -516,6 +516,7 @@ class Daemon:
         mtu = (pushed.tun_mtu if pushed and pushed.tun_mtu else None) or opts.tun_mtu
         if self.iface is None:
             name = opts.dev if opts.dev not in ("tun", "") else _free_tun_name()
+            await clean_stale_link(self.dc, name)
             await self.dc.request(NewIface(name, IfaceMode.P2P, mtu))
             self.iface = name
             log.info("TUN/TAP device %s opened (%s data channel)", self.iface, self.dc.name)
@@ -609,6 +610,16 @@ class Daemon:
             log.info("Closing TUN/TAP interface %s", self.iface)
         with contextlib.suppress(Exception):
             await self.dc.close()
+
+
+async def clean_stale_link(dc: DataChannel, name: str) -> None:
+    """Kernel backend: remove an idle `ovpn` link of this name left by a killed earlier run."""
+    if dc.name != "kernel":
+        return
+    from pyovpn.datachannel.kernel import cleanup_stale_iface
+
+    if await asyncio.to_thread(cleanup_stale_iface, name):
+        log.info("removed stale ovpn interface %s left by an earlier run", name)
 
 
 def _free_tun_name() -> str:

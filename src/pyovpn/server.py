@@ -214,6 +214,7 @@ class MultiServer:
         sock.setblocking(False)
         self.sock = sock
         name = o.dev if o.dev not in ("tun", "") else "tun0"
+        await clean_stale_link(self.d.dc, name)
         await self.d.dc.request(NewIface(name, IfaceMode.MP, o.tun_mtu))
         self.d.iface = name
         await asyncio.to_thread(self._configure_iface, name)

@@ -73,7 +73,7 @@ def test_kernel_backend_with_openvpn_dco(
     used = _cpu_seconds(py.pid) - before
     assert res["bytes"] > 0
     # the kernel moves the packets; the control plane only wakes for timers
-    assert used < 0.05 * res["seconds"], (
+    assert used < 0.02 * res["seconds"], (
         f"pyovpn used {used:.2f} s of CPU during a {res['seconds']:.1f} s transfer"
     )
     assert tunnel.stop()[side] == 0
@@ -106,3 +106,48 @@ def test_kernel_backend_after_dropping_to_nobody(net: Netns, pki: Pki) -> None:
     from tests.netns.test_privdrop import test_user_nobody_keeps_only_cap_net_admin_and_rekeys as scenario
 
     scenario(net, pki, dco="kernel")
+
+
+def test_silent_peer_is_expired_by_the_kernel_and_pyovpn_reconnects(net: Netns, pki: Pki) -> None:
+    spec = TunnelSpec(
+        role="p2p",
+        cipher="AES-256-GCM",
+        wrap="tls-auth",
+        proto="udp",
+        family=4,
+        keepalive=(1, 4),
+        dco="kernel",
+        openvpn_dco=True,
+    )
+    tunnel = start_tunnel(net, pki, spec, server_impl="openvpn", client_impl="pyovpn", timeout=60)
+    mark = tunnel.client.mark()
+    # with DCO the peer's kernel keeps answering pings even if its process is stopped, so the
+    # silence has to be on the wire: take the far end's link down
+    subprocess.run(["ip", "-n", net.b, "link", "set", "veth0", "down"], check=True)
+    try:
+        tunnel.client.wait_for_line("Inactivity timeout", 30, since=mark)
+    finally:
+        subprocess.run(["ip", "-n", net.b, "link", "set", "veth0", "up"], check=True)
+    tunnel.client.wait_for_line("Initialization Sequence Completed", 90, since=mark)
+    assert ping(net.a, tunnel.addrs.server4, timeout=30).ok
+    assert tunnel.stop()["client"] == 0
+
+
+def test_kill_9_leaves_a_link_the_next_start_cleans_up(net: Netns, pki: Pki) -> None:
+    import signal
+
+    spec = TunnelSpec(
+        role="p2p", cipher="AES-128-GCM", wrap="none", proto="udp", family=4, dco="kernel", openvpn_dco=True
+    )
+    tunnel = start_tunnel(net, pki, spec, server_impl="openvpn", client_impl="pyovpn", timeout=60)
+    os.kill(tunnel.client.pid, signal.SIGKILL)
+    tunnel.client.wait(10)
+    link = subprocess.run(["ip", "-n", net.a, "-d", "link", "show", "tun0"], capture_output=True, text=True)
+    assert "ovpn" in link.stdout, "a SIGKILLed pyovpn leaves its ovpn link behind (nothing can remove it)"
+    again = net.spawn("a", tunnel.client.argv, "client-pyovpn-again")
+    again.wait_for_line("Initialization Sequence Completed", 90)
+    assert "removed stale ovpn interface tun0" in again.text()
+    assert ping(net.a, tunnel.addrs.server4, timeout=30).ok
+    assert again.stop() == 0
+    left = subprocess.run(["ip", "-n", net.a, "link", "show", "tun0"], capture_output=True, text=True)
+    assert left.returncode != 0, "a clean exit must remove the ovpn link"
