@@ -45,6 +45,8 @@ from pyovpn.tools.pki import make_pki  # noqa: E402
 OPENVPN_TUNED = ["sndbuf 4194304", "rcvbuf 4194304", "txqueuelen 1000", "fast-io"]
 MARK_BEGIN = "<!-- bench/throughput.py:begin -->"
 MARK_END = "<!-- bench/throughput.py:end -->"
+GUEST_BEGIN = "<!-- bench/throughput.py --guest:begin -->"
+GUEST_END = "<!-- bench/throughput.py --guest:end -->"
 
 
 @dataclass
@@ -67,16 +69,29 @@ VARIANTS = [
 ]
 
 
+# --guest: inside the scripts/guest kernel (linux 7.3 with ovpn, OpenVPN 2.7.8); TCG-emulated,
+# so only the ratios mean anything
+GUEST_VARIANTS = [
+    Variant("raw veth (no tunnel)", None, None),
+    Variant("OpenVPN 2.7 + DCO <-> OpenVPN 2.7 + DCO", "openvpn-dco", "openvpn-dco"),
+    Variant("pyovpn + kernel DCO <-> pyovpn + kernel DCO", "pyovpn-kernel", "pyovpn-kernel"),
+    Variant("pyovpn + kernel DCO <-> OpenVPN 2.7 + DCO", "openvpn-dco", "pyovpn-kernel"),
+    Variant("OpenVPN 2.7 --disable-dco <-> OpenVPN 2.7 --disable-dco", "openvpn", "openvpn", tuned=True),
+    Variant("pyovpn userspace <-> pyovpn userspace", "pyovpn", "pyovpn"),
+]
+
 
 def _impl(name: str) -> str:
-    """The harness implementation behind a variant side ("pyovpn-offload" is pyovpn)."""
-    return "pyovpn" if name == "pyovpn-offload" else name
+    """The harness implementation behind a variant side."""
+    return {"pyovpn-offload": "pyovpn", "pyovpn-kernel": "pyovpn", "openvpn-dco": "openvpn"}.get(name, name)
 
 
 def _argv(name: str, config: Path) -> list[str]:
     # `env` execs the daemon, so the pid (and its CPU accounting) is pyovpn's own
     if name == "pyovpn-offload":
         return ["env", "PYOVPN_ENGINE=offload", *vpn_argv("pyovpn", config)]
+    if name in ("pyovpn-kernel", "openvpn-dco"):
+        return vpn_argv(_impl(name), config)  # type: ignore[arg-type]
     if name == "pyovpn":
         return ["env", "PYOVPN_ENGINE=inprocess", *vpn_argv("pyovpn", config)]
     return vpn_argv(name, config)  # type: ignore[arg-type]
@@ -100,6 +115,11 @@ def cpu_seconds(pid: int) -> float:
 def run_variant(v: Variant, pki_dir: Path, seconds: float) -> dict[str, float]:
     pki = make_pki(pki_dir)
     spec = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="none", proto="udp", family=4, verb=1)
+    sides = {v.server, v.client}
+    if "pyovpn-kernel" in sides:
+        spec = spec.with_(dco="kernel")
+    if "openvpn-dco" in sides:
+        spec = spec.with_(openvpn_dco=True)
     out: dict[str, float] = {}
     with Netns() as net:
         if v.server is None:
@@ -136,14 +156,14 @@ def run_variant(v: Variant, pki_dir: Path, seconds: float) -> dict[str, float]:
     return out
 
 
-def table(results: dict[str, dict[str, float]], seconds: float) -> str:
-    ref = results.get("OpenVPN 2.6 <-> OpenVPN 2.6 (tuned)")
+def table(results: dict[str, dict[str, float]], seconds: float, ref_name: str) -> str:
+    ref = results.get(ref_name)
     lines = [
         f"One TCP stream, {seconds:.0f} s per direction, P2P UDP/IPv4, AES-256-GCM, "
         "two namespaces over veth.",
         "CPU = user+system seconds of the VPN process per GB moved (server / client).",
         "",
-        "| variant | a→b Gbit/s | b→a Gbit/s | ratio to tuned OpenVPN (a→b / b→a) "
+        f"| variant | a→b Gbit/s | b→a Gbit/s | ratio to {ref_name} (a→b / b→a) "
         "| CPU s/GB a→b (srv/cli) | CPU s/GB b→a (srv/cli) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -160,21 +180,31 @@ def table(results: dict[str, dict[str, float]], seconds: float) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str, command: str) -> None:
+def write_doc(text: str, command: str, *, guest: bool = False) -> None:
     doc = ROOT / "docs" / "BENCHMARKS.md"
     content = doc.read_text() if doc.exists() else "# Benchmarks\n"
     openvpn = subprocess.run(["openvpn", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    begin, end = (GUEST_BEGIN, GUEST_END) if guest else (MARK_BEGIN, MARK_END)
+    title = (
+        "Kernel DCO in the qemu guest (bench/throughput.py --guest)"
+        if guest
+        else "Throughput (bench/throughput.py)"
+    )
+    note = (
+        "The guest runs under TCG emulation (this machine's /dev/kvm cannot run a stock kernel), so only "
+        "ratios within this table mean anything.\n\n"
+        if guest
+        else ""
+    )
     block = (
-        f"{MARK_BEGIN}\n## Throughput (bench/throughput.py)\n\n"
+        f"{begin}\n## {title}\n\n{note}"
         f"Command: `{command}`  \n"
         f"Machine: {os.cpu_count()} vCPU, Linux {platform.release()}, Python {platform.python_version()}, "
         f"{openvpn.split(' [')[0]}  \nDate: {time.strftime('%Y-%m-%d')}\n\n"
-        f"{text}\n{MARK_END}"
+        f"{text}\n{end}"
     )
-    if MARK_BEGIN in content:
-        content = re.sub(
-            re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: block, content, flags=re.S
-        )
+    if begin in content:
+        content = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, content, flags=re.S)
     else:
         content = content.rstrip() + "\n\n" + block + "\n"
     doc.write_text(content)
@@ -185,22 +215,29 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
     ap.add_argument("--only", help="substring filter on variant names")
+    ap.add_argument(
+        "--guest", action="store_true", help="kernel DCO variants (run inside scripts/guest/run.sh)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/throughput.py needs root (network namespaces)", file=sys.stderr)
         return 1
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for v in VARIANTS:
+        for v in GUEST_VARIANTS if args.guest else VARIANTS:
             if args.only and args.only not in v.name:
                 continue
             print(f"running: {v.name}", flush=True)
             results[v.name] = run_variant(v, Path(tmp) / v.name.replace(" ", "_"), args.seconds)
             print("   ", {k: round(x, 3) for k, x in results[v.name].items()}, flush=True)
-    text = table(results, args.seconds)
+    ref = "OpenVPN 2.7 + DCO <-> OpenVPN 2.7 + DCO" if args.guest else "OpenVPN 2.6 <-> OpenVPN 2.6 (tuned)"
+    text = table(results, args.seconds, ref)
     print(text)
     if args.write:
-        write_doc(text, "sudo python3 bench/throughput.py " + " ".join(sys.argv[1:]))
+        command = "sudo python3 bench/throughput.py " + " ".join(sys.argv[1:])
+        if args.guest:
+            command = f"sudo scripts/guest/run.sh -- python3 bench/throughput.py {' '.join(sys.argv[1:])}"
+        write_doc(text, command, guest=args.guest)
     return 0
 
 
