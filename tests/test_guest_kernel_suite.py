@@ -50,8 +50,7 @@ def stream(argv: list[str], timeout: float) -> tuple[int, str]:
     return status, "".join(lines)
 
 
-@pytest.mark.guest
-def test_kernel_suite_passes_in_the_guest() -> None:
+def _guest_pytest(args: list[str], what: str, env: tuple[str, ...] = ()) -> None:
     if os.environ.get("PYOVPN_GUEST") == "1":
         pytest.skip("already inside the guest")
     if os.geteuid() != 0:
@@ -63,13 +62,40 @@ def test_kernel_suite_passes_in_the_guest() -> None:
     assert status == 0, "scripts/guest/build.sh failed"
 
     status, out = stream(
-        [str(RUN), "-t", str(GUEST_TIMEOUT_S), "--", "python3", "-m", "pytest", "-q", "-ra", "tests/kernel"],
+        [
+            str(RUN),
+            "-t",
+            str(GUEST_TIMEOUT_S),
+            *[a for e in env for a in ("-e", e)],
+            "--",
+            "python3",
+            "-m",
+            "pytest",
+            "-q",
+            "-ra",
+            *args,
+        ],
         timeout=GUEST_TIMEOUT_S + 600,
     )
     if status == EX_UNAVAILABLE:
         pytest.skip(f"the kernel guest cannot boot here: {out.strip().splitlines()[-1:]}")
-    assert status != 124, "tests/kernel timed out inside the guest"
+    assert status != 124, f"{what} timed out inside the guest"
     assert status != 125, "the guest returned no exit status (boot failure or kernel panic?)"
-    assert status == 0, f"python3 -m pytest tests/kernel failed in the guest (exit status {status})"
+    assert status == 0, f"{what} failed in the guest (exit status {status})"
     assert "no tests ran" not in out
-    assert re.search(r"\b\d+ passed\b", out), "no kernel test passed"
+    assert re.search(r"\b\d+ passed\b", out), f"no test of {what} passed"
+
+
+@pytest.mark.guest
+def test_kernel_suite_passes_in_the_guest() -> None:
+    _guest_pytest(["tests/kernel"], "tests/kernel")
+
+
+@pytest.mark.guest
+def test_interop_matrix_on_the_kernel_backend_in_the_guest() -> None:
+    """One scenario suite, two backends: the userspace interop matrix again, pyovpn on the kernel driver."""
+    _guest_pytest(
+        ["-p", "no:cacheprovider", "tests/netns/test_interop.py", "-k", "not soak and not pairwise"],
+        "the interop matrix with PYOVPN_TEST_DCO=kernel",
+        env=("PYOVPN_TEST_DCO=kernel",),
+    )
