@@ -193,7 +193,7 @@ class MultiServer:
         return NoWrap()
 
     async def _setup(self) -> None:
-        from pyovpn.daemon import _bind_address, _listen_family, _Stop
+        from pyovpn.daemon import _bind_address, _listen_family, _Stop, clean_stale_link
 
         o = self.opts
         if o.proto != "udp":

@@ -8,6 +8,7 @@ server is 10.78.0.1 / fd00:78::1; clients get pool addresses (or ccd ones).
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import subprocess
 import sys
@@ -23,6 +24,9 @@ from tests.netns.harness import INIT_LINE, Proc, ping, wait_for_lines, wait_list
 pytestmark = pytest.mark.netns
 
 SERVER4, SERVER6 = "10.78.0.1", "fd00:78::1"
+# PYOVPN_TEST_DCO=kernel (inside the guest): the pyovpn server on the kernel ovpn driver, and the
+# stock clients with their DCO too
+DCO = os.environ.get("PYOVPN_TEST_DCO", "userspace") or "userspace"
 
 
 def _ip(*args: str) -> None:
@@ -111,7 +115,7 @@ def server_conf(pki: Pki, workdir: Path, *, client_to_client: bool, extra: str =
                 "route 10.66.0.0 255.255.255.0",
                 'push "route 10.66.0.0 255.255.255.0"',
                 *(["client-to-client"] if client_to_client else []),
-                "dco userspace",
+                f"dco {DCO}",
                 "verb 4",
                 extra,
             ]
@@ -138,7 +142,7 @@ def client_conf(pki: Pki, workdir: Path, cn: str, remote: str, cipher: str, extr
                 f"tls-crypt {pki.tc_key}",
                 "remote-cert-tls server",
                 f"data-ciphers {cipher}",
-                "disable-dco",
+                *(["disable-dco"] if DCO != "kernel" else []),
                 "explicit-exit-notify 1",
                 "verb 4",
                 extra,
