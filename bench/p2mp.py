@@ -87,6 +87,7 @@ class Measurement:
     lg: dict[str, object] = field(default_factory=dict)
     server_notes: list[str] = field(default_factory=list)
     server_rcvbuf_errors: int = 0  # UDP datagrams the server's kernel dropped (socket buffer full)
+    loadgen_rcvbuf_errors: int = 0  # the same on the load generator's side
     exits_seen: int = 0  # clients the server dropped on their EXIT within EXIT_WAIT s of the loadgen stop
 
     @property
@@ -276,6 +277,7 @@ def run_variant(
         m.loadgen_idle_cpu_pct = 100.0 * (cpu_seconds(loadgen.pid) - l_cpu) / wall
         m.rss_end_kib = rss_steady(server.pid)
         m.server_rcvbuf_errors = udp_rcvbuf_errors(net.b)
+        m.loadgen_rcvbuf_errors = udp_rcvbuf_errors(net.a)
         m.server_notes = _server_notes(variant.impl, server.text())
         mark = server.mark()
         loadgen.stop(timeout=30)
@@ -381,7 +383,8 @@ def table(results: dict[str, Summary], n: int, idle: float, concurrency: int) ->
             busy = m.loadgen_connect_cpu_s / m.connect_seconds if m.connect_seconds else 0.0
             lines.append(
                 f"- {name}, round {i}: connect {m.connect_seconds:.1f} s, p99 {_ms(m.p99)} ms; "
-                f"server log: {notes}; server-side UDP receive-buffer drops: {m.server_rcvbuf_errors}; "
+                f"server log: {notes}; UDP receive-buffer drops: server {m.server_rcvbuf_errors}, "
+                f"load generator {m.loadgen_rcvbuf_errors}; "
                 f"load generator CPU during the connects {m.loadgen_connect_cpu_s:.1f} s "
                 f"({100 * busy:.0f}% of one core); while idle: pings sent {lg.get('pings_sent')}, "
                 f"data packets received {lg.get('data_received')} (undecryptable {lg.get('data_bad')}), "

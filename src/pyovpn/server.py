@@ -17,6 +17,7 @@ import os
 import socket
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,52 @@ Addr = tuple[str, int]
 # OpenVPN DCO installs iroutes with this metric, so they coexist with a `route` for the same network
 IROUTE_METRIC = 100
 SERVER_ROUTE_METRIC = 200
+SERVER_SOCKET_BUFFER = 4 << 20
+# In the spirit of OpenVPN's connect-freq-initial, stateless replies are rate limited so a
+# replayed or spoofed reset cannot turn the server into a reflector; per source IP (a bounded
+# table) rather than globally, so a flood from some addresses does not lock out real clients.
+CONNECT_FREQ_INITIAL = (100, 10.0)
+RESET_LIMITER_ENTRIES = 16384
+
+
+class ResetLimiter:
+    """Per-source-IP token buckets in a bounded LRU table (memory stays flat under any flood)."""
+
+    def __init__(self, capacity: int, period: float, entries: int = RESET_LIMITER_ENTRIES) -> None:
+        self.capacity, self.period, self.entries = capacity, period, entries
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, ip: str, now: float) -> bool:
+        bucket = self._buckets.pop(ip, None) or TokenBucket(self.capacity, self.period)
+        self._buckets[ip] = bucket
+        if len(self._buckets) > self.entries:
+            self._buckets.popitem(last=False)
+        return bucket.take(now)
+
+    def refund(self, ip: str) -> None:
+        bucket = self._buckets.get(ip)
+        if bucket is not None:
+            bucket.refund()
+
+
+class TokenBucket:
+    def __init__(self, capacity: int, period: float) -> None:
+        self.capacity = capacity
+        self.rate = capacity / period
+        self.tokens = float(capacity)
+        self.stamp: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self.stamp is not None:
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def refund(self) -> None:
+        self.tokens = min(self.capacity, self.tokens + 1)
 
 
 def _norm(addr: tuple) -> Addr:  # type: ignore[type-arg]
@@ -157,6 +204,7 @@ class MultiServer:
         self._cmds: asyncio.Queue[object] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[object]] = set()
+        self._reset_budget = ResetLimiter(*CONNECT_FREQ_INITIAL)
         self.pool = self._make_pool()
         self.server_ip, self.netmask = self.opts.ifconfig or ("", "")
         self.server_ip6 = self.opts.ifconfig_ipv6[0].split("/")[0] if self.opts.ifconfig_ipv6 else None
@@ -211,6 +259,13 @@ class MultiServer:
             raise _Stop(
                 f"cannot bind UDP {_bind_address(o, af)}: {exc.strerror}", restart=False, exit_code=1
             ) from None
+        # bursts of handshakes (and mass EXITs) overflow the default ~200 KiB receive buffer
+        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE when root
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SERVER_SOCKET_BUFFER)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SERVER_SOCKET_BUFFER)
         sock.setblocking(False)
         self.sock = sock
         name = o.dev if o.dev not in ("tun", "") else "tun0"
@@ -320,10 +375,14 @@ class MultiServer:
         op = data[0] >> 3
         try:
             if op == Opcode.CONTROL_HARD_RESET_CLIENT_V2:
+                if not self._reset_budget.take(key[0], now):
+                    log.debug("dropped reset from %s: connect-freq-initial budget exhausted", key)
+                    return
                 reply = self.jar.reply_to_reset(data, key, now, self._fresh_wrap())
                 self._sendto(reply, source)
                 return
             proof = self.jar.check_proof(data, key, now, self._fresh_wrap())
+            self._reset_budget.refund(key[0])  # a reset that became a real client does not count
         except ProtocolError as exc:
             log.debug("dropped packet from %s: %s", key, exc)
             return
