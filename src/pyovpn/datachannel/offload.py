@@ -125,8 +125,6 @@ class OffloadDataChannel:
 
     async def request(self, command: Command) -> PeerInfo | KeyInfo | None:
         what = type(command).__name__
-        if os.environ.get("PYOVPN_ENGINE_TRACE"):  # TRACE-TEMP
-            sys.stderr.write("TRACE %.3f p req %s\n" % (time.monotonic(), what))
         if self._closed:
             raise BackendError(f"{what}: the offload backend is closed")
         await self._ensure_started()
@@ -304,8 +302,6 @@ class OffloadDataChannel:
                 except (ValueError, TypeError):
                     log.warning("offload engine sent an undecodable notification")
                     continue
-                if os.environ.get("PYOVPN_ENGINE_TRACE"):  # TRACE-TEMP
-                    sys.stderr.write("TRACE %.3f p note %s\n" % (time.monotonic(), type(note).__name__))
                 if isinstance(note, PeerDeleted):
                     self._peers.discard(note.peer_id)
                 self._emit(note)

@@ -136,13 +136,6 @@ class _WorkerLink:
         self.pending: dict[int, asyncio.Future[Any]] = {}
 
 
-def _tr(fmt: str, *args: Any) -> None:  # TRACE-TEMP
-    if os.environ.get("PYOVPN_ENGINE_TRACE"):
-        import sys, time
-        sys.stderr.write("TRACE %.3f c %s\n" % (time.monotonic(), fmt % args))
-        sys.stderr.flush()
-
-
 def _normalize(addr: tuple[Any, ...]) -> Address:
     ip = addr[0]
     if ip.startswith("::ffff:") and "." in ip:
@@ -233,7 +226,6 @@ class Controller:
                 self.loop.remove_reader(self.proxy.fileno())
                 self._finish()
                 return
-            _tr("req %s qsize=%d", msg.get("op"), self.queue.qsize())  # TRACE-TEMP
             self.queue.put_nowait(("req", msg, fds))
 
     def _on_worker(self, link: _WorkerLink) -> None:
@@ -258,7 +250,6 @@ class Controller:
             for fd in fds:
                 os.close(fd)
             if "ev" in msg:
-                _tr("ev %s qsize=%d", msg["ev"], self.queue.qsize())  # TRACE-TEMP
                 self.queue.put_nowait(("ev", msg, []))
                 continue
             fut = link.pending.pop(msg.get("id"), None)
@@ -674,7 +665,6 @@ class Controller:
             raise BackendError(f"{what}: empty packet")
         if peer.transport is Transport.TCP and len(cmd.packet) > 0xFFFF:
             raise BackendError(f"{what}: {len(cmd.packet)} bytes do not fit a TCP frame (max 65535)")
-        _tr("send_control start")  # TRACE-TEMP
         try:
             await self._call(
                 peer.workers[0], "send_control", peer_id=peer.peer_id, gen=peer.gen, packet=encode(cmd.packet)
@@ -703,7 +693,6 @@ class Controller:
         if peer is None or peer.gen != msg.get("gen"):
             return  # about a peer that is already gone
         if ev == "control":
-            _tr("emit ctl")  # TRACE-TEMP
             addr = decode(msg.get("addr"))
             self._emit(ControlPacket(peer.peer_id, decode(msg["packet"]), _normalize(addr) if addr else None))
         elif ev == "float":

@@ -74,15 +74,6 @@ _TRANSIENT = frozenset(
 _TCP_DISCONNECT = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ESHUTDOWN})
 
 
-_TRACE = bool(os.environ.get("PYOVPN_ENGINE_TRACE"))  # TRACE-TEMP
-
-
-def _tr(fmt: str, *args: Any) -> None:  # TRACE-TEMP
-    if _TRACE:
-        sys.stderr.write("TRACE %.3f w %s\n" % (time.monotonic(), fmt % args))
-        sys.stderr.flush()
-
-
 def _count(stats: Stats, name: str, n: int = 1) -> None:
     stats.extra[name] = stats.extra.get(name, 0) + n
 
@@ -178,10 +169,6 @@ class Worker:
                         handler(ev)
                     except Exception:  # one bad packet or state must not kill the data plane
                         log.exception("engine worker %d: handler for fd %d failed", self.index, fd)
-            if _TRACE and time.monotonic() > getattr(self, "_tr_next", 0):  # TRACE-TEMP
-                self._tr_next = time.monotonic() + 1.0
-                for p in self.peers.values():
-                    _tr("stats %d tx=%s rx=%s linktx=%d linkrx=%d %s", self.index, p.tx, p.rx, p.stats.link_tx_packets, p.stats.link_rx_packets, p.stats.extra)
             try:
                 self._run_timers()
             except Exception:
@@ -648,7 +635,6 @@ class Worker:
             peer.stats.link_tx_bytes += len(data) - 2 * len(offs)
 
     def _send_control(self, peer: _Peer, packet: bytes) -> None:
-        _tr("tx-ctl op=%d len=%d", packet[0] >> 3, len(packet))  # TRACE-TEMP
         if peer.transport is Transport.TCP:
             self._tcp_queue(peer, _FRAME_LEN.pack(len(packet)) + packet, control=True)
             return
@@ -657,7 +643,6 @@ class Worker:
             peer.sock.sendto(packet, peer.send_addr)
         except OSError as e:
             if e.errno in _TRANSIENT:
-                _tr("tx-ctl DROPPED %s", e)  # TRACE-TEMP
                 _count(peer.stats, "control_tx_dropped")
                 return
             raise OSError(e.errno, f"send to {peer.send_addr} failed: {e.strerror or e}") from None
@@ -747,7 +732,6 @@ class Worker:
                     _count(st, "rx_unknown_peer")
                     continue
             elif opcode != OPCODE_DATA_V1:
-                _tr("rx-ctl op=%d len=%d", opcode, sz)  # TRACE-TEMP
                 self._event(
                     "control",
                     peer_id=peer.peer_id,
