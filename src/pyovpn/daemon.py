@@ -40,6 +40,7 @@ from pyovpn.datachannel.api import (
     SwapKeys,
     Transport,
 )
+from pyovpn.datachannel.api import normalize_address as _addr
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
 from pyovpn.net import tun
 from pyovpn.proto.packets import DATA_OPCODES, Opcode, StreamFramer, frame
@@ -156,13 +157,6 @@ def _bind_address(opts: Options, af: int) -> tuple[str, int]:
     port = 0 if opts.nobind else (opts.lport if opts.lport is not None else opts.port)
     host = opts.local or ("::" if af == socket.AF_INET6 else "0.0.0.0")
     return host, port
-
-
-def _addr(sa: tuple) -> tuple[str, int]:
-    host = sa[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, sa[1]
 
 
 class Connection:

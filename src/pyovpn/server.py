@@ -38,6 +38,7 @@ from pyovpn.datachannel.api import (
     SwapKeys,
     Transport,
 )
+from pyovpn.datachannel.api import normalize_address as _norm
 from pyovpn.errors import ConfigError, ProtocolError, PyovpnError
 from pyovpn.net import tun
 from pyovpn.proto.cookie import CookieJar
@@ -100,13 +101,6 @@ class TokenBucket:
 
     def refund(self) -> None:
         self.tokens = min(self.capacity, self.tokens + 1)
-
-
-def _norm(addr: tuple) -> Addr:  # type: ignore[type-arg]
-    host = addr[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, addr[1]
 
 
 class AddressPool:

@@ -65,6 +65,14 @@ class Transport(enum.Enum):
 Address = tuple[str, int]  # (ip literal, port); IPv6 literals without brackets
 
 
+def normalize_address(addr: tuple) -> Address:  # type: ignore[type-arg]
+    """A socket address as the API's ``(ip, port)``; v4-mapped IPv6 becomes IPv4 like the kernel."""
+    ip = addr[0]
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    return (ip, addr[1])
+
+
 # ---------------------------------------------------------------------------- commands
 
 

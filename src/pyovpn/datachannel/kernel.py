@@ -99,6 +99,7 @@ from pyovpn.datachannel.api import (
     SwapKeys,
     Transport,
 )
+from pyovpn.datachannel.api import normalize_address as _normalize
 from pyovpn.datachannel.crypto import OPCODE_DATA_V1, OPCODE_DATA_V2, PEER_ID_UNDEF
 from pyovpn.errors import BackendError
 
@@ -790,14 +791,6 @@ def cleanup_stale_iface(name: str, *, force: bool = False) -> bool:
 
 
 # ---------------------------------------------------------------------------- address helpers
-
-
-def _normalize(addr: tuple[Any, ...]) -> Address:
-    """A socket address as the API's ``(ip, port)``; v4-mapped IPv6 becomes IPv4 like the kernel."""
-    ip = addr[0]
-    if ip.startswith("::ffff:") and "." in ip:
-        ip = ip[7:]
-    return (ip, addr[1])
 
 
 def _scope_index(scope: str | None) -> int:

@@ -97,6 +97,7 @@ from pyovpn.datachannel.api import (
     SwapKeys,
     Transport,
 )
+from pyovpn.datachannel.api import normalize_address as _normalize
 from pyovpn.datachannel.crypto import (
     DEFAULT_REPLAY_WINDOW,
     OPCODE_DATA_V1,
@@ -260,14 +261,6 @@ def _socket_key(fd: int) -> tuple[int, int]:
 
 def _count(stats: Stats, name: str, n: int = 1) -> None:
     stats.extra[name] = stats.extra.get(name, 0) + n
-
-
-def _normalize(addr: tuple[Any, ...]) -> Address:
-    """A socket address as the API's ``(ip, port)``; v4-mapped IPv6 becomes IPv4 like the kernel."""
-    ip = addr[0]
-    if ip.startswith("::ffff:") and "." in ip:
-        ip = ip[7:]
-    return (ip, addr[1])
 
 
 class UserspaceDataChannel:
