@@ -17,6 +17,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -580,3 +581,393 @@ def test_tcp_engine_bad_frame_is_transport_error(lab: Lab) -> None:  # noqa: F81
     finally:
         server.close()
         client.close()
+
+
+# ---------------------------------------------------------------------------- control packets first
+#
+# Under a saturating transfer the peer's socket receive queue is full right after each data
+# burst; a control packet sent then is dropped there, and its retransmissions (sent the
+# same way) too, so a renegotiation could stall for tens of seconds. The transmit worker
+# therefore never sends a UDP control packet within _CTL_GAP of a data burst: it stops
+# reading the TUN, waits out the gap and sends the control packet ahead of the next burst.
+# TCP control frames overtake queued data frames. A full socket buffer never drops one.
+
+
+def _bare_worker() -> tuple[Any, socket.socket]:
+    from pyovpn.datachannel.engine.worker import Worker
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    w = Worker(0, theirs, {})
+    w.chan.setblocking(False)
+    return w, ours
+
+
+def _close_worker(w: Any, chan: socket.socket) -> None:
+    w.ep.close()
+    w.chan.close()
+    chan.close()
+
+
+def _bare_peer(w: Any, sock: Any, transport: Transport, send_addr: Any = None) -> Any:
+    from pyovpn.datachannel.engine.worker import _Peer
+
+    m = {
+        "peer_id": 1,
+        "gen": 1,
+        "tx_peer_id": 1,
+        "transport": transport.value,
+        "tx": True,
+        "rx": False,
+        "gso": False,
+        "gro": False,
+        "mss4": 0,
+        "mss6": 0,
+        "send_addr": send_addr,
+        "raw_ip": send_addr[0] if send_addr else None,
+        "raw_port": send_addr[1] if send_addr else 0,
+    }
+    peer = _Peer(m, sock, None)
+    w.peers[1] = peer
+    w.tx_peer = peer
+    return peer
+
+
+class _RefusingSocket:
+    """A UDP socket whose first ``refusals`` sends fail with EAGAIN (a full send buffer)."""
+
+    def __init__(self, sock: socket.socket, refusals: int) -> None:
+        self.sock = sock
+        self.refusals = refusals
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        if self.refusals:
+            self.refusals -= 1
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return self.sock.sendto(data, addr)
+
+
+def _recv_all(sock: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096))
+        except BlockingIOError:
+            return out
+
+
+def test_worker_udp_control_waits_out_the_gap_and_goes_before_data() -> None:
+    import select
+
+    from pyovpn.datachannel.engine.worker import _CTL_GAP
+
+    w, chan = _bare_worker()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", 0))
+    rx.bind(("127.0.0.1", 0))
+    rx.setblocking(False)
+    tun_r, tun_w = os.pipe()  # stands in for the TUN: readable = bulk data waiting
+    try:
+        peer = _bare_peer(w, tx, Transport.UDP, rx.getsockname())
+        w.tun_fd, w.tun_read = tun_r, True
+        w._register(tun_r, select.EPOLLIN, w._on_tun)
+        os.write(tun_w, b"x")
+
+        # no burst lately: out at once, data flow untouched
+        w._send_control(peer, b"\x20now")
+        assert _recv_all(rx) == [b"\x20now"]
+        assert not w.tun_paused
+
+        # a burst just left: held, in order, and the TUN is not read meanwhile
+        w.last_burst = time.monotonic() + 60  # (a burst "now" whose gap cannot run out mid-test)
+        w._send_control(peer, b"\x20one")
+        w._send_control(peer, b"\x28two")
+        w._run_timers()
+        assert _recv_all(rx) == []
+        assert w.tun_paused and w.ep.poll(0) == [], "no data may be read while control waits"
+        w.last_burst = time.monotonic()
+        assert 0 < w._next_timer() <= _CTL_GAP + 0.002
+        time.sleep(w._next_timer())
+        w._run_timers()
+        assert _recv_all(rx) == [b"\x20one", b"\x28two"]
+        assert not w.tun_paused and [fd for fd, _ in w.ep.poll(0)] == [tun_r]
+        assert time.monotonic() - w.last_burst >= _CTL_GAP
+
+        # a full send buffer (EAGAIN) is retried, never dropped, and data still waits
+        w.last_burst = 0.0
+        peer.sock = _RefusingSocket(tx, refusals=2)
+        w._send_control(peer, b"\x20three")
+        w._send_control(peer, b"\x20four")
+        assert _recv_all(rx) == [] and w.tun_paused
+        deadline = time.monotonic() + 2
+        while peer.ctl_q and time.monotonic() < deadline:
+            time.sleep(max(0.0, w._next_timer()))
+            w._run_timers()
+        assert _recv_all(rx) == [b"\x20three", b"\x20four"]
+        assert not w.tun_paused
+        st = peer.stats.extra
+        assert st["control_tx"] == 5 and st["control_tx_retries"] == 2
+        assert "control_tx_dropped" not in st
+
+        # DelPeer (userspace) still lets a held packet (EXIT) leave
+        peer.sock = tx
+        w.last_burst = time.monotonic()
+        w._send_control(peer, b"\x20bye")
+        w._del_peer(peer, True)
+        assert _recv_all(rx) == [b"\x20bye"]
+        assert not w.tun_paused
+    finally:
+        rx.close()
+        tx.close()
+        for fd in (tun_r, tun_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _close_worker(w, chan)
+
+
+def test_worker_tcp_control_frames_overtake_queued_data() -> None:
+    w, chan = _bare_worker()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ours.setblocking(False)
+    try:
+        peer = _bare_peer(w, ours, Transport.TCP)
+
+        def frame(kind: int, n: int, size: int) -> bytes:
+            body = bytes([kind << 3]) + n.to_bytes(4, "big") + bytes([n & 0xFF]) * size
+            return struct.pack(">H", len(body)) + body
+
+        # data in chunks of several frames, as the TUN path queues them, until a backlog forms
+        data_frames: list[bytes] = []
+        queued = 0
+        while len(peer.tcp_tx) < 200_000:
+            chunk = [
+                frame(9, len(data_frames) + i, 1300 + 7 * ((len(data_frames) + i) % 13)) for i in range(8)
+            ]
+            data_frames += chunk
+            assert w._tcp_queue(peer, b"".join(chunk), control=False)
+            queued += sum(len(f) for f in chunk)
+        taken = queued - len(peer.tcp_tx)  # bytes the kernel took: at most one frame split
+        starts, pos = [], 0
+        for f in data_frames:
+            starts.append(pos)
+            pos += len(f)
+        data_before = sum(1 for s in starts if s < taken)
+
+        for i in range(3):
+            w._send_control(peer, b"\x20" + b"ctl%d" % i + os.urandom(300))
+        w._send_control(peer, b"\x28" + b"ctl3")  # behind the first three, still ahead of data
+        for _ in range(8):  # more data after the control frames
+            f = frame(9, len(data_frames), 1400)
+            data_frames.append(f)
+            assert w._tcp_queue(peer, f, control=False)
+
+        got = bytearray()
+        theirs.settimeout(5)
+        while peer.tcp_tx or len(got) < queued:
+            got += theirs.recv(65536)
+            if peer.tcp_tx:
+                w._on_tcp_writable(peer)
+            queued = sum(len(f) for f in data_frames)
+        frames, off = [], 0
+        while off < len(got):
+            n = struct.unpack_from(">H", got, off)[0]
+            frames.append(bytes(got[off + 2 : off + 2 + n]))
+            off += 2 + n
+        assert off == len(got), "the stream must stay whole frames"
+        kinds = [f[0] >> 3 for f in frames]
+        first_ctl = kinds.index(4) if 4 in kinds else kinds.index(5)
+        assert first_ctl == data_before, "control must follow the frame in flight, not the queue"
+        assert [f[1:5] for f in frames[first_ctl : first_ctl + 4]] == [b"ctl0", b"ctl1", b"ctl2", b"ctl3"]
+        assert [f for f in frames if f[0] >> 3 == 9] == [f[2:] for f in data_frames], "data intact, in order"
+        assert peer.stats.extra.get("control_tx_ahead") == 4
+    finally:
+        ours.close()
+        theirs.close()
+        _close_worker(w, chan)
+
+
+class _WireLog:
+    """Kernel timestamps and first payload bytes of the UDP datagrams leaving a veth (AF_PACKET)."""
+
+    ETH_P_ALL = 0x0003
+    SO_TIMESTAMPNS = 35  # also the cmsg type (SCM_TIMESTAMPNS); not in the socket module
+
+    def __init__(self, site: Site, ifname: str) -> None:
+        self.log: list[tuple[float, int]] = []  # (seconds, first payload byte) per send
+        self.sock = site.call(lambda: self._open(ifname))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _open(self, ifname: str) -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(self.ETH_P_ALL))
+        s.bind((ifname, 0))
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+        s.setsockopt(socket.SOL_SOCKET, self.SO_TIMESTAMPNS, 1)
+        s.settimeout(0.2)
+        return s
+
+    def _run(self) -> None:
+        space = socket.CMSG_SPACE(16)
+        while not self.stop.is_set():
+            try:
+                data, anc, _flags, addr = self.sock.recvmsg(128, space)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if addr[2] != socket.PACKET_OUTGOING or len(data) < 14 + 28 + 1 or data[12:14] != b"\x08\x00":
+                continue
+            ip = data[14:]
+            ihl = (ip[0] & 0x0F) * 4
+            if ip[9] != 17 or struct.unpack_from("!H", ip, ihl + 2)[0] != PORT:
+                continue
+            ts = 0.0
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == self.SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", raw[:16])
+                    ts = sec + nsec / 1e9
+            self.log.append((ts, ip[ihl + 8]))
+
+    def close(self) -> list[tuple[float, int]]:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+        return self.log
+
+
+def _control_both_ways_while_saturated(
+    a: Site, b: Site, *, a_peer: int, b_peer: int, bulk: Callable[[], Any]
+) -> tuple[list[float], list[float]]:
+    """Bulk data A -> B in a thread; meanwhile control packets both ways. Returns latencies.
+
+    Every control packet must arrive, in order, within a bound, while the tunnel is saturated.
+    """
+    arrivals: dict[str, list[tuple[float, bytes]]] = {"a": [], "b": []}
+    for name, site in (("a", a), ("b", b)):
+
+        def record(n: Any, box: list[tuple[float, bytes]] = arrivals[name]) -> None:
+            if isinstance(n, ControlPacket) and n.packet[1:4] == b"ctl":
+                box.append((time.monotonic(), n.packet))
+
+        site.call(lambda site=site, record=record: site.backend.subscribe(record))  # type: ignore[union-attr]
+    errors: list[BaseException] = []
+
+    def run_bulk() -> None:
+        try:
+            bulk()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run_bulk, daemon=True)
+    t.start()
+    time.sleep(0.5)  # let the transfer ramp up to saturation
+    sent: dict[str, list[tuple[float, bytes]]] = {"a": [], "b": []}
+    i = 0
+    while t.is_alive() or i < 10:
+        for name, site, pid, op in (("a", a, a_peer, 0x20), ("b", b, b_peer, 0x28)):
+            pkt = bytes([op]) + b"ctl%04d" % i + os.urandom(1100 if i % 2 else 60)
+            sent[name].append((time.monotonic(), pkt))
+            site.request(SendControl(pid, pkt))
+        i += 1
+        time.sleep(0.02)
+    t.join(120)
+    assert not errors, errors
+    assert not t.is_alive(), "the bulk transfer did not finish"
+    latencies: dict[str, list[float]] = {}
+    for src, dst in (("a", "b"), ("b", "a")):
+        deadline = time.monotonic() + 5
+        while len(arrivals[dst]) < len(sent[src]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        got = [p for _, p in arrivals[dst]]
+        want = [p for _, p in sent[src]]
+        assert got == want, (
+            f"control {src} -> {dst}: {len(got)} of {len(want)} arrived"
+            f"{'' if len(got) < len(want) else ' out of order'}"
+        )
+        latencies[src] = [ta - ts for (ts, _), (ta, _) in zip(sent[src], arrivals[dst], strict=True)]
+        assert max(latencies[src]) < 1.0, f"control {src} -> {dst} took up to {max(latencies[src]):.3f}s"
+    return latencies["a"], latencies["b"]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("transport", [Transport.UDP, Transport.TCP])
+def test_engine_control_packets_under_saturation(lab: Lab, transport: Transport) -> None:  # noqa: F811
+    """Control packets both ways while bulk data saturates the tunnel: all arrive, in order, fast.
+
+    UDP: no control packet leaves within _CTL_GAP of data (measured on the wire), so a
+    receiver whose queue a burst just filled has had time to drain it. TCP: control frames
+    overtake queued data frames and the stream stays intact.
+    """
+    from pyovpn.datachannel.engine.worker import _CTL_GAP
+
+    a = lab.site(lab.ns_a)
+    b = lab.site(lab.ns_b)
+    _start_side(a, TUN_A, TUN_B, TUN6_A, workers=2)
+    _start_side(b, TUN_B, TUN_A, TUN6_B, workers=2)
+    conns: list[socket.socket] = []
+    try:
+        if transport is Transport.UDP:
+            sock_a = a.call(lambda: _udp_socket((VETH_A, PORT)))
+            sock_b = b.call(lambda: _udp_socket((VETH_B, PORT)))
+            conns += [sock_a, sock_b]
+            a.request(NewPeer(7, sock_a.fileno(), Transport.UDP, (VETH_B, PORT)))
+            b.request(NewPeer(7, sock_b.fileno(), Transport.UDP, (VETH_A, PORT)))
+        else:
+
+            def listen() -> socket.socket:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((VETH_A, PORT))
+                s.listen(1)
+                return s
+
+            listener = a.call(listen)
+            conn_b = b.call(lambda: socket.create_connection((VETH_A, PORT), timeout=5))
+            conn_a, _ = listener.accept()
+            conns += [listener, conn_a, conn_b]
+            a.request(NewPeer(7, conn_a.fileno(), Transport.TCP))
+            b.request(NewPeer(7, conn_b.fileno(), Transport.TCP))
+        key0 = os.urandom(256)
+        _install_key(a, 7, KeySlot.PRIMARY, 0, key0, client=True)
+        _install_key(b, 7, KeySlot.PRIMARY, 0, key0, client=False)
+        assert a.run(ping(TUN_B, 3)) == 3
+
+        wire = _WireLog(a, f"pv{lab.tag}a") if transport is Transport.UDP else None
+        try:
+            lat_ab, lat_ba = _control_both_ways_while_saturated(
+                a, b, a_peer=7, b_peer=7, bulk=lambda: _tcp_bulk(a, b, 96 << 20)
+            )
+        finally:
+            log = wire.close() if wire is not None else []
+        sa = _stats(a, 7)
+        print(
+            f"{transport.value}: {len(lat_ab)} control packets each way; "
+            f"A->B max {max(lat_ab) * 1000:.1f} ms, B->A max {max(lat_ba) * 1000:.1f} ms; A stats {sa.extra}"
+        )
+        assert "control_tx_dropped" not in sa.extra
+        if wire is not None:
+            # the gap between a control packet and the data sent before it, on the wire
+            gaps, last_data = [], None
+            for ts, first in log:
+                if first >> 3 == 9:  # DATA_V2
+                    last_data = ts
+                elif last_data is not None:
+                    gaps.append(ts - last_data)
+            print(
+                f"wire: {len(log)} sends, {len(gaps)} control packets after data, "
+                f"min gap {min(gaps) * 1000:.2f} ms"
+            )
+            assert len(gaps) >= len(lat_ab) // 2, "the capture missed most control packets"
+            assert min(gaps) >= _CTL_GAP * 0.95, (
+                f"a control packet left {min(gaps) * 1000:.2f} ms after a data burst "
+                f"(< {_CTL_GAP * 1000:.0f} ms): a peer's full receive queue would drop it"
+            )
+    finally:
+        for s in conns:
+            s.close()

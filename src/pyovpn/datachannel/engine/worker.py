@@ -7,6 +7,11 @@ TUN, keepalive expiry, control packets in). The controller gives each side to ex
 worker, so a key's transmit packet ids come from a single counter and its replay window
 lives in a single process, and a flow's packets are handled in order by one process.
 
+Control packets take priority over bulk data on the transmit side: a full socket buffer
+never drops one (it is retried and data waits), a UDP control packet never trails a data
+burst (see ``_CTL_GAP``), a TCP control frame overtakes queued data frames, and the TUN
+loop yields to a waiting request between chunks.
+
 The worker talks to the controller over a ``SOCK_SEQPACKET`` channel (see ``wire.py``):
 requests ``{"id", "op", ...}`` answered by ``{"id", "ok"|"err"}``, and events
 ``{"ev", ...}`` (control packet, float, expiry, TCP disconnect, key exhausted).
@@ -24,6 +29,7 @@ import socket
 import struct
 import sys
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -56,6 +62,17 @@ _TUN_BATCH = 64  # TUN reads per wakeup before other descriptors get a turn
 _UDP_BATCH = 32  # GRO receives per wakeup
 _TCP_RX_CHUNK = 262144
 _TCP_TX_HIGH_WATER = 1 << 20
+# Control packets go out ahead of bulk data, never right behind a burst of it. Under a
+# saturating transfer the peer's receive queue is full just after each burst (stock openvpn
+# reads a 208 KiB socket buffer) and whatever lands then is dropped; control packets sent
+# there were lost again and again, and a renegotiation stalled for tens of seconds. So a
+# control packet waits until _CTL_GAP has passed since the last burst, the TUN is not read
+# meanwhile (no new burst can overtake it), and then it leads the next burst.
+_CTL_GAP = 0.004
+_CTL_RETRY = 0.001  # a control packet the socket refused (EAGAIN/ENOBUFS) is retried this soon
+_CTL_QUEUE_MAX = 4096  # a runaway control plane must not grow the queue without bound
+_CTL_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS})
+_CTL_RETRY_FOR = 1.0  # after this long a refused control packet is dropped (and counted)
 _TX_BUF = 1 << 20
 _TX_FLUSH_AT = _TX_BUF - 2 * 65536 - 4096  # room for one more 64 KiB super-packet's slots
 _RX_BUF = 65536 + 4096
@@ -105,8 +122,13 @@ class _Peer:
         self.last_rx = self.last_tx = time.monotonic()
         self.expired_sent = False
         self.tcp_rx = bytearray(m.get("backlog", b""))
-        self.tcp_tx = bytearray()
+        self.tcp_tx = bytearray()  # frames the socket has not taken yet
+        self.tcp_bound = 0  # tcp_tx[:tcp_bound] is the rest of a frame the socket took in part
+        self.tcp_ctl_end = 0  # tcp_tx[tcp_bound:tcp_ctl_end] are control frames put ahead of data
         self.tcp_writer = False
+        self.ctl_q: deque[bytes] = deque()  # UDP control packets waiting to go out (in order)
+        self.ctl_retry_at = 0.0  # the socket refused the head of ctl_q; try again from then
+        self.ctl_refused_since = 0.0  # when the socket first refused the head of ctl_q
         self.dead = False
         self.set_send(m.get("send_addr"), m.get("raw_ip"), m.get("raw_port", 0))
 
@@ -144,6 +166,10 @@ class Worker:
         self.tx_offs: list[int] = []
         self.tx_lens: list[int] = []
         self.tx_pos = 0
+        self.last_burst = 0.0  # when the last data burst left (monotonic)
+        self.tun_paused = False  # TUN reads stop while a control packet waits to go first
+        self.chan_poll = select.poll()
+        self.chan_poll.register(chan.fileno(), select.POLLIN)
         # receive buffers
         self.rx_buf = bytearray(_RX_BUF)
         self.rx_mv = memoryview(self.rx_buf)
@@ -325,6 +351,7 @@ class Worker:
             self._register(fd, select.EPOLLIN, self._on_tun)
 
     def _clear_tun(self) -> None:
+        self.tun_paused = False
         if self.tun_fd >= 0:
             self._unregister(self.tun_fd)
             with contextlib.suppress(OSError):
@@ -353,6 +380,11 @@ class Worker:
                     self._tcp_process(peer)
 
     def _del_peer(self, peer: _Peer, flush: bool) -> None:
+        if flush and peer.ctl_q:
+            # best effort: a control packet queued just before DelPeer (e.g. EXIT) should leave
+            peer.ctl_retry_at = 0.0
+            with contextlib.suppress(OSError):
+                self._ctl_flush(peer)
         peer.dead = True
         self.peers.pop(peer.peer_id, None)
         if self.tx_peer is peer:
@@ -365,6 +397,8 @@ class Worker:
         if flush and peer.transport is Transport.TCP and peer.tcp_tx:
             with contextlib.suppress(OSError):
                 peer.sock.send(peer.tcp_tx)
+        peer.ctl_q.clear()
+        self._resume_tun()
         self._unregister(peer.fd)
         with contextlib.suppress(OSError):
             peer.sock.detach()
@@ -387,6 +421,9 @@ class Worker:
     def _next_timer(self) -> float:
         best = None
         for p in self.peers.values():
+            if p.ctl_q:
+                d = self._ctl_deadline(p)
+                best = d if best is None or d < best else best
             if not (p.ka_interval and p.ka_timeout):
                 continue
             if p.tx:
@@ -402,6 +439,8 @@ class Worker:
     def _run_timers(self) -> None:
         now = time.monotonic()
         for p in list(self.peers.values()):
+            if p.ctl_q and now >= self._ctl_deadline(p):
+                self._ctl_flush(p)
             if not (p.ka_interval and p.ka_timeout):
                 continue
             if p.rx and not p.expired_sent and now >= p.last_rx + p.ka_timeout:
@@ -450,6 +489,8 @@ class Worker:
     # ------------------------------------------------------------------ TUN -> network
 
     def _on_tun(self, _ev: int) -> None:
+        if self.tun_paused:
+            return  # a control packet goes first (this event was reported before the pause)
         fd = self.tun_fd
         readv = os.readv
         bufs = [self.tun_buf]
@@ -522,6 +563,8 @@ class Worker:
             vpn_bytes += ln
             if self.tx_pos >= _TX_FLUSH_AT:
                 ks = self._tx_flush(peer, ks)  # type: ignore[arg-type]
+                if self.chan_poll.poll(0):
+                    break  # a request (SendControl...) waits: serve it before the next chunk
         if peer is not None:
             st = peer.stats
             st.vpn_tx_packets += vpn_packets
@@ -556,7 +599,7 @@ class Worker:
             else:
                 self._sync_remote(peer)
                 self._udp_send_slots(peer)
-            peer.last_tx = time.monotonic()
+            peer.last_tx = self.last_burst = time.monotonic()
         offs.clear()
         lens.clear()
         self.tx_pos = 0
@@ -635,17 +678,82 @@ class Worker:
             peer.stats.link_tx_bytes += len(data) - 2 * len(offs)
 
     def _send_control(self, peer: _Peer, packet: bytes) -> None:
+        """Send a control packet ahead of bulk data; a full buffer never drops it.
+
+        TCP: the frame goes before every queued data frame. UDP: it is sent at once unless a
+        data burst left less than ``_CTL_GAP`` ago; then the TUN is not read until the gap
+        has passed and the packet is sent first. A socket that refuses it (EAGAIN/ENOBUFS)
+        is retried, and data waits for it.
+        """
         if peer.transport is Transport.TCP:
             self._tcp_queue(peer, _FRAME_LEN.pack(len(packet)) + packet, control=True)
             return
-        self._sync_remote(peer)
-        try:
-            peer.sock.sendto(packet, peer.send_addr)
-        except OSError as e:
-            if e.errno in _TRANSIENT:
-                _count(peer.stats, "control_tx_dropped")
-                return
-            raise OSError(e.errno, f"send to {peer.send_addr} failed: {e.strerror or e}") from None
+        if len(peer.ctl_q) >= _CTL_QUEUE_MAX:
+            _count(peer.stats, "control_tx_dropped")
+            raise OSError(errno.ENOBUFS, f"{len(peer.ctl_q)} control packets are already waiting")
+        peer.ctl_q.append(packet)
+        if len(peer.ctl_q) == 1 and time.monotonic() >= self._ctl_deadline(peer):
+            self._ctl_flush(peer, report=True)
+        else:
+            _count(peer.stats, "control_tx_held")
+        if peer.ctl_q and peer is self.tx_peer:
+            self._pause_tun()
+
+    def _ctl_deadline(self, peer: _Peer) -> float:
+        """When the queued control packets may go: the gap after the last burst has passed."""
+        return max(self.last_burst + _CTL_GAP, peer.ctl_retry_at)
+
+    def _ctl_flush(self, peer: _Peer, *, report: bool = False) -> None:
+        """Send queued UDP control packets in order; stop (and retry soon) if the socket is full.
+
+        Resumes reading the TUN once the queue is empty. ``report``: raise a hard send error
+        (the packet is dropped) instead of logging it.
+        """
+        q = peer.ctl_q
+        now = time.monotonic()
+        if q and not peer.dead and now >= peer.ctl_retry_at:
+            self._sync_remote(peer)
+            st = peer.stats
+            while q:
+                packet = q[0]
+                try:
+                    peer.sock.sendto(packet, peer.send_addr)
+                except OSError as e:
+                    if e.errno in _CTL_RETRY_ERRNOS:
+                        if not peer.ctl_refused_since:
+                            peer.ctl_refused_since = now
+                        if now - peer.ctl_refused_since < _CTL_RETRY_FOR:
+                            peer.ctl_retry_at = now + _CTL_RETRY
+                            _count(st, "control_tx_retries")
+                            return
+                    q.popleft()
+                    peer.ctl_refused_since = 0.0
+                    _count(st, "control_tx_dropped")
+                    if e.errno in _TRANSIENT:  # unreachable, refused...: the control plane retransmits
+                        continue
+                    if report:
+                        raise OSError(
+                            e.errno, f"send to {peer.send_addr} failed: {e.strerror or e}"
+                        ) from None
+                    log.warning("engine: control packet to %s dropped: %s", peer.send_addr, e)
+                    continue
+                q.popleft()
+                peer.ctl_refused_since = 0.0
+                _count(st, "control_tx")
+            peer.ctl_retry_at = 0.0
+        if not q or peer.dead:
+            self._resume_tun()
+
+    def _pause_tun(self) -> None:
+        if not self.tun_paused and self.tun_read and self.tun_fd in self.handlers:
+            self.ep.modify(self.tun_fd, 0)
+            self.tun_paused = True
+
+    def _resume_tun(self) -> None:
+        if self.tun_paused:
+            self.tun_paused = False
+            if self.tun_read and self.tun_fd in self.handlers:
+                self.ep.modify(self.tun_fd, select.EPOLLIN)
 
     # ------------------------------------------------------------------ network -> TUN
 
@@ -907,9 +1015,17 @@ class Worker:
             self._tun_write(peer, slots)
 
     def _tcp_queue(self, peer: _Peer, frames: bytes, *, control: bool) -> bool:
+        """Send whole frames or queue them; control frames overtake queued data frames."""
         out = peer.tcp_tx
         if out:
-            if not control and len(out) >= _TCP_TX_HIGH_WATER:
+            if control:
+                # ahead of every queued data frame, behind the frame in flight and earlier control
+                pos = max(peer.tcp_bound, peer.tcp_ctl_end)
+                out[pos:pos] = frames
+                peer.tcp_ctl_end = pos + len(frames)
+                _count(peer.stats, "control_tx_ahead")
+                return True
+            if len(out) >= _TCP_TX_HIGH_WATER:
                 _count(peer.stats, "tx_dropped")
                 return False
             out += frames
@@ -922,12 +1038,26 @@ class Worker:
             self._tcp_dead(peer, PeerDelReason.TRANSPORT_ERROR)
             return False
         if sent < len(frames):
-            out += memoryview(frames)[sent:]
+            out += frames
+            peer.tcp_bound = 0
+            peer.tcp_ctl_end = len(frames) if control else 0
+            self._tcp_advance(peer, sent)
             if not peer.tcp_writer:
                 mask = select.EPOLLOUT | (select.EPOLLIN if peer.rx else 0)
                 self._register(peer.fd, mask, lambda ev, p=peer: self._on_tcp_event(p, ev))
                 peer.tcp_writer = True
         return True
+
+    @staticmethod
+    def _tcp_advance(peer: _Peer, sent: int) -> None:
+        """Drop ``sent`` bytes the socket took from ``tcp_tx``, keeping track of frame boundaries."""
+        out = peer.tcp_tx
+        b = peer.tcp_bound
+        while b < sent:  # whole frames start at tcp_bound; find the one the socket stopped in
+            b += 2 + ((out[b] << 8) | out[b + 1])
+        peer.tcp_bound = b - sent
+        peer.tcp_ctl_end = max(0, peer.tcp_ctl_end - sent)
+        del out[:sent]
 
     def _on_tcp_writable(self, peer: _Peer) -> None:
         out = peer.tcp_tx
@@ -938,7 +1068,7 @@ class Worker:
         except OSError:
             self._tcp_dead(peer, PeerDelReason.TRANSPORT_ERROR)
             return
-        del out[:sent]
+        self._tcp_advance(peer, sent)
         if not out and peer.tcp_writer:
             if peer.rx:
                 self._register(peer.fd, select.EPOLLIN, lambda ev, p=peer: self._on_tcp_event(p, ev))
