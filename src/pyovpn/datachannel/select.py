@@ -12,7 +12,7 @@ from pyovpn.datachannel.api import DataChannel
 from pyovpn.errors import BackendError
 
 log = logging.getLogger("pyovpn")
-DEFAULT_ENGINE = "inprocess"
+DEFAULT_ENGINE = "offload"
 
 _WHAT_TO_DO = "it needs Linux >= 6.16 with the ovpn module (modprobe ovpn) and CAP_NET_ADMIN"
 
