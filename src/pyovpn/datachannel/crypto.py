@@ -302,24 +302,48 @@ class KeyState:
         pack_nonce = _NONCE.pack
         pack_hdr = _HDR_V2.pack
         pid = self._tx_pid
-        skip = 2 if frame else 0
-        done = 0
+        count = min(len(offsets), MAX_PACKET_ID - pid)  # ids left for this key
+        if count < len(offsets):
+            offsets = offsets[:count]
+            lengths = lengths[:count]
+        skip = 26 if frame else 24
         for off, n in zip(offsets, lengths, strict=True):
-            if pid >= MAX_PACKET_ID:
-                break
             pid += 1
             hdr = pack_hdr(op, pid)
-            p = off + skip + 24
-            seal(pack_nonce(pid, tail), buf[p : p + n], hdr, buf[p : p + n + TAG_SIZE])
-            buf[p - TAG_SIZE : p] = buf[p + n : p + n + TAG_SIZE]
-            buf[p - 24 : p - TAG_SIZE] = hdr
-            if skip:
+            p = off + skip
+            e = p + n
+            seal(pack_nonce(pid, tail), buf[p:e], hdr, buf[p : e + TAG_SIZE])
+            buf[p - 24 : p] = hdr + buf[e : e + TAG_SIZE]  # header, then the tag moved in front
+        if frame:
+            for off, n in zip(offsets, lengths, strict=True):
                 ln = n + 24
                 buf[off] = ln >> 8
                 buf[off + 1] = ln & 0xFF
-            done += 1
         self._tx_pid = pid
-        return done
+        return count
+
+    def open_v2_into(self, buf: memoryview, off: int, n: int, pid: int, out: memoryview, pos: int) -> int:
+        """Open the DATA_V2 packet ``buf[off:off+n]`` (``pid`` already read) to ``out[pos:]``.
+
+        The engine's receive fast path: the caller has checked the opcode, key id, peer id
+        and that ``24 <= n`` and the plaintext fits. The packet is not modified; the replay
+        window is consulted after authentication. Returns the plaintext length.
+        """
+        body = off + 8
+        end = off + n
+        ct = body + TAG_SIZE
+        clen = n - DATA_V2_OVERHEAD
+        try:
+            self._open_into(
+                _NONCE.pack(pid, self._dec_tail),
+                b"".join((buf[ct:end], buf[body:ct])),  # the AEAD wants ciphertext||tag
+                buf[off:body],
+                out[pos : pos + clen],
+            )
+        except InvalidTag:
+            raise AuthenticationError(f"data packet failed authentication (key id {self.key_id})") from None
+        self.replay.accept(pid)
+        return clen
 
     def decrypt_into(self, buf: memoryview, off: int, n: int, out: memoryview) -> int:
         """Like :meth:`decrypt` for the packet ``buf[off:off+n]``, writing the plaintext to ``out``.
