@@ -292,6 +292,8 @@ def test_clamp_mss(v6: bool, mss: int, limit: int, nop_first: bool) -> None:
     opts += b"\x01" * (-len(opts) % 4)
     pkt = bytearray(make_packet(v6=v6, proto=6, payload=b"", flags=0x02, opts=opts))
     l4 = 40 if v6 else 20
+    padded = pkt + bytes(64)  # may_be_tcp_syn reads a fixed distance past the start
+    assert gso.may_be_tcp_syn(padded, 0)
     changed = gso.clamp_mss(pkt, 0, len(pkt), limit, limit)
     assert changed == (mss > limit)
     i = pkt.index(b"\x02\x04", l4 + 20)
@@ -421,3 +423,17 @@ def test_gro_does_not_merge_gaps_or_flags() -> None:
     fin = make_packet(v6=False, proto=6, payload=b"x" * 10, flags=0x11, seq=100)
     buf, slots = _layout([fin, syn])
     assert len(gso.coalesce(buf, np.frombuffer(buf, np.uint8), slots)) == 2
+
+
+@given(st.booleans(), st.sampled_from([6, 17]), st.integers(0, 255), st.binary(max_size=80))
+def test_syn_precheck_never_skips_a_clamp(v6: bool, proto: int, flags: int, payload: bytes) -> None:
+    opts = struct.pack("!BBH", 2, 4, 9000)
+    pkt = (
+        make_packet(v6=v6, proto=proto, payload=payload, flags=flags, opts=opts)
+        if proto == 6
+        else (make_packet(v6=v6, proto=proto, payload=payload))
+    )
+    buf = bytearray(pkt) + bytes(64)
+    if not gso.may_be_tcp_syn(buf, 0):
+        assert not gso.clamp_mss(buf, 0, len(pkt), 500, 500)
+    assert gso.may_be_tcp_syn(buf, 0) == (proto == 6 and bool(flags & 0x02))

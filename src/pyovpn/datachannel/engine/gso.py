@@ -43,6 +43,7 @@ __all__ = [
     "coalesce",
     "coalesce_checked",
     "finish_partial",
+    "may_be_tcp_syn",
     "ones_sum",
     "verify_l4_checksums",
 ]
@@ -418,6 +419,8 @@ def coalesce(
     which leaves the bad segments unmerged (so the kernel drops them).
     """
     mv = memoryview(buf)
+    if len(slots) < 2:  # nothing to merge (a lone ACK, say): written as it came
+        return [[ZERO_VNET, mv[off : off + ln]] for off, ln in slots]
     out: list[list[bytes | memoryview]] = []
     runs: dict[bytes, _Run] = {}
     m_offs: list[int] = []
@@ -666,6 +669,21 @@ def coalesce_checked(
 
 
 # ---------------------------------------------------------------------------- MSS clamping
+
+
+def may_be_tcp_syn(buf: bytearray, off: int) -> bool:
+    """A cheap pre-check for :func:`clamp_mss`: False only for packets it would leave alone.
+
+    Looks at the protocol and the TCP SYN flag where they are for IPv4 without options and
+    IPv6 (other IPv4 header lengths: True). May read up to 54 bytes past ``off`` whatever
+    the packet's length, so the buffer must extend that far.
+    """
+    b0 = buf[off]
+    if b0 == 0x45:
+        return buf[off + 9] == PROTO_TCP and bool(buf[off + 33] & TCP_SYN)
+    if b0 >> 4 == 6:
+        return buf[off + 6] == PROTO_TCP and bool(buf[off + 53] & TCP_SYN)
+    return b0 >> 4 == 4
 
 
 def clamp_mss(buf: bytearray, off: int, ln: int, mss4: int, mss6: int) -> bool:

@@ -537,7 +537,7 @@ class Worker:
                     except ValueError:
                         dropped += 1
                         continue
-                if self.tx_buf[p + 9 if self.tx_buf[p] >> 4 == 4 else p + 6] == gso.PROTO_TCP:
+                if gso.may_be_tcp_syn(self.tx_buf, p):
                     self._clamp(peer, p, ln)  # type: ignore[arg-type]
                 offs.append(pos)
                 lens.append(ln)
@@ -936,9 +936,10 @@ class Worker:
         st = peer.stats
         fd = self.tun_fd
         plain = self.plain
-        for off, ln in slots:
-            if plain[off + (9 if plain[off] >> 4 == 4 else 6)] == gso.PROTO_TCP:
-                self._clamp_rx(peer, off, ln)
+        if peer.mss4 or peer.mss6:
+            for off, ln in slots:
+                if gso.may_be_tcp_syn(plain, off):
+                    self._clamp_rx(peer, off, ln)
         if self.tun_vnet and self.tun_gro:
             writes = gso.coalesce(plain, self.plain_np, slots, verify=self.verify_rx_csum)
         elif self.tun_vnet:
