@@ -533,6 +533,8 @@ class TunnelSpec:
     dco: str | None = "userspace"
     # stock openvpn with its kernel DCO (only inside the guest kernel that has the ovpn driver)
     openvpn_dco: bool = False
+    # extra config lines for the stock openvpn end(s) only, e.g. ("rcvbuf 4194304",)
+    openvpn_extra: tuple[str, ...] = ()
 
     def with_(self, **changes: Any) -> TunnelSpec:
         return replace(self, **changes)
@@ -590,6 +592,7 @@ def _common_tail(spec: TunnelSpec, impl: Impl) -> list[str]:
     if impl == "openvpn":
         if not spec.openvpn_dco:
             lines.append("disable-dco")
+        lines += spec.openvpn_extra
     elif spec.dco:
         lines.append(f"dco {spec.dco}")
     return lines
@@ -769,10 +772,17 @@ def iperf3_transfer(
     port: int = IPERF_PORT,
     timeout: float | None = None,
     log_dir: str | os.PathLike[str] | None = None,
+    parallel: int = 1,
+    udp_rate: str | None = None,
+    length: int | None = None,
 ) -> dict[str, Any]:
-    """One TCP iperf3 run (``-J -i 1``) from ``client_ns`` to a one-off server in ``server_ns``.
+    """One iperf3 run (``-J -i 1``) from ``client_ns`` to a one-off server in ``server_ns``.
 
     Give ``nbytes`` (``-n``) or ``seconds`` (``-t``); ``reverse`` makes the server send.
+    TCP by default; ``parallel`` streams (``-P``). ``udp_rate`` (e.g. ``"500M"``) makes it a
+    UDP run at that offered rate (``-u -b``); ``length`` sets the datagram/buffer size
+    (``-l``). A UDP result also has ``"udp": {"packets", "lost_packets", "lost_percent",
+    "bytes_received", "seconds"}`` from the receiver's side.
     Returns ``{"bytes", "bytes_sent", "bytes_received", "seconds", "bits_per_second",
     "intervals": [{"start", "end", "bytes"}...], "max_stall", "raw"}`` where intervals are
     the client's 1 s reports and ``max_stall`` is the longest zero-progress stretch.
@@ -802,6 +812,12 @@ def iperf3_transfer(
         argv += ["-n", str(nbytes)] if nbytes is not None else ["-t", str(seconds)]
         if reverse:
             argv.append("-R")
+        if parallel > 1:
+            argv += ["-P", str(parallel)]
+        if udp_rate is not None:
+            argv += ["-u", "-b", udp_rate]
+        if length is not None:
+            argv += ["-l", str(length)]
         try:
             res = _run(argv, check=False, timeout=timeout)
         except subprocess.TimeoutExpired as e:
@@ -827,7 +843,18 @@ def iperf3_transfer(
         {"start": float(iv["sum"]["start"]), "end": float(iv["sum"]["end"]), "bytes": int(iv["sum"]["bytes"])}
         for iv in data.get("intervals", [])
     ]
+    extra: dict[str, Any] = {}
+    if udp_rate is not None:
+        rcv = end["sum_received"]
+        extra["udp"] = {
+            "packets": int(rcv.get("packets", 0)),
+            "lost_packets": int(rcv.get("lost_packets", 0)),
+            "lost_percent": float(rcv.get("lost_percent", 0.0)),
+            "bytes_received": int(rcv["bytes"]),
+            "seconds": float(rcv["seconds"]),
+        }
     return {
+        **extra,
         "bytes": int(end["sum_sent"]["bytes"]),
         "bytes_sent": int(end["sum_sent"]["bytes"]),
         "bytes_received": int(end["sum_received"]["bytes"]),
