@@ -152,6 +152,26 @@ def _le16(values: np.ndarray, n: int) -> np.ndarray:
     return values.astype("<u2").view(np.uint8).reshape(n, 2)
 
 
+class _Shape:
+    """Per-row values that depend only on how a super-packet is cut (cached per shape)."""
+
+    __slots__ = ("idx", "l4_len_field", "l4_len_sum", "len_field", "lens", "seq_steps")
+
+    def __init__(self, n: int, hl: int, mss: int, rem: int, l4: int, version: int) -> None:
+        lens = np.full(n, hl + mss, dtype=np.int64)
+        if rem:
+            lens[-1] = hl + rem
+        self.lens = lens
+        self.idx = np.arange(n, dtype=np.int64)
+        self.seq_steps = self.idx * mss
+        l4_lens = lens - l4
+        # IPv4 total length, or IPv6 payload length, as big-endian bytes
+        self.len_field = _be16(lens if version == 4 else lens - 40, n)
+        self.l4_len_field = _be16(l4_lens, n)
+        # the L4 length in the checksum, in little-endian word space
+        self.l4_len_sum = ((l4_lens & 0xFF) << 8) + (l4_lens >> 8)
+
+
 class Segmenter:
     """Cuts TSO/USO super-packets into wire slots inside one output buffer.
 
@@ -165,6 +185,7 @@ class Segmenter:
     def __init__(self, out: bytearray) -> None:
         self.out = out
         self.onp = np.frombuffer(out, np.uint8)
+        self._shapes: dict[tuple[int, int, int, int, int, int, bool], _Shape] = {}
 
     def segment(
         self,
@@ -241,20 +262,18 @@ class Segmenter:
             last = rows[nfull]
             last[reserve + hl : reserve + hl + rem] = pay[nfull * mss :]
             last[reserve + hl + rem :] = 0  # zero padding for the row checksum sums
-        lens = np.full(n, hl + mss, dtype=np.int64)
-        if rem:
-            lens[-1] = hl + rem
         r = reserve
-        idx = np.arange(n, dtype=np.int64)
+        shape = self._shape(n, hl, mss, rem, l4, version, tcp)
+        lens = shape.lens
         if version == 4:
-            rows[:, r + 2 : r + 4] = _be16(lens, n)
-            rows[:, r + 4 : r + 6] = _be16((idx + ip_id) & 0xFFFF, n)
+            rows[:, r + 2 : r + 4] = shape.len_field
+            # ids in sequence from the super-packet's
+            rows[:, r + 4 : r + 6] = ((shape.idx + ip_id) & 0xFFFF).astype(">u2").view(np.uint8).reshape(n, 2)
         else:
-            rows[:, r + 4 : r + 6] = _be16(lens - 40, n)
-        l4_lens = lens - l4
+            rows[:, r + 4 : r + 6] = shape.len_field
         if tcp:
             seq0 = int.from_bytes(hdr[l4 + 4 : l4 + 8], "big")
-            seqs = (idx * mss + seq0) & 0xFFFFFFFF
+            seqs = (shape.seq_steps + seq0) & 0xFFFFFFFF
             rows[:, r + l4 + 4 : r + l4 + 8] = seqs.astype(">u4").view(np.uint8).reshape(n, 4)
             flags = hdr[l4 + 13]
             if n > 1:
@@ -263,22 +282,36 @@ class Segmenter:
                 col[0] = flags & ~(TCP_FIN | TCP_PSH) & 0xFF
                 col[-1] = flags & ~TCP_CWR & 0xFF
         else:
-            rows[:, r + l4 + 4 : r + l4 + 6] = _be16(l4_lens, n)
+            rows[:, r + l4 + 4 : r + l4 + 6] = shape.l4_len_field
         # L4 checksums of all rows
         sums = self._row_sums(rows, base, stride, r + l4)
         if sums is None:
             self._slow_checksums(rows, n, lens, r, l4, check_off, proto, version)
             return n, int(lens[0]), int(lens[-1])
-        sums = sums.astype(np.int64) + _swap16(pseudo) + ((l4_lens & 0xFF) << 8) + (l4_lens >> 8)
-        c = ~_fold(sums) & 0xFFFF
+        # + pseudo header (addresses, protocol, per-row L4 length), folded and complemented:
+        # for s > 0, ~fold(s) & 0xFFFF == 0xFFFE - (s - 1) % 0xFFFF (fold: 0xFFFF for multiples)
+        sums += shape.l4_len_sum + (_swap16(pseudo) - 1)
+        c = 0xFFFE - sums % 0xFFFF
         if not tcp:
             c[c == 0] = 0xFFFF
-        rows[:, r + l4 + check_off : r + l4 + check_off + 2] = _le16(c, n)
+        rows[:, r + l4 + check_off : r + l4 + check_off + 2] = c.astype("<u2").view(np.uint8).reshape(n, 2)
         if version == 4:
-            ip16 = rows[:, r : r + l4].view("<u2")
-            ipc = ~_fold(ip16.sum(axis=1, dtype=np.int64)) & 0xFFFF
-            rows[:, r + 10 : r + 12] = _le16(ipc, n)
+            # the IPv4 header checksum: only the length and id words differ between rows
+            ip16 = rows[:, r + 2 : r + 6].view("<u2")
+            hs = ip16[:, 0].astype(np.int64) + ip16[:, 1]
+            hs += _swap16(ones_sum(hdr[:2] + bytes(4) + hdr[6:l4])) - 1
+            ipc = 0xFFFE - hs % 0xFFFF
+            rows[:, r + 10 : r + 12] = ipc.astype("<u2").view(np.uint8).reshape(n, 2)
         return n, int(lens[0]), int(lens[-1])
+
+    def _shape(self, n: int, hl: int, mss: int, rem: int, l4: int, version: int, tcp: bool) -> _Shape:
+        key = (n, hl, mss, rem, l4, version, tcp)
+        shape = self._shapes.get(key)
+        if shape is None:
+            if len(self._shapes) >= 256:
+                self._shapes.clear()
+            shape = self._shapes[key] = _Shape(n, hl, mss, rem, l4, version)
+        return shape
 
     def _row_sums(self, rows: np.ndarray, base: int, stride: int, start: int) -> np.ndarray | None:
         if stride % 4 == 0 and base % 4 == 0 and start % 4 == 0:
