@@ -16,6 +16,7 @@ import random
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -367,6 +368,10 @@ def _flow(rng: random.Random, *, v6: bool, n: int, mss: int, sport: int, seq: in
     return pkts
 
 
+GRO_PLANNERS = ["coalesce", "coalesce_vec", "coalesce_checked"]
+
+
+@pytest.mark.parametrize("planner", GRO_PLANNERS)
 @settings(max_examples=200, deadline=None)
 @given(
     seed=st.integers(0, 2**32),
@@ -376,7 +381,9 @@ def _flow(rng: random.Random, *, v6: bool, n: int, mss: int, sport: int, seq: in
     interleave=st.booleans(),
     corrupt=st.booleans(),
 )
-def test_gro_round_trips(seed: int, v6: bool, n: int, mss: int, interleave: bool, corrupt: bool) -> None:
+def test_gro_round_trips(
+    planner: str, seed: int, v6: bool, n: int, mss: int, interleave: bool, corrupt: bool
+) -> None:
     rng = random.Random(seed)
     a = _flow(rng, v6=v6, n=n, mss=mss, sport=1111, seq=rng.randrange(2**32), ip_id=rng.randrange(65536))
     b = _flow(rng, v6=not v6, n=rng.randint(1, 5), mss=mss, sport=2222, seq=5, ip_id=9)
@@ -391,7 +398,7 @@ def test_gro_round_trips(seed: int, v6: bool, n: int, mss: int, interleave: bool
         for extra in b + udp:
             packets.insert(rng.randrange(len(packets) + 1), extra)
     buf, slots = _layout(packets)
-    writes = gso.coalesce(buf, np.frombuffer(buf, np.uint8), slots)
+    writes = getattr(gso, planner)(buf, np.frombuffer(buf, np.uint8), slots)
     back = _replay(writes)
     # same packets, and per flow in the same order
     for key in (1111, 2222):
@@ -411,18 +418,32 @@ def _sport(p: bytes) -> int:
     return struct.unpack_from("!H", p, l4)[0]
 
 
-def test_gro_does_not_merge_gaps_or_flags() -> None:
+@pytest.mark.parametrize("planner", GRO_PLANNERS)
+def test_gro_does_not_merge_gaps_or_flags(planner: str) -> None:
+    plan = getattr(gso, planner)
     rng = random.Random(1)
     flow = _flow(rng, v6=False, n=6, mss=1000, sport=1, seq=100, ip_id=1)
     gap = flow[:2] + flow[3:]  # one segment lost
     buf, slots = _layout(gap)
-    writes = gso.coalesce(buf, np.frombuffer(buf, np.uint8), slots)
+    writes = plan(buf, np.frombuffer(buf, np.uint8), slots)
     assert _replay(writes) == gap
     assert len(writes) == 2  # [0,1] and [3,4,5]
     syn = make_packet(v6=False, proto=6, payload=b"x" * 1000, flags=0x12, seq=100 + 6 * 1000)
     fin = make_packet(v6=False, proto=6, payload=b"x" * 10, flags=0x11, seq=100)
     buf, slots = _layout([fin, syn])
-    assert len(gso.coalesce(buf, np.frombuffer(buf, np.uint8), slots)) == 2
+    assert len(plan(buf, np.frombuffer(buf, np.uint8), slots)) == 2
+    assert plan(buf, np.frombuffer(buf, np.uint8), []) == []
+
+
+@pytest.mark.parametrize("planner", GRO_PLANNERS)
+def test_gro_long_flow_is_cut_at_the_limits(planner: str) -> None:
+    """200 in-order segments: GSO writes of at most 64 segments and 64 KiB, all in order."""
+    rng = random.Random(7)
+    flow = _flow(rng, v6=True, n=200, mss=1200, sport=3, seq=2**32 - 5000, ip_id=0)
+    buf, slots = _layout(flow)
+    writes = getattr(gso, planner)(buf, np.frombuffer(buf, np.uint8), slots)
+    assert _replay(writes) == flow
+    assert len(writes) <= 5
 
 
 @given(st.booleans(), st.sampled_from([6, 17]), st.integers(0, 255), st.binary(max_size=80))
