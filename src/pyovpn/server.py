@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import ipaddress
 import logging
 import os
@@ -113,8 +114,10 @@ class AddressPool:
         start, end = int(ipaddress.IPv4Address(first)), int(ipaddress.IPv4Address(last))
         if end < start:
             raise ConfigError(f"ifconfig-pool {first} {last}: the end is before the start")
+        # a heap, lowest address first; may hold taken addresses (a sticky one taken out of
+        # order, or one pushed twice): _used is the truth and acquire() skips those
         self._free = list(range(start, end + 1))
-        self._start = start
+        self._start, self._end = start, end
         self._v6 = ipaddress.IPv6Interface(v6_base) if v6_base else None
         self._used: dict[int, str] = {}  # address -> common name
         self._sticky: dict[str, int] = {}
@@ -138,13 +141,14 @@ class AddressPool:
 
     def acquire(self, cn: str, *, exclusive_cn: bool) -> tuple[str, str | None]:
         want = self._sticky.get(cn) if exclusive_cn else None
-        if want is not None and want in self._free:
+        if want is not None and self._start <= want <= self._end and want not in self._used:
             addr = want
-        elif not self._free:
-            raise PyovpnError("ifconfig pool exhausted")
         else:
-            addr = self._free[0]
-        self._free.remove(addr)
+            while self._free and self._free[0] in self._used:
+                heapq.heappop(self._free)
+            if not self._free:
+                raise PyovpnError("ifconfig pool exhausted")
+            addr = heapq.heappop(self._free)
         self._used[addr] = cn
         self._sticky[cn] = addr
         self._save()
@@ -153,8 +157,7 @@ class AddressPool:
     def release(self, address: str) -> None:
         addr = int(ipaddress.IPv4Address(address))
         if self._used.pop(addr, None) is not None:
-            self._free.append(addr)
-            self._free.sort()
+            heapq.heappush(self._free, addr)
 
     def _save(self) -> None:
         if not self._persist:
@@ -178,6 +181,7 @@ class Client:
     iroutes6: list[tuple[str, int]] = field(default_factory=list)
     in_backend: bool = False
     timer: asyncio.TimerHandle | None = None
+    timer_at: float = 0.0  # when ``timer`` fires
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -199,6 +203,9 @@ class MultiServer:
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[object]] = set()
         self._reset_budget = ResetLimiter(*CONNECT_FREQ_INITIAL)
+        self._acks_owed: dict[Addr, Client] = {}  # clients with ACKs to send after this receive batch
+        self._free_peer_ids: list[int] = []  # a heap of released peer ids below _next_peer_id
+        self._next_peer_id = 0
         self.pool = self._make_pool()
         self.server_ip, self.netmask = self.opts.ifconfig or ("", "")
         self.server_ip6 = self.opts.ifconfig_ipv6[0].split("/")[0] if self.opts.ifconfig_ipv6 else None
@@ -400,29 +407,61 @@ class MultiServer:
         except (BlockingIOError, OSError) as exc:
             log.debug("sendto %s: %s", dest, exc)
 
-    def _send(self, client: Client) -> None:
-        for pkt in client.session.packets_to_send():
+    def _send(self, client: Client, *, ack_only: bool = True) -> None:
+        for pkt in client.session.packets_to_send(ack_only=ack_only):
             self._sendto(pkt, client.addr)
 
     def _pump(self, client: Client) -> None:
+        """Send what the session has to send now, act on its events and keep its timer current.
+
+        Replies go out at once; ACKs that no reply carried wait until the end of the current
+        batch of received packets (:meth:`_send_owed_acks`), so a message that arrives in
+        several packets (a ClientHello, a certificate) costs one ACK, or none when the
+        answer carries it.
+        """
         sess = client.session
-        self._send(client)
-        for ev in sess.events():
-            if isinstance(ev, ClientAuthRequest):
-                self._spawn(self._authenticate(client, ev))
-            elif isinstance(ev, SessionClosed):
-                self._spawn(self._remove_client(client, ev.reason, notify_backend=True))
-                return
-            elif isinstance(ev, (TunnelUp, NewKey, SwapKeys, DelKey)):
-                self._cmds.put_nowait((client, ev))
-        if client.timer:
-            client.timer.cancel()
-            client.timer = None
+        while True:
+            events = sess.events()
+            if not events:
+                break
+            for ev in events:
+                if isinstance(ev, ClientAuthRequest):
+                    if self._auth_needs_task(client, ev):
+                        self._spawn(self._authenticate(client, ev))
+                    else:
+                        self._authenticate_now(client, ev)
+                elif isinstance(ev, SessionClosed):
+                    self._send(client)
+                    self._spawn(self._remove_client(client, ev.reason, notify_backend=True))
+                    return
+                elif isinstance(ev, (TunnelUp, NewKey, SwapKeys, DelKey)):
+                    self._cmds.put_nowait((client, ev))
+        # after the events: an accepted client's PUSH_REPLY shares the key-method-2 reply's packet
+        self._send(client, ack_only=False)
+        if sess.acks_owed:
+            if not self._acks_owed:
+                self.loop.call_soon(self._send_owed_acks)
+            self._acks_owed[client.addr] = client
         deadline = sess.next_timer()
-        if deadline is not None:
+        if deadline is None:
+            if client.timer:
+                client.timer.cancel()
+                client.timer = None
+        elif client.timer is None or deadline < client.timer_at:
+            # a timer that fires early costs one handle_timer() that finds nothing due, and
+            # saves a cancel + call_later for nearly every packet
+            if client.timer:
+                client.timer.cancel()
+            client.timer_at = deadline
             client.timer = self.loop.call_later(
                 max(0.0, deadline - time.time()) + 0.001, self._on_timer, client
             )
+
+    def _send_owed_acks(self) -> None:
+        owed, self._acks_owed = self._acks_owed, {}
+        for addr, client in owed.items():
+            if self.clients.get(addr) is client:
+                self._send(client)
 
     def _on_timer(self, client: Client) -> None:
         client.timer = None
@@ -432,10 +471,9 @@ class MultiServer:
 
     # ------------------------------------------------------------------ authentication and config
 
-    async def _authenticate(self, client: Client, req: ClientAuthRequest) -> None:
-        o = self.opts
+    def _auth_identity(self, client: Client, req: ClientAuthRequest) -> dict[str, str]:
         cn = req.common_name
-        if getattr(o, "username_as_common_name", False) and req.username:
+        if getattr(self.opts, "username_as_common_name", False) and req.username:
             cn = req.username
         client.common_name, client.username = cn, req.username
         env = {
@@ -447,6 +485,81 @@ class MultiServer:
             **{k: v for k, v in req.peer_info.items() if k.startswith(("IV_", "UV_"))},
         }
         client.env = env
+        return env
+
+    def _duplicates(self, client: Client) -> list[Client]:
+        if getattr(self.opts, "duplicate_cn", False):
+            return []
+        cn = client.common_name
+        return [
+            other
+            for other in self.clients.values()
+            if other is not client and other.common_name == cn and other.peer_id is not None
+        ]
+
+    def _auth_needs_task(self, client: Client, req: ClientAuthRequest) -> bool:
+        """Whether answering this client has to wait for something (a script, dropping a duplicate)."""
+        o = self.opts
+        if any(getattr(o, name, None) for name in ("auth_user_pass_verify", "tls_verify", "client_connect")):
+            return True
+        self._auth_identity(client, req)
+        return bool(self._duplicates(client))
+
+    def _authenticate_now(self, client: Client, req: ClientAuthRequest) -> None:
+        """No scripts to run: accept or reject the client within the packet that completed its handshake.
+
+        The session then sends its key-method-2 reply and the PUSH_REPLY together, without a
+        trip through the event loop; the caller (:meth:`_pump`) sends them.
+        """
+        self._auth_identity(client, req)
+        try:
+            push = self._client_config(client)
+        except PyovpnError as exc:
+            log.warning("%s: client rejected: %s", client.common_name, exc)
+            client.session.reject_client(time.time(), str(exc))
+            return
+        if push is not None:
+            self._accept(client, push)
+
+    def _client_config(self, client: Client) -> list[str] | None:
+        """The client's push list from the client-config-dir and the pool; None if ccd disables it."""
+        ccd = self._read_ccd(client.common_name)
+        if ccd is not None and getattr(ccd, "disable", False):
+            client.session.reject_client(time.time(), "client disabled in client-config-dir")
+            return None
+        return self._push_list(client, ccd)
+
+    def _new_peer_id(self) -> int:
+        if self._free_peer_ids:
+            return heapq.heappop(self._free_peer_ids)
+        peer_id = self._next_peer_id
+        self._next_peer_id += 1
+        return peer_id
+
+    def _release_peer_id(self, peer_id: int) -> None:
+        heapq.heappush(self._free_peer_ids, peer_id)
+
+    def _assign_peer_id(self, client: Client) -> int:
+        peer_id = self._new_peer_id()
+        client.peer_id = peer_id
+        self.by_peer[peer_id] = client
+        return peer_id
+
+    def _accept(self, client: Client, push: list[str]) -> None:
+        peer_id = client.peer_id if client.peer_id is not None else self._assign_peer_id(client)
+        client.session.accept_client(time.time(), peer_id=peer_id, push=push)
+        log.info(
+            "%s/%s:%d MULTI: primary virtual IP %s, peer-id %d",
+            client.common_name,
+            *client.addr,
+            client.vpn_ip,
+            peer_id,
+        )
+
+    async def _authenticate(self, client: Client, req: ClientAuthRequest) -> None:
+        o = self.opts
+        env = self._auth_identity(client, req)
+        cn = client.common_name
         try:
             verify = getattr(o, "auth_user_pass_verify", None)
             if verify:
@@ -455,36 +568,30 @@ class MultiServer:
                     log.warning("%s TLS Auth Error: Auth Username/Password verification failed for peer", cn)
                     self._reject(client, "")
                     return
-            if not getattr(o, "duplicate_cn", False):
-                for other in list(self.clients.values()):
-                    if other is not client and other.common_name == cn and other.peer_id is not None:
-                        log.info(
-                            "MULTI: new connection by client '%s' will cause previous active sessions by "
-                            "this client to be dropped",
-                            cn,
-                        )
-                        await self._remove_client(other, "duplicate common name", notify_backend=True)
+            for other in self._duplicates(client):
+                log.info(
+                    "MULTI: new connection by client '%s' will cause previous active sessions by "
+                    "this client to be dropped",
+                    cn,
+                )
+                await self._remove_client(other, "duplicate common name", notify_backend=True)
             tls_verify = getattr(o, "tls_verify", None)
             if tls_verify and await self._run_script(tls_verify, "tls-verify", client, "0", f"CN={cn}") != 0:
                 self._reject(client, "tls-verify script refused the certificate")
                 return
-            ccd = self._read_ccd(cn)
-            if ccd is not None and getattr(ccd, "disable", False):
-                self._reject(client, "client disabled in client-config-dir")
+            push = self._client_config(client)
+            if push is None:
+                self._pump(client)
                 return
-            push = self._push_list(client, ccd)
         except PyovpnError as exc:
             log.warning("%s: client rejected: %s", cn, exc)
             self._reject(client, str(exc))
             return
-        peer_id = next(i for i in range(1 << 24) if i not in self.by_peer)
-        client.peer_id = peer_id
-        self.by_peer[peer_id] = client
+        if self.clients.get(client.addr) is not client:
+            return
+        self._assign_peer_id(client)
         await self._run_script(getattr(o, "client_connect", None), "client-connect", client)
-        client.session.accept_client(time.time(), peer_id=peer_id, push=push)
-        log.info(
-            "%s/%s:%d MULTI: primary virtual IP %s, peer-id %d", cn, *client.addr, client.vpn_ip, peer_id
-        )
+        self._accept(client, push)
         self._pump(client)
 
     def _reject(self, client: Client, reason: str) -> None:
@@ -654,8 +761,9 @@ class MultiServer:
         del self.clients[client.addr]
         if client.timer:
             client.timer.cancel()
-        if client.peer_id is not None:
-            self.by_peer.pop(client.peer_id, None)
+        if client.peer_id is not None and self.by_peer.get(client.peer_id) is client:
+            del self.by_peer[client.peer_id]
+            self._release_peer_id(client.peer_id)
         log.info("%s/%s:%d client disconnected: %s", client.common_name or "?", *client.addr, reason)
         if client.in_backend and notify_backend and client.peer_id is not None:
             with contextlib.suppress(PyovpnError):

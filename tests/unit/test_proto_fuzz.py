@@ -135,6 +135,6 @@ def test_session_survives_garbage_at_every_stage(pki: dict[str, bytes], wrapped:
         p.client.handle_timer(p.now)
     from pyovpn.proto.session import TunnelUp
 
-    assert len(seen) > 5
+    assert len(seen) >= 5  # both resets, the ClientHello and at least one ACK
     if wrapped:
         assert any(isinstance(e, TunnelUp) for e in p.client_events), "garbage must not stop a real handshake"

@@ -61,8 +61,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import heapq
 import ipaddress
+import itertools
 import logging
+import math
 import os
 import socket
 import struct
@@ -125,6 +128,10 @@ _FRAME_LEN = struct.Struct(">H")  # TCP framing: u16 length || packet
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _RX_BUF_SIZE = 65536
 _RX_BATCH = 256  # datagrams or TUN packets per wakeup before letting other callbacks run
+# Keepalive runs on one timer for all peers, firing on multiples of this many seconds: a
+# thousand clients pinging every 10 s cost four wakeups a second instead of a hundred. A
+# ping or an expiry is at most this late (OpenVPN's own timers have a 1 s granularity).
+_KA_QUANTUM = 0.25
 _TCP_RX_CHUNK = 262144
 _TCP_RX_READS = 16
 _TCP_TX_HIGH_WATER = 1 << 20  # drop data (never control) frames above this backlog
@@ -162,7 +169,7 @@ class _Peer:
         "gro",
         "gso_max",
         "iface",
-        "ka_handle",
+        "ka_due",
         "ka_interval",
         "ka_timeout",
         "keys",
@@ -203,7 +210,7 @@ class _Peer:
         self.last_tx = 0.0
         self.ka_interval = 0
         self.ka_timeout = 0
-        self.ka_handle: asyncio.TimerHandle | None = None
+        self.ka_due: float | None = None  # this peer's entry in the keepalive heap
         self.gro = False
         self.gso_max = 0  # use UDP GSO for segments smaller than this; 0 = never
         self.orig_blocking = True
@@ -286,6 +293,11 @@ class UserspaceDataChannel:
         self._iface: _Iface | None = None
         self._peers: dict[int, _Peer] = {}
         self._shared: dict[tuple[int, int], _SharedUdp] = {}  # MP: shared UDP sockets by identity
+        # keepalive: (due, tiebreak, peer), stale once peer.ka_due differs
+        self._ka_heap: list[tuple[float, int, _Peer]] = []
+        self._ka_seq = itertools.count()
+        self._ka_timer: asyncio.TimerHandle | None = None
+        self._ka_timer_at = 0.0
         self._subscribers: list[Callable[[Notification], None]] = []
         self._closed = False
         self._rx_buf = bytearray(_RX_BUF_SIZE)
@@ -327,6 +339,10 @@ class UserspaceDataChannel:
         for peer in list(self._peers.values()):
             self._drop_peer(peer)
         self._peers.clear()
+        if self._ka_timer is not None:
+            self._ka_timer.cancel()
+            self._ka_timer = None
+        self._ka_heap.clear()
         if self._iface is not None:
             self._close_iface(self._iface)
             self._iface = None
@@ -780,9 +796,7 @@ class UserspaceDataChannel:
         self._emit(PeerDeleted(peer.peer_id, reason))
 
     def _drop_peer(self, peer: _Peer) -> None:
-        if peer.ka_handle is not None:
-            peer.ka_handle.cancel()
-            peer.ka_handle = None
+        peer.ka_due = None  # its heap entry is skipped from now on
         if peer.iface.router is not None:
             peer.iface.router.remove_peer(peer)  # MP: its VPN IPs lead nowhere from now on
         if peer.shared is not None:
@@ -812,18 +826,53 @@ class UserspaceDataChannel:
         peer.ka_timeout = timeout
         now = self._loop.time()
         peer.last_rx = peer.last_tx = now  # as the kernel: both timers restart when set
-        if peer.ka_handle is not None:
-            peer.ka_handle.cancel()
-            peer.ka_handle = None
+        peer.ka_due = None
         if interval and timeout:  # the kernel only runs keepalive with both set
-            peer.ka_handle = self._loop.call_at(now + min(interval, timeout), self._keepalive, peer)
+            self._ka_schedule(peer, now + min(interval, timeout))
 
-    def _keepalive(self, peer: _Peer) -> None:
-        peer.ka_handle = None
+    def _ka_schedule(self, peer: _Peer, due: float) -> None:
+        peer.ka_due = due
+        heapq.heappush(self._ka_heap, (due, next(self._ka_seq), peer))
+        if self._ka_timer is None or due < self._ka_timer_at:
+            self._ka_arm()
+
+    def _ka_arm(self) -> None:
+        """Point the keepalive timer at the end of the quantum holding the earliest live deadline."""
+        assert self._loop is not None
+        heap = self._ka_heap
+        while heap and heap[0][2].ka_due != heap[0][0]:
+            heapq.heappop(heap)  # stale: the peer was rescheduled or removed
+        if not heap:
+            return
+        fire = math.ceil(heap[0][0] / _KA_QUANTUM) * _KA_QUANTUM
+        if self._ka_timer is not None:
+            if fire >= self._ka_timer_at:
+                return
+            self._ka_timer.cancel()
+        self._ka_timer_at = fire
+        self._ka_timer = self._loop.call_at(fire, self._ka_tick)
+
+    def _ka_tick(self) -> None:
+        """The keepalive timer: check every peer whose deadline falls in the quantum that ended."""
+        assert self._loop is not None
+        self._ka_timer = None
+        until = self._ka_timer_at
+        now = max(self._loop.time(), until)
+        heap = self._ka_heap
+        while heap and heap[0][0] <= until:
+            due, _, peer = heapq.heappop(heap)
+            if peer.ka_due != due:
+                continue  # rescheduled or removed since
+            peer.ka_due = None
+            try:
+                self._keepalive(peer, now)
+            except Exception:
+                log.exception("userspace data channel: keepalive of peer %d failed", peer.peer_id)
+        self._ka_arm()
+
+    def _keepalive(self, peer: _Peer, now: float) -> None:
         if self._peers.get(peer.peer_id) is not peer or not (peer.ka_interval and peer.ka_timeout):
             return
-        assert self._loop is not None
-        now = self._loop.time()
         rx_deadline = peer.last_rx + peer.ka_timeout
         if now >= rx_deadline:
             self._remove_peer(peer, PeerDelReason.EXPIRED)
@@ -835,7 +884,7 @@ class UserspaceDataChannel:
             # a ping lost to a full socket must not make us spin: try again next interval
             peer.last_tx = max(peer.last_tx, now)
         tx_deadline = peer.last_tx + peer.ka_interval
-        peer.ka_handle = self._loop.call_at(min(rx_deadline, tx_deadline), self._keepalive, peer)
+        self._ka_schedule(peer, min(rx_deadline, tx_deadline))
 
     def _send_ping(self, peer: _Peer, now: float) -> None:
         ks = peer.keys[0]

@@ -33,6 +33,9 @@ log = logging.getLogger("pyovpn.session")
 TLS_MTU = 1250
 PUSH_REQUEST_INTERVAL = 5.0
 KEY_SWITCH_MAX_DELAY = 5
+# a PUSH_REQUEST this soon after a PUSH_REPLY went out is answered by the reliable retransmission of
+# that reply, not by a second one (as OpenVPN's server does)
+PUSH_REPLY_HOLD = 30.0
 ACK_MAX_PIGGYBACK = 4
 ACK_MAX_STANDALONE = 8
 
@@ -183,6 +186,9 @@ class Session:
         self._auth_state = "none"  # P2MP server: none | pending | accepted | rejected
         self._push_requested = False
         self._push_options: list[str] = []
+        self._push_reply_until = 0.0
+        self._tls_dirty = False  # TLS output may be waiting in a memory BIO
+        self._flush_due = False  # something may be ready to send: packets_to_send() builds it
         self._next_push_request: float | None = None
         self._backend_slots: dict[KeySlot, int | None] = {KeySlot.PRIMARY: None, KeySlot.SECONDARY: None}
         self._now = now
@@ -262,9 +268,26 @@ class Session:
 
     # ------------------------------------------------------------------ public API
 
-    def packets_to_send(self) -> list[bytes]:
+    def packets_to_send(self, *, ack_only: bool = True) -> list[bytes]:
+        """The control packets to send now.
+
+        ACKs ride on outgoing control packets where possible; those still owed go out as ACK_V1
+        packets here, unless ``ack_only`` is false: an edge that has more packets of this peer
+        to feed (the rest of a receive batch) can leave them owed and collect them afterwards,
+        so one ACK_V1 (or a reply) covers the whole batch.
+        """
+        self._build_packets()
+        if ack_only:
+            self._flush_acks()
         out, self._out = self._out, []
         return out
+
+    @property
+    def acks_owed(self) -> bool:
+        """ACKs that no outgoing packet has carried yet (see :meth:`packets_to_send`)."""
+        if self.peer_session_id is None:
+            return False
+        return any(ks is not None and ks.acks.pending for ks in (self.lame_duck, self.primary))
 
     def next_event(self) -> SessionEvent | None:
         return self._events.popleft() if self._events else None
@@ -275,6 +298,7 @@ class Session:
         return out
 
     def next_timer(self) -> float | None:
+        self._build_packets()  # what is built now has its retransmission deadline from now on
         if self.closed:
             return None
         deadlines: list[float] = []
@@ -325,7 +349,7 @@ class Session:
             return
         if ks.state >= KS.ACTIVE:
             ks.tls.send(message.encode() + b"\x00")
-            self._pump_tls_output(ks)
+            self._tls_dirty = True
         else:
             ks.pending_text.append(message)
 
@@ -362,6 +386,7 @@ class Session:
         ks = self.primary
         if self.closed or ks is None or self._auth_state != "pending":
             return
+        self._now = now
         cipher = self.server_cipher()
         if cipher is None:
             self.reject_client(now, "Data channel cipher negotiation failed (no shared cipher)")
@@ -392,6 +417,7 @@ class Session:
         """Send AUTH_FAILED and end the session once it has been delivered."""
         if self.closed:
             return
+        self._now = now
         self._auth_state = "rejected"
         self.send_text("AUTH_FAILED" + (f",{reason}" if reason else ""))
         self._flush(now)
@@ -399,6 +425,7 @@ class Session:
 
     def _send_push_reply(self) -> None:
         self._push_requested = False
+        self._push_reply_until = self._now + PUSH_REPLY_HOLD
         messages: list[str] = []
         current: list[str] = []
         for opt in self._push_options:
@@ -518,7 +545,7 @@ class Session:
         ks.state = KS.START
         if not self.cfg.is_tls_server:
             ks.tls.advance()  # produces the ClientHello
-            self._pump_tls_output(ks)
+            self._tls_dirty = True
 
     def _pump_tls_output(self, ks: KeyState) -> None:
         data = ks.tls.pending_output()
@@ -528,9 +555,9 @@ class Session:
 
     def _tls_progress(self, ks: KeyState, now: float) -> None:
         done = ks.tls.advance()
+        self._tls_dirty = True
         if done and not ks.km2_sent and not self.cfg.is_tls_server:
             self._send_km2(ks)
-        self._pump_tls_output(ks)
         if not done:
             return
         for record in ks.tls.receive():
@@ -542,7 +569,6 @@ class Session:
                     text = raw.decode("utf-8", "replace").rstrip("\r\n")
                     if text:
                         self._on_text(ks, text, now)
-        self._pump_tls_output(ks)
 
     def _iv_proto(self) -> int:
         bits = km.IV_PROTO_DATA_V2 | km.IV_PROTO_CC_EXIT_NOTIFY
@@ -586,6 +612,7 @@ class Session:
         )
         ks.local_km2 = msg
         ks.tls.send(msg.encode())
+        self._tls_dirty = True
         ks.km2_sent = True
         if ks.state < KS.SENT_KEY:
             ks.state = KS.SENT_KEY
@@ -603,6 +630,7 @@ class Session:
         ks.state = KS.ACTIVE
         while ks.pending_text:
             ks.tls.send(ks.pending_text.popleft().encode() + b"\x00")
+            self._tls_dirty = True
         if ks.key_id != 0:
             self._generate_keys(ks, now)
         elif self.cfg.pull:
@@ -703,7 +731,10 @@ class Session:
             if not self.cfg.mode_server:
                 log.debug("ignoring PUSH_REQUEST (not a P2MP server)")
             elif self._auth_state == "accepted":
-                self._send_push_reply()
+                if now >= self._push_reply_until:
+                    self._send_push_reply()
+                else:
+                    log.debug("PUSH_REQUEST answered by the PUSH_REPLY already sent")
             elif self._auth_state == "pending":
                 self.send_text("AUTH_PENDING")
             else:
@@ -882,17 +913,47 @@ class Session:
     # ------------------------------------------------------------------ send path
 
     def _flush(self, now: float) -> None:
+        """Note that control packets may be due; :meth:`packets_to_send` builds them.
+
+        Building late lets everything one batch of input produced share packets: the TLS
+        records of a key-method-2 reply and the PUSH_REPLY that an edge authorizing the
+        client at once adds, and the ACKs for all of it.
+        """
+        self._flush_due = True
+
+    def _build_packets(self) -> None:
+        if not self._flush_due:
+            return
+        self._flush_due = False
+        now = self._now
         wnow = int(now)
+        dirty, self._tls_dirty = self._tls_dirty, False
         for ks in (self.lame_duck, self.primary):
             if ks is None:
                 continue
+            if dirty and ks.state >= KS.START:
+                if self.cfg.is_tls_server and ks.tls.established and not ks.km2_sent:
+                    # a TLS server says nothing between the end of its handshake and its
+                    # key-method-2 reply but (TLS 1.3) session tickets: they wait and share
+                    # that reply's packet
+                    self._tls_dirty = True
+                else:
+                    # everything TLS wrote since the last build, in as few packets as fit
+                    self._pump_tls_output(ks)
             for out in ks.sender.due(now):
                 acks = ks.acks.take(ACK_MAX_PIGGYBACK) if self.peer_session_id is not None else []
                 rh = ReliabilityHeader(
                     tuple(acks), self.peer_session_id if acks else None, out.message_id, out.payload
                 )
                 self._out.append(self.wrap.wrap(out.opcode, ks.key_id, self.session_id, rh, wnow))
-            if ks.acks.pending and self.peer_session_id is not None:
+
+    def _flush_acks(self) -> None:
+        """ACK_V1 packets for the ACKs no control packet has carried."""
+        if self.peer_session_id is None:
+            return
+        wnow = int(self._now)
+        for ks in (self.lame_duck, self.primary):
+            if ks is not None and ks.acks.pending:
                 limit = ACK_MAX_STANDALONE if self._wrapped_or_ekm() else ACK_MAX_PIGGYBACK
                 acks = ks.acks.take(limit)
                 rh = ReliabilityHeader(tuple(acks), self.peer_session_id, None, b"")
