@@ -47,6 +47,7 @@ from pyovpn.proto.packets import DATA_OPCODES, Opcode, StreamFramer, frame
 from pyovpn.proto.push import PushedOptions
 from pyovpn.proto.session import PeerRestarted, Session, SessionClosed, SessionConfig, TunnelUp
 from pyovpn.proto.tls import PeerCheck, build_context
+from pyovpn.scripts import ScriptFailed, ScriptRefused, TunParams, run_script, up_down_args, up_down_env
 
 if TYPE_CHECKING:
     from pyovpn.server import MultiServer
@@ -413,6 +414,9 @@ class Connection:
                     await self._tunnel_up(cmd)
                 elif isinstance(cmd, (NewKey, SwapKeys, DelKey, SendControl)):
                     await self.d.dc.request(cmd)
+            except ScriptFailed as exc:
+                self.stop(_Stop(str(exc), restart=False, exit_code=1))
+                return
             except (BackendError, ConfigError) as exc:
                 self.stop(_Stop(f"data channel: {exc}", restart=False, exit_code=1))
                 return
@@ -493,6 +497,8 @@ class Daemon:
         self._signal: asyncio.Future[str] | None = None
         self._iface_configured_for: object = None
         self._dropped = False
+        self._tun_params: TunParams | None = None  # what the up script was told; down gets the same
+        self._exit_signal: str | None = None
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
 
     def after_init(self) -> None:
@@ -521,10 +527,57 @@ class Daemon:
         )
         if self._iface_configured_for == key:
             return  # persist-tun semantics: same config, nothing to redo after a restart
-        if self._iface_configured_for is not None:
+        restart = self._iface_configured_for is not None
+        if restart:
+            # new pulled options on a restart: OpenVPN reopens the device, down + up again
+            await self.run_down("restart")
             tun.flush_addresses(self.iface)
         self._iface_configured_for = key
         configure_addresses(self.iface, opts, pushed)
+        await self.run_up(tun_params(self.iface, mtu, opts, pushed), "restart" if restart else "init")
+
+    async def run_up(self, params: TunParams, context: str) -> None:
+        """The `up` script, once the device is open and configured; failing is fatal, as in OpenVPN."""
+        self._tun_params = params
+        command = self.opts.up
+        if not command:
+            return
+        args = up_down_args(params, context)
+        log.info("%s %s", command, " ".join(args))
+        try:
+            status = await run_script(
+                command,
+                "up",
+                args=args,
+                env=up_down_env(params, context),
+                script_security=self.opts.script_security,
+            )
+        except ScriptRefused as exc:
+            raise ScriptFailed(str(exc)) from None
+        if status != 0:
+            raise ScriptFailed(f"up script {command} failed (exit status {status})")
+
+    async def run_down(self, context: str = "init") -> None:
+        """The `down` script, after the device closed, with what `up` was told."""
+        params, self._tun_params = self._tun_params, None
+        command = self.opts.down
+        if not command or params is None:
+            return
+        args = up_down_args(params, context)
+        log.info("%s %s", command, " ".join(args))
+        try:
+            status = await run_script(
+                command,
+                "down",
+                args=args,
+                env=up_down_env(params, context, signal=self._exit_signal),
+                script_security=self.opts.script_security,
+            )
+        except ScriptRefused as exc:
+            log.error("%s", exc)
+            return
+        if status != 0:
+            log.warning("down script %s failed (exit status %d)", command, status)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -568,6 +621,7 @@ class Daemon:
                         self._signal = loop.create_future()
                         continue
                     log.info("%s[hard,] received, process exiting", name)
+                    self._exit_signal = name
                     exit_code = 0
                     break
                 if not stop.restart:
@@ -583,6 +637,7 @@ class Daemon:
                     name = self._signal.result()
                     if name in ("SIGTERM", "SIGINT"):
                         log.info("%s[hard,] received, process exiting", name)
+                        self._exit_signal = name
                         break
                     self._signal = loop.create_future()
         finally:
@@ -602,6 +657,7 @@ class Daemon:
             with contextlib.suppress(PyovpnError, OSError):
                 await self.dc.request(DelIface(self.iface))
             log.info("Closing TUN/TAP interface %s", self.iface)
+            await self.run_down()
         with contextlib.suppress(Exception):
             await self.dc.close()
 
@@ -619,6 +675,23 @@ async def clean_stale_link(dc: DataChannel, name: str) -> None:
 def _free_tun_name() -> str:
     existing = set(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else set()
     return next(f"tun{i}" for i in range(1024) if f"tun{i}" not in existing)
+
+
+def tun_params(ifname: str, mtu: int, opts: Options, pushed: PushedOptions | None) -> TunParams:
+    """The device as the up/down scripts see it: the same choices as configure_addresses()."""
+    v6 = (
+        pushed.ifconfig_ipv6
+        if pushed and pushed.ifconfig_ipv6
+        else (opts.ifconfig_ipv6 if not pushed else None)
+    )
+    return TunParams(
+        dev=ifname,
+        tun_mtu=mtu,
+        topology=(pushed.topology if pushed else opts.topology) or "net30",
+        ifconfig=pushed.ifconfig if pushed and pushed.ifconfig else opts.ifconfig,
+        ifconfig_ipv6=v6[0] if v6 else None,
+        ifconfig_ipv6_remote=v6[1] if v6 else None,
+    )
 
 
 def configure_addresses(ifname: str, opts: Options, pushed: PushedOptions | None) -> None:

@@ -46,6 +46,7 @@ from pyovpn.proto.cookie import CookieJar
 from pyovpn.proto.packets import DATA_OPCODES, Opcode
 from pyovpn.proto.session import ClientAuthRequest, Session, SessionClosed, TunnelUp
 from pyovpn.proto.tlswrap import NoWrap, TlsAuth, TlsCrypt, Wrap
+from pyovpn.scripts import ScriptRefused, TunParams, run_script
 
 if TYPE_CHECKING:
     from pyovpn.daemon import Daemon, _Stop
@@ -274,6 +275,18 @@ class MultiServer:
         await self.d.dc.request(NewIface(name, IfaceMode.MP, o.tun_mtu))
         self.d.iface = name
         await asyncio.to_thread(self._configure_iface, name)
+        v6 = o.ifconfig_ipv6
+        await self.d.run_up(
+            TunParams(
+                dev=name,
+                tun_mtu=o.tun_mtu,
+                topology=o.topology,
+                ifconfig=o.ifconfig,
+                ifconfig_ipv6=v6[0] if v6 else None,
+                ifconfig_ipv6_remote=v6[1] if v6 else None,
+            ),
+            "init",
+        )
         log.info(
             "UDPv%s link local (bound): %s", "6" if af == socket.AF_INET6 else "4", sock.getsockname()[:2]
         )
@@ -631,14 +644,15 @@ class MultiServer:
     async def _run_script(self, command: str | None, script_type: str, client: Client, *args: str) -> int:
         if not command:
             return 0
-        env = {**os.environ, **client.env, "script_type": script_type}
+        env = dict(client.env)
         if client.vpn_ip:
             env["ifconfig_pool_remote_ip"] = client.vpn_ip
         try:
-            proc = await asyncio.create_subprocess_exec(*command.split(), *args, env=env)
-            return await asyncio.wait_for(proc.wait(), 30)
-        except (OSError, TimeoutError) as exc:
-            log.warning("%s script %s failed: %s", script_type, command, exc)
+            return await run_script(
+                command, script_type, args=args, env=env, script_security=self.opts.script_security
+            )
+        except ScriptRefused as exc:
+            log.error("%s", exc)
             return 1
 
     def _read_ccd(self, cn: str) -> object | None:
