@@ -101,6 +101,13 @@ from pyovpn.datachannel.api import (
 )
 from pyovpn.datachannel.api import normalize_address as _normalize
 from pyovpn.datachannel.crypto import OPCODE_DATA_V1, OPCODE_DATA_V2, PEER_ID_UNDEF
+from pyovpn.datachannel.validate import (
+    check_keepalive,
+    check_new_key,
+    check_new_peer_transport,
+    check_set_peer_keepalive,
+    check_slot,
+)
 from pyovpn.errors import BackendError
 
 __all__ = [
@@ -993,11 +1000,8 @@ class KernelDataChannel:
         tx_id = cmd.peer_id if cmd.tx_peer_id is None else cmd.tx_peer_id
         if iface.mode is IfaceMode.P2P and (cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None):
             raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
-        self._check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
-        if cmd.transport is Transport.UDP and cmd.remote is None:
-            raise BackendError(f"{what}: a UDP peer needs a remote address")
-        if cmd.transport is Transport.TCP and cmd.remote is not None:
-            raise BackendError(f"{what}: a TCP peer must not have a remote; the socket is connected")
+        check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
+        check_new_peer_transport(cmd)
         if cmd.transport is Transport.TCP and cmd.local_ip is not None:
             raise BackendError(f"{what}: local_ip applies to UDP peers only")
         if cmd.tcp_backlog:
@@ -1142,21 +1146,17 @@ class KernelDataChannel:
     async def _set_peer(self, cmd: SetPeer) -> None:
         what = "SetPeer"
         self._require_iface(what)
-        if (cmd.keepalive_interval is None) != (cmd.keepalive_timeout is None):
-            raise BackendError(f"{what}: keepalive interval and timeout must be given together")
+        keepalive = check_set_peer_keepalive(cmd)
         peer = self._peers.get(cmd.peer_id)
         attrs: list[list[Any]] = [["OVPN_A_PEER_ID", cmd.peer_id]]
         remote = send_addr = None
-        if cmd.keepalive_interval is not None:
-            assert cmd.keepalive_timeout is not None
-            self._check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
         if cmd.remote is not None:
             if peer is not None and peer.transport is Transport.TCP:
                 raise BackendError(f"{what}: a TCP peer's remote cannot change")
             family = peer.reader.sock.family if peer is not None else None
             remote, send_addr, remote_attrs = self._remote(what, family, cmd.remote)
             attrs += remote_attrs
-        if cmd.keepalive_interval is not None:
+        if keepalive:
             attrs.append(["OVPN_A_PEER_KEEPALIVE_INTERVAL", cmd.keepalive_interval])
             attrs.append(["OVPN_A_PEER_KEEPALIVE_TIMEOUT", cmd.keepalive_timeout])
         await self._genl(what, OvpnCmd.PEER_SET, "OVPN_A_PEER", attrs, peer_id=cmd.peer_id)
@@ -1211,23 +1211,7 @@ class KernelDataChannel:
     async def _new_key(self, cmd: NewKey) -> None:
         what = "NewKey"
         self._require_iface(what)
-        slot = self._slot(what, cmd.slot)
-        if not 0 <= cmd.key_id <= 7:
-            raise BackendError(f"{what}: key id {cmd.key_id} out of range 0..7")
-        try:
-            cipher = Cipher(cmd.cipher)
-        except ValueError:
-            raise BackendError(f"{what}: unsupported cipher {cmd.cipher!r}") from None
-        for name, direction in (("encrypt", cmd.encrypt), ("decrypt", cmd.decrypt)):
-            if len(direction.cipher_key) != cipher.key_len:
-                raise BackendError(
-                    f"{what}: bad {name} key length {len(direction.cipher_key)} for {cipher.value} "
-                    f"(needs {cipher.key_len})"
-                )
-            if len(direction.nonce_tail) != 8:
-                raise BackendError(
-                    f"{what}: {name} nonce tail must be 8 bytes, got {len(direction.nonce_tail)}"
-                )
+        slot, cipher = check_new_key(cmd)
         attrs = [
             ["OVPN_A_KEYCONF_PEER_ID", cmd.peer_id],
             ["OVPN_A_KEYCONF_SLOT", slot],
@@ -1258,7 +1242,7 @@ class KernelDataChannel:
     async def _del_key(self, cmd: DelKey) -> None:
         what = "DelKey"
         self._require_iface(what)
-        slot = self._slot(what, cmd.slot)
+        slot = check_slot(what, cmd.slot)
         attrs = [["OVPN_A_KEYCONF_PEER_ID", cmd.peer_id], ["OVPN_A_KEYCONF_SLOT", slot]]
         # an empty slot is not an error for the kernel either
         await self._genl(what, OvpnCmd.KEY_DEL, "OVPN_A_KEYCONF", attrs, peer_id=cmd.peer_id, slot=slot)
@@ -1284,7 +1268,7 @@ class KernelDataChannel:
     async def _get_key(self, cmd: GetKey) -> KeyInfo:
         what = "GetKey"
         self._require_iface(what)
-        slot = self._slot(what, cmd.slot)
+        slot = check_slot(what, cmd.slot)
         attrs = [["OVPN_A_KEYCONF_PEER_ID", cmd.peer_id], ["OVPN_A_KEYCONF_SLOT", slot]]
         replies = await self._genl(
             what, OvpnCmd.KEY_GET, "OVPN_A_KEYCONF", attrs, peer_id=cmd.peer_id, slot=slot
@@ -1670,14 +1654,3 @@ class KernelDataChannel:
         if self._iface is None:
             raise BackendError(f"{what}: no interface; send NewIface first")
         return self._iface
-
-    @staticmethod
-    def _slot(what: str, slot: int) -> int:
-        if slot not in (KeySlot.PRIMARY, KeySlot.SECONDARY):
-            raise BackendError(f"{what}: no such key slot {slot!r} (PRIMARY or SECONDARY)")
-        return int(slot)
-
-    @staticmethod
-    def _check_keepalive(what: str, interval: int, timeout: int) -> None:
-        if interval < 0 or timeout < 0:
-            raise BackendError(f"{what}: keepalive interval and timeout must not be negative")

@@ -111,6 +111,13 @@ from pyovpn.datachannel.crypto import (
     PacketIdExhaustedError,
 )
 from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonitor
+from pyovpn.datachannel.validate import (
+    check_keepalive,
+    check_new_key,
+    check_new_peer_transport,
+    check_set_peer_keepalive,
+    check_slot,
+)
 from pyovpn.errors import AuthenticationError, BackendError, ProtocolError, ReplayError
 from pyovpn.net import tun
 
@@ -411,11 +418,8 @@ class UserspaceDataChannel:
             raise BackendError(f"{what}: tx peer id {tx_id} out of range 0..0xFFFFFF")
         if iface.router is None and (cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None):
             raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
-        self._check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
-        if cmd.transport is Transport.UDP and cmd.remote is None:
-            raise BackendError(f"{what}: a UDP peer needs a remote address")
-        if cmd.transport is Transport.TCP and cmd.remote is not None:
-            raise BackendError(f"{what}: a TCP peer must not have a remote; the socket is connected")
+        check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
+        check_new_peer_transport(cmd)
         if cmd.transport is Transport.TCP and cmd.local_ip is not None:
             raise BackendError(f"{what}: local_ip applies to UDP peers only")
         if iface.router is not None:
@@ -625,11 +629,7 @@ class UserspaceDataChannel:
     def _set_peer(self, cmd: SetPeer) -> None:
         what = "SetPeer"
         peer = self._peer(what, cmd.peer_id)
-        if (cmd.keepalive_interval is None) != (cmd.keepalive_timeout is None):
-            raise BackendError(f"{what}: keepalive interval and timeout must be given together")
-        if cmd.keepalive_interval is not None:
-            assert cmd.keepalive_timeout is not None
-            self._check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
+        keepalive = check_set_peer_keepalive(cmd)
         if cmd.remote is not None:
             if peer.transport is Transport.TCP:
                 raise BackendError(f"{what}: a TCP peer's remote cannot change")
@@ -637,8 +637,8 @@ class UserspaceDataChannel:
             self._set_remote(what, peer, cmd.remote)
             if peer.shared is not None:
                 peer.shared.move(peer, old)
-        if cmd.keepalive_interval is not None:
-            assert cmd.keepalive_timeout is not None
+        if keepalive:
+            assert cmd.keepalive_interval is not None and cmd.keepalive_timeout is not None
             self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)
 
     def _get_peer(self, cmd: GetPeer) -> PeerInfo:
@@ -665,22 +665,10 @@ class UserspaceDataChannel:
     def _new_key(self, cmd: NewKey) -> None:
         what = "NewKey"
         peer = self._peer(what, cmd.peer_id)
-        slot = self._slot(what, cmd.slot)
-        if not 0 <= cmd.key_id <= 7:
-            raise BackendError(f"{what}: key id {cmd.key_id} out of range 0..7")
-        for name, direction in (("encrypt", cmd.encrypt), ("decrypt", cmd.decrypt)):
-            if len(direction.cipher_key) != cmd.cipher.key_len:
-                raise BackendError(
-                    f"{what}: bad {name} key length {len(direction.cipher_key)} for {cmd.cipher.value} "
-                    f"(needs {cmd.cipher.key_len})"
-                )
-            if len(direction.nonce_tail) != 8:
-                raise BackendError(
-                    f"{what}: {name} nonce tail must be 8 bytes, got {len(direction.nonce_tail)}"
-                )
+        slot, cipher = check_new_key(cmd)
         try:
             ks = KeyState.from_directions(
-                cmd.key_id, cmd.cipher, cmd.encrypt, cmd.decrypt, replay_window=self._replay_window
+                cmd.key_id, cipher, cmd.encrypt, cmd.decrypt, replay_window=self._replay_window
             )
         except ValueError as e:
             raise BackendError(f"{what}: {e}") from None
@@ -689,7 +677,7 @@ class UserspaceDataChannel:
     def _del_key(self, cmd: DelKey) -> None:
         peer = self._peer("DelKey", cmd.peer_id)
         # an empty slot is not an error, as in the kernel
-        peer.keys[self._slot("DelKey", cmd.slot)] = None
+        peer.keys[check_slot("DelKey", cmd.slot)] = None
 
     def _swap_keys(self, cmd: SwapKeys) -> None:
         peer = self._peer("SwapKeys", cmd.peer_id)
@@ -698,7 +686,7 @@ class UserspaceDataChannel:
 
     def _get_key(self, cmd: GetKey) -> KeyInfo:
         peer = self._peer("GetKey", cmd.peer_id)
-        slot = self._slot("GetKey", cmd.slot)
+        slot = check_slot("GetKey", cmd.slot)
         ks = peer.keys[slot]
         if ks is None:
             raise BackendError(
@@ -747,17 +735,6 @@ class UserspaceDataChannel:
         if peer is None:
             raise BackendError(f"{what}: unknown peer id {peer_id}")
         return peer
-
-    @staticmethod
-    def _slot(what: str, slot: int) -> int:
-        if slot not in (KeySlot.PRIMARY, KeySlot.SECONDARY):
-            raise BackendError(f"{what}: no such key slot {slot!r} (PRIMARY or SECONDARY)")
-        return int(slot)
-
-    @staticmethod
-    def _check_keepalive(what: str, interval: int, timeout: int) -> None:
-        if interval < 0 or timeout < 0:
-            raise BackendError(f"{what}: keepalive interval and timeout must not be negative")
 
     def _emit(self, notification: Notification) -> None:
         # delivered from the loop, never re-entrantly from inside a reader or command

@@ -1,0 +1,76 @@
+"""Checks every data-channel backend applies to a command before acting on it.
+
+The kernel rejects a bad key length or slot with an extack message; the userspace backends
+must refuse the same commands with the same words, so the control plane sees one behaviour
+whichever backend it drives. Each check raises :class:`~pyovpn.errors.BackendError` naming
+the command (``what``) and the offending value.
+"""
+
+from __future__ import annotations
+
+from pyovpn.datachannel.api import Cipher, KeySlot, NewKey, NewPeer, SetPeer, Transport
+from pyovpn.errors import BackendError
+
+__all__ = [
+    "check_keepalive",
+    "check_new_key",
+    "check_new_peer_transport",
+    "check_set_peer_keepalive",
+    "check_slot",
+]
+
+NONCE_TAIL_LEN = 8
+MAX_KEY_ID = 7
+
+
+def check_slot(what: str, slot: int) -> int:
+    """The slot as the integer the backends index with."""
+    if slot not in (KeySlot.PRIMARY, KeySlot.SECONDARY):
+        raise BackendError(f"{what}: no such key slot {slot!r} (PRIMARY or SECONDARY)")
+    return int(slot)
+
+
+def check_keepalive(what: str, interval: int | None, timeout: int | None) -> None:
+    if (interval or 0) < 0 or (timeout or 0) < 0:
+        raise BackendError(f"{what}: keepalive interval and timeout must not be negative")
+
+
+def check_set_peer_keepalive(cmd: SetPeer) -> bool:
+    """Whether a ``SetPeer`` changes the keepalive (both values given, neither negative)."""
+    if (cmd.keepalive_interval is None) != (cmd.keepalive_timeout is None):
+        raise BackendError("SetPeer: keepalive interval and timeout must be given together")
+    if cmd.keepalive_interval is None:
+        return False
+    check_keepalive("SetPeer", cmd.keepalive_interval, cmd.keepalive_timeout)
+    return True
+
+
+def check_new_peer_transport(cmd: NewPeer) -> None:
+    """UDP peers name their remote; TCP peers come with a connected socket instead."""
+    if cmd.transport is Transport.UDP and cmd.remote is None:
+        raise BackendError("NewPeer: a UDP peer needs a remote address")
+    if cmd.transport is Transport.TCP and cmd.remote is not None:
+        raise BackendError("NewPeer: a TCP peer must not have a remote; the socket is connected")
+
+
+def check_new_key(cmd: NewKey) -> tuple[int, Cipher]:
+    """Slot, key id, cipher and both directions' key material; returns (slot, cipher)."""
+    what = "NewKey"
+    slot = check_slot(what, cmd.slot)
+    if not 0 <= cmd.key_id <= MAX_KEY_ID:
+        raise BackendError(f"{what}: key id {cmd.key_id} out of range 0..{MAX_KEY_ID}")
+    try:
+        cipher = Cipher(cmd.cipher)
+    except ValueError:
+        raise BackendError(f"{what}: unsupported cipher {cmd.cipher!r}") from None
+    for name, direction in (("encrypt", cmd.encrypt), ("decrypt", cmd.decrypt)):
+        if len(direction.cipher_key) != cipher.key_len:
+            raise BackendError(
+                f"{what}: bad {name} key length {len(direction.cipher_key)} for {cipher.value} "
+                f"(needs {cipher.key_len})"
+            )
+        if len(direction.nonce_tail) != NONCE_TAIL_LEN:
+            raise BackendError(
+                f"{what}: {name} nonce tail must be {NONCE_TAIL_LEN} bytes, got {len(direction.nonce_tail)}"
+            )
+    return slot, cipher
