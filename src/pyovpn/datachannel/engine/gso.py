@@ -599,6 +599,14 @@ def _gro_masks() -> np.ndarray:
 
 
 _GRO_MASKS = _gro_masks()
+_window_cache: list[np.ndarray] = []  # [buffer, its sliding-window view]: the worker reuses one buffer
+
+
+def _windows(bnp: np.ndarray) -> np.ndarray:
+    """``sliding_window_view(bnp, _GRO_COLS)``, built once per buffer (it costs more than the gather)."""
+    if not _window_cache or _window_cache[0] is not bnp:
+        _window_cache[:] = [bnp, sliding_window_view(bnp, _GRO_COLS)]
+    return _window_cache[1]
 
 
 def coalesce_vec(
@@ -619,7 +627,7 @@ def coalesce_vec(
     o = sl[:, 0]
     ln = sl[:, 1]
     if int(o.max()) + _GRO_COLS <= len(bnp):  # rows of a sliding-window view: no index arrays
-        H = sliding_window_view(bnp, _GRO_COLS)[o]
+        H = _windows(bnp)[o]
     else:
         H = bnp[np.minimum(o[:, None] + _GRO_COL, len(bnp) - 1)]
     Hi = H[:, :14].astype(np.int64)
