@@ -312,6 +312,7 @@ class UserspaceDataChannel:
         self._tun_buf = bytearray(_RX_BUF_SIZE)
         self._tun_mv = memoryview(self._tun_buf)
         self.iface_stats = Stats()  # drops that happen before a peer is known
+        self._mp_control: list[Notification] | None = None  # MP: control packets of this wakeup
 
     # ------------------------------------------------------------------ public API
 
@@ -529,7 +530,8 @@ class UserspaceDataChannel:
             shared.attach(peer)
         self._peers[cmd.peer_id] = peer
         self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)
-        log.info(
+        # debug: the server logs each client already; at thousands of clients this line is noise
+        log.debug(
             "userspace data channel: MP peer %d (%s) over %s%s%s",
             cmd.peer_id,
             ", ".join(a for a in (cmd.vpn_ipv4, cmd.vpn_ipv6) if a),
@@ -738,8 +740,14 @@ class UserspaceDataChannel:
 
     def _emit(self, notification: Notification) -> None:
         # delivered from the loop, never re-entrantly from inside a reader or command
-        if self._loop is not None and self._subscribers:
+        if self._mp_control is not None:
+            self._mp_control.append(notification)  # MP read in progress: one callback, in order
+        elif self._loop is not None and self._subscribers:
             self._loop.call_soon(self._dispatch, notification)
+
+    def _dispatch_all(self, notifications: list[Notification]) -> None:
+        for notification in notifications:
+            self._dispatch(notification)
 
     def _dispatch(self, notification: Notification) -> None:
         for callback in self._subscribers:
@@ -1053,7 +1061,19 @@ class UserspaceDataChannel:
                 self._send_data(peer, out, now)
 
     def _on_mp_udp_readable(self, shared: _SharedUdp) -> None:
-        """MP network -> TUN: the one reader of the UDP socket all UDP peers share."""
+        """MP network -> TUN: the one reader of the UDP socket all UDP peers share.
+
+        The notifications of one wakeup (mostly control packets) go up in order in one loop callback.
+        """
+        self._mp_control = []
+        try:
+            self._mp_udp_read(shared)
+        finally:
+            batch, self._mp_control = self._mp_control, None
+            if batch and self._loop is not None and self._subscribers:
+                self._loop.call_soon(self._dispatch_all, batch)
+
+    def _mp_udp_read(self, shared: _SharedUdp) -> None:
         sock = shared.sock
         rx = self._rx_buf
         mv = self._rx_mv

@@ -148,6 +148,7 @@ class TlsEndpoint:
             self._conn.set_connect_state()
         self._check = check
         self.established = False
+        self._peer_cn: str | None = None
 
     def feed(self, ciphertext: bytes) -> None:
         self._conn.bio_write(ciphertext)
@@ -180,6 +181,7 @@ class TlsEndpoint:
                 raise ProtocolError("peer sent no certificate")
         else:
             check_peer_certificate(peer, self._check)
+        self._peer_cn = _common_name(peer)
         self.established = True
         return True
 
@@ -217,11 +219,16 @@ class TlsEndpoint:
         return self._conn.get_cipher_name() or "?"
 
     def peer_common_name(self) -> str:
-        peer = self._conn.get_peer_certificate(as_cryptography=True)
-        if peer is None:
-            return ""
-        cns = peer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return str(cns[0].value) if cns else ""
+        if self._peer_cn is not None:
+            return self._peer_cn  # the certificate cannot change once the handshake is done
+        return _common_name(self._conn.get_peer_certificate(as_cryptography=True))
+
+
+def _common_name(cert: x509.Certificate | None) -> str:
+    if cert is None:
+        return ""
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else ""
 
 
 def _ssl_reason(exc: SSL.Error) -> str:
