@@ -55,6 +55,13 @@ from pyovpn.datachannel.api import (
 from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PEER_ID_UNDEF, KeyState
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import decode, encode, recv_msg, send_msg
+from pyovpn.datachannel.validate import (
+    check_keepalive,
+    check_new_key,
+    check_new_peer_transport,
+    check_set_peer_keepalive,
+    check_slot,
+)
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
 
@@ -486,11 +493,8 @@ class Controller:
             raise BackendError(f"{what}: tx peer id {tx_id} out of range 0..0xFFFFFF")
         if cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None:
             raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
-        self._check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
-        if cmd.transport is Transport.UDP and cmd.remote is None:
-            raise BackendError(f"{what}: a UDP peer needs a remote address")
-        if cmd.transport is Transport.TCP and cmd.remote is not None:
-            raise BackendError(f"{what}: a TCP peer must not have a remote; the socket is connected")
+        check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
+        check_new_peer_transport(cmd)
         if cmd.transport is Transport.TCP and cmd.local_ip is not None:
             raise BackendError(f"{what}: local_ip applies to UDP peers only")
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -558,19 +562,15 @@ class Controller:
     async def _set_peer(self, cmd: SetPeer) -> None:
         what = "SetPeer"
         peer = self._peer(what, cmd.peer_id)
-        if (cmd.keepalive_interval is None) != (cmd.keepalive_timeout is None):
-            raise BackendError(f"{what}: keepalive interval and timeout must be given together")
-        if cmd.keepalive_interval is not None:
-            assert cmd.keepalive_timeout is not None
-            self._check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
+        keepalive = check_set_peer_keepalive(cmd)
         if cmd.remote is not None:
             if peer.transport is Transport.TCP:
                 raise BackendError(f"{what}: a TCP peer's remote cannot change")
             self._set_remote(what, peer, cmd.remote)
             assert peer.cell is not None and peer.send_addr is not None
             peer.cell.store(peer.send_addr)  # the workers pick it up before their next packet
-        if cmd.keepalive_interval is not None:
-            assert cmd.keepalive_timeout is not None
+        if keepalive:
+            assert cmd.keepalive_interval is not None and cmd.keepalive_timeout is not None
             await self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)
 
     async def _set_keepalive(self, peer: _Peer, interval: int, timeout: int) -> None:
@@ -604,21 +604,9 @@ class Controller:
     async def _new_key(self, cmd: NewKey) -> None:
         what = "NewKey"
         peer = self._peer(what, cmd.peer_id)
-        slot = self._slot(what, cmd.slot)
-        if not 0 <= cmd.key_id <= 7:
-            raise BackendError(f"{what}: key id {cmd.key_id} out of range 0..7")
-        for name, direction in (("encrypt", cmd.encrypt), ("decrypt", cmd.decrypt)):
-            if len(direction.cipher_key) != cmd.cipher.key_len:
-                raise BackendError(
-                    f"{what}: bad {name} key length {len(direction.cipher_key)} for {cmd.cipher.value} "
-                    f"(needs {cmd.cipher.key_len})"
-                )
-            if len(direction.nonce_tail) != 8:
-                raise BackendError(
-                    f"{what}: {name} nonce tail must be 8 bytes, got {len(direction.nonce_tail)}"
-                )
+        slot, cipher = check_new_key(cmd)
         try:
-            KeyState.from_directions(cmd.key_id, cmd.cipher, cmd.encrypt, cmd.decrypt)
+            KeyState.from_directions(cmd.key_id, cipher, cmd.encrypt, cmd.decrypt)
         except ValueError as e:
             raise BackendError(f"{what}: {e}") from None
         self.serial += 1
@@ -627,7 +615,7 @@ class Controller:
             "new_key",
             slot=slot,
             key_id=cmd.key_id,
-            cipher=cmd.cipher.value,
+            cipher=cipher.value,
             serial=self.serial,
             enc_key=encode(cmd.encrypt.cipher_key),
             enc_tail=encode(cmd.encrypt.nonce_tail),
@@ -635,11 +623,11 @@ class Controller:
             dec_tail=encode(cmd.decrypt.nonce_tail),
             replay_window=self.replay_window,
         )
-        peer.keys[slot] = _KeyMeta(cmd.key_id, cmd.cipher, self.serial)
+        peer.keys[slot] = _KeyMeta(cmd.key_id, cipher, self.serial)
 
     async def _del_key(self, cmd: DelKey) -> None:
         peer = self._peer("DelKey", cmd.peer_id)
-        slot = self._slot("DelKey", cmd.slot)
+        slot = check_slot("DelKey", cmd.slot)
         await self._call_peer(peer, "del_key", slot=slot)
         peer.keys[slot] = None
 
@@ -650,7 +638,7 @@ class Controller:
 
     async def _get_key(self, cmd: GetKey) -> KeyInfo:
         peer = self._peer("GetKey", cmd.peer_id)
-        slot = self._slot("GetKey", cmd.slot)
+        slot = check_slot("GetKey", cmd.slot)
         meta = peer.keys[slot]
         if meta is None:
             raise BackendError(
@@ -780,17 +768,6 @@ class Controller:
         if peer is None:
             raise BackendError(f"{what}: unknown peer id {peer_id}")
         return peer
-
-    @staticmethod
-    def _slot(what: str, slot: int) -> int:
-        if slot not in (KeySlot.PRIMARY, KeySlot.SECONDARY):
-            raise BackendError(f"{what}: no such key slot {slot!r} (PRIMARY or SECONDARY)")
-        return int(slot)
-
-    @staticmethod
-    def _check_keepalive(what: str, interval: int, timeout: int) -> None:
-        if interval < 0 or timeout < 0:
-            raise BackendError(f"{what}: keepalive interval and timeout must not be negative")
 
 
 def _gso_ok(sock: socket.socket) -> bool:
