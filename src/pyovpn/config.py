@@ -23,7 +23,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
 from pyovpn.errors import ConfigError
@@ -528,91 +528,23 @@ def _option(
 
 @dataclass
 class _Builder:
-    """Mutable accumulation of options while directives are applied in order."""
+    """Mutable accumulation of options while directives are applied in order.
+
+    `opts` is the working copy of the result: handlers replace it with `dataclasses.replace`, so every
+    option's name, type and default is the one declared in `Options`. Only what `Options` does not
+    hold (or holds only in resolved form) is declared here.
+    """
 
     cwd: str
-    config_sources: list[str] = field(default_factory=list)
-    mode: str = "p2p"
-    pull: bool = False
+    opts: Options = field(default_factory=Options)
+    #: The roles as given (`client`/`tls-client`, `tls-server`); validate() settles Options.tls_role.
     tls_client: bool = False
     tls_server: bool = False
-    dev: str = "tun"
-    dev_type: str | None = None
-    proto: str = "udp"
-    family: int | None = None
-    remotes: list[tuple[str, int | None, str | None, int | None]] = field(default_factory=list)
-    port: int = 1194
-    lport: int | None = None
-    rport: int | None = None
-    local: str | None = None
-    nobind: bool = False
-    ifconfig: tuple[str, str] | None = None
-    ifconfig_ipv6: tuple[str, str] | None = None
-    routes: list[Route] = field(default_factory=list)
-    routes_ipv6: list[RouteV6] = field(default_factory=list)
-    topology: str = "net30"
-    ca: bytes | None = None
-    cert: bytes | None = None
-    key: bytes | None = None
-    dh: str | None = None
-    tls_auth: bytes | None = None
-    key_direction: int | None = None
-    tls_crypt: bytes | None = None
-    remote_cert_tls: str | None = None
-    verify_x509_name: tuple[str, str] | None = None
-    data_ciphers: tuple[str, ...] = AEAD_CIPHERS
-    data_ciphers_fallback: str | None = None
-    cipher: str | None = None
-    auth: str = "SHA1"
-    reneg_sec: int = 3600
-    ping: int = 0
-    ping_restart: int = 0
-    keepalive: tuple[int, int] | None = None
-    tun_mtu: int = 1500
-    mssfix: int | None = None
-    explicit_exit_notify: int = 0
-    auth_user_pass: tuple[str, str] | None = None
-    verb: int = 1
-    log: str | None = None
-    log_append: str | None = None
-    writepid: str | None = None
-    persist_tun: bool = False
-    persist_key: bool = False
-    mute_replay_warnings: bool = False
-    dco: str = "auto"
-    tls_timeout: int = 2
-    hand_window: int = 60
-    tran_window: int = 3600
-    replay_window: tuple[int, int] = (64, 15)
-    tls_version_min: str | None = None
-    tls_cert_profile: str | None = None
-    user: str | None = None
-    group: str | None = None
-    float_: bool = False
-    crl_verify: bytes | None = None
-    server_network: tuple[str, str] | None = None
-    server_nopool: bool = False
-    server_ipv6: str | None = None
-    ifconfig_pool: tuple[str, str, str | None] | None = None
-    ifconfig_ipv6_pool: str | None = None
-    ifconfig_pool_persist: tuple[str, int] | None = None
-    push: list[str] = field(default_factory=list)
-    client_config_dir: str | None = None
-    ccd_exclusive: bool = False
-    client_to_client: bool = False
-    duplicate_cn: bool = False
-    max_clients: int = 1024
-    verify_client_cert: str = "require"
-    username_as_common_name: bool = False
-    script_security: int = 1
-    auth_user_pass_verify: tuple[str, str] | None = None
-    tls_verify: str | None = None
-    client_connect: str | None = None
-    client_disconnect: str | None = None
-    learn_address: str | None = None
-    up: str | None = None
-    down: str | None = None
-    ignored: list[tuple[str, str, int]] = field(default_factory=list)
+    #: The last `proto` as written, None if not given. A bare "tcp" only gets its side (Options.proto)
+    #: in validate(), once server mode is known.
+    proto_word: str | None = None
+    #: `remote` entries as (host, port, proto word, family); their protos are resolved like proto_word.
+    remote_words: list[tuple[str, int | None, str | None, Family]] = field(default_factory=list)
     ignore_unknown: set[str] = field(default_factory=set)
     #: Last directive that set each option, so validate() can point at the offending line.
     where: dict[str, Directive] = field(default_factory=dict)
@@ -633,7 +565,7 @@ class _Builder:
         spec = _OPTIONS.get(d.name)
         if spec is None:
             if forgiving or d.name in self.ignore_unknown:
-                self.ignored.append((d.name, d.source, d.line))
+                self.ignore(d)
                 return
             raise _error(
                 d,
@@ -664,7 +596,7 @@ class _Builder:
             )
         path = self.resolve(d, d.args[0])
         text = _read_config_text(d, path)
-        self.config_sources.append(path)
+        self.opts = replace(self.opts, config_sources=(*self.opts.config_sources, path))
         base = os.path.dirname(os.path.abspath(path))
         self.apply_all(tokenize(text, source=path, base_dir=base), depth + 1)
 
@@ -682,7 +614,7 @@ class _Builder:
             raise _error(
                 d, f"option 'setenv' takes 1 or 2 arguments, got {len(d.args)}; usage: setenv NAME VALUE"
             )
-        self.ignored.append(("setenv", d.source, d.line))
+        self.ignore(d)
 
     # -- helpers for handlers -------------------------------------------------------------------
 
@@ -728,7 +660,7 @@ class _Builder:
         return _read_bytes(d, self.resolve(d, d.args[0]))
 
     def ignore(self, d: Directive) -> None:
-        self.ignored.append((d.name, d.source, d.line))
+        self.opts = replace(self.opts, ignored=(*self.opts.ignored, (d.name, d.source, d.line)))
 
 
 def _count_text(spec: _Spec, n: int) -> str:
@@ -836,7 +768,7 @@ def _check_network(d: Directive, network: str, bits: int, what: str) -> None:
 
 
 # OpenVPN's proto names (socket_util.c proto_names); "tcp" is resolved to a side in validate().
-_PROTOS: dict[str, tuple[str, int | None]] = {
+_PROTOS: dict[str, tuple[str, Family]] = {
     "udp": ("udp", None),
     "tcp": ("tcp", None),
     "tcp-client": ("tcp-client", None),
@@ -852,7 +784,7 @@ _PROTOS: dict[str, tuple[str, int | None]] = {
 }
 
 
-def _proto(d: Directive, value: str) -> tuple[str, int | None]:
+def _proto(d: Directive, value: str) -> tuple[str, Family]:
     try:
         return _PROTOS[value]
     except KeyError:
@@ -880,12 +812,12 @@ def _aead(d: Directive, name: str) -> str:
 def _opt_mode(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("p2p", "server"):
         raise _error(d, f"mode: bad value '{d.args[0]}'; use `mode p2p` or `mode server`")
-    b.mode = d.args[0]
+    b.opts = replace(b.opts, mode=cast(Literal["p2p", "server"], d.args[0]))
 
 
 @_option("client", usage="client")
 def _opt_client(b: _Builder, d: Directive) -> None:
-    b.pull = True
+    b.opts = replace(b.opts, pull=True)
     b.tls_client = True
     b.where["tls-client"] = d
     b.where["pull"] = d
@@ -893,7 +825,7 @@ def _opt_client(b: _Builder, d: Directive) -> None:
 
 @_option("pull", usage="pull")
 def _opt_pull(b: _Builder, d: Directive) -> None:
-    b.pull = True
+    b.opts = replace(b.opts, pull=True)
 
 
 @_option("tls-client", usage="tls-client")
@@ -910,14 +842,14 @@ def _opt_tls_server(b: _Builder, d: Directive) -> None:
 def _opt_dev(b: _Builder, d: Directive) -> None:
     if not d.args[0]:
         raise _error(d, "dev: the device name is empty; use `dev tun`")
-    b.dev = d.args[0]
+    b.opts = replace(b.opts, dev=d.args[0])
 
 
 @_option("dev-type", args=(1, 1), usage="dev-type tun")
 def _opt_dev_type(b: _Builder, d: Directive) -> None:
     if d.args[0] != "tun":
         raise _error(d, _layer2_message(f"dev-type {d.args[0]}"))
-    b.dev_type = "tun"
+    b.opts = replace(b.opts, dev_type="tun")
 
 
 def _layer2_message(what: str) -> str:
@@ -930,7 +862,8 @@ def _layer2_message(what: str) -> str:
 
 @_option("proto", args=(1, 1), usage="proto udp|tcp-client|tcp-server (or udp4, tcp6-client, ...)")
 def _opt_proto(b: _Builder, d: Directive) -> None:
-    b.proto, b.family = _proto(d, d.args[0])
+    b.proto_word, family = _proto(d, d.args[0])
+    b.opts = replace(b.opts, family=family)
 
 
 @_option("remote", args=(1, 3), usage="remote HOST [PORT [PROTO]]")
@@ -940,25 +873,23 @@ def _opt_remote(b: _Builder, d: Directive) -> None:
         raise _error(d, "remote: the host is empty; usage: remote HOST [PORT [PROTO]]")
     port = _port(d, d.args[1], "remote") if len(d.args) > 1 else None
     proto, family = _proto(d, d.args[2]) if len(d.args) > 2 else (None, None)
-    b.remotes.append((host, port, proto, family))
+    b.remote_words.append((host, port, proto, family))
 
 
 @_option("port", args=(1, 1), usage="port PORT")
 def _opt_port(b: _Builder, d: Directive) -> None:
-    b.port = _port(d, d.args[0], "port")
     # `port` sets both the local and the remote port, overriding earlier lport/rport.
-    b.lport = None
-    b.rport = None
+    b.opts = replace(b.opts, port=_port(d, d.args[0], "port"), lport=None, rport=None)
 
 
 @_option("lport", args=(1, 1), usage="lport PORT")
 def _opt_lport(b: _Builder, d: Directive) -> None:
-    b.lport = _port(d, d.args[0], "lport", lo=0)
+    b.opts = replace(b.opts, lport=_port(d, d.args[0], "lport", lo=0))
 
 
 @_option("rport", args=(1, 1), usage="rport PORT")
 def _opt_rport(b: _Builder, d: Directive) -> None:
-    b.rport = _port(d, d.args[0], "rport")
+    b.opts = replace(b.opts, rport=_port(d, d.args[0], "rport"))
 
 
 @_option("local", args=(1, 2), usage="local HOST [PORT]")
@@ -966,19 +897,19 @@ def _opt_local(b: _Builder, d: Directive) -> None:
     host = d.args[0]
     if not host:
         raise _error(d, "local: the address is empty; use `local ADDRESS` or `local *`")
-    b.local = None if host == "*" else host
+    b.opts = replace(b.opts, local=None if host == "*" else host)
     if len(d.args) > 1:
-        b.lport = _port(d, d.args[1], "local", lo=0)
+        b.opts = replace(b.opts, lport=_port(d, d.args[1], "local", lo=0))
 
 
 @_option("nobind", usage="nobind")
 def _opt_nobind(b: _Builder, d: Directive) -> None:
-    b.nobind = True
+    b.opts = replace(b.opts, nobind=True)
 
 
 @_option("ifconfig", args=(2, 2), usage="ifconfig LOCAL_IP REMOTE_IP|NETMASK")
 def _opt_ifconfig(b: _Builder, d: Directive) -> None:
-    b.ifconfig = (_ipv4(d, d.args[0], "ifconfig"), _ipv4(d, d.args[1], "ifconfig"))
+    b.opts = replace(b.opts, ifconfig=(_ipv4(d, d.args[0], "ifconfig"), _ipv4(d, d.args[1], "ifconfig")))
 
 
 @_option("ifconfig-ipv6", args=(2, 2), usage="ifconfig-ipv6 ADDRESS/BITS REMOTE_ADDRESS")
@@ -988,7 +919,7 @@ def _opt_ifconfig_ipv6(b: _Builder, d: Directive) -> None:
         raise _error(d, f"ifconfig-ipv6: '{d.args[0]}' has no /prefix; write it like fd00::2/64")
     _ipv6(d, addr, "ifconfig-ipv6")
     _int(d, bits, "ifconfig-ipv6 prefix length", 64, 124)
-    b.ifconfig_ipv6 = (d.args[0], _ipv6(d, d.args[1], "ifconfig-ipv6"))
+    b.opts = replace(b.opts, ifconfig_ipv6=(d.args[0], _ipv6(d, d.args[1], "ifconfig-ipv6")))
 
 
 _ROUTE_SPECIAL = ("vpn_gateway", "net_gateway", "remote_host")
@@ -1007,7 +938,7 @@ def _opt_route(b: _Builder, d: Directive) -> None:
     metric = None
     if args[3] and args[3] != "default":
         metric = _int(d, args[3], "route metric", 0)
-    b.routes.append(Route(network, netmask, gateway, metric))
+    b.opts = replace(b.opts, routes=(*b.opts.routes, Route(network, netmask, gateway, metric)))
 
 
 @_option("route-ipv6", args=(1, 3), usage="route-ipv6 NETWORK/BITS [GATEWAY [METRIC]]")
@@ -1021,19 +952,19 @@ def _opt_route_ipv6(b: _Builder, d: Directive) -> None:
     if len(d.args) > 1 and d.args[1] != "default":
         gateway = _ipv6(d, d.args[1], "route-ipv6 gateway")
     metric = _int(d, d.args[2], "route-ipv6 metric", 0) if len(d.args) > 2 else None
-    b.routes_ipv6.append(RouteV6(network, gateway, metric))
+    b.opts = replace(b.opts, routes_ipv6=(*b.opts.routes_ipv6, RouteV6(network, gateway, metric)))
 
 
 @_option("topology", args=(1, 1), usage="topology net30|p2p|subnet")
 def _opt_topology(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("net30", "p2p", "subnet"):
         raise _error(d, f"topology: bad value '{d.args[0]}'; use net30, p2p or subnet")
-    b.topology = d.args[0]
+    b.opts = replace(b.opts, topology=cast(Literal["net30", "p2p", "subnet"], d.args[0]))
 
 
 @_option("tun-mtu", args=(1, 2), usage="tun-mtu MTU [OCC_MTU]")
 def _opt_tun_mtu(b: _Builder, d: Directive) -> None:
-    b.tun_mtu = _int(d, d.args[0], "tun-mtu", 100, 65536)
+    b.opts = replace(b.opts, tun_mtu=_int(d, d.args[0], "tun-mtu", 100, 65536))
     if len(d.args) > 1:
         _int(d, d.args[1], "tun-mtu occ-mtu", 100, 65536)
 
@@ -1041,26 +972,26 @@ def _opt_tun_mtu(b: _Builder, d: Directive) -> None:
 @_option("mssfix", args=(0, 2), usage="mssfix [MAX_BYTES ['mtu'|'fixed']]")
 def _opt_mssfix(b: _Builder, d: Directive) -> None:
     if not d.args:
-        b.mssfix = 1492
+        b.opts = replace(b.opts, mssfix=1492)
         return
     value = _int(d, d.args[0], "mssfix", 0, 65535)
     if 0 < value < 154:
         raise _error(d, f"mssfix: must be 0 (off) or at least 154, not {value}")
     if len(d.args) > 1 and d.args[1] not in ("mtu", "fixed"):
         raise _error(d, f"mssfix: unknown flag '{d.args[1]}'; use 'mtu' or 'fixed'")
-    b.mssfix = value
+    b.opts = replace(b.opts, mssfix=value)
 
 
 @_option("dco", args=(1, 1), usage="dco auto|kernel|userspace")
 def _opt_dco(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("auto", "kernel", "userspace"):
         raise _error(d, f"dco: bad value '{d.args[0]}'; use auto, kernel or userspace")
-    b.dco = d.args[0]
+    b.opts = replace(b.opts, dco=cast(Literal["auto", "kernel", "userspace"], d.args[0]))
 
 
 @_option("disable-dco", usage="disable-dco")
 def _opt_disable_dco(b: _Builder, d: Directive) -> None:
-    b.dco = "userspace"
+    b.opts = replace(b.opts, dco="userspace")
 
 
 # -- TLS and keys ------------------------------------------------------------------------------
@@ -1068,28 +999,28 @@ def _opt_disable_dco(b: _Builder, d: Directive) -> None:
 
 @_option("ca", args=(1, 1), usage="ca FILE", inline=True)
 def _opt_ca(b: _Builder, d: Directive) -> None:
-    b.ca = b.file_or_inline(d)
+    b.opts = replace(b.opts, ca=b.file_or_inline(d))
 
 
 @_option("cert", args=(1, 1), usage="cert FILE", inline=True)
 def _opt_cert(b: _Builder, d: Directive) -> None:
-    b.cert = b.file_or_inline(d)
+    b.opts = replace(b.opts, cert=b.file_or_inline(d))
 
 
 @_option("key", args=(1, 1), usage="key FILE", inline=True)
 def _opt_key(b: _Builder, d: Directive) -> None:
-    b.key = b.file_or_inline(d)
+    b.opts = replace(b.opts, key=b.file_or_inline(d))
 
 
 @_option("dh", args=(1, 1), usage="dh FILE|none", inline=True)
 def _opt_dh(b: _Builder, d: Directive) -> None:
     if d.inline:
-        b.dh = "inline"
+        b.opts = replace(b.opts, dh="inline")
     elif d.args[0] == "none":
-        b.dh = "none"
+        b.opts = replace(b.opts, dh="none")
     else:
         b.file_or_inline(d)  # read only to report a missing file like OpenVPN would
-        b.dh = d.args[0]
+        b.opts = replace(b.opts, dh=d.args[0])
 
 
 @_option("extra-certs", args=(1, 1), usage="extra-certs FILE", inline=True)
@@ -1115,26 +1046,26 @@ def _key_direction(d: Directive, value: str) -> int:
 
 @_option("tls-auth", args=(1, 2), usage="tls-auth FILE [0|1]", inline=True)
 def _opt_tls_auth(b: _Builder, d: Directive) -> None:
-    b.tls_auth = _static_key(b, d)
+    b.opts = replace(b.opts, tls_auth=_static_key(b, d))
     if not d.inline and len(d.args) > 1:
-        b.key_direction = _key_direction(d, d.args[1])
+        b.opts = replace(b.opts, key_direction=_key_direction(d, d.args[1]))
 
 
 @_option("key-direction", args=(1, 1), usage="key-direction 0|1")
 def _opt_key_direction(b: _Builder, d: Directive) -> None:
-    b.key_direction = _key_direction(d, d.args[0])
+    b.opts = replace(b.opts, key_direction=_key_direction(d, d.args[0]))
 
 
 @_option("tls-crypt", args=(1, 1), usage="tls-crypt FILE", inline=True)
 def _opt_tls_crypt(b: _Builder, d: Directive) -> None:
-    b.tls_crypt = _static_key(b, d)
+    b.opts = replace(b.opts, tls_crypt=_static_key(b, d))
 
 
 @_option("remote-cert-tls", args=(1, 1), usage="remote-cert-tls server|client")
 def _opt_remote_cert_tls(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("server", "client"):
         raise _error(d, f"remote-cert-tls: bad value '{d.args[0]}'; use server or client")
-    b.remote_cert_tls = d.args[0]
+    b.opts = replace(b.opts, remote_cert_tls=cast(Literal["server", "client"], d.args[0]))
 
 
 @_option("verify-x509-name", args=(1, 2), usage="verify-x509-name NAME [subject|name|name-prefix]")
@@ -1144,7 +1075,7 @@ def _opt_verify_x509_name(b: _Builder, d: Directive) -> None:
     kind = d.args[1] if len(d.args) > 1 else "subject"
     if kind not in ("subject", "name", "name-prefix"):
         raise _error(d, f"verify-x509-name: unknown type '{kind}'; use subject, name or name-prefix")
-    b.verify_x509_name = (d.args[0], kind)
+    b.opts = replace(b.opts, verify_x509_name=(d.args[0], kind))
 
 
 @_option("data-ciphers", "ncp-ciphers", args=(1, 1), usage="data-ciphers CIPHER[:CIPHER...]")
@@ -1161,17 +1092,17 @@ def _opt_data_ciphers(b: _Builder, d: Directive) -> None:
         ciphers.append(_aead(d, item))
     if not ciphers:
         raise _error(d, f"{d.name}: no usable cipher in '{d.args[0]}'; use e.g. AES-256-GCM:AES-128-GCM")
-    b.data_ciphers = tuple(dict.fromkeys(ciphers))
+    b.opts = replace(b.opts, data_ciphers=tuple(dict.fromkeys(ciphers)))
 
 
 @_option("data-ciphers-fallback", args=(1, 1), usage="data-ciphers-fallback CIPHER")
 def _opt_data_ciphers_fallback(b: _Builder, d: Directive) -> None:
-    b.data_ciphers_fallback = _aead(d, d.args[0])
+    b.opts = replace(b.opts, data_ciphers_fallback=_aead(d, d.args[0]))
 
 
 @_option("cipher", args=(1, 1), usage="cipher CIPHER")
 def _opt_cipher(b: _Builder, d: Directive) -> None:
-    b.cipher = _aead(d, d.args[0])
+    b.opts = replace(b.opts, cipher=_aead(d, d.args[0]))
 
 
 @_option("auth", args=(1, 1), usage="auth SHA1|SHA256|SHA384|SHA512")
@@ -1183,36 +1114,36 @@ def _opt_auth(b: _Builder, d: Directive) -> None:
             f"auth: digest '{d.args[0]}' is not supported; use one of {', '.join(_DIGESTS)} "
             "(it only matters for tls-auth, since the data channel uses AEAD ciphers)",
         )
-    b.auth = digest
+    b.opts = replace(b.opts, auth=digest)
 
 
 @_option("reneg-sec", args=(1, 2), usage="reneg-sec SECONDS [MIN_SECONDS]")
 def _opt_reneg_sec(b: _Builder, d: Directive) -> None:
-    b.reneg_sec = _int(d, d.args[0], "reneg-sec", 0)
+    b.opts = replace(b.opts, reneg_sec=_int(d, d.args[0], "reneg-sec", 0))
     if len(d.args) > 1:
         _int(d, d.args[1], "reneg-sec minimum", 0)
 
 
 @_option("tls-timeout", args=(1, 1), usage="tls-timeout SECONDS")
 def _opt_tls_timeout(b: _Builder, d: Directive) -> None:
-    b.tls_timeout = _int(d, d.args[0], "tls-timeout", 0)
+    b.opts = replace(b.opts, tls_timeout=_int(d, d.args[0], "tls-timeout", 0))
 
 
 @_option("hand-window", args=(1, 1), usage="hand-window SECONDS")
 def _opt_hand_window(b: _Builder, d: Directive) -> None:
-    b.hand_window = _int(d, d.args[0], "hand-window", 0)
+    b.opts = replace(b.opts, hand_window=_int(d, d.args[0], "hand-window", 0))
 
 
 @_option("tran-window", args=(1, 1), usage="tran-window SECONDS")
 def _opt_tran_window(b: _Builder, d: Directive) -> None:
-    b.tran_window = _int(d, d.args[0], "tran-window", 0)
+    b.opts = replace(b.opts, tran_window=_int(d, d.args[0], "tran-window", 0))
 
 
 @_option("replay-window", args=(1, 2), usage="replay-window PACKETS [SECONDS]")
 def _opt_replay_window(b: _Builder, d: Directive) -> None:
     size = _int(d, d.args[0], "replay-window size", 0, 65536)
-    seconds = _int(d, d.args[1], "replay-window time", 0, 600) if len(d.args) > 1 else b.replay_window[1]
-    b.replay_window = (size, seconds)
+    seconds = _int(d, d.args[1], "replay-window time", 0, 600) if len(d.args) > 1 else b.opts.replay_window[1]
+    b.opts = replace(b.opts, replay_window=(size, seconds))
 
 
 @_option("tls-version-min", args=(1, 2), usage="tls-version-min 1.2|1.3 ['or-highest']")
@@ -1221,14 +1152,14 @@ def _opt_tls_version_min(b: _Builder, d: Directive) -> None:
         raise _error(d, f"tls-version-min: unknown version '{d.args[0]}'; use 1.2 or 1.3")
     if len(d.args) > 1 and d.args[1] != "or-highest":
         raise _error(d, f"tls-version-min: unknown flag '{d.args[1]}'; only 'or-highest' is allowed")
-    b.tls_version_min = d.args[0]
+    b.opts = replace(b.opts, tls_version_min=d.args[0])
 
 
 @_option("tls-cert-profile", args=(1, 1), usage="tls-cert-profile legacy|preferred|suiteb|insecure")
 def _opt_tls_cert_profile(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("legacy", "preferred", "suiteb", "insecure"):
         raise _error(d, f"tls-cert-profile: unknown profile '{d.args[0]}'; use legacy, preferred or suiteb")
-    b.tls_cert_profile = d.args[0]
+    b.opts = replace(b.opts, tls_cert_profile=d.args[0])
 
 
 @_option("auth-user-pass", args=(0, 1), usage="auth-user-pass FILE", inline=True)
@@ -1250,7 +1181,7 @@ def _opt_auth_user_pass(b: _Builder, d: Directive) -> None:
         )
     if not lines[0]:
         raise _error(d, "auth-user-pass: the username (first line) is empty; put the username there")
-    b.auth_user_pass = (lines[0], lines[1])
+    b.opts = replace(b.opts, auth_user_pass=(lines[0], lines[1]))
 
 
 # -- timers, logging, process ------------------------------------------------------------------
@@ -1258,12 +1189,12 @@ def _opt_auth_user_pass(b: _Builder, d: Directive) -> None:
 
 @_option("ping", args=(1, 1), usage="ping SECONDS")
 def _opt_ping(b: _Builder, d: Directive) -> None:
-    b.ping = _int(d, d.args[0], "ping", 0, 86400)
+    b.opts = replace(b.opts, ping=_int(d, d.args[0], "ping", 0, 86400))
 
 
 @_option("ping-restart", args=(1, 1), usage="ping-restart SECONDS")
 def _opt_ping_restart(b: _Builder, d: Directive) -> None:
-    b.ping_restart = _int(d, d.args[0], "ping-restart", 0, 86400)
+    b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-restart", 0, 86400))
 
 
 @_option("keepalive", args=(2, 2), usage="keepalive PING_SECONDS RESTART_SECONDS")
@@ -1276,57 +1207,47 @@ def _opt_keepalive(b: _Builder, d: Directive) -> None:
             f"keepalive: the restart timeout ({timeout}) must be at least twice the ping interval "
             f"({interval}); the usual setting is `keepalive 10 60`",
         )
-    b.keepalive = (interval, timeout)
+    b.opts = replace(b.opts, keepalive=(interval, timeout))
 
 
 @_option("explicit-exit-notify", args=(0, 1), usage="explicit-exit-notify [N]")
 def _opt_explicit_exit_notify(b: _Builder, d: Directive) -> None:
-    b.explicit_exit_notify = _int(d, d.args[0], "explicit-exit-notify", 0) if d.args else 1
+    notify = _int(d, d.args[0], "explicit-exit-notify", 0) if d.args else 1
+    b.opts = replace(b.opts, explicit_exit_notify=notify)
 
 
 @_option("verb", args=(1, 1), usage="verb LEVEL")
 def _opt_verb(b: _Builder, d: Directive) -> None:
-    b.verb = _int(d, d.args[0], "verb", 0)
+    b.opts = replace(b.opts, verb=_int(d, d.args[0], "verb", 0))
 
 
-@_option("log", args=(1, 1), usage="log FILE")
-def _opt_log(b: _Builder, d: Directive) -> None:
-    b.log = d.args[0]
+#: Options whose one argument is kept as given (in the Options field of the same name), with usage.
+_WORD_OPTIONS = {
+    "log": "log FILE",
+    "log-append": "log-append FILE",
+    "writepid": "writepid FILE",
+    "user": "user NAME",
+    "group": "group NAME",
+}
 
 
-@_option("log-append", args=(1, 1), usage="log-append FILE")
-def _opt_log_append(b: _Builder, d: Directive) -> None:
-    b.log_append = d.args[0]
+def _opt_word(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, **{d.name.replace("-", "_"): d.args[0]})
 
 
-@_option("writepid", args=(1, 1), usage="writepid FILE")
-def _opt_writepid(b: _Builder, d: Directive) -> None:
-    b.writepid = d.args[0]
+for _name, _usage in _WORD_OPTIONS.items():
+    _option(_name, args=(1, 1), usage=_usage)(_opt_word)
+del _name, _usage
 
 
-@_option("user", args=(1, 1), usage="user NAME")
-def _opt_user(b: _Builder, d: Directive) -> None:
-    b.user = d.args[0]
+def _opt_flag(b: _Builder, d: Directive) -> None:
+    """An option without arguments that switches on the Options field of the same name."""
+    b.opts = replace(b.opts, **{d.name.replace("-", "_"): True})
 
 
-@_option("group", args=(1, 1), usage="group NAME")
-def _opt_group(b: _Builder, d: Directive) -> None:
-    b.group = d.args[0]
-
-
-@_option("persist-tun", usage="persist-tun")
-def _opt_persist_tun(b: _Builder, d: Directive) -> None:
-    b.persist_tun = True
-
-
-@_option("persist-key", usage="persist-key")
-def _opt_persist_key(b: _Builder, d: Directive) -> None:
-    b.persist_key = True
-
-
-@_option("mute-replay-warnings", usage="mute-replay-warnings")
-def _opt_mute_replay_warnings(b: _Builder, d: Directive) -> None:
-    b.mute_replay_warnings = True
+for _name in ("persist-tun", "persist-key", "mute-replay-warnings"):
+    _option(_name)(_opt_flag)
+del _name
 
 
 @_option("ignore-unknown-option", args=(1, None), usage="ignore-unknown-option OPTION [OPTION...]")
@@ -1354,7 +1275,7 @@ def _opt_key_method(b: _Builder, d: Directive) -> None:
 
 @_option("float", usage="float")
 def _opt_float(b: _Builder, d: Directive) -> None:
-    b.float_ = True
+    b.opts = replace(b.opts, float_=True)
 
 
 @_option("crl-verify", args=(1, 2), usage="crl-verify FILE", inline=True)
@@ -1375,7 +1296,7 @@ def _opt_crl_verify(b: _Builder, d: Directive) -> None:
             f"crl-verify: {what} is not a PEM CRL (no '-----BEGIN X509 CRL-----' line); give the "
             "CRL in PEM form (convert a DER one with `openssl crl -inform DER -in crl.der -out crl.pem`)",
         )
-    b.crl_verify = data
+    b.opts = replace(b.opts, crl_verify=data)
 
 
 # -- P2MP server -------------------------------------------------------------------------------
@@ -1410,8 +1331,7 @@ def _opt_server(b: _Builder, d: Directive) -> None:
         if d.args[2] != "nopool":
             raise _error(d, f"server: unknown flag '{d.args[2]}'; the only flag is 'nopool'")
         nopool = True
-    b.server_network = (network, d.args[1])
-    b.server_nopool = nopool
+    b.opts = replace(b.opts, server_network=(network, d.args[1]), server_nopool=nopool)
 
 
 @_option("server-ipv6", args=(1, 1), usage="server-ipv6 NETWORK/BITS")
@@ -1419,7 +1339,7 @@ def _opt_server_ipv6(b: _Builder, d: Directive) -> None:
     bits = _ipv6_prefix(d, d.args[0], "server-ipv6", 64, 124)
     network = d.args[0].partition("/")[0]
     _check_network(d, network, bits, "server-ipv6")
-    b.server_ipv6 = str(ipaddress.IPv6Network(f"{network}/{bits}"))
+    b.opts = replace(b.opts, server_ipv6=str(ipaddress.IPv6Network(f"{network}/{bits}")))
 
 
 @_option("ifconfig-pool", args=(2, 3), usage="ifconfig-pool START_IP END_IP [NETMASK]")
@@ -1437,13 +1357,14 @@ def _opt_ifconfig_pool(b: _Builder, d: Directive) -> None:
     if len(d.args) > 2:
         _netmask_bits(d, d.args[2], "ifconfig-pool netmask")
         netmask = d.args[2]
-    b.ifconfig_pool = (start, end, netmask)
+    b.opts = replace(b.opts, ifconfig_pool=(start, end, netmask))
 
 
 @_option("ifconfig-ipv6-pool", args=(1, 1), usage="ifconfig-ipv6-pool FIRST_ADDRESS/BITS")
 def _opt_ifconfig_ipv6_pool(b: _Builder, d: Directive) -> None:
     bits = _ipv6_prefix(d, d.args[0], "ifconfig-ipv6-pool", 64, 124)
-    b.ifconfig_ipv6_pool = f"{ipaddress.IPv6Address(d.args[0].partition('/')[0])}/{bits}"
+    first = ipaddress.IPv6Address(d.args[0].partition("/")[0])
+    b.opts = replace(b.opts, ifconfig_ipv6_pool=f"{first}/{bits}")
 
 
 @_option("ifconfig-pool-persist", args=(1, 2), usage="ifconfig-pool-persist FILE [SECONDS]")
@@ -1451,7 +1372,7 @@ def _opt_ifconfig_pool_persist(b: _Builder, d: Directive) -> None:
     if not d.args[0]:
         raise _error(d, "ifconfig-pool-persist: the file name is empty; usage: ifconfig-pool-persist FILE")
     seconds = _int(d, d.args[1], "ifconfig-pool-persist seconds", 0) if len(d.args) > 1 else 600
-    b.ifconfig_pool_persist = (d.args[0], seconds)
+    b.opts = replace(b.opts, ifconfig_pool_persist=(d.args[0], seconds))
 
 
 def _push_option(d: Directive, option: str) -> str:
@@ -1472,7 +1393,7 @@ def _push_option(d: Directive, option: str) -> str:
 
 @_option("push", args=(1, 1), usage='push "OPTION [ARGS]" (quote the whole option)')
 def _opt_push(b: _Builder, d: Directive) -> None:
-    b.push.append(_push_option(d, d.args[0]))
+    b.opts = replace(b.opts, push=(*b.opts.push, _push_option(d, d.args[0])))
 
 
 def _ccd_only(b: _Builder, d: Directive) -> None:
@@ -1491,27 +1412,17 @@ del _name
 
 @_option("client-config-dir", args=(1, 1), usage="client-config-dir DIR")
 def _opt_client_config_dir(b: _Builder, d: Directive) -> None:
-    b.client_config_dir = b.resolve_dir(d, d.args[0])
+    b.opts = replace(b.opts, client_config_dir=b.resolve_dir(d, d.args[0]))
 
 
-@_option("ccd-exclusive", usage="ccd-exclusive")
-def _opt_ccd_exclusive(b: _Builder, d: Directive) -> None:
-    b.ccd_exclusive = True
-
-
-@_option("client-to-client", usage="client-to-client")
-def _opt_client_to_client(b: _Builder, d: Directive) -> None:
-    b.client_to_client = True
-
-
-@_option("duplicate-cn", usage="duplicate-cn")
-def _opt_duplicate_cn(b: _Builder, d: Directive) -> None:
-    b.duplicate_cn = True
+for _name in ("ccd-exclusive", "client-to-client", "duplicate-cn"):
+    _option(_name)(_opt_flag)
+del _name
 
 
 @_option("max-clients", args=(1, 1), usage="max-clients N")
 def _opt_max_clients(b: _Builder, d: Directive) -> None:
-    b.max_clients = _int(d, d.args[0], "max-clients", 1, _MAX_CLIENTS)
+    b.opts = replace(b.opts, max_clients=_int(d, d.args[0], "max-clients", 1, _MAX_CLIENTS))
 
 
 @_option("verify-client-cert", args=(0, 1), usage="verify-client-cert none|optional|require")
@@ -1519,12 +1430,12 @@ def _opt_verify_client_cert(b: _Builder, d: Directive) -> None:
     value = d.args[0] if d.args else "require"
     if value not in ("none", "optional", "require"):
         raise _error(d, f"verify-client-cert: bad value '{value}'; use none, optional or require")
-    b.verify_client_cert = value
+    b.opts = replace(b.opts, verify_client_cert=cast(Literal["none", "optional", "require"], value))
 
 
 @_option("username-as-common-name", usage="username-as-common-name")
 def _opt_username_as_common_name(b: _Builder, d: Directive) -> None:
-    b.username_as_common_name = True
+    b.opts = replace(b.opts, username_as_common_name=True)
 
 
 # -- scripts -----------------------------------------------------------------------------------
@@ -1547,7 +1458,7 @@ def _command(d: Directive, words: Sequence[str]) -> str:
 
 @_option("script-security", args=(1, 1), usage="script-security 0|1|2|3")
 def _opt_script_security(b: _Builder, d: Directive) -> None:
-    b.script_security = _int(d, d.args[0], "script-security", 0, 3)
+    b.opts = replace(b.opts, script_security=_int(d, d.args[0], "script-security", 0, 3))
 
 
 @_option("auth-user-pass-verify", args=(2, None), usage="auth-user-pass-verify COMMAND via-file|via-env")
@@ -1559,11 +1470,11 @@ def _opt_auth_user_pass_verify(b: _Builder, d: Directive) -> None:
             f"auth-user-pass-verify: the last word must be 'via-file' or 'via-env', not '{method}'; "
             "usage: auth-user-pass-verify COMMAND via-file",
         )
-    b.auth_user_pass_verify = (_command(d, d.args[:-1]), method)
+    b.opts = replace(b.opts, auth_user_pass_verify=(_command(d, d.args[:-1]), method))
 
 
 def _opt_script(b: _Builder, d: Directive) -> None:
-    setattr(b, d.name.replace("-", "_"), _command(d, d.args))
+    b.opts = replace(b.opts, **{d.name.replace("-", "_"): _command(d, d.args)})
 
 
 for _name in _SCRIPTS:
@@ -1691,7 +1602,8 @@ def _opt_compression(b: _Builder, d: Directive) -> None:
 
 def _validate(b: _Builder) -> Options:
     """Cross-option checks; turn the builder into the frozen Options."""
-    top = b.config_sources[0] if b.config_sources else COMMAND_LINE
+    o = b.opts
+    top = o.config_sources[0] if o.config_sources else COMMAND_LINE
 
     def fail(message: str, *option_names: str) -> ConfigError:
         for name in option_names:
@@ -1701,18 +1613,18 @@ def _validate(b: _Builder) -> Options:
         return ConfigError(message, source=top)
 
     # `server`/`server-ipv6` imply `mode server` and `tls-server`, whatever `mode` says (as in OpenVPN).
-    helper = b.server_network is not None or b.server_ipv6 is not None
-    server = helper or b.mode == "server"
+    helper = o.server_network is not None or o.server_ipv6 is not None
+    server = helper or o.mode == "server"
 
-    dev_type = b.dev_type
-    if dev_type is None:
-        dev_type = "tap" if b.dev.startswith("tap") else "null" if b.dev.startswith("null") else "tun"
+    dev_type = o.dev_type
+    if "dev-type" not in b.where:
+        dev_type = "tap" if o.dev.startswith("tap") else "null" if o.dev.startswith("null") else "tun"
     if dev_type != "tun":
-        raise fail(_layer2_message(f"dev {b.dev}"), "dev")
+        raise fail(_layer2_message(f"dev {o.dev}"), "dev")
 
     tls_server = b.tls_server
     if server:
-        if b.tls_client or b.pull:
+        if b.tls_client or o.pull:
             raise fail(
                 "a P2MP server (`server`/`mode server`) cannot also be a client: remove "
                 "`client`/`tls-client`/`pull` from the server's config (they belong in the clients' configs)",
@@ -1737,46 +1649,46 @@ def _validate(b: _Builder) -> Options:
         raise fail("pyovpn supports TLS modes only: add `client`, `tls-client` or `tls-server`")
     role: Literal["client", "server"] = "client" if b.tls_client else "server"
 
-    if b.pull and role != "client":
+    if o.pull and role != "client":
         raise fail(
             "`pull` needs the client role; use `client` (or `tls-client`) instead of `tls-server`", "pull"
         )
-    if b.auth_user_pass is not None and server:
+    if o.auth_user_pass is not None and server:
         raise fail(
             "`auth-user-pass` is for clients (their own username and password) and cannot be used by a "
             "server; remove it, and check the clients' passwords with `auth-user-pass-verify` instead",
             "auth-user-pass",
         )
-    if b.auth_user_pass is not None and not b.pull:
+    if o.auth_user_pass is not None and not o.pull:
         raise fail("auth-user-pass requires `pull`; add `client` (or `pull`)", "auth-user-pass")
 
-    if b.ca is None:
+    if o.ca is None:
         who = "the server's" if role == "client" else "the clients'"
         raise fail(
             f"tls-{role} needs `ca`: the CA certificate that signed {who} certificate; add `ca FILE` or <ca>"
         )
-    if role == "server" or not b.pull:
-        for name, value in (("cert", b.cert), ("key", b.key)):
+    if role == "server" or not o.pull:
+        for name, value in (("cert", o.cert), ("key", o.key)):
             if value is None:
                 raise fail(
                     f"tls-{role} needs `{name}` (its own certificate and private key); add `{name} FILE`"
                 )
-    elif (b.cert is None) != (b.key is None):
+    elif (o.cert is None) != (o.key is None):
         raise fail("if you use one of `cert` or `key`, you must use both", "cert", "key")
-    elif b.cert is None and b.auth_user_pass is None:
+    elif o.cert is None and o.auth_user_pass is None:
         raise fail("the client has no way to authenticate: add `cert` and `key`, or `auth-user-pass FILE`")
 
-    if b.tls_auth is not None and b.tls_crypt is not None:
+    if o.tls_auth is not None and o.tls_crypt is not None:
         raise fail(
             "`tls-auth` and `tls-crypt` cannot be used together; keep one (tls-crypt is preferred)",
             "tls-crypt",
             "tls-auth",
         )
 
-    if role == "client" and not b.remotes:
+    if role == "client" and not b.remote_words:
         raise fail("a TLS client needs to know its server: add `remote HOST [PORT]`", "tls-client", "client")
 
-    if b.keepalive is not None and ("ping" in b.where or "ping-restart" in b.where):
+    if o.keepalive is not None and ("ping" in b.where or "ping-restart" in b.where):
         raise fail(
             "`keepalive` conflicts with `ping`/`ping-restart`; use only `keepalive` (it sets both)",
             "keepalive",
@@ -1798,7 +1710,7 @@ def _validate(b: _Builder) -> Options:
                     "and `topology subnet`, or remove it",
                     name,
                 )
-        if b.verify_client_cert != "require":
+        if o.verify_client_cert != "require":
             raise fail(
                 "`verify-client-cert` is a server option and needs P2MP server mode; remove it",
                 "verify-client-cert",
@@ -1809,39 +1721,39 @@ def _validate(b: _Builder) -> Options:
         return cast(Proto, ("tcp-server" if server else "tcp-client") if proto == "tcp" else proto)
 
     remotes = tuple(
-        Remote(host, port, side(proto) if proto is not None else None, cast(Family, family))
-        for host, port, proto, family in b.remotes
+        Remote(host, port, side(proto) if proto is not None else None, family)
+        for host, port, proto, family in b.remote_words
     )
 
     # Helper expansion (OpenVPN's helper_client_server / helper_keepalive), in OpenVPN's push order.
-    ping, ping_restart = b.ping, b.ping_restart
-    ifconfig, ifconfig_ipv6 = b.ifconfig, b.ifconfig_ipv6
-    pool, pool6 = b.ifconfig_pool, b.ifconfig_ipv6_pool
-    push = list(b.push)
-    topology = b.topology
-    if b.server_ipv6 is not None:
-        net6 = ipaddress.IPv6Network(b.server_ipv6)
+    ping, ping_restart = o.ping, o.ping_restart
+    ifconfig, ifconfig_ipv6 = o.ifconfig, o.ifconfig_ipv6
+    pool, pool6 = o.ifconfig_pool, o.ifconfig_ipv6_pool
+    push = list(o.push)
+    topology = o.topology
+    if o.server_ipv6 is not None:
+        net6 = ipaddress.IPv6Network(o.server_ipv6)
         base6, bits6 = net6.network_address, net6.prefixlen
         ifconfig_ipv6 = (f"{base6 + 1}/{bits6}", str(base6 + 2))
         # OpenVPN starts the pool at +0x1000, or at +2 in networks too small to reach that far.
         pool6 = f"{base6 + (0x1000 if bits6 < 112 else 2)}/{bits6}"
         push.append("tun-ipv6")
-    if b.server_network is not None:
-        network, netmask = b.server_network
+    if o.server_network is not None:
+        network, netmask = o.server_network
         net = ipaddress.IPv4Network(f"{network}/{netmask}")
         ifconfig = (str(net.network_address + 1), netmask)
-        if not b.server_nopool:
+        if not o.server_nopool:
             pool = (str(net.network_address + 2), str(net.broadcast_address - 1), netmask)
         push += [f"route-gateway {net.network_address + 1}", f"topology {topology}"]
-    if b.keepalive is not None:
-        ping, ping_restart = b.keepalive
+    if o.keepalive is not None:
+        ping, ping_restart = o.keepalive
         if server:
             # The server waits twice as long as it tells its clients to.
             ping_restart *= 2
-            push += [f"ping {b.keepalive[0]}", f"ping-restart {b.keepalive[1]}"]
+            push += [f"ping {o.keepalive[0]}", f"ping-restart {o.keepalive[1]}"]
 
     if server:
-        if pool is None and pool6 is None and b.ifconfig_pool_persist is not None:
+        if pool is None and pool6 is None and o.ifconfig_pool_persist is not None:
             raise fail(
                 "`ifconfig-pool-persist` needs an address pool: use `server NETWORK NETMASK` (without "
                 "nopool) or `ifconfig-pool`/`ifconfig-ipv6-pool`",
@@ -1854,88 +1766,20 @@ def _validate(b: _Builder) -> Options:
                 "ifconfig-ipv6-pool",
             )
 
-    return Options(
-        config_sources=tuple(b.config_sources),
+    return replace(
+        o,
         mode="server" if server else "p2p",
-        pull=b.pull,
         tls_role=role,
-        dev=b.dev,
         dev_type=dev_type,
-        proto=side(b.proto),
-        family=cast(Family, b.family),
+        proto=side(b.proto_word) if b.proto_word is not None else o.proto,
         remotes=remotes,
-        port=b.port,
-        lport=b.lport,
-        rport=b.rport,
-        local=b.local,
-        nobind=b.nobind,
         ifconfig=ifconfig,
         ifconfig_ipv6=ifconfig_ipv6,
-        routes=tuple(b.routes),
-        routes_ipv6=tuple(b.routes_ipv6),
-        topology=cast(Literal["net30", "p2p", "subnet"], topology),
-        ca=b.ca,
-        cert=b.cert,
-        key=b.key,
-        dh=b.dh,
-        tls_auth=b.tls_auth,
-        key_direction=b.key_direction,
-        tls_crypt=b.tls_crypt,
-        remote_cert_tls=cast(Literal["server", "client"] | None, b.remote_cert_tls),
-        verify_x509_name=b.verify_x509_name,
-        data_ciphers=b.data_ciphers,
-        data_ciphers_fallback=b.data_ciphers_fallback,
-        cipher=b.cipher,
-        auth=b.auth,
-        reneg_sec=b.reneg_sec,
         ping=ping,
         ping_restart=ping_restart,
-        keepalive=b.keepalive,
-        tun_mtu=b.tun_mtu,
-        mssfix=b.mssfix,
-        explicit_exit_notify=b.explicit_exit_notify,
-        auth_user_pass=b.auth_user_pass,
-        verb=b.verb,
-        log=b.log,
-        log_append=b.log_append,
-        writepid=b.writepid,
-        persist_tun=b.persist_tun,
-        persist_key=b.persist_key,
-        mute_replay_warnings=b.mute_replay_warnings,
-        dco=cast(Literal["auto", "kernel", "userspace"], b.dco),
-        tls_timeout=b.tls_timeout,
-        hand_window=b.hand_window,
-        tran_window=b.tran_window,
-        replay_window=b.replay_window,
-        tls_version_min=b.tls_version_min,
-        tls_cert_profile=b.tls_cert_profile,
-        user=b.user,
-        group=b.group,
-        float_=b.float_,
-        crl_verify=b.crl_verify,
-        server_network=b.server_network,
-        server_nopool=b.server_nopool,
-        server_ipv6=b.server_ipv6,
         ifconfig_pool=pool,
         ifconfig_ipv6_pool=pool6,
-        ifconfig_pool_persist=b.ifconfig_pool_persist,
         push=tuple(push),
-        client_config_dir=b.client_config_dir,
-        ccd_exclusive=b.ccd_exclusive,
-        client_to_client=b.client_to_client,
-        duplicate_cn=b.duplicate_cn,
-        max_clients=b.max_clients,
-        verify_client_cert=cast(Literal["none", "optional", "require"], b.verify_client_cert),
-        username_as_common_name=b.username_as_common_name,
-        script_security=b.script_security,
-        auth_user_pass_verify=b.auth_user_pass_verify,
-        tls_verify=b.tls_verify,
-        client_connect=b.client_connect,
-        client_disconnect=b.client_disconnect,
-        learn_address=b.learn_address,
-        up=b.up,
-        down=b.down,
-        ignored=tuple(b.ignored),
     )
 
 
@@ -1944,8 +1788,9 @@ _Fail = Callable[..., ConfigError]
 
 def _check_scripts(b: _Builder, fail: _Fail) -> None:
     """OpenVPN refuses to run scripts below `script-security 2`; say so now instead of at run time."""
+    o = b.opts
     for name in _SCRIPTS:
-        if name in b.where and b.script_security < 2:
+        if name in b.where and o.script_security < 2:
             level = "is set to 0 or 1" if "script-security" in b.where else "defaults to 1"
             raise fail(
                 f"`{name}` runs a script, which needs script-security 2 (script-security {level}, "
@@ -1953,9 +1798,9 @@ def _check_scripts(b: _Builder, fail: _Fail) -> None:
                 name,
             )
     if (
-        b.auth_user_pass_verify is not None
-        and b.auth_user_pass_verify[1] == "via-env"
-        and b.script_security < 3
+        o.auth_user_pass_verify is not None
+        and o.auth_user_pass_verify[1] == "via-env"
+        and o.script_security < 3
     ):
         raise fail(
             "`auth-user-pass-verify ... via-env` passes the password in the environment, which OpenVPN "
@@ -1967,7 +1812,8 @@ def _check_scripts(b: _Builder, fail: _Fail) -> None:
 
 def _check_server(b: _Builder, fail: _Fail) -> None:
     """The checks OpenVPN makes for `mode server`, plus what an offloaded data channel needs."""
-    if b.topology != "subnet":
+    o = b.opts
+    if o.topology != "subnet":
         raise fail(
             "P2MP server needs `topology subnet` (net30/p2p are not supported with an offloaded data "
             "channel, as with OpenVPN DCO); add `topology subnet`",
@@ -1976,17 +1822,17 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
             "server-ipv6",
             "mode",
         )
-    if b.proto == "tcp-client":
+    if b.proto_word == "tcp-client":
         raise fail(
             "a P2MP server needs `proto udp` or `proto tcp-server` (it waits for clients); change the proto",
             "proto",
         )
-    if b.remotes:
+    if b.remote_words:
         raise fail(
             "`remote` cannot be used by a P2MP server (it waits for clients to connect); remove it",
             "remote",
         )
-    if b.nobind:
+    if o.nobind:
         raise fail("`nobind` cannot be used by a P2MP server (it must listen); remove it", "nobind")
     if "redirect-gateway" in b.where:
         raise fail(
@@ -1994,27 +1840,27 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
             'the VPN, use `push "redirect-gateway def1"` instead',
             "redirect-gateway",
         )
-    if b.keepalive is not None and b.keepalive[1] > 43200:
+    if o.keepalive is not None and o.keepalive[1] > 43200:
         raise fail(
             "keepalive: in server mode the timeout must not exceed 43200 (the server waits twice as "
             "long); use a smaller value, like `keepalive 10 60`",
             "keepalive",
         )
-    if b.server_network is not None:
+    if o.server_network is not None:
         if "ifconfig" in b.where:
             raise fail(
                 "`server` sets the server's own address itself (the first address of the network); "
                 "remove `ifconfig`",
                 "ifconfig",
             )
-        if b.ifconfig_pool is not None and not b.server_nopool:
+        if o.ifconfig_pool is not None and not o.server_nopool:
             raise fail(
                 "`server` already defines the address pool; remove `ifconfig-pool`, or add `nopool` to "
                 "`server` to use your own pool",
                 "ifconfig-pool",
             )
-    if b.server_ipv6 is not None:
-        if b.server_nopool:
+    if o.server_ipv6 is not None:
+        if o.server_nopool:
             raise fail(
                 "`server-ipv6` always defines an IPv6 address pool and cannot be combined with "
                 "`server ... nopool`; remove `nopool`, or set up IPv6 by hand with `ifconfig-ipv6` "
@@ -2026,27 +1872,27 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
                 "`server-ipv6` sets the server's own IPv6 address itself; remove `ifconfig-ipv6`",
                 "ifconfig-ipv6",
             )
-        if b.ifconfig_ipv6_pool is not None:
+        if o.ifconfig_ipv6_pool is not None:
             raise fail(
                 "`server-ipv6` already defines the IPv6 address pool; remove `ifconfig-ipv6-pool`",
                 "ifconfig-ipv6-pool",
             )
-    if b.ccd_exclusive and b.client_config_dir is None:
+    if o.ccd_exclusive and o.client_config_dir is None:
         raise fail(
             "`ccd-exclusive` needs `client-config-dir DIR` (it refuses clients without a file there); "
             "add it or remove ccd-exclusive",
             "ccd-exclusive",
         )
-    if b.auth_user_pass_verify is None:
-        if b.verify_client_cert != "require":
+    if o.auth_user_pass_verify is None:
+        if o.verify_client_cert != "require":
             raise fail(
-                f"`verify-client-cert {b.verify_client_cert}` lets clients connect without a "
+                f"`verify-client-cert {o.verify_client_cert}` lets clients connect without a "
                 "certificate, but there is no other authentication method; add "
                 "`auth-user-pass-verify COMMAND via-file` (with `script-security 2`) to check their "
                 "passwords, or remove verify-client-cert",
                 "verify-client-cert",
             )
-        if b.username_as_common_name:
+        if o.username_as_common_name:
             raise fail(
                 "`username-as-common-name` needs `auth-user-pass-verify COMMAND via-file` (the username "
                 "is only trusted once a script has checked it); add it or remove username-as-common-name",
@@ -2059,19 +1905,8 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _CcdBuilder:
-    ifconfig_push: tuple[str, str] | None = None
-    ifconfig_ipv6_push: tuple[str, str | None] | None = None
-    iroutes: list[tuple[str, str]] = field(default_factory=list)
-    iroutes_ipv6: list[str] = field(default_factory=list)
-    push: list[str] = field(default_factory=list)
-    push_reset: bool = False
-    push_remove: list[str] = field(default_factory=list)
-    disable: bool = False
-
-
-CcdHandler = Callable[[_CcdBuilder, Directive], None]
+#: A ccd directive's handler: the options so far and the directive in, the updated options out.
+CcdHandler = Callable[[CcdOptions, Directive], CcdOptions]
 
 #: name -> (handler, min args, max args, usage)
 _CCD_OPTIONS: dict[str, tuple[CcdHandler, int, int, str]] = {}
@@ -2086,7 +1921,7 @@ def _ccd_option(name: str, lo: int, hi: int, usage: str) -> Callable[[CcdHandler
 
 
 @_ccd_option("ifconfig-push", 2, 2, "ifconfig-push CLIENT_IP NETMASK")
-def _ccd_ifconfig_push(c: _CcdBuilder, d: Directive) -> None:
+def _ccd_ifconfig_push(c: CcdOptions, d: Directive) -> CcdOptions:
     local = _ipv4(d, d.args[0], "ifconfig-push")
     if local == "0.0.0.0":
         raise _error(d, "ifconfig-push: 0.0.0.0 is not a usable client address")
@@ -2101,60 +1936,59 @@ def _ccd_ifconfig_push(c: _CcdBuilder, d: Directive) -> None:
         ) from None
     if bits == 0:
         raise _error(d, "ifconfig-push: the netmask 0.0.0.0 is not usable; use the server's netmask")
-    c.ifconfig_push = (local, d.args[1])
+    return replace(c, ifconfig_push=(local, d.args[1]))
 
 
 @_ccd_option("ifconfig-ipv6-push", 1, 2, "ifconfig-ipv6-push CLIENT_ADDRESS/BITS [SERVER_ADDRESS]")
-def _ccd_ifconfig_ipv6_push(c: _CcdBuilder, d: Directive) -> None:
+def _ccd_ifconfig_ipv6_push(c: CcdOptions, d: Directive) -> CcdOptions:
     _ipv6_prefix(d, d.args[0], "ifconfig-ipv6-push", 64, 124)
     remote = _ipv6(d, d.args[1], "ifconfig-ipv6-push server address") if len(d.args) > 1 else None
-    c.ifconfig_ipv6_push = (d.args[0], remote)
+    return replace(c, ifconfig_ipv6_push=(d.args[0], remote))
 
 
 @_ccd_option("iroute", 1, 2, "iroute NETWORK [NETMASK]")
-def _ccd_iroute(c: _CcdBuilder, d: Directive) -> None:
+def _ccd_iroute(c: CcdOptions, d: Directive) -> CcdOptions:
     network = _ipv4(d, d.args[0], "iroute network")
     netmask = d.args[1] if len(d.args) > 1 else "255.255.255.255"
     _check_network(d, network, _netmask_bits(d, netmask, "iroute netmask"), "iroute")
-    c.iroutes.append((network, netmask))
+    return replace(c, iroutes=(*c.iroutes, (network, netmask)))
 
 
 @_ccd_option("iroute-ipv6", 1, 1, "iroute-ipv6 NETWORK/BITS")
-def _ccd_iroute_ipv6(c: _CcdBuilder, d: Directive) -> None:
+def _ccd_iroute_ipv6(c: CcdOptions, d: Directive) -> CcdOptions:
     bits = _ipv6_prefix(d, d.args[0], "iroute-ipv6", 0, 128, default=128)
     network = d.args[0].partition("/")[0]
     _check_network(d, network, bits, "iroute-ipv6")
-    c.iroutes_ipv6.append(f"{network}/{bits}")
+    return replace(c, iroutes_ipv6=(*c.iroutes_ipv6, f"{network}/{bits}"))
 
 
 @_ccd_option("push", 1, 1, 'push "OPTION [ARGS]" (quote the whole option)')
-def _ccd_push(c: _CcdBuilder, d: Directive) -> None:
-    c.push.append(_push_option(d, d.args[0]))
+def _ccd_push(c: CcdOptions, d: Directive) -> CcdOptions:
+    return replace(c, push=(*c.push, _push_option(d, d.args[0])))
 
 
 @_ccd_option("push-reset", 0, 0, "push-reset")
-def _ccd_push_reset(c: _CcdBuilder, d: Directive) -> None:
-    c.push_reset = True
-    c.push.clear()
-    c.push_remove.clear()
+def _ccd_push_reset(c: CcdOptions, d: Directive) -> CcdOptions:
+    return replace(c, push_reset=True, push=(), push_remove=())
 
 
 @_ccd_option("push-remove", 1, 1, "push-remove OPTION")
-def _ccd_push_remove(c: _CcdBuilder, d: Directive) -> None:
+def _ccd_push_remove(c: CcdOptions, d: Directive) -> CcdOptions:
     prefix = d.args[0]
     if not prefix:
         raise _error(
             d, "push-remove: the option is empty; usage: push-remove OPTION (e.g. push-remove route)"
         )
-    c.push_remove.append(prefix)
+    push = c.push
     if prefix not in ("ifconfig", "ifconfig-ipv6"):
         # Like OpenVPN: a prefix match on the options pushed so far.
-        c.push = [opt for opt in c.push if not opt.startswith(prefix)]
+        push = tuple(opt for opt in push if not opt.startswith(prefix))
+    return replace(c, push=push, push_remove=(*c.push_remove, prefix))
 
 
 @_ccd_option("disable", 0, 0, "disable")
-def _ccd_disable(c: _CcdBuilder, d: Directive) -> None:
-    c.disable = True
+def _ccd_disable(c: CcdOptions, d: Directive) -> CcdOptions:
+    return replace(c, disable=True)
 
 
 def parse_ccd(text: str, *, source: str) -> CcdOptions:
@@ -2163,7 +1997,7 @@ def parse_ccd(text: str, *, source: str) -> CcdOptions:
     Only ifconfig-push, ifconfig-ipv6-push, iroute, iroute-ipv6, push, push-reset, push-remove and
     disable are allowed; anything else is a ConfigError naming `source` and the line.
     """
-    c = _CcdBuilder()
+    c = CcdOptions()
     allowed = ", ".join(_CCD_OPTIONS)
     for d in tokenize(text, source=source):
         entry = _CCD_OPTIONS.get(d.name)
@@ -2179,17 +2013,8 @@ def parse_ccd(text: str, *, source: str) -> CcdOptions:
         if not lo <= len(d.args) <= hi:
             spec = _Spec(_opt_ignored, lo, hi, usage, False)
             raise _error(d, f"option '{d.name}' {_count_text(spec, len(d.args))}; usage: {usage}")
-        handler(c, d)
-    return CcdOptions(
-        ifconfig_push=c.ifconfig_push,
-        ifconfig_ipv6_push=c.ifconfig_ipv6_push,
-        iroutes=tuple(c.iroutes),
-        iroutes_ipv6=tuple(c.iroutes_ipv6),
-        push=tuple(c.push),
-        push_reset=c.push_reset,
-        push_remove=tuple(c.push_remove),
-        disable=c.disable,
-    )
+        c = handler(c, d)
+    return c
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2205,7 +2030,7 @@ def parse_config_text(
     Relative file names are looked up in `cwd` (default: the process cwd), then in `base_dir`.
     """
     b = _Builder(cwd=cwd if cwd is not None else os.getcwd())
-    b.config_sources.append(source)
+    b.opts = replace(b.opts, config_sources=(source,))
     b.apply_all(tokenize(text, source=source, base_dir=base_dir), depth=1)
     return _validate(b)
 
