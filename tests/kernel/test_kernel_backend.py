@@ -20,12 +20,8 @@ bytes.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import ctypes
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -33,12 +29,27 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from tests.nslab import (
+    PORT,
+    TUN_A,
+    TUN_B,
+    VETH_A,
+    VETH_B,
+    Lab,
+    Site,
+    checksum,
+    keydir,
+    open_lab,
+    ping,
+    tcp_listener,
+    tcp_pair,
+    udp_socket,
+)
 
 from pyovpn.datachannel.api import (
     Cipher,
@@ -66,16 +77,9 @@ from pyovpn.datachannel.api import (
 from pyovpn.datachannel.crypto import PEER_ID_UNDEF, PING_MAGIC, KeyState
 from pyovpn.errors import BackendError
 
-T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
 PACKET_HOST, PACKET_OUTGOING = 0, 4
-_libc = ctypes.CDLL(None, use_errno=True)
-
-VETH_A, VETH_B = "198.18.0.1", "198.18.0.2"
-TUN_A, TUN_B = "10.99.0.1", "10.99.0.2"
 ROUTED_NET = "10.201.0.0"  # routed into the tunnel on both sides; nobody owns it
-PORT = 1194
 CIPHERS = [Cipher.AES_128_GCM, Cipher.AES_256_GCM, Cipher.CHACHA20_POLY1305]
 P_CONTROL_V1 = 4 << 3  # any non-data opcode: the kernel passes it up the socket
 
@@ -113,151 +117,11 @@ def _require_ovpn() -> None:
 # ---------------------------------------------------------------------------- namespaces
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-class Site:
-    """A thread inside a network namespace running an asyncio loop."""
-
-    def __init__(self, netns: str) -> None:
-        self.netns = netns
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.backend: Any = None
-        self.notes: list[Notification] = []
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name=f"site-{netns}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("site thread did not start")
-        if self._error is not None:
-            raise self._error
-
-    def _main(self) -> None:
-        try:
-            fd = os.open(f"/var/run/netns/{self.netns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns failed")
-            finally:
-                os.close(fd)
-            self.loop = asyncio.new_event_loop()
-        except BaseException as e:
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            self.loop.run_forever()
-        finally:
-            self.loop.close()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Callable[[], T], timeout: float = 60) -> T:
-        """Run ``fn`` in the loop's thread (inside the namespace)."""
-
-        async def wrapper() -> T:
-            return fn()
-
-        return self.run(wrapper(), timeout)
-
-    def sync(self, fn: Callable[[], T], timeout: float = 60) -> T:
-        """Run ``fn`` in a worker thread of the namespace (no running loop: pyroute2 sync API)."""
-        return self.run(asyncio.to_thread(fn), timeout)
-
-    def request(self, cmd: Any, timeout: float = 60) -> Any:
-        assert self.backend is not None
-        return self.run(self.backend.request(cmd), timeout)
-
-    def wait_note(self, pred: Callable[[Notification], bool], timeout: float = 15) -> Notification:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for n in list(self.notes):
-                if pred(n):
-                    return n
-            time.sleep(0.02)
-        raise AssertionError(f"{self.netns}: no matching notification in {timeout}s; got {self.notes}")
-
-    def stop(self) -> None:
-        if self.loop is None or self.loop.is_closed():
-            return
-        if self.backend is not None:
-            with contextlib.suppress(Exception):
-                self.run(self.backend.close(), timeout=20)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-
-class Lab:
-    """Private namespaces (A, and B joined to A by a veth pair when asked for)."""
-
-    def __init__(self) -> None:
-        self.tag = secrets.token_hex(3)
-        self.ns_a = f"pyovpn-k-{self.tag}-a"
-        self.ns_b = f"pyovpn-k-{self.tag}-b"
-        self.veth_a = f"pk{self.tag}a"
-        self.veth_b = f"pk{self.tag}b"
-        self.namespaces: list[str] = []
-        self.sites: list[Site] = []
-
-    def add_ns(self, ns: str) -> None:
-        _ip("netns", "add", ns)
-        self.namespaces.append(ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
-        # no IPv6 on the tunnel devices: no router solicitations or MLD reports that
-        # would take packet ids the differential test wants to predict
-        for key in ("all", "default"):
-            subprocess.run(
-                ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"net.ipv6.conf.{key}.disable_ipv6=1"],
-                capture_output=True,
-                timeout=30,
-            )
-
-    def pair(self) -> None:
-        self.add_ns(self.ns_a)
-        self.add_ns(self.ns_b)
-        _ip(
-            "link",
-            "add",
-            self.veth_a,
-            "netns",
-            self.ns_a,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            self.veth_b,
-            "netns",
-            self.ns_b,
-        )
-        for ns, dev, addr in ((self.ns_a, self.veth_a, VETH_A), (self.ns_b, self.veth_b, VETH_B)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-
-    def site(self, ns: str) -> Site:
-        s = Site(ns)
-        self.sites.append(s)
-        return s
-
-    def close(self) -> None:
-        for s in self.sites:
-            with contextlib.suppress(Exception):
-                s.stop()
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    lab = Lab()
-    try:
+    # generous timeouts: the guest is emulated (TCG) and slow when the host is busy
+    with open_lab(Lab("k", "pk", no_ipv6=True, timeout=60, note_timeout=15)) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 @pytest.fixture
@@ -270,15 +134,6 @@ def one(lab: Lab) -> Site:
     site.backend = KernelDataChannel()
     site.backend.subscribe(site.notes.append)
     return site
-
-
-def _udp(site: Site, addr: tuple[str, int] = ("127.0.0.1", 0)) -> socket.socket:
-    def make() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(addr)
-        return s
-
-    return site.call(make)
 
 
 def _link(site: Site, name: str) -> dict[str, Any] | None:
@@ -303,10 +158,6 @@ def _link(site: Site, name: str) -> dict[str, Any] | None:
             }
 
     return site.sync(work)
-
-
-def _keydir(cipher: Cipher) -> KeyDirection:
-    return KeyDirection(os.urandom(cipher.key_len), os.urandom(8))
 
 
 def _start_p2p(site: Site, name: str = "ovk0", mode: IfaceMode = IfaceMode.P2P) -> str:
@@ -376,7 +227,7 @@ def test_stale_cleanup(one: Site) -> None:
 
     # a link with a peer is in use: kept unless forced
     _start_p2p(one, "ovkbusy")
-    sock = _udp(one)
+    sock = udp_socket(one)
     one.request(NewPeer(1, sock.fileno(), Transport.UDP, ("127.0.0.1", 9)))
     assert one.sync(lambda: cleanup_stale_iface("ovkbusy")) is False
     assert _link(one, "ovkbusy") is not None
@@ -446,7 +297,7 @@ def _peers(index: int) -> list[Any]:
 
 def test_peer_new_set_get_del(one: Site) -> None:
     _start_p2p(one)
-    sock = _udp(one)
+    sock = udp_socket(one)
     one.request(NewPeer(5, sock.fileno(), Transport.UDP, ("127.0.0.2", 40001), None, None, None, 10, 60))
     info = one.request(GetPeer(5))
     assert info.peer_id == 5 and info.remote == ("127.0.0.2", 40001)
@@ -483,9 +334,9 @@ def test_peer_new_set_get_del(one: Site) -> None:
 
 def test_mp_mode_peers_and_control_dispatch(one: Site) -> None:
     _start_p2p(one, "ovkmp", IfaceMode.MP)
-    sock = _udp(one)
+    sock = udp_socket(one)
     port = sock.getsockname()[1]
-    c1, c2, stranger = _udp(one), _udp(one), _udp(one)
+    c1, c2, stranger = udp_socket(one), udp_socket(one), udp_socket(one)
     r1, r2 = c1.getsockname(), c2.getsockname()
     one.request(NewPeer(1, sock.fileno(), Transport.UDP, r1, vpn_ipv4="10.8.0.2"))
     one.request(NewPeer(2, sock.fileno(), Transport.UDP, r2, vpn_ipv4="10.8.0.3", vpn_ipv6="fd00::3"))
@@ -514,11 +365,11 @@ def test_mp_mode_peers_and_control_dispatch(one: Site) -> None:
 
 def test_keys_new_get_swap_del(one: Site) -> None:
     _start_p2p(one)
-    sock = _udp(one)
+    sock = udp_socket(one)
     one.request(NewPeer(9, sock.fileno(), Transport.UDP, ("127.0.0.2", 1194)))
     a128, chacha, a256 = Cipher.AES_128_GCM, Cipher.CHACHA20_POLY1305, Cipher.AES_256_GCM
-    one.request(NewKey(9, KeySlot.PRIMARY, 0, a128, _keydir(a128), _keydir(a128)))
-    one.request(NewKey(9, KeySlot.SECONDARY, 1, chacha, _keydir(chacha), _keydir(chacha)))
+    one.request(NewKey(9, KeySlot.PRIMARY, 0, a128, keydir(a128), keydir(a128)))
+    one.request(NewKey(9, KeySlot.SECONDARY, 1, chacha, keydir(chacha), keydir(chacha)))
     k = one.request(GetKey(9, KeySlot.PRIMARY))
     assert (k.peer_id, k.slot, k.key_id, k.cipher) == (9, KeySlot.PRIMARY, 0, a128)
     k = one.request(GetKey(9, KeySlot.SECONDARY))
@@ -531,15 +382,15 @@ def test_keys_new_get_swap_del(one: Site) -> None:
     one.request(DelKey(9, KeySlot.SECONDARY))  # an empty slot is not an error
     with pytest.raises(BackendError, match="GetKey: peer 9 has no key in the secondary slot"):
         one.request(GetKey(9, KeySlot.SECONDARY))
-    one.request(NewKey(9, KeySlot.PRIMARY, 7, a256, _keydir(a256), _keydir(a256)))
+    one.request(NewKey(9, KeySlot.PRIMARY, 7, a256, keydir(a256), keydir(a256)))
     k = one.request(GetKey(9, KeySlot.PRIMARY))
     assert (k.key_id, k.cipher) == (7, a256)
     with pytest.raises(BackendError, match="key length"):
-        one.request(NewKey(9, KeySlot.PRIMARY, 1, a256, _keydir(a128), _keydir(a128)))
+        one.request(NewKey(9, KeySlot.PRIMARY, 1, a256, keydir(a128), keydir(a128)))
     with pytest.raises(BackendError, match="key id 8 out of range"):
-        one.request(NewKey(9, KeySlot.PRIMARY, 8, a128, _keydir(a128), _keydir(a128)))
+        one.request(NewKey(9, KeySlot.PRIMARY, 8, a128, keydir(a128), keydir(a128)))
     with pytest.raises(BackendError, match=r"NewKey: unknown peer id 4 \(kernel KEY_NEW"):
-        one.request(NewKey(4, KeySlot.PRIMARY, 1, a128, _keydir(a128), _keydir(a128)))
+        one.request(NewKey(4, KeySlot.PRIMARY, 1, a128, keydir(a128), keydir(a128)))
     with pytest.raises(BackendError, match="SwapKeys: unknown peer id 4"):
         one.request(SwapKeys(4))
     sock.close()
@@ -558,7 +409,7 @@ def test_kernel_errors_name_command_and_attribute(one: Site) -> None:
 
     one.run(before())
     _start_p2p(one)
-    sock = _udp(one)
+    sock = udp_socket(one)
     fd = sock.fileno()
     with pytest.raises(BackendError) as exc:
         one.request(NewPeer(0x1000000, fd, Transport.UDP, ("127.0.0.2", 1194)))
@@ -588,9 +439,9 @@ def test_kernel_errors_name_command_and_attribute(one: Site) -> None:
 
 def test_udp_control_float_and_counters(one: Site) -> None:
     _start_p2p(one)
-    sock = _udp(one)
+    sock = udp_socket(one)
     port = sock.getsockname()[1]
-    r1, r2 = _udp(one), _udp(one)
+    r1, r2 = udp_socket(one), udp_socket(one)
     one.request(NewPeer(5, sock.fileno(), Transport.UDP, r1.getsockname()))
     # control packets keep flowing through the handed-over socket, both ways
     r1.sendto(bytes([P_CONTROL_V1]) + b"ctl", ("127.0.0.1", port))
@@ -601,7 +452,7 @@ def test_udp_control_float_and_counters(one: Site) -> None:
 
     # the peer sends an authenticated keepalive from another port: the kernel floats it
     cipher = Cipher.CHACHA20_POLY1305
-    enc, dec = _keydir(cipher), _keydir(cipher)
+    enc, dec = keydir(cipher), keydir(cipher)
     one.request(NewKey(5, KeySlot.PRIMARY, 2, cipher, enc, dec))
     remote_side = KeyState.from_directions(2, cipher, dec, enc)
     r2.sendto(remote_side.encrypt(PING_MAGIC, 5), ("127.0.0.1", port))
@@ -651,7 +502,7 @@ def test_ipv6_transport_and_local_ip(one: Site) -> None:
     far.settimeout(5)
     assert far.recvfrom(100)[0] == b"\x28six-back"
     # an IPv4 peer on a dual-stack socket: addresses are reported without the ::ffff: prefix
-    sock4, far4 = one.call(dual), _udp(one)
+    sock4, far4 = one.call(dual), udp_socket(one)
     port4 = sock4.getsockname()[1]
     one.request(
         NewPeer(3, sock4.fileno(), Transport.UDP, ("::ffff:" + far4.getsockname()[0], far4.getsockname()[1]))
@@ -672,16 +523,7 @@ def test_ipv6_transport_and_local_ip(one: Site) -> None:
 def test_tcp_control_frames_and_disconnect(one: Site) -> None:
     _start_p2p(one)
 
-    def pair() -> tuple[socket.socket, socket.socket]:
-        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(1)
-        client = socket.create_connection(lsock.getsockname())
-        server, _ = lsock.accept()
-        lsock.close()
-        return client, server
-
-    client, server = one.call(pair)
+    server, client = tcp_pair(one)
     one.request(NewPeer(4, client.fileno(), Transport.TCP))
     # frames from the far end arrive one by one, without their length prefix
     packets = [bytes([P_CONTROL_V1]) + os.urandom(n) for n in (3, 100, 1300, 3000)]
@@ -711,7 +553,7 @@ def test_tcp_control_frames_and_disconnect(one: Site) -> None:
     client.close()
 
     # a frame too short to hold an opcode word makes the kernel drop the peer itself
-    client, server = one.call(pair)
+    server, client = tcp_pair(one)
     one.request(NewPeer(5, client.fileno(), Transport.TCP))
     server.sendall(b"\x00\x02" + bytes([P_CONTROL_V1]) + b"x")
     one.wait_note(lambda n: n == PeerDeleted(5, PeerDelReason.TRANSPORT_ERROR))
@@ -723,10 +565,10 @@ def test_tcp_control_frames_and_disconnect(one: Site) -> None:
 
 def test_keepalive_expiry(one: Site) -> None:
     _start_p2p(one)
-    sock, silent = _udp(one), _udp(one)
+    sock, silent = udp_socket(one), udp_socket(one)
     one.request(NewPeer(8, sock.fileno(), Transport.UDP, silent.getsockname(), None, None, None, 1, 3))
     cipher = Cipher.AES_256_GCM
-    one.request(NewKey(8, KeySlot.PRIMARY, 0, cipher, _keydir(cipher), _keydir(cipher)))
+    one.request(NewKey(8, KeySlot.PRIMARY, 0, cipher, keydir(cipher), keydir(cipher)))
     start = time.monotonic()
     # generous bounds: the guest is emulated (TCG) and its timers slip when the host is busy
     try:
@@ -762,7 +604,7 @@ def test_notifications_of_other_interfaces_are_ignored(lab: Lab) -> None:
     try:
         site.run(b1.request(NewIface("ovkx1")))
         site.run(b2.request(NewIface("ovkx2")))
-        s1, s2 = _udp(site), _udp(site)
+        s1, s2 = udp_socket(site), udp_socket(site)
         site.run(b1.request(NewPeer(1, s1.fileno(), Transport.UDP, ("127.0.0.1", 9))))
         site.run(b2.request(NewPeer(1, s2.fileno(), Transport.UDP, ("127.0.0.1", 9))))
         site.run(b1.request(DelPeer(1)))
@@ -825,48 +667,20 @@ def test_missing_cap_net_admin_is_reported(one: Site) -> None:
 # ---------------------------------------------------------------------------- differential
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def _ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes, ident: int) -> bytes:
     """A complete IPv4/UDP packet with valid checksums (sent verbatim via IPPROTO_RAW)."""
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
     ulen = 8 + len(payload)
     udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
-    ucsum = _checksum(s + d + struct.pack("!BBH", 0, 17, ulen) + udp) or 0xFFFF
+    ucsum = checksum(s + d + struct.pack("!BBH", 0, 17, ulen) + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", ucsum) + udp[8:]
     hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, ident, 0x4000, 64, 17, 0, s, d)
-    hdr = hdr[:10] + struct.pack("!H", _checksum(hdr)) + hdr[12:]
+    hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
     return hdr + udp
 
 
 async def _ping(dst: str, count: int = 2, timeout: float = 3.0) -> int:
-    loop = asyncio.get_running_loop()
-    ident = secrets.randbelow(0xFFFF)
-    replies = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
-        sock.setblocking(False)
-        for seq in range(count):
-            body = struct.pack("!HH", ident, seq) + os.urandom(32)
-            pkt = struct.pack("!BBH", 8, 0, _checksum(b"\x08\0\0\0" + body)) + body
-            await loop.sock_sendto(sock, pkt, (dst, 0))
-            deadline = loop.time() + timeout
-            while (left := deadline - loop.time()) > 0:
-                try:
-                    data = await asyncio.wait_for(loop.sock_recv(sock, 4096), left)
-                except TimeoutError:
-                    break
-                ihl = (data[0] & 0x0F) * 4
-                if data[ihl] == 0 and struct.unpack_from("!HH", data, ihl + 4) == (ident, seq):
-                    replies += 1
-                    break
-    return replies
+    return await ping(dst, count, timeout, size=32)
 
 
 class Capture:
@@ -943,8 +757,8 @@ def pair(lab: Lab) -> Iterator[tuple[Site, Site, int]]:
             tun.add_route(name, ROUTED_NET, 24)
 
         site.sync(configure)
-    sock_a = _udp(a, (VETH_A, PORT))
-    sock_b = _udp(b, (VETH_B, PORT))
+    sock_a = udp_socket(a, (VETH_A, PORT))
+    sock_b = udp_socket(b, (VETH_B, PORT))
     peer_id = 0x12345
     a.request(NewPeer(peer_id, sock_a.fileno(), Transport.UDP, (VETH_B, PORT)))
     b.request(NewPeer(peer_id, sock_b.fileno(), Transport.UDP, (VETH_A, PORT)))
@@ -958,8 +772,8 @@ def pair(lab: Lab) -> Iterator[tuple[Site, Site, int]]:
 def test_differential_kernel_vs_userspace(lab: Lab, pair: tuple[Site, Site, int]) -> None:
     a, b, peer_id = pair
     cap = Capture(a, lab.veth_a)
-    listen_a = _udp(a, (TUN_A, 5555))
-    listen_b = _udp(b, (TUN_B, 5555))
+    listen_a = udp_socket(a, (TUN_A, 5555))
+    listen_b = udp_socket(b, (TUN_B, 5555))
     listen_a.settimeout(10)
     listen_b.settimeout(10)
     summary = []
@@ -967,7 +781,7 @@ def test_differential_kernel_vs_userspace(lab: Lab, pair: tuple[Site, Site, int]
         for n, cipher in enumerate(CIPHERS):
             # 1. normal asymmetric keys: a ping each way and a known datagram each way
             kid = n
-            k_ab, k_ba = _keydir(cipher), _keydir(cipher)
+            k_ab, k_ba = keydir(cipher), keydir(cipher)
             a.request(NewKey(peer_id, KeySlot.PRIMARY, kid, cipher, k_ab, k_ba))
             b.request(NewKey(peer_id, KeySlot.PRIMARY, kid, cipher, k_ba, k_ab))
             cap.take(0)
@@ -992,7 +806,7 @@ def test_differential_kernel_vs_userspace(lab: Lab, pair: tuple[Site, Site, int]
 
             # 2. the same key both ways and the same inner packet: identical wire bytes
             kid2 = 4 + n
-            same = _keydir(cipher)
+            same = keydir(cipher)
             a.request(NewKey(peer_id, KeySlot.PRIMARY, kid2, cipher, same, same))
             b.request(NewKey(peer_id, KeySlot.PRIMARY, kid2, cipher, same, same))
             inner = _ipv4_udp("10.99.0.77", "10.201.0.9", 4000, 4001, b"differential " * 20, 0x4242)
@@ -1021,7 +835,7 @@ def test_differential_kernel_vs_userspace(lab: Lab, pair: tuple[Site, Site, int]
 
     # keepalive 1/3 on the kernel side; the userspace side never answers pings: EXPIRED
     c = Cipher.AES_256_GCM
-    a.request(NewKey(peer_id, KeySlot.PRIMARY, 0, c, _keydir(c), _keydir(c)))
+    a.request(NewKey(peer_id, KeySlot.PRIMARY, 0, c, keydir(c), keydir(c)))
     a.request(SetPeer(peer_id, keepalive_interval=1, keepalive_timeout=3))
     a.wait_note(lambda n: n == PeerDeleted(peer_id, PeerDelReason.EXPIRED), timeout=15)
 
@@ -1042,13 +856,7 @@ def test_differential_tcp_and_rekey(lab: Lab) -> None:
     for site, local, peer in ((a, TUN_A, TUN_B), (b, TUN_B, TUN_A)):
         site.sync(lambda n=site.backend.ifname, lo=local, pe=peer: tun.add_address(n, lo, 32, peer=pe))
 
-    def listen() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind((VETH_B, PORT))
-        s.listen(1)
-        return s
-
-    lsock = b.call(listen)
+    lsock = tcp_listener(b, (VETH_B, PORT))
     conn_a = a.call(lambda: socket.create_connection((VETH_B, PORT)))
     conn_b, _ = lsock.accept()
     lsock.close()
@@ -1056,7 +864,7 @@ def test_differential_tcp_and_rekey(lab: Lab) -> None:
         a.request(NewPeer(3, conn_a.fileno(), Transport.TCP))
         b.request(NewPeer(3, conn_b.fileno(), Transport.TCP))
         c = Cipher.AES_256_GCM
-        k1, k2 = _keydir(c), _keydir(c)
+        k1, k2 = keydir(c), keydir(c)
         a.request(NewKey(3, KeySlot.PRIMARY, 0, c, k1, k2))
         b.request(NewKey(3, KeySlot.PRIMARY, 0, c, k2, k1))
         assert a.run(_ping(TUN_B, 3)) == 3
@@ -1067,7 +875,7 @@ def test_differential_tcp_and_rekey(lab: Lab) -> None:
         b.wait_note(lambda n: n == ControlPacket(3, bytes([P_CONTROL_V1]) + b"k2u", None))
         a.wait_note(lambda n: n == ControlPacket(3, bytes([P_CONTROL_V1]) + b"u2k", None))
         # rekey: new key in the secondary slot on both, swap, old one deleted
-        k3, k4 = _keydir(c), _keydir(c)
+        k3, k4 = keydir(c), keydir(c)
         a.request(NewKey(3, KeySlot.SECONDARY, 1, c, k3, k4))
         b.request(NewKey(3, KeySlot.SECONDARY, 1, c, k4, k3))
         a.request(SwapKeys(3))

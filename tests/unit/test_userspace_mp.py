@@ -5,15 +5,13 @@ peers; each client namespace runs a P2P userspace backend, joined to the server 
 own veth pair. The server forwards between clients (forwarding is enabled in the server
 namespace only) and routes an "iroute" to a client through an ordinary system route via
 that client's VPN IP. Sites (threads inside the namespaces, each with an asyncio loop)
-come from the P2P backend tests. Namespaces are always deleted, even on failure.
+come from tests/nslab.py. Namespaces are always deleted, even on failure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import secrets
 import socket
 import subprocess
 import time
@@ -44,7 +42,7 @@ from pyovpn.datachannel.crypto import PEER_ID_UNDEF, PING_MAGIC, split_key2
 from pyovpn.datachannel.userspace import UserspaceDataChannel
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
-from tests.unit.test_userspace_backend import Site, _ip, _require_root, ping
+from tests.nslab import Lab, Site, ip, ping, require_root, tcp_listener
 
 PORT = 1194
 SERVER_VPN, SERVER_VPN6 = "10.88.0.1", "fd88::1"
@@ -73,45 +71,22 @@ class Client:
         return self.site
 
 
-class MpLab:
+class MpLab(Lab):
     """A server namespace and client namespaces, each client on its own veth pair."""
 
     def __init__(self) -> None:
-        self.tag = secrets.token_hex(3)
-        self.ns_server = f"pyovpn-mp-{self.tag}-s"
-        self.namespaces: list[str] = []
-        self.sites: list[Site] = []
+        super().__init__("mp", "pm")
+        self.ns_server = self.ns("s")
 
     def client_ns(self, name: str) -> str:
-        return f"pyovpn-mp-{self.tag}-{name}"
+        return self.ns(name)
 
     def setup(self, clients: list[Client]) -> None:
-        _ip("netns", "add", self.ns_server)
-        self.namespaces.append(self.ns_server)
-        _ip("-n", self.ns_server, "link", "set", "lo", "up")
+        self.add_ns(self.ns_server)
         for i, c in enumerate(clients):
             ns = self.client_ns(c.name)
-            _ip("netns", "add", ns)
-            self.namespaces.append(ns)
-            dev_s, dev_c = f"pm{self.tag}s{i}", f"pm{self.tag}c{i}"
-            _ip(
-                "link",
-                "add",
-                dev_s,
-                "netns",
-                self.ns_server,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                dev_c,
-                "netns",
-                ns,
-            )
-            for n, dev, addr in ((self.ns_server, dev_s, c.veth_server), (ns, dev_c, c.veth)):
-                _ip("-n", n, "addr", "add", f"{addr}/24", "dev", dev)
-                _ip("-n", n, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+            self.add_ns(ns)
+            self.veth(f"pm{self.tag}s{i}", self.ns_server, c.veth_server, f"pm{self.tag}c{i}", ns, c.veth)
         for key in ("net.ipv4.conf.all.forwarding", "net.ipv6.conf.all.forwarding"):
             subprocess.run(
                 ["ip", "netns", "exec", self.ns_server, "sysctl", "-qw", f"{key}=1"],
@@ -120,22 +95,10 @@ class MpLab:
                 timeout=20,
             )
 
-    def site(self, ns: str) -> Site:
-        s = Site(ns)
-        self.sites.append(s)
-        return s
-
-    def close(self) -> None:
-        for s in self.sites:
-            with contextlib.suppress(Exception):
-                s.stop()
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-
 
 @pytest.fixture
 def mplab() -> Iterator[MpLab]:
-    _require_root()
+    require_root()
     if subprocess.run(["sh", "-c", "command -v sysctl"], capture_output=True).returncode != 0:
         print("skipping: needs the sysctl command to enable forwarding in the server namespace")
         pytest.skip("needs sysctl")
@@ -379,15 +342,15 @@ def _check_iroutes(server: Site, ifname: str, a: Client, b: Client) -> None:
     """An iroute is a system route via the client's VPN IP; the backend follows it."""
     assert isinstance(server.backend, UserspaceDataChannel)
     sb = server.backend
-    _ip("-n", b.s.netns, "addr", "add", f"{IROUTE_HOST}/32", "dev", "lo")
-    _ip("-n", b.s.netns, "addr", "add", f"{IROUTE6_HOST}/128", "dev", "lo", "nodad")
+    ip("-n", b.s.netns, "addr", "add", f"{IROUTE_HOST}/32", "dev", "lo")
+    ip("-n", b.s.netns, "addr", "add", f"{IROUTE6_HOST}/128", "dev", "lo", "nodad")
     a_tun = a.s.backend.ifname if a.s.backend else None
     assert a_tun
-    _ip("-n", a.s.netns, "route", "add", IROUTE_NET, "dev", a_tun)
-    _ip("-n", a.s.netns, "-6", "route", "add", IROUTE6_NET, "dev", a_tun)
+    ip("-n", a.s.netns, "route", "add", IROUTE_NET, "dev", a_tun)
+    ip("-n", a.s.netns, "-6", "route", "add", IROUTE6_NET, "dev", a_tun)
     assert a.s.run(ping(IROUTE_HOST, 1, timeout=0.5)) == 0  # no route on the server yet: dropped
-    _ip("-n", server.netns, "route", "add", IROUTE_NET, "via", b.vpn, "dev", ifname)
-    _ip("-n", server.netns, "-6", "route", "add", IROUTE6_NET, "via", b.vpn6, "dev", ifname)
+    ip("-n", server.netns, "route", "add", IROUTE_NET, "via", b.vpn, "dev", ifname)
+    ip("-n", server.netns, "-6", "route", "add", IROUTE6_NET, "via", b.vpn6, "dev", ifname)
     _wait(
         lambda: {(IROUTE_NET, b.vpn), (IROUTE6_NET, b.vpn6)} <= set(server.call(sb.mp_routes)),
         what="the backend to see the iroutes",
@@ -458,8 +421,8 @@ def _check_float(server: Site, a: Client) -> None:
 
 def _check_reverse_path(server: Site, a: Client, b: Client) -> None:
     """Decrypted packets whose source does not belong to the sending peer are dropped."""
-    _ip("-n", b.s.netns, "addr", "add", "10.66.0.1/32", "dev", "lo")
-    _ip("-n", a.s.netns, "addr", "add", "10.55.0.7/32", "dev", "lo")
+    ip("-n", b.s.netns, "addr", "add", "10.66.0.1/32", "dev", "lo")
+    ip("-n", a.s.netns, "addr", "add", "10.55.0.7/32", "dev", "lo")
     before_b = _server_stats(server, b.peer_id).get("rx_dropped_src", 0)
     before_a = _server_stats(server, a.peer_id).get("rx_dropped_src", 0)
     # B sends from an address the server has no route for via B
@@ -502,14 +465,7 @@ def test_mp_server_tcp_and_udp_clients(mplab: MpLab) -> None:
     _start_client(mplab, c)
     _start_client(mplab, d)
 
-    def listen() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((c.veth_server, PORT))
-        s.listen(1)
-        return s
-
-    listener = server.call(listen)
+    listener = tcp_listener(server, (c.veth_server, PORT))
     ssock = server.call(_bind_dual_stack)  # as the server edge: IPv4 clients appear v4-mapped
     c.sock = c.s.call(lambda: socket.create_connection((c.veth_server, PORT), timeout=5))
     conn, _ = listener.accept()
