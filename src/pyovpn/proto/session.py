@@ -932,10 +932,16 @@ class Session:
             if ks is None:
                 continue
             if dirty and ks.state >= KS.START:
-                if self.cfg.is_tls_server and ks.tls.established and not ks.km2_sent:
-                    # a TLS server says nothing between the end of its handshake and its
-                    # key-method-2 reply but (TLS 1.3) session tickets: they wait and share
-                    # that reply's packet
+                if (
+                    self.cfg.is_tls_server
+                    and ks.tls.established
+                    and not ks.km2_sent
+                    and ks.tls.version == "TLSv1.3"
+                ):
+                    # a TLS 1.3 server says nothing between the end of its handshake and its
+                    # key-method-2 reply but session tickets: they wait and share that reply's
+                    # packet. A TLS 1.2 server's last flight (ChangeCipherSpec, Finished) comes
+                    # after the client's and must go now: the client's key-method-2 waits for it
                     self._tls_dirty = True
                 else:
                     # everything TLS wrote since the last build, in as few packets as fit
