@@ -536,22 +536,28 @@ class Daemon:
         configure_addresses(self.iface, opts, pushed)
         await self.run_up(tun_params(self.iface, mtu, opts, pushed), "restart" if restart else "init")
 
+    async def _run_up_down(
+        self, kind: str, command: str, params: TunParams, context: str, *, exit_signal: str | None = None
+    ) -> int:
+        """Run `up` or `down` with OpenVPN's arguments and environment; its exit status."""
+        args = up_down_args(params, context)
+        log.info("%s %s", command, " ".join(args))
+        return await run_script(
+            command,
+            kind,
+            args=args,
+            env=up_down_env(params, context, signal=exit_signal),
+            script_security=self.opts.script_security,
+        )
+
     async def run_up(self, params: TunParams, context: str) -> None:
         """The `up` script, once the device is open and configured; failing is fatal, as in OpenVPN."""
         self._tun_params = params
         command = self.opts.up
         if not command:
             return
-        args = up_down_args(params, context)
-        log.info("%s %s", command, " ".join(args))
         try:
-            status = await run_script(
-                command,
-                "up",
-                args=args,
-                env=up_down_env(params, context),
-                script_security=self.opts.script_security,
-            )
+            status = await self._run_up_down("up", command, params, context)
         except ScriptRefused as exc:
             raise ScriptFailed(str(exc)) from None
         if status != 0:
@@ -563,16 +569,8 @@ class Daemon:
         command = self.opts.down
         if not command or params is None:
             return
-        args = up_down_args(params, context)
-        log.info("%s %s", command, " ".join(args))
         try:
-            status = await run_script(
-                command,
-                "down",
-                args=args,
-                env=up_down_env(params, context, signal=self._exit_signal),
-                script_security=self.opts.script_security,
-            )
+            status = await self._run_up_down("down", command, params, context, exit_signal=self._exit_signal)
         except ScriptRefused as exc:
             log.error("%s", exc)
             return
