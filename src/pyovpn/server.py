@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyovpn.datachannel.api import (
     ControlPacket,
@@ -63,6 +63,31 @@ SERVER_SOCKET_BUFFER = 4 << 20
 # table) rather than globally, so a flood from some addresses does not lock out real clients.
 CONNECT_FREQ_INITIAL = (100, 10.0)
 RESET_LIMITER_ENTRIES = 16384
+
+
+def _bind_server_socket(af: int, address: tuple[Any, ...], dual_stack: bool) -> socket.socket:
+    """The server's UDP socket, bound with ``SO_REUSEPORT`` so a data channel may add a lane to it.
+
+    A probe without ``SO_REUSEPORT`` binds first: a port another program (or another pyovpn)
+    already holds still fails with EADDRINUSE instead of silently sharing its traffic.
+    """
+
+    def fresh() -> socket.socket:
+        sock = socket.socket(af, socket.SOCK_DGRAM)
+        if dual_stack:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        return sock
+
+    with fresh() as probe:
+        probe.bind(address)
+    sock = fresh()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class ResetLimiter:
@@ -251,16 +276,11 @@ class MultiServer:
                 "P2MP server over TCP is not implemented yet; use proto udp", restart=False, exit_code=1
             )
         af = _listen_family(o)
-        sock = socket.socket(af, socket.SOCK_DGRAM)
-        if af == socket.AF_INET6 and o.family != 6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address = _bind_address(o, af)
         try:
-            sock.bind(_bind_address(o, af))
+            sock = _bind_server_socket(af, address, dual_stack=af == socket.AF_INET6 and o.family != 6)
         except OSError as exc:
-            sock.close()
-            raise _Stop(
-                f"cannot bind UDP {_bind_address(o, af)}: {exc.strerror}", restart=False, exit_code=1
-            ) from None
+            raise _Stop(f"cannot bind UDP {address}: {exc.strerror}", restart=False, exit_code=1) from None
         # bursts of handshakes (and mass EXITs) overflow the default ~200 KiB receive buffer
         for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE when root
             try:

@@ -38,10 +38,12 @@ from pyovpn.datachannel.api import (
     SetPeer,
     Transport,
 )
-from pyovpn.datachannel.crypto import PEER_ID_UNDEF, PING_MAGIC, split_key2
+from pyovpn.datachannel.crypto import PEER_ID_UNDEF, PING_MAGIC, KeyState, split_key2
+from pyovpn.datachannel.keepalive_lane import PING_DATAGRAM_SIZE
 from pyovpn.datachannel.userspace import UserspaceDataChannel
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
+from pyovpn.server import _bind_server_socket
 from tests.nslab import Lab, Site, ip, ping, require_root, tcp_listener
 
 PORT = 1194
@@ -452,6 +454,97 @@ def _check_keepalive_expiry_is_per_peer(server: Site, a: Client, b: Client) -> N
 
 
 # ---------------------------------------------------------------------------- TCP
+
+
+@pytest.mark.netns
+def test_mp_keepalive_lane(mplab: MpLab) -> None:
+    """A server socket bound as the server edge binds it gets the keepalive lane: every ping (of
+    either AEAD) takes it and nothing else does, expiry still works, and a replayed ping that
+    waited there is counted as late, not as a replay."""
+    a = Client("a", 1, 5, Cipher.AES_256_GCM)
+    b = Client("b", 2, 6, Cipher.CHACHA20_POLY1305)
+    mplab.setup([a, b])
+    server, _ifname = _start_server(mplab)
+    assert isinstance(server.backend, UserspaceDataChannel)
+    sbackend = server.backend
+    _start_client(mplab, a)
+    _start_client(mplab, b)
+    ssock = server.call(lambda: _bind_server_socket(socket.AF_INET, ("0.0.0.0", PORT), dual_stack=False))
+    for c in (a, b):
+        c.sock = c.s.call(lambda c=c: _bind_udp((c.veth, PORT)))
+
+    def counters() -> tuple[int, dict[int, int], dict[int, int], dict[int, int]]:
+        def snap() -> tuple[int, dict[int, int], dict[int, int], dict[int, int]]:
+            stats = {
+                c.peer_id: sbackend.peer_stats(c.peer_id) for c in (a, b) if c.peer_id in sbackend._peers
+            }
+            return (
+                sbackend.iface_stats.extra.get("keepalive_lane_rx", 0),
+                {p: st.extra.get("keepalive_rx", 0) for p, st in stats.items()},
+                {p: st.extra.get("keepalive_late", 0) for p, st in stats.items()},
+                {p: st.dropped_replay for p, st in stats.items()},
+            )
+
+        return server.call(snap)
+
+    try:
+        for c in (a, b):
+            server.request(
+                NewPeer(
+                    c.peer_id, ssock.fileno(), Transport.UDP, (c.veth, PORT), vpn_ipv4=c.vpn, vpn_ipv6=c.vpn6
+                )
+            )
+            _server_key(server, c)
+            _client_peer(c, remote=(c.veth_server, PORT))
+        (shared,) = sbackend._shared.values()
+        assert shared.lane is not None
+        for c in (a, b):
+            server.request(SetPeer(c.peer_id, keepalive_interval=1, keepalive_timeout=3))
+            c.s.request(SetPeer(c.peer_id, keepalive_interval=1, keepalive_timeout=3))
+        time.sleep(4.5)  # longer than the timeout: only pings that took the lane kept them alive
+        assert not [n for n in server.notes if isinstance(n, PeerDeleted)]
+        lane, pings, late, _ = counters()
+        assert all(n >= 3 for n in pings.values()), pings
+        assert lane == sum(pings.values()) and sum(late.values()) == 0  # all pings, and only pings
+
+        # user data never waits on the lane
+        assert a.s.run(ping(b.vpn, 5)) == 5
+        assert b.s.run(ping(SERVER_VPN, 3)) == 3
+        lane2, pings2, _, _ = counters()
+        assert lane2 - lane == sum(pings2.values()) - sum(pings.values())
+
+        # B falls silent: it expires, A does not (its pings keep coming through the lane)
+        b.s.request(SetPeer(b.peer_id, keepalive_interval=0, keepalive_timeout=0))
+        _check_keepalive_expiry_is_per_peer(server, a, b)
+
+        # a ping replayed onto the lane: the copy is late, not a replay error (A's own pings stop,
+        # as the window will refuse them after the forged id)
+        a.s.request(SetPeer(a.peer_id, keepalive_interval=0, keepalive_timeout=0))
+        server.request(SetPeer(a.peer_id, keepalive_interval=10, keepalive_timeout=60))
+        time.sleep(0.5)
+        enc, dec = split_key2(a.key2, a.cipher, tls_client=True)
+        forged = KeyState.from_directions(0, a.cipher, enc, dec)
+        forged._tx_pid = 1 << 20  # ahead of the real client (whose later packets the window then refuses)
+        pkt = forged.encrypt(PING_MAGIC, a.peer_id)
+        assert len(pkt) == PING_DATAGRAM_SIZE
+        _, pings, late, replay = counters()
+        assert a.sock is not None
+        a.s.call(lambda: [a.sock.sendto(pkt, (a.veth_server, PORT)) for _ in range(2)] and None)
+        _wait(lambda: counters()[2][a.peer_id] == late[a.peer_id] + 1, what="the late copy")
+        assert counters()[1][a.peer_id] > pings[a.peer_id]
+        assert counters()[3][a.peer_id] == replay[a.peer_id]
+
+        # the last peer leaves: the lane closes, the server socket gets pings again
+        server.request(DelPeer(a.peer_id))
+        assert sbackend._shared == {} and shared.lane is None
+        a.s.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(pkt, (a.veth_server, PORT)))
+        ssock.settimeout(3)
+        assert ssock.recvfrom(100)[0] == pkt
+    finally:
+        ssock.close()
+        for c in (a, b):
+            if c.sock is not None:
+                c.sock.close()
 
 
 @pytest.mark.netns

@@ -44,6 +44,10 @@ Multipoint (``IfaceMode.MP``, a P2MP server), as the kernel's MP mode (§7.3):
   address names the peer it came from (the kernel's ``ovpn_peer_check_by_src``); else it
   is dropped and counted in that peer's stats (``rx_dropped_src``);
 * keys, keepalive, stats and float are per peer; a float re-indexes the peer's address.
+* when the shared socket was bound with ``SO_REUSEPORT``, a second socket joins it as the
+  keepalive lane (:mod:`pyovpn.datachannel.keepalive_lane`): the kernel steers the datagrams
+  that can only be pings there, and the keepalive timer drains it at most ``_LANE_MAX_DELAY``
+  late, so a thousand idle clients do not wake the loop a hundred times a second.
 
 Unlike the ovpn device, the backend does not switch off ICMP redirects on the TUN
 (``net.ipv4.conf.*.send_redirects``), so a server forwarding between clients may send them
@@ -110,6 +114,7 @@ from pyovpn.datachannel.crypto import (
     KeyState,
     PacketIdExhaustedError,
 )
+from pyovpn.datachannel.keepalive_lane import close_lane, open_lane
 from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonitor
 from pyovpn.datachannel.validate import (
     check_keepalive,
@@ -139,6 +144,10 @@ _RX_BATCH = 256  # datagrams or TUN packets per wakeup before letting other call
 # thousand clients pinging every 10 s cost four wakeups a second instead of a hundred. A
 # ping or an expiry is at most this late (OpenVPN's own timers have a 1 s granularity).
 _KA_QUANTUM = 0.25
+# MP: pings on the keepalive lane wait at most this long (the keepalive timer drains the lane
+# first, so a waiting ping still counts before its peer could expire)
+_LANE_MAX_DELAY = 1.0
+_LANE_BATCH = 4096
 _TCP_RX_CHUNK = 262144
 _TCP_RX_READS = 16
 _TCP_TX_HIGH_WATER = 1 << 20  # drop data (never control) frames above this backlog
@@ -230,12 +239,13 @@ class _Peer:
 class _SharedUdp:
     """MP: our duplicate of the UDP socket the UDP peers share; one reader, closed with its last peer."""
 
-    __slots__ = ("by_addr", "fd", "gro", "gso", "key", "orig_blocking", "peers", "sock")
+    __slots__ = ("by_addr", "fd", "gro", "gso", "key", "lane", "orig_blocking", "peers", "sock")
 
     def __init__(self, key: tuple[int, int], sock: socket.socket) -> None:
         self.key = key
         self.sock = sock
         self.fd = sock.fileno()
+        self.lane: socket.socket | None = None  # keepalive pings only, drained by the keepalive timer
         self.gro = False
         self.gso = False
         self.orig_blocking = True
@@ -521,6 +531,9 @@ class UserspaceDataChannel:
             shared.orig_blocking = peer.orig_blocking
             self._shared[key] = shared
             self._loop.add_reader(shared.fd, self._on_mp_udp_readable, shared)
+            shared.lane = open_lane(sock)
+            if shared.lane is not None and self._ka_timer is None:
+                self._ka_arm()  # the lane is drained even when no peer runs keepalive
         else:
             peer.gro = shared.gro
             peer.gso_max = 0x10000 if shared.gso else 0  # per peer: a path may refuse big segments
@@ -548,6 +561,9 @@ class UserspaceDataChannel:
             return
         if self._shared.get(shared.key) is shared:
             del self._shared[shared.key]
+        if shared.lane is not None:
+            close_lane(shared.lane)
+            shared.lane = None
         sock = shared.sock
         if sock.fileno() >= 0:
             if self._loop is not None:
@@ -827,9 +843,13 @@ class UserspaceDataChannel:
         heap = self._ka_heap
         while heap and heap[0][2].ka_due != heap[0][0]:
             heapq.heappop(heap)  # stale: the peer was rescheduled or removed
-        if not heap:
+        lane_due = self._loop.time() + _LANE_MAX_DELAY if any(s.lane for s in self._shared.values()) else None
+        if not heap and lane_due is None:
             return
-        fire = math.ceil(heap[0][0] / _KA_QUANTUM) * _KA_QUANTUM
+        due = heap[0][0] if heap else math.inf
+        if lane_due is not None:
+            due = min(due, lane_due)
+        fire = math.ceil(due / _KA_QUANTUM) * _KA_QUANTUM
         if self._ka_timer is not None:
             if fire >= self._ka_timer_at:
                 return
@@ -843,6 +863,9 @@ class UserspaceDataChannel:
         self._ka_timer = None
         until = self._ka_timer_at
         now = max(self._loop.time(), until)
+        for shared in list(self._shared.values()):
+            if shared.lane is not None:
+                self._drain_lane(shared, now)  # first, so no peer expires with its ping still queued
         heap = self._ka_heap
         while heap and heap[0][0] <= until:
             due, _, peer = heapq.heappop(heap)
@@ -854,6 +877,27 @@ class UserspaceDataChannel:
             except Exception:
                 log.exception("userspace data channel: keepalive of peer %d failed", peer.peer_id)
         self._ka_arm()
+
+    def _drain_lane(self, shared: _SharedUdp, now: float) -> None:
+        lane = shared.lane
+        assert lane is not None
+        rx = self._rx_buf
+        mv = self._rx_mv
+        for _ in range(_LANE_BATCH):
+            try:
+                n, addr = lane.recvfrom_into(rx)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                _count(self.iface_stats, "rx_errors")
+                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue
+                log.debug("userspace data channel: receive on the keepalive lane failed: %s", e)
+                return
+            _count(self.iface_stats, "keepalive_lane_rx")
+            self._mp_udp_packet(shared, mv[:n], addr, now, late=True)
+            if self._shared.get(shared.key) is not shared:
+                return
 
     def _keepalive(self, peer: _Peer, now: float) -> None:
         if self._peers.get(peer.peer_id) is not peer or not (peer.ka_interval and peer.ka_timeout):
@@ -1109,7 +1153,9 @@ class UserspaceDataChannel:
             else:
                 self._mp_udp_packet(shared, mv[:n], addr, now)
 
-    def _mp_udp_packet(self, shared: _SharedUdp, pkt: memoryview, addr: tuple[Any, ...], now: float) -> None:
+    def _mp_udp_packet(
+        self, shared: _SharedUdp, pkt: memoryview, addr: tuple[Any, ...], now: float, late: bool = False
+    ) -> None:
         if not pkt:
             _count(self.iface_stats, "rx_empty")
             return
@@ -1137,7 +1183,7 @@ class UserspaceDataChannel:
         if peer is None:
             _count(self.iface_stats, "rx_unknown_peer")
             return
-        if self._rx_data(peer, pkt, now) and (addr[0] != peer.raw_ip or addr[1] != peer.raw_port):
+        if self._rx_data(peer, pkt, now, late) and (addr[0] != peer.raw_ip or addr[1] != peer.raw_port):
             # float: an authenticated packet from a new address moves the peer there
             old = (peer.raw_ip, peer.raw_port)
             peer.raw_ip = addr[0]
@@ -1214,8 +1260,13 @@ class UserspaceDataChannel:
             log.info("userspace data channel: peer %d floated to %s:%d", peer.peer_id, *peer.remote)
             self._emit(PeerFloated(peer.peer_id, peer.remote))
 
-    def _rx_data(self, peer: _Peer, pkt: memoryview, now: float) -> bool:
-        """Decrypt one data packet and deliver it; True if it authenticated."""
+    def _rx_data(self, peer: _Peer, pkt: memoryview, now: float, late: bool = False) -> bool:
+        """Decrypt one data packet and deliver it; True if it authenticated.
+
+        ``late``: it waited on the keepalive lane, so newer data may have moved the replay window
+        past it; an authenticated 40-byte packet is a ping, and a stale ping is dropped uncounted
+        as a replay (counted as ``keepalive_late``): it would not have refreshed anything.
+        """
         st = peer.stats
         st.link_rx_packets += 1
         st.link_rx_bytes += len(pkt)
@@ -1234,7 +1285,10 @@ class UserspaceDataChannel:
             st.dropped_auth += 1
             return False
         except ReplayError:
-            st.dropped_replay += 1
+            if late:
+                _count(st, "keepalive_late")
+            else:
+                st.dropped_replay += 1
             return False
         except ProtocolError:
             st.dropped_other += 1
