@@ -243,3 +243,38 @@ def test_auth_user_pass_verify_rejects_one_client_only(star: Star, pki: Pki) -> 
         time.sleep(0.2)
     assert "AUTH_FAILED" in procs[1].text()
     assert ping(star.clients[0], SERVER4).ok and ping(star.clients[2], SERVER4).ok
+
+
+def _udp_sockets_on(ns: str, port: int) -> int:
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "ss", "-H", "-u", "-a", "-n"], capture_output=True, text=True, check=True
+    ).stdout
+    return sum(1 for line in out.splitlines() if line.split()[3].endswith(f":{port}"))
+
+
+def test_idle_clients_live_on_keepalive_pings(star: Star, pki: Pki) -> None:
+    """An idle tunnel carries only keepalive pings. With the userspace backend they take the
+    keepalive lane (a second socket on the server port that nobody polls): the server must
+    drain it in time, or every client would time out here."""
+    conf = server_conf(pki, star.workdir, client_to_client=False, extra="keepalive 1 3")
+    server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
+    wait_listening(star.server, "udp", 1194, proc=server)
+    clients = []
+    for i, (cn, cipher) in enumerate(CLIENTS[:2]):
+        cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher)
+        clients.append(star.spawn(star.clients[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
+    wait_for_lines([server, *clients], INIT_LINE, 40)
+    if DCO == "userspace":
+        assert _udp_sockets_on(star.server, 1194) == 2, "no keepalive lane next to the server socket"
+    else:
+        print(f"(dco {DCO}: the kernel answers keepalive itself, no lane to check)")
+    mark = server.mark()
+    client_marks = [c.mark() for c in clients]
+    # 2.5 server timeouts; the clients' IPv6 router solicitations (at about 0, 4 and 12 s, then
+    # rarer) leave gaps longer than the timeout in which only pings can keep a client alive
+    time.sleep(15)
+    assert "Inactivity timeout" not in server.text()[mark:]
+    for c, m in zip(clients, client_marks, strict=True):
+        assert "Inactivity timeout" not in c.text()[m:], f"{c.name} timed out: the server's pings stopped"
+    for i in range(2):
+        assert ping(star.clients[i], SERVER4).ok

@@ -239,7 +239,7 @@ class _Peer:
 class _SharedUdp:
     """MP: our duplicate of the UDP socket the UDP peers share; one reader, closed with its last peer."""
 
-    __slots__ = ("by_addr", "fd", "gro", "gso", "key", "lane", "orig_blocking", "peers", "sock")
+    __slots__ = ("by_addr", "fd", "gro", "gso", "key", "lane", "orig_blocking", "peers", "shadowed", "sock")
 
     def __init__(self, key: tuple[int, int], sock: socket.socket) -> None:
         self.key = key
@@ -251,10 +251,12 @@ class _SharedUdp:
         self.orig_blocking = True
         self.peers: set[_Peer] = set()
         self.by_addr: dict[tuple[str | None, int], _Peer] = {}  # (raw_ip, raw_port) -> peer
+        # rare: several peers at one address; the newest is indexed, the others wait here
+        self.shadowed: dict[tuple[str | None, int], list[_Peer]] = {}
 
     def attach(self, peer: _Peer) -> None:
         self.peers.add(peer)
-        self.by_addr[(peer.raw_ip, peer.raw_port)] = peer
+        self._index(peer, (peer.raw_ip, peer.raw_port))
 
     def detach(self, peer: _Peer) -> None:
         self.peers.discard(peer)
@@ -265,16 +267,28 @@ class _SharedUdp:
         new = (peer.raw_ip, peer.raw_port)
         if new != old:
             self._unindex(peer, old)
-            self.by_addr[new] = peer
+            self._index(peer, new)
+
+    def _index(self, peer: _Peer, addr: tuple[str | None, int]) -> None:
+        other = self.by_addr.get(addr)
+        if other is not None and other is not peer:
+            self.shadowed.setdefault(addr, []).append(other)
+        self.by_addr[addr] = peer
 
     def _unindex(self, peer: _Peer, addr: tuple[str | None, int]) -> None:
+        waiting = self.shadowed.get(addr)
         if self.by_addr.get(addr) is not peer:
+            if waiting and peer in waiting:
+                waiting.remove(peer)
             return
         del self.by_addr[addr]
-        for other in self.peers:  # rare: two peers at one address; the other takes over
-            if other is not peer and (other.raw_ip, other.raw_port) == addr:
+        while waiting:  # the next peer still at this address takes over
+            other = waiting.pop()
+            if other in self.peers and (other.raw_ip, other.raw_port) == addr:
                 self.by_addr[addr] = other
                 break
+        if not waiting:
+            self.shadowed.pop(addr, None)
 
 
 def _socket_key(fd: int) -> tuple[int, int]:
