@@ -189,6 +189,8 @@ class Options:
     tran_window: int = 3600
     replay_window: tuple[int, int] = (64, 15)
     tls_version_min: str | None = None
+    #: `tls-groups`: the key exchange groups TLS may use, in order of preference (OpenSSL names)
+    tls_groups: str | None = None
     tls_cert_profile: str | None = None
     user: str | None = None
     group: str | None = None
@@ -1153,6 +1155,14 @@ def _opt_tls_version_min(b: _Builder, d: Directive) -> None:
     if len(d.args) > 1 and d.args[1] != "or-highest":
         raise _error(d, f"tls-version-min: unknown flag '{d.args[1]}'; only 'or-highest' is allowed")
     b.opts = replace(b.opts, tls_version_min=d.args[0])
+
+
+@_option("tls-groups", args=(1, 1), usage="tls-groups GROUP[:GROUP...]")
+def _opt_tls_groups(b: _Builder, d: Directive) -> None:
+    groups = [g for g in d.args[0].split(":") if g]
+    if not groups:
+        raise _error(d, "tls-groups: name at least one group, e.g. `tls-groups X25519:prime256v1`")
+    b.opts = replace(b.opts, tls_groups=":".join(groups))
 
 
 @_option("tls-cert-profile", args=(1, 1), usage="tls-cert-profile legacy|preferred|suiteb|insecure")

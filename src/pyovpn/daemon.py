@@ -79,6 +79,7 @@ def session_config(opts: Options) -> SessionConfig:
         key=opts.key,
         is_server=is_server,
         tls_version_min=opts.tls_version_min,
+        tls_groups=opts.tls_groups,
         peer_cert=peer_cert,
     )
     user, password = opts.auth_user_pass or (None, None)

@@ -493,6 +493,7 @@ def test_misc_values() -> None:
         CLIENT
         + "keepalive 10 60\nmssfix\ntun-mtu 1400\nreplay-window 128\nauth sha512\ndisable-dco\n"
         + "tls-version-min 1.2 or-highest\ntls-cert-profile preferred\nuser nobody\ngroup nogroup\n"
+        + "tls-groups X25519:prime256v1:\n"
         + "log /tmp/x.log\nwritepid /run/x.pid\nreneg-sec 0\ndh none\ndata-ciphers-fallback aes-128-gcm\n"
         + "data-ciphers ?AES-256-CBC:AES-128-GCM\nkey-method 2\nfloat\n"
     )
@@ -503,6 +504,7 @@ def test_misc_values() -> None:
     assert o.auth == "SHA512"
     assert o.dco == "userspace"
     assert o.tls_version_min == "1.2" and o.tls_cert_profile == "preferred"
+    assert o.tls_groups == "X25519:prime256v1"
     assert (o.user, o.group, o.log, o.writepid) == ("nobody", "nogroup", "/tmp/x.log", "/run/x.pid")
     assert o.reneg_sec == 0 and o.dh == "none"
     assert o.data_ciphers_fallback == "AES-128-GCM"
@@ -541,6 +543,7 @@ def test_later_options_override_earlier() -> None:
         ("remote-cert-tls peer", "remote-cert-tls"),
         ("verify-x509-name x dn", "verify-x509-name"),
         ("tls-version-min 2.0", "tls-version-min"),
+        ("tls-groups :", "tls-groups"),
         ("dco maybe", "dco"),
         ("mode bridge", "mode"),
         ("replay-window 70000", "replay-window"),

@@ -144,3 +144,29 @@ def test_remote_cert_tls_rejects_wrong_role(tmp_path: Path) -> None:
     p.run(9)
     assert not any(isinstance(e, TunnelUp) for e in p.client_events)
     assert make_pki  # the fixture module is importable on its own
+
+
+def _with_groups(pki: dict[str, bytes], server: str, client: str) -> Pair:
+    from dataclasses import replace
+
+    from pyovpn.proto.tls import build_context
+
+    s, c = configs(pki, tls_crypt_key=KEY2, hand_window=10)
+    s_ctx = build_context(
+        ca=pki["ca"], cert=pki["server_crt"], key=pki["server_key"], is_server=True, tls_groups=server
+    )
+    c_ctx = build_context(
+        ca=pki["ca"], cert=pki["client_crt"], key=pki["client_key"], is_server=False, tls_groups=client
+    )
+    return Pair(replace(s, tls_context=s_ctx), replace(c, tls_context=c_ctx))
+
+
+def test_tls_groups_are_what_the_handshake_may_use(pki: dict[str, bytes]) -> None:
+    p = _with_groups(pki, "prime256v1:X25519", "X25519")
+    p.run(3)
+    assert any(isinstance(e, TunnelUp) for e in p.client_events)
+    # no group in common: the handshake cannot complete, whatever else matches
+    p = _with_groups(pki, "prime256v1", "X25519")
+    p.run(12)
+    assert not any(isinstance(e, TunnelUp) for e in p.server_events + p.client_events)
+    assert any(isinstance(e, SessionClosed) for e in p.server_events + p.client_events)

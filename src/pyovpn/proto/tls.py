@@ -44,6 +44,7 @@ def build_context(
     key: bytes | None,
     is_server: bool,
     tls_version_min: str | None = None,
+    tls_groups: str | None = None,
     peer_cert: str = "require",
 ) -> SSL.Context:
     """A TLS context for one role; ConfigError if the PEM material is unusable."""
@@ -56,6 +57,8 @@ def build_context(
         "1.3": SSL.TLS1_3_VERSION,
     }
     ctx.set_min_proto_version(minimum.get((tls_version_min or "1.2").split()[0], SSL.TLS1_2_VERSION))
+    if tls_groups:
+        _set_groups(ctx, tls_groups)
     store = ctx.get_cert_store()
     assert store is not None
     for c in _load_certs(ca, "ca"):
@@ -94,6 +97,20 @@ def build_context(
         ctx.set_options(SSL.OP_NO_TICKET)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return ctx
+
+
+def _set_groups(ctx: SSL.Context, groups: str) -> None:
+    """``tls-groups``: pyOpenSSL has no call for it, so use the OpenSSL binding it is built on."""
+    lib = getattr(SSL, "_lib", None)
+    set_list = getattr(lib, "SSL_CTX_set1_curves_list", None)  # the groups list under its old name
+    if set_list is None:
+        raise ConfigError("tls-groups: this pyOpenSSL cannot set TLS groups; remove tls-groups")
+    if set_list(ctx._context, groups.encode()) != 1:  # type: ignore[attr-defined]
+        lib.ERR_clear_error()  # type: ignore[union-attr]
+        raise ConfigError(
+            f"tls-groups: OpenSSL does not know all of '{groups}'; use names like X25519, prime256v1, "
+            "secp384r1, X25519MLKEM768"
+        )
 
 
 def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
