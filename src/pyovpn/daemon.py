@@ -743,6 +743,13 @@ def setup_logging(opts: Options) -> None:
     root.setLevel(level)
     # pyroute2 logs every netlink message at DEBUG; that is never what a --verb user wants
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    # our format shows time and message only: skip the caller lookup (a stack walk per record)
+    # and the thread/process fields, the logging HOWTO's "optimization" switches; a server logs
+    # several lines per connecting client
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def run(opts: Options) -> int:

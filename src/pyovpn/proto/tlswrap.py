@@ -192,6 +192,25 @@ class TlsAuth:
         return ControlPacket(op, key_id, bytes(packet[1:9]), rh)
 
 
+# AES-256-CTR contexts by key, re-keyed with each packet's IV: building a cipher object per
+# packet cost seven times the encryption of a control packet. A server's sessions (and its
+# stateless replies to resets) all use its two tls-crypt keys, so they share two contexts.
+_CTR_CONTEXTS: dict[bytes, Any] = {}
+_CTR_CONTEXTS_MAX = 64
+
+
+def _aes_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
+    ctx = _CTR_CONTEXTS.get(key)
+    if ctx is None:
+        if len(_CTR_CONTEXTS) >= _CTR_CONTEXTS_MAX:
+            _CTR_CONTEXTS.clear()
+        ctx = _CTR_CONTEXTS[key] = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    else:
+        ctx.reset_nonce(iv)
+    out: bytes = ctx.update(data)
+    return out
+
+
 class TlsCrypt:
     """``--tls-crypt``: HMAC-SHA256 tag over the clear header and RH, then AES-256-CTR of the RH.
 
@@ -208,31 +227,15 @@ class TlsCrypt:
         r_cipher, r_hmac = _slot(key2, recv)
         self._send_ke, self._send_ka = s_cipher[:32], s_hmac[:32]
         self._recv_ke, self._recv_ka = r_cipher[:32], r_hmac[:32]
-        # one CTR context per direction, re-keyed with each packet's IV: building a fresh
-        # cipher object per packet cost seven times the encryption of a control packet
-        self._send_ctr: Any = None
-        self._recv_ctr: Any = None
         self._counter = _ReplayCounter(pid_start)
         self.replay = LongReplayWindow(replay_window)
         self.overhead = 8 + self.TAG_LEN
 
-    @staticmethod
-    def _ctr_context(key: bytes, iv: bytes) -> Any:
-        return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
-
     def _send_crypt(self, iv: bytes, data: bytes) -> bytes:
-        if self._send_ctr is None:
-            self._send_ctr = self._ctr_context(self._send_ke, iv)
-        else:
-            self._send_ctr.reset_nonce(iv)
-        return self._send_ctr.update(data)
+        return _aes_ctr(self._send_ke, iv, data)
 
     def _recv_crypt(self, iv: bytes, data: bytes) -> bytes:
-        if self._recv_ctr is None:
-            self._recv_ctr = self._ctr_context(self._recv_ke, iv)
-        else:
-            self._recv_ctr.reset_nonce(iv)
-        return self._recv_ctr.update(data)
+        return _aes_ctr(self._recv_ke, iv, data)
 
     def skip_replay_ids(self, last_sent: int) -> None:
         """Continue after ids already used elsewhere (the stateless reset reply used id 1)."""
