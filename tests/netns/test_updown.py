@@ -85,8 +85,9 @@ def test_up_and_down_scripts_server_and_client(net: Netns, pki: Pki) -> None:
     )
     server = net.spawn("b", vpn_argv("pyovpn", server_cfg), "server")
     wait_listening(net.b, "udp", spec.port, timeout=20, proc=server)
-    # the server's up script runs before it opens its port: already there
-    up = _record(work / "server-up")
+    # the server binds its port (so a port in use fails early) before it runs the up script:
+    # the port can be seen before the record is written
+    up = _wait_file(work / "server-up")
     assert up["ARGS"] == "tun0 1500 0 10.77.0.1 255.255.255.0 init"
     assert up["script_type"] == "up" and up["script_context"] == "init"
     assert (up["dev"], up["dev_type"], up["tun_mtu"]) == ("tun0", "tun", "1500")

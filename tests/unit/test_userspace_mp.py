@@ -213,16 +213,21 @@ def _iface_drops(server: Site, name: str) -> int:
 # ---------------------------------------------------------------------------- UDP
 
 
-@pytest.mark.netns
-def test_mp_server_two_udp_clients(mplab: MpLab) -> None:
+def _two_clients(mplab: MpLab) -> tuple[Client, Client, Site, str, UserspaceDataChannel]:
+    """Clients A (AES-256-GCM) and B (ChaCha20-Poly1305) with their backends, and the server's."""
     a = Client("a", 1, 5, Cipher.AES_256_GCM)
     b = Client("b", 2, 6, Cipher.CHACHA20_POLY1305)
     mplab.setup([a, b])
     server, ifname = _start_server(mplab)
     assert isinstance(server.backend, UserspaceDataChannel)
-    sbackend = server.backend
     _start_client(mplab, a)
     _start_client(mplab, b)
+    return a, b, server, ifname, server.backend
+
+
+@pytest.mark.netns
+def test_mp_server_two_udp_clients(mplab: MpLab) -> None:
+    a, b, server, ifname, sbackend = _two_clients(mplab)
     ssock = server.call(lambda: _bind_udp(("0.0.0.0", PORT)))
     dup = os.dup(ssock.fileno())  # the same socket under another descriptor is still shared
     for c in (a, b):
@@ -461,14 +466,7 @@ def test_mp_keepalive_lane(mplab: MpLab) -> None:
     """A server socket bound as the server edge binds it gets the keepalive lane: every ping (of
     either AEAD) takes it and nothing else does, expiry still works, and a replayed ping that
     waited there is counted as late, not as a replay."""
-    a = Client("a", 1, 5, Cipher.AES_256_GCM)
-    b = Client("b", 2, 6, Cipher.CHACHA20_POLY1305)
-    mplab.setup([a, b])
-    server, _ifname = _start_server(mplab)
-    assert isinstance(server.backend, UserspaceDataChannel)
-    sbackend = server.backend
-    _start_client(mplab, a)
-    _start_client(mplab, b)
+    a, b, server, _ifname, sbackend = _two_clients(mplab)
     ssock = server.call(lambda: _bind_server_socket(socket.AF_INET, ("0.0.0.0", PORT), dual_stack=False))
     for c in (a, b):
         c.sock = c.s.call(lambda c=c: _bind_udp((c.veth, PORT)))

@@ -893,25 +893,8 @@ class UserspaceDataChannel:
         self._ka_arm()
 
     def _drain_lane(self, shared: _SharedUdp, now: float) -> None:
-        lane = shared.lane
-        assert lane is not None
-        rx = self._rx_buf
-        mv = self._rx_mv
-        for _ in range(_LANE_BATCH):
-            try:
-                n, addr = lane.recvfrom_into(rx)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                _count(self.iface_stats, "rx_errors")
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    continue
-                log.debug("userspace data channel: receive on the keepalive lane failed: %s", e)
-                return
-            _count(self.iface_stats, "keepalive_lane_rx")
-            self._mp_udp_packet(shared, mv[:n], addr, now, late=True)
-            if self._shared.get(shared.key) is not shared:
-                return
+        assert shared.lane is not None
+        self._mp_udp_read(shared, shared.lane, now, _LANE_BATCH, lane=True)
 
     def _keepalive(self, peer: _Peer, now: float) -> None:
         if self._peers.get(peer.peer_id) is not peer or not (peer.ka_interval and peer.ka_timeout):
@@ -1125,23 +1108,25 @@ class UserspaceDataChannel:
         """
         self._mp_control = []
         try:
-            self._mp_udp_read(shared)
+            assert self._loop is not None
+            self._mp_udp_read(shared, shared.sock, self._loop.time(), _RX_BATCH)
         finally:
             batch, self._mp_control = self._mp_control, None
             if batch and self._loop is not None and self._subscribers:
                 self._loop.call_soon(self._dispatch_all, batch)
 
-    def _mp_udp_read(self, shared: _SharedUdp) -> None:
-        sock = shared.sock
+    def _mp_udp_read(
+        self, shared: _SharedUdp, sock: socket.socket, now: float, batch: int, lane: bool = False
+    ) -> None:
+        """Read the shared socket (or its keepalive lane, whose packets may have waited)."""
         rx = self._rx_buf
         mv = self._rx_mv
-        assert self._loop is not None
-        now = self._loop.time()
-        for _ in range(_RX_BATCH):
+        gro = shared.gro and not lane
+        for _ in range(batch):
             if self._shared.get(shared.key) is not shared:
                 return
             try:
-                if shared.gro:
+                if gro:
                     n, anc, _flags, addr = sock.recvmsg_into([rx], _GRO_CMSG_SPACE)
                 else:
                     n, addr = sock.recvfrom_into(rx)
@@ -1153,8 +1138,13 @@ class UserspaceDataChannel:
                 _count(self.iface_stats, "rx_errors")
                 if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     continue
-                log.debug("userspace data channel: receive on the shared socket failed: %s", e)
+                what = "keepalive lane" if lane else "shared socket"
+                log.debug("userspace data channel: receive on the %s failed: %s", what, e)
                 return
+            if lane:
+                _count(self.iface_stats, "keepalive_lane_rx")
+                self._mp_udp_packet(shared, mv[:n], addr, now, late=True)
+                continue
             seg = 0
             if anc:
                 for level, kind, data in anc:
