@@ -281,7 +281,7 @@ def logs_tail(procs: Iterable[Proc], lines: int = 60) -> str:
 # Namespaces
 # ---------------------------------------------------------------------------------------
 
-_LIVE: set[Netns] = set()
+_LIVE: set[Netns | Star] = set()
 _LIVE_LOCK = threading.Lock()
 # The SIGTERM disposition we replaced while namespaces are live; None when not replaced.
 _SAVED_SIGTERM: list[Any] = []
@@ -293,7 +293,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _register(n: Netns) -> None:
+def _register(n: Netns | Star) -> None:
     with _LIVE_LOCK:
         if not _LIVE and threading.current_thread() is threading.main_thread():
             prev = signal.getsignal(signal.SIGTERM)
@@ -304,7 +304,7 @@ def _register(n: Netns) -> None:
         _LIVE.add(n)
 
 
-def _unregister(n: Netns) -> None:
+def _unregister(n: Netns | Star) -> None:
     with _LIVE_LOCK:
         _LIVE.discard(n)
         if not _LIVE and _SAVED_SIGTERM and threading.current_thread() is threading.main_thread():
@@ -353,7 +353,7 @@ def sweep_stale_namespaces() -> list[str]:
     res = _run(["ip", "netns", "list"], check=False)
     for line in res.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
-        m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)-[0-9a-f]+-[ab]", name)
+        m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)-[0-9a-f]+-(?:[abs]|p\d+)", name)
         if m and not _pid_alive(int(m.group(1))):
             _delete_ns(name)
             removed.append(name)
@@ -481,6 +481,74 @@ class Netns:
             _unregister(self)
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Star:
+    """A server namespace ``s`` with its own veth to each of ``n`` peer namespaces; a context manager.
+
+    Peer ``i`` is 172.31.(base+i).2/24, the server's end of its link 172.31.(base+i).1. On exit
+    the spawned processes are stopped, anything else inside is killed and every namespace goes.
+    """
+
+    def __init__(self, workdir: Path, n: int, *, base: int, cwd: Path | None = None) -> None:
+        run_id = f"{os.getpid()}-{secrets.token_hex(3)}"
+        self.workdir = workdir
+        self.base = base
+        self.server = f"{NS_PREFIX}{run_id}-s"
+        self.peers = [f"{NS_PREFIX}{run_id}-p{i}" for i in range(n)]
+        self.procs: list[Proc] = []
+        self._cwd = cwd or workdir
+        self._veth_tag = secrets.token_hex(2)  # interface names are global while being moved
+        self._open = False
+
+    def server_addr(self, i: int) -> str:
+        return f"172.31.{self.base + i}.1"
+
+    def peer_addr(self, i: int) -> str:
+        return f"172.31.{self.base + i}.2"
+
+    def __enter__(self) -> Star:
+        sweep_stale_namespaces()
+        _register(self)
+        self._open = True
+        try:
+            for ns in (self.server, *self.peers):
+                _run(["ip", "netns", "add", ns])
+                _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            for i, ns in enumerate(self.peers):
+                s_end, p_end = f"vs{self._veth_tag}{i}", f"vp{self._veth_tag}{i}"
+                _run(["ip", "link", "add", s_end, "type", "veth", "peer", "name", p_end])
+                _run(["ip", "link", "set", s_end, "netns", self.server])
+                _run(["ip", "link", "set", p_end, "netns", ns])
+                _run(["ip", "-n", self.server, "addr", "add", f"{self.server_addr(i)}/24", "dev", s_end])
+                _run(["ip", "-n", ns, "addr", "add", f"{self.peer_addr(i)}/24", "dev", p_end])
+                _run(["ip", "-n", self.server, "link", "set", s_end, "up"])
+                _run(["ip", "-n", ns, "link", "set", p_end, "up"])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def spawn(self, ns: str, argv: list[str], name: str) -> Proc:
+        p = Proc(ns, argv, self.workdir / f"{name}.log", name=name, cwd=self._cwd)
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        try:
+            for p in reversed(self.procs):
+                with contextlib.suppress(Exception):
+                    p.stop(timeout=5)
+            for ns in (self.server, *self.peers):
+                _delete_ns(ns)
+        finally:
+            self._open = False
+            _unregister(self)
 
 
 def wait_listening(ns: str, proto: Proto, port: int, timeout: float = 10.0, proc: Proc | None = None) -> None:

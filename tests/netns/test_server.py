@@ -1,15 +1,13 @@
 """pyovpn as a P2MP server with several stock OpenVPN 2.6 clients, each in its own namespace.
 
-Layout: namespace ``s`` (the pyovpn server) has one veth to each client namespace ``c<i>``,
+Layout (harness.Star): namespace ``s`` (the pyovpn server) has one veth to each client namespace ``p<i>``,
 172.31.(210+i).1/24 on the server side and .2 on the client side. Inside the tunnel the
 server is 10.78.0.1 / fd00:78::1; clients get pool addresses (or ccd ones).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pyovpn.tools.pki import Pki, issue_client
-from tests.netns.harness import INIT_LINE, Proc, ping, wait_for_lines, wait_listening
+from tests.netns.harness import INIT_LINE, Proc, Star, ping, wait_for_lines, wait_listening
 
 pytestmark = pytest.mark.netns
 
@@ -33,59 +31,9 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
-class Star:
-    """One server namespace with a veth to each of ``n`` client namespaces; removed on exit."""
-
-    def __init__(self, workdir: Path, n: int) -> None:
-        tag = secrets.token_hex(3)
-        self.workdir = workdir
-        self.server = f"pov-{tag}-s"
-        self.clients = [f"pov-{tag}-c{i}" for i in range(n)]
-        self.procs: list[Proc] = []
-        self._tag = tag
-
-    def __enter__(self) -> Star:
-        try:
-            for ns in (self.server, *self.clients):
-                _ip("netns", "add", ns)
-                _ip("-n", ns, "link", "set", "lo", "up")
-            for i, ns in enumerate(self.clients):
-                a, b = f"vs{self._tag}{i}", f"vc{self._tag}{i}"
-                _ip("link", "add", a, "type", "veth", "peer", "name", b)
-                _ip("link", "set", a, "netns", self.server)
-                _ip("link", "set", b, "netns", ns)
-                _ip("-n", self.server, "addr", "add", f"172.31.{210 + i}.1/24", "dev", a)
-                _ip("-n", ns, "addr", "add", f"172.31.{210 + i}.2/24", "dev", b)
-                _ip("-n", self.server, "link", "set", a, "up")
-                _ip("-n", ns, "link", "set", b, "up")
-        except Exception:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def server_addr(self, i: int) -> str:
-        return f"172.31.{210 + i}.1"
-
-    def spawn(self, ns: str, argv: list[str], name: str) -> Proc:
-        p = Proc(ns, argv, self.workdir / f"{name}.log", name=name, cwd=self.workdir)
-        self.procs.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            with contextlib.suppress(Exception):
-                p.stop(timeout=5)
-        for ns in (self.server, *self.clients):
-            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
 @pytest.fixture
 def star(tmp_path: Path) -> Iterator[Star]:
-    with Star(tmp_path, 3) as s:
+    with Star(tmp_path, 3, base=210) as s:
         yield s
 
 
@@ -163,7 +111,7 @@ def start_all(star: Star, pki: Pki, *, client_to_client: bool) -> tuple[Proc, li
     clients = []
     for i, (cn, cipher) in enumerate(CLIENTS):
         cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher)
-        clients.append(star.spawn(star.clients[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
+        clients.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
     wait_for_lines([server, *clients], INIT_LINE, 40)
     return server, clients
 
@@ -183,23 +131,23 @@ def test_three_openvpn_clients_with_their_own_ciphers(star: Star, pki: Pki) -> N
     for (cn, cipher), c in zip(CLIENTS, clients, strict=True):
         assert f"Data Channel: cipher '{cipher}'" in c.text(), f"{cn} did not get {cipher}"
     for i in range(3):
-        assert ping(star.clients[i], SERVER4).ok, f"client {i} cannot reach the server"
-        assert ping(star.clients[i], SERVER6).ok, f"client {i} cannot reach the server over IPv6"
+        assert ping(star.peers[i], SERVER4).ok, f"client {i} cannot reach the server"
+        assert ping(star.peers[i], SERVER6).ok, f"client {i} cannot reach the server over IPv6"
     # client-to-client through the server
-    assert ping(star.clients[0], addrs[1]).ok
+    assert ping(star.peers[0], addrs[1]).ok
     # iroute: a network behind carol, reachable from alice via the pushed route
-    _ip("-n", star.clients[2], "addr", "add", "10.66.0.1/32", "dev", "lo")
+    _ip("-n", star.peers[2], "addr", "add", "10.66.0.1/32", "dev", "lo")
     subprocess.run(
-        ["ip", "netns", "exec", star.clients[2], "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True
+        ["ip", "netns", "exec", star.peers[2], "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True
     )
-    assert ping(star.clients[0], "10.66.0.1").ok, "iroute behind carol not reachable from alice"
+    assert ping(star.peers[0], "10.66.0.1").ok, "iroute behind carol not reachable from alice"
 
 
 def test_client_to_client_refused_when_disabled(star: Star, pki: Pki) -> None:
     _server, clients = start_all(star, pki, client_to_client=False)
     addrs = [pushed_ip(c.text()) for c in clients]
-    assert ping(star.clients[0], SERVER4).ok
-    assert not ping(star.clients[0], addrs[1], count=2, timeout=4).ok
+    assert ping(star.peers[0], SERVER4).ok
+    assert not ping(star.peers[0], addrs[1], count=2, timeout=4).ok
 
 
 def test_disconnected_client_address_is_reused_and_others_unaffected(star: Star, pki: Pki) -> None:
@@ -208,13 +156,13 @@ def test_disconnected_client_address_is_reused_and_others_unaffected(star: Star,
     mark = server.mark()
     clients[0].stop()
     server.wait_for_line("alice.*client disconnected", 20, since=mark)
-    assert ping(star.clients[1], SERVER4).ok
+    assert ping(star.peers[1], SERVER4).ok
     # a new client (another identity) may now take the freed pool address
     cconf = client_conf(pki, star.workdir, "dave", star.server_addr(0), "AES-128-GCM")
-    dave = star.spawn(star.clients[0], ["openvpn", "--config", str(cconf)], "client-dave")
+    dave = star.spawn(star.peers[0], ["openvpn", "--config", str(cconf)], "client-dave")
     dave.wait_for_line(INIT_LINE, 30)
     assert pushed_ip(dave.text()) == first
-    assert ping(star.clients[0], SERVER4).ok
+    assert ping(star.peers[0], SERVER4).ok
 
 
 def test_auth_user_pass_verify_rejects_one_client_only(star: Star, pki: Pki) -> None:
@@ -236,13 +184,13 @@ def test_auth_user_pass_verify_rejects_one_client_only(star: Star, pki: Pki) -> 
         cconf = client_conf(
             pki, star.workdir, cn, star.server_addr(i), cipher, extra=f"auth-user-pass {creds}"
         )
-        procs.append(star.spawn(star.clients[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
+        procs.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
     wait_for_lines([procs[0], procs[2]], INIT_LINE, 40)
     deadline = time.monotonic() + 30
     while "AUTH_FAILED" not in procs[1].text() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "AUTH_FAILED" in procs[1].text()
-    assert ping(star.clients[0], SERVER4).ok and ping(star.clients[2], SERVER4).ok
+    assert ping(star.peers[0], SERVER4).ok and ping(star.peers[2], SERVER4).ok
 
 
 def _udp_sockets_on(ns: str, port: int) -> int:
@@ -262,7 +210,7 @@ def test_idle_clients_live_on_keepalive_pings(star: Star, pki: Pki) -> None:
     clients = []
     for i, (cn, cipher) in enumerate(CLIENTS[:2]):
         cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher)
-        clients.append(star.spawn(star.clients[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
+        clients.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
     wait_for_lines([server, *clients], INIT_LINE, 40)
     if DCO == "userspace":
         assert _udp_sockets_on(star.server, 1194) == 2, "no keepalive lane next to the server socket"
@@ -277,4 +225,4 @@ def test_idle_clients_live_on_keepalive_pings(star: Star, pki: Pki) -> None:
     for c, m in zip(clients, client_marks, strict=True):
         assert "Inactivity timeout" not in c.text()[m:], f"{c.name} timed out: the server's pings stopped"
     for i in range(2):
-        assert ping(star.clients[i], SERVER4).ok
+        assert ping(star.peers[i], SERVER4).ok

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import secrets
 import socket
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import pytest
 
 from pyovpn.proto.session import Session, SessionConfig
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import INIT_LINE, Proc, ping, wait_for_lines, wait_listening
+from tests.netns.harness import INIT_LINE, Star, ping, wait_for_lines, wait_listening
 
 pytestmark = pytest.mark.netns
 
@@ -58,67 +57,9 @@ SESSION_LINE = "new client session"
 # ---------------------------------------------------------------------------- topology
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-class FloodStar:
-    """Server namespace plus ``n`` peer namespaces, each on its own veth; everything removed on exit."""
-
-    def __init__(self, workdir: Path, n: int) -> None:
-        tag = f"{os.getpid()}-{secrets.token_hex(3)}"
-        self.workdir = workdir
-        self.server = f"pov-{tag}-s"
-        self.peers = [f"pov-{tag}-f{i}" for i in range(n)]
-        self.procs: list[Proc] = []
-        self._tag = secrets.token_hex(2)
-
-    def __enter__(self) -> FloodStar:
-        try:
-            for ns in (self.server, *self.peers):
-                _ip("netns", "add", ns)
-                _ip("-n", ns, "link", "set", "lo", "up")
-            for i, ns in enumerate(self.peers):
-                a, b = f"fs{self._tag}{i}", f"fc{self._tag}{i}"
-                _ip("link", "add", a, "type", "veth", "peer", "name", b)
-                _ip("link", "set", a, "netns", self.server)
-                _ip("link", "set", b, "netns", ns)
-                _ip("-n", self.server, "addr", "add", f"{self.server_addr(i)}/24", "dev", a)
-                _ip("-n", ns, "addr", "add", f"172.31.{230 + i}.2/24", "dev", b)
-                _ip("-n", self.server, "link", "set", a, "up")
-                _ip("-n", ns, "link", "set", b, "up")
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @staticmethod
-    def server_addr(i: int) -> str:
-        return f"172.31.{230 + i}.1"
-
-    def spawn(self, ns: str, argv: list[str], name: str) -> Proc:
-        p = Proc(ns, argv, self.workdir / f"{name}.log", name=name, cwd=ROOT)
-        self.procs.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            with contextlib.suppress(Exception):
-                p.stop(timeout=5)
-        for ns in (self.server, *self.peers):
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-            for word in pids.split():
-                with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
-                    os.kill(int(word), 9)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
 @pytest.fixture
-def star(tmp_path: Path) -> Iterator[FloodStar]:
-    with FloodStar(tmp_path, 3) as s:
+def star(tmp_path: Path) -> Iterator[Star]:
+    with Star(tmp_path, 3, base=230, cwd=ROOT) as s:
         yield s
 
 
@@ -348,7 +289,7 @@ def sender_main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------- the test
 
 
-def test_control_flood_costs_no_sessions_and_bounded_memory(star: FloodStar, pki: Pki) -> None:
+def test_control_flood_costs_no_sessions_and_bounded_memory(star: Star, pki: Pki) -> None:
     conf = server_conf(pki, star.workdir)
     server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
     wait_listening(star.server, "udp", PORT, proc=server)
