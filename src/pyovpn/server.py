@@ -42,6 +42,7 @@ from pyovpn.datachannel.api import (
 from pyovpn.datachannel.api import normalize_address as _norm
 from pyovpn.errors import ConfigError, ProtocolError, PyovpnError
 from pyovpn.net import tun
+from pyovpn.net.sockbuf import grow_buffers
 from pyovpn.proto.cookie import CookieJar
 from pyovpn.proto.packets import DATA_OPCODES, Opcode
 from pyovpn.proto.session import ClientAuthRequest, Session, SessionClosed, TunnelUp
@@ -282,12 +283,7 @@ class MultiServer:
         except OSError as exc:
             raise _Stop(f"cannot bind UDP {address}: {exc.strerror}", restart=False, exit_code=1) from None
         # bursts of handshakes (and mass EXITs) overflow the default ~200 KiB receive buffer
-        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE when root
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SERVER_SOCKET_BUFFER)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SERVER_SOCKET_BUFFER)
+        grow_buffers(sock, SERVER_SOCKET_BUFFER)
         sock.setblocking(False)
         self.sock = sock
         name = o.dev if o.dev not in ("tun", "") else "tun0"

@@ -335,6 +335,16 @@ def _delete_ns(ns: str) -> None:
     _run(["ip", "netns", "del", ns], check=False)
 
 
+def _stop_and_delete(procs: Sequence[Proc], namespaces: Iterable[str], *, proc_timeout: float) -> None:
+    """Stop our processes (newest first, so exit codes are collected), then kill anything else
+    inside the namespaces and delete them."""
+    for p in reversed(procs):
+        with contextlib.suppress(Exception):
+            p.stop(timeout=proc_timeout)
+    for ns in namespaces:
+        _delete_ns(ns)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -471,11 +481,7 @@ class Netns:
         if not self._open:
             return
         try:
-            for p in reversed(self.procs):
-                with contextlib.suppress(Exception):
-                    p.stop(timeout=3.0)
-            for ns in self.names.values():
-                _delete_ns(ns)
+            _stop_and_delete(self.procs, self.names.values(), proc_timeout=3.0)
         finally:
             self._open = False
             _unregister(self)
@@ -541,11 +547,7 @@ class Star:
         if not self._open:
             return
         try:
-            for p in reversed(self.procs):
-                with contextlib.suppress(Exception):
-                    p.stop(timeout=5)
-            for ns in (self.server, *self.peers):
-                _delete_ns(ns)
+            _stop_and_delete(self.procs, (self.server, *self.peers), proc_timeout=5.0)
         finally:
             self._open = False
             _unregister(self)

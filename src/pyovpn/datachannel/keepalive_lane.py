@@ -5,7 +5,8 @@ woke the event loop, and in CPython a wakeup costs about 100 µs of CPU whatever
 more than the ping's own work. Linux lets the sockets of one ``SO_REUSEPORT`` group divide the
 incoming datagrams by a classic BPF program (``SO_ATTACH_REUSEPORT_CBPF``, Linux 4.5+). Ours
 sends the datagrams that can only be keepalive pings to the lane socket, which nobody polls: the
-userspace data channel drains it on its keepalive timer, once per quantum. Everything else goes to
+userspace data channel drains it on its keepalive timer, at least once a second and always before
+it looks for expired peers. Everything else goes to
 the main socket, read at once, so user data and control packets are never delayed.
 
 Which datagrams: opcode DATA_V2 and exactly 40 bytes, i.e. the 4-byte header, the 4-byte packet
@@ -20,16 +21,16 @@ Only sockets of the same user may join at all, and ours are created as root.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import socket
 import struct
 
+from pyovpn.net.sockbuf import grow_buffers
+
 log = logging.getLogger(__name__)
 
 SO_ATTACH_REUSEPORT_CBPF = 51
-SO_RCVBUFFORCE = 33
 LANE_INDEX = 1
 PING_DATAGRAM_SIZE = 40  # DATA_V2 header 4 + packet id 4 + tag 16 + ping payload 16
 _DATA_V2_HEADER = 9 << 3
@@ -86,11 +87,7 @@ def open_lane(main: socket.socket) -> socket.socket | None:
         device = main.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0")
         if device:
             lane.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device)
-        try:
-            lane.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _LANE_RCVBUF)
-        except OSError:
-            with contextlib.suppress(OSError):
-                lane.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _LANE_RCVBUF)
+        grow_buffers(lane, _LANE_RCVBUF, send=False)
         lane.bind(local)
         fprog, _keep = _fprog(_PROGRAM)
         lane.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)

@@ -50,6 +50,8 @@ import struct
 from collections.abc import Iterator
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from pyovpn.net.sockbuf import grow_buffers
+
 __all__ = [
     "DIRECT",
     "AddressInUseError",
@@ -593,12 +595,7 @@ class RouteMonitor:
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 0
         )
         try:
-            for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE needs CAP_NET_ADMIN
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-                    break
-                except OSError:
-                    continue
+            grow_buffers(sock, 4 << 20, send=False)
             try:
                 sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
             except OSError:

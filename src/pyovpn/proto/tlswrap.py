@@ -231,12 +231,6 @@ class TlsCrypt:
         self.replay = LongReplayWindow(replay_window)
         self.overhead = 8 + self.TAG_LEN
 
-    def _send_crypt(self, iv: bytes, data: bytes) -> bytes:
-        return _aes_ctr(self._send_ke, iv, data)
-
-    def _recv_crypt(self, iv: bytes, data: bytes) -> bytes:
-        return _aes_ctr(self._recv_ke, iv, data)
-
     def skip_replay_ids(self, last_sent: int) -> None:
         """Continue after ids already used elsewhere (the stateless reset reply used id 1)."""
         self._counter.pid = max(self._counter.pid, last_sent)
@@ -245,7 +239,7 @@ class TlsCrypt:
         hdr = control_header(opcode, key_id, session_id) + _PID_TIME.pack(*self._counter.next(now))
         body = rh.encode()
         tag = hmac.new(self._send_ka, hdr + body, "sha256").digest()
-        return hdr + tag + self._send_crypt(tag[:16], body)
+        return hdr + tag + _aes_ctr(self._send_ke, tag[:16], body)
 
     def unwrap(self, packet: bytes) -> ControlPacket:
         op, key_id = _check_control_opcode(packet)
@@ -253,7 +247,7 @@ class TlsCrypt:
             raise ProtocolError("tls-crypt control packet too short")
         hdr = packet[:17]
         tag = packet[17:49]
-        body = self._recv_crypt(tag[:16], packet[49:])
+        body = _aes_ctr(self._recv_ke, tag[:16], packet[49:])
         expect = hmac.new(self._recv_ka, hdr + body, "sha256").digest()
         if not hmac.compare_digest(tag, expect):
             raise AuthenticationError("tls-crypt authentication failed (wrong tls-crypt key?)")

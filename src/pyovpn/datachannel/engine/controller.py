@@ -64,14 +64,13 @@ from pyovpn.datachannel.validate import (
 )
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
+from pyovpn.net.sockbuf import grow_buffers
 
 log = logging.getLogger("pyovpn.engine")
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
 IFF_VNET_HDR = 0x4000
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM = 0x01
@@ -524,12 +523,7 @@ class Controller:
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
         )
         if self.sock_buf:
-            for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, force, self.sock_buf)
-                except OSError:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_SOCKET, plain, self.sock_buf)
+            grow_buffers(sock, self.sock_buf)
         if peer.transport is Transport.UDP and self.want_gro:
             try:
                 sock.setsockopt(SOL_UDP, UDP_GRO, 1)
