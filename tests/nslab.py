@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 import pytest
 
 from pyovpn.datachannel.api import Cipher, IfaceMode, KeyDirection, KeySlot, NewIface, NewKey, Notification
-from pyovpn.datachannel.crypto import split_key2
 from pyovpn.net import tun
+from pyovpn.proto.keys import split_key2
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000

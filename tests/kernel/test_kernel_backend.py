@@ -74,8 +74,9 @@ from pyovpn.datachannel.api import (
     SwapKeys,
     Transport,
 )
-from pyovpn.datachannel.crypto import PEER_ID_UNDEF, PING_MAGIC, KeyState
+from pyovpn.datachannel.crypto import PING_MAGIC, KeyState
 from pyovpn.errors import BackendError
+from pyovpn.proto.packets import UNDEF_PEER_ID
 
 ETH_P_ALL = 0x0003
 PACKET_HOST, PACKET_OUTGOING = 0, 4
@@ -351,7 +352,7 @@ def test_mp_mode_peers_and_control_dispatch(one: Site) -> None:
     one.wait_note(lambda n: n == ControlPacket(1, bytes([P_CONTROL_V1]) + b"one", r1))
     one.wait_note(lambda n: n == ControlPacket(2, bytes([P_CONTROL_V1]) + b"two", r2))
     one.wait_note(
-        lambda n: isinstance(n, ControlPacket) and n.peer_id == PEER_ID_UNDEF and n.packet.endswith(b"who")
+        lambda n: isinstance(n, ControlPacket) and n.peer_id == UNDEF_PEER_ID and n.packet.endswith(b"who")
     )
     one.request(SendControl(2, b"\x20hello"))
     c2.settimeout(5)

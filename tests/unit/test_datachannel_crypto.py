@@ -20,9 +20,9 @@ from pyovpn.datachannel.crypto import (
     KeyState,
     PacketIdExhaustedError,
     ReplayWindow,
-    split_key2,
 )
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
+from pyovpn.proto.keys import split_key2
 
 ALL_CIPHERS = list(Cipher)
 

@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pyovpn.datachannel.api import Cipher
-from pyovpn.datachannel.crypto import KeyState, split_key2
+from pyovpn.datachannel.crypto import KeyState
 from pyovpn.datachannel.engine import gso
+from pyovpn.proto.keys import split_key2
 
 # ---------------------------------------------------------------------------- references
 

@@ -8,10 +8,9 @@ import hmac
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from pyovpn.datachannel.crypto import split_key2
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.proto import keymethod as km
-from pyovpn.proto.keys import prf_key2, tls1_prf
+from pyovpn.proto.keys import prf_key2, split_key2, tls1_prf
 from pyovpn.proto.packets import Opcode, ReliabilityHeader, StreamFramer, frame, pack_byte0, peek_opcode
 from pyovpn.proto.reliable import AckTracker, ReliableReceiver, ReliableSender
 from pyovpn.proto.tlswrap import LongReplayWindow, NoWrap, TlsAuth, TlsCrypt

@@ -38,11 +38,13 @@ from pyovpn.datachannel.api import (
     SetPeer,
     Transport,
 )
-from pyovpn.datachannel.crypto import PEER_ID_UNDEF, PING_MAGIC, KeyState, split_key2
+from pyovpn.datachannel.crypto import PING_MAGIC, KeyState
 from pyovpn.datachannel.keepalive_lane import PING_DATAGRAM_SIZE
 from pyovpn.datachannel.userspace import UserspaceDataChannel
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
+from pyovpn.proto.keys import split_key2
+from pyovpn.proto.packets import UNDEF_PEER_ID
 from pyovpn.server import _bind_server_socket
 from tests.nslab import Lab, Site, ip, ping, require_root, tcp_listener
 
@@ -385,11 +387,11 @@ def _check_control_packets(server: Site, a: Client, b: Client) -> None:
     a.s.request(SendControl(a.peer_id, b"\x20from a"))
     n = server.wait_note(lambda n: isinstance(n, ControlPacket) and n.packet == b"\x20from a")
     assert n == ControlPacket(a.peer_id, b"\x20from a", (a.veth, PORT))
-    # a new client without a peer: its handshake comes up with PEER_ID_UNDEF and its address
+    # a new client without a peer: its handshake comes up with UNDEF_PEER_ID and its address
     unknown = _iface_drops(server, "rx_unknown_peer")
     port = a.s.call(lambda: _hello_from_new_client(a.veth_server))
     n = server.wait_note(lambda n: isinstance(n, ControlPacket) and n.packet == b"\x38new client")
-    assert n == ControlPacket(PEER_ID_UNDEF, b"\x38new client", (a.veth, port))
+    assert n == ControlPacket(UNDEF_PEER_ID, b"\x38new client", (a.veth, port))
     # and data from an unknown address with the undefined peer id is dropped and counted
     _wait(lambda: _iface_drops(server, "rx_unknown_peer") == unknown + 1, what="the unknown data packet")
     server.request(SendControl(b.peer_id, b"\x28to b"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 
@@ -264,6 +264,25 @@ class Stats:
     dropped_replay: int = 0
     dropped_other: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: Stats) -> None:
+        """Add ``other``'s counters to these (a peer served by several workers)."""
+        for name in STAT_COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for k, v in other.extra.items():
+            self.extra[k] = self.extra.get(k, 0) + v
+
+    def peer_info(
+        self, peer_id: int, remote: Address | None, keepalive_interval: int, keepalive_timeout: int
+    ) -> PeerInfo:
+        """The ``GetPeer`` reply for a peer with these counters."""
+        counters = {n: getattr(self, n) for n in PEER_INFO_COUNTERS}
+        return PeerInfo(peer_id, remote, keepalive_interval, keepalive_timeout, **counters)
+
+
+# Every plain counter of Stats, and the ones PeerInfo reports (the kernel's OVPN_A_PEER_* counters).
+STAT_COUNTERS: tuple[str, ...] = tuple(f.name for f in fields(Stats) if f.name != "extra")
+PEER_INFO_COUNTERS: tuple[str, ...] = tuple(f.name for f in fields(PeerInfo) if f.name in STAT_COUNTERS)
 
 
 class DataChannel(Protocol):

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from pyovpn.datachannel.api import Cipher, KeyDirection
 from pyovpn.errors import AuthenticationError, ProtocolError, PyovpnError, ReplayError
+from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
 
 __all__ = [
     "DATA_V1_OVERHEAD",
@@ -33,21 +34,14 @@ __all__ = [
     "MAX_PACKET_ID",
     "NONCE_TAIL_SIZE",
     "OCC_MAGIC",
-    "OPCODE_DATA_V1",
-    "OPCODE_DATA_V2",
-    "PEER_ID_UNDEF",
     "PING_MAGIC",
     "TAG_SIZE",
     "DataKey",
     "KeyState",
     "PacketIdExhaustedError",
     "ReplayWindow",
-    "split_key2",
 ]
 
-OPCODE_DATA_V1 = 6
-OPCODE_DATA_V2 = 9
-PEER_ID_UNDEF = 0xFFFFFF  # "no peer id": receivers look the peer up by address instead
 TAG_SIZE = 16
 NONCE_TAIL_SIZE = 8
 DATA_V2_OVERHEAD = 4 + 4 + TAG_SIZE  # op/peer-id, pid, tag
@@ -273,7 +267,7 @@ class KeyState:
             hdr = _HDR_V1.pack(self._op_v1, pid)
             aad = hdr[1:]
         else:
-            if not 0 <= peer_id <= PEER_ID_UNDEF:
+            if not 0 <= peer_id <= UNDEF_PEER_ID:
                 raise ValueError(f"peer id must be 0..0xFFFFFF, got {peer_id}")
             hdr = aad = _HDR_V2.pack(self._op_v2 | peer_id, pid)
         sealed = memoryview(self._seal_bytes(_NONCE.pack(pid, self._enc_tail), payload, aad))
@@ -294,7 +288,7 @@ class KeyState:
         ``24 + lengths[i]`` (+2) bytes. Fewer than ``len(offsets)`` sealed means the
         packet ids ran out: the key is exhausted.
         """
-        if not 0 <= peer_id <= PEER_ID_UNDEF:
+        if not 0 <= peer_id <= UNDEF_PEER_ID:
             raise ValueError(f"peer id must be 0..0xFFFFFF, got {peer_id}")
         seal = self._seal
         tail = self._enc_tail
@@ -427,16 +421,3 @@ class KeyState:
     def __repr__(self) -> str:
         return f"KeyState(key_id={self.key_id}, {self.cipher.value}, tx_pid={self._tx_pid})"
 
-
-def split_key2(key2: bytes, cipher: Cipher, *, tls_client: bool) -> tuple[KeyDirection, KeyDirection]:
-    """Map OpenVPN's 256-byte key block to this side's (encrypt, decrypt) directions.
-
-    key2[0:64] is the client→server cipher key, key2[64:72] its nonce tail,
-    key2[128:192] the server→client key and key2[192:200] its tail (§4.1, §7.2).
-    """
-    if len(key2) != 256:
-        raise ValueError(f"the data-channel key block must be 256 bytes, got {len(key2)}")
-    klen = cipher.key_len
-    c2s = KeyDirection(bytes(key2[0:klen]), bytes(key2[64:72]))
-    s2c = KeyDirection(bytes(key2[128 : 128 + klen]), bytes(key2[192:200]))
-    return (c2s, s2c) if tls_client else (s2c, c2s)

@@ -48,7 +48,6 @@ import secrets
 import socket
 import struct
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -100,7 +99,6 @@ from pyovpn.datachannel.api import (
     Transport,
 )
 from pyovpn.datachannel.api import normalize_address as _normalize
-from pyovpn.datachannel.crypto import OPCODE_DATA_V1, OPCODE_DATA_V2, PEER_ID_UNDEF
 from pyovpn.datachannel.validate import (
     check_keepalive,
     check_new_key,
@@ -109,6 +107,9 @@ from pyovpn.datachannel.validate import (
     check_slot,
 )
 from pyovpn.errors import BackendError
+from pyovpn.net.blocking import call_outside_loop
+from pyovpn.net.sockets import TCP_DISCONNECT_ERRNOS, TRANSIENT_SEND_ERRNOS, scope_index, socket_key
+from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
 
 __all__ = [
     "OVPN_FAMILY_NAME",
@@ -189,18 +190,6 @@ _RX_BATCH = 256
 _TCP_RETRY_MIN = 0.001
 _TCP_RETRY_MAX = 0.05
 _TCP_FLUSH_ON_DEL = 0.25  # seconds DelPeer waits for queued control frames (e.g. EXIT) to leave
-_TRANSIENT_SEND_ERRNOS = frozenset(
-    {
-        errno.EAGAIN,
-        errno.ENOBUFS,
-        errno.ECONNREFUSED,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.ENETDOWN,
-        errno.EPERM,  # netfilter said no
-    }
-)
-_TCP_DISCONNECT_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ESHUTDOWN})
 
 _NEED_CAP = "needs CAP_NET_ADMIN: run as root (or grant the capability)"
 _NO_DRIVER = (
@@ -631,30 +620,6 @@ class _GenlChannel:
 # ---------------------------------------------------------------------------- rtnetlink helpers (sync)
 
 
-def _in_thread(fn: Callable[[], T]) -> T:
-    """Run ``fn`` here, or in a short-lived thread if this thread runs an asyncio loop
-    (pyroute2 0.9's synchronous API cannot nest in a running loop)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return fn()
-    box: list[T] = []
-    failure: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            box.append(fn())
-        except BaseException as e:
-            failure.append(e)
-
-    thread = threading.Thread(target=worker, name="pyovpn-netlink", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return box[0]
-
-
 def _link_kind(ipr: IPRoute, index: int) -> str | None:
     for msg in ipr.get_links(index):
         info = msg.get_attr("IFLA_LINKINFO")
@@ -794,21 +759,10 @@ def cleanup_stale_iface(name: str, *, force: bool = False) -> bool:
         except PermissionError:
             raise BackendError(f"remove stale interface {name}: {_NEED_CAP}") from None
 
-    return _in_thread(work)
+    return call_outside_loop(work)
 
 
 # ---------------------------------------------------------------------------- address helpers
-
-
-def _scope_index(scope: str | None) -> int:
-    if not scope:
-        return 0
-    if scope.isdigit():
-        return int(scope)
-    try:
-        return socket.if_nametoindex(scope)
-    except OSError:
-        return 0
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -881,11 +835,6 @@ class _Peer:
         self.tcp_out: collections.deque[bytes] = collections.deque()
         self.tcp_retry: asyncio.TimerHandle | None = None
         self.tcp_delay = _TCP_RETRY_MIN
-
-
-def _socket_key(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino)
 
 
 class KernelDataChannel:
@@ -1023,7 +972,7 @@ class KernelDataChannel:
         try:
             peer_attrs, remote, send_addr = self._peer_attrs(what, cmd, sock, iface, tx_id)
             peer_attrs.insert(1, ["OVPN_A_PEER_SOCKET", sock.fileno()])
-            key = _socket_key(sock.fileno())
+            key = socket_key(sock.fileno())
             # in P2P the kernel replaces any current peer; its PEER_DEL_NTF(TEARDOWN) arrives
             # before the ACK and is dispatched with the old peer's state still in place
             await self._genl(what, OvpnCmd.PEER_NEW, "OVPN_A_PEER", peer_attrs, peer_id=cmd.peer_id)
@@ -1122,7 +1071,7 @@ class KernelDataChannel:
             raise BackendError(f"{what}: remote port {port} out of range 1..65535")
         scope = 0
         if isinstance(ip, ipaddress.IPv6Address):
-            scope = _scope_index(ip.scope_id)
+            scope = scope_index(ip.scope_id)
             if ip.ipv4_mapped is not None:
                 ip = ip.ipv4_mapped
         attrs: list[list[Any]]
@@ -1307,7 +1256,7 @@ class KernelDataChannel:
         try:
             peer.reader.sock.sendto(packet, socket.MSG_DONTWAIT, peer.send_addr)
         except OSError as e:
-            if e.errno in _TRANSIENT_SEND_ERRNOS:
+            if e.errno in TRANSIENT_SEND_ERRNOS:
                 return  # UDP is lossy anyway; the reliability layer retransmits
             raise BackendError(f"{what}: send to {peer.remote} failed: {e.strerror or e}") from None
 
@@ -1563,7 +1512,7 @@ class KernelDataChannel:
             peer = self._peers.get(peer_id)
             if peer is not None and peer.remote == remote:
                 return peer_id
-        return PEER_ID_UNDEF  # MP: a packet from an address no peer has (yet)
+        return UNDEF_PEER_ID  # MP: a packet from an address no peer has (yet)
 
     def _on_tcp_readable(self, reader: _Reader) -> None:
         peer_id = next(iter(reader.peers), None)
@@ -1585,7 +1534,7 @@ class KernelDataChannel:
                     return
                 reason = (
                     PeerDelReason.TRANSPORT_DISCONNECT
-                    if e.errno in _TCP_DISCONNECT_ERRNOS
+                    if e.errno in TCP_DISCONNECT_ERRNOS
                     else PeerDelReason.TRANSPORT_ERROR
                 )
                 log.info("kernel data channel: TCP peer %d: %s", peer.peer_id, e)
@@ -1630,7 +1579,7 @@ class KernelDataChannel:
                 log.info("kernel data channel: TCP send to peer %d failed: %s", peer.peer_id, e)
                 reason = (
                     PeerDelReason.TRANSPORT_DISCONNECT
-                    if e.errno in _TCP_DISCONNECT_ERRNOS
+                    if e.errno in TCP_DISCONNECT_ERRNOS
                     else PeerDelReason.TRANSPORT_ERROR
                 )
                 self._local_remove(peer, reason)

@@ -26,7 +26,7 @@ Multipoint (``IfaceMode.MP``, a P2MP server), as the kernel's MP mode (§7.3):
   socket), peer-id 0xFFFFFF and DATA_V1 to the peer whose remote is the source address;
   anything else is dropped and counted in ``iface_stats`` (``rx_unknown_peer``);
 * **every non-data packet on the shared socket goes up as** ``ControlPacket``, with the
-  peer id of the peer whose remote is the source address, or ``PEER_ID_UNDEF``
+  peer id of the peer whose remote is the source address, or ``UNDEF_PEER_ID``
   (0xFFFFFF, as the kernel backend reports it) when no peer has that address. So once
   the first peer has handed the socket over, the server edge must stop reading it and
   takes new clients' handshakes from these notifications; it answers a source without
@@ -105,15 +105,7 @@ from pyovpn.datachannel.api import (
     Transport,
 )
 from pyovpn.datachannel.api import normalize_address as _normalize
-from pyovpn.datachannel.crypto import (
-    DEFAULT_REPLAY_WINDOW,
-    OPCODE_DATA_V1,
-    OPCODE_DATA_V2,
-    PEER_ID_UNDEF,
-    PING_MAGIC,
-    KeyState,
-    PacketIdExhaustedError,
-)
+from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW, PING_MAGIC, KeyState, PacketIdExhaustedError
 from pyovpn.datachannel.keepalive_lane import close_lane, open_lane
 from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonitor
 from pyovpn.datachannel.validate import (
@@ -125,14 +117,21 @@ from pyovpn.datachannel.validate import (
 )
 from pyovpn.errors import AuthenticationError, BackendError, ProtocolError, ReplayError
 from pyovpn.net import tun
+from pyovpn.net.sockets import (
+    SOL_UDP,
+    TCP_DISCONNECT_ERRNOS,
+    TRANSIENT_SEND_ERRNOS,
+    UDP_GRO,
+    UDP_SEGMENT,
+    scope_index,
+    socket_key,
+)
+from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
 
 __all__ = ["UserspaceDataChannel"]
 
 log = logging.getLogger(__name__)
 
-SOL_UDP = 17
-UDP_SEGMENT = 103  # send: one buffer, cut by the kernel into gso_size datagrams
-UDP_GRO = 104  # receive: coalesced datagrams plus a cmsg carrying their size
 _GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on older kernels; newer ones allow more
 _GSO_MAX_BYTES = 65000  # stay below the 64 KiB IP datagram limit with headers
 _GSO_SIZE = struct.Struct("=H")  # the UDP_SEGMENT cmsg is a native u16
@@ -151,18 +150,6 @@ _LANE_BATCH = 4096
 _TCP_RX_CHUNK = 262144
 _TCP_RX_READS = 16
 _TCP_TX_HIGH_WATER = 1 << 20  # drop data (never control) frames above this backlog
-_TRANSIENT_SEND_ERRNOS = frozenset(
-    {
-        errno.EAGAIN,
-        errno.ENOBUFS,
-        errno.ECONNREFUSED,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.ENETDOWN,
-        errno.EPERM,  # netfilter said no
-    }
-)
-_TCP_DISCONNECT_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ESHUTDOWN})
 
 
 class _Iface:
@@ -289,12 +276,6 @@ class _SharedUdp:
                 break
         if not waiting:
             self.shadowed.pop(addr, None)
-
-
-def _socket_key(fd: int) -> tuple[int, int]:
-    """Identifies a socket across duplicated descriptors."""
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino)
 
 
 def _count(stats: Stats, name: str, n: int = 1) -> None:
@@ -436,10 +417,10 @@ class UserspaceDataChannel:
         iface = self._iface
         if iface is None:
             raise BackendError(f"{what}: no interface; send NewIface first")
-        if not 0 <= cmd.peer_id < PEER_ID_UNDEF:
+        if not 0 <= cmd.peer_id < UNDEF_PEER_ID:
             raise BackendError(f"{what}: peer id {cmd.peer_id} out of range 0..0xFFFFFE")
         tx_id = cmd.peer_id if cmd.tx_peer_id is None else cmd.tx_peer_id
-        if not 0 <= tx_id <= PEER_ID_UNDEF:
+        if not 0 <= tx_id <= UNDEF_PEER_ID:
             raise BackendError(f"{what}: tx peer id {tx_id} out of range 0..0xFFFFFF")
         if iface.router is None and (cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None):
             raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
@@ -497,7 +478,7 @@ class UserspaceDataChannel:
         if cmd.peer_id in self._peers:
             raise BackendError(f"{what}: peer id {cmd.peer_id} already exists (delete it first)")
         try:
-            key = _socket_key(cmd.socket_fd)
+            key = socket_key(cmd.socket_fd)
         except OSError as e:
             raise BackendError(
                 f"{what}: socket fd {cmd.socket_fd} is not usable: {e.strerror or e}"
@@ -505,7 +486,7 @@ class UserspaceDataChannel:
         shared = self._shared.get(key) if cmd.transport is Transport.UDP else None
         if cmd.transport is Transport.TCP:
             for other in self._peers.values():
-                if other.transport is Transport.TCP and _socket_key(other.fd) == key:
+                if other.transport is Transport.TCP and socket_key(other.fd) == key:
                     raise BackendError(
                         f"{what}: the TCP socket already carries peer {other.peer_id}; "
                         "every TCP peer needs its own connection"
@@ -654,7 +635,7 @@ class UserspaceDataChannel:
         else:
             peer.raw_ip = f"::ffff:{ip}" if ip.version == 4 else str(ip)
             scope = ip.scope_id if isinstance(ip, ipaddress.IPv6Address) else None
-            peer.send_addr = (peer.raw_ip.split("%")[0], port, 0, _scope_index(scope))
+            peer.send_addr = (peer.raw_ip.split("%")[0], port, 0, scope_index(scope))
         peer.raw_port = port
         peer.remote = (str(ip), port)
 
@@ -675,21 +656,7 @@ class UserspaceDataChannel:
 
     def _get_peer(self, cmd: GetPeer) -> PeerInfo:
         peer = self._peer("GetPeer", cmd.peer_id)
-        st = peer.stats
-        return PeerInfo(
-            peer_id=peer.peer_id,
-            remote=peer.remote,
-            keepalive_interval=peer.ka_interval,
-            keepalive_timeout=peer.ka_timeout,
-            vpn_rx_bytes=st.vpn_rx_bytes,
-            vpn_tx_bytes=st.vpn_tx_bytes,
-            vpn_rx_packets=st.vpn_rx_packets,
-            vpn_tx_packets=st.vpn_tx_packets,
-            link_rx_bytes=st.link_rx_bytes,
-            link_tx_bytes=st.link_tx_bytes,
-            link_rx_packets=st.link_rx_packets,
-            link_tx_packets=st.link_tx_packets,
-        )
+        return peer.stats.peer_info(peer.peer_id, peer.remote, peer.ka_interval, peer.ka_timeout)
 
     def _del_peer(self, cmd: DelPeer) -> None:
         self._remove_peer(self._peer("DelPeer", cmd.peer_id), PeerDelReason.USERSPACE)
@@ -740,7 +707,7 @@ class UserspaceDataChannel:
         try:
             peer.sock.sendto(packet, peer.send_addr)
         except OSError as e:
-            if e.errno in _TRANSIENT_SEND_ERRNOS:
+            if e.errno in TRANSIENT_SEND_ERRNOS:
                 # UDP is lossy anyway; the reliability layer retransmits
                 _count(peer.stats, "control_tx_dropped")
                 return
@@ -1044,7 +1011,7 @@ class UserspaceDataChannel:
                 sent_bytes += size
             except OSError as e:
                 _count(peer.stats, "tx_dropped")
-                if e.errno not in _TRANSIENT_SEND_ERRNOS:
+                if e.errno not in TRANSIENT_SEND_ERRNOS:
                     log.debug("userspace data channel: send to peer %d failed: %s", peer.peer_id, e)
             i += 1
         return sent_packets, sent_bytes
@@ -1170,7 +1137,7 @@ class UserspaceDataChannel:
                 self.iface_stats.dropped_other += 1
                 return
             rx_id = (pkt[1] << 16) | (pkt[2] << 8) | pkt[3]
-            if rx_id == PEER_ID_UNDEF:
+            if rx_id == UNDEF_PEER_ID:
                 peer = shared.by_addr.get((addr[0], addr[1]))  # as the kernel: by source address
             else:
                 peer = self._peers.get(rx_id)
@@ -1180,8 +1147,8 @@ class UserspaceDataChannel:
             peer = shared.by_addr.get((addr[0], addr[1]))
         else:
             peer = shared.by_addr.get((addr[0], addr[1]))
-            # unknown source: PEER_ID_UNDEF, so the server edge sees new clients' handshakes
-            owner = peer.peer_id if peer is not None else PEER_ID_UNDEF
+            # unknown source: UNDEF_PEER_ID, so the server edge sees new clients' handshakes
+            owner = peer.peer_id if peer is not None else UNDEF_PEER_ID
             self._emit(ControlPacket(owner, bytes(pkt), _normalize(addr)))
             return
         if peer is None:
@@ -1247,7 +1214,7 @@ class UserspaceDataChannel:
                 return
             rx_id = (pkt[1] << 16) | (pkt[2] << 8) | pkt[3]
             if rx_id != peer.peer_id and (
-                rx_id != PEER_ID_UNDEF or addr[0] != peer.raw_ip or addr[1] != peer.raw_port
+                rx_id != UNDEF_PEER_ID or addr[0] != peer.raw_ip or addr[1] != peer.raw_port
             ):
                 # another peer-id, or an UNDEF one not from our remote: not our peer (kernel drops)
                 _count(peer.stats, "rx_unknown_peer")
@@ -1335,7 +1302,7 @@ class UserspaceDataChannel:
             except OSError as e:
                 reason = (
                     PeerDelReason.TRANSPORT_DISCONNECT
-                    if e.errno in _TCP_DISCONNECT_ERRNOS
+                    if e.errno in TCP_DISCONNECT_ERRNOS
                     else PeerDelReason.TRANSPORT_ERROR
                 )
                 log.info("userspace data channel: TCP peer %d: %s", peer.peer_id, e)
@@ -1422,13 +1389,3 @@ class UserspaceDataChannel:
             self._loop.remove_writer(peer.fd)
             peer.tcp_writer = False
 
-
-def _scope_index(scope: str | None) -> int:
-    if not scope:
-        return 0
-    if scope.isdigit():
-        return int(scope)
-    try:
-        return socket.if_nametoindex(scope)
-    except OSError:
-        return 0

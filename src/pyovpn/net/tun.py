@@ -14,19 +14,18 @@ must not block their loop for the (millisecond) round trip can wrap the calls in
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import ipaddress
 import os
 import struct
-import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 from pyroute2 import IPRoute, NetlinkError
 
 from pyovpn.errors import BackendError
+from pyovpn.net.blocking import call_outside_loop
 
 __all__ = ["add_address", "add_route", "configure_link", "del_link", "open_tun"]
 
@@ -229,23 +228,4 @@ def _call(what: str, op: Callable[[IPRoute], T]) -> T:
 
 
 def _run(what: str, op: Callable[[IPRoute], T]) -> T:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _call(what, op)
-    # an asyncio loop runs in this thread and pyroute2's sync API cannot nest in it
-    box: list[T] = []
-    failure: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            box.append(_call(what, op))
-        except BaseException as e:
-            failure.append(e)
-
-    thread = threading.Thread(target=worker, name="pyovpn-netlink", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return box[0]
+    return call_outside_loop(lambda: _call(what, op))

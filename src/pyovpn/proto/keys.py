@@ -1,6 +1,6 @@
 """Data-channel key derivation: the legacy TLS 1.0 PRF method and TLS-EKM (RFC 5705).
 
-Both produce OpenVPN's 256-byte ``key2`` block; :func:`pyovpn.datachannel.crypto.split_key2`
+Both produce OpenVPN's 256-byte ``key2`` block; :func:`split_key2`
 turns it into per-direction keys and nonce tails.
 """
 
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+
+from pyovpn.datachannel.api import Cipher, KeyDirection
 
 KEY2_LEN = 256
 EKM_LABEL_DATAKEYS = b"EXPORTER-OpenVPN-datakeys"
@@ -48,3 +50,17 @@ def prf_key2(
     master = tls1_prf(pre_master, b"OpenVPN master secret" + client_random1 + server_random1, 48)
     seed = b"OpenVPN key expansion" + client_random2 + server_random2 + client_session_id + server_session_id
     return tls1_prf(master, seed, KEY2_LEN)
+
+
+def split_key2(key2: bytes, cipher: Cipher, *, tls_client: bool) -> tuple[KeyDirection, KeyDirection]:
+    """Map OpenVPN's 256-byte key block to this side's (encrypt, decrypt) directions.
+
+    key2[0:64] is the client→server cipher key, key2[64:72] its nonce tail,
+    key2[128:192] the server→client key and key2[192:200] its tail (§4.1, §7.2).
+    """
+    if len(key2) != 256:
+        raise ValueError(f"the data-channel key block must be 256 bytes, got {len(key2)}")
+    klen = cipher.key_len
+    c2s = KeyDirection(bytes(key2[0:klen]), bytes(key2[64:72]))
+    s2c = KeyDirection(bytes(key2[128 : 128 + klen]), bytes(key2[192:200]))
+    return (c2s, s2c) if tls_client else (s2c, c2s)

@@ -42,9 +42,12 @@ CONTROL_OPCODES = frozenset(
     }
 )
 DATA_OPCODES = frozenset({Opcode.DATA_V1, Opcode.DATA_V2})
+# Plain ints for the data path's per-packet comparisons (an enum member costs an attribute lookup).
+OPCODE_DATA_V1 = int(Opcode.DATA_V1)
+OPCODE_DATA_V2 = int(Opcode.DATA_V2)
 
 SESSION_ID_LEN = 8
-UNDEF_PEER_ID = 0xFFFFFF
+UNDEF_PEER_ID = 0xFFFFFF  # "no peer id": receivers look the peer up by address instead
 # Largest ACK array a receiver accepts; OpenVPN never sends more than RELIABLE_ACK_SIZE (8).
 MAX_ACKS = 8
 

@@ -17,11 +17,16 @@ from dataclasses import dataclass, field
 from OpenSSL import SSL
 
 from pyovpn.datachannel.api import Cipher, DelKey, KeySlot, NewKey, SwapKeys
-from pyovpn.datachannel.crypto import split_key2
 from pyovpn.errors import ProtocolError
 from pyovpn.proto import keymethod as km
 from pyovpn.proto.cookie import CookieVerified
-from pyovpn.proto.keys import EKM_LABEL_DATAKEYS, EKM_LABEL_P2P_PEERID, P2P_DEFAULT_PEER_ID, prf_key2
+from pyovpn.proto.keys import (
+    EKM_LABEL_DATAKEYS,
+    EKM_LABEL_P2P_PEERID,
+    P2P_DEFAULT_PEER_ID,
+    prf_key2,
+    split_key2,
+)
 from pyovpn.proto.packets import SESSION_ID_LEN, ControlPacket, Opcode, ReliabilityHeader
 from pyovpn.proto.push import PushedOptions, parse_pushed_options, split_push_message
 from pyovpn.proto.reliable import AckTracker, ReliableReceiver, ReliableSender

@@ -46,14 +46,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from pyovpn.datachannel.api import DelKey, KeySlot, NewKey, SwapKeys
-from pyovpn.datachannel.crypto import (
-    OPCODE_DATA_V1,
-    OPCODE_DATA_V2,
-    PING_MAGIC,
-    KeyState,
-    PacketIdExhaustedError,
-)
+from pyovpn.datachannel.crypto import PING_MAGIC, KeyState, PacketIdExhaustedError
 from pyovpn.errors import ProtocolError
+from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2
 from pyovpn.proto.session import Session, SessionClosed, SessionConfig, TunnelUp
 
 if TYPE_CHECKING:

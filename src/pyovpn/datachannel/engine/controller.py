@@ -52,7 +52,7 @@ from pyovpn.datachannel.api import (
     SwapKeys,
     Transport,
 )
-from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PEER_ID_UNDEF, KeyState
+from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, KeyState
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import decode, encode, recv_msg, send_msg
 from pyovpn.datachannel.validate import (
@@ -65,12 +65,11 @@ from pyovpn.datachannel.validate import (
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
 from pyovpn.net.sockbuf import grow_buffers
+from pyovpn.net.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT, scope_index
+from pyovpn.proto.packets import UNDEF_PEER_ID
 
 log = logging.getLogger("pyovpn.engine")
 
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
 IFF_VNET_HDR = 0x4000
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM = 0x01
@@ -80,19 +79,6 @@ TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
 TUNSETIFF = 0x400454CA
 _IFREQ = struct.Struct("16sH22x")
-_STAT_FIELDS = (
-    "vpn_rx_bytes",
-    "vpn_tx_bytes",
-    "vpn_rx_packets",
-    "vpn_tx_packets",
-    "link_rx_bytes",
-    "link_tx_bytes",
-    "link_rx_packets",
-    "link_tx_packets",
-    "dropped_auth",
-    "dropped_replay",
-    "dropped_other",
-)
 
 
 @dataclass
@@ -147,17 +133,6 @@ def _normalize(addr: tuple[Any, ...]) -> Address:
     if ip.startswith("::ffff:") and "." in ip:
         ip = ip[7:]
     return (ip, addr[1])
-
-
-def _scope_index(scope: str | None) -> int:
-    if not scope:
-        return 0
-    if scope.isdigit():
-        return int(scope)
-    try:
-        return socket.if_nametoindex(scope)
-    except OSError:
-        return 0
 
 
 class Controller:
@@ -485,10 +460,10 @@ class Controller:
             raise BackendError(f"{what}: the offload engine is closed")
         if self.iface is None:
             raise BackendError(f"{what}: no interface; send NewIface first")
-        if not 0 <= cmd.peer_id < PEER_ID_UNDEF:
+        if not 0 <= cmd.peer_id < UNDEF_PEER_ID:
             raise BackendError(f"{what}: peer id {cmd.peer_id} out of range 0..0xFFFFFE")
         tx_id = cmd.peer_id if cmd.tx_peer_id is None else cmd.tx_peer_id
-        if not 0 <= tx_id <= PEER_ID_UNDEF:
+        if not 0 <= tx_id <= UNDEF_PEER_ID:
             raise BackendError(f"{what}: tx peer id {tx_id} out of range 0..0xFFFFFF")
         if cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None:
             raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
@@ -549,7 +524,7 @@ class Controller:
         else:
             peer.raw_ip = f"::ffff:{ip}" if ip.version == 4 else str(ip)
             scope = ip.scope_id if isinstance(ip, ipaddress.IPv6Address) else None
-            peer.send_addr = (peer.raw_ip.split("%")[0], port, 0, _scope_index(scope))
+            peer.send_addr = (peer.raw_ip.split("%")[0], port, 0, scope_index(scope))
         peer.raw_port = port
         peer.remote = (str(ip), port)
 
@@ -575,22 +550,13 @@ class Controller:
     async def _stats(self, peer: _Peer) -> Stats:
         total = Stats()
         for part in await self._call_peer(peer, "stats"):
-            for f in _STAT_FIELDS:
-                setattr(total, f, getattr(total, f) + part[f])
-            for k, v in part["extra"].items():
-                total.extra[k] = total.extra.get(k, 0) + v
+            total.merge(part)
         return total
 
     async def _get_peer(self, cmd: GetPeer) -> PeerInfo:
         peer = self._peer("GetPeer", cmd.peer_id)
         st = await self._stats(peer)
-        return PeerInfo(
-            peer_id=peer.peer_id,
-            remote=peer.remote,
-            keepalive_interval=peer.ka_interval,
-            keepalive_timeout=peer.ka_timeout,
-            **{f: getattr(st, f) for f in _STAT_FIELDS[:8]},
-        )
+        return st.peer_info(peer.peer_id, peer.remote, peer.ka_interval, peer.ka_timeout)
 
     async def _del_peer(self, cmd: DelPeer) -> None:
         await self._remove_peer(self._peer("DelPeer", cmd.peer_id), PeerDelReason.USERSPACE)

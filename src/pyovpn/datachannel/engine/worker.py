@@ -35,25 +35,16 @@ from typing import Any
 import numpy as np
 
 from pyovpn.datachannel.api import Cipher, KeyDirection, PeerDelReason, Stats, Transport
-from pyovpn.datachannel.crypto import (
-    DATA_V2_OVERHEAD,
-    OPCODE_DATA_V1,
-    OPCODE_DATA_V2,
-    PEER_ID_UNDEF,
-    PING_MAGIC,
-    KeyState,
-    PacketIdExhaustedError,
-)
+from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PING_MAGIC, KeyState, PacketIdExhaustedError
 from pyovpn.datachannel.engine import gso
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import decode, encode, recv_msg, send_msg
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
+from pyovpn.net.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
+from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
 
 log = logging.getLogger("pyovpn.engine")
 
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
 _GSO_SIZE = struct.Struct("=H")
 _FRAME_LEN = struct.Struct(">H")
 _DATA_V2_HDR = struct.Struct(">II")  # opcode/key id/peer id, packet id
@@ -307,23 +298,7 @@ class Worker:
         if op == "send_control":
             return self._send_control(peer, decode(m["packet"]))
         if op == "stats":
-            st = peer.stats
-            return {
-                f: getattr(st, f)
-                for f in (
-                    "vpn_rx_bytes",
-                    "vpn_tx_bytes",
-                    "vpn_rx_packets",
-                    "vpn_tx_packets",
-                    "link_rx_bytes",
-                    "link_tx_bytes",
-                    "link_rx_packets",
-                    "link_tx_packets",
-                    "dropped_auth",
-                    "dropped_replay",
-                    "dropped_other",
-                )
-            } | {"extra": dict(st.extra)}
+            return peer.stats
         if op == "debug":
             return self._debug(peer, m)
         raise ValueError(f"unknown worker op {op!r}")
@@ -872,7 +847,7 @@ class Worker:
                 if addr is None:  # TCP: the stream is the peer
                     pass
                 elif (rx_id := (rx[off + 1] << 16) | (rx[off + 2] << 8) | rx[off + 3]) != peer.peer_id and (
-                    rx_id != PEER_ID_UNDEF or addr[0] != peer.raw_ip or addr[1] != peer.raw_port
+                    rx_id != UNDEF_PEER_ID or addr[0] != peer.raw_ip or addr[1] != peer.raw_port
                 ):
                     _count(st, "rx_unknown_peer")
                     continue
