@@ -16,7 +16,7 @@ used during each transfer from /proc. Raw veth (no tunnel) is the ceiling. Resul
 as Markdown tables with ratios to tuned OpenVPN; ``--write`` puts them into docs/BENCHMARKS.md
 and draws docs/throughput.png (needs matplotlib: ``pip install -e '.[bench]'``).
 
-pyovpn runs with PYOVPN_ENGINE set explicitly (offload or inprocess), whatever select.py's
+pyovpn runs with `userspace-engine` set explicitly (multiprocess or inprocess), whatever select.py's
 default is. The default run (about 5 minutes) covers the variants of issue #5; ``--variants
 all`` adds the in-process userspace data channel, ``--only``/``--tests`` narrow it down.
 
@@ -125,13 +125,12 @@ def _impl(name: str) -> str:
 
 
 def _argv(name: str, config: Path) -> list[str]:
-    # `env` execs the daemon, so the pid (and its CPU accounting) is pyovpn's own
     if name == "pyovpn-offload":
-        return ["env", "PYOVPN_ENGINE=offload", *vpn_argv("pyovpn", config)]
+        return [*vpn_argv("pyovpn", config), "--userspace-engine", "multiprocess"]
     if name in ("pyovpn-kernel", "openvpn-dco"):
         return vpn_argv(_impl(name), config)  # type: ignore[arg-type]
     if name == "pyovpn":
-        return ["env", "PYOVPN_ENGINE=inprocess", *vpn_argv("pyovpn", config)]
+        return [*vpn_argv("pyovpn", config), "--userspace-engine", "inprocess"]
     return vpn_argv(name, config)  # type: ignore[arg-type]
 
 
@@ -642,7 +641,7 @@ def main() -> int:
         "--variants",
         choices=("default", "all"),
         default="default",
-        help="all: also the in-process userspace data channel (PYOVPN_ENGINE=inprocess)",
+        help="all: also the in-process userspace data channel (userspace-engine inprocess)",
     )
     ap.add_argument("--only", help="substring filter on variant names")
     ap.add_argument(

@@ -184,6 +184,11 @@ class Options:
     persist_key: bool = False
     mute_replay_warnings: bool = False
     dco: Literal["auto", "kernel", "userspace"] = "auto"
+    #: `engine-workers N`: worker processes of the multi-process userspace engine (None: one per CPU).
+    engine_workers: int | None = None
+    #: `userspace-engine`: the userspace data channel's shape; "inprocess" forces the in-process
+    #: backend everywhere, "multiprocess" uses the engine wherever it can (P2P and client tunnels).
+    userspace_engine: Literal["multiprocess", "inprocess"] = "multiprocess"
     tls_timeout: int = 2
     hand_window: int = 60
     tran_window: int = 3600
@@ -994,6 +999,18 @@ def _opt_dco(b: _Builder, d: Directive) -> None:
 @_option("disable-dco", usage="disable-dco")
 def _opt_disable_dco(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, dco="userspace")
+
+
+@_option("engine-workers", args=(1, 1), usage="engine-workers N")
+def _opt_engine_workers(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, engine_workers=_int(d, d.args[0], "engine-workers", 1))
+
+
+@_option("userspace-engine", args=(1, 1), usage="userspace-engine multiprocess|inprocess")
+def _opt_userspace_engine(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("multiprocess", "inprocess"):
+        raise _error(d, f"userspace-engine: bad value '{d.args[0]}'; use multiprocess or inprocess")
+    b.opts = replace(b.opts, userspace_engine=cast(Literal["multiprocess", "inprocess"], d.args[0]))
 
 
 # -- TLS and keys ------------------------------------------------------------------------------

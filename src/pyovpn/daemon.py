@@ -589,7 +589,11 @@ class Daemon:
         ):
             loop.add_signal_handler(sig, self._on_signal, name)
         self.dc = await select.open_backend(
-            self.opts.dco, mp=getattr(self.opts, "mode", "p2p") == "server", mssfix=self.opts.mssfix
+            self.opts.dco,
+            mp=self.opts.mode == "server",
+            mssfix=self.opts.mssfix,
+            engine=self.opts.userspace_engine,
+            workers=self.opts.engine_workers,
         )
         self.dc.subscribe(self._notify)
         exit_code = 0

@@ -626,7 +626,7 @@ def test_select_picks_the_kernel_backend(one: Site, caplog: pytest.LogCaptureFix
     assert "DCO: using the kernel ovpn driver (generic netlink family 'ovpn' found" in caplog.text
     assert isinstance(one.run(open_backend("kernel")), KernelDataChannel)
     # userspace: the offload engine by default for P2P, the in-process backend for P2MP
-    assert type(one.run(open_backend("userspace"))).__name__ == "OffloadDataChannel"
+    assert type(one.run(open_backend("userspace"))).__name__ == "EngineDataChannel"
     assert type(one.run(open_backend("userspace", mp=True))).__name__ == "UserspaceDataChannel"
 
 

@@ -605,6 +605,8 @@ class TunnelSpec:
     openvpn_dco: bool = False
     # extra config lines for the stock openvpn end(s) only, e.g. ("rcvbuf 4194304",)
     openvpn_extra: tuple[str, ...] = ()
+    # extra config lines for the pyovpn end(s) only, e.g. ("userspace-engine multiprocess",)
+    pyovpn_extra: tuple[str, ...] = ()
 
     def with_(self, **changes: Any) -> TunnelSpec:
         return replace(self, **changes)
@@ -663,8 +665,10 @@ def _common_tail(spec: TunnelSpec, impl: Impl) -> list[str]:
         if not spec.openvpn_dco:
             lines.append("disable-dco")
         lines += spec.openvpn_extra
-    elif spec.dco:
-        lines.append(f"dco {spec.dco}")
+    else:
+        if spec.dco:
+            lines.append(f"dco {spec.dco}")
+        lines += spec.pyovpn_extra
     return lines
 
 

@@ -1,6 +1,6 @@
 """What pyovpn's offload engine puts on the wire, checked against a capture and stock OpenVPN.
 
-pyovpn (``PYOVPN_ENGINE=offload``, P2P ``tls-client`` in ns a) sends to stock OpenVPN 2.6
+pyovpn (``userspace-engine multiprocess``, P2P ``tls-client`` in ns a) sends to stock OpenVPN 2.6
 (P2P ``tls-server`` in ns b, tls-crypt, AES-256-GCM, 4 MiB socket buffers, no keepalive):
 a 5 s TCP iperf3 and a UDP iperf3 with the largest datagram
 that fits the path without fragmentation, while ``tcpdump`` records the outer UDP on ns b's
@@ -186,11 +186,8 @@ def _fail(msg: str, tunnel: Tunnel, extra: str = "") -> NoReturn:
     pytest.fail(f"{msg}\n{extra}\n{tunnel.logs(40)}", pytrace=False)
 
 
-def test_offload_engine_wire_sizes_and_openvpn_counters(
-    net: Netns, pki: Pki, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_offload_engine_wire_sizes_and_openvpn_counters(net: Netns, pki: Pki) -> None:
     _need_tcpdump()
-    monkeypatch.setenv("PYOVPN_ENGINE", "offload")
     for ns in (net.a, net.b):
         subprocess.run(["ip", "-n", ns, "link", "set", "veth0", "gso_max_segs", "1"], check=True)
         shown = subprocess.run(
@@ -216,11 +213,12 @@ def test_offload_engine_wire_sizes_and_openvpn_counters(
         keepalive=None,
         verb=4,
         openvpn_extra=OPENVPN_BUFFERS,
+        pyovpn_extra=("userspace-engine multiprocess",),
     )
     tunnel = start_tunnel(net, pki, spec, server_impl="openvpn", client_impl="pyovpn")
     ovpn, py = tunnel.server, tunnel.client
     if "offload engine" not in py.text():
-        _fail("pyovpn did not start the offload engine (PYOVPN_ENGINE=offload)", tunnel)
+        _fail("pyovpn did not start the offload engine (userspace-engine multiprocess)", tunnel)
     tun_mtu = openvpn_option(ovpn.text(), "tun_mtu")
     mssfix = openvpn_option(ovpn.text(), "mssfix")
     assert "mssfix_encap = ENABLED" in ovpn.text(), "want OpenVPN 2.6's default `mssfix 1492 mtu`"

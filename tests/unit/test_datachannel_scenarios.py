@@ -1,7 +1,7 @@
 """The data-channel scenarios, run on every userspace backend through the one DataChannel interface.
 
 Backends: ``inprocess`` (:class:`UserspaceDataChannel`, the asyncio backend) and
-``offload`` (:class:`OffloadDataChannel`, the multi-process engine behind its proxy).
+``offload`` (:class:`EngineDataChannel`, the multi-process engine behind its proxy).
 Two private namespaces joined by a veth (tests/nslab.py), one backend per side: pings
 both ways, UDP bursts with GSO and the GSO fallback, bulk TCP through the tunnel (TSO
 and GRO on the engine), no wire packet above the MTU, IPv6 inside, command errors,
@@ -52,7 +52,7 @@ from pyovpn.datachannel.api import (
     Transport,
 )
 from pyovpn.datachannel.crypto import MAX_PACKET_ID, PING_MAGIC
-from pyovpn.datachannel.offload import OffloadDataChannel
+from pyovpn.datachannel.engine.proxy import EngineDataChannel
 from pyovpn.datachannel.userspace import UserspaceDataChannel
 from pyovpn.errors import BackendError
 from tests.nslab import (
@@ -103,7 +103,7 @@ class Backend:
 
     def forge(self, site: Site, peer_id: int, tx_peer_id: int, payload: bytes) -> bytes:
         """A data packet sealed with the peer's live primary key (its next packet id)."""
-        if isinstance(site.backend, OffloadDataChannel):
+        if isinstance(site.backend, EngineDataChannel):
             return site.run(site.backend.debug(peer_id, "encrypt", payload=payload))  # type: ignore[no-any-return]
         ks = site.backend._peers[peer_id].keys[0]  # internal: no public way to forge a packet
         assert ks is not None
@@ -111,7 +111,7 @@ class Backend:
 
     def fast_forward_tx(self, site: Site, peer_id: int, packet_id: int) -> None:
         """Make the primary key's next packet id ``packet_id + 1`` (skip 4 billion packets)."""
-        if isinstance(site.backend, OffloadDataChannel):
+        if isinstance(site.backend, EngineDataChannel):
             site.run(site.backend.debug(peer_id, "set_tx_pid", value=packet_id))
             return
         ks = site.backend._peers[peer_id].keys[0]
@@ -124,9 +124,9 @@ class Backend:
 
 
 INPROCESS = Backend("inprocess", UserspaceDataChannel, tun_offloads=False)
-OFFLOAD = Backend("offload", OffloadDataChannel, tun_offloads=True)
-OFFLOAD_2 = Backend("offload-2workers", lambda: OffloadDataChannel(workers=2), tun_offloads=True)
-OFFLOAD_1 = Backend("offload-1worker", lambda: OffloadDataChannel(workers=1), tun_offloads=True)
+OFFLOAD = Backend("offload", EngineDataChannel, tun_offloads=True)
+OFFLOAD_2 = Backend("offload-2workers", lambda: EngineDataChannel(workers=2), tun_offloads=True)
+OFFLOAD_1 = Backend("offload-1worker", lambda: EngineDataChannel(workers=1), tun_offloads=True)
 
 
 def _backends(*backends: Backend) -> pytest.MarkDecorator:

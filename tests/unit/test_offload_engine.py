@@ -1,4 +1,4 @@
-"""The offload engine (``OffloadDataChannel``): what only the multi-process engine has.
+"""The offload engine (``EngineDataChannel``): what only the multi-process engine has.
 
 Its data-channel scenarios (ping both ways, bulk traffic with GSO/GRO and TSO, no wire
 packet above the MTU, key swap during traffic, float, keepalive and expiry, key
@@ -36,7 +36,7 @@ from pyovpn.datachannel.api import (
     SwapKeys,
     Transport,
 )
-from pyovpn.datachannel.offload import OffloadDataChannel
+from pyovpn.datachannel.engine.proxy import EngineDataChannel
 from pyovpn.errors import BackendError
 from tests.nslab import (
     PORT,
@@ -61,7 +61,7 @@ MTU = 1400
 
 
 def _start_side(site: Site, tun_addr: str, tun_peer: str, tun6: str, **options: Any) -> None:
-    start_side(site, OffloadDataChannel(**options), tun_addr, tun_peer, tun6, MTU)
+    start_side(site, EngineDataChannel(**options), tun_addr, tun_peer, tun6, MTU)
 
 
 def _stats(site: Site, peer_id: int) -> Any:
@@ -90,7 +90,7 @@ def test_engine_starts_and_rejects_commands_cleanly() -> None:
         pytest.skip("the engine creates TUN devices: needs root")
 
     async def body() -> None:
-        b = OffloadDataChannel(workers=2)
+        b = EngineDataChannel(workers=2)
         try:
             with pytest.raises(BackendError, match="GetPeer: unknown peer id 3"):
                 await b.request(GetPeer(3))
@@ -128,10 +128,10 @@ def test_engine_dies_with_its_parent() -> None:
         pytest.skip("needs root")
     code = (
         "import asyncio, sys, time\n"
-        "from pyovpn.datachannel.offload import OffloadDataChannel\n"
+        "from pyovpn.datachannel.engine.proxy import EngineDataChannel\n"
         "from pyovpn.datachannel.api import GetPeer\n"
         "async def main():\n"
-        "    b = OffloadDataChannel(workers=2)\n"
+        "    b = EngineDataChannel(workers=2)\n"
         "    try:\n"
         "        await b.request(GetPeer(1))\n"
         "    except Exception:\n"

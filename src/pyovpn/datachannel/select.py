@@ -12,7 +12,7 @@ from pyovpn.datachannel.api import DataChannel
 from pyovpn.errors import BackendError
 
 log = logging.getLogger("pyovpn")
-DEFAULT_ENGINE = "offload"
+DEFAULT_ENGINE = "multiprocess"
 
 _WHAT_TO_DO = "it needs Linux >= 6.16 with the ovpn module (modprobe ovpn) and CAP_NET_ADMIN"
 
@@ -80,26 +80,34 @@ def kernel_ovpn_status() -> tuple[bool, str]:
     return False, f"{why2}; {_WHAT_TO_DO}"
 
 
-def _userspace_backend(*, mp: bool, mssfix: int | None) -> DataChannel:
-    """The userspace data channel: the multi-process offload engine for P2P, in-process for MP.
+def _userspace_backend(
+    *, mp: bool, mssfix: int | None, engine: str = DEFAULT_ENGINE, workers: int | None = None
+) -> DataChannel:
+    """The userspace data channel: the multi-process engine for P2P, in-process for MP.
 
-    ``PYOVPN_ENGINE=inprocess`` forces the simple in-process backend (its MP support is the only
-    one today); ``PYOVPN_ENGINE_WORKERS`` caps the engine's worker processes.
+    ``engine`` is the ``userspace-engine`` option: ``inprocess`` forces the simple in-process
+    backend (its MP support is the only one today); ``workers`` (``engine-workers``) caps the
+    engine's worker processes.
     """
     from pyovpn.datachannel.userspace import UserspaceDataChannel
 
-    engine = os.environ.get("PYOVPN_ENGINE", DEFAULT_ENGINE)
     if mp or engine == "inprocess":
         return UserspaceDataChannel()
-    if engine != "offload":
-        raise BackendError(f"PYOVPN_ENGINE={engine!r}: use 'offload' or 'inprocess'")
-    from pyovpn.datachannel.offload import OffloadDataChannel
+    if engine != "multiprocess":
+        raise BackendError(f"userspace-engine {engine!r}: use 'multiprocess' or 'inprocess'")
+    from pyovpn.datachannel.engine.proxy import EngineDataChannel
 
-    workers = int(os.environ.get("PYOVPN_ENGINE_WORKERS", "0") or 0) or None
-    return OffloadDataChannel(workers=workers, mssfix=mssfix if mssfix is not None else 1492)
+    return EngineDataChannel(workers=workers, mssfix=mssfix if mssfix is not None else 1492)
 
 
-async def open_backend(choice: str, *, mp: bool = False, mssfix: int | None = None) -> DataChannel:
+async def open_backend(
+    choice: str,
+    *,
+    mp: bool = False,
+    mssfix: int | None = None,
+    engine: str = DEFAULT_ENGINE,
+    workers: int | None = None,
+) -> DataChannel:
     # pyroute2's synchronous sockets cannot be created inside a running event loop's thread
     if choice == "kernel":
         ok, why = await asyncio.to_thread(kernel_ovpn_status)
@@ -111,7 +119,7 @@ async def open_backend(choice: str, *, mp: bool = False, mssfix: int | None = No
         return KernelDataChannel()
     if choice == "userspace":
         log.info("DCO: using the userspace data channel (--dco userspace)")
-        return _userspace_backend(mp=mp, mssfix=mssfix)
+        return _userspace_backend(mp=mp, mssfix=mssfix, engine=engine, workers=workers)
     ok, why = await asyncio.to_thread(kernel_ovpn_status)
     if ok:
         from pyovpn.datachannel.kernel import KernelDataChannel
@@ -119,4 +127,4 @@ async def open_backend(choice: str, *, mp: bool = False, mssfix: int | None = No
         log.info("DCO: using the kernel ovpn driver (%s)", why)
         return KernelDataChannel()
     log.info("DCO: auto selected the userspace data channel: %s", why)
-    return _userspace_backend(mp=mp, mssfix=mssfix)
+    return _userspace_backend(mp=mp, mssfix=mssfix, engine=engine, workers=workers)

@@ -1,6 +1,6 @@
 """pyovpn's userspace offload engine: the data channel in separate worker processes.
 
-The control plane drives it through :class:`pyovpn.datachannel.offload.OffloadDataChannel`
+The control plane drives it through :class:`pyovpn.datachannel.engine.proxy.EngineDataChannel`
 with exactly the command set of :mod:`pyovpn.datachannel.api` (the kernel ``ovpn`` driver's),
 sent over a local unix socket; the transport socket and the TUN travel as SCM_RIGHTS file
 descriptors, the way the kernel receives the socket in ``OVPN_CMD_PEER_NEW``.

@@ -1,6 +1,6 @@
 """``python -m pyovpn.datachannel.engine --fd N --parent PID [--workers N] [--options JSON]``.
 
-Started by :class:`pyovpn.datachannel.offload.OffloadDataChannel`, which owns its lifetime:
+Started by :class:`pyovpn.datachannel.engine.proxy.EngineDataChannel`, which owns its lifetime:
 the engine exits when the control socket closes, and the kernel kills it (and it its
 workers) if the parent process dies.
 """
