@@ -49,24 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     # heavy imports before forking, so the workers share them
     from pyovpn.datachannel.engine import controller, worker
 
-    workers = []
+    # per worker: a channel to the controller and a direct one to the proxy (control packets)
+    chans = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(count)]
+    direct = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(count)]
+    workers: list[tuple[int, socket.socket, int]] = []
     for index in range(count):
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             try:
-                proxy.close()
-                parent_end.close()
-                for _i, s, _p in workers:
-                    s.close()
-                worker.worker_main(index, child_end, options)
+                keep = (chans[index][1], direct[index][1])
+                for s in (proxy, *(s for pair in (*chans, *direct) for s in pair)):
+                    if s not in keep:
+                        s.close()
+                worker.worker_main(index, keep[0], options, keep[1])
             except BaseException:
                 logging.getLogger("pyovpn.engine").exception("engine worker %d crashed", index)
                 os._exit(1)
             os._exit(0)
-        child_end.close()
-        workers.append((index, parent_end, pid))
-    ctl = controller.Controller(proxy, workers, options)
+        workers.append((index, chans[index][0], pid))
+    for pair in (*chans, *direct):
+        pair[1].close()
+    ctl = controller.Controller(proxy, workers, options, direct=[pair[0] for pair in direct])
     try:
         asyncio.run(ctl.serve())
     finally:

@@ -1,10 +1,18 @@
 """The engine's controller: executes data-channel commands and places peers on workers.
 
-It is the only part of the engine the control plane talks to (over the unix socket given on
+The control plane sends it every command but ``SendControl`` (over the unix socket given on
 the command line), and it behaves like the kernel's generic-netlink side: it validates a
 command, applies it to its own picture of the interface, peers and key slots, fans it out to
 the workers that hold the peer (waiting for every acknowledgement before replying), and
-turns worker events into notifications. It never touches a data packet.
+turns worker events into notifications. It never touches a data packet, nor a control
+packet: those travel between the workers and the proxy on direct sockets that the controller
+hands to the proxy once (see ``wire.py``), so the proxy learns from ``NewPeer``'s reply which
+worker sends for a peer.
+
+Ordering across the two paths: a worker writes to the controller before it writes to the
+proxy about the same thing, and each side drains the other path first (the controller reads
+every worker event before a proxy request; the proxy reads the direct sockets before a
+controller message), so nothing a worker said earlier is seen later.
 
 Placement (P2P, one peer): worker 0 reads the TUN and owns the peer's transmit side (so
 every packet id of a key comes from one counter, and the TUN's packets stay in order),
@@ -22,7 +30,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +61,9 @@ from pyovpn.datachannel.api import (
     Transport,
 )
 from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, KeyState
+from pyovpn.datachannel.engine import wire
 from pyovpn.datachannel.engine.remote import RemoteCell
-from pyovpn.datachannel.engine.wire import decode, encode, recv_msg, send_msg
+from pyovpn.datachannel.engine.wire import Kind, Message, api_address
 from pyovpn.datachannel.validate import (
     check_keepalive,
     check_new_key,
@@ -62,7 +71,7 @@ from pyovpn.datachannel.validate import (
     check_set_peer_keepalive,
     check_slot,
 )
-from pyovpn.errors import BackendError
+from pyovpn.errors import BackendError, ProtocolError
 from pyovpn.net import tun
 from pyovpn.net.sockbuf import grow_buffers
 from pyovpn.net.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT, scope_index
@@ -126,22 +135,25 @@ class _WorkerLink:
         self.pid = pid
         self.next_id = 1
         self.pending: dict[int, asyncio.Future[Any]] = {}
-
-
-def _normalize(addr: tuple[Any, ...]) -> Address:
-    ip = addr[0]
-    if ip.startswith("::ffff:") and "." in ip:
-        ip = ip[7:]
-    return (ip, addr[1])
+        self.gone = False
 
 
 class Controller:
-    """Serves one proxy connection; ``workers`` are ``(index, channel, pid)`` of forked workers."""
+    """Serves one proxy connection; ``workers`` are ``(index, channel, pid)`` of forked workers.
+
+    ``direct`` are the proxy's ends of the workers' direct sockets (in worker order): they go
+    to the proxy with the ready message, and the controller keeps no copy.
+    """
 
     def __init__(
-        self, proxy: socket.socket, workers: list[tuple[int, socket.socket, int]], opts: dict[str, Any]
+        self,
+        proxy: socket.socket,
+        workers: list[tuple[int, socket.socket, int]],
+        opts: dict[str, Any],
+        direct: Sequence[socket.socket] = (),
     ):
         self.proxy = proxy
+        self.direct = list(direct)
         self.links = [_WorkerLink(i, s, pid) for i, s, pid in workers]
         self.opts = opts
         self.replay_window = int(opts.get("replay_window", 2048))
@@ -152,7 +164,7 @@ class Controller:
         self.sock_buf = int(opts.get("socket_buffer", 4 << 20))
         self.iface: _Iface | None = None
         self.peers: dict[int, _Peer] = {}
-        self.queue: asyncio.Queue[tuple[str, Any, list[int]]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Message, list[int]]] = asyncio.Queue()
         self.closed = False
         self.gen = 0
         self.serial = 0
@@ -169,7 +181,12 @@ class Controller:
         for link in self.links:
             link.sock.setblocking(False)
             self.loop.add_reader(link.sock.fileno(), self._on_worker, link)
-        self._send_proxy({"ready": {"workers": [link.pid for link in self.links]}})
+        self._send_proxy(
+            Kind.READY, 0, {"workers": [link.pid for link in self.links]}, [s.fileno() for s in self.direct]
+        )
+        for s in self.direct:
+            s.close()
+        self.direct.clear()
         task = asyncio.create_task(self._process())
         try:
             await self.done
@@ -179,10 +196,10 @@ class Controller:
                 await task
             await self._shutdown()
 
-    def _send_proxy(self, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+    def _send_proxy(self, kind: Kind, rid: int, body: object, fds: Sequence[int] = ()) -> None:
         try:
             self.proxy.setblocking(True)
-            send_msg(self.proxy, msg, fds)
+            wire.send(self.proxy, kind, rid, body, fds)
         except OSError:
             self._finish()
         finally:
@@ -196,9 +213,12 @@ class Controller:
     def _on_proxy(self) -> None:
         while True:
             try:
-                msg, fds = recv_msg(self.proxy)
+                msg, fds = wire.recv(self.proxy)
             except BlockingIOError:
                 return
+            except ProtocolError as e:
+                log.error("engine: dropped a malformed request: %s", e)
+                continue
             except OSError:
                 self._finish()
                 return
@@ -207,18 +227,27 @@ class Controller:
                 self.loop.remove_reader(self.proxy.fileno())
                 self._finish()
                 return
-            self.queue.put_nowait(("req", msg, fds))
+            # a worker event the proxy may already know of (a float it was told directly)
+            # must be applied before the request that follows it
+            for link in self.links:
+                if link.sock.fileno() >= 0:
+                    self._on_worker(link)
+            self.queue.put_nowait((msg, fds))
 
     def _on_worker(self, link: _WorkerLink) -> None:
-        while True:
+        while not link.gone:
             try:
-                msg, fds = recv_msg(link.sock)
+                msg, fds = wire.recv(link.sock)
             except BlockingIOError:
                 return
+            except ProtocolError as e:
+                log.error("engine: dropped a malformed message from worker %d: %s", link.index, e)
+                continue
             except OSError:
                 msg, fds = None, []
             if msg is None:
                 assert self.loop is not None
+                link.gone = True
                 self.loop.remove_reader(link.sock.fileno())
                 for fut in link.pending.values():
                     if not fut.done():
@@ -230,16 +259,16 @@ class Controller:
                 return
             for fd in fds:
                 os.close(fd)
-            if "ev" in msg:
-                self.queue.put_nowait(("ev", msg, []))
+            if msg.kind is Kind.EVENT:
+                self.queue.put_nowait((msg, []))
                 continue
-            fut = link.pending.pop(msg.get("id"), None)
-            if fut is None or fut.done():
+            waiter = link.pending.pop(msg.rid, None)
+            if waiter is None or waiter.done():
                 continue
-            if "err" in msg:
-                fut.set_exception(BackendError(msg["err"]))
+            if msg.kind is Kind.ERR:
+                waiter.set_exception(BackendError(str(msg.body)))
             else:
-                fut.set_result(decode(msg.get("ok")))
+                waiter.set_result(msg.body)
 
     async def _call(self, index: int, op: str, fds: list[int] | tuple[int, ...] = (), **kw: Any) -> Any:
         link = self.links[index]
@@ -250,7 +279,7 @@ class Controller:
         link.pending[rid] = fut
         try:
             link.sock.setblocking(True)
-            send_msg(link.sock, {"id": rid, "op": op, **kw}, fds)
+            wire.send(link.sock, Kind.REQUEST, rid, {"op": op, **kw}, fds)
         except OSError as e:
             link.pending.pop(rid, None)
             raise BackendError(f"engine worker {index} is unreachable: {e}") from None
@@ -266,30 +295,30 @@ class Controller:
         return out
 
     def _emit(self, n: Notification) -> None:
-        self._send_proxy({"note": encode(n)})
+        self._send_proxy(Kind.NOTE, 0, n)
 
     async def _process(self) -> None:
         while True:
-            kind, msg, fds = await self.queue.get()
-            if kind == "ev":
+            msg, fds = await self.queue.get()
+            body = msg.body if isinstance(msg.body, dict) else {}
+            if msg.kind is Kind.EVENT:
                 try:
-                    await self._worker_event(msg)
+                    await self._worker_event(body)
                 except Exception:
-                    log.exception("engine: handling worker event %r failed", msg.get("ev"))
+                    log.exception("engine: handling worker event %r failed", body.get("ev"))
                 continue
-            rid = msg.get("id")
             try:
-                result = await self._request(msg, fds)
-                reply: dict[str, Any] = {"id": rid, "ok": encode(result)}
+                if msg.kind is not Kind.REQUEST:
+                    raise BackendError(f"unexpected {msg.kind.name} message")
+                result = await self._request(body, fds)
+                kind, answer = Kind.OK, result
             except BackendError as e:
-                reply = {"id": rid, "err": str(e)}
+                kind, answer = Kind.ERR, str(e)
             except Exception as e:
                 log.exception("engine: request failed")
-                reply = {"id": rid, "err": f"engine internal error: {e}"}
-            finally:
-                pass
-            self._send_proxy(reply)
-            if msg.get("op") == "close":
+                kind, answer = Kind.ERR, f"engine internal error: {e}"
+            self._send_proxy(kind, msg.rid, answer)
+            if body.get("op") == "close":
                 self._finish()
                 return
 
@@ -319,17 +348,14 @@ class Controller:
             for fd in fds:
                 os.close(fd)
             raise BackendError(f"unknown engine request {op!r}")
-        try:
-            cmd = decode(msg["cmd"])
-        except (ValueError, TypeError, KeyError) as e:
-            for fd in fds:
-                os.close(fd)
-            raise BackendError(f"malformed command: {e}") from None
+        cmd = msg.get("cmd")
         what = type(cmd).__name__
         if isinstance(cmd, NewPeer):
             if not fds:
                 raise BackendError(f"{what}: no socket descriptor was passed")
-            return await self._new_peer(cmd, fds[0])
+            await self._new_peer(cmd, fds[0])
+            # the proxy sends this peer's control packets straight to its transmit worker
+            return {"tx_worker": self.peers[cmd.peer_id].workers[0]}
         for fd in fds:
             os.close(fd)
         if self.closed:
@@ -438,7 +464,7 @@ class Controller:
                 d = dict(desc, tx=index == tx_w, rx=index == rx_w)
                 if index == rx_w:
                     d["backlog"] = cmd.tcp_backlog
-                await self._call(index, "add_peer", fds, peer=encode(d))
+                await self._call(index, "add_peer", fds, peer=d)
             await self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)
         except BaseException:
             await self._remove_peer(peer, None)
@@ -577,10 +603,10 @@ class Controller:
             key_id=cmd.key_id,
             cipher=cipher.value,
             serial=self.serial,
-            enc_key=encode(cmd.encrypt.cipher_key),
-            enc_tail=encode(cmd.encrypt.nonce_tail),
-            dec_key=encode(cmd.decrypt.cipher_key),
-            dec_tail=encode(cmd.decrypt.nonce_tail),
+            enc_key=cmd.encrypt.cipher_key,
+            enc_tail=cmd.encrypt.nonce_tail,
+            dec_key=cmd.decrypt.cipher_key,
+            dec_tail=cmd.decrypt.nonce_tail,
             replay_window=self.replay_window,
         )
         peer.keys[slot] = _KeyMeta(cmd.key_id, cipher, self.serial)
@@ -615,7 +641,7 @@ class Controller:
             raise BackendError(f"{what}: {len(cmd.packet)} bytes do not fit a TCP frame (max 65535)")
         try:
             await self._call(
-                peer.workers[0], "send_control", peer_id=peer.peer_id, gen=peer.gen, packet=encode(cmd.packet)
+                peer.workers[0], "send_control", peer_id=peer.peer_id, gen=peer.gen, packet=cmd.packet
             )
         except BackendError as e:
             raise BackendError(f"{what}: {e}") from None
@@ -640,21 +666,22 @@ class Controller:
         peer = self.peers.get(msg.get("peer_id", -1))
         if peer is None or peer.gen != msg.get("gen"):
             return  # about a peer that is already gone
-        if ev == "control":
-            addr = decode(msg.get("addr"))
-            self._emit(ControlPacket(peer.peer_id, decode(msg["packet"]), _normalize(addr) if addr else None))
+        if ev == "control":  # from a worker without a direct socket to the proxy
+            addr = msg.get("addr")
+            self._emit(ControlPacket(peer.peer_id, msg["packet"], api_address(addr) if addr else None))
         elif ev == "float":
-            addr = decode(msg["addr"])
+            addr = msg["addr"]
             peer.send_addr = tuple(addr)
             peer.raw_ip = addr[0]
             peer.raw_port = addr[1]
-            peer.remote = _normalize(addr)  # the receiving worker already moved both sides
+            peer.remote = api_address(addr)  # the receiving worker already moved both sides
             log.info("offload engine: peer %d floated to %s:%d", peer.peer_id, *peer.remote)
-            self._emit(PeerFloated(peer.peer_id, peer.remote))
+            if not msg.get("noted"):  # else the worker told the proxy, in order with its control packets
+                self._emit(PeerFloated(peer.peer_id, peer.remote))
         elif ev == "expired":
             await self._remove_peer(peer, PeerDelReason.EXPIRED)
         elif ev == "tcp_closed":
-            await self._remove_peer(peer, decode(msg["reason"]))
+            await self._remove_peer(peer, msg["reason"])
         elif ev == "key_exhausted":
             serial = msg["serial"]
             for i in (0, 1):
@@ -717,7 +744,7 @@ class Controller:
         for link in self.links:
             with contextlib.suppress(OSError):
                 link.sock.setblocking(True)
-                send_msg(link.sock, {"id": 0, "op": "exit"})
+                wire.send(link.sock, Kind.REQUEST, 0, {"op": "exit"})
             with contextlib.suppress(OSError):
                 link.sock.close()
 

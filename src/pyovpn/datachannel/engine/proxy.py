@@ -1,12 +1,19 @@
-"""``OffloadDataChannel``: the data channel in a separate multi-process engine, same command set.
+"""``EngineDataChannel``: the data channel in a separate multi-process engine, same command set.
 
 This is the control plane's side of :mod:`pyovpn.datachannel.engine`. It implements
 :class:`~pyovpn.datachannel.api.DataChannel` by sending every command, unchanged, to the
-engine over a ``SOCK_SEQPACKET`` unix socket (tagged JSON, see ``engine/wire.py``) and
-passing ``NewPeer``'s socket as an SCM_RIGHTS descriptor, exactly as the kernel ``ovpn``
-driver receives it over netlink. Notifications (``ControlPacket``, ``PeerDeleted``,
-``PeerFloated``, ``KeyExhausted``) come back on the same socket and are delivered from the
-event loop, so the control plane cannot tell this backend from the others.
+engine's controller over a ``SOCK_SEQPACKET`` unix socket (binary frames, see ``wire.py``)
+and passing ``NewPeer``'s socket as an SCM_RIGHTS descriptor, exactly as the kernel ``ovpn``
+driver receives it over netlink. Notifications (``PeerDeleted``, ``KeyExhausted``) come back
+on the same socket and are delivered from the event loop, so the control plane cannot tell
+this backend from the others.
+
+Control packets take the short way: each worker has a direct socket to this process (handed
+over in the engine's ready message), so a received ``ControlPacket`` (and ``PeerFloated``,
+in order with them) comes straight from the worker, and ``SendControl`` goes straight to the
+peer's transmit worker, whose one reply is all the caller waits for. Messages the controller
+sends are handled only after the direct sockets are drained, so a ``ControlPacket`` a worker
+received before its peer was deleted is delivered before the ``PeerDeleted``.
 
 The proxy owns the engine's life: it spawns ``python -m pyovpn.datachannel.engine`` on the
 first request (from the event loop's thread, whose network namespace the engine inherits),
@@ -25,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyovpn.datachannel.api import (
@@ -37,13 +44,16 @@ from pyovpn.datachannel.api import (
     PeerDeleted,
     PeerDelReason,
     PeerInfo,
+    SendControl,
     Stats,
+    Transport,
 )
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW
-from pyovpn.datachannel.engine.wire import decode, encode, recv_msg, send_msg
-from pyovpn.errors import BackendError
+from pyovpn.datachannel.engine import wire
+from pyovpn.datachannel.engine.wire import Kind, Message
+from pyovpn.errors import BackendError, ProtocolError
 
-__all__ = ["OffloadDataChannel"]
+__all__ = ["EngineDataChannel"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +61,7 @@ _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 5.0
 
 
-class OffloadDataChannel:
+class EngineDataChannel:
     """The :class:`~pyovpn.datachannel.api.DataChannel` backed by the multi-process offload engine.
 
     Options: ``workers`` (worker processes; default ``os.cpu_count()``, a P2P peer uses at
@@ -99,12 +109,14 @@ class OffloadDataChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._ready: asyncio.Future[Any] | None = None
+        self._direct: list[socket.socket] = []  # per worker, for control packets
         self._starting: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 1
         self._subscribers: list[Callable[[Notification], None]] = []
         self._peers: set[int] = set()
+        self._senders: dict[int, tuple[int, Transport]] = {}  # peer id: (transmit worker, transport)
         self._closed = False
         self._ifname: str | None = None
         self.worker_pids: list[int] = []
@@ -128,8 +140,10 @@ class OffloadDataChannel:
         if self._closed:
             raise BackendError(f"{what}: the offload backend is closed")
         await self._ensure_started()
+        if isinstance(command, SendControl):
+            await self._send_control(command)
+            return None
         fds: list[int] = []
-        body = command
         if isinstance(command, NewPeer):
             fds = [command.socket_fd]
             try:
@@ -138,25 +152,51 @@ class OffloadDataChannel:
                 raise BackendError(
                     f"{what}: socket fd {command.socket_fd} is not usable: {e.strerror or e}"
                 ) from None
-        result = await self._call({"op": "cmd", "cmd": encode(body)}, fds)
+        result = await self._call({"op": "cmd", "cmd": command}, fds, what)
         if isinstance(command, NewIface) and isinstance(result, dict):
             self._ifname = result.get("ifname")
             return None
         if isinstance(command, NewPeer):
             self._peers.add(command.peer_id)
-        return result  # type: ignore[no-any-return]
+            if isinstance(result, dict):
+                self._senders[command.peer_id] = (int(result.get("tx_worker", 0)), command.transport)
+            return None
+        if isinstance(result, (PeerInfo, KeyInfo)):
+            return result
+        return None
+
+    async def _send_control(self, cmd: SendControl) -> None:
+        """Straight to the peer's transmit worker; the controller's checks, made here."""
+        what = "SendControl"
+        sender = self._senders.get(cmd.peer_id)
+        if sender is None:
+            raise BackendError(f"{what}: unknown peer id {cmd.peer_id}")
+        index, transport = sender
+        if not cmd.packet:
+            raise BackendError(f"{what}: empty packet")
+        if transport is Transport.TCP and len(cmd.packet) > 0xFFFF:
+            raise BackendError(f"{what}: {len(cmd.packet)} bytes do not fit a TCP frame (max 65535)")
+        if index >= len(self._direct):
+            raise BackendError(f"{what}: the offload engine has no worker {index}")
+        try:
+            await self._send(self._direct[index], Kind.SEND_CONTROL, cmd, (), what)
+        except BackendError as e:
+            if str(e).startswith(f"{what}:"):
+                raise
+            raise BackendError(f"{what}: {e}") from None
 
     async def peer_stats(self, peer_id: int) -> Stats:
         """All counters of a peer summed over the workers, including the ``extra`` drop reasons."""
         await self._ensure_started()
-        return await self._call({"op": "stats", "peer_id": peer_id})  # type: ignore[no-any-return]
+        result = await self._call({"op": "stats", "peer_id": peer_id}, what="GetPeer")
+        if not isinstance(result, Stats):
+            raise BackendError(f"GetPeer: the engine answered {type(result).__name__}, not Stats")
+        return result
 
     async def debug(self, peer_id: int, what: str, **kw: Any) -> Any:
         """Test hooks on the worker holding a peer's transmit side (``set_tx_pid``, ``encrypt``)."""
         await self._ensure_started()
-        return await self._call(
-            {"op": "debug", "peer_id": peer_id, "what": what, **{k: encode(v) for k, v in kw.items()}}
-        )
+        return await self._call({"op": "debug", "peer_id": peer_id, "what": what, **kw}, what="debug")
 
     async def close(self) -> None:
         if self._closed:
@@ -167,7 +207,7 @@ class OffloadDataChannel:
                 await self._starting
         if self._sock is not None and self._proc is not None and self._proc.poll() is None:
             with contextlib.suppress(BackendError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._call({"op": "close"}), _STOP_TIMEOUT)
+                await asyncio.wait_for(self._call({"op": "close"}, what="close"), _STOP_TIMEOUT)
         self._disconnect()
         await self._reap()
 
@@ -219,7 +259,7 @@ class OffloadDataChannel:
             self._disconnect()
             await self._reap()
             raise BackendError(f"the offload engine did not start: {e}") from None
-        self.worker_pids = list(info.get("workers", []))
+        self.worker_pids = list(info.get("workers", [])) if isinstance(info, dict) else []
         log.info("offload engine %d started with %d worker(s)", self._proc.pid, len(self.worker_pids))
 
     def _disconnect(self) -> None:
@@ -231,6 +271,7 @@ class OffloadDataChannel:
                 self._loop.remove_reader(sock.fileno())
         sock.close()  # the engine sees EOF and exits
         self._sock = None
+        self._drop_direct()
         self._fail_pending(BackendError("the offload engine connection is closed"))
 
     async def _reap(self) -> None:
@@ -254,31 +295,42 @@ class OffloadDataChannel:
 
     # ------------------------------------------------------------------ messages
 
-    async def _call(self, msg: dict[str, Any], fds: list[int] | None = None) -> Any:
+    async def _call(self, body: dict[str, Any], fds: list[int] | None = None, what: str = "") -> Any:
         sock = self._sock
         if sock is None:
             raise BackendError("the offload engine is not running")
+        return await self._send(sock, Kind.REQUEST, body, fds or (), what or str(body.get("op")))
+
+    async def _send(
+        self, sock: socket.socket, kind: Kind, body: object, fds: Sequence[int], what: str
+    ) -> Any:
+        """Send one request and wait for its reply; a full socket is waited out, never dropped."""
         assert self._loop is not None
         rid = self._next_id
-        self._next_id += 1
+        self._next_id = (self._next_id % 0xFFFFFFFF) + 1
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._pending[rid] = fut
-        msg = {"id": rid, **msg}
         while True:
             try:
-                send_msg(sock, msg, fds or ())
+                wire.send(sock, kind, rid, body, fds)
                 break
             except BlockingIOError:
                 await asyncio.sleep(0.001)
             except OSError as e:
                 self._pending.pop(rid, None)
-                what = (
-                    msg.get("cmd", {}).get("$d", msg.get("op"))
-                    if isinstance(msg.get("cmd"), dict)
-                    else msg["op"]
-                )
                 raise BackendError(f"{what}: cannot reach the offload engine: {e.strerror or e}") from None
         return await fut
+
+    def _reply(self, msg: Message) -> None:
+        fut = self._pending.pop(msg.rid, None)
+        if fut is None or fut.done():
+            return
+        if msg.kind is Kind.ERR:
+            fut.set_exception(BackendError(str(msg.body)))
+        elif msg.kind is Kind.OK:
+            fut.set_result(msg.body)
+        else:
+            fut.set_exception(BackendError(f"unexpected {msg.kind.name} reply from the engine"))
 
     def _on_readable(self) -> None:
         sock = self._sock
@@ -286,39 +338,93 @@ class OffloadDataChannel:
             return
         while True:
             try:
-                msg, fds = recv_msg(sock)
+                msg, fds = wire.recv(sock)
             except BlockingIOError:
                 return
+            except ProtocolError as e:
+                log.warning("offload engine sent an undecodable message: %s", e)
+                continue
+            except OSError:
+                msg, fds = None, []
+            if msg is None:
+                for fd in fds:
+                    os.close(fd)
+                self._engine_gone()
+                return
+            if msg.kind is Kind.READY:
+                self._adopt_direct(fds)
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(msg.body)
+                continue
+            for fd in fds:
+                os.close(fd)
+            # whatever a worker said before the event behind this message comes first
+            self._drain_direct()
+            if msg.kind is Kind.NOTE:
+                self._note(msg.body)
+            else:
+                self._reply(msg)
+            if self._sock is None:
+                return
+
+    def _note(self, note: object) -> None:
+        if not isinstance(note, Notification):
+            log.warning("offload engine sent a %s as a notification", type(note).__name__)
+            return
+        if isinstance(note, PeerDeleted):
+            self._peers.discard(note.peer_id)
+            self._senders.pop(note.peer_id, None)
+        self._emit(note)
+
+    # ------------------------------------------------------------------ the workers' direct sockets
+
+    def _adopt_direct(self, fds: list[int]) -> None:
+        assert self._loop is not None
+        self._drop_direct()
+        for index, fd in enumerate(fds):
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            self._direct.append(sock)
+            self._loop.add_reader(fd, self._on_direct, index)
+
+    def _drain_direct(self) -> None:
+        for index, sock in enumerate(self._direct):
+            if sock.fileno() >= 0:
+                self._on_direct(index)
+
+    def _on_direct(self, index: int) -> None:
+        sock = self._direct[index]
+        while sock.fileno() >= 0:
+            try:
+                msg, fds = wire.recv(sock)
+            except BlockingIOError:
+                return
+            except ProtocolError as e:
+                log.warning("offload engine worker %d sent an undecodable message: %s", index, e)
+                continue
             except OSError:
                 msg, fds = None, []
             for fd in fds:
                 os.close(fd)
-            if msg is None:
-                self._engine_gone()
+            if msg is None:  # the worker is gone; the controller reports what that means
+                if self._loop is not None:
+                    with contextlib.suppress(Exception):
+                        self._loop.remove_reader(sock.fileno())
+                sock.close()
                 return
-            if "note" in msg:
-                try:
-                    note = decode(msg["note"])
-                except (ValueError, TypeError):
-                    log.warning("offload engine sent an undecodable notification")
-                    continue
-                if isinstance(note, PeerDeleted):
-                    self._peers.discard(note.peer_id)
-                self._emit(note)
-            elif "ready" in msg:
-                if self._ready is not None and not self._ready.done():
-                    self._ready.set_result(msg["ready"])
+            if msg.kind in (Kind.CONTROL, Kind.NOTE):
+                self._note(msg.body)
             else:
-                fut = self._pending.pop(msg.get("id", -1), None)
-                if fut is None or fut.done():
-                    continue
-                if "err" in msg:
-                    fut.set_exception(BackendError(msg["err"]))
-                else:
-                    try:
-                        fut.set_result(decode(msg.get("ok")))
-                    except (ValueError, TypeError) as e:
-                        fut.set_exception(BackendError(f"undecodable engine reply: {e}"))
+                self._reply(msg)
+
+    def _drop_direct(self) -> None:
+        for sock in self._direct:
+            if sock.fileno() >= 0:
+                if self._loop is not None:
+                    with contextlib.suppress(Exception):
+                        self._loop.remove_reader(sock.fileno())
+                sock.close()
+        self._direct.clear()
 
     def _engine_gone(self) -> None:
         closing = self._closed
@@ -326,11 +432,13 @@ class OffloadDataChannel:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._sock.fileno())
         self._fail_pending(BackendError("the offload engine exited"))
+        self._drop_direct()
         if not closing:
             log.error("the offload engine exited unexpectedly")
             for peer_id in sorted(self._peers):
                 self._emit(PeerDeleted(peer_id, PeerDelReason.TRANSPORT_ERROR))
             self._peers.clear()
+        self._senders.clear()
 
     def _emit(self, note: Notification) -> None:
         if self._loop is not None and self._subscribers:

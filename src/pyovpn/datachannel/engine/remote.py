@@ -33,7 +33,8 @@ class RemoteCell:
         self.mm = mmap.mmap(fd, _SIZE)
 
     def generation(self) -> int:
-        return _GEN.unpack_from(self.mm, 0)[0]
+        gen: int = _GEN.unpack_from(self.mm, 0)[0]
+        return gen
 
     def store(self, send_addr: tuple[Any, ...]) -> None:
         """Publish a socket address: ``(ip, port)`` for AF_INET, ``(ip, port, flow, scope)`` for AF_INET6."""

@@ -1,128 +1,343 @@
-"""The engine's message format: tagged JSON over ``SOCK_SEQPACKET`` unix sockets, fds by SCM_RIGHTS.
+"""The engine's message format: binary frames over ``SOCK_SEQPACKET`` unix sockets, fds by SCM_RIGHTS.
 
-One message is one datagram of UTF-8 JSON. The :mod:`pyovpn.datachannel.api` dataclasses and
-enums travel as tagged objects, so both ends rebuild exactly the same values and nothing
-but those known types can ever be constructed (no pickle):
+One message is one datagram: a 5-byte header (``kind`` u8, request id u32, little endian)
+and a body. Most kinds carry one tagged value (see :func:`pack_value`): ``None``, bools,
+64-bit ints, floats, UTF-8 strings, raw bytes, tuples, lists, string-keyed dicts, and the
+:mod:`pyovpn.datachannel.api` enums and dataclasses listed below, so both ends rebuild
+exactly the same values and nothing but those known types can ever be constructed.
 
-* dataclass ``{"$d": "NewPeer", "f": {field: value, ...}}`` (only classes listed below)
-* enum ``{"$e": "Cipher", "v": "AES-256-GCM"}``
-* bytes ``{"$b": "<base64>"}``, tuple ``{"$t": [...]}``, dict ``{"$m": {str: value}}``
+The control-packet kinds have a fixed layout of their own, because they are the hot path
+between a worker and the proxy: ``CONTROL`` (a received packet: peer id, source address,
+the packet's bytes raw to the end of the datagram) and ``SEND_CONTROL`` (peer id, packet).
 
-File descriptors (the transport socket in ``NewPeer``, the TUN) ride along as SCM_RIGHTS
-ancillary data of the message that names them.
+File descriptors (the transport socket in ``NewPeer``, the TUN, the workers' direct
+sockets) ride along as SCM_RIGHTS ancillary data of the message that names them.
+
+Decoding never trusts its input: anything malformed raises :class:`pyovpn.errors.ProtocolError`.
 """
 
 from __future__ import annotations
 
 import array
-import base64
 import dataclasses
 import enum
-import json
 import socket
-from typing import Any
+import struct
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from pyovpn.datachannel import api
+from pyovpn.errors import ProtocolError
 
-__all__ = ["MAX_FDS", "MAX_MESSAGE", "decode", "encode", "recv_msg", "send_msg"]
+__all__ = [
+    "MAX_FDS",
+    "MAX_MESSAGE",
+    "Kind",
+    "Message",
+    "api_address",
+    "pack",
+    "pack_value",
+    "recv",
+    "send",
+    "unpack",
+    "unpack_value",
+]
 
 MAX_MESSAGE = 1 << 20
-MAX_FDS = 4
-
-_DATACLASSES: dict[str, type] = {
-    cls.__name__: cls
-    for cls in (
-        api.NewIface,
-        api.DelIface,
-        api.NewPeer,
-        api.SetPeer,
-        api.GetPeer,
-        api.DelPeer,
-        api.KeyDirection,
-        api.NewKey,
-        api.DelKey,
-        api.SwapKeys,
-        api.GetKey,
-        api.SendControl,
-        api.PeerInfo,
-        api.KeyInfo,
-        api.PeerDeleted,
-        api.KeyExhausted,
-        api.PeerFloated,
-        api.ControlPacket,
-        api.Stats,
-    )
-}
-_ENUMS: dict[str, type[enum.Enum]] = {
-    cls.__name__: cls for cls in (api.Cipher, api.IfaceMode, api.KeySlot, api.PeerDelReason, api.Transport)
-}
+MAX_FDS = 8
+_MAX_DEPTH = 16
 
 
-def encode(obj: Any) -> Any:
-    """A JSON-ready form of ``obj`` (api dataclasses, enums, bytes, tuples, lists, dicts, scalars)."""
-    if isinstance(obj, enum.Enum):
-        name = type(obj).__name__
-        if name not in _ENUMS:
-            raise TypeError(f"cannot encode enum {name}")
-        return {"$e": name, "v": obj.value}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {"$b": base64.b64encode(obj).decode("ascii")}
-    if isinstance(obj, tuple):
-        return {"$t": [encode(x) for x in obj]}
-    if isinstance(obj, list):
-        return [encode(x) for x in obj]
-    if isinstance(obj, dict):
-        return {"$m": {str(k): encode(v) for k, v in obj.items()}}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        name = type(obj).__name__
-        if _DATACLASSES.get(name) is not type(obj):
-            raise TypeError(f"cannot encode {name}")
-        return {"$d": name, "f": {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+class Kind(enum.IntEnum):
+    """What a message is; the id pairs a reply with its request (0 where there is none)."""
+
+    REQUEST = 1  # body: {"op": name, **arguments}
+    OK = 2  # body: the result
+    ERR = 3  # body: the error text
+    EVENT = 4  # worker -> controller, body: {"ev": name, ...}
+    NOTE = 5  # engine -> proxy, body: an api notification
+    READY = 6  # controller -> proxy once the workers run, body: a dict; fds: the workers' direct sockets
+    CONTROL = 7  # worker -> proxy: a received control packet (body: api.ControlPacket)
+    SEND_CONTROL = 8  # proxy -> worker: send a control packet (body: api.SendControl)
 
 
-def decode(obj: Any) -> Any:
-    """The inverse of :func:`encode`; raises ``ValueError`` for anything it does not know."""
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, list):
-        return [decode(x) for x in obj]
-    if isinstance(obj, dict):
-        if "$b" in obj:
-            return base64.b64decode(obj["$b"], validate=True)
-        if "$t" in obj:
-            return tuple(decode(x) for x in obj["$t"])
-        if "$m" in obj:
-            return {k: decode(v) for k, v in obj["$m"].items()}
-        if "$e" in obj:
-            cls = _ENUMS.get(obj["$e"])
-            if cls is None:
-                raise ValueError(f"unknown enum {obj['$e']!r}")
-            return cls(obj["v"])
-        if "$d" in obj:
-            dcls = _DATACLASSES.get(obj["$d"])
-            if dcls is None:
-                raise ValueError(f"unknown type {obj['$d']!r}")
-            return dcls(**{k: decode(v) for k, v in obj["f"].items()})
-    raise ValueError(f"cannot decode {obj!r:.80}")
+class Message(NamedTuple):
+    kind: Kind
+    rid: int
+    body: Any
 
 
-def send_msg(sock: socket.socket, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
-    """Send one message (a dict whose values are already :func:`encode`-d) with optional fds."""
-    data = json.dumps(msg, separators=(",", ":")).encode()
+_HEADER = struct.Struct("<BI")
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+_I64 = struct.Struct("<q")
+_F64 = struct.Struct("<d")
+_CONTROL = struct.Struct("<IBH")  # peer id, length of the source address text (0: none), port
+_PEER = struct.Struct("<I")
+
+_T_NONE, _T_FALSE, _T_TRUE, _T_INT, _T_FLOAT, _T_STR, _T_BYTES = range(7)
+_T_TUPLE, _T_LIST, _T_DICT, _T_ENUM, _T_DATACLASS = range(7, 12)
+
+_DATACLASSES: tuple[type, ...] = (
+    api.NewIface,
+    api.DelIface,
+    api.NewPeer,
+    api.SetPeer,
+    api.GetPeer,
+    api.DelPeer,
+    api.KeyDirection,
+    api.NewKey,
+    api.DelKey,
+    api.SwapKeys,
+    api.GetKey,
+    api.SendControl,
+    api.PeerInfo,
+    api.KeyInfo,
+    api.PeerDeleted,
+    api.KeyExhausted,
+    api.PeerFloated,
+    api.ControlPacket,
+    api.Stats,
+)
+_DATACLASS_INDEX = {cls: i for i, cls in enumerate(_DATACLASSES)}
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _DATACLASSES}
+_ENUMS: tuple[type[enum.Enum], ...] = (
+    api.Cipher,
+    api.IfaceMode,
+    api.KeySlot,
+    api.PeerDelReason,
+    api.Transport,
+)
+_ENUM_INDEX = {cls: i for i, cls in enumerate(_ENUMS)}
+
+
+def api_address(addr: Sequence[Any]) -> api.Address:
+    """A socket address as the api reports it: ``(ip, port)``, IPv4-mapped IPv6 shown as IPv4."""
+    ip = str(addr[0])
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    return (ip, int(addr[1]))
+
+
+# ---------------------------------------------------------------------------------- values
+
+
+def pack_value(obj: object) -> bytes:
+    """The tagged binary form of ``obj``; ``TypeError`` for anything not listed in the module doc."""
+    out = bytearray()
+    _pack(obj, out, 0)
+    return bytes(out)
+
+
+def _pack(obj: object, out: bytearray, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise TypeError("value nested too deeply")
+    if obj is None:
+        out.append(_T_NONE)
+    elif obj is True:
+        out.append(_T_TRUE)
+    elif obj is False:
+        out.append(_T_FALSE)
+    elif isinstance(obj, enum.Enum):
+        index = _ENUM_INDEX.get(type(obj))
+        if index is None:
+            raise TypeError(f"cannot encode enum {type(obj).__name__}")
+        out += _U8.pack(_T_ENUM) + _U8.pack(index)
+        _pack(obj.value, out, depth + 1)
+    elif isinstance(obj, int):
+        try:
+            out += _U8.pack(_T_INT) + _I64.pack(obj)
+        except struct.error:
+            raise TypeError(f"integer {obj} does not fit 64 bits") from None
+    elif isinstance(obj, float):
+        out += _U8.pack(_T_FLOAT) + _F64.pack(obj)
+    elif isinstance(obj, str):
+        raw = obj.encode("utf-8", "surrogatepass")
+        out += _U8.pack(_T_STR) + _U32.pack(len(raw)) + raw
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        out += _U8.pack(_T_BYTES) + _U32.pack(len(obj)) + obj
+    elif isinstance(obj, (tuple, list)):
+        out += _U8.pack(_T_TUPLE if isinstance(obj, tuple) else _T_LIST) + _U32.pack(len(obj))
+        for item in obj:
+            _pack(item, out, depth + 1)
+    elif isinstance(obj, dict):
+        out += _U8.pack(_T_DICT) + _U32.pack(len(obj))
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"dict key {key!r} is not a string")
+            _pack(key, out, depth + 1)
+            _pack(value, out, depth + 1)
+    else:
+        index = _DATACLASS_INDEX.get(type(obj))
+        if index is None:
+            raise TypeError(f"cannot encode {type(obj).__name__}")
+        names = _FIELDS[type(obj)]
+        out += _U8.pack(_T_DATACLASS) + _U8.pack(index) + _U8.pack(len(names))
+        for name in names:
+            _pack(getattr(obj, name), out, depth + 1)
+
+
+def unpack_value(data: bytes | bytearray | memoryview) -> Any:
+    """The inverse of :func:`pack_value`; ``ProtocolError`` for anything malformed or left over."""
+    mv = memoryview(data)
+    value, end = _unpack(mv, 0, 0)
+    if end != len(mv):
+        raise ProtocolError(f"{len(mv) - end} bytes after the value")
+    return value
+
+
+def _take(mv: memoryview, pos: int, n: int) -> int:
+    end = pos + n
+    if end > len(mv):
+        raise ProtocolError(f"value truncated at byte {pos} (need {n} more, have {len(mv) - pos})")
+    return end
+
+
+def _unpack(mv: memoryview, pos: int, depth: int) -> tuple[Any, int]:
+    if depth > _MAX_DEPTH:
+        raise ProtocolError("value nested too deeply")
+    end = _take(mv, pos, 1)
+    tag = mv[pos]
+    pos = end
+    if tag == _T_NONE:
+        return None, pos
+    if tag in (_T_FALSE, _T_TRUE):
+        return tag == _T_TRUE, pos
+    if tag == _T_INT:
+        end = _take(mv, pos, 8)
+        return _I64.unpack_from(mv, pos)[0], end
+    if tag == _T_FLOAT:
+        end = _take(mv, pos, 8)
+        return _F64.unpack_from(mv, pos)[0], end
+    if tag in (_T_STR, _T_BYTES, _T_TUPLE, _T_LIST, _T_DICT):
+        end = _take(mv, pos, 4)
+        (n,) = _U32.unpack_from(mv, pos)
+        pos = end
+        if tag == _T_BYTES:
+            end = _take(mv, pos, n)
+            return bytes(mv[pos:end]), end
+        if tag == _T_STR:
+            end = _take(mv, pos, n)
+            try:
+                return str(mv[pos:end], "utf-8", "surrogatepass"), end
+            except UnicodeDecodeError:
+                raise ProtocolError("a string is not UTF-8") from None
+        # each item takes at least one byte: a count beyond the rest is a lie, not an allocation
+        _take(mv, pos, n)
+        if tag == _T_DICT:
+            items: dict[str, Any] = {}
+            for _ in range(n):
+                key, pos = _unpack(mv, pos, depth + 1)
+                if not isinstance(key, str):
+                    raise ProtocolError("a dict key is not a string")
+                items[key], pos = _unpack(mv, pos, depth + 1)
+            return items, pos
+        seq = []
+        for _ in range(n):
+            item, pos = _unpack(mv, pos, depth + 1)
+            seq.append(item)
+        return (tuple(seq) if tag == _T_TUPLE else seq), pos
+    if tag == _T_ENUM:
+        end = _take(mv, pos, 1)
+        index = mv[pos]
+        if index >= len(_ENUMS):
+            raise ProtocolError(f"unknown enum {index}")
+        value, pos = _unpack(mv, end, depth + 1)
+        try:
+            return _ENUMS[index](value), pos
+        except (ValueError, TypeError):
+            raise ProtocolError(f"{value!r:.40} is not a {_ENUMS[index].__name__}") from None
+    if tag == _T_DATACLASS:
+        end = _take(mv, pos, 2)
+        index, count = mv[pos], mv[pos + 1]
+        if index >= len(_DATACLASSES):
+            raise ProtocolError(f"unknown type {index}")
+        cls = _DATACLASSES[index]
+        if count != len(_FIELDS[cls]):
+            raise ProtocolError(f"{cls.__name__} needs {len(_FIELDS[cls])} fields, not {count}")
+        pos = end
+        values = []
+        for _ in range(count):
+            value, pos = _unpack(mv, pos, depth + 1)
+            values.append(value)
+        try:
+            return cls(*values), pos
+        except Exception as e:  # a field check of the dataclass itself
+            raise ProtocolError(f"bad {cls.__name__}: {e}") from None
+    raise ProtocolError(f"unknown value tag {tag}")
+
+
+# ---------------------------------------------------------------------------------- messages
+
+
+def pack(kind: Kind, rid: int, body: object) -> bytes:
+    """One datagram; ``TypeError`` if the body does not suit the kind or cannot be encoded."""
+    head = _HEADER.pack(kind, rid & 0xFFFFFFFF)
+    if kind is Kind.CONTROL:
+        if not isinstance(body, api.ControlPacket):
+            raise TypeError("a CONTROL message carries an api.ControlPacket")
+        ip, port = (body.remote[0].encode("ascii"), body.remote[1]) if body.remote else (b"", 0)
+        return head + _CONTROL.pack(body.peer_id, len(ip), port) + ip + body.packet
+    if kind is Kind.SEND_CONTROL:
+        if not isinstance(body, api.SendControl):
+            raise TypeError("a SEND_CONTROL message carries an api.SendControl")
+        return head + _PEER.pack(body.peer_id) + body.packet
+    return head + pack_value(body)
+
+
+def unpack(data: bytes | bytearray | memoryview) -> Message:
+    """The message in one datagram; ``ProtocolError`` for anything malformed."""
+    mv = memoryview(data)
+    if len(mv) < _HEADER.size:
+        raise ProtocolError(f"message of {len(mv)} bytes is shorter than its header")
+    raw_kind, rid = _HEADER.unpack_from(mv, 0)
+    try:
+        kind = Kind(raw_kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {raw_kind}") from None
+    pos = _HEADER.size
+    if kind is Kind.CONTROL:
+        end = _take(mv, pos, _CONTROL.size)
+        peer_id, ip_len, port = _CONTROL.unpack_from(mv, pos)
+        pos, end = end, _take(mv, end, ip_len)
+        remote: api.Address | None = None
+        if ip_len:
+            try:
+                remote = (str(mv[pos:end], "ascii"), port)
+            except UnicodeDecodeError:
+                raise ProtocolError("a control packet's source address is not ASCII") from None
+        return Message(kind, rid, api.ControlPacket(peer_id, bytes(mv[end:]), remote))
+    if kind is Kind.SEND_CONTROL:
+        end = _take(mv, pos, _PEER.size)
+        (peer_id,) = _PEER.unpack_from(mv, pos)
+        return Message(kind, rid, api.SendControl(peer_id, bytes(mv[end:])))
+    return Message(kind, rid, unpack_value(mv[pos:]))
+
+
+def send(
+    sock: socket.socket, kind: Kind, rid: int, body: object, fds: Sequence[int] = ()
+) -> None:
+    """Send one message with optional fds (``BlockingIOError`` if a non-blocking socket is full)."""
+    data = pack(kind, rid, body)
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"message of {len(data)} bytes is too large")
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     sock.sendmsg([data], anc)
 
 
-def recv_msg(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """Receive one message; ``(None, [])`` at EOF. Raises ``BlockingIOError`` when none is queued."""
+def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
+    """Receive one message; ``(None, [])`` at EOF. Raises ``BlockingIOError`` when none is queued.
+
+    A malformed message raises ``ProtocolError`` after closing any fds that came with it.
+    """
     data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
     if not data:
         for fd in fds:
             socket.close(fd)
         return None, []
-    return json.loads(data), list(fds)
+    try:
+        return unpack(data), list(fds)
+    except ProtocolError:
+        for fd in fds:
+            socket.close(fd)
+        raise

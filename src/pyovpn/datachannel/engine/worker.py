@@ -13,8 +13,11 @@ burst (see ``_CTL_GAP``), a TCP control frame overtakes queued data frames, and 
 loop yields to a waiting request between chunks.
 
 The worker talks to the controller over a ``SOCK_SEQPACKET`` channel (see ``wire.py``):
-requests ``{"id", "op", ...}`` answered by ``{"id", "ok"|"err"}``, and events
-``{"ev", ...}`` (control packet, float, expiry, TCP disconnect, key exhausted).
+requests ``{"op", ...}`` answered by OK/ERR, and events ``{"ev", ...}`` (float, expiry, TCP
+disconnect, key exhausted). Control packets skip the controller: a second, direct channel
+to the proxy carries received ones up (with ``PeerFloated``, so the proxy sees a float and
+the control packets around it in the order they happened) and ``SendControl`` down,
+answered there.
 """
 
 from __future__ import annotations
@@ -34,11 +37,20 @@ from typing import Any
 
 import numpy as np
 
-from pyovpn.datachannel.api import Cipher, KeyDirection, PeerDelReason, Stats, Transport
+from pyovpn.datachannel.api import (
+    Cipher,
+    ControlPacket,
+    KeyDirection,
+    PeerDelReason,
+    PeerFloated,
+    SendControl,
+    Stats,
+    Transport,
+)
 from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PING_MAGIC, KeyState, PacketIdExhaustedError
-from pyovpn.datachannel.engine import gso
+from pyovpn.datachannel.engine import gso, wire
 from pyovpn.datachannel.engine.remote import RemoteCell
-from pyovpn.datachannel.engine.wire import decode, encode, recv_msg, send_msg
+from pyovpn.datachannel.engine.wire import Kind, api_address
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
@@ -132,9 +144,12 @@ class _Peer:
 
 
 class Worker:
-    def __init__(self, index: int, chan: socket.socket, options: dict[str, Any]) -> None:
+    def __init__(
+        self, index: int, chan: socket.socket, options: dict[str, Any], ctl: socket.socket | None = None
+    ) -> None:
         self.index = index
         self.chan = chan
+        self.ctl = ctl  # the direct channel to the proxy (control packets)
         self.opts = options
         self.verify_rx_csum = bool(options.get("verify_rx_checksums", True))
         self.tun_gro = bool(options.get("tun_gro", True))
@@ -163,6 +178,8 @@ class Worker:
         self.tun_paused = False  # TUN reads stop while a control packet waits to go first
         self.chan_poll = select.poll()
         self.chan_poll.register(chan.fileno(), select.POLLIN)
+        if ctl is not None:
+            self.chan_poll.register(ctl.fileno(), select.POLLIN)
         # receive buffers
         self.rx_buf = bytearray(_RX_BUF)
         self.rx_mv = memoryview(self.rx_buf)
@@ -175,6 +192,9 @@ class Worker:
     def run(self) -> None:
         self.chan.setblocking(False)
         self._register(self.chan.fileno(), select.EPOLLIN, self._on_chan)
+        if self.ctl is not None:
+            self.ctl.setblocking(False)
+            self._register(self.ctl.fileno(), select.EPOLLIN, self._on_ctl)
         while self.running:
             timeout = self._next_timer()
             try:
@@ -206,45 +226,93 @@ class Worker:
                 self.ep.unregister(fd)
 
     def _event(self, ev: str, **kw: Any) -> None:
-        msg = {"ev": ev, **{k: encode(v) for k, v in kw.items()}}
+        """Report to the controller; a control packet (and a float) goes to the proxy directly.
+
+        A float is told to the controller first, then to the proxy: the proxy may ask the
+        controller about the peer as soon as it knows, and the controller reads worker
+        events before proxy requests.
+        """
+        if self.ctl is not None and ev == "control":
+            addr = kw["addr"]
+            note = ControlPacket(kw["peer_id"], kw["packet"], api_address(addr) if addr else None)
+            self._send(self.ctl, Kind.CONTROL, 0, note)
+            return
+        noted = self.ctl is not None and ev == "float"
+        self._send(self.chan, Kind.EVENT, 0, {"ev": ev, "noted": noted, **kw})
+        if noted:
+            assert self.ctl is not None
+            self._send(self.ctl, Kind.NOTE, 0, PeerFloated(kw["peer_id"], api_address(kw["addr"])))
+
+    def _send(self, sock: socket.socket, kind: Kind, rid: int, body: object) -> None:
+        """Send whole, waiting if the channel is full: a control packet or event is never dropped."""
         try:
-            self.chan.setblocking(True)
-            send_msg(self.chan, msg)
+            sock.setblocking(True)
+            wire.send(sock, kind, rid, body)
         except OSError:
             self.running = False
         finally:
             with contextlib.suppress(OSError):
-                self.chan.setblocking(False)
+                sock.setblocking(False)
+
+    def _on_ctl(self, _ev: int) -> None:
+        """``SendControl`` from the proxy, answered on the same channel."""
+        assert self.ctl is not None
+        while self.running:
+            try:
+                msg, fds = wire.recv(self.ctl)
+            except BlockingIOError:
+                return
+            except ProtocolError as e:
+                log.error("engine worker %d: dropped a malformed proxy message: %s", self.index, e)
+                continue
+            except OSError:
+                msg, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                self._unregister(self.ctl.fileno())  # the proxy went away; the controller decides
+                return
+            cmd = msg.body
+            if msg.kind is not Kind.SEND_CONTROL or not isinstance(cmd, SendControl):
+                self._send(self.ctl, Kind.ERR, msg.rid, f"worker {self.index}: unexpected {msg.kind.name}")
+                continue
+            peer = self.peers.get(cmd.peer_id)
+            try:
+                if peer is None or not peer.tx:
+                    raise ValueError(f"worker {self.index}: no peer {cmd.peer_id}")
+                self._send_control(peer, cmd.packet)
+            except Exception as e:
+                self._send(self.ctl, Kind.ERR, msg.rid, str(e) or type(e).__name__)
+            else:
+                self._send(self.ctl, Kind.OK, msg.rid, None)
 
     # ------------------------------------------------------------------ controller channel
 
     def _on_chan(self, _ev: int) -> None:
         while self.running:
             try:
-                msg, fds = recv_msg(self.chan)
+                msg, fds = wire.recv(self.chan)
             except BlockingIOError:
                 return
+            except ProtocolError as e:
+                log.error("engine worker %d: dropped a malformed request: %s", self.index, e)
+                continue
             except OSError:
                 self.running = False
                 return
             if msg is None:
                 self.running = False  # the controller is gone
                 return
-            rid = msg.get("id")
             try:
-                result = self._dispatch(msg, fds)
-                reply: dict[str, Any] = {"id": rid, "ok": encode(result)}
+                if msg.kind is not Kind.REQUEST or not isinstance(msg.body, dict):
+                    raise ValueError(f"unexpected {msg.kind.name} message")
+                kind, answer = Kind.OK, self._dispatch(msg.body, fds)
             except Exception as e:  # reported to the controller, which turns it into BackendError
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-                reply = {"id": rid, "err": str(e) or type(e).__name__}
-            try:
-                self.chan.setblocking(True)
-                send_msg(self.chan, reply)
-                self.chan.setblocking(False)
-            except OSError:
-                self.running = False
+                kind, answer = Kind.ERR, str(e) or type(e).__name__
+            self._send(self.chan, kind, msg.rid, answer)
 
     def _dispatch(self, m: dict[str, Any], fds: list[int]) -> Any:
         op = m["op"]
@@ -253,7 +321,7 @@ class Worker:
         if op == "clear_tun":
             return self._clear_tun()
         if op == "add_peer":
-            return self._add_peer(decode(m["peer"]), fds)
+            return self._add_peer(m["peer"], fds)
         if op == "exit":
             self.running = False
             return None
@@ -274,8 +342,8 @@ class Worker:
             ks = KeyState.from_directions(
                 m["key_id"],
                 cipher,
-                KeyDirection(decode(m["enc_key"]), decode(m["enc_tail"])),
-                KeyDirection(decode(m["dec_key"]), decode(m["dec_tail"])),
+                KeyDirection(m["enc_key"], m["enc_tail"]),
+                KeyDirection(m["dec_key"], m["dec_tail"]),
                 replay_window=m["replay_window"],
             )
             peer.keys[m["slot"]] = ks
@@ -296,7 +364,7 @@ class Worker:
                     peer.serials[i] = 0
             return None
         if op == "send_control":
-            return self._send_control(peer, decode(m["packet"]))
+            return self._send_control(peer, m["packet"])
         if op == "stats":
             return peer.stats
         if op == "debug":
@@ -312,7 +380,7 @@ class Worker:
             ks.tx_packet_id = m["value"]
             return None
         if what == "encrypt":
-            return ks.encrypt(decode(m["payload"]), peer.tx_peer_id)
+            return ks.encrypt(m["payload"], peer.tx_peer_id)
         raise ValueError(f"unknown debug op {what!r}")
 
     # ------------------------------------------------------------------ setup
@@ -1090,11 +1158,13 @@ class Worker:
             peer.tcp_writer = False
 
 
-def worker_main(index: int, chan: socket.socket, options: dict[str, Any]) -> None:
+def worker_main(
+    index: int, chan: socket.socket, options: dict[str, Any], ctl: socket.socket | None = None
+) -> None:
     """Entry point in the forked child: die with the controller, ignore terminal signals."""
     from pyovpn.datachannel.engine.proc import set_parent_death_signal
 
     set_parent_death_signal()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    Worker(index, chan, options).run()
+    Worker(index, chan, options, ctl).run()
