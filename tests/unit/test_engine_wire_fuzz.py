@@ -1,0 +1,81 @@
+"""Hypothesis fuzzing of the engine's message decoder: only pyovpn's ProtocolError may escape,
+and every value the engine sends comes back equal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyovpn.datachannel import api
+from pyovpn.datachannel.engine import wire
+from pyovpn.errors import ProtocolError
+
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+_ints = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+_addr = st.tuples(st.from_regex(r"[0-9a-f:.]{1,45}", fullmatch=True), st.integers(0, 65535))
+_scalars = st.none() | st.booleans() | _ints | st.text(max_size=20) | st.binary(max_size=40)
+_notes = st.one_of(
+    st.builds(api.ControlPacket, st.integers(0, 2**32 - 1), st.binary(max_size=200), st.none() | _addr),
+    st.builds(api.PeerDeleted, _ints, st.sampled_from(api.PeerDelReason)),
+    st.builds(api.PeerFloated, _ints, _addr),
+    st.builds(api.KeyExhausted, _ints, _ints),
+    st.builds(
+        api.NewKey,
+        _ints,
+        st.sampled_from(api.KeySlot),
+        _ints,
+        st.sampled_from(api.Cipher),
+        st.builds(api.KeyDirection, st.binary(max_size=32), st.binary(max_size=8)),
+        st.builds(api.KeyDirection, st.binary(max_size=32), st.binary(max_size=8)),
+    ),
+)
+_values = st.recursive(
+    _scalars | _notes,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.lists(inner, max_size=4).map(tuple)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _only_protocol_errors(data: bytes) -> None:
+    try:
+        wire.unpack(data)
+    except ProtocolError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_unpack_any_bytes(data: bytes) -> None:
+    _only_protocol_errors(data)
+
+
+@FUZZ
+@given(st.sampled_from(wire.Kind), st.binary(max_size=200))
+def test_unpack_any_body_of_each_kind(kind: wire.Kind, body: bytes) -> None:
+    _only_protocol_errors(bytes([kind]) + b"\x01\x00\x00\x00" + body)
+
+
+@FUZZ
+@given(_values, st.data())
+def test_values_round_trip_and_survive_damage(value: Any, data: st.DataObject) -> None:
+    raw = wire.pack(wire.Kind.OK, 7, value)
+    msg = wire.unpack(raw)
+    assert (msg.kind, msg.rid, msg.body) == (wire.Kind.OK, 7, value)
+    # a cut or a flipped byte is refused with ProtocolError or decodes to something else
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    _only_protocol_errors(raw[:cut])
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    _only_protocol_errors(raw[:pos] + bytes([raw[pos] ^ data.draw(st.integers(1, 255))]) + raw[pos + 1 :])
+
+
+@FUZZ
+@given(_notes.filter(lambda n: isinstance(n, api.ControlPacket)), st.integers(0, 2**32 - 1))
+def test_control_packets_round_trip(note: api.ControlPacket, rid: int) -> None:
+    assert wire.unpack(wire.pack(wire.Kind.CONTROL, rid, note)) == (wire.Kind.CONTROL, rid, note)
+    send = api.SendControl(note.peer_id, note.packet)
+    assert wire.unpack(wire.pack(wire.Kind.SEND_CONTROL, rid, send)) == (wire.Kind.SEND_CONTROL, rid, send)
