@@ -25,9 +25,20 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from itertools import chain
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import NDArray
+
+#: a packet buffer as numpy sees it (``np.frombuffer(buf, np.uint8)``) and views of it
+U8s = NDArray[np.uint8]
+#: per-packet integers (offsets, lengths, sums), widened to int64 before any arithmetic
+I64s = NDArray[np.int64]
+#: per-packet verdicts
+Bools = NDArray[np.bool_]
+#: offsets, lengths, header lengths: a Python list or the same as an array
+IntSeq = Sequence[int] | NDArray[np.integer[Any]]
 
 __all__ = [
     "GSO_ECN",
@@ -140,18 +151,18 @@ def finish_partial(
     buf[field + 1] = c & 0xFF
 
 
-def _fold(s: np.ndarray) -> np.ndarray:
+def _fold(s: I64s) -> I64s:
     """One's-complement fold of positive sums: ``s mod 0xFFFF``, with 0xFFFF for multiples."""
     r = s % 0xFFFF
     r[r == 0] = 0xFFFF
     return r
 
 
-def _be16(values: np.ndarray, n: int) -> np.ndarray:
+def _be16(values: I64s, n: int) -> U8s:
     return values.astype(">u2").view(np.uint8).reshape(n, 2)
 
 
-def _le16(values: np.ndarray, n: int) -> np.ndarray:
+def _le16(values: I64s, n: int) -> U8s:
     return values.astype("<u2").view(np.uint8).reshape(n, 2)
 
 
@@ -192,7 +203,7 @@ class Segmenter:
 
     def segment(
         self,
-        src: np.ndarray,
+        src: U8s,
         gso_type: int,
         gso_size: int,
         csum_start: int,
@@ -316,16 +327,19 @@ class Segmenter:
             shape = self._shapes[key] = _Shape(n, hl, mss, rem, l4, version)
         return shape
 
-    def _row_sums(self, rows: np.ndarray, base: int, stride: int, start: int) -> np.ndarray | None:
+    def _row_sums(self, rows: U8s, base: int, stride: int, start: int) -> I64s | None:
+        sums: I64s
         if stride % 4 == 0 and base % 4 == 0 and start % 4 == 0:
-            return rows.view("<u4")[:, start // 4 :].sum(axis=1, dtype=np.int64)
+            sums = rows.view("<u4")[:, start // 4 :].sum(axis=1, dtype=np.int64)
+            return sums
         if stride % 2 == 0 and base % 2 == 0 and start % 2 == 0:
-            return rows.view("<u2")[:, start // 2 :].sum(axis=1, dtype=np.int64)
+            sums = rows.view("<u2")[:, start // 2 :].sum(axis=1, dtype=np.int64)
+            return sums
         return None
 
     @staticmethod
     def _slow_checksums(
-        rows: np.ndarray, n: int, lens: np.ndarray, r: int, l4: int, check_off: int, proto: int, version: int
+        rows: U8s, n: int, lens: I64s, r: int, l4: int, check_off: int, proto: int, version: int
     ) -> None:
         """Per-row checksums in Python, for odd strides numpy cannot view as 16-bit words."""
         for i in range(n):
@@ -347,12 +361,12 @@ class Segmenter:
 
 
 def verify_l4_checksums(
-    bnp: np.ndarray,
-    offs: Sequence[int],
-    lens: Sequence[int],
-    l4s: Sequence[int],
+    bnp: U8s,
+    offs: IntSeq,
+    lens: IntSeq,
+    l4s: IntSeq,
     protos: Sequence[int] | int,
-) -> np.ndarray:
+) -> Bools:
     """Which packets ``bnp[off:off+len]`` carry a correct TCP/UDP checksum (vectorised).
 
     Offsets must be even and each packet must be followed by at least one byte the caller
@@ -384,18 +398,19 @@ def verify_l4_checksums(
     l4_len = ln - l4
     pr = np.asarray(protos, dtype=np.int64)
     total = sums + ((l4_len & 0xFF) << 8) + (l4_len >> 8) + (pr << 8)
-    return (total % 0xFFFF == 0) & (total != 0)
+    ok: Bools = (total % 0xFFFF == 0) & (total != 0)
+    return ok
 
 
 def _verify_split(
-    bnp: np.ndarray,
-    o: np.ndarray,
-    ln: np.ndarray,
-    l4: np.ndarray,
-    ends: np.ndarray,
-    v6: np.ndarray,
+    bnp: U8s,
+    o: I64s,
+    ln: I64s,
+    l4: I64s,
+    ends: I64s,
+    v6: Bools,
     protos: Sequence[int] | int,
-) -> np.ndarray:
+) -> Bools:
     """:func:`verify_l4_checksums` for IPv4 headers with options: addresses and L4 summed apart."""
     k = len(o)
     idx = np.empty(4 * k, dtype=np.int64)
@@ -409,7 +424,8 @@ def _verify_split(
     l4_len = ln - l4
     pr = np.asarray(protos, dtype=np.int64)
     total = sums[0::4] + sums[2::4] + ((l4_len & 0xFF) << 8) + (l4_len >> 8) + (pr << 8)
-    return (total % 0xFFFF == 0) & (total != 0)
+    ok: Bools = (total % 0xFFFF == 0) & (total != 0)
+    return ok
 
 
 class _Run:
@@ -433,12 +449,32 @@ class _Run:
         "v6",
     )
 
+    # a run of TCP segments of one flow being merged: the first segment's header, what the
+    # next segment must look like to join, and the payloads so far
+    head_off: int
+    head_len: int
+    l4: int  # IP header length
+    hl: int  # IP + TCP header length
+    mss: int
+    next_seq: int
+    next_id: int
+    ack: int
+    attrs: int
+    opts: bytes | bytearray
+    count: int
+    payload: int
+    psh: bool
+    open: bool
+    v6: bool
+    offs: list[int]
+    pieces: list[memoryview]
+
     def __init__(self) -> None:
-        self.pieces: list[memoryview] = []
+        self.pieces = []
 
 
 def coalesce(
-    buf: bytearray, bnp: np.ndarray, slots: Sequence[tuple[int, int]], *, verify: bool = True
+    buf: bytearray, bnp: U8s, slots: Sequence[tuple[int, int]], *, verify: bool = True
 ) -> list[list[bytes | memoryview]]:
     """Plan TUN writes for decrypted IP packets at ``buf[off:off+len]``: userspace TCP GRO.
 
@@ -577,7 +613,7 @@ _GRO_COLS = 100  # an IPv6 header and the longest TCP header: every byte a merge
 _GRO_COL = np.arange(_GRO_COLS, dtype=np.int64)
 
 
-def _gro_masks() -> np.ndarray:
+def _gro_masks() -> U8s:
     """``[v6][header length]``: 0xFF for header bytes that must match between merged segments.
 
     Zero for the fields that differ from segment to segment (IPv4 total length, id and
@@ -599,10 +635,10 @@ def _gro_masks() -> np.ndarray:
 
 
 _GRO_MASKS = _gro_masks()
-_window_cache: list[np.ndarray] = []  # [buffer, its sliding-window view]: the worker reuses one buffer
+_window_cache: list[U8s] = []  # [buffer, its sliding-window view]: the worker reuses one buffer
 
 
-def _windows(bnp: np.ndarray) -> np.ndarray:
+def _windows(bnp: U8s) -> U8s:
     """``sliding_window_view(bnp, _GRO_COLS)``, built once per buffer (it costs more than the gather)."""
     if not _window_cache or _window_cache[0] is not bnp:
         _window_cache[:] = [bnp, sliding_window_view(bnp, _GRO_COLS)]
@@ -610,7 +646,7 @@ def _windows(bnp: np.ndarray) -> np.ndarray:
 
 
 def coalesce_vec(
-    buf: bytearray, bnp: np.ndarray, slots: Sequence[tuple[int, int]], *, verify: bool = True
+    buf: bytearray, bnp: U8s, slots: Sequence[tuple[int, int]], *, verify: bool = True
 ) -> list[list[bytes | memoryview]]:
     """:func:`coalesce` for large batches: the headers of all packets are parsed and compared
     with numpy (one row per packet), so the Python work per packet is one iovec slice.
@@ -719,7 +755,7 @@ def _merged(
 
 
 def coalesce_checked(
-    buf: bytearray, bnp: np.ndarray, slots: Sequence[tuple[int, int]], *, verify: bool = True
+    buf: bytearray, bnp: U8s, slots: Sequence[tuple[int, int]], *, verify: bool = True
 ) -> list[list[bytes | memoryview]]:
     """Plan TUN writes for decrypted IP packets at ``buf[off:off+len]``: userspace TCP GRO.
 
@@ -735,12 +771,12 @@ def coalesce_checked(
     """
     mv = memoryview(buf)
     out: list[list[bytes | memoryview]] = []
-    parsed: list[tuple] = []
+    parsed: list[tuple[int, int, tuple[bytes, tuple[Any, ...] | None] | None]] = []
     c_offs: list[int] = []
     c_lens: list[int] = []
     c_l4s: list[int] = []
     for off, ln in slots:
-        info = None
+        info: tuple[int, object, int, bool, bool] | None = None
         b0 = buf[off] if ln else 0
         if b0 == 0x45 and ln >= 40:
             _vi, tos, tot, ipid, frag, ttl, proto, _c = _V4.unpack_from(buf, off)
@@ -797,11 +833,11 @@ def coalesce_checked(
         vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso, hl, run.mss, l4, 16)
         out.append([vnet + h, *run.pieces])
 
-    for off, ln, info in parsed:
-        if info is None:
+    for off, ln, entry in parsed:
+        if entry is None:
             out.append([ZERO_VNET, mv[off : off + ln]])
             continue
-        key, seg = info
+        key, seg = entry
         run = runs.get(key)
         if seg is None or not ok[seg[9]]:
             if run is not None:
