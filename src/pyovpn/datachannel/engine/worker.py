@@ -232,34 +232,52 @@ class Worker:
         controller about the peer as soon as it knows, and the controller reads worker
         events before proxy requests.
         """
-        if self.ctl is not None and ev == "control":
+        ctl = self.ctl
+        if ctl is not None and ev == "control":
             addr = kw["addr"]
             note = ControlPacket(kw["peer_id"], kw["packet"], api_address(addr) if addr else None)
-            self._send(self.ctl, Kind.CONTROL, 0, note)
+            self._send(ctl, Kind.CONTROL, 0, note)
             return
-        noted = self.ctl is not None and ev == "float"
+        noted = ctl is not None and ev == "float"
         self._send(self.chan, Kind.EVENT, 0, {"ev": ev, "noted": noted, **kw})
-        if noted:
-            assert self.ctl is not None
-            self._send(self.ctl, Kind.NOTE, 0, PeerFloated(kw["peer_id"], api_address(kw["addr"])))
+        if ctl is not None and noted:
+            self._send(ctl, Kind.NOTE, 0, PeerFloated(kw["peer_id"], api_address(kw["addr"])))
 
     def _send(self, sock: socket.socket, kind: Kind, rid: int, body: object) -> None:
-        """Send whole, waiting if the channel is full: a control packet or event is never dropped."""
+        """Send whole, waiting if the channel is full: a control packet or event is never dropped.
+
+        A broken controller channel ends the worker; a broken proxy channel only this path
+        (the controller learns the rest and decides).
+        """
         try:
             sock.setblocking(True)
             wire.send(sock, kind, rid, body)
         except OSError:
-            self.running = False
+            if sock is self.chan:
+                self.running = False
+            else:
+                self._drop_ctl()
         finally:
             with contextlib.suppress(OSError):
                 sock.setblocking(False)
 
+    def _drop_ctl(self) -> None:
+        ctl = self.ctl
+        if ctl is None:
+            return
+        self.ctl = None
+        if ctl.fileno() >= 0:
+            self._unregister(ctl.fileno())
+            with contextlib.suppress(KeyError, ValueError):
+                self.chan_poll.unregister(ctl.fileno())
+            ctl.close()
+
     def _on_ctl(self, _ev: int) -> None:
         """``SendControl`` from the proxy, answered on the same channel."""
-        assert self.ctl is not None
-        while self.running:
+        while self.running and self.ctl is not None:
+            ctl = self.ctl
             try:
-                msg, fds = wire.recv(self.ctl)
+                msg, fds = wire.recv(ctl)
             except BlockingIOError:
                 return
             except ProtocolError as e:
@@ -270,11 +288,11 @@ class Worker:
             for fd in fds:
                 os.close(fd)
             if msg is None:
-                self._unregister(self.ctl.fileno())  # the proxy went away; the controller decides
+                self._drop_ctl()  # the proxy went away; the controller decides
                 return
             cmd = msg.body
             if msg.kind is not Kind.SEND_CONTROL or not isinstance(cmd, SendControl):
-                self._send(self.ctl, Kind.ERR, msg.rid, f"worker {self.index}: unexpected {msg.kind.name}")
+                self._send(ctl, Kind.ERR, msg.rid, f"worker {self.index}: unexpected {msg.kind.name}")
                 continue
             peer = self.peers.get(cmd.peer_id)
             try:
@@ -282,9 +300,9 @@ class Worker:
                     raise ValueError(f"worker {self.index}: no peer {cmd.peer_id}")
                 self._send_control(peer, cmd.packet)
             except Exception as e:
-                self._send(self.ctl, Kind.ERR, msg.rid, str(e) or type(e).__name__)
+                self._send(ctl, Kind.ERR, msg.rid, str(e) or type(e).__name__)
             else:
-                self._send(self.ctl, Kind.OK, msg.rid, None)
+                self._send(ctl, Kind.OK, msg.rid, None)
 
     # ------------------------------------------------------------------ controller channel
 
