@@ -1,0 +1,44 @@
+"""The engine's options (``engine-workers``, ``userspace-engine``) and how they pick a backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyovpn.config import parse_config_text
+from pyovpn.datachannel.engine.proxy import EngineDataChannel
+from pyovpn.datachannel.select import _userspace_backend
+from pyovpn.datachannel.userspace import UserspaceDataChannel
+from pyovpn.errors import ConfigError
+
+from .test_config import CLIENT
+
+
+def test_defaults_and_values() -> None:
+    o = parse_config_text(CLIENT)
+    assert (o.engine_workers, o.userspace_engine) == (None, "multiprocess")
+    o = parse_config_text(CLIENT + "engine-workers 3\nuserspace-engine inprocess\n")
+    assert (o.engine_workers, o.userspace_engine) == (3, "inprocess")
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("engine-workers 0", "engine-workers: must be an integer >= 1"),
+        ("engine-workers two", "engine-workers: 'two' is not an integer"),
+        ("engine-workers", "engine-workers"),
+        ("userspace-engine threads", "userspace-engine: bad value 'threads'"),
+    ],
+)
+def test_bad_values_name_file_and_line(line: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config_text(CLIENT + line + "\n", source="client.conf")
+    line_no = CLIENT.count("\n") + 1
+    assert f"client.conf:{line_no}" in str(err.value)
+    assert needle in str(err.value)
+
+
+def test_backend_choice_follows_the_options() -> None:
+    engine = _userspace_backend(mp=False, mssfix=None, engine="multiprocess", workers=1)
+    assert isinstance(engine, EngineDataChannel) and engine._workers == 1
+    assert isinstance(_userspace_backend(mp=False, mssfix=None, engine="inprocess"), UserspaceDataChannel)
+    assert isinstance(_userspace_backend(mp=True, mssfix=None, engine="multiprocess"), UserspaceDataChannel)
