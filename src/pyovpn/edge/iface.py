@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from typing import Protocol, runtime_checkable
 
 from pyovpn.config import Options
 from pyovpn.datachannel.api import DataChannel
@@ -94,12 +95,26 @@ def configure_server(net: HostNetwork, ifname: str, opts: Options) -> None:
         net.enable_forwarding(ifname)
 
 
-async def clean_stale_link(dc: DataChannel, name: str) -> None:
-    """Kernel backend: remove an idle `ovpn` link of this name left by a killed earlier run."""
-    if dc.name != "kernel":
-        return
-    # imported here: only the kernel backend has such links, and the edge must not need pyroute2 otherwise
-    from pyovpn.datachannel.kernel import cleanup_stale_iface
+@runtime_checkable
+class CleansStaleLinks(Protocol):
+    """A backend whose devices can outlive the process (the kernel's): it removes an idle one itself."""
 
-    if await asyncio.to_thread(cleanup_stale_iface, name):
+    async def clean_stale_link(self, name: str) -> bool:
+        """Remove the idle device ``name`` left by an earlier run; True if there was one."""
+        ...
+
+
+async def clean_stale_link(dc: DataChannel, name: str) -> None:
+    """Remove an idle `ovpn` link of this name left by a killed earlier run (kernel backend only)."""
+    if isinstance(dc, CleansStaleLinks):
+        removed = await dc.clean_stale_link(name)
+    elif dc.name == "kernel":
+        # until the kernel backend offers clean_stale_link(); imported here so that the edge needs
+        # neither pyroute2 nor the kernel module with another backend
+        from pyovpn.datachannel.kernel import cleanup_stale_iface
+
+        removed = await asyncio.to_thread(cleanup_stale_iface, name)
+    else:
+        return
+    if removed:
         log.info("removed stale ovpn interface %s left by an earlier run", name)
