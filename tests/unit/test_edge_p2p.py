@@ -1,0 +1,232 @@
+"""The P2P edge without root: a tls-server and a tls-client Daemon in one event loop over loopback.
+
+Both run on :mod:`tests.unit.edgefakes` (a recording data channel that relays control packets
+on the handed-over socket, and an in-memory host network), so what the edge does to the host
+and to the backend is asserted command by command: connect, restart after a keepalive expiry,
+SIGUSR1, key exhaustion, and exit with SIGTERM telling the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from pyovpn import daemon as daemon_module
+from pyovpn.config import parse_config_text
+from pyovpn.datachannel.api import (
+    DelIface,
+    DelPeer,
+    KeySlot,
+    NewIface,
+    NewKey,
+    NewPeer,
+    SendControl,
+    Transport,
+)
+from pyovpn.tools.pki import Pki, make_pki
+from tests.unit.edgefakes import RunningDaemon, free_port, wait_until
+
+INIT = "Initialization Sequence Completed"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(autouse=True)
+def quick_restarts(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # a restart waits RESTART_DELAY first; the tests wait for the reconnect, not for the clock
+    monkeypatch.setattr(daemon_module, "RESTART_DELAY", 0.05)
+    caplog.set_level(logging.INFO)
+
+
+def p2p_configs(pki: Pki, port: int, proto: str = "udp") -> tuple[str, str]:
+    crypto = ["data-ciphers AES-256-GCM", "verb 4", "tls-timeout 1", "explicit-exit-notify 1"]
+    server = [
+        "tls-server",
+        "dev tun",
+        f"proto {'udp' if proto == 'udp' else 'tcp-server'}",
+        "local 127.0.0.1",
+        f"lport {port}",
+        "ifconfig 10.77.0.1 10.77.0.2",
+        "ifconfig-ipv6 fd00:77::1/64 fd00:77::2",
+        "route 10.55.0.0 255.255.255.0",
+        f"ca {pki.ca_crt}",
+        f"cert {pki.server_crt}",
+        f"key {pki.server_key}",
+        "dh none",
+        "remote-cert-tls client",
+        *crypto,
+    ]
+    client = [
+        "tls-client",
+        "dev tun",
+        f"proto {'udp' if proto == 'udp' else 'tcp-client'}",
+        f"remote 127.0.0.1 {port}",
+        "nobind",
+        "ifconfig 10.77.0.2 10.77.0.1",
+        "ifconfig-ipv6 fd00:77::2/64 fd00:77::1",
+        f"ca {pki.ca_crt}",
+        f"cert {pki.client_crt}",
+        f"key {pki.client_key}",
+        "remote-cert-tls server",
+        *crypto,
+    ]
+    return "\n".join(server) + "\n", "\n".join(client) + "\n"
+
+
+Body = Callable[[RunningDaemon, RunningDaemon], Awaitable[None]]
+
+
+def run_pair(pki: Pki, body: Body, proto: str = "udp") -> None:
+    """Start server and client, wait until both tunnels are up, run ``body``, stop what still runs."""
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    server_text, client_text = p2p_configs(pki, free_port(kind), proto)
+
+    async def main() -> None:
+        server = RunningDaemon(parse_config_text(server_text, source="server.conf"))
+        client = RunningDaemon(parse_config_text(client_text, source="client.conf"))
+        try:
+            await wait_until(lambda: server.up() and client.up(), 15, "both tunnels up")
+            await body(server, client)
+        finally:
+            for d in (client, server):
+                if not d.task.done():
+                    d.daemon.signal("SIGTERM")
+            await asyncio.wait({client.task, server.task}, timeout=10)
+
+    asyncio.run(main())
+
+
+def primary_keys(d: RunningDaemon) -> list[NewKey]:
+    return [k for k in d.dc.of(NewKey) if k.slot is KeySlot.PRIMARY]
+
+
+def assert_keys_pair(server: RunningDaemon, client: RunningDaemon) -> None:
+    """The latest primary keys of the two sides are each other's mirror image."""
+    s, c = primary_keys(server)[-1], primary_keys(client)[-1]
+    assert (s.key_id, s.cipher) == (c.key_id, c.cipher)
+    assert c.encrypt == s.decrypt
+    assert c.decrypt == s.encrypt
+    assert c.encrypt != c.decrypt
+
+
+def test_udp_connect(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(server: RunningDaemon, client: RunningDaemon) -> None:
+        await wait_until(lambda: caplog.text.count(INIT) >= 2, 5, "two init lines")
+        for d in (server, client):
+            assert [c.name for c in d.dc.of(NewIface)] == ["tun0"]
+            (peer,) = d.dc.of(NewPeer)
+            assert peer.transport is Transport.UDP
+            assert peer.vpn_ipv4 is None and peer.vpn_ipv6 is None  # P2P: no VPN IPs in NewPeer
+            assert d.dc.iface is not None and d.dc.iface.name == "tun0"
+            assert list(d.dc.peers) == [peer.peer_id]  # the fake holds the handed-over socket
+        # each side hands over the socket that talks to the other: the remotes are each other
+        (speer,) = server.dc.of(NewPeer)
+        (cpeer,) = client.dc.of(NewPeer)
+        assert speer.remote is not None and speer.remote[0] == "127.0.0.1"
+        assert cpeer.remote == ("127.0.0.1", server.daemon.opts.lport)
+        assert_keys_pair(server, client)
+        # net30 addresses with the peer, the IPv6 address, and the configured route
+        assert server.net.has_address("tun0", "10.77.0.1", 32)
+        assert [a.peer for a in server.net.addresses if a.address == "10.77.0.1"] == ["10.77.0.2"]
+        assert server.net.has_address("tun0", "fd00:77::1", 64)
+        assert client.net.has_address("tun0", "10.77.0.2", 32)
+        assert client.net.has_address("tun0", "fd00:77::2", 64)
+        assert server.net.routes_to("10.55.0.0", 24)
+        assert not client.net.routes_to("10.55.0.0", 24)
+
+    run_pair(pki, body)
+
+
+def test_tcp_connect_and_exit(pki: Pki) -> None:
+    async def body(server: RunningDaemon, client: RunningDaemon) -> None:
+        for d in (server, client):
+            (peer,) = d.dc.of(NewPeer)
+            assert peer.transport is Transport.TCP and peer.remote is None
+        assert_keys_pair(server, client)
+        assert await client.stop() == 0
+        assert client.dc.of(DelPeer) and client.dc.of(DelIface)
+        # the server's stream ended: it drops the peer and waits for the next connection
+        await wait_until(lambda: server.dc.of(DelPeer) or not server.dc.peers, 10, "server drops its peer")
+        assert not server.task.done()
+        assert await server.stop() == 0
+
+    run_pair(pki, body, proto="tcp")
+
+
+def test_restart_after_keepalive_expiry(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(server: RunningDaemon, client: RunningDaemon) -> None:
+        first = client.dc.of(NewPeer)[0]
+        addresses = list(client.net.addresses)
+        client.dc.expire(first.peer_id)
+        await wait_until(lambda: client.up(2) and server.up(2), 15, "both sides reconnected")
+        assert "Inactivity timeout (--ping-restart), restarting" in caplog.text
+        assert len(client.dc.of(NewPeer)) == 2 and len(server.dc.of(NewPeer)) == 2
+        # the same interface carries the new session: no second NewIface, no DelIface, no
+        # address added again (persist-tun semantics for an unchanged configuration)
+        for d in (client, server):
+            assert len(d.dc.of(NewIface)) == 1 and not d.dc.of(DelIface)
+        assert client.net.addresses == addresses
+        assert not client.task.done() and not server.task.done()
+        assert_keys_pair(server, client)
+        assert primary_keys(client)[-1].encrypt != primary_keys(client)[0].encrypt
+
+    run_pair(pki, body)
+
+
+def test_sigusr1_restarts(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(server: RunningDaemon, client: RunningDaemon) -> None:
+        client.daemon.signal("SIGUSR1")
+        await wait_until(lambda: client.up(2) and server.up(2), 15, "reconnect after SIGUSR1")
+        assert "SIGUSR1[soft,restart] received, process restarting" in caplog.text
+        assert len(client.dc.of(NewIface)) == 1 and not client.dc.of(DelIface)
+        assert not client.task.done()
+        assert_keys_pair(server, client)
+
+    run_pair(pki, body)
+
+
+def test_key_exhaustion_renegotiates(pki: Pki) -> None:
+    async def body(server: RunningDaemon, client: RunningDaemon) -> None:
+        first = primary_keys(client)[0]
+        client.dc.exhaust(first.peer_id)
+
+        def renewed() -> bool:
+            return all(any(k.key_id != first.key_id for k in d.dc.of(NewKey)) for d in (server, client))
+
+        await wait_until(renewed, 10, "a new key on both sides")
+        # the new key is the same on both sides, in whichever slot it is now
+        s_new = next(k for k in server.dc.of(NewKey) if k.key_id != first.key_id)
+        c_new = next(k for k in client.dc.of(NewKey) if k.key_id != first.key_id)
+        assert c_new.encrypt == s_new.decrypt and c_new.decrypt == s_new.encrypt
+        assert len(client.dc.of(NewPeer)) == 1  # a renegotiation, not a reconnect
+
+    run_pair(pki, body)
+
+
+def test_sigterm_tells_the_peer_and_cleans_up(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(server: RunningDaemon, client: RunningDaemon) -> None:
+        mark = len(client.dc.commands)
+        assert await client.stop() == 0
+        after = client.dc.commands[mark:]
+        kinds = [type(c) for c in after]
+        # EXIT leaves through the data channel (it owns the socket), then the peer and the
+        # interface go, in that order
+        assert SendControl in kinds and DelPeer in kinds and DelIface in kinds
+        assert kinds.index(SendControl) < kinds.index(DelPeer) < kinds.index(DelIface)
+        assert "SIGTERM[hard,] received, process exiting" in caplog.text
+        assert client.dc.closed
+        # the server got the EXIT: it ends that session at once (no ping-restart wait) and restarts
+        await wait_until(lambda: server.dc.of(DelPeer), 10, "the server drops its peer")
+        assert "peer sent exit notification" in caplog.text
+        assert not server.task.done()
+        assert await server.stop() == 0
+        assert server.dc.of(DelIface) and not server.dc.peers
+
+    run_pair(pki, body)
