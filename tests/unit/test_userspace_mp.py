@@ -41,11 +41,11 @@ from pyovpn.datachannel.api import (
 from pyovpn.datachannel.crypto import PING_MAGIC, KeyState
 from pyovpn.datachannel.keepalive_lane import PING_DATAGRAM_SIZE
 from pyovpn.datachannel.userspace import UserspaceDataChannel
+from pyovpn.edge.sockets import bind_server_socket as _bind_server_socket
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
 from pyovpn.proto.keys import split_key2
 from pyovpn.proto.packets import UNDEF_PEER_ID
-from pyovpn.server import _bind_server_socket
 from tests.nslab import Lab, Site, ip, ping, require_root, tcp_listener
 
 PORT = 1194
