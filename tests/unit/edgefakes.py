@@ -178,15 +178,19 @@ class RecordingDataChannel:
         if self.closed:
             raise BackendError(f"{what}: the recording backend is closed")
         if isinstance(command, NewIface):
-            return self._new_iface(command)
+            self._new_iface(command)
+            return None
         if self.iface is None:
             raise BackendError(f"{what}: no interface; send NewIface first")
         if isinstance(command, DelIface):
-            return self._del_iface(command)
+            self._del_iface(command)
+            return None
         if isinstance(command, NewPeer):
-            return self._new_peer(command)
+            self._new_peer(command)
+            return None
         if isinstance(command, SetPeer):
-            return self._set_peer(command)
+            self._set_peer(command)
+            return None
         if isinstance(command, GetPeer):
             p = self._peer(what, command.peer_id)
             return PeerInfo(p.peer_id, p.remote, *p.keepalive)

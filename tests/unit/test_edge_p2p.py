@@ -46,7 +46,7 @@ def quick_restarts(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFix
 
 
 def p2p_configs(pki: Pki, port: int, proto: str = "udp") -> tuple[str, str]:
-    crypto = ["data-ciphers AES-256-GCM", "verb 4", "tls-timeout 1", "explicit-exit-notify 1"]
+    crypto = ["data-ciphers AES-256-GCM", "verb 4", "tls-timeout 1"]
     server = [
         "tls-server",
         "dev tun",
@@ -90,6 +90,8 @@ def run_pair(pki: Pki, body: Body, proto: str = "udp") -> None:
 
     async def main() -> None:
         server = RunningDaemon(parse_config_text(server_text, source="server.conf"))
+        # a client that starts first loses its first reset and waits tls-timeout to resend it
+        await wait_until(lambda: port_bound(server, kind), 5, "the server listens")
         client = RunningDaemon(parse_config_text(client_text, source="client.conf"))
         try:
             await wait_until(lambda: server.up() and client.up(), 15, "both tunnels up")
@@ -101,6 +103,18 @@ def run_pair(pki: Pki, body: Body, proto: str = "udp") -> None:
             await asyncio.wait({client.task, server.task}, timeout=10)
 
     asyncio.run(main())
+
+
+def port_bound(server: RunningDaemon, kind: int) -> bool:
+    """Whether the server holds its port (a bind without SO_REUSEADDR then fails)."""
+    if server.task.done():
+        server.task.result()
+    with socket.socket(socket.AF_INET, kind) as probe:
+        try:
+            probe.bind(("127.0.0.1", server.daemon.opts.local_port))
+        except OSError:
+            return True
+    return False
 
 
 def primary_keys(d: RunningDaemon) -> list[NewKey]:
@@ -144,20 +158,41 @@ def test_udp_connect(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     run_pair(pki, body)
 
 
-def test_tcp_connect_and_exit(pki: Pki) -> None:
+def test_tcp_connect_and_exit(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     async def body(server: RunningDaemon, client: RunningDaemon) -> None:
         for d in (server, client):
             (peer,) = d.dc.of(NewPeer)
             assert peer.transport is Transport.TCP and peer.remote is None
         assert_keys_pair(server, client)
-        assert await client.stop() == 0
-        assert client.dc.of(DelPeer) and client.dc.of(DelIface)
-        # the server's stream ended: it drops the peer and waits for the next connection
-        await wait_until(lambda: server.dc.of(DelPeer) or not server.dc.peers, 10, "server drops its peer")
-        assert not server.task.done()
         assert await server.stop() == 0
+        # the peer is gone either way: DelPeer, or the backend saw the stream close first
+        assert not server.dc.peers and server.dc.of(DelIface)
+        # the client got EXIT over the stream (or its end): it restarts instead of exiting
+        await wait_until(lambda: "restarting in" in caplog.text, 10, "the client restarts")
+        assert not client.task.done()
+        assert await client.stop() == 0
+        assert not client.dc.peers and client.dc.of(DelIface)
 
     run_pair(pki, body, proto="tcp")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="edge bug: a signal is not seen while p2p.Connection waits in _open_socket (tcp-server "
+    "accept, tcp-client connect): Connection.run awaits the socket before it looks at _done",
+)
+def test_sigterm_while_waiting_for_a_tcp_peer(pki: Pki) -> None:
+    server_text, _ = p2p_configs(pki, free_port(socket.SOCK_STREAM), "tcp")
+
+    async def main() -> None:
+        server = RunningDaemon(parse_config_text(server_text))
+        try:
+            await wait_until(lambda: port_bound(server, socket.SOCK_STREAM), 5, "the server listens")
+            assert await server.stop(timeout=2) == 0
+        finally:
+            server.task.cancel()
+
+    asyncio.run(main())
 
 
 def test_restart_after_keepalive_expiry(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
