@@ -12,23 +12,34 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 
 from pyovpn import daemon as daemon_module
 from pyovpn.config import parse_config_text
 from pyovpn.datachannel.api import (
+    Cipher,
     DelIface,
     DelPeer,
+    GetKey,
+    GetPeer,
+    KeyDirection,
+    KeyInfo,
     KeySlot,
     NewIface,
     NewKey,
     NewPeer,
+    PeerDeleted,
+    PeerDelReason,
+    PeerInfo,
     SendControl,
+    SwapKeys,
     Transport,
 )
+from pyovpn.errors import BackendError
 from pyovpn.tools.pki import Pki, make_pki
-from tests.unit.edgefakes import RunningDaemon, free_port, wait_until
+from tests.unit.edgefakes import RecordingDataChannel, RecordingNetwork, RunningDaemon, free_port, wait_until
 
 INIT = "Initialization Sequence Completed"
 
@@ -265,3 +276,56 @@ def test_sigterm_tells_the_peer_and_cleans_up(pki: Pki, caplog: pytest.LogCaptur
         assert server.dc.of(DelIface) and not server.dc.peers
 
     run_pair(pki, body)
+
+
+def test_recording_fakes_refuse_what_the_host_refuses() -> None:
+    """The fakes are only worth their assertions if they say no where a real backend or host does."""
+
+    async def main() -> None:
+        dc = RecordingDataChannel()
+        net = RecordingNetwork(dc)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            peer = NewPeer(5, sock.fileno(), Transport.UDP, ("127.0.0.1", 9))
+            with pytest.raises(BackendError, match="no interface"):
+                await dc.request(peer)
+            with pytest.raises(BackendError, match="no interface named 'tun0'"):
+                net.add_address("tun0", "10.0.0.1", 24)
+            await dc.request(NewIface(net.free_tun_name()))
+            assert net.free_tun_name() == "tun1"
+            with pytest.raises(BackendError, match="VPN IPs are not allowed in P2P mode"):
+                await dc.request(
+                    NewPeer(5, sock.fileno(), Transport.UDP, ("127.0.0.1", 9), vpn_ipv4="10.0.0.2")
+                )
+            with pytest.raises(BackendError, match="a UDP peer needs a remote"):
+                await dc.request(replace(peer, remote=None))
+            await dc.request(peer)
+            key = KeyDirection(bytes(32), bytes(8))
+            with pytest.raises(BackendError, match="bad encrypt key length 16"):
+                await dc.request(
+                    NewKey(5, KeySlot.PRIMARY, 0, Cipher.AES_256_GCM, KeyDirection(bytes(16), bytes(8)), key)
+                )
+            await dc.request(NewKey(5, KeySlot.PRIMARY, 3, Cipher.AES_256_GCM, key, key))
+            assert await dc.request(GetKey(5, KeySlot.PRIMARY)) == KeyInfo(
+                5, KeySlot.PRIMARY, 3, Cipher.AES_256_GCM
+            )
+            await dc.request(SwapKeys(5))
+            with pytest.raises(BackendError, match="no key in the primary slot"):
+                await dc.request(GetKey(5, KeySlot.PRIMARY))
+            info = await dc.request(GetPeer(5))
+            assert isinstance(info, PeerInfo) and info.remote == ("127.0.0.1", 9)
+            net.add_route("tun0", "10.9.0.0", 16, "10.0.0.2", 100)
+            with pytest.raises(BackendError, match="already exists"):
+                net.add_route("tun0", "10.9.0.0", 16, "10.0.0.3", 100)
+            net.del_route("tun0", "10.9.0.0", 16, "10.0.0.2", 100)
+            net.del_route("tun0", "10.9.0.0", 16, "10.0.0.2", 100)  # already gone: not an error
+            net.add_route("tun0", "10.9.0.0", 16, "10.0.0.3", 100)
+            await dc.request(DelPeer(5))
+            # notifications arrive from the loop, never from inside request()
+            assert PeerDeleted(5, PeerDelReason.USERSPACE) not in dc.notified
+            with pytest.raises(BackendError, match="unknown peer id 5"):
+                await dc.request(SendControl(5, b"x"))
+            await wait_until(lambda: PeerDeleted(5, PeerDelReason.USERSPACE) in dc.notified, 1, "notified")
+            assert sock.fileno() >= 0  # the caller's descriptor is still the caller's
+
+    asyncio.run(main())

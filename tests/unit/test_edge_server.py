@@ -258,6 +258,62 @@ def test_pool_exhaustion_and_reuse(pki: Pki, caplog: pytest.LogCaptureFixture) -
     serve(text, body)
 
 
+def test_key_exhaustion_and_expiry_per_client(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """Notifications reach the client they name: a renegotiation for one, removal for another."""
+
+    def text(port: int) -> str:
+        return server_text(pki, port, "server 10.8.0.0 255.255.255.0", "duplicate-cn")
+
+    async def body(server: RunningDaemon, port: int) -> None:
+        cfg = client_cfg(pki, port)
+        one, two = await connect(cfg, port), await connect(cfg, port)
+        p1, p2 = peer_of(server, one), peer_of(server, two)
+        first = server.dc.key(p1.peer_id)
+        assert first is not None and [(k.encrypt, k.decrypt) for k in one.keys] == [
+            (first.decrypt, first.encrypt)
+        ]
+        server.dc.exhaust(p1.peer_id)
+        await wait_until(lambda: len(one.keys) == 2, 10, "client 1 renegotiated")
+        new = one.keys[1]
+        assert new.key_id != first.key_id
+        (mine,) = [k for k in server.dc.of(NewKey) if k.peer_id == p1.peer_id and k.key_id == new.key_id]
+        assert (mine.encrypt, mine.decrypt) == (new.decrypt, new.encrypt)
+        assert len(two.keys) == 1  # the other client was left alone
+        server.dc.expire(p2.peer_id)
+        await wait_until(lambda: "Inactivity timeout" in caplog.text, 5, "client 2 removed")
+        assert DelPeer(p2.peer_id) not in server.dc.commands  # the backend had deleted it already
+        # its address is free again: the next client gets it
+        three = await connect(cfg, port)
+        assert peer_of(server, three).vpn_ipv4 == p2.vpn_ipv4
+        assert peer_of(server, three).peer_id == p2.peer_id
+        for c in (one, two, three):
+            c.stop()
+
+    serve(text, body)
+
+
+def test_sigterm_tells_every_client(pki: Pki) -> None:
+    def text(port: int) -> str:
+        return server_text(pki, port, "server 10.8.0.0 255.255.255.0", "duplicate-cn")
+
+    async def body(server: RunningDaemon, port: int) -> None:
+        cfg = client_cfg(pki, port)
+        clients = [await connect(cfg, port), await connect(cfg, port)]
+        peers = [peer_of(server, c) for c in clients]
+        assert server.net.has_address("tun0", "10.8.0.1", 24)
+        assert await server.stop() == 0
+        for c in clients:
+            await wait_until(c.closed.done, 5, "the client hears EXIT")
+            assert "exit notification" in c.closed.result()
+        kinds = [type(c).__name__ for c in server.dc.commands]
+        assert kinds[-1] == "DelIface"
+        assert all(DelPeer(p.peer_id) in server.dc.commands for p in peers)
+        for c in clients:
+            c.stop()
+
+    serve(text, body)
+
+
 # ---------------------------------------------------------------------------- auth
 
 
