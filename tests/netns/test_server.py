@@ -226,3 +226,34 @@ def test_idle_clients_live_on_keepalive_pings(star: Star, pki: Pki) -> None:
         assert "Inactivity timeout" not in c.text()[m:], f"{c.name} timed out: the server's pings stopped"
     for i in range(2):
         assert ping(star.peers[i], SERVER4).ok
+
+
+def _routes6(ns: str, network: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", ns, "-6", "route", "show", network], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_client_with_an_ipv6_iroute_reconnects(star: Star, pki: Pki) -> None:
+    """Leaving removes the client's iroute-ipv6 routes too: else its next connect hits EEXIST
+    adding them again and the server drops it right after the handshake."""
+    conf = server_conf(pki, star.workdir, client_to_client=False)
+    (star.workdir / "ccd" / "alice").write_text("iroute-ipv6 fd00:66::/64\n")
+    server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
+    wait_listening(star.server, "udp", 1194, proc=server)
+    cn, cipher = CLIENTS[0]
+    cconf = client_conf(pki, star.workdir, cn, star.server_addr(0), cipher)
+    alice = star.spawn(star.peers[0], ["openvpn", "--config", str(cconf)], "client-alice")
+    wait_for_lines([server, alice], INIT_LINE, 40)
+    server.wait_for_line("alice.*Data Channel: cipher", 20)
+    assert "fd00:66::/64" in _routes6(star.server, "fd00:66::/64"), "iroute-ipv6 not installed"
+    mark = server.mark()
+    alice.stop()
+    server.wait_for_line("alice.*client disconnected", 20, since=mark)
+    assert _routes6(star.server, "fd00:66::/64") == "", "iroute-ipv6 left behind after the client left"
+    again = star.spawn(star.peers[0], ["openvpn", "--config", str(cconf)], "client-alice-again")
+    again.wait_for_line(INIT_LINE, 30)
+    server.wait_for_line("alice.*Data Channel: cipher", 20, since=mark)
+    assert ping(star.peers[0], SERVER6).ok, "the reconnected client was dropped"
+    assert "data channel error" not in server.text()[mark:]
+    assert "fd00:66::/64" in _routes6(star.server, "fd00:66::/64")
