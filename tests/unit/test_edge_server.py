@@ -56,10 +56,10 @@ def info_logs(caplog: pytest.LogCaptureFixture) -> None:
 class PullClient:
     """One pull client: a Session on a UDP socket connected to the server, driven by the loop."""
 
-    def __init__(self, cfg: SessionConfig, server: Addr, *, bind_ip: str = "127.0.0.1") -> None:
+    def __init__(self, cfg: SessionConfig, server: Addr) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((bind_ip, 0))
+        self.sock.bind(("127.0.0.1", 0))
         self.sock.connect(server)
         self.sock.setblocking(False)
         self.addr: Addr = self.sock.getsockname()
@@ -199,10 +199,19 @@ def serve(text_for_port: Callable[[int], str], body: Body) -> None:
     asyncio.run(main())
 
 
-async def connect(cfg: SessionConfig, port: int, *, bind_ip: str = "127.0.0.1") -> PullClient:
-    client = PullClient(cfg, ("127.0.0.1", port), bind_ip=bind_ip)
+async def connect(server: RunningDaemon, cfg: SessionConfig, port: int) -> PullClient:
+    """A new client, once it is up and the server has installed its key (or once it was refused)."""
+    client = PullClient(cfg, ("127.0.0.1", port))
     await wait_until(lambda: client.up.done() or client.closed.done(), 15, "client settles")
+    if client.up.done():
+        await wait_until(lambda: installed(server, client), 5, "the server installs the client's key")
     return client
+
+
+def installed(server: RunningDaemon, client: PullClient) -> bool:
+    """Whether the server's data channel has this client's peer and its primary key."""
+    peers = [p for p in server.dc.of(NewPeer) if p.remote == client.addr]
+    return bool(peers) and server.dc.key(peers[-1].peer_id) is not None
 
 
 def peer_of(server: RunningDaemon, client: PullClient) -> NewPeer:
@@ -235,17 +244,17 @@ def test_pool_exhaustion_and_reuse(pki: Pki, caplog: pytest.LogCaptureFixture) -
 
     async def body(server: RunningDaemon, port: int) -> None:
         cfg = client_cfg(pki, port)
-        first, second = await connect(cfg, port), await connect(cfg, port)
+        first, second = await connect(server, cfg, port), await connect(server, cfg, port)
         assert first.is_up() and second.is_up()
         assert {peer_of(server, c).vpn_ipv4 for c in (first, second)} == {"10.8.0.2", "10.8.0.3"}
-        third = await connect(cfg, port)
+        third = await connect(server, cfg, port)
         assert refused(server, third)
         assert "ifconfig pool exhausted" in caplog.text
         # the first client leaves; its address and its peer id go to the next one
         gone = peer_of(server, first)
         first.close()
         await wait_until(lambda: DelPeer(gone.peer_id) in server.dc.commands, 10, "the server drops client 1")
-        fourth = await connect(cfg, port)
+        fourth = await connect(server, cfg, port)
         assert fourth.is_up()
         again = peer_of(server, fourth)
         assert again.vpn_ipv4 == gone.vpn_ipv4
@@ -266,7 +275,7 @@ def test_key_exhaustion_and_expiry_per_client(pki: Pki, caplog: pytest.LogCaptur
 
     async def body(server: RunningDaemon, port: int) -> None:
         cfg = client_cfg(pki, port)
-        one, two = await connect(cfg, port), await connect(cfg, port)
+        one, two = await connect(server, cfg, port), await connect(server, cfg, port)
         p1, p2 = peer_of(server, one), peer_of(server, two)
         first = server.dc.key(p1.peer_id)
         assert first is not None and [(k.encrypt, k.decrypt) for k in one.keys] == [
@@ -283,7 +292,7 @@ def test_key_exhaustion_and_expiry_per_client(pki: Pki, caplog: pytest.LogCaptur
         await wait_until(lambda: "Inactivity timeout" in caplog.text, 5, "client 2 removed")
         assert DelPeer(p2.peer_id) not in server.dc.commands  # the backend had deleted it already
         # its address is free again: the next client gets it
-        three = await connect(cfg, port)
+        three = await connect(server, cfg, port)
         assert peer_of(server, three).vpn_ipv4 == p2.vpn_ipv4
         assert peer_of(server, three).peer_id == p2.peer_id
         for c in (one, two, three):
@@ -298,7 +307,7 @@ def test_sigterm_tells_every_client(pki: Pki) -> None:
 
     async def body(server: RunningDaemon, port: int) -> None:
         cfg = client_cfg(pki, port)
-        clients = [await connect(cfg, port), await connect(cfg, port)]
+        clients = [await connect(server, cfg, port), await connect(server, cfg, port)]
         peers = [peer_of(server, c) for c in clients]
         assert server.net.has_address("tun0", "10.8.0.1", 24)
         assert await server.stop() == 0
@@ -348,10 +357,10 @@ def test_auth_user_pass_verify_accepts_and_denies(
         )
 
     async def body(server: RunningDaemon, port: int) -> None:
-        good = await connect(client_cfg(pki, port, user="alice:secret"), port)
+        good = await connect(server, client_cfg(pki, port, user="alice:secret"), port)
         assert good.is_up()
         assert peer_of(server, good).vpn_ipv4 == "10.8.0.2"
-        bad = await connect(client_cfg(pki, port, user="alice:wrong"), port)
+        bad = await connect(server, client_cfg(pki, port, user="alice:wrong"), port)
         assert refused(server, bad)
         assert "Auth Username/Password verification failed" in caplog.text
         good.stop()
@@ -382,12 +391,12 @@ def test_auth_deferred_does_not_block_other_clients(pki: Pki, tmp_path: Path) ->
     async def body(server: RunningDaemon, port: int) -> None:
         slow = PullClient(client_cfg(pki, port, user="slow:x"), ("127.0.0.1", port))
         await wait_until(started.exists, 10, "the slow script to start")
-        fast = await connect(client_cfg(pki, port, user="fast:x"), port)
+        fast = await connect(server, client_cfg(pki, port, user="fast:x"), port)
         # served while the slow client's script still runs
         assert fast.is_up() and not slow.up.done() and not slow.closed.done()
         assert [p.remote for p in server.dc.of(NewPeer)] == [fast.addr]
         release.touch()
-        await wait_until(slow.is_up, 10, "the slow client answered")
+        await wait_until(lambda: slow.is_up() and installed(server, slow), 10, "the slow client answered")
         assert peer_of(server, slow).vpn_ipv4 != peer_of(server, fast).vpn_ipv4
         fast.stop()
         slow.stop()
@@ -427,18 +436,18 @@ def test_ccd_fixed_address_disable_and_push_reset(
     }
 
     async def body(server: RunningDaemon, port: int) -> None:
-        alice = await connect(client_cfg(pki, port, "alice"), port)
+        alice = await connect(server, client_cfg(pki, port, "alice"), port)
         assert alice.is_up()
         assert peer_of(server, alice).vpn_ipv4 == "10.8.0.50"
         pushed = alice.up.result().pushed
         assert pushed is not None and pushed.ifconfig == ("10.8.0.50", "255.255.255.0")
         assert [r[:2] for r in pushed.routes] == [("10.99.0.0", "255.255.0.0")]
 
-        bob = await connect(client_cfg(pki, port, "bob"), port)
+        bob = await connect(server, client_cfg(pki, port, "bob"), port)
         assert refused(server, bob)
         assert "client disabled in client-config-dir" in caplog.text
 
-        carol = await connect(client_cfg(pki, port, "carol"), port)
+        carol = await connect(server, client_cfg(pki, port, "carol"), port)
         assert carol.is_up()
         pushed = carol.up.result().pushed
         # push-reset dropped the server's push list; the ccd's own push and the address remain
@@ -454,7 +463,7 @@ def test_ccd_iroutes_follow_the_client(pki: Pki, tmp_path: Path) -> None:
     files = {"dave": "iroute 192.168.77.0 255.255.255.0\niroute-ipv6 fd00:99::/64\n"}
 
     async def connect_and_leave(server: RunningDaemon, port: int, attempt: int) -> None:
-        dave = await connect(client_cfg(pki, port, "dave"), port)
+        dave = await connect(server, client_cfg(pki, port, "dave"), port)
         assert dave.is_up(), f"attempt {attempt}: {dave.closed.result() if dave.closed.done() else ''}"
         peer = peer_of(server, dave)
         assert peer.vpn_ipv4 is not None and peer.vpn_ipv6 is not None
@@ -483,7 +492,7 @@ def test_ccd_iroute_removed_when_keepalive_expires(pki: Pki, tmp_path: Path) -> 
     files = {"dave": "iroute 192.168.77.0 255.255.255.0\n"}
 
     async def body(server: RunningDaemon, port: int) -> None:
-        dave = await connect(client_cfg(pki, port, "dave"), port)
+        dave = await connect(server, client_cfg(pki, port, "dave"), port)
         peer = peer_of(server, dave)
         route = ("tun0", "192.168.77.0", 24, peer.vpn_ipv4, IROUTE_METRIC)
         await wait_until(lambda: route in server.net.routes, 5, "iroute installed")
