@@ -270,7 +270,7 @@ def test_sigterm_tells_the_peer_and_cleans_up(pki: Pki, caplog: pytest.LogCaptur
         assert client.dc.closed
         # the server got the EXIT: it ends that session at once (no ping-restart wait) and restarts
         await wait_until(lambda: server.dc.of(DelPeer), 10, "the server drops its peer")
-        assert "peer sent exit notification" in caplog.text
+        assert "peer sent exit notification; restarting in" in caplog.text
         assert not server.task.done()
         assert await server.stop() == 0
         assert server.dc.of(DelIface) and not server.dc.peers
