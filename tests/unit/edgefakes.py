@@ -46,32 +46,7 @@ from typing import Any, TypeVar, cast
 
 from pyovpn.config import Options
 from pyovpn.daemon import Daemon
-from pyovpn.datachannel.api import (
-    Address,
-    Command,
-    ControlPacket,
-    DelIface,
-    DelKey,
-    DelPeer,
-    GetKey,
-    GetPeer,
-    IfaceMode,
-    KeyExhausted,
-    KeyInfo,
-    KeySlot,
-    NewIface,
-    NewKey,
-    NewPeer,
-    Notification,
-    PeerDeleted,
-    PeerDelReason,
-    PeerInfo,
-    SendControl,
-    SetPeer,
-    SwapKeys,
-    Transport,
-    normalize_address,
-)
+from pyovpn.datachannel import api
 from pyovpn.datachannel.validate import (
     check_keepalive,
     check_new_key,
@@ -103,7 +78,7 @@ async def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: st
 @dataclass
 class FakeIface:
     name: str
-    mode: IfaceMode
+    mode: api.IfaceMode
     mtu: int
 
 
@@ -113,35 +88,35 @@ class _Shared:
 
     key: tuple[int, int]
     sock: socket.socket
-    peers: dict[Address, FakePeer] = field(default_factory=dict)
+    peers: dict[api.Address, FakePeer] = field(default_factory=dict)
 
 
 @dataclass
 class FakePeer:
     peer_id: int
-    cmd: NewPeer
+    cmd: api.NewPeer
     sock: socket.socket  # our duplicate of the caller's descriptor
-    remote: Address | None
+    remote: api.Address | None
     keepalive: tuple[int, int]
-    keys: dict[KeySlot, NewKey] = field(default_factory=dict)
+    keys: dict[api.KeySlot, api.NewKey] = field(default_factory=dict)
     shared: _Shared | None = None
     framer: StreamFramer = field(default_factory=StreamFramer)
 
 
 class RecordingDataChannel:
-    """A :class:`~pyovpn.datachannel.api.DataChannel` that records, validates and relays control packets."""
+    """A :class:`~pyovpn.datachannel.DataChannel` that records, validates and relays control packets."""
 
     name = "recording"
 
     def __init__(self) -> None:
-        self.commands: list[Command] = []
-        self.notified: list[Notification] = []  # everything delivered to subscribers, in order
+        self.commands: list[api.Command] = []
+        self.notified: list[api.Notification] = []  # everything delivered to subscribers, in order
         self.iface: FakeIface | None = None
         self.peers: dict[int, FakePeer] = {}
         self.data_dropped = 0  # DATA_V1/V2 packets read from a handed-over socket
         self.closed = False
         self._shared: dict[tuple[int, int], _Shared] = {}
-        self._subscribers: list[Callable[[Notification], None]] = []
+        self._subscribers: list[Callable[[api.Notification], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ what tests look at
@@ -150,20 +125,20 @@ class RecordingDataChannel:
         """The recorded commands of one type, in order."""
         return [c for c in self.commands if isinstance(c, kind)]
 
-    def key(self, peer_id: int, slot: KeySlot = KeySlot.PRIMARY) -> NewKey | None:
+    def key(self, peer_id: int, slot: api.KeySlot = api.KeySlot.PRIMARY) -> api.NewKey | None:
         peer = self.peers.get(peer_id)
         return peer.keys.get(slot) if peer is not None else None
 
     def peer_by_vpn_ip(self, ip: str) -> FakePeer | None:
         return next((p for p in self.peers.values() if ip in (p.cmd.vpn_ipv4, p.cmd.vpn_ipv6)), None)
 
-    def inject(self, notification: Notification) -> None:
+    def inject(self, notification: api.Notification) -> None:
         """Deliver a notification as the backend would, applying its effect first.
 
         ``PeerDeleted`` removes the peer (a keepalive expiry deletes it in every backend
         before userspace hears of it).
         """
-        if isinstance(notification, PeerDeleted):
+        if isinstance(notification, api.PeerDeleted):
             peer = self.peers.get(notification.peer_id)
             if peer is None:
                 raise AssertionError(f"no peer {notification.peer_id} to delete")
@@ -172,65 +147,65 @@ class RecordingDataChannel:
 
     def expire(self, peer_id: int) -> None:
         """The peer's keepalive timed out (``--ping-restart``)."""
-        self.inject(PeerDeleted(peer_id, PeerDelReason.EXPIRED))
+        self.inject(api.PeerDeleted(peer_id, api.PeerDelReason.EXPIRED))
 
     def exhaust(self, peer_id: int) -> None:
         """The peer's primary key ran out of packet ids."""
         key = self.key(peer_id)
         if key is None:
             raise AssertionError(f"peer {peer_id} has no primary key to exhaust")
-        self.inject(KeyExhausted(peer_id, key.key_id))
+        self.inject(api.KeyExhausted(peer_id, key.key_id))
 
     # ------------------------------------------------------------------ DataChannel
 
-    def subscribe(self, callback: Callable[[Notification], None]) -> None:
+    def subscribe(self, callback: Callable[[api.Notification], None]) -> None:
         self._subscribers.append(callback)
 
-    async def request(self, command: Command) -> PeerInfo | KeyInfo | None:
+    async def request(self, command: api.Command) -> api.PeerInfo | api.KeyInfo | None:
         what = type(command).__name__
         self._loop = asyncio.get_running_loop()
         self.commands.append(command)
         if self.closed:
             raise BackendError(f"{what}: the recording backend is closed")
-        if isinstance(command, NewIface):
+        if isinstance(command, api.NewIface):
             self._new_iface(command)
             return None
         if self.iface is None:
             raise BackendError(f"{what}: no interface; send NewIface first")
-        if isinstance(command, DelIface):
+        if isinstance(command, api.DelIface):
             self._del_iface(command)
             return None
-        if isinstance(command, NewPeer):
+        if isinstance(command, api.NewPeer):
             self._new_peer(command)
             return None
-        if isinstance(command, SetPeer):
+        if isinstance(command, api.SetPeer):
             self._set_peer(command)
             return None
-        if isinstance(command, GetPeer):
+        if isinstance(command, api.GetPeer):
             p = self._peer(what, command.peer_id)
-            return PeerInfo(p.peer_id, p.remote, *p.keepalive)
-        if isinstance(command, DelPeer):
-            self._remove(self._peer(what, command.peer_id), PeerDelReason.USERSPACE)
+            return api.PeerInfo(p.peer_id, p.remote, *p.keepalive)
+        if isinstance(command, api.DelPeer):
+            self._remove(self._peer(what, command.peer_id), api.PeerDelReason.USERSPACE)
             return None
-        if isinstance(command, NewKey):
+        if isinstance(command, api.NewKey):
             peer = self._peer(what, command.peer_id)
             slot, _ = check_new_key(command)
-            peer.keys[KeySlot(slot)] = command
+            peer.keys[api.KeySlot(slot)] = command
             return None
-        if isinstance(command, DelKey):
+        if isinstance(command, api.DelKey):
             # an empty slot is not an error, as in the kernel
-            self._peer(what, command.peer_id).keys.pop(KeySlot(check_slot(what, command.slot)), None)
+            self._peer(what, command.peer_id).keys.pop(api.KeySlot(check_slot(what, command.slot)), None)
             return None
-        if isinstance(command, SwapKeys):
+        if isinstance(command, api.SwapKeys):
             keys = self._peer(what, command.peer_id).keys
             old = dict(keys)
             keys.clear()
             for slot, key in old.items():
-                keys[KeySlot.SECONDARY if slot is KeySlot.PRIMARY else KeySlot.PRIMARY] = key
+                keys[api.KeySlot.SECONDARY if slot is api.KeySlot.PRIMARY else api.KeySlot.PRIMARY] = key
             return None
-        if isinstance(command, GetKey):
+        if isinstance(command, api.GetKey):
             return self._get_key(command)
-        if isinstance(command, SendControl):
+        if isinstance(command, api.SendControl):
             self._send_control(command)
             return None
         raise BackendError(f"{what}: not a data-channel command")
@@ -244,27 +219,27 @@ class RecordingDataChannel:
 
     # ------------------------------------------------------------------ commands
 
-    def _new_iface(self, cmd: NewIface) -> None:
+    def _new_iface(self, cmd: api.NewIface) -> None:
         if self.iface is not None:
             raise BackendError(f"NewIface: this backend already drives {self.iface.name}")
-        if cmd.mode not in (IfaceMode.P2P, IfaceMode.MP):
+        if cmd.mode not in (api.IfaceMode.P2P, api.IfaceMode.MP):
             raise BackendError(f"NewIface: unknown interface mode {cmd.mode!r}")
         if not 68 <= cmd.mtu <= 65535:
             raise BackendError(f"NewIface: MTU {cmd.mtu} out of range 68..65535")
         self.iface = FakeIface(cmd.name, cmd.mode, cmd.mtu)
 
-    def _del_iface(self, cmd: DelIface) -> None:
+    def _del_iface(self, cmd: api.DelIface) -> None:
         assert self.iface is not None
         if cmd.name != self.iface.name:
             raise BackendError(f"DelIface: no interface named {cmd.name!r}")
         for peer in list(self.peers.values()):
-            self._remove(peer, PeerDelReason.TEARDOWN)
+            self._remove(peer, api.PeerDelReason.TEARDOWN)
         self.iface = None
 
-    def _new_peer(self, cmd: NewPeer) -> None:
+    def _new_peer(self, cmd: api.NewPeer) -> None:
         what = "NewPeer"
         assert self.iface is not None
-        mp = self.iface.mode is IfaceMode.MP
+        mp = self.iface.mode is api.IfaceMode.MP
         if not 0 <= cmd.peer_id < UNDEF_PEER_ID:
             raise BackendError(f"{what}: peer id {cmd.peer_id} out of range 0..0xFFFFFE")
         check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
@@ -280,73 +255,73 @@ class RecordingDataChannel:
                 if ip is not None and self.peer_by_vpn_ip(ip) is not None:
                     raise BackendError(f"{what}: VPN address {ip} belongs to another peer")
         key = socket_key(cmd.socket_fd)  # raises OSError for a bad descriptor, as os.dup would
-        want = socket.SOCK_DGRAM if cmd.transport is Transport.UDP else socket.SOCK_STREAM
-        shared = self._shared.get(key) if mp and cmd.transport is Transport.UDP else None
+        want = socket.SOCK_DGRAM if cmd.transport is api.Transport.UDP else socket.SOCK_STREAM
+        shared = self._shared.get(key) if mp and cmd.transport is api.Transport.UDP else None
         sock = shared.sock if shared is not None else socket.socket(fileno=_dup(what, cmd.socket_fd))
         if sock.type != want:
             if shared is None:
                 sock.close()
             raise BackendError(f"{what}: the socket is not a {cmd.transport.value.upper()} socket")
-        remote = normalize_address(cmd.remote) if cmd.remote is not None else None
-        if cmd.transport is Transport.TCP:
+        remote = api.normalize_address(cmd.remote) if cmd.remote is not None else None
+        if cmd.transport is api.Transport.TCP:
             try:
-                remote = normalize_address(sock.getpeername())
+                remote = api.normalize_address(sock.getpeername())
             except OSError:
                 sock.close()
                 raise BackendError(f"{what}: the TCP socket is not connected") from None
         if not mp:
             # one peer in P2P: a new one replaces the old, as in the kernel
             for old in list(self.peers.values()):
-                self._remove(old, PeerDelReason.TEARDOWN)
+                self._remove(old, api.PeerDelReason.TEARDOWN)
         peer = FakePeer(cmd.peer_id, cmd, sock, remote, (cmd.keepalive_interval, cmd.keepalive_timeout))
         self.peers[cmd.peer_id] = peer
         loop = self._loop
         assert loop is not None
-        if mp and cmd.transport is Transport.UDP:
+        if mp and cmd.transport is api.Transport.UDP:
             if shared is None:
                 shared = _Shared(key, sock)
                 self._shared[key] = shared
-                loop.add_reader(sock.fileno(), self._on_shared_readable, shared)
+                loop.add_reader(sock.fileno(), lambda: self._on_udp_readable(sock, self._mp_owner(shared)))
             assert remote is not None
             if remote in shared.peers:
                 raise BackendError(f"{what}: another peer already has the remote {remote}")
             shared.peers[remote] = peer
             peer.shared = shared
-        elif cmd.transport is Transport.UDP:
-            loop.add_reader(sock.fileno(), self._on_udp_readable, peer)
+        elif cmd.transport is api.Transport.UDP:
+            loop.add_reader(sock.fileno(), lambda: self._on_udp_readable(sock, self._p2p_owner(peer)))
         else:
             loop.add_reader(sock.fileno(), self._on_tcp_readable, peer)
             if cmd.tcp_backlog:
                 loop.call_soon(self._tcp_data, peer, cmd.tcp_backlog)
 
-    def _set_peer(self, cmd: SetPeer) -> None:
+    def _set_peer(self, cmd: api.SetPeer) -> None:
         peer = self._peer("SetPeer", cmd.peer_id)
         if check_set_peer_keepalive(cmd):
             assert cmd.keepalive_interval is not None and cmd.keepalive_timeout is not None
             peer.keepalive = (cmd.keepalive_interval, cmd.keepalive_timeout)
         if cmd.remote is not None:
-            if peer.cmd.transport is Transport.TCP:
+            if peer.cmd.transport is api.Transport.TCP:
                 raise BackendError("SetPeer: a TCP peer's remote cannot change")
-            new = normalize_address(cmd.remote)
+            new = api.normalize_address(cmd.remote)
             if peer.shared is not None and peer.remote is not None:
                 peer.shared.peers.pop(peer.remote, None)
                 peer.shared.peers[new] = peer
             peer.remote = new
 
-    def _get_key(self, cmd: GetKey) -> KeyInfo:
+    def _get_key(self, cmd: api.GetKey) -> api.KeyInfo:
         peer = self._peer("GetKey", cmd.peer_id)
-        slot = KeySlot(check_slot("GetKey", cmd.slot))
+        slot = api.KeySlot(check_slot("GetKey", cmd.slot))
         key = peer.keys.get(slot)
         if key is None:
             raise BackendError(f"GetKey: peer {cmd.peer_id} has no key in the {slot.name.lower()} slot")
-        return KeyInfo(peer.peer_id, slot, key.key_id, key.cipher)
+        return api.KeyInfo(peer.peer_id, slot, key.key_id, key.cipher)
 
-    def _send_control(self, cmd: SendControl) -> None:
+    def _send_control(self, cmd: api.SendControl) -> None:
         peer = self._peer("SendControl", cmd.peer_id)
         if not cmd.packet:
             raise BackendError("SendControl: empty packet")
         try:
-            if peer.cmd.transport is Transport.TCP:
+            if peer.cmd.transport is api.Transport.TCP:
                 peer.sock.sendall(frame(cmd.packet))
             else:
                 assert peer.remote is not None
@@ -362,12 +337,16 @@ class RecordingDataChannel:
 
     # ------------------------------------------------------------------ the handed-over socket
 
-    def _on_udp_readable(self, peer: FakePeer) -> None:
+    def _on_udp_readable(self, sock: socket.socket, owner: Callable[[api.Address], int] | None) -> None:
+        """Read a handed-over UDP socket dry; control packets go up tagged with their peer.
+
+        ``owner`` maps a source to its peer id (MP), None once the socket is no longer ours.
+        """
         for _ in range(READ_BATCH):
-            if self.peers.get(peer.peer_id) is not peer:
+            if owner is None or sock.fileno() < 0:
                 return
             try:
-                data, sa = peer.sock.recvfrom(65535, socket.MSG_DONTWAIT)
+                data, sa = sock.recvfrom(65535, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -375,27 +354,19 @@ class RecordingDataChannel:
             if data and data[0] >> 3 in DATA_OPCODES:
                 self.data_dropped += 1
             elif data:
-                self._emit(ControlPacket(peer.peer_id, data, normalize_address(sa)))
+                source = api.normalize_address(sa)
+                self._emit(api.ControlPacket(owner(source), data, source))
 
-    def _on_shared_readable(self, shared: _Shared) -> None:
-        for _ in range(READ_BATCH):
-            if self._shared.get(shared.key) is not shared:
-                return
-            try:
-                data, sa = shared.sock.recvfrom(65535, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
-            if not data:
-                continue
-            if data[0] >> 3 in DATA_OPCODES:
-                self.data_dropped += 1
-                continue
-            source = normalize_address(sa)
-            owner = shared.peers.get(source)
+    def _p2p_owner(self, peer: FakePeer) -> Callable[[api.Address], int] | None:
+        return (lambda _source: peer.peer_id) if self.peers.get(peer.peer_id) is peer else None
+
+    def _mp_owner(self, shared: _Shared) -> Callable[[api.Address], int] | None:
+        def owner(source: api.Address) -> int:
             # unknown source: UNDEF_PEER_ID, so the server edge sees new clients' handshakes
-            self._emit(ControlPacket(owner.peer_id if owner else UNDEF_PEER_ID, data, source))
+            peer = shared.peers.get(source)
+            return peer.peer_id if peer is not None else UNDEF_PEER_ID
+
+        return owner if self._shared.get(shared.key) is shared else None
 
     def _on_tcp_readable(self, peer: FakePeer) -> None:
         try:
@@ -403,10 +374,10 @@ class RecordingDataChannel:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._remove(peer, PeerDelReason.TRANSPORT_ERROR)
+            self._remove(peer, api.PeerDelReason.TRANSPORT_ERROR)
             return
         if not data:
-            self._remove(peer, PeerDelReason.TRANSPORT_DISCONNECT)
+            self._remove(peer, api.PeerDelReason.TRANSPORT_DISCONNECT)
             return
         self._tcp_data(peer, data)
 
@@ -417,15 +388,15 @@ class RecordingDataChannel:
             if pkt[0] >> 3 in DATA_OPCODES:
                 self.data_dropped += 1
             else:
-                self._emit(ControlPacket(peer.peer_id, pkt, None))
+                self._emit(api.ControlPacket(peer.peer_id, pkt, None))
 
     # ------------------------------------------------------------------ peers going away
 
-    def _remove(self, peer: FakePeer, reason: PeerDelReason) -> None:
+    def _remove(self, peer: FakePeer, reason: api.PeerDelReason) -> None:
         if self.peers.get(peer.peer_id) is not peer:
             return
         self._drop(peer)
-        self._emit(PeerDeleted(peer.peer_id, reason))
+        self._emit(api.PeerDeleted(peer.peer_id, reason))
 
     def _drop(self, peer: FakePeer) -> None:
         del self.peers[peer.peer_id]
@@ -442,12 +413,12 @@ class RecordingDataChannel:
             self._loop.remove_reader(peer.sock.fileno())
         peer.sock.close()
 
-    def _emit(self, notification: Notification) -> None:
+    def _emit(self, notification: api.Notification) -> None:
         # delivered from the loop, never re-entrantly from inside a command, as every backend does
         loop = self._loop or asyncio.get_running_loop()
         loop.call_soon(self._dispatch, notification)
 
-    def _dispatch(self, notification: Notification) -> None:
+    def _dispatch(self, notification: api.Notification) -> None:
         self.notified.append(notification)
         for callback in self._subscribers:
             callback(notification)
@@ -460,7 +431,7 @@ def _dup(what: str, fd: int) -> int:
         raise BackendError(f"{what}: socket fd {fd} is not usable: {exc.strerror or exc}") from None
 
 
-def _sockaddr(sock: socket.socket, remote: Address) -> tuple[str, int]:
+def _sockaddr(sock: socket.socket, remote: api.Address) -> tuple[str, int]:
     ip = remote[0]
     if sock.family == socket.AF_INET6 and "." in ip:
         ip = "::ffff:" + ip
@@ -618,7 +589,7 @@ class RunningDaemon:
         """Whether ``count`` primary keys have been installed (the tunnel came up that often)."""
         if self.task.done():
             self.task.result()  # a daemon that died shows its exception in the failing test
-        return sum(1 for k in self.dc.of(NewKey) if k.slot is KeySlot.PRIMARY) >= count
+        return sum(1 for k in self.dc.of(api.NewKey) if k.slot is api.KeySlot.PRIMARY) >= count
 
     async def stop(self, timeout: float = 10.0) -> int:
         if not self.task.done():

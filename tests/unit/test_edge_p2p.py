@@ -18,25 +18,7 @@ import pytest
 
 from pyovpn import daemon as daemon_module
 from pyovpn.config import parse_config_text
-from pyovpn.datachannel.api import (
-    Cipher,
-    DelIface,
-    DelPeer,
-    GetKey,
-    GetPeer,
-    KeyDirection,
-    KeyInfo,
-    KeySlot,
-    NewIface,
-    NewKey,
-    NewPeer,
-    PeerDeleted,
-    PeerDelReason,
-    PeerInfo,
-    SendControl,
-    SwapKeys,
-    Transport,
-)
+from pyovpn.datachannel import api
 from pyovpn.errors import BackendError
 from pyovpn.tools.pki import Pki, make_pki
 from tests.unit.edgefakes import RecordingDataChannel, RecordingNetwork, RunningDaemon, free_port, wait_until
@@ -128,8 +110,8 @@ def port_bound(server: RunningDaemon, kind: int) -> bool:
     return False
 
 
-def primary_keys(d: RunningDaemon) -> list[NewKey]:
-    return [k for k in d.dc.of(NewKey) if k.slot is KeySlot.PRIMARY]
+def primary_keys(d: RunningDaemon) -> list[api.NewKey]:
+    return [k for k in d.dc.of(api.NewKey) if k.slot is api.KeySlot.PRIMARY]
 
 
 def assert_keys_pair(server: RunningDaemon, client: RunningDaemon) -> None:
@@ -145,15 +127,15 @@ def test_udp_connect(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     async def body(server: RunningDaemon, client: RunningDaemon) -> None:
         await wait_until(lambda: caplog.text.count(INIT) >= 2, 5, "two init lines")
         for d in (server, client):
-            assert [c.name for c in d.dc.of(NewIface)] == ["tun0"]
-            (peer,) = d.dc.of(NewPeer)
-            assert peer.transport is Transport.UDP
+            assert [c.name for c in d.dc.of(api.NewIface)] == ["tun0"]
+            (peer,) = d.dc.of(api.NewPeer)
+            assert peer.transport is api.Transport.UDP
             assert peer.vpn_ipv4 is None and peer.vpn_ipv6 is None  # P2P: no VPN IPs in NewPeer
             assert d.dc.iface is not None and d.dc.iface.name == "tun0"
             assert list(d.dc.peers) == [peer.peer_id]  # the fake holds the handed-over socket
         # each side hands over the socket that talks to the other: the remotes are each other
-        (speer,) = server.dc.of(NewPeer)
-        (cpeer,) = client.dc.of(NewPeer)
+        (speer,) = server.dc.of(api.NewPeer)
+        (cpeer,) = client.dc.of(api.NewPeer)
         assert speer.remote is not None and speer.remote[0] == "127.0.0.1"
         assert cpeer.remote == ("127.0.0.1", server.daemon.opts.lport)
         assert_keys_pair(server, client)
@@ -172,17 +154,17 @@ def test_udp_connect(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
 def test_tcp_connect_and_exit(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     async def body(server: RunningDaemon, client: RunningDaemon) -> None:
         for d in (server, client):
-            (peer,) = d.dc.of(NewPeer)
-            assert peer.transport is Transport.TCP and peer.remote is None
+            (peer,) = d.dc.of(api.NewPeer)
+            assert peer.transport is api.Transport.TCP and peer.remote is None
         assert_keys_pair(server, client)
         assert await server.stop() == 0
         # the peer is gone either way: DelPeer, or the backend saw the stream close first
-        assert not server.dc.peers and server.dc.of(DelIface)
+        assert not server.dc.peers and server.dc.of(api.DelIface)
         # the client got EXIT over the stream (or its end): it restarts instead of exiting
         await wait_until(lambda: "restarting in" in caplog.text, 10, "the client restarts")
         assert not client.task.done()
         assert await client.stop() == 0
-        assert not client.dc.peers and client.dc.of(DelIface)
+        assert not client.dc.peers and client.dc.of(api.DelIface)
 
     run_pair(pki, body, proto="tcp")
 
@@ -208,16 +190,16 @@ def test_sigterm_while_waiting_for_a_tcp_peer(pki: Pki) -> None:
 
 def test_restart_after_keepalive_expiry(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     async def body(server: RunningDaemon, client: RunningDaemon) -> None:
-        first = client.dc.of(NewPeer)[0]
+        first = client.dc.of(api.NewPeer)[0]
         addresses = list(client.net.addresses)
         client.dc.expire(first.peer_id)
         await wait_until(lambda: client.up(2) and server.up(2), 15, "both sides reconnected")
         assert "Inactivity timeout (--ping-restart), restarting" in caplog.text
-        assert len(client.dc.of(NewPeer)) == 2 and len(server.dc.of(NewPeer)) == 2
+        assert len(client.dc.of(api.NewPeer)) == 2 and len(server.dc.of(api.NewPeer)) == 2
         # the same interface carries the new session: no second NewIface, no DelIface, no
         # address added again (persist-tun semantics for an unchanged configuration)
         for d in (client, server):
-            assert len(d.dc.of(NewIface)) == 1 and not d.dc.of(DelIface)
+            assert len(d.dc.of(api.NewIface)) == 1 and not d.dc.of(api.DelIface)
         assert client.net.addresses == addresses
         assert not client.task.done() and not server.task.done()
         assert_keys_pair(server, client)
@@ -231,7 +213,7 @@ def test_sigusr1_restarts(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
         client.daemon.signal("SIGUSR1")
         await wait_until(lambda: client.up(2) and server.up(2), 15, "reconnect after SIGUSR1")
         assert "SIGUSR1[soft,restart] received, process restarting" in caplog.text
-        assert len(client.dc.of(NewIface)) == 1 and not client.dc.of(DelIface)
+        assert len(client.dc.of(api.NewIface)) == 1 and not client.dc.of(api.DelIface)
         assert not client.task.done()
         assert_keys_pair(server, client)
 
@@ -244,14 +226,14 @@ def test_key_exhaustion_renegotiates(pki: Pki) -> None:
         client.dc.exhaust(first.peer_id)
 
         def renewed() -> bool:
-            return all(any(k.key_id != first.key_id for k in d.dc.of(NewKey)) for d in (server, client))
+            return all(any(k.key_id != first.key_id for k in d.dc.of(api.NewKey)) for d in (server, client))
 
         await wait_until(renewed, 10, "a new key on both sides")
         # the new key is the same on both sides, in whichever slot it is now
-        s_new = next(k for k in server.dc.of(NewKey) if k.key_id != first.key_id)
-        c_new = next(k for k in client.dc.of(NewKey) if k.key_id != first.key_id)
+        s_new = next(k for k in server.dc.of(api.NewKey) if k.key_id != first.key_id)
+        c_new = next(k for k in client.dc.of(api.NewKey) if k.key_id != first.key_id)
         assert c_new.encrypt == s_new.decrypt and c_new.decrypt == s_new.encrypt
-        assert len(client.dc.of(NewPeer)) == 1  # a renegotiation, not a reconnect
+        assert len(client.dc.of(api.NewPeer)) == 1  # a renegotiation, not a reconnect
 
     run_pair(pki, body)
 
@@ -264,16 +246,16 @@ def test_sigterm_tells_the_peer_and_cleans_up(pki: Pki, caplog: pytest.LogCaptur
         kinds = [type(c) for c in after]
         # EXIT leaves through the data channel (it owns the socket), then the peer and the
         # interface go, in that order
-        assert SendControl in kinds and DelPeer in kinds and DelIface in kinds
-        assert kinds.index(SendControl) < kinds.index(DelPeer) < kinds.index(DelIface)
+        assert api.SendControl in kinds and api.DelPeer in kinds and api.DelIface in kinds
+        assert kinds.index(api.SendControl) < kinds.index(api.DelPeer) < kinds.index(api.DelIface)
         assert "SIGTERM[hard,] received, process exiting" in caplog.text
         assert client.dc.closed
         # the server got the EXIT: it ends that session at once (no ping-restart wait) and restarts
-        await wait_until(lambda: server.dc.of(DelPeer), 10, "the server drops its peer")
+        await wait_until(lambda: server.dc.of(api.DelPeer), 10, "the server drops its peer")
         assert "peer sent exit notification; restarting in" in caplog.text
         assert not server.task.done()
         assert await server.stop() == 0
-        assert server.dc.of(DelIface) and not server.dc.peers
+        assert server.dc.of(api.DelIface) and not server.dc.peers
 
     run_pair(pki, body)
 
@@ -286,46 +268,55 @@ def test_recording_fakes_refuse_what_the_host_refuses() -> None:
         net = RecordingNetwork(dc)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind(("127.0.0.1", 0))
-            peer = NewPeer(5, sock.fileno(), Transport.UDP, ("127.0.0.1", 9))
+            peer = api.NewPeer(5, sock.fileno(), api.Transport.UDP, ("127.0.0.1", 9))
             with pytest.raises(BackendError, match="no interface"):
                 await dc.request(peer)
             with pytest.raises(BackendError, match="no interface named 'tun0'"):
                 net.add_address("tun0", "10.0.0.1", 24)
-            await dc.request(NewIface(net.free_tun_name()))
+            await dc.request(api.NewIface(net.free_tun_name()))
             assert net.free_tun_name() == "tun1"
             with pytest.raises(BackendError, match="VPN IPs are not allowed in P2P mode"):
                 await dc.request(
-                    NewPeer(5, sock.fileno(), Transport.UDP, ("127.0.0.1", 9), vpn_ipv4="10.0.0.2")
+                    api.NewPeer(5, sock.fileno(), api.Transport.UDP, ("127.0.0.1", 9), vpn_ipv4="10.0.0.2")
                 )
             with pytest.raises(BackendError, match="a UDP peer needs a remote"):
                 await dc.request(replace(peer, remote=None))
             await dc.request(peer)
-            key = KeyDirection(bytes(32), bytes(8))
+            key = api.KeyDirection(bytes(32), bytes(8))
             with pytest.raises(BackendError, match="bad encrypt key length 16"):
                 await dc.request(
-                    NewKey(5, KeySlot.PRIMARY, 0, Cipher.AES_256_GCM, KeyDirection(bytes(16), bytes(8)), key)
+                    api.NewKey(
+                        5,
+                        api.KeySlot.PRIMARY,
+                        0,
+                        api.Cipher.AES_256_GCM,
+                        api.KeyDirection(bytes(16), bytes(8)),
+                        key,
+                    )
                 )
-            await dc.request(NewKey(5, KeySlot.PRIMARY, 3, Cipher.AES_256_GCM, key, key))
-            assert await dc.request(GetKey(5, KeySlot.PRIMARY)) == KeyInfo(
-                5, KeySlot.PRIMARY, 3, Cipher.AES_256_GCM
+            await dc.request(api.NewKey(5, api.KeySlot.PRIMARY, 3, api.Cipher.AES_256_GCM, key, key))
+            assert await dc.request(api.GetKey(5, api.KeySlot.PRIMARY)) == api.KeyInfo(
+                5, api.KeySlot.PRIMARY, 3, api.Cipher.AES_256_GCM
             )
-            await dc.request(SwapKeys(5))
+            await dc.request(api.SwapKeys(5))
             with pytest.raises(BackendError, match="no key in the primary slot"):
-                await dc.request(GetKey(5, KeySlot.PRIMARY))
-            info = await dc.request(GetPeer(5))
-            assert isinstance(info, PeerInfo) and info.remote == ("127.0.0.1", 9)
+                await dc.request(api.GetKey(5, api.KeySlot.PRIMARY))
+            info = await dc.request(api.GetPeer(5))
+            assert isinstance(info, api.PeerInfo) and info.remote == ("127.0.0.1", 9)
             net.add_route("tun0", "10.9.0.0", 16, "10.0.0.2", 100)
             with pytest.raises(BackendError, match="already exists"):
                 net.add_route("tun0", "10.9.0.0", 16, "10.0.0.3", 100)
             net.del_route("tun0", "10.9.0.0", 16, "10.0.0.2", 100)
             net.del_route("tun0", "10.9.0.0", 16, "10.0.0.2", 100)  # already gone: not an error
             net.add_route("tun0", "10.9.0.0", 16, "10.0.0.3", 100)
-            await dc.request(DelPeer(5))
+            await dc.request(api.DelPeer(5))
             # notifications arrive from the loop, never from inside request()
-            assert PeerDeleted(5, PeerDelReason.USERSPACE) not in dc.notified
+            assert api.PeerDeleted(5, api.PeerDelReason.USERSPACE) not in dc.notified
             with pytest.raises(BackendError, match="unknown peer id 5"):
-                await dc.request(SendControl(5, b"x"))
-            await wait_until(lambda: PeerDeleted(5, PeerDelReason.USERSPACE) in dc.notified, 1, "notified")
+                await dc.request(api.SendControl(5, b"x"))
+            await wait_until(
+                lambda: api.PeerDeleted(5, api.PeerDelReason.USERSPACE) in dc.notified, 1, "notified"
+            )
             assert sock.fileno() >= 0  # the caller's descriptor is still the caller's
 
     asyncio.run(main())

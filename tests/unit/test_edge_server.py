@@ -11,6 +11,7 @@ routes that go when the client goes), and the stateless cookie handshake's per-s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ import pytest
 
 from pyovpn.config import parse_config_text
 from pyovpn.daemon import session_config
-from pyovpn.datachannel.api import DelPeer, NewKey, NewPeer
+from pyovpn.datachannel import api
 from pyovpn.proto.packets import Opcode
 from pyovpn.proto.session import Session, SessionClosed, SessionConfig, TunnelUp
 from pyovpn.server.multi import MultiServer
@@ -65,7 +66,7 @@ class PullClient:
         self.addr: Addr = self.sock.getsockname()
         self.up: asyncio.Future[TunnelUp] = self.loop.create_future()
         self.closed: asyncio.Future[str] = self.loop.create_future()
-        self.keys: list[NewKey] = []
+        self.keys: list[api.NewKey] = []
         self.session = Session(cfg, rng=os.urandom, now=time.time())
         self._timer: asyncio.TimerHandle | None = None
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
@@ -111,7 +112,7 @@ class PullClient:
         for ev in self.session.events():
             if isinstance(ev, TunnelUp) and not self.up.done():
                 self.up.set_result(ev)
-            elif isinstance(ev, NewKey):
+            elif isinstance(ev, api.NewKey):
                 self.keys.append(ev)
             elif isinstance(ev, SessionClosed) and not self.closed.done():
                 self.closed.set_result(ev.reason)
@@ -210,13 +211,13 @@ async def connect(server: RunningDaemon, cfg: SessionConfig, port: int) -> PullC
 
 def installed(server: RunningDaemon, client: PullClient) -> bool:
     """Whether the server's data channel has this client's peer and its primary key."""
-    peers = [p for p in server.dc.of(NewPeer) if p.remote == client.addr]
+    peers = [p for p in server.dc.of(api.NewPeer) if p.remote == client.addr]
     return bool(peers) and server.dc.key(peers[-1].peer_id) is not None
 
 
-def peer_of(server: RunningDaemon, client: PullClient) -> NewPeer:
+def peer_of(server: RunningDaemon, client: PullClient) -> api.NewPeer:
     """The server's NewPeer for this client (its remote is the client's address)."""
-    (peer,) = [p for p in server.dc.of(NewPeer) if p.remote == client.addr]
+    (peer,) = [p for p in server.dc.of(api.NewPeer) if p.remote == client.addr]
     return peer
 
 
@@ -225,7 +226,7 @@ def refused(server: RunningDaemon, client: PullClient) -> bool:
     return (
         "AUTH_FAILED" in reason
         and not client.up.done()
-        and not any(p.remote == client.addr for p in server.dc.of(NewPeer))
+        and not any(p.remote == client.addr for p in server.dc.of(api.NewPeer))
     )
 
 
@@ -253,7 +254,9 @@ def test_pool_exhaustion_and_reuse(pki: Pki, caplog: pytest.LogCaptureFixture) -
         # the first client leaves; its address and its peer id go to the next one
         gone = peer_of(server, first)
         first.close()
-        await wait_until(lambda: DelPeer(gone.peer_id) in server.dc.commands, 10, "the server drops client 1")
+        await wait_until(
+            lambda: api.DelPeer(gone.peer_id) in server.dc.commands, 10, "the server drops client 1"
+        )
         fourth = await connect(server, cfg, port)
         assert fourth.is_up()
         again = peer_of(server, fourth)
@@ -285,12 +288,12 @@ def test_key_exhaustion_and_expiry_per_client(pki: Pki, caplog: pytest.LogCaptur
         await wait_until(lambda: len(one.keys) == 2, 10, "client 1 renegotiated")
         new = one.keys[1]
         assert new.key_id != first.key_id
-        (mine,) = [k for k in server.dc.of(NewKey) if k.peer_id == p1.peer_id and k.key_id == new.key_id]
+        (mine,) = [k for k in server.dc.of(api.NewKey) if k.peer_id == p1.peer_id and k.key_id == new.key_id]
         assert (mine.encrypt, mine.decrypt) == (new.decrypt, new.encrypt)
         assert len(two.keys) == 1  # the other client was left alone
         server.dc.expire(p2.peer_id)
         await wait_until(lambda: "Inactivity timeout" in caplog.text, 5, "client 2 removed")
-        assert DelPeer(p2.peer_id) not in server.dc.commands  # the backend had deleted it already
+        assert api.DelPeer(p2.peer_id) not in server.dc.commands  # the backend had deleted it already
         # its address is free again: the next client gets it
         three = await connect(server, cfg, port)
         assert peer_of(server, three).vpn_ipv4 == p2.vpn_ipv4
@@ -316,7 +319,7 @@ def test_sigterm_tells_every_client(pki: Pki) -> None:
             assert "exit notification" in c.closed.result()
         kinds = [type(c).__name__ for c in server.dc.commands]
         assert kinds[-1] == "DelIface"
-        assert all(DelPeer(p.peer_id) in server.dc.commands for p in peers)
+        assert all(api.DelPeer(p.peer_id) in server.dc.commands for p in peers)
         for c in clients:
             c.stop()
 
@@ -394,7 +397,7 @@ def test_auth_deferred_does_not_block_other_clients(pki: Pki, tmp_path: Path) ->
         fast = await connect(server, client_cfg(pki, port, user="fast:x"), port)
         # served while the slow client's script still runs
         assert fast.is_up() and not slow.up.done() and not slow.closed.done()
-        assert [p.remote for p in server.dc.of(NewPeer)] == [fast.addr]
+        assert [p.remote for p in server.dc.of(api.NewPeer)] == [fast.addr]
         release.touch()
         await wait_until(lambda: slow.is_up() and installed(server, slow), 10, "the slow client answered")
         assert peer_of(server, slow).vpn_ipv4 != peer_of(server, fast).vpn_ipv4
@@ -473,7 +476,7 @@ def test_ccd_iroutes_follow_the_client(pki: Pki, tmp_path: Path) -> None:
         }
         await wait_until(lambda: iroutes <= server.net.routes, 5, "both iroutes installed")
         dave.close()
-        await wait_until(lambda: DelPeer(peer.peer_id) in server.dc.commands, 10, "dave leaves")
+        await wait_until(lambda: api.DelPeer(peer.peer_id) in server.dc.commands, 10, "dave leaves")
         await wait_until(lambda: not iroutes & server.net.routes, 5, "both iroutes removed")
         server.dc.commands.clear()
 
@@ -498,7 +501,7 @@ def test_ccd_iroute_removed_when_keepalive_expires(pki: Pki, tmp_path: Path) -> 
         await wait_until(lambda: route in server.net.routes, 5, "iroute installed")
         server.dc.expire(peer.peer_id)
         await wait_until(lambda: route not in server.net.routes, 5, "iroute removed after expiry")
-        assert DelPeer(peer.peer_id) not in server.dc.commands  # the backend already deleted it
+        assert api.DelPeer(peer.peer_id) not in server.dc.commands  # the backend already deleted it
         dave.stop()
 
     serve(ccd_server(pki, tmp_path / "ccd", files), body)
@@ -516,12 +519,12 @@ def hard_reset(pki: Pki, port: int) -> bytes:
 
 
 def drain(sock: socket.socket) -> list[bytes]:
-    out = []
-    while True:
-        try:
+    """Every datagram queued on a non-blocking socket."""
+    out: list[bytes] = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
             out.append(sock.recv(65535))
-        except BlockingIOError:
-            return out
+    return out
 
 
 def test_cookie_budget_per_source(pki: Pki) -> None:
@@ -573,7 +576,7 @@ def test_cookie_budget_per_source(pki: Pki) -> None:
             # stateless until a client proves its address: no client, no peer, nothing on the host
             multi = server.daemon.current
             assert isinstance(multi, MultiServer) and not multi.clients
-            assert not server.dc.of(NewPeer)
+            assert not server.dc.of(api.NewPeer)
         finally:
             for s in socks:
                 s.close()
