@@ -53,30 +53,34 @@ def session_config(opts: Options) -> SessionConfig:
     )
     user, password = opts.auth_user_pass or (None, None)
     return SessionConfig(
+        # the TLS handshake
         is_tls_server=is_server,
-        pull=opts.pull,
         tls_context=ctx,
         peer_check=PeerCheck(
             opts.remote_cert_tls, opts.verify_x509_name, peer_cert=peer_cert, crl=opts.crl_verify
         ),
+        tls_timeout=float(opts.tls_timeout),
+        hand_window=opts.hand_window,
+        tran_window=opts.tran_window,
+        reneg_sec=opts.reneg_sec,
+        # the control channel's wrapping
         tls_auth_key=opts.tls_auth,
         key_direction=opts.key_direction,
         auth_digest=opts.auth,
         tls_crypt_key=opts.tls_crypt,
+        replay_window=opts.replay_window[0],
+        # the data channel and what we tell the peer
         data_ciphers=tuple(opts.data_ciphers) or AEAD_CIPHERS,
         data_ciphers_fallback=opts.data_ciphers_fallback or opts.cipher,
-        reneg_sec=opts.reneg_sec,
-        tls_timeout=float(opts.tls_timeout),
-        hand_window=opts.hand_window,
-        tran_window=opts.tran_window,
         proto=opts.proto,
         tun_mtu=opts.tun_mtu,
-        username=user,
-        password=password,
-        version=f"2.6.14-pyovpn{__version__}",
-        replay_window=opts.replay_window[0],
         ping=opts.ping,
         ping_restart=opts.ping_restart,
+        version=f"2.6.14-pyovpn{__version__}",
+        # a client's credentials and whether it pulls its options
+        pull=opts.pull,
+        username=user,
+        password=password,
     )
 
 

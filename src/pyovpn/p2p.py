@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 
 from pyovpn.datachannel import api
@@ -21,9 +20,10 @@ from pyovpn.datachannel.api import Notification, PeerDelReason, Transport
 from pyovpn.datachannel.api import normalize_address as _addr
 from pyovpn.edge import sockets
 from pyovpn.edge.host import PeerHost
+from pyovpn.edge.instance import Instance
 from pyovpn.edge.stop import Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
-from pyovpn.proto.packets import DATA_OPCODES, Opcode, StreamFramer, frame
+from pyovpn.proto.packets import DATA_OPCODES, Opcode, StreamFramer
 from pyovpn.proto.session import PeerRestarted, Session, SessionClosed, TunnelUp
 from pyovpn.scripts import ScriptFailed
 
@@ -42,14 +42,13 @@ _PEER_DELETED = {
 Command = TunnelUp | api.NewKey | api.SwapKeys | api.DelKey | api.SendControl
 
 
-class Connection:
+class Connection(Instance[Command]):
     """One session attempt: socket, handshake, tunnel, until it ends."""
 
     def __init__(self, host: PeerHost) -> None:
+        super().__init__()
         self.host = host
         self.opts = host.opts
-        self.loop = asyncio.get_running_loop()
-        self.sock: socket.socket | None = None
         self.transport = Transport.TCP if self.opts.proto.startswith("tcp") else Transport.UDP
         self.remote: tuple[str, int] | None = None
         self.session: Session | None = None
@@ -57,14 +56,10 @@ class Connection:
         self.peer_id: int | None = None
         self.framer = StreamFramer()
         self._timer: asyncio.TimerHandle | None = None
-        self._done: asyncio.Future[Stop] = self.loop.create_future()
-        self._cmds: asyncio.Queue[Command | None] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
-        self._reading = False
 
     # ------------------------------------------------------------------ setup
 
-    async def _open_socket(self) -> socket.socket:
+    async def _open_socket(self) -> None:
         if self.transport is Transport.UDP:
             sock, self.remote = sockets.open_udp(self.opts)
         elif self.opts.proto == "tcp-client":
@@ -72,50 +67,32 @@ class Connection:
         else:  # tcp-server: one peer, like OpenVPN's P2P TCP server
             sock, self.remote = await sockets.accept_tcp_peer(self.opts)
         self.sock = sock
-        return sock
 
     # ------------------------------------------------------------------ run
 
     async def run(self) -> Stop:
         try:
-            sock = await self._open_socket()
+            await self._open_socket()
         except Stop as stop:
             return stop
         self.session = Session(self.host.session_cfg, rng=os.urandom, now=time.time())
-        self.loop.add_reader(sock.fileno(), self._on_readable)
-        self._reading = True
-        self._worker = asyncio.create_task(self._command_worker())
+        self._start_reading()
+        self._start_worker()
         self.session.handle_timer(time.time())  # sends the client's hard reset
         self._pump()
-        try:
-            return await self._done
-        finally:
-            await self._teardown()
-
-    def stop(self, stop: Stop) -> None:
-        if not self._done.done():
-            self._done.set_result(stop)
-
-    def _stop_reading(self) -> None:
-        if self._reading and self.sock is not None:
-            self.loop.remove_reader(self.sock.fileno())
-            self._reading = False
+        return await self._until_stopped()
 
     async def _teardown(self) -> None:
         if self._timer:
             self._timer.cancel()
         sess = self.session
-        stop = self._done.result() if self._done.done() else None
+        stop = self.stopped
         if sess is not None and stop is not None and stop.by_a_signal:
             sess.close(time.time())
             self._send_packets()
             if sess.cc_exit and self.opts.explicit_exit_notify:
                 await asyncio.sleep(min(EXIT_FLUSH_SECONDS, self.opts.explicit_exit_notify))
-        if self._worker:
-            # let queued commands finish so the backend state stays consistent
-            await self._cmds.put(None)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._worker, 5)
+        await self._drain_worker()
         if self.sock is not None:
             self._stop_reading()
             if self.handed_over and self.peer_id is not None:
@@ -180,23 +157,19 @@ class Connection:
             if self.handed_over and self.peer_id is not None:
                 self._cmds.put_nowait(api.SendControl(self.peer_id, pkt))
                 continue
-            try:
-                if self.transport is Transport.UDP:
-                    if self.remote is None:
-                        continue
-                    self.sock.sendto(pkt, self.remote)
-                else:
-                    self.sock.sendall(frame(pkt))
-            except BlockingIOError:
-                log.debug("socket busy; control packet dropped (it will be retransmitted)")
-            except OSError as exc:
-                log.warning("send failed: %s", exc.strerror)
+            if self.transport is Transport.UDP and self.remote is None:
+                continue  # nobody to answer yet
+            remote = self.remote if self.transport is Transport.UDP else None
+            failed = sockets.send_control(self.sock, pkt, remote, stream=self.transport is Transport.TCP)
+            if failed is not None:
+                log.warning("send failed: %s", failed.strerror)
 
     def _pump(self) -> None:
-        sess = self.session
-        if sess is None:
+        """Send what the session has to send, act on its events, and keep its timer current."""
+        if self.session is None:
             return
         self._send_packets()
+        sess = self.session
         for ev in sess.events():
             if isinstance(ev, SessionClosed):
                 kind = StopReason.RESTART if ev.restart else StopReason.FATAL

@@ -79,8 +79,8 @@ class SystemNetwork:
         return next(f"tun{i}" for i in range(1024) if f"tun{i}" not in existing)
 
 
-class PeerHost(Protocol):
-    """What the one-peer :class:`pyovpn.p2p.Connection` uses of the daemon running it."""
+class _Host(Protocol):
+    """What every instance the daemon runs uses of it."""
 
     @property
     def opts(self) -> Options: ...
@@ -90,36 +90,31 @@ class PeerHost(Protocol):
 
     @property
     def dc(self) -> DataChannel: ...
-
-    async def ensure_iface(self, pushed: PushedOptions | None) -> None:
-        """Open the device once, then (re)configure it for these pulled options, running `up`."""
-        ...
 
     def after_init(self) -> None:
         """The first tunnel is up: drop privileges if configured."""
         ...
 
 
-class ServerHost(Protocol):
+class PeerHost(_Host, Protocol):
+    """What the one-peer :class:`pyovpn.p2p.Connection` uses of the daemon running it."""
+
+    async def ensure_iface(self, pushed: PushedOptions | None) -> None:
+        """Open the device once, then (re)configure it for these pulled options, running `up`."""
+        ...
+
+
+class ServerHost(_Host, Protocol):
     """What the P2MP :class:`pyovpn.server.multi.MultiServer` uses of the daemon running it."""
 
     iface: str | None  # the server sets it once the device exists, so the daemon closes it at exit
 
     @property
-    def opts(self) -> Options: ...
-
-    @property
-    def session_cfg(self) -> SessionConfig: ...
-
-    @property
-    def dc(self) -> DataChannel: ...
-
-    @property
     def net(self) -> HostNetwork: ...
 
-    async def run_up(self, params: TunParams, context: str) -> None: ...
-
-    def after_init(self) -> None: ...
+    async def run_up(self, params: TunParams, context: str) -> None:
+        """The `up` script for the device just opened; failing is fatal."""
+        ...
 
     async def clean_stale_link(self, name: str) -> None:
         """Remove a leftover device of this name from a killed earlier run, if the backend can."""

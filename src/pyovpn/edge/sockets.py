@@ -16,6 +16,7 @@ from typing import Any
 from pyovpn.config import Options
 from pyovpn.datachannel.api import normalize_address
 from pyovpn.edge.stop import Stop
+from pyovpn.proto.packets import frame
 
 log = logging.getLogger("pyovpn")
 
@@ -167,3 +168,25 @@ def open_server_udp(opts: Options) -> socket.socket:
         return bind_server_socket(af, address, is_dual_stack(opts, af))
     except OSError as exc:
         raise Stop.fatal(f"cannot bind UDP {address}: {exc.strerror}") from None
+
+
+def send_control(
+    sock: socket.socket, packet: bytes, remote: Addr | None = None, *, stream: bool = False
+) -> OSError | None:
+    """Send one control packet (to ``remote``, or on a connected socket; length-framed on a stream).
+
+    A full socket buffer drops it: the control channel's reliability layer sends it again.
+    Any other failure is returned for the caller to report, as it sees fit.
+    """
+    try:
+        if stream:
+            sock.sendall(frame(packet))
+        elif remote is not None:
+            sock.sendto(packet, remote)
+        else:
+            sock.send(packet)
+    except BlockingIOError:
+        log.debug("socket busy; control packet dropped (it will be retransmitted)")
+    except OSError as exc:
+        return exc
+    return None

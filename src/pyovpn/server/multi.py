@@ -27,6 +27,7 @@ from pyovpn.datachannel.api import normalize_address as _norm
 from pyovpn.edge import iface, sockets
 from pyovpn.edge.host import ServerHost
 from pyovpn.edge.iface import IROUTE_METRIC
+from pyovpn.edge.instance import Instance
 from pyovpn.edge.stop import Stop
 from pyovpn.errors import ProtocolError, PyovpnError
 from pyovpn.net.sockbuf import grow_buffers
@@ -72,22 +73,17 @@ class Client:
         return self.vpn_ip6.split("/")[0] if self.vpn_ip6 else None
 
 
-class MultiServer:
+class MultiServer(Instance[tuple[Client, ClientCommand]]):
     """The P2MP server instance the daemon runs in place of a single-peer Connection."""
 
     def __init__(self, host: ServerHost) -> None:
+        super().__init__()
         self.host = host
         self.opts = host.opts
-        self.loop = asyncio.get_running_loop()
         self.cfg = replace(host.session_cfg, mode_server=True)
         self.jar = CookieJar(os.urandom(32), hand_window=self.opts.hand_window)
         self.clients: dict[Addr, Client] = {}
         self.by_peer: dict[int, Client] = {}
-        self.sock: socket.socket | None = None
-        self._reading = False
-        self._done: asyncio.Future[Stop] = self.loop.create_future()
-        self._cmds: asyncio.Queue[tuple[Client, ClientCommand] | None] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._reset_budget = ResetLimiter(*CONNECT_FREQ_INITIAL)
         self._acks_owed: dict[Addr, Client] = {}  # clients with ACKs to send after this receive batch
@@ -140,16 +136,6 @@ class MultiServer:
         )
         self._start_reading()
 
-    def _start_reading(self) -> None:
-        if not self._reading and self.sock is not None:
-            self.loop.add_reader(self.sock.fileno(), self._on_readable)
-            self._reading = True
-
-    def _stop_reading(self) -> None:
-        if self._reading and self.sock is not None:
-            self.loop.remove_reader(self.sock.fileno())
-            self._reading = False
-
     # ------------------------------------------------------------------ run / stop
 
     async def run(self) -> Stop:
@@ -159,20 +145,13 @@ class MultiServer:
             return stop
         except PyovpnError as exc:
             return Stop.fatal(str(exc))
-        self._worker = asyncio.create_task(self._command_worker())
+        self._start_worker()
         log.info("Initialization Sequence Completed")
         try:
             self.host.after_init()
         except PyovpnError as exc:
             return Stop.fatal(str(exc))
-        try:
-            return await self._done
-        finally:
-            await self._teardown()
-
-    def stop(self, stop: Stop) -> None:
-        if not self._done.done():
-            self._done.set_result(stop)
+        return await self._until_stopped()
 
     async def _teardown(self) -> None:
         now = time.time()
@@ -182,10 +161,7 @@ class MultiServer:
         await asyncio.sleep(SHUTDOWN_FLUSH_SECONDS if self.clients else 0)
         for client in list(self.clients.values()):
             await self._remove_client(client, "server shutdown", notify_backend=True)
-        if self._worker:
-            await self._cmds.put(None)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._worker, 5)
+        await self._drain_worker()
         if self.sock is not None:
             self._stop_reading()
             self.sock.close()
@@ -460,9 +436,10 @@ class MultiServer:
         await self.host.dc.request(
             api.NewPeer(
                 peer_id=up.peer_id,
-                socket_fd=self.sock.fileno(),
                 transport=Transport.UDP,
                 remote=client.addr,
+                # the shared server socket: the data channel demultiplexes by peer address
+                socket_fd=self.sock.fileno(),
                 vpn_ipv4=client.vpn_ip,
                 vpn_ipv6=vpn6,
                 keepalive_interval=o.ping,
