@@ -26,7 +26,7 @@ reach around:
 
 A bug found on the way (not a seam gap): a signal is not seen while ``p2p.Connection`` waits in
 ``_open_socket`` (a tcp-server's accept, a tcp-client's connect of up to 10 s), because
-``Connection.run`` awaits the socket before it looks at its stop future;
+``Connection.run`` awaits the socket before it waits for its stop;
 ``test_sigterm_while_waiting_for_a_tcp_peer`` is ``xfail(strict=True)`` until that is fixed.
 """
 
