@@ -15,9 +15,11 @@ import logging
 import socket
 import struct
 import sys
-from typing import Final, Protocol
+from collections.abc import Callable
+from typing import Final, Protocol, TypeVar
 
 from pyovpn.datachannel.api import PeerDelReason, Stats
+from pyovpn.datachannel.crypto import PING_MAGIC, KeyState, PacketIdExhaustedError
 from pyovpn.net.sockets import SOL_UDP, TCP_DISCONNECT_ERRNOS, UDP_GRO
 
 __all__ = [
@@ -29,9 +31,11 @@ __all__ = [
     "TCP_RX_CHUNK",
     "TCP_TX_HIGH_WATER",
     "GsoPeer",
+    "PingPeer",
     "count",
     "gro_segment_size",
     "gso_train_refused",
+    "seal_ping",
     "take_frames",
     "tcp_error_reason",
 ]
@@ -51,6 +55,17 @@ class GsoPeer(Protocol):
     peer_id: int
     gso_max: int  # use UDP GSO for datagrams smaller than this; 0 = never
     stats: Stats
+
+
+class PingPeer(Protocol):
+    """What :func:`seal_ping` needs of a peer."""
+
+    keys: list[KeyState | None]  # [primary, secondary]
+    tx_peer_id: int
+    stats: Stats
+
+
+_P = TypeVar("_P", bound=PingPeer)
 
 
 def count(stats: Stats, name: str, n: int = 1) -> None:
@@ -86,6 +101,23 @@ def gso_train_refused(
     log.info("%s: UDP GSO off for peer %d at %d-byte segments: %s", who, peer.peer_id, size, err)
     count(peer.stats, "gso_fallbacks")
     return False
+
+
+def seal_ping(peer: _P, key_exhausted: Callable[[_P, KeyState], None]) -> bytes | None:
+    """A keepalive ping under the peer's primary key (counted), or None without a usable one.
+
+    A key whose packet ids ran out is handed to ``key_exhausted`` (which kills it and says so).
+    """
+    ks = peer.keys[0]
+    if ks is None:
+        return None
+    try:
+        packet = ks.encrypt(PING_MAGIC, peer.tx_peer_id)
+    except PacketIdExhaustedError:
+        key_exhausted(peer, ks)
+        return None
+    count(peer.stats, "keepalive_tx")
+    return packet
 
 
 def take_frames(buf: bytearray) -> tuple[list[bytearray], int | None]:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyovpn.datachannel import peer_socket
 from pyovpn.datachannel.api import (
     Address,
     ControlPacket,
@@ -55,15 +56,6 @@ from pyovpn.datachannel.api import normalize_address as _normalize
 from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, KeyState
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import decode, encode, recv_msg, send_msg
-from pyovpn.datachannel.peer_socket import (
-    adopt_socket,
-    check_new_peer,
-    check_socket,
-    give_back,
-    gso_supported,
-    set_remote,
-    take_over,
-)
 from pyovpn.datachannel.validate import check_new_key, check_set_peer_keepalive, check_slot
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
@@ -381,7 +373,7 @@ class Controller:
 
     async def _new_peer(self, cmd: NewPeer, fd: int) -> None:
         what = "NewPeer"
-        sock = adopt_socket(what, cmd, fd)
+        sock = peer_socket.adopt_socket(what, cmd, fd)
         try:
             peer = self._check_new_peer(cmd, sock)
         except BaseException:
@@ -408,7 +400,7 @@ class Controller:
             "send_addr": peer.send_addr,
             "raw_ip": peer.raw_ip,
             "raw_port": peer.raw_port,
-            "gso": self.want_gso and peer.transport is Transport.UDP and gso_supported(peer.sock),
+            "gso": self.want_gso and peer.transport is Transport.UDP and peer_socket.gso_supported(peer.sock),
             "gro": peer.gro,
             "mss4": mss4,
             "mss6": mss6,
@@ -448,19 +440,19 @@ class Controller:
             raise BackendError(f"{what}: the offload engine is closed")
         if self.iface is None:
             raise BackendError(f"{what}: no interface; send NewIface first")
-        tx_id = check_new_peer(what, cmd, multipoint=False)
-        check_socket(what, cmd, sock)
+        tx_id = peer_socket.check_new_peer(what, cmd, multipoint=False)
+        peer_socket.check_socket(what, cmd, sock)
         n = len(self.links)
         self.gen += 1
         peer = _Peer(cmd.peer_id, self.gen, tx_id, sock, cmd.transport, [0, 1 % n])
         if cmd.transport is Transport.UDP:
             assert cmd.remote is not None
-            set_remote(what, peer, cmd.remote)
+            peer_socket.set_remote(what, peer, cmd.remote)
         return peer
 
     def _configure_socket(self, peer: _Peer) -> None:
         sock = peer.sock
-        peer.orig_blocking, peer.gro = take_over(sock, peer.transport, want_gro=self.want_gro)
+        peer.orig_blocking, peer.gro = peer_socket.take_over(sock, peer.transport, want_gro=self.want_gro)
         peer.orig_bufs = (
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
@@ -475,7 +467,7 @@ class Controller:
         if cmd.remote is not None:
             if peer.transport is Transport.TCP:
                 raise BackendError(f"{what}: a TCP peer's remote cannot change")
-            set_remote(what, peer, cmd.remote)
+            peer_socket.set_remote(what, peer, cmd.remote)
             assert peer.cell is not None and peer.send_addr is not None
             peer.cell.store(peer.send_addr)  # the workers pick it up before their next packet
         if keepalive:
@@ -629,7 +621,7 @@ class Controller:
             peer.cell.close()
             peer.cell = None
         # give the caller's socket back as we found it (flags live on the shared file)
-        give_back(peer.sock, blocking=peer.orig_blocking, gro=peer.gro)
+        peer_socket.give_back(peer.sock, blocking=peer.orig_blocking, gro=peer.gro)
         peer.sock.close()
 
     async def _teardown(self) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from pyovpn.datachannel.api import Cipher, KeyDirection, PeerDelReason, Stats, Transport
-from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PING_MAGIC, KeyState, PacketIdExhaustedError
+from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PING_MAGIC, KeyState
 from pyovpn.datachannel.datapath import FRAME_LEN as _FRAME_LEN
 from pyovpn.datachannel.datapath import GRO_CMSG_SPACE as _GRO_CMSG_SPACE
 from pyovpn.datachannel.datapath import GSO_MAX_BYTES as _GSO_MAX_BYTES
@@ -43,7 +43,13 @@ from pyovpn.datachannel.datapath import GSO_SIZE as _GSO_SIZE
 from pyovpn.datachannel.datapath import TCP_RX_CHUNK as _TCP_RX_CHUNK
 from pyovpn.datachannel.datapath import TCP_TX_HIGH_WATER as _TCP_TX_HIGH_WATER
 from pyovpn.datachannel.datapath import count as _count
-from pyovpn.datachannel.datapath import gro_segment_size, gso_train_refused, take_frames, tcp_error_reason
+from pyovpn.datachannel.datapath import (
+    gro_segment_size,
+    gso_train_refused,
+    seal_ping,
+    take_frames,
+    tcp_error_reason,
+)
 from pyovpn.datachannel.engine import gso
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import decode, encode, recv_msg, send_msg
@@ -414,15 +420,9 @@ class Worker:
                 p.last_tx = max(p.last_tx, now)  # a lost ping must not make us spin
 
     def _send_ping(self, peer: _Peer, now: float) -> None:
-        ks = peer.keys[0]
-        if ks is None:
+        packet = seal_ping(peer, self._key_exhausted)
+        if packet is None:
             return
-        try:
-            packet = ks.encrypt(PING_MAGIC, peer.tx_peer_id)
-        except PacketIdExhaustedError:
-            self._key_exhausted(peer, ks)
-            return
-        _count(peer.stats, "keepalive_tx")
         if peer.transport is Transport.TCP:
             if self._tcp_queue(peer, _FRAME_LEN.pack(len(packet)) + packet, control=False):
                 peer.stats.link_tx_packets += 1
@@ -790,18 +790,7 @@ class Worker:
             if sz >= DATA_V2_OVERHEAD and ppos + sz < room:
                 w0, pid = unpack_hdr(rx, off)
                 fast = w0 == fast_w0
-            if fast:
-                link_p += 1
-                link_b += sz
-                try:
-                    clen = open0(rmv, off, sz, pid, pmv, ppos)  # type: ignore[misc]
-                except AuthenticationError:
-                    st.dropped_auth += 1
-                    continue
-                except ReplayError:
-                    st.dropped_replay += 1
-                    continue
-            else:
+            if not fast:
                 if not sz:
                     _count(st, "rx_empty")
                     continue
@@ -829,28 +818,32 @@ class Worker:
                         addr=tuple(addr[:2]),
                     )
                     continue
-                link_p += 1
-                link_b += sz
                 kid = b0 & 7
                 ks = keys[0]
                 if ks is None or ks.key_id != kid:
                     ks = keys[1]
                     if ks is None or ks.key_id != kid:
+                        link_p += 1
+                        link_b += sz
                         st.dropped_other += 1
                         _count(st, "rx_no_key")
                         continue
-                try:
-                    clen = ks.decrypt_into(rmv, off, sz, pmv[ppos:])
-                except AuthenticationError:
-                    st.dropped_auth += 1
-                    continue
-                except ReplayError:
-                    st.dropped_replay += 1
-                    continue
-                except ProtocolError:
-                    st.dropped_other += 1
-                    continue
-            # both paths: the packet authenticated, its plaintext is at plain[ppos:ppos + clen]
+            link_p += 1
+            link_b += sz
+            try:
+                if fast:
+                    clen = open0(rmv, off, sz, pid, pmv, ppos)  # type: ignore[misc]
+                else:
+                    clen = ks.decrypt_into(rmv, off, sz, pmv[ppos:])  # type: ignore[union-attr]
+            except AuthenticationError:
+                st.dropped_auth += 1
+                continue
+            except ReplayError:
+                st.dropped_replay += 1
+                continue
+            except ProtocolError:  # the general path only (a malformed packet)
+                st.dropped_other += 1
+                continue
             authed = True
             if clen == 16 and pmv[ppos : ppos + 16] == PING_MAGIC:
                 _count(st, "keepalive_rx")

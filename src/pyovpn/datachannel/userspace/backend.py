@@ -74,18 +74,9 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from pyovpn.datachannel import api
+from pyovpn.datachannel import api, peer_socket
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW, KeyState
 from pyovpn.datachannel.datapath import FRAME_LEN, TCP_TX_HIGH_WATER, count
-from pyovpn.datachannel.peer_socket import (
-    adopt_socket,
-    check_new_peer,
-    check_socket,
-    give_back,
-    gso_supported,
-    set_remote,
-    take_over,
-)
 from pyovpn.datachannel.userspace.keepalive import Keepalive
 from pyovpn.datachannel.userspace.lane import open_lane
 from pyovpn.datachannel.userspace.multipoint import Multipoint
@@ -223,11 +214,11 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         iface = self._iface
         if iface is None:
             raise BackendError(f"{what}: no interface; send NewIface first")
-        tx_id = check_new_peer(what, cmd, multipoint=iface.router is not None)
+        tx_id = peer_socket.check_new_peer(what, cmd, multipoint=iface.router is not None)
         if iface.router is not None:
             self._new_mp_peer(what, cmd, tx_id, iface, iface.router)
             return
-        sock = adopt_socket(what, cmd)
+        sock = peer_socket.adopt_socket(what, cmd)
         try:
             peer = self._check_socket(what, cmd, sock, tx_id, iface)
         except BaseException:
@@ -278,7 +269,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
                         f"{what}: the TCP socket already carries peer {other.peer_id}; "
                         "every TCP peer needs its own connection"
                     )
-        sock = shared.sock if shared is not None else adopt_socket(what, cmd)
+        sock = shared.sock if shared is not None else peer_socket.adopt_socket(what, cmd)
         try:
             peer = self._check_socket(what, cmd, sock, tx_id, iface)
             router.add_peer(peer, cmd.vpn_ipv4, cmd.vpn_ipv6)
@@ -327,17 +318,18 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
     def _check_socket(
         self, what: str, cmd: api.NewPeer, sock: socket.socket, tx_id: int, iface: Iface
     ) -> Peer:
-        check_socket(what, cmd, sock)
+        peer_socket.check_socket(what, cmd, sock)
         peer = Peer(cmd.peer_id, tx_id, sock, cmd.transport, iface)
         if cmd.transport is api.Transport.UDP:
             assert cmd.remote is not None
-            set_remote(what, peer, cmd.remote)
+            peer_socket.set_remote(what, peer, cmd.remote)
         return peer
 
     def _configure_socket(self, peer: Peer) -> None:
-        peer.orig_blocking, peer.gro = take_over(peer.sock, peer.transport, want_gro=self._want_gro)
+        sock = peer.sock
+        peer.orig_blocking, peer.gro = peer_socket.take_over(sock, peer.transport, want_gro=self._want_gro)
         if peer.transport is api.Transport.UDP and self._want_gso:
-            peer.gso_max = 0x10000 if gso_supported(peer.sock) else 0
+            peer.gso_max = 0x10000 if peer_socket.gso_supported(sock) else 0
 
     def _start_tcp(self, peer: Peer, backlog: bytes) -> None:
         """Read a TCP peer's stream from now on, after the frames the control plane read before."""
@@ -356,7 +348,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
             if peer.transport is api.Transport.TCP:
                 raise BackendError(f"{what}: a TCP peer's remote cannot change")
             old = (peer.raw_ip, peer.raw_port)
-            set_remote(what, peer, cmd.remote)
+            peer_socket.set_remote(what, peer, cmd.remote)
             if peer.shared is not None:
                 peer.shared.move(peer, old)
         if keepalive:
@@ -477,6 +469,6 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
                 self._loop.remove_writer(peer.fd)
                 peer.tcp_writer = False
         # give the caller's socket back as we found it (flags are shared with our dup)
-        give_back(peer.sock, blocking=peer.orig_blocking, gro=peer.gro)
+        peer_socket.give_back(peer.sock, blocking=peer.orig_blocking, gro=peer.gro)
         peer.sock.close()
         peer.keys = [None, None]

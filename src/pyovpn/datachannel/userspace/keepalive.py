@@ -14,8 +14,7 @@ import logging
 import math
 
 from pyovpn.datachannel.api import PeerDelReason
-from pyovpn.datachannel.crypto import PING_MAGIC, PacketIdExhaustedError
-from pyovpn.datachannel.datapath import count
+from pyovpn.datachannel.datapath import seal_ping
 from pyovpn.datachannel.userspace.peers import Peer, PeerTable, SharedUdp
 
 __all__ = ["KA_QUANTUM", "LANE_MAX_DELAY", "Keepalive"]
@@ -108,13 +107,6 @@ class Keepalive(PeerTable):
         self._ka_schedule(peer, min(rx_deadline, tx_deadline))
 
     def _send_ping(self, peer: Peer, now: float) -> None:
-        ks = peer.keys[0]
-        if ks is None:
-            return
-        try:
-            packet = ks.encrypt(PING_MAGIC, peer.tx_peer_id)
-        except PacketIdExhaustedError:
-            self._key_exhausted(peer, ks)
-            return
-        count(peer.stats, "keepalive_tx")
-        self._send_data(peer, [packet], now)
+        packet = seal_ping(peer, self._key_exhausted)
+        if packet is not None:
+            self._send_data(peer, [packet], now)

@@ -205,24 +205,21 @@ def _by_header_address(
             if n < 20:
                 return None
             addr = _BE32.unpack_from(pkt, v4_at)[0]
-            peer = self.vpn4.get(addr)
-            if peer is None:
-                hop = self.routes4.lookup(addr)
-                if hop is not None:
-                    peer = self.vpn4.get(hop)
-            return peer
-        if version == 6:
+            vpn = self.vpn4
+        elif version == 6:
             if n < 40:
                 return None
             hi, lo = _BE128.unpack_from(pkt, v6_at)
             addr = (hi << 64) | lo
-            peer = self.vpn6.get(addr)
-            if peer is None:
-                hop = self.routes6.lookup(addr)
-                if hop is not None:
-                    peer = self.vpn6.get(hop)
-            return peer
-        return None
+            vpn = self.vpn6
+        else:
+            return None
+        peer = vpn.get(addr)
+        if peer is None:
+            hop = (self.routes4 if version == 4 else self.routes6).lookup(addr)
+            if hop is not None:
+                peer = vpn.get(hop)  # DIRECT (-1) is never a key
+        return peer
 
     lookup.__doc__ = doc
     return lookup
@@ -284,26 +281,14 @@ class PeerRouter(Generic[P]):
 
     # -------------------------------------------------------------- lookups
 
-    def peer_for4(self, addr: int) -> P | None:
-        peer = self.vpn4.get(addr)
-        if peer is None:
-            hop = self.routes4.lookup(addr)
-            if hop is not None:
-                peer = self.vpn4.get(hop)  # DIRECT (-1) is never a key
-        return peer
-
-    def peer_for6(self, addr: int) -> P | None:
-        peer = self.vpn6.get(addr)
-        if peer is None:
-            hop = self.routes6.lookup(addr)
-            if hop is not None:
-                peer = self.vpn6.get(hop)
-        return peer
-
     def peer_for(self, address: str) -> P | None:
-        """The peer for an address given as text (for tests and diagnostics)."""
+        """The peer for an address given as text (for tests and diagnostics), as the packet lookups."""
         ip = ipaddress.ip_address(address)
-        return self.peer_for4(int(ip)) if ip.version == 4 else self.peer_for6(int(ip))
+        vpn, routes = (self.vpn4, self.routes4) if ip.version == 4 else (self.vpn6, self.routes6)
+        peer = vpn.get(int(ip))
+        if peer is None and (hop := routes.lookup(int(ip))) is not None:
+            peer = vpn.get(hop)
+        return peer
 
     # one lookup for both directions, specialised per header offset (no extra call per packet)
     for_dst = _by_header_address(
