@@ -73,8 +73,10 @@ def adopt_socket(what: str, cmd: NewPeer, fd: int | None = None) -> socket.socke
         raise BackendError(f"{what}: socket fd {cmd.socket_fd} is not usable: {e.strerror or e}") from None
 
 
-def check_socket(what: str, cmd: NewPeer, sock: socket.socket) -> None:
-    """The socket must be an IPv4/IPv6 socket of the command's transport; a TCP one connected."""
+def check_socket(what: str, cmd: NewPeer, peer: RemotePeer) -> None:
+    """The peer's socket must be an IPv4/IPv6 socket of the command's transport, a TCP one
+    connected; a UDP peer is pointed at the command's remote."""
+    sock = peer.sock
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         raise BackendError(f"{what}: the socket is not an IPv4/IPv6 socket")
     want_type = socket.SOCK_DGRAM if cmd.transport is Transport.UDP else socket.SOCK_STREAM
@@ -85,6 +87,9 @@ def check_socket(what: str, cmd: NewPeer, sock: socket.socket) -> None:
             sock.getpeername()
         except OSError:
             raise BackendError(f"{what}: the TCP socket is not connected") from None
+    else:
+        assert cmd.remote is not None  # check_new_peer saw to it
+        set_remote(what, peer, cmd.remote)
 
 
 def set_remote(what: str, peer: RemotePeer, remote: Address) -> None:

@@ -441,13 +441,10 @@ class Controller:
         if self.iface is None:
             raise BackendError(f"{what}: no interface; send NewIface first")
         tx_id = peer_socket.check_new_peer(what, cmd, multipoint=False)
-        peer_socket.check_socket(what, cmd, sock)
         n = len(self.links)
         self.gen += 1
         peer = _Peer(cmd.peer_id, self.gen, tx_id, sock, cmd.transport, [0, 1 % n])
-        if cmd.transport is Transport.UDP:
-            assert cmd.remote is not None
-            peer_socket.set_remote(what, peer, cmd.remote)
+        peer_socket.check_socket(what, cmd, peer)
         return peer
 
     def _configure_socket(self, peer: _Peer) -> None:

@@ -318,11 +318,8 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
     def _check_socket(
         self, what: str, cmd: api.NewPeer, sock: socket.socket, tx_id: int, iface: Iface
     ) -> Peer:
-        peer_socket.check_socket(what, cmd, sock)
         peer = Peer(cmd.peer_id, tx_id, sock, cmd.transport, iface)
-        if cmd.transport is api.Transport.UDP:
-            assert cmd.remote is not None
-            peer_socket.set_remote(what, peer, cmd.remote)
+        peer_socket.check_socket(what, cmd, peer)
         return peer
 
     def _configure_socket(self, peer: Peer) -> None:
