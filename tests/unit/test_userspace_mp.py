@@ -39,8 +39,8 @@ from pyovpn.datachannel.api import (
     Transport,
 )
 from pyovpn.datachannel.crypto import PING_MAGIC, KeyState
-from pyovpn.datachannel.keepalive_lane import PING_DATAGRAM_SIZE
 from pyovpn.datachannel.userspace import UserspaceDataChannel
+from pyovpn.datachannel.userspace.lane import PING_DATAGRAM_SIZE
 from pyovpn.edge.sockets import bind_server_socket as _bind_server_socket
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
