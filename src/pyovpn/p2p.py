@@ -71,8 +71,16 @@ class Connection(Instance[Command]):
     # ------------------------------------------------------------------ run
 
     async def run(self) -> Stop:
+        # a TCP connect or accept can wait a long time: a signal must end that wait too
+        opening = asyncio.ensure_future(self._open_socket())
+        await asyncio.wait({opening, self._done}, return_when=asyncio.FIRST_COMPLETED)
+        if not opening.done():
+            opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Stop):
+                await opening
+            return self._done.result()
         try:
-            await self._open_socket()
+            opening.result()
         except Stop as stop:
             return stop
         self.session = Session(self.host.session_cfg, rng=os.urandom, now=time.time())

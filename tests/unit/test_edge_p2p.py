@@ -169,12 +169,6 @@ def test_tcp_connect_and_exit(pki: Pki, caplog: pytest.LogCaptureFixture) -> Non
     run_pair(pki, body, proto="tcp")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="edge bug: a signal is not seen while p2p.Connection waits in _open_socket (tcp-server "
-    "accept, tcp-client connect): Connection.run awaits the socket before it waits for its stop",
-)
 def test_sigterm_while_waiting_for_a_tcp_peer(pki: Pki) -> None:
     server_text, _ = p2p_configs(pki, free_port(socket.SOCK_STREAM), "tcp")
 

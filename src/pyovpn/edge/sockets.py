@@ -113,6 +113,9 @@ async def open_tcp_client(opts: Options) -> tuple[socket.socket, Addr]:
     except (OSError, TimeoutError) as exc:
         sock.close()
         raise Stop.restart(f"TCP connection to {remote} failed: {exc}") from None
+    except asyncio.CancelledError:  # a signal ended the attempt
+        sock.close()
+        raise
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     log.info("TCP connection established with %s", remote)
     return sock, remote
