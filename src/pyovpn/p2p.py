@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from typing import Any
 
 from pyovpn.datachannel import api
 from pyovpn.datachannel.api import Notification, PeerDelReason, Transport
@@ -73,7 +74,8 @@ class Connection(Instance[Command]):
     async def run(self) -> Stop:
         # a TCP connect or accept can wait a long time: a signal must end that wait too
         opening = asyncio.ensure_future(self._open_socket())
-        await asyncio.wait({opening, self._done}, return_when=asyncio.FIRST_COMPLETED)
+        waits: set[asyncio.Future[Any]] = {opening, self._done}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if not opening.done():
             opening.cancel()
             with contextlib.suppress(asyncio.CancelledError, Stop):
