@@ -2,7 +2,7 @@
 
 A :class:`Rig` holds one backend kind and a private namespace laboratory (tests/nslab.py):
 :meth:`Rig.pair` starts the backend on both sides of a veth pair with a P2P interface each,
-:meth:`Rig.one` gives a single namespace with a backend and no interface yet. Anything
+:meth:`Rig.one` gives a single namespace with a backend (and its interface). Anything
 beyond the command set goes through the declared capabilities (:meth:`Rig.has`).
 """
 
@@ -110,20 +110,20 @@ class Rig:
         self.lab.pair()
         return self.side(self.lab.ns_a, TUN_A, TUN_B, TUN6_A), self.side(self.lab.ns_b, TUN_B, TUN_A, TUN6_B)
 
-    def one(self) -> Site:
-        """A single namespace whose backend (subscribed to ``site.notes``) has no interface yet."""
+    def one(self, *, iface: bool = True) -> Site:
+        """A single namespace whose backend reports to ``site.notes``; with its P2P interface if ``iface``.
+
+        The backend picks a free name for the interface (``NewIface("tun")``): ``site.backend.ifname``.
+        """
         self.lab.add_ns(self.lab.ns_a)
         site = self.lab.site(self.lab.ns_a)
         site.backend = self.kind.make()
         site.backend.subscribe(site.notes.append)
+        if iface:
+            site.request(NewIface("tun", IfaceMode.P2P, MTU))
+            name = site.backend.ifname
+            assert name in [n for _, n in site.call(socket.if_nameindex)]
         return site
-
-    def iface(self, site: Site, mode: IfaceMode = IfaceMode.P2P) -> str:
-        """Create the site's interface (the backend picks a free tunN); returns its name."""
-        site.request(NewIface("tun", mode, MTU))
-        name: str = site.backend.ifname
-        assert name in [n for _, n in site.call(socket.if_nameindex)]
-        return name
 
     def stats(self, site: Site, peer_id: int) -> Stats:
         """All counters of a peer (``peer_stats``: plain on one backend, a coroutine on another)."""
