@@ -761,6 +761,33 @@ class Tunnel:
         return dict(self.stopped)
 
 
+def spawn_tunnel(
+    net: Netns,
+    pki: Pki,
+    spec: TunnelSpec,
+    server_impl: Impl,
+    client_impl: Impl,
+    *,
+    server_extra: str = "",
+    client_extra: str = "",
+) -> tuple[Proc, Proc]:
+    """Write s.conf/c.conf (plus extra lines), start the server in ns b, then the client in ns a.
+
+    Unlike :func:`start_tunnel` it does not wait for the init lines: the caller decides what
+    to wait for (a refused login, a privilege drop, ...).
+    """
+    (net.workdir / "s.conf").write_text(
+        server_config(spec, pki, impl=server_impl, local=net.outer("b", spec.family)) + server_extra
+    )
+    (net.workdir / "c.conf").write_text(
+        client_config(spec, pki, impl=client_impl, remote=net.outer("b", spec.family)) + client_extra
+    )
+    server = net.spawn("b", vpn_argv(server_impl, net.workdir / "s.conf"), f"server-{server_impl}")
+    wait_listening(net.b, spec.proto, spec.port, proc=server)
+    client = net.spawn("a", vpn_argv(client_impl, net.workdir / "c.conf"), f"client-{client_impl}")
+    return server, client
+
+
 def start_tunnel(
     net: Netns,
     pki: Pki,
