@@ -228,7 +228,7 @@ def checksum(data: bytes) -> int:
     """The Internet checksum (RFC 1071)."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     total = (total >> 16) + (total & 0xFFFF)
     total += total >> 16
     return ~total & 0xFFFF
@@ -357,7 +357,7 @@ def start_side(site: Site, backend: Any, tun_addr: str, tun_peer: str, tun6: str
     site.backend = backend
     backend.subscribe(site.notes.append)
     site.request(NewIface("tun", IfaceMode.P2P, mtu))
-    ifname = backend.ifname
+    ifname: str = backend.ifname
     assert ifname and ifname.startswith("tun")
 
     def addresses() -> None:

@@ -148,6 +148,6 @@ def open_rig(kind: BackendKind) -> Iterator[Rig]:
     if why is not None:
         print(f"skipping {kind.name}: {why}")
         pytest.skip(why)
-    timeouts = {"timeout": 60, "note_timeout": 15} if kind.kernel else {}
-    with open_lab(Lab("c", "pc", **timeouts)) as lab:
+    lab = Lab("c", "pc", timeout=60, note_timeout=15) if kind.kernel else Lab("c", "pc")
+    with open_lab(lab):
         yield Rig(kind, lab)
