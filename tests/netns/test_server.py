@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 from pyovpn.tools.pki import Pki, issue_client
-from tests.netns.harness import INIT_LINE, Proc, Star, ping, wait_for_lines, wait_listening
+from tests.netns.harness import (
+    INIT_LINE,
+    Proc,
+    Star,
+    p2mp_client_config,
+    p2mp_server_config,
+    ping,
+    wait_for_lines,
+    wait_listening,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -44,31 +53,19 @@ def server_conf(pki: Pki, workdir: Path, *, client_to_client: bool, extra: str =
     (ccd / "carol").write_text("ifconfig-push 10.78.0.50 255.255.255.0\niroute 10.66.0.0 255.255.255.0\n")
     conf = workdir / "server.conf"
     conf.write_text(
-        "\n".join(
-            [
-                "dev tun0",
-                "proto udp",
-                "port 1194",
-                "server 10.78.0.0 255.255.255.0",
-                "server-ipv6 fd00:78::/64",
-                "topology subnet",
-                f"ca {pki.ca_crt}",
-                f"cert {pki.server_crt}",
-                f"key {pki.server_key}",
-                "dh none",
-                f"tls-crypt {pki.tc_key}",
-                "keepalive 10 60",
-                "data-ciphers AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305",
-                f"client-config-dir {ccd}",
-                "route 10.66.0.0 255.255.255.0",
-                'push "route 10.66.0.0 255.255.255.0"',
-                *(["client-to-client"] if client_to_client else []),
-                f"dco {DCO}",
-                "verb 4",
-                extra,
-            ]
+        p2mp_server_config(
+            pki,
+            "10.78.0.0",
+            "server-ipv6 fd00:78::/64",
+            "data-ciphers AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305",
+            f"client-config-dir {ccd}",
+            "route 10.66.0.0 255.255.255.0",
+            'push "route 10.66.0.0 255.255.255.0"',
+            *(["client-to-client"] if client_to_client else []),
+            f"dco {DCO}",
+            "verb 4",
+            extra,
         )
-        + "\n"
     )
     return conf
 
@@ -77,26 +74,17 @@ def client_conf(pki: Pki, workdir: Path, cn: str, remote: str, cipher: str, extr
     crt, key = issue_client(pki, cn)
     conf = workdir / f"{cn}.conf"
     conf.write_text(
-        "\n".join(
-            [
-                "client",
-                "dev tun0",
-                "proto udp",
-                f"remote {remote} 1194",
-                "nobind",
-                f"ca {pki.ca_crt}",
-                f"cert {crt}",
-                f"key {key}",
-                f"tls-crypt {pki.tc_key}",
-                "remote-cert-tls server",
-                f"data-ciphers {cipher}",
-                *(["disable-dco"] if DCO != "kernel" else []),
-                "explicit-exit-notify 1",
-                "verb 4",
-                extra,
-            ]
+        p2mp_client_config(
+            pki,
+            remote,
+            crt,
+            key,
+            f"data-ciphers {cipher}",
+            *(["disable-dco"] if DCO != "kernel" else []),
+            "explicit-exit-notify 1",
+            "verb 4",
+            extra,
         )
-        + "\n"
     )
     return conf
 

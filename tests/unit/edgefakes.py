@@ -107,6 +107,7 @@ class RecordingDataChannel:
     """A :class:`~pyovpn.datachannel.DataChannel` that records, validates and relays control packets."""
 
     name = "recording"
+    capabilities = api.Capabilities(mp=True)
 
     def __init__(self) -> None:
         self.commands: list[api.Command] = []

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyovpn.datachannel.api import (
+    Capabilities,
     Command,
     KeyInfo,
     NewIface,
@@ -63,6 +64,7 @@ class OffloadDataChannel:
     """
 
     name = "userspace-offload"
+    capabilities = Capabilities(tcp_backlog=True, stats=True, gso=True, tun_offloads=True, hooks=True)
 
     def __init__(
         self,

@@ -98,6 +98,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
     """The :class:`~pyovpn.datachannel.api.DataChannel` backend in userspace (asyncio, TUN)."""
 
     name = "userspace"
+    capabilities = api.Capabilities(mp=True, tcp_backlog=True, stats=True, gso=True, lane=True, hooks=True)
 
     def __init__(
         self,
@@ -128,6 +129,19 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
     def peer_stats(self, peer_id: int) -> api.Stats:
         """The live counters of a peer, including drop reasons ``PeerInfo`` does not carry."""
         return self._peer("GetPeer", peer_id).stats
+
+    async def debug(self, peer_id: int, what: str, **kw: Any) -> Any:
+        """Test hooks on a peer's primary key, as the engine has (``Capabilities.hooks``)."""
+        peer = self._peer("debug", peer_id)
+        ks = peer.keys[0]
+        if ks is None:
+            raise BackendError(f"debug: peer {peer_id} has no primary key")
+        if what == "set_tx_pid":
+            ks.tx_packet_id = kw["value"]
+            return None
+        if what == "encrypt":
+            return ks.encrypt(kw["payload"], peer.tx_peer_id)
+        raise BackendError(f"debug: unknown hook {what!r}")
 
     async def request(self, command: api.Command) -> api.PeerInfo | api.KeyInfo | None:
         what = type(command).__name__
