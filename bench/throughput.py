@@ -25,7 +25,15 @@ the pyovpn client (offload engine) of a pyovpn <-> tuned OpenVPN tunnel during a
 transfer in each direction, and prints the top functions by self time (with ``--write``: the
 "Where the time goes" section of docs/BENCHMARKS.md).
 
+``--rounds N`` runs every variant N times, alternating the order round by round (forward,
+then backward), and reports the median of each figure with its min-max spread, so a noisy
+machine shows up as spread instead of as a lucky number. ``--baseline REV`` compares this
+checkout with an earlier commit side by side in the same run: REV's ``src/`` is exported with
+``git archive`` into a temporary directory and its pyovpn runs in the same variants, marked
+``@REV``.
+
     sudo python3 bench/throughput.py --write
+    sudo python3 bench/throughput.py --baseline HEAD~1 --rounds 3 --tests tcp1,tcp4
     sudo python3 bench/throughput.py --tests tcp1 --only offload --seconds 10
     sudo python3 bench/throughput.py --profile --seconds 8
 """
@@ -38,6 +46,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,18 +128,33 @@ GUEST_VARIANTS = [
 ]
 
 
+# --baseline: the src/ directory of the earlier commit, exported for this run
+BASELINE_SRC: Path | None = None
+
+
 def _impl(name: str) -> str:
     """The harness implementation behind a variant side."""
-    return {"pyovpn-offload": "pyovpn", "pyovpn-kernel": "pyovpn", "openvpn-dco": "openvpn"}.get(name, name)
+    return {
+        "pyovpn-offload": "pyovpn",
+        "pyovpn-kernel": "pyovpn",
+        "openvpn-dco": "openvpn",
+        "pyovpn-baseline": "pyovpn",
+    }.get(name, name)
 
 
 def _argv(name: str, config: Path) -> list[str]:
+    # `env` execs the daemon, so the pid (and its CPU accounting) is pyovpn's own; PYTHONPATH
+    # names the checkout explicitly, so an installed pyovpn elsewhere never stands in for it
+    if name == "pyovpn-baseline":
+        assert BASELINE_SRC is not None
+        return ["env", f"PYTHONPATH={BASELINE_SRC}", *vpn_argv("pyovpn", config)]
+    here = ["env", f"PYTHONPATH={ROOT / 'src'}", *vpn_argv("pyovpn", config)]
     if name == "pyovpn-offload":
-        return [*vpn_argv("pyovpn", config), "--userspace-engine", "multiprocess"]
+        return [*here, "--userspace-engine", "multiprocess"]
     if name in ("pyovpn-kernel", "openvpn-dco"):
         return vpn_argv(_impl(name), config)  # type: ignore[arg-type]
     if name == "pyovpn":
-        return [*vpn_argv("pyovpn", config), "--userspace-engine", "inprocess"]
+        return [*here, "--userspace-engine", "inprocess"]
     return vpn_argv(name, config)  # type: ignore[arg-type]
 
 
@@ -269,6 +293,66 @@ def run_variant(
             print(f"    {key}: {r['gbit']:.3f} Gbit/s{loss}{', ' + cpu if cpu else ''}", flush=True)
             time.sleep(0.3)
     return out
+
+
+def baseline_variants(rev: str) -> list[Variant]:
+    """This checkout's engine and REV's, each against itself and against tuned OpenVPN, plus the reference."""
+    here, base = "pyovpn-offload", "pyovpn-baseline"
+    return [
+        Variant(REF, "openvpn", "openvpn", tuned=True),
+        Variant("pyovpn <-> pyovpn", here, here),
+        Variant(f"pyovpn@{rev} <-> pyovpn@{rev}", base, base),
+        Variant("pyovpn client <-> OpenVPN server", "openvpn", here, tuned=True),
+        Variant(f"pyovpn@{rev} client <-> OpenVPN server", "openvpn", base, tuned=True),
+        Variant("OpenVPN client <-> pyovpn server", here, "openvpn", tuned=True),
+        Variant(f"OpenVPN client <-> pyovpn@{rev} server", base, "openvpn", tuned=True),
+    ]
+
+
+def export_baseline(rev: str, into: Path) -> Path:
+    """``git archive`` REV's src/ into ``into``; the directory to put on PYTHONPATH."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "src"], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        raise SystemExit(f"--baseline {rev}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into / "src"
+
+
+def median_results(
+    rounds: dict[str, list[dict[str, dict[str, float]]]],
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, tuple[float, float, int]]]]:
+    """Per variant and run: the median of every figure over the rounds that did not fail, and
+    (min, max, rounds counted) of Gbit/s; a run that failed in every round stays an error."""
+    medians: dict[str, dict[str, dict[str, float]]] = {}
+    spread: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for name, runs in rounds.items():
+        keys = {k for r in runs for k in r}
+        medians[name], spread[name] = {}, {}
+        for key in sorted(keys):
+            ok = [r[key] for r in runs if key in r and "error" not in r[key]]
+            if not ok:
+                medians[name][key] = {"error": 1.0}
+                continue
+            fields = set.intersection(*(set(r) for r in ok))
+            medians[name][key] = {f: statistics.median(r[f] for r in ok) for f in fields}
+            gbits = [r["gbit"] for r in ok]
+            spread[name][key] = (min(gbits), max(gbits), len(ok))
+    return medians, spread
+
+
+def spread_table(spread: dict[str, dict[str, tuple[float, float, int]]], rounds: int) -> list[str]:
+    lines = [
+        f"Spread over {rounds} alternating rounds (Gbit/s, min-max, rounds that completed):",
+        "",
+        "| variant | run | min | max | rounds |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, runs in spread.items():
+        for key, (lo, hi, n) in runs.items():
+            lines.append(f"| {name} | {key} | {lo:.2f} | {hi:.2f} | {n}/{rounds} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- tables
@@ -645,6 +729,14 @@ def main() -> int:
     )
     ap.add_argument("--only", help="substring filter on variant names")
     ap.add_argument(
+        "--rounds", type=int, default=1, help="run the variants N times in alternating order; report medians"
+    )
+    ap.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="compare with the pyovpn of an earlier git commit, side by side (its src/ via git archive)",
+    )
+    ap.add_argument(
         "--write", action="store_true", help="update docs/BENCHMARKS.md (and docs/throughput.png)"
     )
     ap.add_argument(
@@ -690,30 +782,55 @@ def main() -> int:
         return 0
     if args.write and not args.guest and (args.only or args.variants != "default"):
         print("note: --write with --only/--variants replaces the whole table with this subset", flush=True)
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     started = time.monotonic()
+    per_round: dict[str, list[dict[str, dict[str, float]]]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
-        for v in GUEST_VARIANTS if args.guest else VARIANTS:
-            if args.only and args.only not in v.name:
-                continue
-            if not args.guest and not args.only and args.variants == "default" and not v.default:
-                continue
-            print(f"running: {v.name}", flush=True)
-            try:
-                results[v.name] = run_variant(
-                    v,
-                    Path(tmp) / v.name.replace(" ", "_"),
-                    tests=args.tests,
-                    seconds=args.seconds,
-                    udp_rates=args.udp_rates,
-                    udp_seconds=args.udp_seconds,
-                    udp_length=args.udp_length,
-                )
-            except HarnessError as e:
-                print(f"    variant FAILED: {e}", flush=True)
+        if args.baseline:
+            global BASELINE_SRC
+            BASELINE_SRC = export_baseline(args.baseline, Path(tmp))
+            variants = baseline_variants(args.baseline)
+        else:
+            variants = GUEST_VARIANTS if args.guest else VARIANTS
+        chosen = [
+            v
+            for v in variants
+            if not (args.only and args.only not in v.name)
+            and (args.guest or args.only or args.baseline or args.variants != "default" or v.default)
+        ]
+        for rnd in range(args.rounds):
+            # alternate the order, so drift in the machine's load does not favour one variant
+            order = chosen if rnd % 2 == 0 else chosen[::-1]
+            for v in order:
+                label = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
+                print(f"running: {v.name}{label}", flush=True)
+                try:
+                    per_round[v.name].append(
+                        run_variant(
+                            v,
+                            Path(tmp) / f"{v.name.replace(' ', '_')}-{rnd}",
+                            tests=args.tests,
+                            seconds=args.seconds,
+                            udp_rates=args.udp_rates,
+                            udp_seconds=args.udp_seconds,
+                            udp_length=args.udp_length,
+                        )
+                    )
+                except HarnessError as e:
+                    print(f"    variant FAILED: {e}", flush=True)
+    # keep the variants' own order in the tables
+    results, spread = median_results({v.name: per_round[v.name] for v in chosen if per_round[v.name]})
     print(f"(ran {time.monotonic() - started:.0f} s)")
     ref = GUEST_REF if args.guest else REF
     text = tables(results, args, ref)
+    if args.rounds > 1:
+        text = (
+            f"Medians of {args.rounds} rounds, variants alternating in order.\n\n"
+            + text
+            + "\n\n"
+            + "\n".join(spread_table(spread, args.rounds))
+        )
     print(text)
     plot_path = Path(args.plot) if args.plot else (PLOT_PATH if args.write and not args.guest else None)
     plotted = plot(results, args, plot_path) if plot_path else False

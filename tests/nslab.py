@@ -37,6 +37,9 @@ from pyovpn.proto.keys import split_key2
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 SO_RCVBUFFORCE = 33  # not exported by the socket module
+SO_TIMESTAMPNS = 35  # also the cmsg type (SCM_TIMESTAMPNS); not in the socket module
+SOL_PACKET, PACKET_VNET_HDR = 263, 15
+ETH_P_ALL = 0x0003
 _libc = ctypes.CDLL(None, use_errno=True)
 
 VETH_A, VETH_B = "198.18.0.1", "198.18.0.2"  # benchmarking range, only inside our namespaces
@@ -225,7 +228,7 @@ def checksum(data: bytes) -> int:
     """The Internet checksum (RFC 1071)."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     total = (total >> 16) + (total & 0xFFFF)
     total += total >> 16
     return ~total & 0xFFFF
@@ -292,6 +295,30 @@ def tcp_pair(site: Site) -> tuple[socket.socket, socket.socket]:
     return server, client
 
 
+def packet_socket(
+    site: Site, ifname: str, *, vnet_hdr: bool = False, timestamps: bool = False, timeout: float = 0.2
+) -> socket.socket:
+    """An AF_PACKET socket in ``site``'s namespace that sees every frame on ``ifname``, both ways.
+
+    ``vnet_hdr``: each frame starts with its virtio_net_hdr (a GSO train shows its segment
+    size); ``timestamps``: SO_TIMESTAMPNS ancillary data; ``timeout`` 0 makes it non-blocking.
+    The large buffer keeps a capture from dropping frames during bulk transfers.
+    """
+
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        if vnet_hdr:
+            s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        s.bind((ifname, 0))
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+        if timestamps:
+            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        s.settimeout(timeout)
+        return s
+
+    return site.call(make)
+
+
 # ---------------------------------------------------------------------------- keys
 
 
@@ -330,7 +357,7 @@ def start_side(site: Site, backend: Any, tun_addr: str, tun_peer: str, tun6: str
     site.backend = backend
     backend.subscribe(site.notes.append)
     site.request(NewIface("tun", IfaceMode.P2P, mtu))
-    ifname = backend.ifname
+    ifname: str = backend.ifname
     assert ifname and ifname.startswith("tun")
 
     def addresses() -> None:

@@ -1,4 +1,4 @@
-"""Host side of the kernel tests: build the qemu guest and run tests/kernel inside it.
+"""Host side of the kernel tests: build the qemu guest and run tests/kernel and tests/contract inside it.
 
 The guest boots Debian's linux 7.3 (which has the ``ovpn`` driver) because the host kernel does not;
 scripts/guest/build.sh caches the image, so after the first build this costs one guest boot plus the
@@ -88,7 +88,8 @@ def _guest_pytest(args: list[str], what: str, env: tuple[str, ...] = ()) -> None
 
 @pytest.mark.guest
 def test_kernel_suite_passes_in_the_guest() -> None:
-    _guest_pytest(["tests/kernel"], "tests/kernel")
+    """tests/kernel and the backend contract suite (tests/contract, there on the kernel backend), one boot."""
+    _guest_pytest(["tests/kernel", "tests/contract"], "tests/kernel and tests/contract")
 
 
 @pytest.mark.guest

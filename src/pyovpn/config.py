@@ -169,9 +169,10 @@ class Options:
     cipher: str | None = None
     auth: str = "SHA1"
     reneg_sec: int = 3600
+    #: `keepalive PING RESTART` as given; ping/ping_restart hold what it stands for.
+    keepalive: tuple[int, int] | None = None
     ping: int = 0
     ping_restart: int = 0
-    keepalive: tuple[int, int] | None = None
     tun_mtu: int = 1500
     mssfix: int | None = None
     explicit_exit_notify: int = 0
@@ -182,7 +183,6 @@ class Options:
     writepid: str | None = None
     persist_tun: bool = False
     persist_key: bool = False
-    mute_replay_warnings: bool = False
     dco: Literal["auto", "kernel", "userspace"] = "auto"
     #: `engine-workers N`: worker processes of the multi-process userspace engine (None: one per CPU).
     engine_workers: int | None = None
@@ -193,6 +193,7 @@ class Options:
     hand_window: int = 60
     tran_window: int = 3600
     replay_window: tuple[int, int] = (64, 15)
+    mute_replay_warnings: bool = False
     tls_version_min: str | None = None
     #: `tls-groups`: the key exchange groups TLS may use, in order of preference (OpenSSL names)
     tls_groups: str | None = None
@@ -729,20 +730,27 @@ def _port(d: Directive, value: str, what: str, lo: int = 1) -> int:
     return _int(d, value, f"{what} port", lo, 65535)
 
 
-def _ipv4(d: Directive, value: str, what: str) -> str:
+_ADDRESS_EXAMPLE = {4: "10.8.0.1", 6: "fd00::1"}
+
+
+def _address(d: Directive, value: str, what: str, version: Literal[4, 6]) -> str:
+    """``value`` if it is an IP address of this version, else a ConfigError with an example."""
     try:
-        ipaddress.IPv4Address(value)
+        parsed = ipaddress.ip_address(value)
     except ValueError:
-        raise _error(d, f"{what}: '{value}' is not a valid IPv4 address (like 10.8.0.1)") from None
+        parsed = None
+    if parsed is None or parsed.version != version:
+        example = _ADDRESS_EXAMPLE[version]
+        raise _error(d, f"{what}: '{value}' is not a valid IPv{version} address (like {example})")
     return value
+
+
+def _ipv4(d: Directive, value: str, what: str) -> str:
+    return _address(d, value, what, 4)
 
 
 def _ipv6(d: Directive, value: str, what: str) -> str:
-    try:
-        ipaddress.IPv6Address(value)
-    except ValueError:
-        raise _error(d, f"{what}: '{value}' is not a valid IPv6 address (like fd00::1)") from None
-    return value
+    return _address(d, value, what, 6)
 
 
 def _netmask_bits(d: Directive, value: str, what: str) -> int:
@@ -1248,31 +1256,43 @@ def _opt_verb(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, verb=_int(d, d.args[0], "verb", 0))
 
 
-#: Options whose one argument is kept as given (in the Options field of the same name), with usage.
-_WORD_OPTIONS = {
-    "log": "log FILE",
-    "log-append": "log-append FILE",
-    "writepid": "writepid FILE",
-    "user": "user NAME",
-    "group": "group NAME",
+Setter = Callable[[Options, str], Options]
+Switch = Callable[[Options], Options]
+
+#: Options whose one argument is kept as given: (usage, how it goes into Options).
+_WORD_OPTIONS: dict[str, tuple[str, Setter]] = {
+    "log": ("log FILE", lambda o, v: replace(o, log=v)),
+    "log-append": ("log-append FILE", lambda o, v: replace(o, log_append=v)),
+    "writepid": ("writepid FILE", lambda o, v: replace(o, writepid=v)),
+    "user": ("user NAME", lambda o, v: replace(o, user=v)),
+    "group": ("group NAME", lambda o, v: replace(o, group=v)),
 }
 
 
 def _opt_word(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, **{d.name.replace("-", "_"): d.args[0]})
+    b.opts = _WORD_OPTIONS[d.name][1](b.opts, d.args[0])
 
 
-for _name, _usage in _WORD_OPTIONS.items():
+for _name, (_usage, _) in _WORD_OPTIONS.items():
     _option(_name, args=(1, 1), usage=_usage)(_opt_word)
 del _name, _usage
 
+#: Options without arguments that switch something on.
+_FLAGS: dict[str, Switch] = {
+    "persist-tun": lambda o: replace(o, persist_tun=True),
+    "persist-key": lambda o: replace(o, persist_key=True),
+    "mute-replay-warnings": lambda o: replace(o, mute_replay_warnings=True),
+    "ccd-exclusive": lambda o: replace(o, ccd_exclusive=True),
+    "client-to-client": lambda o: replace(o, client_to_client=True),
+    "duplicate-cn": lambda o: replace(o, duplicate_cn=True),
+}
+
 
 def _opt_flag(b: _Builder, d: Directive) -> None:
-    """An option without arguments that switches on the Options field of the same name."""
-    b.opts = replace(b.opts, **{d.name.replace("-", "_"): True})
+    b.opts = _FLAGS[d.name](b.opts)
 
 
-for _name in ("persist-tun", "persist-key", "mute-replay-warnings"):
+for _name in _FLAGS:
     _option(_name)(_opt_flag)
 del _name
 
@@ -1442,11 +1462,6 @@ def _opt_client_config_dir(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, client_config_dir=b.resolve_dir(d, d.args[0]))
 
 
-for _name in ("ccd-exclusive", "client-to-client", "duplicate-cn"):
-    _option(_name)(_opt_flag)
-del _name
-
-
 @_option("max-clients", args=(1, 1), usage="max-clients N")
 def _opt_max_clients(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, max_clients=_int(d, d.args[0], "max-clients", 1, _MAX_CLIENTS))
@@ -1500,8 +1515,19 @@ def _opt_auth_user_pass_verify(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, auth_user_pass_verify=(_command(d, d.args[:-1]), method))
 
 
+#: The script options with one command line (auth-user-pass-verify also takes a method).
+_SCRIPT_SETTERS: dict[str, Setter] = {
+    "up": lambda o, v: replace(o, up=v),
+    "down": lambda o, v: replace(o, down=v),
+    "tls-verify": lambda o, v: replace(o, tls_verify=v),
+    "client-connect": lambda o, v: replace(o, client_connect=v),
+    "client-disconnect": lambda o, v: replace(o, client_disconnect=v),
+    "learn-address": lambda o, v: replace(o, learn_address=v),
+}
+
+
 def _opt_script(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, **{d.name.replace("-", "_"): _command(d, d.args)})
+    b.opts = _SCRIPT_SETTERS[d.name](b.opts, _command(d, d.args))
 
 
 for _name in _SCRIPTS:

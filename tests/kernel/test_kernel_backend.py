@@ -1,5 +1,11 @@
 """Tests for the kernel ``ovpn`` backend (:mod:`pyovpn.datachannel.kernel`).
 
+What every backend must do (peers, keys, control packets, float, keepalive, TCP framing,
+tunnels between two namespaces) is the contract suite, tests/contract, which runs on this
+backend in the guest too; here is what only the kernel backend has: the ovpn link, stale
+links, kernel error details, notifications of other interfaces, backend selection, and
+the differential test against the userspace backend.
+
 They need root and a kernel with the ``ovpn`` generic-netlink family (Linux >= 6.16 with
 the module); otherwise every test skips and says why. On machines without the driver,
 run them in the guest VM (kernel 7.3, see /work/shared/reference/kernel-vm):
@@ -34,17 +40,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from tests import nslab
 from tests.nslab import (
-    PORT,
-    TUN_A,
-    TUN_B,
-    VETH_A,
-    VETH_B,
     Lab,
     Site,
     checksum,
     keydir,
     open_lab,
+    packet_socket,
     ping,
     tcp_listener,
     tcp_pair,
@@ -68,17 +71,15 @@ from pyovpn.datachannel.api import (
     Notification,
     PeerDeleted,
     PeerDelReason,
-    PeerFloated,
     SendControl,
     SetPeer,
     SwapKeys,
     Transport,
 )
-from pyovpn.datachannel.crypto import PING_MAGIC, KeyState
+from pyovpn.datachannel.crypto import KeyState
 from pyovpn.errors import BackendError
 from pyovpn.proto.packets import UNDEF_PEER_ID
 
-ETH_P_ALL = 0x0003
 PACKET_HOST, PACKET_OUTGOING = 0, 4
 ROUTED_NET = "10.201.0.0"  # routed into the tunnel on both sides; nobody owns it
 CIPHERS = [Cipher.AES_128_GCM, Cipher.AES_256_GCM, Cipher.CHACHA20_POLY1305]
@@ -296,43 +297,6 @@ def _peers(index: int) -> list[Any]:
 # ---------------------------------------------------------------------------- peers
 
 
-def test_peer_new_set_get_del(one: Site) -> None:
-    _start_p2p(one)
-    sock = udp_socket(one)
-    one.request(NewPeer(5, sock.fileno(), Transport.UDP, ("127.0.0.2", 40001), None, None, None, 10, 60))
-    info = one.request(GetPeer(5))
-    assert info.peer_id == 5 and info.remote == ("127.0.0.2", 40001)
-    assert (info.keepalive_interval, info.keepalive_timeout) == (10, 60)
-    assert info.vpn_rx_packets == info.link_tx_packets == 0
-
-    one.request(SetPeer(5, remote=("127.0.0.3", 40002), keepalive_interval=2, keepalive_timeout=20))
-    info = one.request(GetPeer(5))
-    assert info.remote == ("127.0.0.3", 40002)
-    assert (info.keepalive_interval, info.keepalive_timeout) == (2, 20)
-    one.request(SetPeer(5, keepalive_interval=0, keepalive_timeout=0))
-    assert one.request(GetPeer(5)).remote == ("127.0.0.3", 40002)
-    with pytest.raises(BackendError, match="together"):
-        one.request(SetPeer(5, keepalive_interval=1))
-
-    one.request(DelPeer(5))
-    # the kernel's PEER_DEL_NTF(USERSPACE) is forwarded, as the userspace backend emits it
-    one.wait_note(lambda n: n == PeerDeleted(5, PeerDelReason.USERSPACE))
-    assert one.notes.count(PeerDeleted(5, PeerDelReason.USERSPACE)) == 1
-    with pytest.raises(BackendError, match=r"GetPeer: unknown peer id 5 \(kernel PEER_GET"):
-        one.request(GetPeer(5))
-    with pytest.raises(BackendError, match="DelPeer: unknown peer id 5"):
-        one.request(DelPeer(5))
-
-    # P2P: a new peer replaces the current one, which goes with TEARDOWN (as in userspace)
-    one.request(NewPeer(6, sock.fileno(), Transport.UDP, ("127.0.0.2", 40001)))
-    one.request(NewPeer(7, sock.fileno(), Transport.UDP, ("127.0.0.2", 40001)))
-    one.wait_note(lambda n: n == PeerDeleted(6, PeerDelReason.TEARDOWN))
-    assert one.request(GetPeer(7)).peer_id == 7
-    one.request(DelIface("ovk0"))
-    one.wait_note(lambda n: n == PeerDeleted(7, PeerDelReason.TEARDOWN))
-    sock.close()
-
-
 def test_mp_mode_peers_and_control_dispatch(one: Site) -> None:
     _start_p2p(one, "ovkmp", IfaceMode.MP)
     sock = udp_socket(one)
@@ -364,54 +328,16 @@ def test_mp_mode_peers_and_control_dispatch(one: Site) -> None:
         s.close()
 
 
-def test_keys_new_get_swap_del(one: Site) -> None:
-    _start_p2p(one)
-    sock = udp_socket(one)
-    one.request(NewPeer(9, sock.fileno(), Transport.UDP, ("127.0.0.2", 1194)))
-    a128, chacha, a256 = Cipher.AES_128_GCM, Cipher.CHACHA20_POLY1305, Cipher.AES_256_GCM
-    one.request(NewKey(9, KeySlot.PRIMARY, 0, a128, keydir(a128), keydir(a128)))
-    one.request(NewKey(9, KeySlot.SECONDARY, 1, chacha, keydir(chacha), keydir(chacha)))
-    k = one.request(GetKey(9, KeySlot.PRIMARY))
-    assert (k.peer_id, k.slot, k.key_id, k.cipher) == (9, KeySlot.PRIMARY, 0, a128)
-    k = one.request(GetKey(9, KeySlot.SECONDARY))
-    assert (k.key_id, k.cipher) == (1, chacha)
-    one.request(SwapKeys(9))
-    assert one.request(GetKey(9, KeySlot.PRIMARY)).key_id == 1
-    k = one.request(GetKey(9, KeySlot.SECONDARY))
-    assert (k.key_id, k.cipher) == (0, a128)
-    one.request(DelKey(9, KeySlot.SECONDARY))
-    one.request(DelKey(9, KeySlot.SECONDARY))  # an empty slot is not an error
-    with pytest.raises(BackendError, match="GetKey: peer 9 has no key in the secondary slot"):
-        one.request(GetKey(9, KeySlot.SECONDARY))
-    one.request(NewKey(9, KeySlot.PRIMARY, 7, a256, keydir(a256), keydir(a256)))
-    k = one.request(GetKey(9, KeySlot.PRIMARY))
-    assert (k.key_id, k.cipher) == (7, a256)
-    with pytest.raises(BackendError, match="key length"):
-        one.request(NewKey(9, KeySlot.PRIMARY, 1, a256, keydir(a128), keydir(a128)))
-    with pytest.raises(BackendError, match="key id 8 out of range"):
-        one.request(NewKey(9, KeySlot.PRIMARY, 8, a128, keydir(a128), keydir(a128)))
-    with pytest.raises(BackendError, match=r"NewKey: unknown peer id 4 \(kernel KEY_NEW"):
-        one.request(NewKey(4, KeySlot.PRIMARY, 1, a128, keydir(a128), keydir(a128)))
-    with pytest.raises(BackendError, match="SwapKeys: unknown peer id 4"):
-        one.request(SwapKeys(4))
-    sock.close()
-
-
 def test_kernel_errors_name_command_and_attribute(one: Site) -> None:
-    from pyovpn.datachannel.kernel import KernelDataChannel
-
-    async def before() -> None:
-        b = KernelDataChannel()
-        with pytest.raises(BackendError, match="NewPeer: no interface"):
-            await b.request(NewPeer(1, 0, Transport.UDP, ("192.0.2.1", 1194)))
-        await b.close()
-        with pytest.raises(BackendError, match="closed"):
-            await b.request(GetPeer(1))
-
-    one.run(before())
     _start_p2p(one)
     sock = udp_socket(one)
     fd = sock.fileno()
+    # an unknown peer: the kernel's answer is named along with the command
+    with pytest.raises(BackendError, match=r"GetPeer: unknown peer id 5 \(kernel PEER_GET"):
+        one.request(GetPeer(5))
+    a128 = Cipher.AES_128_GCM
+    with pytest.raises(BackendError, match=r"NewKey: unknown peer id 4 \(kernel KEY_NEW"):
+        one.request(NewKey(4, KeySlot.PRIMARY, 1, a128, keydir(a128), keydir(a128)))
     with pytest.raises(BackendError) as exc:
         one.request(NewPeer(0x1000000, fd, Transport.UDP, ("127.0.0.2", 1194)))
     msg = str(exc.value)
@@ -436,41 +362,6 @@ def test_kernel_errors_name_command_and_attribute(one: Site) -> None:
     with pytest.raises(BackendError, match="SendControl: unknown peer id 1"):
         one.request(SendControl(1, b"x"))
     sock.close()
-
-
-def test_udp_control_float_and_counters(one: Site) -> None:
-    _start_p2p(one)
-    sock = udp_socket(one)
-    port = sock.getsockname()[1]
-    r1, r2 = udp_socket(one), udp_socket(one)
-    one.request(NewPeer(5, sock.fileno(), Transport.UDP, r1.getsockname()))
-    # control packets keep flowing through the handed-over socket, both ways
-    r1.sendto(bytes([P_CONTROL_V1]) + b"ctl", ("127.0.0.1", port))
-    one.wait_note(lambda n: n == ControlPacket(5, bytes([P_CONTROL_V1]) + b"ctl", r1.getsockname()))
-    one.request(SendControl(5, b"\x28reply"))
-    r1.settimeout(5)
-    assert r1.recvfrom(100) == (b"\x28reply", ("127.0.0.1", port))
-
-    # the peer sends an authenticated keepalive from another port: the kernel floats it
-    cipher = Cipher.CHACHA20_POLY1305
-    enc, dec = keydir(cipher), keydir(cipher)
-    one.request(NewKey(5, KeySlot.PRIMARY, 2, cipher, enc, dec))
-    remote_side = KeyState.from_directions(2, cipher, dec, enc)
-    r2.sendto(remote_side.encrypt(PING_MAGIC, 5), ("127.0.0.1", port))
-    one.wait_note(lambda n: n == PeerFloated(5, r2.getsockname()))
-    info = one.request(GetPeer(5))
-    assert info.remote == r2.getsockname() and info.link_rx_packets == 1
-    one.request(SendControl(5, b"\x28after-float"))  # control follows the float
-    r2.settimeout(5)
-    assert r2.recvfrom(100)[0] == b"\x28after-float"
-    # a packet that fails authentication neither floats nor counts
-    bad = bytearray(remote_side.encrypt(PING_MAGIC, 5))
-    bad[-1] ^= 1
-    r1.sendto(bytes(bad), ("127.0.0.1", port))
-    time.sleep(0.5)
-    assert one.request(GetPeer(5)).remote == r2.getsockname()
-    for s in (sock, r1, r2):
-        s.close()
 
 
 def test_ipv6_transport_and_local_ip(one: Site) -> None:
@@ -521,38 +412,8 @@ def test_ipv6_transport_and_local_ip(one: Site) -> None:
         s.close()
 
 
-def test_tcp_control_frames_and_disconnect(one: Site) -> None:
+def test_tcp_short_frame_drops_the_peer(one: Site) -> None:
     _start_p2p(one)
-
-    server, client = tcp_pair(one)
-    one.request(NewPeer(4, client.fileno(), Transport.TCP))
-    # frames from the far end arrive one by one, without their length prefix
-    packets = [bytes([P_CONTROL_V1]) + os.urandom(n) for n in (3, 100, 1300, 3000)]
-    server.sendall(b"".join(struct.pack(">H", len(p)) + p for p in packets))
-    for p in packets:
-        one.wait_note(lambda n, p=p: n == ControlPacket(4, p, None))
-    # many control packets at once: one whole frame per send(), retried on EAGAIN, in order
-    out = [bytes([P_CONTROL_V1]) + i.to_bytes(2, "big") + os.urandom(700) for i in range(200)]
-    for p in out:
-        one.request(SendControl(4, p))
-    server.settimeout(10)
-    want = b"".join(struct.pack(">H", len(p)) + p for p in out)
-    got = b""
-    while len(got) < len(want):
-        chunk = server.recv(65536)
-        assert chunk, "stream closed early"
-        got += chunk
-    assert got == want
-    # the far end closes: the peer goes with TRANSPORT_DISCONNECT, in the kernel too
-    server.close()
-    one.wait_note(lambda n: n == PeerDeleted(4, PeerDelReason.TRANSPORT_DISCONNECT))
-    time.sleep(0.3)
-    with pytest.raises(BackendError, match="unknown peer id 4"):
-        one.request(GetPeer(4))
-    assert one.notes.count(PeerDeleted(4, PeerDelReason.TRANSPORT_DISCONNECT)) == 1
-    assert not any(isinstance(n, PeerDeleted) and n.reason is PeerDelReason.USERSPACE for n in one.notes)
-    client.close()
-
     # a frame too short to hold an opcode word makes the kernel drop the peer itself
     server, client = tcp_pair(one)
     one.request(NewPeer(5, client.fileno(), Transport.TCP))
@@ -562,34 +423,6 @@ def test_tcp_control_frames_and_disconnect(one: Site) -> None:
         one.request(GetPeer(5))
     client.close()
     server.close()
-
-
-def test_keepalive_expiry(one: Site) -> None:
-    _start_p2p(one)
-    sock, silent = udp_socket(one), udp_socket(one)
-    one.request(NewPeer(8, sock.fileno(), Transport.UDP, silent.getsockname(), None, None, None, 1, 3))
-    cipher = Cipher.AES_256_GCM
-    one.request(NewKey(8, KeySlot.PRIMARY, 0, cipher, keydir(cipher), keydir(cipher)))
-    start = time.monotonic()
-    # generous bounds: the guest is emulated (TCG) and its timers slip when the host is busy
-    try:
-        one.wait_note(lambda n: n == PeerDeleted(8, PeerDelReason.EXPIRED), timeout=45)
-    except AssertionError:
-        # tell a lost notification (our bug) from a peer the kernel never expired
-        try:
-            info = one.request(GetPeer(8))
-            state = f"the kernel still has the peer: {info}"
-        except BackendError as e:
-            state = f"the kernel dropped the peer but no PEER_DEL_NTF reached us ({e})"
-        raise AssertionError(f"no EXPIRED notification within 45 s; {state}") from None
-    elapsed = time.monotonic() - start
-    print(f"keepalive 1/3: peer expired after {elapsed:.1f}s")
-    assert 2.0 <= elapsed <= 40
-    # the kernel sent its keepalive pings to the silent side meanwhile
-    silent.settimeout(1)
-    assert len(silent.recv(100)) == 8 + 16 + 16  # DATA_V2 header, tag, 16-byte ping
-    sock.close()
-    silent.close()
 
 
 def test_notifications_of_other_interfaces_are_ignored(lab: Lab) -> None:
@@ -688,13 +521,7 @@ class Capture:
     """AF_PACKET capture of the tunnel's UDP datagrams on one veth (inside a site's namespace)."""
 
     def __init__(self, site: Site, ifname: str) -> None:
-        def make() -> socket.socket:
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            s.bind((ifname, 0))
-            s.setblocking(False)
-            return s
-
-        self.sock = site.call(make)
+        self.sock = packet_socket(site, ifname, timeout=0)
 
     def take(self, settle: float = 0.5) -> list[tuple[str, bytes]]:
         """[(out|in, UDP payload)] for port-1194 datagrams since the last call."""
@@ -712,7 +539,7 @@ class Capture:
             if ip[9] != 17:
                 continue
             sport, dport, ulen = struct.unpack_from("!HHH", ip, ihl)
-            if PORT not in (sport, dport):
+            if nslab.PORT not in (sport, dport):
                 continue
             direction = "out" if addr[2] == PACKET_OUTGOING else "in"
             out.append((direction, bytes(ip[ihl + 8 : ihl + ulen])))
@@ -736,9 +563,8 @@ def _reencrypt_check(pkt: bytes, key_id: int, cipher: Cipher, key: KeyDirection,
     return plain
 
 
-@pytest.fixture
-def pair(lab: Lab) -> Iterator[tuple[Site, Site, int]]:
-    """Kernel backend in namespace A, userspace backend in B, one P2P UDP tunnel (no keys yet)."""
+def _kernel_and_userspace(lab: Lab) -> tuple[Site, Site]:
+    """Kernel backend in namespace A, userspace backend in B, each with its P2P interface up."""
     from pyovpn.datachannel.kernel import KernelDataChannel
     from pyovpn.datachannel.userspace import UserspaceDataChannel
     from pyovpn.net import tun
@@ -750,7 +576,7 @@ def pair(lab: Lab) -> Iterator[tuple[Site, Site, int]]:
     b.backend.subscribe(b.notes.append)
     a.request(NewIface("ovkA", IfaceMode.P2P, 1400))
     b.request(NewIface("tun", IfaceMode.P2P, 1400))
-    for site, local, peer in ((a, TUN_A, TUN_B), (b, TUN_B, TUN_A)):
+    for site, local, peer in ((a, nslab.TUN_A, nslab.TUN_B), (b, nslab.TUN_B, nslab.TUN_A)):
         name = site.backend.ifname
 
         def configure(name: str = name, local: str = local, peer: str = peer) -> None:
@@ -758,11 +584,18 @@ def pair(lab: Lab) -> Iterator[tuple[Site, Site, int]]:
             tun.add_route(name, ROUTED_NET, 24)
 
         site.sync(configure)
-    sock_a = udp_socket(a, (VETH_A, PORT))
-    sock_b = udp_socket(b, (VETH_B, PORT))
+    return a, b
+
+
+@pytest.fixture
+def pair(lab: Lab) -> Iterator[tuple[Site, Site, int]]:
+    """The two backends of :func:`_kernel_and_userspace` joined by one P2P UDP tunnel (no keys yet)."""
+    a, b = _kernel_and_userspace(lab)
+    sock_a = udp_socket(a, (nslab.VETH_A, nslab.PORT))
+    sock_b = udp_socket(b, (nslab.VETH_B, nslab.PORT))
     peer_id = 0x12345
-    a.request(NewPeer(peer_id, sock_a.fileno(), Transport.UDP, (VETH_B, PORT)))
-    b.request(NewPeer(peer_id, sock_b.fileno(), Transport.UDP, (VETH_A, PORT)))
+    a.request(NewPeer(peer_id, sock_a.fileno(), Transport.UDP, (nslab.VETH_B, nslab.PORT)))
+    b.request(NewPeer(peer_id, sock_b.fileno(), Transport.UDP, (nslab.VETH_A, nslab.PORT)))
     try:
         yield a, b, peer_id
     finally:
@@ -773,8 +606,8 @@ def pair(lab: Lab) -> Iterator[tuple[Site, Site, int]]:
 def test_differential_kernel_vs_userspace(lab: Lab, pair: tuple[Site, Site, int]) -> None:
     a, b, peer_id = pair
     cap = Capture(a, lab.veth_a)
-    listen_a = udp_socket(a, (TUN_A, 5555))
-    listen_b = udp_socket(b, (TUN_B, 5555))
+    listen_a = udp_socket(a, (nslab.TUN_A, 5555))
+    listen_b = udp_socket(b, (nslab.TUN_B, 5555))
     listen_a.settimeout(10)
     listen_b.settimeout(10)
     summary = []
@@ -786,13 +619,13 @@ def test_differential_kernel_vs_userspace(lab: Lab, pair: tuple[Site, Site, int]
             a.request(NewKey(peer_id, KeySlot.PRIMARY, kid, cipher, k_ab, k_ba))
             b.request(NewKey(peer_id, KeySlot.PRIMARY, kid, cipher, k_ba, k_ab))
             cap.take(0)
-            assert a.run(_ping(TUN_B)) == 2, f"{cipher.value}: kernel -> userspace ping failed"
-            assert b.run(_ping(TUN_A)) == 2, f"{cipher.value}: userspace -> kernel ping failed"
+            assert a.run(_ping(nslab.TUN_B)) == 2, f"{cipher.value}: kernel -> userspace ping failed"
+            assert b.run(_ping(nslab.TUN_A)) == 2, f"{cipher.value}: userspace -> kernel ping failed"
             mark_a = f"from-kernel-{cipher.value}".encode()
             mark_b = f"from-userspace-{cipher.value}".encode()
-            a.call(lambda m=mark_a: listen_a.sendto(m, (TUN_B, 5555)))
+            a.call(lambda m=mark_a: listen_a.sendto(m, (nslab.TUN_B, 5555)))
             assert listen_b.recvfrom(100)[0] == mark_a  # the userspace backend decrypted the kernel
-            b.call(lambda m=mark_b: listen_b.sendto(m, (TUN_A, 5555)))
+            b.call(lambda m=mark_b: listen_b.sendto(m, (nslab.TUN_A, 5555)))
             assert listen_a.recvfrom(100)[0] == mark_b  # the kernel decrypted the userspace backend
             packets = cap.take()
             k_out, u_in = _data_v2(packets, "out", kid), _data_v2(packets, "in", kid)
@@ -843,22 +676,10 @@ def test_differential_kernel_vs_userspace(lab: Lab, pair: tuple[Site, Site, int]
 
 def test_differential_tcp_and_rekey(lab: Lab) -> None:
     """Kernel and userspace backends over TCP: pings across, then a rekey via the secondary slot."""
-    from pyovpn.datachannel.kernel import KernelDataChannel
-    from pyovpn.datachannel.userspace import UserspaceDataChannel
-    from pyovpn.net import tun
+    a, b = _kernel_and_userspace(lab)
 
-    lab.pair()
-    a, b = lab.site(lab.ns_a), lab.site(lab.ns_b)
-    a.backend, b.backend = KernelDataChannel(), UserspaceDataChannel()
-    a.backend.subscribe(a.notes.append)
-    b.backend.subscribe(b.notes.append)
-    a.request(NewIface("ovkA", IfaceMode.P2P, 1400))
-    b.request(NewIface("tun", IfaceMode.P2P, 1400))
-    for site, local, peer in ((a, TUN_A, TUN_B), (b, TUN_B, TUN_A)):
-        site.sync(lambda n=site.backend.ifname, lo=local, pe=peer: tun.add_address(n, lo, 32, peer=pe))
-
-    lsock = tcp_listener(b, (VETH_B, PORT))
-    conn_a = a.call(lambda: socket.create_connection((VETH_B, PORT)))
+    lsock = tcp_listener(b, (nslab.VETH_B, nslab.PORT))
+    conn_a = a.call(lambda: socket.create_connection((nslab.VETH_B, nslab.PORT)))
     conn_b, _ = lsock.accept()
     lsock.close()
     try:
@@ -868,8 +689,8 @@ def test_differential_tcp_and_rekey(lab: Lab) -> None:
         k1, k2 = keydir(c), keydir(c)
         a.request(NewKey(3, KeySlot.PRIMARY, 0, c, k1, k2))
         b.request(NewKey(3, KeySlot.PRIMARY, 0, c, k2, k1))
-        assert a.run(_ping(TUN_B, 3)) == 3
-        assert b.run(_ping(TUN_A, 3)) == 3
+        assert a.run(_ping(nslab.TUN_B, 3)) == 3
+        assert b.run(_ping(nslab.TUN_A, 3)) == 3
         # control packets interleave with the kernel's data frames on the same stream
         a.request(SendControl(3, bytes([P_CONTROL_V1]) + b"k2u"))
         b.request(SendControl(3, bytes([P_CONTROL_V1]) + b"u2k"))
@@ -884,7 +705,7 @@ def test_differential_tcp_and_rekey(lab: Lab) -> None:
         a.request(DelKey(3, KeySlot.SECONDARY))
         b.request(DelKey(3, KeySlot.SECONDARY))
         assert a.request(GetKey(3, KeySlot.PRIMARY)).key_id == 1
-        assert a.run(_ping(TUN_B, 2)) == 2
+        assert a.run(_ping(nslab.TUN_B, 2)) == 2
         a.request(DelPeer(3))
         a.wait_note(lambda n: n == PeerDeleted(3, PeerDelReason.USERSPACE))
         # the kernel let go of the socket: it is a plain TCP stream again

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.netns.harness import Netns, TunnelSpec, iperf3_transfer, ping, start_tunnel
@@ -27,6 +28,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def net(tmp_path: Path):  # type: ignore[no-untyped-def]
     with Netns(tmp_path / "net") as n:
         yield n
+
+
+def _both_dco(**fields: Any) -> TunnelSpec:
+    """A tunnel with both ends on the kernel driver: pyovpn's kernel backend, openvpn's DCO."""
+    return TunnelSpec(dco="kernel", openvpn_dco=True).with_(**fields)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -46,15 +52,7 @@ CELLS = [
 def test_kernel_backend_with_openvpn_dco(
     net: Netns, pki: Pki, role: str, side: str, proto: str, family: int, cipher: str
 ) -> None:
-    spec = TunnelSpec(
-        role=role,
-        cipher=cipher,
-        wrap="tls-crypt",
-        proto=proto,
-        family=family,  # type: ignore[arg-type]
-        dco="kernel",
-        openvpn_dco=True,
-    )
+    spec = _both_dco(role=role, cipher=cipher, wrap="tls-crypt", proto=proto, family=family)
     impls = ("openvpn", "pyovpn") if side == "client" else ("pyovpn", "openvpn")
     tunnel = start_tunnel(net, pki, spec, server_impl=impls[0], client_impl=impls[1], timeout=60)
     py = tunnel.client if side == "client" else tunnel.server
@@ -80,16 +78,7 @@ def test_kernel_backend_with_openvpn_dco(
 
 
 def test_kernel_rekeys_during_transfer(net: Netns, pki: Pki) -> None:
-    spec = TunnelSpec(
-        role="server",
-        cipher="AES-128-GCM",
-        wrap="tls-auth",
-        proto="udp",
-        family=4,
-        reneg_sec=10,
-        dco="kernel",
-        openvpn_dco=True,
-    )
+    spec = _both_dco(role="server", cipher="AES-128-GCM", wrap="tls-auth", reneg_sec=10)
     tunnel = start_tunnel(net, pki, spec, server_impl="openvpn", client_impl="pyovpn", timeout=60)
     res = iperf3_transfer(net.a, net.b, tunnel.addrs.server4, seconds=40, log_dir=net.workdir)
     # openvpn 2.7 with DCO does not log each installed key, so count pyovpn's swaps; the ping
@@ -109,16 +98,7 @@ def test_kernel_backend_after_dropping_to_nobody(net: Netns, pki: Pki) -> None:
 
 
 def test_silent_peer_is_expired_by_the_kernel_and_pyovpn_reconnects(net: Netns, pki: Pki) -> None:
-    spec = TunnelSpec(
-        role="p2p",
-        cipher="AES-256-GCM",
-        wrap="tls-auth",
-        proto="udp",
-        family=4,
-        keepalive=(1, 4),
-        dco="kernel",
-        openvpn_dco=True,
-    )
+    spec = _both_dco(role="p2p", cipher="AES-256-GCM", wrap="tls-auth", keepalive=(1, 4))
     tunnel = start_tunnel(net, pki, spec, server_impl="openvpn", client_impl="pyovpn", timeout=60)
     mark = tunnel.client.mark()
     # with DCO the peer's kernel keeps answering pings even if its process is stopped, so the
@@ -136,9 +116,7 @@ def test_silent_peer_is_expired_by_the_kernel_and_pyovpn_reconnects(net: Netns, 
 def test_kill_9_leaves_a_link_the_next_start_cleans_up(net: Netns, pki: Pki) -> None:
     import signal
 
-    spec = TunnelSpec(
-        role="p2p", cipher="AES-128-GCM", wrap="none", proto="udp", family=4, dco="kernel", openvpn_dco=True
-    )
+    spec = _both_dco(role="p2p", cipher="AES-128-GCM", wrap="none")
     tunnel = start_tunnel(net, pki, spec, server_impl="openvpn", client_impl="pyovpn", timeout=60)
     os.kill(tunnel.client.pid, signal.SIGKILL)
     tunnel.client.wait(10)

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pyovpn.tools.pki import Pki
 
@@ -281,7 +281,7 @@ def logs_tail(procs: Iterable[Proc], lines: int = 60) -> str:
 # Namespaces
 # ---------------------------------------------------------------------------------------
 
-_LIVE: set[Netns | Star] = set()
+_LIVE: set[_Namespaces] = set()
 _LIVE_LOCK = threading.Lock()
 # The SIGTERM disposition we replaced while namespaces are live; None when not replaced.
 _SAVED_SIGTERM: list[Any] = []
@@ -293,7 +293,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _register(n: Netns | Star) -> None:
+def _register(n: _Namespaces) -> None:
     with _LIVE_LOCK:
         if not _LIVE and threading.current_thread() is threading.main_thread():
             prev = signal.getsignal(signal.SIGTERM)
@@ -304,7 +304,7 @@ def _register(n: Netns | Star) -> None:
         _LIVE.add(n)
 
 
-def _unregister(n: Netns | Star) -> None:
+def _unregister(n: _Namespaces) -> None:
     with _LIVE_LOCK:
         _LIVE.discard(n)
         if not _LIVE and _SAVED_SIGTERM and threading.current_thread() is threading.main_thread():
@@ -370,7 +370,55 @@ def sweep_stale_namespaces() -> list[str]:
     return removed
 
 
-class Netns:
+class _Namespaces:
+    """What Netns and Star share: a context manager that creates its namespaces on entry
+    (deleting them again if that fails) and on exit stops its processes, kills anything else
+    inside and deletes every namespace; registered meanwhile so SIGTERM and exit clean up."""
+
+    PROC_TIMEOUT = 3.0  # seconds each spawned process gets to stop on close
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+        self._open = False
+
+    def namespaces(self) -> Iterable[str]:
+        raise NotImplementedError
+
+    def _create(self) -> None:
+        raise NotImplementedError
+
+    def _closed(self) -> None:
+        """Called once the namespaces are gone."""
+
+    def __enter__(self) -> Self:
+        sweep_stale_namespaces()
+        _register(self)
+        self._open = True
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop our processes, kill anything else inside, delete the namespaces. Idempotent."""
+        if not self._open:
+            return
+        try:
+            _stop_and_delete(self.procs, self.namespaces(), proc_timeout=self.PROC_TIMEOUT)
+        finally:
+            self._open = False
+            _unregister(self)
+            self._closed()
+
+
+class Netns(_Namespaces):
     """Two fresh namespaces ``a`` and ``b`` joined by a veth pair; a context manager.
 
     Use :meth:`spawn` to start processes in them: those are stopped first on exit (so
@@ -384,8 +432,7 @@ class Netns:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="pov-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.procs: list[Proc] = []
-        self._open = False
+        super().__init__()
 
     @property
     def a(self) -> str:
@@ -403,21 +450,8 @@ class Netns:
     def outer(side: Side, family: Family) -> str:
         return OUTER4[side] if family == 4 else OUTER6[side]
 
-    def __enter__(self) -> Netns:
-        sweep_stale_namespaces()
-        _register(self)
-        self._open = True
-        try:
-            self._create()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    def namespaces(self) -> Iterable[str]:
+        return self.names.values()
 
     def _create(self) -> None:
         for ns in self.names.values():
@@ -476,20 +510,60 @@ class Netns:
         self.procs.append(p)
         return p
 
-    def close(self) -> None:
-        """Stop our processes, kill anything else inside, delete both namespaces. Idempotent."""
-        if not self._open:
-            return
-        try:
-            _stop_and_delete(self.procs, self.names.values(), proc_timeout=3.0)
-        finally:
-            self._open = False
-            _unregister(self)
-            if self._own_workdir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
+    def _closed(self) -> None:
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-class Star:
+def p2mp_server_config(pki: Pki, network: str, *extra: str, port: int = DEFAULT_PORT) -> str:
+    """A P2MP UDP server on tun0 for a Star: ``network``/24 (topology subnet), the PKI's server
+    certificate and tls-crypt key, keepalive 10 60, then the ``extra`` lines."""
+    return (
+        "\n".join(
+            [
+                "dev tun0",
+                "proto udp",
+                f"port {port}",
+                f"server {network} 255.255.255.0",
+                "topology subnet",
+                f"ca {pki.ca_crt}",
+                f"cert {pki.server_crt}",
+                f"key {pki.server_key}",
+                "dh none",
+                f"tls-crypt {pki.tc_key}",
+                "keepalive 10 60",
+                *extra,
+            ]
+        )
+        + "\n"
+    )
+
+
+def p2mp_client_config(
+    pki: Pki, remote: str, cert: Path, key: Path, *extra: str, port: int = DEFAULT_PORT
+) -> str:
+    """A pulling UDP client of :func:`p2mp_server_config` with this certificate, then the ``extra`` lines."""
+    return (
+        "\n".join(
+            [
+                "client",
+                "dev tun0",
+                "proto udp",
+                f"remote {remote} {port}",
+                "nobind",
+                f"ca {pki.ca_crt}",
+                f"cert {cert}",
+                f"key {key}",
+                f"tls-crypt {pki.tc_key}",
+                "remote-cert-tls server",
+                *extra,
+            ]
+        )
+        + "\n"
+    )
+
+
+class Star(_Namespaces):
     """A server namespace ``s`` with its own veth to each of ``n`` peer namespaces; a context manager.
 
     Peer ``i`` is 172.31.(base+i).2/24, the server's end of its link 172.31.(base+i).1. On exit
@@ -502,10 +576,9 @@ class Star:
         self.base = base
         self.server = f"{NS_PREFIX}{run_id}-s"
         self.peers = [f"{NS_PREFIX}{run_id}-p{i}" for i in range(n)]
-        self.procs: list[Proc] = []
         self._cwd = cwd or workdir
         self._veth_tag = secrets.token_hex(2)  # interface names are global while being moved
-        self._open = False
+        super().__init__()
 
     def server_addr(self, i: int) -> str:
         return f"172.31.{self.base + i}.1"
@@ -513,44 +586,29 @@ class Star:
     def peer_addr(self, i: int) -> str:
         return f"172.31.{self.base + i}.2"
 
-    def __enter__(self) -> Star:
-        sweep_stale_namespaces()
-        _register(self)
-        self._open = True
-        try:
-            for ns in (self.server, *self.peers):
-                _run(["ip", "netns", "add", ns])
-                _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            for i, ns in enumerate(self.peers):
-                s_end, p_end = f"vs{self._veth_tag}{i}", f"vp{self._veth_tag}{i}"
-                _run(["ip", "link", "add", s_end, "type", "veth", "peer", "name", p_end])
-                _run(["ip", "link", "set", s_end, "netns", self.server])
-                _run(["ip", "link", "set", p_end, "netns", ns])
-                _run(["ip", "-n", self.server, "addr", "add", f"{self.server_addr(i)}/24", "dev", s_end])
-                _run(["ip", "-n", ns, "addr", "add", f"{self.peer_addr(i)}/24", "dev", p_end])
-                _run(["ip", "-n", self.server, "link", "set", s_end, "up"])
-                _run(["ip", "-n", ns, "link", "set", p_end, "up"])
-        except BaseException:
-            self.close()
-            raise
-        return self
+    PROC_TIMEOUT = 5.0
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def namespaces(self) -> Iterable[str]:
+        return (self.server, *self.peers)
+
+    def _create(self) -> None:
+        for ns in (self.server, *self.peers):
+            _run(["ip", "netns", "add", ns])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for i, ns in enumerate(self.peers):
+            s_end, p_end = f"vs{self._veth_tag}{i}", f"vp{self._veth_tag}{i}"
+            _run(["ip", "link", "add", s_end, "type", "veth", "peer", "name", p_end])
+            _run(["ip", "link", "set", s_end, "netns", self.server])
+            _run(["ip", "link", "set", p_end, "netns", ns])
+            _run(["ip", "-n", self.server, "addr", "add", f"{self.server_addr(i)}/24", "dev", s_end])
+            _run(["ip", "-n", ns, "addr", "add", f"{self.peer_addr(i)}/24", "dev", p_end])
+            _run(["ip", "-n", self.server, "link", "set", s_end, "up"])
+            _run(["ip", "-n", ns, "link", "set", p_end, "up"])
 
     def spawn(self, ns: str, argv: list[str], name: str) -> Proc:
         p = Proc(ns, argv, self.workdir / f"{name}.log", name=name, cwd=self._cwd)
         self.procs.append(p)
         return p
-
-    def close(self) -> None:
-        if not self._open:
-            return
-        try:
-            _stop_and_delete(self.procs, (self.server, *self.peers), proc_timeout=5.0)
-        finally:
-            self._open = False
-            _unregister(self)
 
 
 def wait_listening(ns: str, proto: Proto, port: int, timeout: float = 10.0, proc: Proc | None = None) -> None:
@@ -763,6 +821,33 @@ class Tunnel:
         self.stopped["client"] = self.client.stop(timeout)
         self.stopped["server"] = self.server.stop(timeout)
         return dict(self.stopped)
+
+
+def spawn_tunnel(
+    net: Netns,
+    pki: Pki,
+    spec: TunnelSpec,
+    server_impl: Impl,
+    client_impl: Impl,
+    *,
+    server_extra: str = "",
+    client_extra: str = "",
+) -> tuple[Proc, Proc]:
+    """Write s.conf/c.conf (plus extra lines), start the server in ns b, then the client in ns a.
+
+    Unlike :func:`start_tunnel` it does not wait for the init lines: the caller decides what
+    to wait for (a refused login, a privilege drop, ...).
+    """
+    (net.workdir / "s.conf").write_text(
+        server_config(spec, pki, impl=server_impl, local=net.outer("b", spec.family)) + server_extra
+    )
+    (net.workdir / "c.conf").write_text(
+        client_config(spec, pki, impl=client_impl, remote=net.outer("b", spec.family)) + client_extra
+    )
+    server = net.spawn("b", vpn_argv(server_impl, net.workdir / "s.conf"), f"server-{server_impl}")
+    wait_listening(net.b, spec.proto, spec.port, proc=server)
+    client = net.spawn("a", vpn_argv(client_impl, net.workdir / "c.conf"), f"client-{client_impl}")
+    return server, client
 
 
 def start_tunnel(

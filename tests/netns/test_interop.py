@@ -98,20 +98,30 @@ _A128, _A256, _CHACHA = CIPHERS
 # Found by a seeded local search: rows enumerate direction x proto x family; the other
 # columns were chosen so every pair of factor values occurs and each cipher and each
 # wrap appears exactly 4 times, with all 9 cipher x wrap pairs present.
-CELLS: tuple[Cell, ...] = (
-    Cell("pull", _A128, "tls-auth", "udp", 4, False, True),
-    Cell("pull", _CHACHA, "tls-crypt", "udp", 6, True, False),
-    Cell("pull", _A256, "tls-auth", "tcp", 4, False, False),
-    Cell("pull", _CHACHA, "none", "tcp", 6, True, True),
-    Cell("p2p-pyserver", _CHACHA, "tls-crypt", "udp", 4, False, True),
-    Cell("p2p-pyserver", _A128, "none", "udp", 6, True, False),
-    Cell("p2p-pyserver", _A128, "tls-crypt", "tcp", 4, True, True),
-    Cell("p2p-pyserver", _A256, "tls-auth", "tcp", 6, False, False),
-    Cell("p2p-pyclient", _A256, "tls-crypt", "udp", 4, True, True),
-    Cell("p2p-pyclient", _CHACHA, "tls-auth", "udp", 6, True, False),
-    Cell("p2p-pyclient", _A128, "none", "tcp", 4, False, True),
-    Cell("p2p-pyclient", _A256, "none", "tcp", 6, True, False),
-)
+_MATRIX = """\
+direction     cipher             wrap       transport  iperf3  blocks
+pull          AES-128-GCM        tls-auth   udp4       up      inline
+pull          CHACHA20-POLY1305  tls-crypt  udp6       down    files
+pull          AES-256-GCM        tls-auth   tcp4       up      files
+pull          CHACHA20-POLY1305  none       tcp6       down    inline
+p2p-pyserver  CHACHA20-POLY1305  tls-crypt  udp4       up      inline
+p2p-pyserver  AES-128-GCM        none       udp6       down    files
+p2p-pyserver  AES-128-GCM        tls-crypt  tcp4       down    inline
+p2p-pyserver  AES-256-GCM        tls-auth   tcp6       up      files
+p2p-pyclient  AES-256-GCM        tls-crypt  udp4       down    inline
+p2p-pyclient  CHACHA20-POLY1305  tls-auth   udp6       down    files
+p2p-pyclient  AES-128-GCM        none       tcp4       up      inline
+p2p-pyclient  AES-256-GCM        none       tcp6       down    files
+"""
+
+
+def _cell(row: str) -> Cell:
+    direction, cipher, wrap, transport, iperf3, blocks = row.split()
+    proto, family = transport[:3], int(transport[3:])
+    return Cell(direction, cipher, wrap, proto, family, iperf3 == "down", blocks == "inline")  # type: ignore[arg-type]
+
+
+CELLS: tuple[Cell, ...] = tuple(_cell(row) for row in _MATRIX.splitlines()[1:])
 
 # One rekey soak per cipher, spread over directions, wraps and transports.
 SOAK_CELLS: tuple[Cell, ...] = (

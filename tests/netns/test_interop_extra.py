@@ -7,47 +7,26 @@ import pytest
 from pyovpn.tools.pki import Pki
 from tests.netns.harness import (
     INIT_LINE,
+    Impl,
     Netns,
-    Proc,
     TunnelSpec,
-    client_config,
     inner_addrs,
     ping,
-    server_config,
+    spawn_tunnel,
     vpn_argv,
     wait_for_lines,
-    wait_listening,
 )
 
 pytestmark = pytest.mark.netns
-
-
-def _start(
-    net: Netns,
-    pki: Pki,
-    spec: TunnelSpec,
-    server_impl: str,
-    client_impl: str,
-    server_extra: str = "",
-    client_extra: str = "",
-) -> tuple[Proc, Proc]:
-    scfg = server_config(spec, pki, impl=server_impl, local=net.outer("b", spec.family))  # type: ignore[arg-type]
-    ccfg = client_config(spec, pki, impl=client_impl, remote=net.outer("b", spec.family))  # type: ignore[arg-type]
-    (net.workdir / "s.conf").write_text(scfg + server_extra)
-    (net.workdir / "c.conf").write_text(ccfg + client_extra)
-    server = net.spawn("b", vpn_argv(server_impl, net.workdir / "s.conf"), f"server-{server_impl}")  # type: ignore[arg-type]
-    wait_listening(net.b, spec.proto, spec.port, proc=server)
-    client = net.spawn("a", vpn_argv(client_impl, net.workdir / "c.conf"), f"client-{client_impl}")  # type: ignore[arg-type]
-    return server, client
 
 
 @pytest.mark.parametrize("pyovpn_side", ["client", "server"])
 def test_tls_1_2_with_ekm(net: Netns, pki: Pki, pyovpn_side: str) -> None:
     """OpenVPN capped at TLS 1.2: the RFC 5705 exporter without context must still match."""
     spec = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-auth", proto="udp", family=4)
-    impls = ("openvpn", "pyovpn") if pyovpn_side == "client" else ("pyovpn", "openvpn")
+    impls: tuple[Impl, Impl] = ("openvpn", "pyovpn") if pyovpn_side == "client" else ("pyovpn", "openvpn")
     cap = "tls-version-max 1.2\n"
-    server, client = _start(
+    server, client = spawn_tunnel(
         net,
         pki,
         spec,
@@ -71,7 +50,7 @@ def test_username_password_accepted_and_rejected(net: Netns, pki: Pki) -> None:
     server_extra = f"script-security 2\nauth-user-pass-verify {script} via-file\n"
     creds = net.workdir / "creds.txt"
     creds.write_text("alice\ns3cret\n")
-    server, client = _start(
+    server, client = spawn_tunnel(
         net,
         pki,
         spec,

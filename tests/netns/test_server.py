@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 from pyovpn.tools.pki import Pki, issue_client
-from tests.netns.harness import INIT_LINE, Proc, Star, ping, wait_for_lines, wait_listening
+from tests.netns.harness import (
+    INIT_LINE,
+    Proc,
+    Star,
+    p2mp_client_config,
+    p2mp_server_config,
+    ping,
+    wait_for_lines,
+    wait_listening,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -44,31 +53,19 @@ def server_conf(pki: Pki, workdir: Path, *, client_to_client: bool, extra: str =
     (ccd / "carol").write_text("ifconfig-push 10.78.0.50 255.255.255.0\niroute 10.66.0.0 255.255.255.0\n")
     conf = workdir / "server.conf"
     conf.write_text(
-        "\n".join(
-            [
-                "dev tun0",
-                "proto udp",
-                "port 1194",
-                "server 10.78.0.0 255.255.255.0",
-                "server-ipv6 fd00:78::/64",
-                "topology subnet",
-                f"ca {pki.ca_crt}",
-                f"cert {pki.server_crt}",
-                f"key {pki.server_key}",
-                "dh none",
-                f"tls-crypt {pki.tc_key}",
-                "keepalive 10 60",
-                "data-ciphers AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305",
-                f"client-config-dir {ccd}",
-                "route 10.66.0.0 255.255.255.0",
-                'push "route 10.66.0.0 255.255.255.0"',
-                *(["client-to-client"] if client_to_client else []),
-                f"dco {DCO}",
-                "verb 4",
-                extra,
-            ]
+        p2mp_server_config(
+            pki,
+            "10.78.0.0",
+            "server-ipv6 fd00:78::/64",
+            "data-ciphers AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305",
+            f"client-config-dir {ccd}",
+            "route 10.66.0.0 255.255.255.0",
+            'push "route 10.66.0.0 255.255.255.0"',
+            *(["client-to-client"] if client_to_client else []),
+            f"dco {DCO}",
+            "verb 4",
+            extra,
         )
-        + "\n"
     )
     return conf
 
@@ -77,26 +74,17 @@ def client_conf(pki: Pki, workdir: Path, cn: str, remote: str, cipher: str, extr
     crt, key = issue_client(pki, cn)
     conf = workdir / f"{cn}.conf"
     conf.write_text(
-        "\n".join(
-            [
-                "client",
-                "dev tun0",
-                "proto udp",
-                f"remote {remote} 1194",
-                "nobind",
-                f"ca {pki.ca_crt}",
-                f"cert {crt}",
-                f"key {key}",
-                f"tls-crypt {pki.tc_key}",
-                "remote-cert-tls server",
-                f"data-ciphers {cipher}",
-                *(["disable-dco"] if DCO != "kernel" else []),
-                "explicit-exit-notify 1",
-                "verb 4",
-                extra,
-            ]
+        p2mp_client_config(
+            pki,
+            remote,
+            crt,
+            key,
+            f"data-ciphers {cipher}",
+            *(["disable-dco"] if DCO != "kernel" else []),
+            "explicit-exit-notify 1",
+            "verb 4",
+            extra,
         )
-        + "\n"
     )
     return conf
 
@@ -226,3 +214,34 @@ def test_idle_clients_live_on_keepalive_pings(star: Star, pki: Pki) -> None:
         assert "Inactivity timeout" not in c.text()[m:], f"{c.name} timed out: the server's pings stopped"
     for i in range(2):
         assert ping(star.peers[i], SERVER4).ok
+
+
+def _routes6(ns: str, network: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", ns, "-6", "route", "show", network], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_client_with_an_ipv6_iroute_reconnects(star: Star, pki: Pki) -> None:
+    """Leaving removes the client's iroute-ipv6 routes too: else its next connect hits EEXIST
+    adding them again and the server drops it right after the handshake."""
+    conf = server_conf(pki, star.workdir, client_to_client=False)
+    (star.workdir / "ccd" / "alice").write_text("iroute-ipv6 fd00:66::/64\n")
+    server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
+    wait_listening(star.server, "udp", 1194, proc=server)
+    cn, cipher = CLIENTS[0]
+    cconf = client_conf(pki, star.workdir, cn, star.server_addr(0), cipher)
+    alice = star.spawn(star.peers[0], ["openvpn", "--config", str(cconf)], "client-alice")
+    wait_for_lines([server, alice], INIT_LINE, 40)
+    server.wait_for_line("alice.*Data Channel: cipher", 20)
+    assert "fd00:66::/64" in _routes6(star.server, "fd00:66::/64"), "iroute-ipv6 not installed"
+    mark = server.mark()
+    alice.stop()
+    server.wait_for_line("alice.*client disconnected", 20, since=mark)
+    assert _routes6(star.server, "fd00:66::/64") == "", "iroute-ipv6 left behind after the client left"
+    again = star.spawn(star.peers[0], ["openvpn", "--config", str(cconf)], "client-alice-again")
+    again.wait_for_line(INIT_LINE, 30)
+    server.wait_for_line("alice.*Data Channel: cipher", 20, since=mark)
+    assert ping(star.peers[0], SERVER6).ok, "the reconnected client was dropped"
+    assert "data channel error" not in server.text()[mark:]
+    assert "fd00:66::/64" in _routes6(star.server, "fd00:66::/64")

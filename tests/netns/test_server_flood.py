@@ -38,6 +38,7 @@ import pytest
 
 from pyovpn.proto.session import Session, SessionConfig
 from pyovpn.tools.pki import Pki
+from tests.netns import harness
 from tests.netns.harness import INIT_LINE, Star, ping, wait_for_lines, wait_listening
 
 pytestmark = pytest.mark.netns
@@ -69,47 +70,17 @@ def star(tmp_path: Path) -> Iterator[Star]:
 def server_conf(pki: Pki, workdir: Path) -> Path:
     conf = workdir / "server.conf"
     conf.write_text(
-        "\n".join(
-            [
-                "dev tun0",
-                "proto udp",
-                f"port {PORT}",
-                "server 10.79.0.0 255.255.255.0",
-                "topology subnet",
-                f"ca {pki.ca_crt}",
-                f"cert {pki.server_crt}",
-                f"key {pki.server_key}",
-                "dh none",
-                f"tls-crypt {pki.tc_key}",
-                "duplicate-cn",
-                "keepalive 10 60",
-                "dco userspace",
-                "verb 4",
-            ]
-        )
-        + "\n"
+        harness.p2mp_server_config(pki, "10.79.0.0", "duplicate-cn", "dco userspace", "verb 4", port=PORT)
     )
     return conf
 
 
 def client_conf(pki: Pki, workdir: Path, name: str, remote: str, *, openvpn: bool) -> Path:
     conf = workdir / f"{name}.conf"
-    lines = [
-        "client",
-        "dev tun0",
-        "proto udp",
-        f"remote {remote} {PORT}",
-        "nobind",
-        f"ca {pki.ca_crt}",
-        f"cert {pki.client_crt}",
-        f"key {pki.client_key}",
-        f"tls-crypt {pki.tc_key}",
-        "remote-cert-tls server",
-        "verb 4",
-    ]
-    if openvpn:
-        lines += ["disable-dco", "explicit-exit-notify 1"]
-    conf.write_text("\n".join(lines) + "\n")
+    extra = ["verb 4", *(["disable-dco", "explicit-exit-notify 1"] if openvpn else [])]
+    conf.write_text(
+        harness.p2mp_client_config(pki, remote, pki.client_crt, pki.client_key, *extra, port=PORT)
+    )
     return conf
 
 

@@ -22,34 +22,10 @@ from pyovpn.config import (
     tokenize,
 )
 from pyovpn.errors import ConfigError
-
-KEY_BYTES = bytes(range(256))
-
-
-def static_key_text(key: bytes = KEY_BYTES, *, per_line: int = 16) -> str:
-    body = "\n".join(key[i : i + per_line].hex() for i in range(0, len(key), per_line))
-    return (
-        "#\n# 2048 bit OpenVPN static key\n#\n"
-        f"-----BEGIN OpenVPN Static key V1-----\n{body}\n-----END OpenVPN Static key V1-----\n"
-    )
-
+from tests.unit.configtext import INLINE_CREDENTIALS, KEY_BYTES, static_key_text
 
 # A minimal valid P2P TLS client; tests append or prepend lines to it.
-CLIENT = """\
-tls-client
-remote vpn.example.com 1194
-<ca>
------BEGIN CERTIFICATE-----
-CA
------END CERTIFICATE-----
-</ca>
-<cert>
-CERT
-</cert>
-<key>
-KEY
-</key>
-"""
+CLIENT = "tls-client\nremote vpn.example.com 1194\n" + INLINE_CREDENTIALS
 
 
 def words(line: str) -> list[str]:

@@ -13,29 +13,12 @@ from hypothesis import strategies as st
 
 from pyovpn.config import CcdOptions, Options, parse_args, parse_ccd, parse_config_text
 from pyovpn.errors import ConfigError
+from tests.unit.configtext import INLINE_CREDENTIALS, KEY_BYTES, static_key_text
 
-KEY_BYTES = bytes(range(256))
 CRL = b"-----BEGIN X509 CRL-----\nMIIB...\n-----END X509 CRL-----\n"
 
-
-def static_key_text(key: bytes = KEY_BYTES) -> str:
-    body = "\n".join(key[i : i + 16].hex() for i in range(0, len(key), 16))
-    return f"-----BEGIN OpenVPN Static key V1-----\n{body}\n-----END OpenVPN Static key V1-----\n"
-
-
 # The smallest valid server: tests add lines to it. Inline blocks keep it independent of files.
-BASE = """\
-<ca>
-CA
-</ca>
-<cert>
-CERT
-</cert>
-<key>
-KEY
-</key>
-dh none
-"""
+BASE = INLINE_CREDENTIALS + "dh none\n"
 SERVER = BASE + "topology subnet\nserver 10.8.0.0 255.255.255.0\n"
 
 # A typical OpenVPN 2.6 server.conf (the relative files live in the `etc` fixture).

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyovpn.datachannel.keepalive_lane import PING_DATAGRAM_SIZE, close_lane, open_lane
-from pyovpn.server import _bind_server_socket
+from pyovpn.datachannel.userspace.lane import PING_DATAGRAM_SIZE, close_lane, open_lane
+from pyovpn.edge.sockets import bind_server_socket as _bind_server_socket
 
 PING_LIKE = bytes([9 << 3 | 2, 0, 0, 7]) + bytes(PING_DATAGRAM_SIZE - 4)  # DATA_V2, key id 2
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyovpn.config import parse_args
-from pyovpn.daemon import tun_params
+from pyovpn.edge.iface import tun_params
 from pyovpn.proto.push import parse_pushed_options
 from pyovpn.scripts import ScriptRefused, TunParams, refusal, run_script, up_down_args, up_down_env
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from pyovpn.datachannel.api import Transport
-from pyovpn.datachannel.userspace import _Peer, _SharedUdp
+from pyovpn.datachannel.userspace.peers import Peer as _Peer
+from pyovpn.datachannel.userspace.peers import SharedUdp as _SharedUdp
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Tests of the in-process userspace data channel (``UserspaceDataChannel``) that need no root.
 
 Its scenarios in network namespaces (UDP and TCP tunnels, rekey, float, keepalive, key
-exhaustion) run on every userspace backend: test_datachannel_scenarios.py; multipoint
+exhaustion) are the backend contract suite every backend runs: tests/contract; multipoint
 mode: test_userspace_mp.py.
 """
 

@@ -39,13 +39,13 @@ from pyovpn.datachannel.api import (
     Transport,
 )
 from pyovpn.datachannel.crypto import PING_MAGIC, KeyState
-from pyovpn.datachannel.keepalive_lane import PING_DATAGRAM_SIZE
 from pyovpn.datachannel.userspace import UserspaceDataChannel
+from pyovpn.datachannel.userspace.lane import PING_DATAGRAM_SIZE
+from pyovpn.edge.sockets import bind_server_socket as _bind_server_socket
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
 from pyovpn.proto.keys import split_key2
 from pyovpn.proto.packets import UNDEF_PEER_ID
-from pyovpn.server import _bind_server_socket
 from tests.nslab import Lab, Site, ip, ping, require_root, tcp_listener
 
 PORT = 1194
@@ -215,16 +215,21 @@ def _iface_drops(server: Site, name: str) -> int:
 # ---------------------------------------------------------------------------- UDP
 
 
+def _start_all(mplab: MpLab, *clients: Client) -> tuple[Site, str, UserspaceDataChannel]:
+    """The namespaces, the server's backend and each client's; returns the server's site, TUN, backend."""
+    mplab.setup(list(clients))
+    server, ifname = _start_server(mplab)
+    assert isinstance(server.backend, UserspaceDataChannel)
+    for c in clients:
+        _start_client(mplab, c)
+    return server, ifname, server.backend
+
+
 def _two_clients(mplab: MpLab) -> tuple[Client, Client, Site, str, UserspaceDataChannel]:
     """Clients A (AES-256-GCM) and B (ChaCha20-Poly1305) with their backends, and the server's."""
     a = Client("a", 1, 5, Cipher.AES_256_GCM)
     b = Client("b", 2, 6, Cipher.CHACHA20_POLY1305)
-    mplab.setup([a, b])
-    server, ifname = _start_server(mplab)
-    assert isinstance(server.backend, UserspaceDataChannel)
-    _start_client(mplab, a)
-    _start_client(mplab, b)
-    return a, b, server, ifname, server.backend
+    return a, b, *_start_all(mplab, a, b)
 
 
 @pytest.mark.netns
@@ -407,11 +412,10 @@ def _hello_from_new_client(server_ip: str) -> int:
 
 def _check_float(server: Site, a: Client) -> None:
     assert isinstance(a.s.backend, UserspaceDataChannel)
-    ks = a.s.backend._peers[a.peer_id].keys[0]  # internal: forge a packet with A's live key
-    assert ks is not None
+    forged = a.s.run(a.s.backend.debug(a.peer_id, "encrypt", payload=PING_MAGIC))  # A's live key
     other = a.s.call(lambda: _bind_udp((a.veth, PORT + 1000)))
     try:
-        a.s.call(lambda: other.sendto(ks.encrypt(PING_MAGIC, a.peer_id), (a.veth_server, PORT)))
+        a.s.call(lambda: other.sendto(forged, (a.veth_server, PORT)))
         assert server.wait_note(lambda n: isinstance(n, PeerFloated)) == PeerFloated(
             a.peer_id, (a.veth, PORT + 1000)
         )
@@ -554,11 +558,7 @@ def test_mp_server_tcp_and_udp_clients(mplab: MpLab) -> None:
     """A TCP client has its own socket; it talks to the server and, through it, to a UDP client."""
     c = Client("c", 1, 11, Cipher.AES_128_GCM)
     d = Client("d", 2, 12, Cipher.AES_256_GCM)
-    mplab.setup([c, d])
-    server, _ifname = _start_server(mplab)
-    assert isinstance(server.backend, UserspaceDataChannel)
-    _start_client(mplab, c)
-    _start_client(mplab, d)
+    server, _ifname, _ = _start_all(mplab, c, d)
 
     listener = tcp_listener(server, (c.veth_server, PORT))
     ssock = server.call(_bind_dual_stack)  # as the server edge: IPv4 clients appear v4-mapped

@@ -285,6 +285,28 @@ STAT_COUNTERS: tuple[str, ...] = tuple(f.name for f in fields(Stats) if f.name !
 PEER_INFO_COUNTERS: tuple[str, ...] = tuple(f.name for f in fields(PeerInfo) if f.name in STAT_COUNTERS)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond the common command set, declared once per backend class.
+
+    Callers and the backend contract tests (tests/contract) ask these instead of testing a
+    backend's type or reaching into it. Two of them promise a method the ``DataChannel``
+    protocol does not require: ``stats`` a ``peer_stats(peer_id)`` returning
+    :class:`Stats` (or an awaitable of it), ``hooks`` an awaitable
+    ``debug(peer_id, what, **kw)`` with ``what`` ``"set_tx_pid"`` (``value``: the primary
+    key's last used packet id) or ``"encrypt"`` (``payload``: a DATA_V2 packet sealed with
+    the primary key).
+    """
+
+    mp: bool = False  # IfaceMode.MP: many peers, looked up by VPN IP and route
+    tcp_backlog: bool = False  # NewPeer.tcp_backlog (a TCP handover in the middle of a frame)
+    stats: bool = False  # peer_stats(): drop reasons and ``Stats.extra`` counters (see above)
+    gso: bool = False  # batches UDP sends with GSO, counted as extra "gso_sends"/"gso_fallbacks"
+    tun_offloads: bool = False  # TSO super-packets from the TUN, GRO-coalesced writes (extra counters)
+    lane: bool = False  # MP: keepalive pings on a socket of their own, ahead of data
+    hooks: bool = False  # debug() (see above)
+
+
 class DataChannel(Protocol):
     """What the control plane may do with a backend.
 
@@ -295,6 +317,7 @@ class DataChannel(Protocol):
     """
 
     name: str  # "kernel" or "userspace", for logs only
+    capabilities: Capabilities
 
     async def request(self, command: Command) -> PeerInfo | KeyInfo | None: ...
 

@@ -73,6 +73,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from pyovpn.datachannel.api import (
     Address,
+    Capabilities,
     Cipher,
     Command,
     ControlPacket,
@@ -841,6 +842,7 @@ class KernelDataChannel:
     """The :class:`~pyovpn.datachannel.api.DataChannel` backend on the kernel ``ovpn`` driver."""
 
     name = "kernel"
+    capabilities = Capabilities(mp=True)
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None

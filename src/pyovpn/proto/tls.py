@@ -8,6 +8,7 @@ comes out of ``pending_output``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -67,7 +68,7 @@ def build_context(
         chain = _load_certs(cert, "cert")
         ctx.use_certificate(chain[0])
         for extra in chain[1:]:
-            ctx.add_extra_chain_cert(extra)  # type: ignore[arg-type]
+            ctx.add_extra_chain_cert(extra)
         if key is None:
             raise ConfigError("cert given without key")
         try:
@@ -101,12 +102,12 @@ def build_context(
 
 def _set_groups(ctx: SSL.Context, groups: str) -> None:
     """``tls-groups``: pyOpenSSL has no call for it, so use the OpenSSL binding it is built on."""
-    lib = getattr(SSL, "_lib", None)
+    lib: Any = getattr(SSL, "_lib", None)
     set_list = getattr(lib, "SSL_CTX_set1_curves_list", None)  # the groups list under its old name
     if set_list is None:
         raise ConfigError("tls-groups: this pyOpenSSL cannot set TLS groups; remove tls-groups")
-    if set_list(ctx._context, groups.encode()) != 1:  # type: ignore[attr-defined]
-        lib.ERR_clear_error()  # type: ignore[union-attr]
+    if set_list(ctx._context, groups.encode()) != 1:
+        lib.ERR_clear_error()
         raise ConfigError(
             f"tls-groups: OpenSSL does not know all of '{groups}'; use names like X25519, prime256v1, "
             "secp384r1, X25519MLKEM768"
@@ -151,7 +152,7 @@ def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
 
 def _openvpn_subject(cert: x509.Certificate) -> str:
     # OpenVPN prints subjects as "C=XX, O=..., CN=..." in certificate order.
-    return ", ".join(f"{a.rfc4514_attribute_name}={a.value}" for a in cert.subject)
+    return ", ".join(f"{a.rfc4514_attribute_name}={a.value!s}" for a in cert.subject)
 
 
 class TlsEndpoint:

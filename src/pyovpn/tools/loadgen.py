@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from pyovpn.datachannel.api import DelKey, KeySlot, NewKey, SwapKeys
 from pyovpn.datachannel.crypto import PING_MAGIC, KeyState, PacketIdExhaustedError
+from pyovpn.edge.sockets import first_remote, send_control
 from pyovpn.errors import ProtocolError
 from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2
 from pyovpn.proto.session import Session, SessionClosed, SessionConfig, TunnelUp
@@ -239,12 +240,9 @@ class SimClient:
         if sess is None or sock is None:
             return
         for pkt in sess.packets_to_send():
-            try:
-                sock.send(pkt)
-            except BlockingIOError:
-                pass  # dropped; the reliability layer retransmits
-            except OSError as exc:
-                log.debug("client %d: send: %s", self.index, exc)
+            failed = send_control(sock, pkt)
+            if failed is not None:
+                log.debug("client %d: send: %s", self.index, failed)
 
     def _pump(self) -> None:
         sess = self.session
@@ -449,12 +447,10 @@ def _server_addr(opts: Options, override: str | None) -> Addr:
     if override:
         host, _, port = override.rpartition(":")
         return host.strip("[]"), int(port)
-    if not opts.remotes:
+    found = first_remote(opts, socket.SOCK_DGRAM)
+    if found is None:
         raise SystemExit("loadgen: the config has no remote; pass --remote HOST:PORT")
-    r = opts.remotes[0]
-    port = r.port or opts.rport or opts.port
-    info = socket.getaddrinfo(r.host, port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
-    return info[0][4][0], info[0][4][1]
+    return found[1]
 
 
 async def _main(args: argparse.Namespace) -> int:

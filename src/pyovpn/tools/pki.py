@@ -214,13 +214,15 @@ def issue_client(pki: Pki, cn: str, key_type: KeyType = "ec") -> tuple[Path, Pat
     """Sign one more client certificate with the PKI's CA; returns (cert path, key path)."""
     ca_cert = x509.load_pem_x509_certificate(pki.ca_crt.read_bytes())
     ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise ValueError(f"{pki.ca_key}: the CA key is neither EC nor RSA")
     key = _new_key(key_type)
     cert = _make_leaf(
         cn,
         key,
         ca_cert,
         ca_key,
-        ExtendedKeyUsageOID.CLIENT_AUTH,  # type: ignore[arg-type]
+        ExtendedKeyUsageOID.CLIENT_AUTH,
         dt.datetime.now(dt.UTC),
     )
     crt_path, key_path = pki.dir / f"{cn}.crt", pki.dir / f"{cn}.key"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import ipaddress
 import logging
 import os
 import socket
@@ -34,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyovpn.datachannel import peer_socket
 from pyovpn.datachannel.api import (
     Address,
     ControlPacket,
@@ -60,22 +60,15 @@ from pyovpn.datachannel.api import (
     SwapKeys,
     Transport,
 )
+from pyovpn.datachannel.api import normalize_address as _normalize
 from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, KeyState
 from pyovpn.datachannel.engine import wire
 from pyovpn.datachannel.engine.remote import RemoteCell
-from pyovpn.datachannel.engine.wire import Kind, Message, api_address
-from pyovpn.datachannel.validate import (
-    check_keepalive,
-    check_new_key,
-    check_new_peer_transport,
-    check_set_peer_keepalive,
-    check_slot,
-)
+from pyovpn.datachannel.engine.wire import Kind, Message
+from pyovpn.datachannel.validate import check_new_key, check_set_peer_keepalive, check_slot
 from pyovpn.errors import BackendError, ProtocolError
 from pyovpn.net import tun
 from pyovpn.net.sockbuf import grow_buffers
-from pyovpn.net.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT, scope_index
-from pyovpn.proto.packets import UNDEF_PEER_ID
 
 log = logging.getLogger("pyovpn.engine")
 
@@ -413,13 +406,7 @@ class Controller:
 
     async def _new_peer(self, cmd: NewPeer, fd: int) -> None:
         what = "NewPeer"
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError as e:
-            os.close(fd)
-            raise BackendError(
-                f"{what}: socket fd {cmd.socket_fd} is not usable: {e.strerror or e}"
-            ) from None
+        sock = peer_socket.adopt_socket(what, cmd, fd)
         try:
             peer = self._check_new_peer(cmd, sock)
         except BaseException:
@@ -438,7 +425,7 @@ class Controller:
             )
             base = self.mssfix - outer - DATA_V2_OVERHEAD
             mss4, mss6 = max(base - 40, 536), max(base - 60, 1220)
-        desc = {
+        desc: dict[str, Any] = {
             "peer_id": peer.peer_id,
             "gen": peer.gen,
             "tx_peer_id": peer.tx_peer_id,
@@ -446,7 +433,7 @@ class Controller:
             "send_addr": peer.send_addr,
             "raw_ip": peer.raw_ip,
             "raw_port": peer.raw_port,
-            "gso": self.want_gso and peer.transport is Transport.UDP and _gso_ok(peer.sock),
+            "gso": self.want_gso and peer.transport is Transport.UDP and peer_socket.gso_supported(peer.sock),
             "gro": peer.gro,
             "mss4": mss4,
             "mss6": mss6,
@@ -486,73 +473,22 @@ class Controller:
             raise BackendError(f"{what}: the offload engine is closed")
         if self.iface is None:
             raise BackendError(f"{what}: no interface; send NewIface first")
-        if not 0 <= cmd.peer_id < UNDEF_PEER_ID:
-            raise BackendError(f"{what}: peer id {cmd.peer_id} out of range 0..0xFFFFFE")
-        tx_id = cmd.peer_id if cmd.tx_peer_id is None else cmd.tx_peer_id
-        if not 0 <= tx_id <= UNDEF_PEER_ID:
-            raise BackendError(f"{what}: tx peer id {tx_id} out of range 0..0xFFFFFF")
-        if cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None:
-            raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
-        check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
-        check_new_peer_transport(cmd)
-        if cmd.transport is Transport.TCP and cmd.local_ip is not None:
-            raise BackendError(f"{what}: local_ip applies to UDP peers only")
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            raise BackendError(f"{what}: the socket is not an IPv4/IPv6 socket")
-        want = socket.SOCK_DGRAM if cmd.transport is Transport.UDP else socket.SOCK_STREAM
-        if sock.type != want:
-            raise BackendError(f"{what}: the socket is not a {cmd.transport.value.upper()} socket")
+        tx_id = peer_socket.check_new_peer(what, cmd, multipoint=False)
         n = len(self.links)
         self.gen += 1
         peer = _Peer(cmd.peer_id, self.gen, tx_id, sock, cmd.transport, [0, 1 % n])
-        if cmd.transport is Transport.TCP:
-            try:
-                sock.getpeername()
-            except OSError:
-                raise BackendError(f"{what}: the TCP socket is not connected") from None
-        else:
-            assert cmd.remote is not None
-            self._set_remote(what, peer, cmd.remote)
+        peer_socket.check_socket(what, cmd, peer)
         return peer
 
     def _configure_socket(self, peer: _Peer) -> None:
         sock = peer.sock
-        peer.orig_blocking = os.get_blocking(sock.fileno())
-        sock.setblocking(False)
+        peer.orig_blocking, peer.gro = peer_socket.take_over(sock, peer.transport, want_gro=self.want_gro)
         peer.orig_bufs = (
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
         )
         if self.sock_buf:
             grow_buffers(sock, self.sock_buf)
-        if peer.transport is Transport.UDP and self.want_gro:
-            try:
-                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-                peer.gro = True
-            except OSError:
-                peer.gro = False
-
-    def _set_remote(self, what: str, peer: _Peer, remote: Address) -> None:
-        try:
-            ip = ipaddress.ip_address(remote[0])
-            port = int(remote[1])
-        except (ValueError, TypeError, IndexError):
-            raise BackendError(f"{what}: remote {remote!r} is not an (ip, port) pair") from None
-        if not 1 <= port <= 65535:
-            raise BackendError(f"{what}: remote port {port} out of range 1..65535")
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if peer.sock.family == socket.AF_INET:
-            if ip.version != 4:
-                raise BackendError(f"{what}: remote {ip} is IPv6 but the socket is IPv4")
-            peer.raw_ip = str(ip)
-            peer.send_addr = (peer.raw_ip, port)
-        else:
-            peer.raw_ip = f"::ffff:{ip}" if ip.version == 4 else str(ip)
-            scope = ip.scope_id if isinstance(ip, ipaddress.IPv6Address) else None
-            peer.send_addr = (peer.raw_ip.split("%")[0], port, 0, scope_index(scope))
-        peer.raw_port = port
-        peer.remote = (str(ip), port)
 
     async def _set_peer(self, cmd: SetPeer) -> None:
         what = "SetPeer"
@@ -561,7 +497,7 @@ class Controller:
         if cmd.remote is not None:
             if peer.transport is Transport.TCP:
                 raise BackendError(f"{what}: a TCP peer's remote cannot change")
-            self._set_remote(what, peer, cmd.remote)
+            peer_socket.set_remote(what, peer, cmd.remote)
             assert peer.cell is not None and peer.send_addr is not None
             peer.cell.store(peer.send_addr)  # the workers pick it up before their next packet
         if keepalive:
@@ -668,13 +604,13 @@ class Controller:
             return  # about a peer that is already gone
         if ev == "control":  # from a worker without a direct socket to the proxy
             addr = msg.get("addr")
-            self._emit(ControlPacket(peer.peer_id, msg["packet"], api_address(addr) if addr else None))
+            self._emit(ControlPacket(peer.peer_id, msg["packet"], _normalize(addr) if addr else None))
         elif ev == "float":
             addr = msg["addr"]
             peer.send_addr = tuple(addr)
             peer.raw_ip = addr[0]
             peer.raw_port = addr[1]
-            peer.remote = api_address(addr)  # the receiving worker already moved both sides
+            peer.remote = _normalize(addr)  # the receiving worker already moved both sides
             log.info("offload engine: peer %d floated to %s:%d", peer.peer_id, *peer.remote)
             if not msg.get("noted"):  # else the worker told the proxy, in order with its control packets
                 self._emit(PeerFloated(peer.peer_id, peer.remote))
@@ -715,15 +651,9 @@ class Controller:
         if peer.cell is not None:
             peer.cell.close()
             peer.cell = None
-        sock = peer.sock
-        if sock.fileno() >= 0:
-            # give the caller's socket back as we found it (flags live on the shared file)
-            if peer.gro:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(SOL_UDP, UDP_GRO, 0)
-            with contextlib.suppress(OSError):
-                os.set_blocking(sock.fileno(), peer.orig_blocking)
-        sock.close()
+        # give the caller's socket back as we found it (flags live on the shared file)
+        peer_socket.give_back(peer.sock, blocking=peer.orig_blocking, gro=peer.gro)
+        peer.sock.close()
 
     async def _teardown(self) -> None:
         if self.closed:
@@ -755,14 +685,6 @@ class Controller:
         if peer is None:
             raise BackendError(f"{what}: unknown peer id {peer_id}")
         return peer
-
-
-def _gso_ok(sock: socket.socket) -> bool:
-    try:
-        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
-        return True
-    except OSError:
-        return False
 
 
 def _open_tun(name: str | None, offload: bool) -> tuple[int, str, bool]:

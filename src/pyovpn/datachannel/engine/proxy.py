@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyovpn.datachannel.api import (
+    Capabilities,
     Command,
     KeyInfo,
     NewIface,
@@ -73,6 +74,7 @@ class EngineDataChannel:
     """
 
     name = "userspace-offload"
+    capabilities = Capabilities(tcp_backlog=True, stats=True, gso=True, tun_offloads=True, hooks=True)
 
     def __init__(
         self,

@@ -34,7 +34,6 @@ __all__ = [
     "MAX_MESSAGE",
     "Kind",
     "Message",
-    "api_address",
     "pack",
     "pack_value",
     "recv",
@@ -109,14 +108,6 @@ _ENUMS: tuple[type[enum.Enum], ...] = (
     api.Transport,
 )
 _ENUM_INDEX = {cls: i for i, cls in enumerate(_ENUMS)}
-
-
-def api_address(addr: Sequence[Any]) -> api.Address:
-    """A socket address as the api reports it: ``(ip, port)``, IPv4-mapped IPv6 shown as IPv4."""
-    ip = str(addr[0])
-    if ip.startswith("::ffff:") and "." in ip:
-        ip = ip[7:]
-    return (ip, int(addr[1]))
 
 
 # ---------------------------------------------------------------------------------- values

@@ -30,7 +30,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 import time
 from collections import deque
 from typing import Any
@@ -47,26 +46,36 @@ from pyovpn.datachannel.api import (
     Stats,
     Transport,
 )
-from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PING_MAGIC, KeyState, PacketIdExhaustedError
+from pyovpn.datachannel.api import normalize_address as _normalize
+from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PING_MAGIC, KeyState
+from pyovpn.datachannel.datapath import FRAME_LEN as _FRAME_LEN
+from pyovpn.datachannel.datapath import GRO_CMSG_SPACE as _GRO_CMSG_SPACE
+from pyovpn.datachannel.datapath import GSO_MAX_BYTES as _GSO_MAX_BYTES
+from pyovpn.datachannel.datapath import GSO_MAX_SEGMENTS as _GSO_MAX_SEGMENTS
+from pyovpn.datachannel.datapath import GSO_SIZE as _GSO_SIZE
+from pyovpn.datachannel.datapath import TCP_RX_CHUNK as _TCP_RX_CHUNK
+from pyovpn.datachannel.datapath import TCP_TX_HIGH_WATER as _TCP_TX_HIGH_WATER
+from pyovpn.datachannel.datapath import count as _count
+from pyovpn.datachannel.datapath import (
+    gro_segment_size,
+    gso_train_refused,
+    seal_ping,
+    take_frames,
+    tcp_error_reason,
+)
 from pyovpn.datachannel.engine import gso, wire
 from pyovpn.datachannel.engine.remote import RemoteCell
-from pyovpn.datachannel.engine.wire import Kind, api_address
+from pyovpn.datachannel.engine.wire import Kind
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
-from pyovpn.net.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT
+from pyovpn.net.sockets import SOL_UDP, UDP_SEGMENT
+from pyovpn.net.sockets import TRANSIENT_SEND_ERRNOS as _TRANSIENT
 from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
 
 log = logging.getLogger("pyovpn.engine")
 
-_GSO_SIZE = struct.Struct("=H")
-_FRAME_LEN = struct.Struct(">H")
 _DATA_V2_HDR = struct.Struct(">II")  # opcode/key id/peer id, packet id
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
-_GSO_MAX_SEGMENTS = 64
-_GSO_MAX_BYTES = 65000
 _TUN_BATCH = 64  # TUN reads per wakeup before other descriptors get a turn
 _UDP_BATCH = 32  # GRO receives per wakeup
-_TCP_RX_CHUNK = 262144
-_TCP_TX_HIGH_WATER = 1 << 20
 # Control packets go out ahead of bulk data, never right behind a burst of it. Under a
 # saturating transfer the peer's receive queue is full just after each burst (stock openvpn
 # reads a 208 KiB socket buffer) and whatever lands then is dropped; control packets sent
@@ -82,22 +91,6 @@ _TX_BUF = 1 << 20
 _TX_FLUSH_AT = _TX_BUF - 2 * 65536 - 4096  # room for one more 64 KiB super-packet's slots
 _RX_BUF = 65536 + 4096
 _PLAIN_BUF = 8 * 65536 + 8192  # decrypted packets of several GRO receives, coalesced at once
-_TRANSIENT = frozenset(
-    {
-        errno.EAGAIN,
-        errno.ENOBUFS,
-        errno.ECONNREFUSED,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.ENETDOWN,
-        errno.EPERM,
-    }
-)
-_TCP_DISCONNECT = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ESHUTDOWN})
-
-
-def _count(stats: Stats, name: str, n: int = 1) -> None:
-    stats.extra[name] = stats.extra.get(name, 0) + n
 
 
 class _Peer:
@@ -235,13 +228,13 @@ class Worker:
         ctl = self.ctl
         if ctl is not None and ev == "control":
             addr = kw["addr"]
-            note = ControlPacket(kw["peer_id"], kw["packet"], api_address(addr) if addr else None)
+            note = ControlPacket(kw["peer_id"], kw["packet"], _normalize(addr) if addr else None)
             self._send(ctl, Kind.CONTROL, 0, note)
             return
         noted = ctl is not None and ev == "float"
         self._send(self.chan, Kind.EVENT, 0, {"ev": ev, "noted": noted, **kw})
         if ctl is not None and noted:
-            self._send(ctl, Kind.NOTE, 0, PeerFloated(kw["peer_id"], api_address(kw["addr"])))
+            self._send(ctl, Kind.NOTE, 0, PeerFloated(kw["peer_id"], _normalize(kw["addr"])))
 
     def _send(self, sock: socket.socket, kind: Kind, rid: int, body: object) -> None:
         """Send whole, waiting if the channel is full: a control packet or event is never dropped.
@@ -514,15 +507,9 @@ class Worker:
                 p.last_tx = max(p.last_tx, now)  # a lost ping must not make us spin
 
     def _send_ping(self, peer: _Peer, now: float) -> None:
-        ks = peer.keys[0]
-        if ks is None:
+        packet = seal_ping(peer, self._key_exhausted)
+        if packet is None:
             return
-        try:
-            packet = ks.encrypt(PING_MAGIC, peer.tx_peer_id)
-        except PacketIdExhaustedError:
-            self._key_exhausted(peer, ks)
-            return
-        _count(peer.stats, "keepalive_tx")
         if peer.transport is Transport.TCP:
             if self._tcp_queue(peer, _FRAME_LEN.pack(len(packet)) + packet, control=False):
                 peer.stats.link_tx_packets += 1
@@ -700,16 +687,9 @@ class Worker:
                     i = j
                     continue
                 except OSError as e:
-                    if e.errno in (errno.EAGAIN, errno.ENOBUFS):
-                        _count(st, "tx_dropped", j - i)
+                    if gso_train_refused(peer, size, j - i, e, log, "engine"):
                         i = j
                         continue
-                    if e.errno in (errno.EINVAL, errno.EMSGSIZE):
-                        peer.gso_max = min(peer.gso_max, size)
-                    else:
-                        peer.gso_max = 0
-                    log.info("engine: UDP GSO off for peer %d at %d-byte segments: %s", peer.peer_id, size, e)
-                    _count(st, "gso_fallbacks")
             try:
                 sock.sendto(mv[start : start + size], addr)
                 sent_p += 1
@@ -850,11 +830,7 @@ class Worker:
                 if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     continue
                 break
-            seg = 0
-            if anc:
-                for level, kind, data in anc:
-                    if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
-                        seg = int.from_bytes(data[:4], sys.byteorder)
+            seg = gro_segment_size(anc) if anc else 0  # only a coalesced receive carries the cmsg
             if seg and seg < n:
                 _count(peer.stats, "gro_batches")
                 dgrams = [(off, min(seg, n - off)) for off in range(0, n, seg)]
@@ -897,74 +873,62 @@ class Worker:
         unpack_hdr = _DATA_V2_HDR.unpack_from
         room = len(plain)
         for off, sz in dgrams:
+            fast = False
             if sz >= DATA_V2_OVERHEAD and ppos + sz < room:
                 w0, pid = unpack_hdr(rx, off)
-                if w0 == fast_w0:
-                    link_p += 1
-                    link_b += sz
-                    try:
-                        clen = open0(rmv, off, sz, pid, pmv, ppos)  # type: ignore[misc]
-                    except AuthenticationError:
-                        st.dropped_auth += 1
-                        continue
-                    except ReplayError:
-                        st.dropped_replay += 1
-                        continue
-                    authed = True
-                    if clen == 16 and pmv[ppos : ppos + 16] == PING_MAGIC:
-                        _count(st, "keepalive_rx")
-                        continue
-                    if not clen or (plain[ppos] >> 4) not in (4, 6):
+                fast = w0 == fast_w0
+            if not fast:
+                if not sz:
+                    _count(st, "rx_empty")
+                    continue
+                b0 = rx[off]
+                opcode = b0 >> 3
+                if opcode == OPCODE_DATA_V2:
+                    if sz < 4:
                         st.dropped_other += 1
-                        _count(st, "rx_not_ip")
                         continue
-                    slots.append((ppos, clen))
-                    ppos = (ppos + clen + 2) & ~1
+                    if addr is None:  # TCP: the stream is the peer
+                        pass
+                    elif (
+                        rx_id := (rx[off + 1] << 16) | (rx[off + 2] << 8) | rx[off + 3]
+                    ) != peer.peer_id and (
+                        rx_id != UNDEF_PEER_ID or addr[0] != peer.raw_ip or addr[1] != peer.raw_port
+                    ):
+                        _count(st, "rx_unknown_peer")
+                        continue
+                elif opcode != OPCODE_DATA_V1:
+                    self._event(
+                        "control",
+                        peer_id=peer.peer_id,
+                        gen=peer.gen,
+                        packet=bytes(rmv[off : off + sz]),
+                        addr=tuple(addr[:2]),
+                    )
                     continue
-            if not sz:
-                _count(st, "rx_empty")
-                continue
-            b0 = rx[off]
-            opcode = b0 >> 3
-            if opcode == OPCODE_DATA_V2:
-                if sz < 4:
-                    st.dropped_other += 1
-                    continue
-                if addr is None:  # TCP: the stream is the peer
-                    pass
-                elif (rx_id := (rx[off + 1] << 16) | (rx[off + 2] << 8) | rx[off + 3]) != peer.peer_id and (
-                    rx_id != UNDEF_PEER_ID or addr[0] != peer.raw_ip or addr[1] != peer.raw_port
-                ):
-                    _count(st, "rx_unknown_peer")
-                    continue
-            elif opcode != OPCODE_DATA_V1:
-                self._event(
-                    "control",
-                    peer_id=peer.peer_id,
-                    gen=peer.gen,
-                    packet=bytes(rmv[off : off + sz]),
-                    addr=tuple(addr[:2]),
-                )
-                continue
+                kid = b0 & 7
+                ks = keys[0]
+                if ks is None or ks.key_id != kid:
+                    ks = keys[1]
+                    if ks is None or ks.key_id != kid:
+                        link_p += 1
+                        link_b += sz
+                        st.dropped_other += 1
+                        _count(st, "rx_no_key")
+                        continue
             link_p += 1
             link_b += sz
-            kid = b0 & 7
-            ks = keys[0]
-            if ks is None or ks.key_id != kid:
-                ks = keys[1]
-                if ks is None or ks.key_id != kid:
-                    st.dropped_other += 1
-                    _count(st, "rx_no_key")
-                    continue
             try:
-                clen = ks.decrypt_into(rmv, off, sz, pmv[ppos:])
+                if fast:
+                    clen = open0(rmv, off, sz, pid, pmv, ppos)  # type: ignore[misc]
+                else:
+                    clen = ks.decrypt_into(rmv, off, sz, pmv[ppos:])  # type: ignore[union-attr]
             except AuthenticationError:
                 st.dropped_auth += 1
                 continue
             except ReplayError:
                 st.dropped_replay += 1
                 continue
-            except ProtocolError:
+            except ProtocolError:  # the general path only (a malformed packet)
                 st.dropped_other += 1
                 continue
             authed = True
@@ -1042,12 +1006,7 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                reason = (
-                    PeerDelReason.TRANSPORT_DISCONNECT
-                    if e.errno in _TCP_DISCONNECT
-                    else PeerDelReason.TRANSPORT_ERROR
-                )
-                self._tcp_dead(peer, reason)
+                self._tcp_dead(peer, tcp_error_reason(e))
                 return
             if not data:
                 self._tcp_dead(peer, PeerDelReason.TRANSPORT_DISCONNECT)
@@ -1065,20 +1024,11 @@ class Worker:
 
     def _tcp_process(self, peer: _Peer) -> bool:
         """Handle every whole frame in the receive buffer; False if the stream is unusable."""
-        buf = peer.tcp_rx
-        end_all = len(buf)
-        off = 0
+        frames, bad = take_frames(peer.tcp_rx)
         packets: list[bytearray] = []
         pending = 0
-        while end_all - off >= 2:
-            size = (buf[off] << 8) | buf[off + 1]
-            if size < 2:
-                self._tcp_dead(peer, PeerDelReason.TRANSPORT_ERROR)
-                return False
-            end = off + 2 + size
-            if end > end_all:
-                break
-            pkt = buf[off + 2 : end]
+        for pkt in frames:
+            size = len(pkt)
             opcode = pkt[0] >> 3
             if opcode in (OPCODE_DATA_V2, OPCODE_DATA_V1):
                 if pending + size > _RX_BUF - 16:
@@ -1093,11 +1043,11 @@ class Worker:
                     packets = []
                     pending = 0
                 self._event("control", peer_id=peer.peer_id, gen=peer.gen, packet=bytes(pkt), addr=None)
-            off = end
+        if bad is not None:  # as before: the data frames not yet written are dropped with the stream
+            self._tcp_dead(peer, PeerDelReason.TRANSPORT_ERROR)
+            return False
         if packets:
             self._tcp_rx_data(peer, packets)
-        if off:
-            del buf[:off]
         return True
 
     def _tcp_rx_data(self, peer: _Peer, packets: list[bytearray]) -> None:

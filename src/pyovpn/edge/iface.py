@@ -1,0 +1,120 @@
+"""The tunnel device's configuration: its addresses and routes (from the config or a push),
+what the up/down scripts are told about it, and removing a stale device left by a killed run.
+
+Every change goes through a :class:`pyovpn.edge.host.HostNetwork`, so tests can record it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Protocol, runtime_checkable
+
+from pyovpn.config import Options
+from pyovpn.datachannel.api import DataChannel
+from pyovpn.edge.host import HostNetwork
+from pyovpn.proto.push import PushedOptions
+from pyovpn.scripts import TunParams
+
+log = logging.getLogger("pyovpn")
+
+# OpenVPN DCO installs iroutes with this metric, so they coexist with a `route` for the same network
+IROUTE_METRIC = 100
+# above IROUTE_METRIC, so a connected client's iroute for the same network wins over the server's route
+SERVER_ROUTE_METRIC = 200
+
+
+def _ipv6_of(opts: Options, pushed: PushedOptions | None) -> tuple[str, str | None] | None:
+    """The device's IPv6 (address/bits, remote): pushed by the server, else configured, never both."""
+    if pushed is None:
+        return opts.ifconfig_ipv6
+    return pushed.ifconfig_ipv6 or None
+
+
+def tun_params(ifname: str, mtu: int, opts: Options, pushed: PushedOptions | None) -> TunParams:
+    """The device as the up/down scripts see it: the same choices as configure_addresses()."""
+    v6 = _ipv6_of(opts, pushed)
+    return TunParams(
+        dev=ifname,
+        tun_mtu=mtu,
+        topology=(pushed.topology if pushed else opts.topology) or "net30",
+        ifconfig=pushed.ifconfig if pushed and pushed.ifconfig else opts.ifconfig,
+        ifconfig_ipv6=v6[0] if v6 else None,
+        ifconfig_ipv6_remote=v6[1] if v6 else None,
+    )
+
+
+def server_tun_params(ifname: str, opts: Options) -> TunParams:
+    """The P2MP server's device for its up/down scripts (its own addresses, no push)."""
+    return tun_params(ifname, opts.tun_mtu, opts, None)
+
+
+def configure_addresses(net: HostNetwork, ifname: str, opts: Options, pushed: PushedOptions | None) -> None:
+    """Put the tunnel's addresses and routes on the interface (from config or from the push)."""
+    topology = pushed.topology if pushed else opts.topology
+    ifconfig = pushed.ifconfig if pushed and pushed.ifconfig else opts.ifconfig
+    if ifconfig:
+        local, other = ifconfig
+        if topology == "subnet":
+            net.add_address(ifname, local, ipaddress.IPv4Network(f"0.0.0.0/{other}").prefixlen)
+        else:
+            net.add_address(ifname, local, 32, peer=other)
+    v6 = _ipv6_of(opts, pushed)
+    if v6:
+        iface6 = ipaddress.IPv6Interface(v6[0])
+        net.add_address(ifname, str(iface6.ip), iface6.network.prefixlen)
+    routes = [(r.network, r.netmask) for r in opts.routes]
+    routes6 = [r.network for r in opts.routes_ipv6]
+    if pushed:
+        routes += [(network, mask) for network, mask, _gw in pushed.routes]
+        routes6 += [network for network, _gw in pushed.routes_ipv6]
+    for network, mask in routes:
+        n = ipaddress.IPv4Network(f"{network}/{mask}", strict=False)
+        net.add_route(ifname, str(n.network_address), n.prefixlen)
+    for net6 in routes6:
+        n6 = ipaddress.IPv6Network(net6, strict=False)
+        if v6 and n6 == ipaddress.IPv6Interface(v6[0]).network:
+            continue  # the address already routes its own network
+        net.add_route(ifname, str(n6.network_address), n6.prefixlen)
+
+
+def configure_server(net: HostNetwork, ifname: str, opts: Options) -> None:
+    """The P2MP server's device: its subnet addresses, its `route`s, client-to-client forwarding."""
+    if opts.ifconfig:
+        prefix = ipaddress.IPv4Network(f"0.0.0.0/{opts.ifconfig[1]}").prefixlen
+        net.add_address(ifname, opts.ifconfig[0], prefix)
+    if opts.ifconfig_ipv6:
+        iface6 = ipaddress.IPv6Interface(opts.ifconfig_ipv6[0])
+        net.add_address(ifname, str(iface6.ip), iface6.network.prefixlen)
+    for r in opts.routes:
+        n = ipaddress.IPv4Network(f"{r.network}/{r.netmask}", strict=False)
+        metric = r.metric if r.metric is not None else SERVER_ROUTE_METRIC
+        net.add_route(ifname, str(n.network_address), n.prefixlen, gateway=r.gateway, metric=metric)
+    if opts.client_to_client:
+        net.enable_forwarding(ifname)
+
+
+@runtime_checkable
+class CleansStaleLinks(Protocol):
+    """A backend whose devices can outlive the process (the kernel's): it removes an idle one itself."""
+
+    async def clean_stale_link(self, name: str) -> bool:
+        """Remove the idle device ``name`` left by an earlier run; True if there was one."""
+        ...
+
+
+async def clean_stale_link(dc: DataChannel, name: str) -> None:
+    """Remove an idle `ovpn` link of this name left by a killed earlier run (kernel backend only)."""
+    if isinstance(dc, CleansStaleLinks):
+        removed = await dc.clean_stale_link(name)
+    elif dc.name == "kernel":
+        # until the kernel backend offers clean_stale_link(); imported here so that the edge needs
+        # neither pyroute2 nor the kernel module with another backend
+        from pyovpn.datachannel.kernel import cleanup_stale_iface
+
+        removed = await asyncio.to_thread(cleanup_stale_iface, name)
+    else:
+        return
+    if removed:
+        log.info("removed stale ovpn interface %s left by an earlier run", name)

@@ -1,0 +1,284 @@
+"""The one-peer connection (``mode p2p``, and a client of a P2MP server): one socket, one
+sans-I/O :class:`Session`, until the tunnel ends.
+
+It owns the transport socket until the tunnel is up, then hands it to the data-channel
+backend (``NewPeer``) exactly as OpenVPN hands it to the kernel; from then on control
+packets arrive as ``ControlPacket`` notifications and leave through ``SendControl``.
+Everything it needs from the daemon comes through :class:`pyovpn.edge.host.PeerHost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+from pyovpn.datachannel import api
+from pyovpn.datachannel.api import Notification, PeerDelReason, Transport
+from pyovpn.datachannel.api import normalize_address as _addr
+from pyovpn.edge import sockets
+from pyovpn.edge.host import PeerHost
+from pyovpn.edge.instance import Instance
+from pyovpn.edge.stop import Stop, StopReason
+from pyovpn.errors import BackendError, ConfigError, PyovpnError
+from pyovpn.proto.packets import DATA_OPCODES, Opcode, StreamFramer
+from pyovpn.proto.session import PeerRestarted, Session, SessionClosed, TunnelUp
+from pyovpn.scripts import ScriptFailed
+
+log = logging.getLogger("pyovpn")
+
+EXIT_FLUSH_SECONDS = 1.0
+RECV_BATCH = 64
+
+# why the data channel dropped our peer, as the log says it
+_PEER_DELETED = {
+    PeerDelReason.EXPIRED: "Inactivity timeout (--ping-restart), restarting",
+    PeerDelReason.TRANSPORT_DISCONNECT: "connection reset by peer, restarting",
+    PeerDelReason.TRANSPORT_ERROR: "transport error, restarting",
+}
+
+Command = TunnelUp | api.NewKey | api.SwapKeys | api.DelKey | api.SendControl
+
+
+class Connection(Instance[Command]):
+    """One session attempt: socket, handshake, tunnel, until it ends."""
+
+    def __init__(self, host: PeerHost) -> None:
+        super().__init__()
+        self.host = host
+        self.opts = host.opts
+        self.transport = Transport.TCP if self.opts.proto.startswith("tcp") else Transport.UDP
+        self.remote: tuple[str, int] | None = None
+        self.session: Session | None = None
+        self.handed_over = False
+        self.peer_id: int | None = None
+        self.framer = StreamFramer()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    async def _open_socket(self) -> None:
+        if self.transport is Transport.UDP:
+            sock, self.remote = sockets.open_udp(self.opts)
+        elif self.opts.proto == "tcp-client":
+            sock, self.remote = await sockets.open_tcp_client(self.opts)
+        else:  # tcp-server: one peer, like OpenVPN's P2P TCP server
+            sock, self.remote = await sockets.accept_tcp_peer(self.opts)
+        self.sock = sock
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self) -> Stop:
+        # a TCP connect or accept can wait a long time: a signal must end that wait too
+        opening = asyncio.ensure_future(self._open_socket())
+        waits: set[asyncio.Future[Any]] = {opening, self._done}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not opening.done():
+            opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Stop):
+                await opening
+            return self._done.result()
+        try:
+            opening.result()
+        except Stop as stop:
+            return stop
+        self.session = Session(self.host.session_cfg, rng=os.urandom, now=time.time())
+        self._start_reading()
+        self._start_worker()
+        self.session.handle_timer(time.time())  # sends the client's hard reset
+        self._pump()
+        return await self._until_stopped()
+
+    async def _teardown(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        sess = self.session
+        stop = self.stopped
+        if sess is not None and stop is not None and stop.by_a_signal:
+            sess.close(time.time())
+            self._send_packets()
+            if sess.cc_exit and self.opts.explicit_exit_notify:
+                await asyncio.sleep(min(EXIT_FLUSH_SECONDS, self.opts.explicit_exit_notify))
+        await self._drain_worker()
+        if self.sock is not None:
+            self._stop_reading()
+            if self.handed_over and self.peer_id is not None:
+                with contextlib.suppress(PyovpnError):
+                    await self.host.dc.request(api.DelPeer(self.peer_id))
+            self.sock.close()
+
+    # ------------------------------------------------------------------ packet I/O
+
+    def _on_readable(self) -> None:
+        assert self.sock is not None
+        try:
+            if self.transport is Transport.UDP:
+                for _ in range(RECV_BATCH):
+                    try:
+                        data, sa = self.sock.recvfrom(65535)
+                    except BlockingIOError:
+                        break
+                    self._on_packet(data, (sa[0], sa[1]))
+            else:
+                for _ in range(RECV_BATCH):
+                    try:
+                        data = self.sock.recv(self.framer.wanted())
+                    except BlockingIOError:
+                        return
+                    if not data:
+                        self.stop(Stop.restart("connection reset by peer (TCP EOF)"))
+                        return
+                    for pkt in self.framer.feed(data):
+                        self._on_packet(pkt, self.remote)
+                        if self.handed_over:
+                            return  # the data channel reads the socket from here on
+        except (ConnectionError, PyovpnError) as exc:
+            self.stop(Stop.restart(f"transport error: {exc}"))
+
+    def _on_packet(self, data: bytes, source: tuple[str, int] | None) -> None:
+        sess = self.session
+        if sess is None or not data:
+            return
+        opcode = data[0] >> 3
+        log.debug("control packet opcode %d from %s (%d bytes)", opcode, source, len(data))
+        if opcode in DATA_OPCODES:
+            return  # data before keys are installed: drop, as OpenVPN does
+        if self.transport is Transport.UDP and source is not None:
+            if self.remote is None:
+                self.remote = source
+            elif _addr(source) != _addr(self.remote):
+                if sess.peer_session_id is not None and not (
+                    opcode == Opcode.CONTROL_HARD_RESET_CLIENT_V2 and sess.cfg.is_tls_server
+                ):
+                    return  # a stranger; the peer we talk to has not moved
+                # before the handshake, or a (re)starting client: the session decides
+                if sess.peer_session_id is None:
+                    self.remote = source
+        sess.receive(data, time.time())
+        self._pump()
+
+    def _send_packets(self) -> None:
+        sess = self.session
+        assert sess is not None and self.sock is not None
+        for pkt in sess.packets_to_send():
+            if self.handed_over and self.peer_id is not None:
+                self._cmds.put_nowait(api.SendControl(self.peer_id, pkt))
+                continue
+            if self.transport is Transport.UDP and self.remote is None:
+                continue  # nobody to answer yet
+            remote = self.remote if self.transport is Transport.UDP else None
+            failed = sockets.send_control(self.sock, pkt, remote, stream=self.transport is Transport.TCP)
+            if failed is not None:
+                log.warning("send failed: %s", failed.strerror)
+
+    def _pump(self) -> None:
+        """Send what the session has to send, act on its events, and keep its timer current."""
+        if self.session is None:
+            return
+        self._send_packets()
+        sess = self.session
+        for ev in sess.events():
+            if isinstance(ev, SessionClosed):
+                kind = StopReason.RESTART if ev.restart else StopReason.FATAL
+                self.stop(Stop(kind, ev.reason, exit_code=0 if ev.restart else 1))
+            elif isinstance(ev, PeerRestarted):
+                self.stop(Stop.restart("peer restarted (new hard reset)"))
+            elif isinstance(ev, (TunnelUp, api.NewKey, api.SwapKeys, api.DelKey)):
+                if isinstance(ev, TunnelUp) and not self.handed_over:
+                    # Stop reading now, not when the worker gets to NewPeer: whatever arrives in
+                    # between stays queued in the socket for the data channel instead of being lost.
+                    self._stop_reading()
+                self._cmds.put_nowait(ev)
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+        deadline = sess.next_timer()
+        if deadline is not None:
+            delay = max(0.0, deadline - time.time())
+            self._timer = self.loop.call_later(delay + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.session is not None:
+            self.session.handle_timer(time.time())
+            self._pump()
+
+    # ------------------------------------------------------------------ data channel
+
+    async def _command_worker(self) -> None:
+        while True:
+            cmd = await self._cmds.get()
+            if cmd is None:
+                return
+            try:
+                if isinstance(cmd, TunnelUp):
+                    await self._tunnel_up(cmd)
+                else:
+                    await self.host.dc.request(cmd)
+            except ScriptFailed as exc:
+                self.stop(Stop.fatal(str(exc)))
+                return
+            except (BackendError, ConfigError) as exc:
+                self.stop(Stop.fatal(f"data channel: {exc}"))
+                return
+            except OSError as exc:
+                self.stop(Stop.restart(f"data channel: {exc}"))
+                return
+
+    async def _tunnel_up(self, up: TunnelUp) -> None:
+        assert self.sock is not None
+        log.info(
+            "Data Channel: cipher '%s', peer-id: %d, key derivation %s, keepalive %d/%d",
+            up.cipher.value,
+            up.peer_id,
+            up.key_derivation,
+            up.keepalive_interval,
+            up.keepalive_timeout,
+        )
+        log.info("Control Channel: %s", up.tls_summary)
+        await self.host.ensure_iface(up.pushed)
+        if self.transport is Transport.UDP and self.remote is None:
+            raise BackendError("tunnel up but the peer address is unknown")
+        if not self.handed_over:
+            self._stop_reading()
+            backlog = self.framer.take_backlog() if self.transport is Transport.TCP else b""
+            await self.host.dc.request(
+                api.NewPeer(
+                    peer_id=up.peer_id,
+                    socket_fd=self.sock.fileno(),
+                    transport=self.transport,
+                    remote=self.remote if self.transport is Transport.UDP else None,
+                    keepalive_interval=up.keepalive_interval,
+                    keepalive_timeout=up.keepalive_timeout,
+                    tcp_backlog=backlog,
+                )
+            )
+            self.peer_id = up.peer_id
+            self.handed_over = True
+        log.info("Initialization Sequence Completed")
+        self.host.after_init()
+
+    def on_notification(self, n: Notification) -> None:
+        if isinstance(n, api.ControlPacket):
+            if n.peer_id == self.peer_id:
+                self._on_packet(n.packet, n.remote)
+        elif isinstance(n, api.PeerDeleted):
+            if n.peer_id != self.peer_id or n.reason is PeerDelReason.USERSPACE:
+                return
+            self.handed_over = False
+            self.peer_id = None
+            why = _PEER_DELETED.get(
+                n.reason, f"peer deleted by the data channel ({n.reason.name}), restarting"
+            )
+            self.stop(Stop.restart(why))
+        elif isinstance(n, api.PeerFloated):
+            if n.peer_id == self.peer_id:
+                log.info("peer floated to %s", n.remote)
+                self.remote = n.remote
+        elif isinstance(n, api.KeyExhausted) and n.peer_id == self.peer_id and self.session is not None:
+            log.info("data channel key_id=%d exhausted its packet ids; renegotiating", n.key_id)
+            self.session.request_renegotiation(time.time())
+            self._pump()
