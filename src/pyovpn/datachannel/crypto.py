@@ -211,11 +211,11 @@ class KeyState:
         self._tx_pid = 0  # last pid sent; the first packet carries 1
         self._op_v2 = ((OPCODE_DATA_V2 << 3) | key_id) << 24
         self._op_v1 = (OPCODE_DATA_V1 << 3) | key_id
-        # the *_into variants (in-place batches for the offload engine) need a recent cryptography
-        self._seal = getattr(encrypt.aead, "encrypt_into", None)
+        # the *_into variants (in-place batches for the offload engine): cryptography >= 47
+        self._seal = encrypt.aead.encrypt_into
         self._seal_bytes = encrypt.aead.encrypt
         self._open = decrypt.aead.decrypt
-        self._open_into = getattr(decrypt.aead, "decrypt_into", None)
+        self._open_into = decrypt.aead.decrypt_into
         self._enc_tail = encrypt.nonce_tail
         self._dec_tail = decrypt.nonce_tail
 
@@ -355,7 +355,7 @@ class KeyState:
             if n < DATA_V2_OVERHEAD:
                 raise ProtocolError(f"DATA_V2 packet too short ({n} bytes)")
             pid = _HDR_V2.unpack_from(buf, off)[1]
-            aad = buf[off : off + 8]
+            aad: bytes | memoryview = buf[off : off + 8]
             body = off + 8
         elif opcode == OPCODE_DATA_V1:
             if n < DATA_V1_OVERHEAD:

@@ -517,8 +517,10 @@ class Worker:
                 peer.last_tx = now
             return
         self._sync_remote(peer)
+        addr = peer.send_addr
+        assert addr is not None, "a UDP peer always has a remote"  # NewPeer checked it
         try:
-            peer.sock.sendto(packet, peer.send_addr)
+            peer.sock.sendto(packet, addr)
         except OSError:
             _count(peer.stats, "tx_dropped")
             return
@@ -661,6 +663,7 @@ class Worker:
         mv = self.tx_mv
         sock = peer.sock
         addr = peer.send_addr
+        assert addr is not None, "a UDP peer always has a remote"  # once per batch, not per packet
         st = peer.stats
         total = len(offs)
         i = 0
@@ -757,10 +760,12 @@ class Worker:
         if q and not peer.dead and now >= peer.ctl_retry_at:
             self._sync_remote(peer)
             st = peer.stats
+            addr = peer.send_addr
+            assert addr is not None, "a UDP peer always has a remote"
             while q:
                 packet = q[0]
                 try:
-                    peer.sock.sendto(packet, peer.send_addr)
+                    peer.sock.sendto(packet, addr)
                 except OSError as e:
                     if e.errno in _CTL_RETRY_ERRNOS:
                         if not peer.ctl_refused_since:
