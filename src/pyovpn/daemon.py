@@ -665,7 +665,7 @@ async def clean_stale_link(dc: DataChannel, name: str) -> None:
     """Kernel backend: remove an idle `ovpn` link of this name left by a killed earlier run."""
     if dc.name != "kernel":
         return
-    from pyovpn.datachannel.kernel import cleanup_stale_iface
+    from pyovpn.datachannel.kernel.rtnl import cleanup_stale_iface
 
     if await asyncio.to_thread(cleanup_stale_iface, name):
         log.info("removed stale ovpn interface %s left by an earlier run", name)

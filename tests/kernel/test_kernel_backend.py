@@ -143,7 +143,7 @@ def _link(site: Site, name: str) -> dict[str, Any] | None:
     def work() -> dict[str, Any] | None:
         from pyroute2 import IPRoute
 
-        from pyovpn.datachannel import kernel
+        from pyovpn.datachannel.kernel import rtnl as kernel
 
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=name)
@@ -212,7 +212,7 @@ def test_link_p2p_mp_and_pattern(one: Site) -> None:
 
 
 def test_stale_cleanup(one: Site) -> None:
-    from pyovpn.datachannel.kernel import cleanup_stale_iface
+    from pyovpn.datachannel.kernel.rtnl import cleanup_stale_iface
 
     def add(name: str, kind: str) -> None:
         subprocess.run(["ip", "link", "add", name, "type", kind], check=True, capture_output=True)
@@ -239,7 +239,8 @@ def test_stale_cleanup(one: Site) -> None:
 
 def test_killed_process_leaves_a_stale_link_without_peers(one: Site) -> None:
     """What cleanup_stale_iface is for: a SIGKILLed run leaves the link, the kernel drops the peer."""
-    from pyovpn.datachannel.kernel import KernelDataChannel, cleanup_stale_iface
+    from pyovpn.datachannel.kernel import KernelDataChannel
+    from pyovpn.datachannel.kernel.rtnl import cleanup_stale_iface
 
     child = textwrap.dedent(
         """
@@ -286,7 +287,7 @@ def test_killed_process_leaves_a_stale_link_without_peers(one: Site) -> None:
 
 
 def _peers(index: int) -> list[Any]:
-    from pyovpn.datachannel.kernel import OvpnNetlink
+    from pyovpn.datachannel.kernel.genl import OvpnNetlink
 
     with OvpnNetlink() as genl:
         genl.bind()
