@@ -19,7 +19,6 @@ import contextlib
 import errno
 import ipaddress
 import logging
-import os
 import socket
 import struct
 from collections.abc import Callable, Coroutine
@@ -36,6 +35,7 @@ from pyovpn.datachannel.validate import (
     check_keepalive,
     check_new_key,
     check_new_peer_transport,
+    check_peer_socket,
     check_set_peer_keepalive,
     check_slot,
 )
@@ -191,8 +191,7 @@ class KernelDataChannel:
 
     async def request(self, command: api.Command) -> api.PeerInfo | api.KeyInfo | None:
         what = type(command).__name__
-        if self._closed:
-            raise BackendError(f"{what}: the kernel backend is closed")
+        self._check_open(what)
         self._loop = asyncio.get_running_loop()
         handler = self._handlers.get(type(command))
         if handler is None:
@@ -202,8 +201,7 @@ class KernelDataChannel:
             self._send_control(command)
             return None
         async with self._lock:
-            if self._closed:
-                raise BackendError(f"{what}: the kernel backend is closed")
+            self._check_open(what)
             await self._flush_deferred_deletes()
             result: api.PeerInfo | api.KeyInfo | None = await handler(self, command)
             return result
@@ -246,7 +244,7 @@ class KernelDataChannel:
         if self._closed:
             with contextlib.suppress(BackendError):
                 await asyncio.to_thread(delete_link, what, index)
-            raise BackendError(f"{what}: the kernel backend is closed")
+            self._check_open(what)
         self._iface = _Iface(ifname, cmd.name, index, mode, cmd.mtu)
         log.info("kernel data channel: created %s (ovpn, %s, mtu %d)", ifname, mode.name, cmd.mtu)
 
@@ -284,14 +282,9 @@ class KernelDataChannel:
         for label, value in (("peer id", cmd.peer_id), ("tx peer id", tx_id), ("socket fd", cmd.socket_fd)):
             if not 0 <= value <= 0xFFFFFFFF:
                 raise BackendError(f"{what}: {label} {value} does not fit an unsigned 32-bit integer")
+        sock = check_peer_socket(cmd)
         try:
-            sock = socket.socket(fileno=os.dup(cmd.socket_fd))
-        except OSError as e:
-            raise BackendError(
-                f"{what}: socket fd {cmd.socket_fd} is not usable: {e.strerror or e}"
-            ) from None
-        try:
-            peer_attrs, remote, send_addr = self._peer_attrs(what, cmd, sock, iface, tx_id)
+            peer_attrs, remote, send_addr = self._peer_attrs(what, cmd, sock.family, iface, tx_id)
             peer_attrs.insert(1, ["OVPN_A_PEER_SOCKET", sock.fileno()])
             key = socket_key(sock.fileno())
             # in P2P the kernel replaces any current peer; its PEER_DEL_NTF(TEARDOWN) arrives
@@ -315,24 +308,16 @@ class KernelDataChannel:
         )
 
     def _peer_attrs(
-        self, what: str, cmd: api.NewPeer, sock: socket.socket, iface: _Iface, tx_id: int
+        self, what: str, cmd: api.NewPeer, family: int, iface: _Iface, tx_id: int
     ) -> tuple[list[_Attr], api.Address | None, tuple[Any, ...] | None]:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            raise BackendError(f"{what}: the socket is not an IPv4/IPv6 socket")
-        want_type = socket.SOCK_DGRAM if cmd.transport is api.Transport.UDP else socket.SOCK_STREAM
-        if sock.type != want_type:
-            raise BackendError(f"{what}: the socket is not a {cmd.transport.value.upper()} socket")
+        """The OVPN_A_PEER attributes of a NewPeer on a checked socket of ``family``, and the
+        remote as the API and as sendto() name it (None for TCP)."""
         attrs: list[_Attr] = [["OVPN_A_PEER_ID", cmd.peer_id]]
         remote: api.Address | None = None
         send_addr: tuple[Any, ...] | None = None
-        if cmd.transport is api.Transport.TCP:
-            try:
-                sock.getpeername()
-            except OSError:
-                raise BackendError(f"{what}: the TCP socket is not connected") from None
-        else:
+        if cmd.transport is api.Transport.UDP:
             assert cmd.remote is not None
-            remote, send_addr, remote_attrs = _remote(what, sock.family, cmd.remote)
+            remote, send_addr, remote_attrs = _remote(what, family, cmd.remote)
             attrs += remote_attrs
             if cmd.local_ip is not None:
                 attrs.append(self._local_attr(what, cmd.local_ip, remote))
@@ -688,6 +673,10 @@ class KernelDataChannel:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise BackendError(f"{what}: the kernel backend is closed")
 
     def _require_iface(self, what: str) -> _Iface:
         if self._iface is None:

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Callable
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -109,18 +110,27 @@ def create_link(name: str, mode: IfaceMode, mtu: int) -> tuple[int, str]:
         raise BackendError(f"{what}: {e.strerror or e}") from None
 
 
-def delete_link(what: str, index: int) -> bool:
-    """Delete a link by index; False if it was already gone."""
+def _run(what: str, work: Callable[[IPRoute], bool]) -> bool:
+    """``work`` on a fresh rtnetlink socket; False if a link it touched was gone (ENODEV)."""
     try:
         with IPRoute() as ipr:
-            ipr.link("del", index=index)
-        return True
+            return work(ipr)
     except NetlinkError as e:
         if e.code == errno.ENODEV:
             return False
         raise _explain(what, e) from None
     except PermissionError:
         raise BackendError(f"{what}: {NEED_CAP}") from None
+
+
+def delete_link(what: str, index: int) -> bool:
+    """Delete a link by index; False if it was already gone."""
+
+    def work(ipr: IPRoute) -> bool:
+        ipr.link("del", index=index)
+        return True
+
+    return _run(what, work)
 
 
 def _in_use(name: str, index: int) -> bool:
@@ -144,30 +154,19 @@ def cleanup_stale_iface(name: str, *, force: bool = False) -> bool:
     a thread that runs an asyncio loop (the netlink work then happens in a helper thread).
     """
 
-    def work() -> bool:
-        what = f"remove stale interface {name}"
-        try:
-            with IPRoute() as ipr:
-                found = ipr.link_lookup(ifname=name)
-                if not found:
-                    return False
-                index = int(found[0])
-                kind = _link_kind(ipr, index)
-                if kind != OVPN_LINK_KIND:
-                    log.info("not removing %s: it is a %s interface, not ovpn", name, kind or "unknown")
-                    return False
-                if not force and _in_use(name, index):
-                    return False
-                ipr.link("del", index=index)
-                log.warning(
-                    "removed stale ovpn interface %s (ifindex %d) left by a previous run", name, index
-                )
-                return True
-        except NetlinkError as e:
-            if e.code == errno.ENODEV:
-                return False
-            raise _explain(what, e) from None
-        except PermissionError:
-            raise BackendError(f"{what}: {NEED_CAP}") from None
+    def work(ipr: IPRoute) -> bool:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        index = int(found[0])
+        kind = _link_kind(ipr, index)
+        if kind != OVPN_LINK_KIND:
+            log.info("not removing %s: it is a %s interface, not ovpn", name, kind or "unknown")
+            return False
+        if not force and _in_use(name, index):
+            return False
+        ipr.link("del", index=index)
+        log.warning("removed stale ovpn interface %s (ifindex %d) left by a previous run", name, index)
+        return True
 
-    return call_outside_loop(work)
+    return call_outside_loop(lambda: _run(f"remove stale interface {name}", work))

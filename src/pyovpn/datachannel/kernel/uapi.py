@@ -92,79 +92,66 @@ class _uint(nla_base_string):  # type: ignore[misc]
         self.value = int.from_bytes(raw[:8], sys.byteorder) if raw else 0  # type: ignore[misc]  # a slot of pyroute2's base
 
 
-class _nest(nla):  # type: ignore[misc]
-    """A nested attribute set of the family; ``uint`` is the uapi's variable-width integer."""
-
-    nla_flags = NLA_F_NESTED
-    uint = _uint
-
-
-class _keydir(_nest):
-    prefix = "OVPN_A_KEYDIR_"
-    nla_map = (
-        ("OVPN_A_KEYDIR_UNSPEC", "none"),
-        ("OVPN_A_KEYDIR_CIPHER_KEY", "cdata"),
-        ("OVPN_A_KEYDIR_NONCE_TAIL", "cdata"),
-    )
+def _attr_map(prefix: str, *attrs: str) -> tuple[tuple[str, str], ...]:
+    """An ``nla_map`` from ``"NAME type"`` words in uapi order; the enum's UNSPEC (0) comes first."""
+    words = (attr.split() for attr in attrs)
+    return ((f"{prefix}UNSPEC", "none"), *((prefix + name, kind) for name, kind in words))
 
 
-class _keyconf(_nest):
-    prefix = "OVPN_A_KEYCONF_"
-    keydir = _keydir
-    nla_map = (
-        ("OVPN_A_KEYCONF_UNSPEC", "none"),
-        ("OVPN_A_KEYCONF_PEER_ID", "uint32"),
-        ("OVPN_A_KEYCONF_SLOT", "uint32"),
-        ("OVPN_A_KEYCONF_KEY_ID", "uint"),  # u32 in requests, u16 in KEY_SWAP_NTF
-        ("OVPN_A_KEYCONF_CIPHER_ALG", "uint32"),
-        ("OVPN_A_KEYCONF_ENCRYPT_DIR", "keydir"),
-        ("OVPN_A_KEYCONF_DECRYPT_DIR", "keydir"),
-    )
+def _nest(prefix: str, *attrs: str, **nested: type) -> type:
+    """The pyroute2 class of a nested attribute set; ``nested`` are the classes its
+    attributes of those type names decode with. ``uint`` is the uapi's variable-width integer."""
+    body = {"prefix": prefix, "nla_flags": NLA_F_NESTED, "nla_map": _attr_map(prefix, *attrs), "uint": _uint}
+    return type(prefix.lower().rstrip("_"), (nla,), {**body, **nested})
 
 
-class _peer(_nest):
-    prefix = "OVPN_A_PEER_"
-    nla_map = (
-        ("OVPN_A_PEER_UNSPEC", "none"),
-        ("OVPN_A_PEER_ID", "uint32"),
-        ("OVPN_A_PEER_REMOTE_IPV4", "ip4addr"),
-        ("OVPN_A_PEER_REMOTE_IPV6", "ip6addr"),
-        ("OVPN_A_PEER_REMOTE_IPV6_SCOPE_ID", "uint32"),
-        ("OVPN_A_PEER_REMOTE_PORT", "be16"),
-        ("OVPN_A_PEER_SOCKET", "uint32"),
-        ("OVPN_A_PEER_SOCKET_NETNSID", "int32"),
-        ("OVPN_A_PEER_VPN_IPV4", "ip4addr"),
-        ("OVPN_A_PEER_VPN_IPV6", "ip6addr"),
-        ("OVPN_A_PEER_LOCAL_IPV4", "ip4addr"),
-        ("OVPN_A_PEER_LOCAL_IPV6", "ip6addr"),
-        ("OVPN_A_PEER_LOCAL_PORT", "be16"),
-        ("OVPN_A_PEER_KEEPALIVE_INTERVAL", "uint32"),
-        ("OVPN_A_PEER_KEEPALIVE_TIMEOUT", "uint32"),
-        ("OVPN_A_PEER_DEL_REASON", "uint32"),
-        ("OVPN_A_PEER_VPN_RX_BYTES", "uint"),
-        ("OVPN_A_PEER_VPN_TX_BYTES", "uint"),
-        ("OVPN_A_PEER_VPN_RX_PACKETS", "uint"),
-        ("OVPN_A_PEER_VPN_TX_PACKETS", "uint"),
-        ("OVPN_A_PEER_LINK_RX_BYTES", "uint"),
-        ("OVPN_A_PEER_LINK_TX_BYTES", "uint"),
-        ("OVPN_A_PEER_LINK_RX_PACKETS", "uint"),
-        ("OVPN_A_PEER_LINK_TX_PACKETS", "uint"),
-        ("OVPN_A_PEER_TX_ID", "uint32"),
-    )
+_keydir = _nest("OVPN_A_KEYDIR_", "CIPHER_KEY cdata", "NONCE_TAIL cdata")
+_keyconf = _nest(
+    "OVPN_A_KEYCONF_",
+    "PEER_ID uint32",
+    "SLOT uint32",
+    "KEY_ID uint",  # u32 in requests, u16 in KEY_SWAP_NTF
+    "CIPHER_ALG uint32",
+    "ENCRYPT_DIR keydir",
+    "DECRYPT_DIR keydir",
+    keydir=_keydir,
+)
+_peer = _nest(
+    "OVPN_A_PEER_",
+    "ID uint32",
+    "REMOTE_IPV4 ip4addr",
+    "REMOTE_IPV6 ip6addr",
+    "REMOTE_IPV6_SCOPE_ID uint32",
+    "REMOTE_PORT be16",
+    "SOCKET uint32",
+    "SOCKET_NETNSID int32",
+    "VPN_IPV4 ip4addr",
+    "VPN_IPV6 ip6addr",
+    "LOCAL_IPV4 ip4addr",
+    "LOCAL_IPV6 ip6addr",
+    "LOCAL_PORT be16",
+    "KEEPALIVE_INTERVAL uint32",
+    "KEEPALIVE_TIMEOUT uint32",
+    "DEL_REASON uint32",
+    "VPN_RX_BYTES uint",
+    "VPN_TX_BYTES uint",
+    "VPN_RX_PACKETS uint",
+    "VPN_TX_PACKETS uint",
+    "LINK_RX_BYTES uint",
+    "LINK_TX_BYTES uint",
+    "LINK_RX_PACKETS uint",
+    "LINK_TX_PACKETS uint",
+    "TX_ID uint32",
+)
 
 
 class ovpnmsg(genlmsg):  # type: ignore[misc]
     """A message of the ``ovpn`` generic-netlink family."""
 
     prefix = "OVPN_A_"
+    nla_map = _attr_map(prefix, "IFINDEX uint32", "PEER peer", "KEYCONF keyconf")
     peer = _peer
     keyconf = _keyconf
-    nla_map = (
-        ("OVPN_A_UNSPEC", "none"),
-        ("OVPN_A_IFINDEX", "uint32"),
-        ("OVPN_A_PEER", "peer"),
-        ("OVPN_A_KEYCONF", "keyconf"),
-    )
 
 
 class ifla_ovpn_data(nla):  # type: ignore[misc]
@@ -172,10 +159,7 @@ class ifla_ovpn_data(nla):  # type: ignore[misc]
 
     prefix = "IFLA_OVPN_"
     nla_flags = NLA_F_NESTED
-    nla_map = (
-        ("IFLA_OVPN_UNSPEC", "none"),
-        ("IFLA_OVPN_MODE", "uint8"),  # must be a u8 (OpenVPN notes wider ints break on big-endian)
-    )
+    nla_map = _attr_map(prefix, "MODE uint8")  # a u8: OpenVPN notes wider ints break on big-endian
 
 
 ifinfmsg.ifinfo.register_link_kind(module={OVPN_LINK_KIND: ifla_ovpn_data})
