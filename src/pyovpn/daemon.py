@@ -18,7 +18,7 @@ from signal import Signals
 
 from pyovpn import __version__, privdrop
 from pyovpn.config import AEAD_CIPHERS, Options
-from pyovpn.datachannel import select
+from pyovpn.datachannel import choice
 from pyovpn.datachannel.api import DataChannel, DelIface, IfaceMode, NewIface, Notification
 from pyovpn.edge import iface
 from pyovpn.edge.host import HostNetwork, SystemNetwork
@@ -228,7 +228,7 @@ class Daemon:
             for name in sorted(SIGNALS):
                 loop.add_signal_handler(Signals[name], self.signal, name)
         if self._backend is None:
-            self._backend = await select.open_backend(
+            self._backend = await choice.open_backend(
                 self.opts.dco,
                 mp=self.opts.mode == "server",
                 mssfix=self.opts.mssfix,

@@ -59,7 +59,7 @@ class BackendKind:
             return None
         if not in_guest():
             return "the kernel backend runs in the guest (scripts/guest/run.sh -- python3 -m pytest ...)"
-        from pyovpn.datachannel.select import kernel_ovpn_status
+        from pyovpn.datachannel.choice import kernel_ovpn_status
 
         ok, why = kernel_ovpn_status()
         if not ok:

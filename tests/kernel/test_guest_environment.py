@@ -13,7 +13,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from pyovpn.datachannel.select import kernel_ovpn_status
+from pyovpn.datachannel.choice import kernel_ovpn_status
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 GENL_MIN_ID = 16  # GENL_ID_CTRL; dynamically registered families get ids above it

@@ -102,7 +102,7 @@ def _ovpn_status() -> tuple[bool, str]:
         elif shutil.which("ip") is None:
             _STATUS = (False, "needs the iproute2 'ip' command")
         else:
-            from pyovpn.datachannel.select import kernel_ovpn_status
+            from pyovpn.datachannel.choice import kernel_ovpn_status
 
             _STATUS = kernel_ovpn_status()
     return _STATUS
@@ -144,7 +144,7 @@ def _link(site: Site, name: str) -> dict[str, Any] | None:
     def work() -> dict[str, Any] | None:
         from pyroute2 import IPRoute
 
-        from pyovpn.datachannel import kernel
+        from pyovpn.datachannel.kernel import rtnl as kernel
 
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=name)
@@ -213,7 +213,7 @@ def test_link_p2p_mp_and_pattern(one: Site) -> None:
 
 
 def test_stale_cleanup(one: Site) -> None:
-    from pyovpn.datachannel.kernel import cleanup_stale_iface
+    from pyovpn.datachannel.kernel.rtnl import cleanup_stale_iface
 
     def add(name: str, kind: str) -> None:
         subprocess.run(["ip", "link", "add", name, "type", kind], check=True, capture_output=True)
@@ -240,7 +240,8 @@ def test_stale_cleanup(one: Site) -> None:
 
 def test_killed_process_leaves_a_stale_link_without_peers(one: Site) -> None:
     """What cleanup_stale_iface is for: a SIGKILLed run leaves the link, the kernel drops the peer."""
-    from pyovpn.datachannel.kernel import KernelDataChannel, cleanup_stale_iface
+    from pyovpn.datachannel.kernel import KernelDataChannel
+    from pyovpn.datachannel.kernel.rtnl import cleanup_stale_iface
 
     child = textwrap.dedent(
         """
@@ -287,7 +288,7 @@ def test_killed_process_leaves_a_stale_link_without_peers(one: Site) -> None:
 
 
 def _peers(index: int) -> list[Any]:
-    from pyovpn.datachannel.kernel import OvpnNetlink
+    from pyovpn.datachannel.kernel.genl import OvpnNetlink
 
     with OvpnNetlink() as genl:
         genl.bind()
@@ -451,8 +452,8 @@ def test_notifications_of_other_interfaces_are_ignored(lab: Lab) -> None:
 
 
 def test_select_picks_the_kernel_backend(one: Site, caplog: pytest.LogCaptureFixture) -> None:
+    from pyovpn.datachannel.choice import open_backend
     from pyovpn.datachannel.kernel import KernelDataChannel
-    from pyovpn.datachannel.select import open_backend
 
     caplog.set_level(logging.INFO, logger="pyovpn")
     assert isinstance(one.run(open_backend("auto")), KernelDataChannel)
@@ -470,7 +471,7 @@ def test_missing_cap_net_admin_is_reported(one: Site) -> None:
     child = textwrap.dedent(
         """
         import asyncio
-        from pyovpn.datachannel.select import kernel_ovpn_status
+        from pyovpn.datachannel.choice import kernel_ovpn_status
         from pyovpn.datachannel.api import NewIface
         from pyovpn.datachannel.kernel import KernelDataChannel
         print(kernel_ovpn_status())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyovpn.datachannel.select import kernel_ovpn_status
+from pyovpn.datachannel.choice import kernel_ovpn_status
 from pyovpn.tools.pki import make_pki
 
 

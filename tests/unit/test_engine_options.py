@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pyovpn.config import parse_config_text
+from pyovpn.datachannel.choice import _userspace_backend
 from pyovpn.datachannel.engine.proxy import EngineDataChannel
-from pyovpn.datachannel.select import _userspace_backend
 from pyovpn.datachannel.userspace import UserspaceDataChannel
 from pyovpn.errors import ConfigError
 

@@ -8,6 +8,9 @@ the command (``what``) and the offending value.
 
 from __future__ import annotations
 
+import os
+import socket
+
 from pyovpn.datachannel.api import Cipher, KeySlot, NewKey, NewPeer, SetPeer, Transport
 from pyovpn.errors import BackendError
 
@@ -15,6 +18,7 @@ __all__ = [
     "check_keepalive",
     "check_new_key",
     "check_new_peer_transport",
+    "check_peer_socket",
     "check_set_peer_keepalive",
     "check_slot",
 ]
@@ -51,6 +55,31 @@ def check_new_peer_transport(cmd: NewPeer) -> None:
         raise BackendError("NewPeer: a UDP peer needs a remote address")
     if cmd.transport is Transport.TCP and cmd.remote is not None:
         raise BackendError("NewPeer: a TCP peer must not have a remote; the socket is connected")
+
+
+def check_peer_socket(cmd: NewPeer) -> socket.socket:
+    """Our own descriptor of the peer's socket, once it is an IPv4/IPv6 socket of the peer's
+    transport and, for TCP, connected; on refusal the descriptor is closed again."""
+    what = "NewPeer"
+    try:
+        sock = socket.socket(fileno=os.dup(cmd.socket_fd))
+    except OSError as e:
+        raise BackendError(f"{what}: socket fd {cmd.socket_fd} is not usable: {e.strerror or e}") from None
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise BackendError(f"{what}: the socket is not an IPv4/IPv6 socket")
+        want_type = socket.SOCK_DGRAM if cmd.transport is Transport.UDP else socket.SOCK_STREAM
+        if sock.type != want_type:
+            raise BackendError(f"{what}: the socket is not a {cmd.transport.value.upper()} socket")
+        if cmd.transport is Transport.TCP:
+            try:
+                sock.getpeername()
+            except OSError:
+                raise BackendError(f"{what}: the TCP socket is not connected") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def check_new_key(cmd: NewKey) -> tuple[int, Cipher]:

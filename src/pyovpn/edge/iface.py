@@ -6,7 +6,6 @@ Every change goes through a :class:`pyovpn.edge.host.HostNetwork`, so tests can 
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 from typing import Protocol, runtime_checkable
@@ -106,15 +105,7 @@ class CleansStaleLinks(Protocol):
 
 async def clean_stale_link(dc: DataChannel, name: str) -> None:
     """Remove an idle `ovpn` link of this name left by a killed earlier run (kernel backend only)."""
-    if isinstance(dc, CleansStaleLinks):
-        removed = await dc.clean_stale_link(name)
-    elif dc.name == "kernel":
-        # until the kernel backend offers clean_stale_link(); imported here so that the edge needs
-        # neither pyroute2 nor the kernel module with another backend
-        from pyovpn.datachannel.kernel import cleanup_stale_iface
-
-        removed = await asyncio.to_thread(cleanup_stale_iface, name)
-    else:
+    if not isinstance(dc, CleansStaleLinks):
         return
-    if removed:
+    if await dc.clean_stale_link(name):
         log.info("removed stale ovpn interface %s left by an earlier run", name)

@@ -21,7 +21,7 @@ def _family_present() -> tuple[bool, str]:
     """Resolve the generic-netlink family ``ovpn``; then check that commands are allowed."""
     from pyroute2 import NetlinkError
 
-    from pyovpn.datachannel.kernel import OvpnNetlink
+    from pyovpn.datachannel.kernel.genl import OvpnNetlink
 
     try:
         sock = OvpnNetlink()
