@@ -17,7 +17,7 @@ import socket
 from typing import Any, Protocol
 
 from pyovpn.datachannel.api import Address, NewPeer, Transport
-from pyovpn.datachannel.validate import check_keepalive, check_new_peer_transport
+from pyovpn.datachannel.validate import check_keepalive, check_new_peer_transport, check_socket_kind
 from pyovpn.errors import BackendError
 from pyovpn.net.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT, scope_index
 from pyovpn.proto.packets import UNDEF_PEER_ID
@@ -76,18 +76,8 @@ def adopt_socket(what: str, cmd: NewPeer, fd: int | None = None) -> socket.socke
 def check_socket(what: str, cmd: NewPeer, peer: RemotePeer) -> None:
     """The peer's socket must be an IPv4/IPv6 socket of the command's transport, a TCP one
     connected; a UDP peer is pointed at the command's remote."""
-    sock = peer.sock
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        raise BackendError(f"{what}: the socket is not an IPv4/IPv6 socket")
-    want_type = socket.SOCK_DGRAM if cmd.transport is Transport.UDP else socket.SOCK_STREAM
-    if sock.type != want_type:
-        raise BackendError(f"{what}: the socket is not a {cmd.transport.value.upper()} socket")
-    if cmd.transport is Transport.TCP:
-        try:
-            sock.getpeername()
-        except OSError:
-            raise BackendError(f"{what}: the TCP socket is not connected") from None
-    else:
+    check_socket_kind(what, cmd.transport, peer.sock)
+    if cmd.transport is Transport.UDP:
         assert cmd.remote is not None  # check_new_peer saw to it
         set_remote(what, peer, cmd.remote)
 

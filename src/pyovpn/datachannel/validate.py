@@ -21,6 +21,7 @@ __all__ = [
     "check_peer_socket",
     "check_set_peer_keepalive",
     "check_slot",
+    "check_socket_kind",
 ]
 
 NONCE_TAIL_LEN = 8
@@ -57,6 +58,20 @@ def check_new_peer_transport(cmd: NewPeer) -> None:
         raise BackendError("NewPeer: a TCP peer must not have a remote; the socket is connected")
 
 
+def check_socket_kind(what: str, transport: Transport, sock: socket.socket) -> None:
+    """A peer's socket is an IPv4/IPv6 socket of the peer's transport and, for TCP, connected."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise BackendError(f"{what}: the socket is not an IPv4/IPv6 socket")
+    want_type = socket.SOCK_DGRAM if transport is Transport.UDP else socket.SOCK_STREAM
+    if sock.type != want_type:
+        raise BackendError(f"{what}: the socket is not a {transport.value.upper()} socket")
+    if transport is Transport.TCP:
+        try:
+            sock.getpeername()
+        except OSError:
+            raise BackendError(f"{what}: the TCP socket is not connected") from None
+
+
 def check_peer_socket(cmd: NewPeer) -> socket.socket:
     """Our own descriptor of the peer's socket, once it is an IPv4/IPv6 socket of the peer's
     transport and, for TCP, connected; on refusal the descriptor is closed again."""
@@ -66,16 +81,7 @@ def check_peer_socket(cmd: NewPeer) -> socket.socket:
     except OSError as e:
         raise BackendError(f"{what}: socket fd {cmd.socket_fd} is not usable: {e.strerror or e}") from None
     try:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            raise BackendError(f"{what}: the socket is not an IPv4/IPv6 socket")
-        want_type = socket.SOCK_DGRAM if cmd.transport is Transport.UDP else socket.SOCK_STREAM
-        if sock.type != want_type:
-            raise BackendError(f"{what}: the socket is not a {cmd.transport.value.upper()} socket")
-        if cmd.transport is Transport.TCP:
-            try:
-                sock.getpeername()
-            except OSError:
-                raise BackendError(f"{what}: the TCP socket is not connected") from None
+        check_socket_kind(what, cmd.transport, sock)
     except BaseException:
         sock.close()
         raise

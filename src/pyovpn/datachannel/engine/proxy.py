@@ -52,6 +52,7 @@ from pyovpn.datachannel.api import (
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW
 from pyovpn.datachannel.engine import wire
 from pyovpn.datachannel.engine.wire import Kind, Message
+from pyovpn.datachannel.notify import Subscribers
 from pyovpn.errors import BackendError, ProtocolError
 
 __all__ = ["EngineDataChannel"]
@@ -116,7 +117,7 @@ class EngineDataChannel:
         self._starting: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 1
-        self._subscribers: list[Callable[[Notification], None]] = []
+        self._subscribers = Subscribers()
         self._peers: set[int] = set()
         self._senders: dict[int, tuple[int, Transport]] = {}  # peer id: (transmit worker, transport)
         self._closed = False
@@ -135,7 +136,7 @@ class EngineDataChannel:
         return self._proc.pid if self._proc is not None else None
 
     def subscribe(self, callback: Callable[[Notification], None]) -> None:
-        self._subscribers.append(callback)
+        self._subscribers.add(callback)
 
     async def request(self, command: Command) -> PeerInfo | KeyInfo | None:
         what = type(command).__name__
@@ -443,12 +444,4 @@ class EngineDataChannel:
         self._senders.clear()
 
     def _emit(self, note: Notification) -> None:
-        if self._loop is not None and self._subscribers:
-            self._loop.call_soon(self._dispatch, note)
-
-    def _dispatch(self, note: Notification) -> None:
-        for callback in self._subscribers:
-            try:
-                callback(note)
-            except Exception:
-                log.exception("data-channel notification callback failed for %r", note)
+        self._subscribers.emit(self._loop, note)

@@ -124,7 +124,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         return self._iface.name if self._iface else None
 
     def subscribe(self, callback: Callable[[api.Notification], None]) -> None:
-        self._subscribers.append(callback)
+        self._subscribers.add(callback)
 
     def peer_stats(self, peer_id: int) -> api.Stats:
         """The live counters of a peer, including drop reasons ``PeerInfo`` does not carry."""

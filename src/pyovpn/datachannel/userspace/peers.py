@@ -13,11 +13,11 @@ import asyncio
 import itertools
 import logging
 import socket
-from collections.abc import Callable
 from typing import Any
 
 from pyovpn.datachannel import api
 from pyovpn.datachannel.crypto import KeyState
+from pyovpn.datachannel.notify import Subscribers
 from pyovpn.datachannel.userspace.routing import PeerRouter, RouteMonitor
 from pyovpn.errors import BackendError
 
@@ -171,7 +171,7 @@ class PeerTable:
     _ka_seq: itertools.count[int]
     _ka_timer: asyncio.TimerHandle | None
     _ka_timer_at: float
-    _subscribers: list[Callable[[api.Notification], None]]
+    _subscribers: Subscribers
     _closed: bool
     _rx_buf: bytearray
     _rx_mv: memoryview
@@ -189,7 +189,7 @@ class PeerTable:
         self._ka_seq = itertools.count()
         self._ka_timer = None
         self._ka_timer_at = 0.0
-        self._subscribers = []
+        self._subscribers = Subscribers()
         self._closed = False
         self._rx_buf = bytearray(RX_BUF_SIZE)
         self._rx_mv = memoryview(self._rx_buf)
@@ -208,19 +208,12 @@ class PeerTable:
         # delivered from the loop, never re-entrantly from inside a reader or command
         if self._mp_control is not None:
             self._mp_control.append(notification)  # MP read in progress: one callback, in order
-        elif self._loop is not None and self._subscribers:
-            self._loop.call_soon(self._dispatch, notification)
+        else:
+            self._subscribers.emit(self._loop, notification)
 
     def _dispatch_all(self, notifications: list[api.Notification]) -> None:
         for notification in notifications:
-            self._dispatch(notification)
-
-    def _dispatch(self, notification: api.Notification) -> None:
-        for callback in self._subscribers:
-            try:
-                callback(notification)
-            except Exception:
-                log.exception("data-channel notification callback failed for %r", notification)
+            self._subscribers.deliver(notification)
 
     def _floated(self, peer: Peer, addr: tuple[Any, ...]) -> None:
         """An authenticated packet came from a new address: the peer moves there."""
