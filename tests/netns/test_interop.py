@@ -26,6 +26,7 @@ import pytest
 
 from pyovpn.tools.pki import Pki
 from tests.netns.harness import (
+    MAX_STALL_SECONDS,
     Family,
     HarnessError,
     Impl,
@@ -132,7 +133,7 @@ SOAK_CELLS: tuple[Cell, ...] = (
 SOAK_RENEG_SEC = 10
 SOAK_SECONDS = 40
 SOAK_MIN_REKEYS = 3
-MAX_STALL = 2.0
+MAX_STALL = MAX_STALL_SECONDS
 
 
 def _spec(cell: Cell, reneg_sec: int | None = None) -> TunnelSpec:
