@@ -81,6 +81,8 @@ MARK_BEGIN = "<!-- bench/throughput.py:begin -->"
 MARK_END = "<!-- bench/throughput.py:end -->"
 GUEST_BEGIN = "<!-- bench/throughput.py --guest:begin -->"
 GUEST_END = "<!-- bench/throughput.py --guest:end -->"
+BASELINE_BEGIN = "<!-- bench/throughput.py --baseline:begin -->"
+BASELINE_END = "<!-- bench/throughput.py --baseline:end -->"
 PROFILE_BEGIN = "<!-- bench/throughput.py --profile:begin -->"
 PROFILE_END = "<!-- bench/throughput.py --profile:end -->"
 PLOT_PATH = ROOT / "docs" / "throughput.png"
@@ -832,14 +834,24 @@ def main() -> int:
             + "\n".join(spread_table(spread, args.rounds))
         )
     print(text)
-    plot_path = Path(args.plot) if args.plot else (PLOT_PATH if args.write and not args.guest else None)
+    default_plot = args.write and not args.guest and not args.baseline
+    plot_path = Path(args.plot) if args.plot else (PLOT_PATH if default_plot else None)
     plotted = plot(results, args, plot_path) if plot_path else False
     if args.write:
         if plotted and plot_path is not None and plot_path.resolve().parent == (ROOT / "docs").resolve():
             text += f"\n\n![Gbit/s per variant and direction]({plot_path.name})\n"
-        elif not plotted and not args.guest:
+        elif not plotted and default_plot:
             text += "\n\n(No plot: matplotlib was not installed; `pip install -e '.[bench]'`.)\n"
-        if args.guest:
+        if args.baseline:
+            write_doc(
+                text,
+                command,
+                begin=BASELINE_BEGIN,
+                end=BASELINE_END,
+                title=f"This checkout against {args.baseline}, side by side (bench/throughput.py --baseline)",
+                machine=machine,
+            )
+        elif args.guest:
             write_doc(
                 text,
                 command,
