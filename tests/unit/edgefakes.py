@@ -53,6 +53,7 @@ from pyovpn.datachannel.validate import (
     check_new_peer_transport,
     check_set_peer_keepalive,
     check_slot,
+    no_key_in_slot,
 )
 from pyovpn.errors import BackendError
 from pyovpn.net.sockets import socket_key
@@ -314,7 +315,7 @@ class RecordingDataChannel:
         slot = api.KeySlot(check_slot("GetKey", cmd.slot))
         key = peer.keys.get(slot)
         if key is None:
-            raise BackendError(f"GetKey: peer {cmd.peer_id} has no key in the {slot.name.lower()} slot")
+            raise no_key_in_slot("GetKey", cmd.peer_id, slot)
         return api.KeyInfo(peer.peer_id, slot, key.key_id, key.cipher)
 
     def _send_control(self, cmd: api.SendControl) -> None:

@@ -15,8 +15,8 @@ import logging
 import socket
 import struct
 import sys
-from collections.abc import Callable
-from typing import Final, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol, TypeVar
 
 from pyovpn.datachannel.api import PeerDelReason, Stats
 from pyovpn.datachannel.crypto import PING_MAGIC, KeyState, PacketIdExhaustedError
@@ -118,6 +118,23 @@ def seal_ping(peer: _P, key_exhausted: Callable[[_P, KeyState], None]) -> bytes 
         return None
     count(peer.stats, "keepalive_tx")
     return packet
+
+
+def debug_hook(peer: PingPeer, what: str, args: Mapping[str, Any]) -> bytes | None:
+    """The test hooks on a peer's primary key (``Capabilities.hooks``); ValueError if not possible.
+
+    ``set_tx_pid`` moves the packet-id counter (key exhaustion without 2**32 packets),
+    ``encrypt`` seals a payload as the peer would send it.
+    """
+    ks = peer.keys[0]
+    if ks is None:
+        raise ValueError("no primary key")
+    if what == "set_tx_pid":
+        ks.tx_packet_id = args["value"]
+        return None
+    if what == "encrypt":
+        return ks.encrypt(args["payload"], peer.tx_peer_id)
+    raise ValueError(f"unknown debug hook {what!r}")
 
 
 def take_frames(buf: bytearray) -> tuple[list[bytearray], int | None]:

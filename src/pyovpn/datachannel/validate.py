@@ -22,6 +22,7 @@ __all__ = [
     "check_set_peer_keepalive",
     "check_slot",
     "check_socket_kind",
+    "no_key_in_slot",
 ]
 
 NONCE_TAIL_LEN = 8
@@ -33,6 +34,12 @@ def check_slot(what: str, slot: int) -> int:
     if slot not in (KeySlot.PRIMARY, KeySlot.SECONDARY):
         raise BackendError(f"{what}: no such key slot {slot!r} (PRIMARY or SECONDARY)")
     return int(slot)
+
+
+def no_key_in_slot(what: str, peer_id: int, slot: int, detail: str = "") -> BackendError:
+    """The refusal for a key command on an empty slot, in the words every backend uses."""
+    extra = f" ({detail})" if detail else ""
+    return BackendError(f"{what}: peer {peer_id} has no key in the {KeySlot(slot).name.lower()} slot{extra}")
 
 
 def check_keepalive(what: str, interval: int | None, timeout: int | None) -> None:

@@ -65,7 +65,7 @@ from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, KeyState
 from pyovpn.datachannel.engine import wire
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import Kind, Message
-from pyovpn.datachannel.validate import check_new_key, check_set_peer_keepalive, check_slot
+from pyovpn.datachannel.validate import check_new_key, check_set_peer_keepalive, check_slot, no_key_in_slot
 from pyovpn.errors import BackendError, ProtocolError
 from pyovpn.net import tun
 from pyovpn.net.sockbuf import grow_buffers
@@ -563,9 +563,7 @@ class Controller:
         slot = check_slot("GetKey", cmd.slot)
         meta = peer.keys[slot]
         if meta is None:
-            raise BackendError(
-                f"GetKey: peer {cmd.peer_id} has no key in the {KeySlot(slot).name.lower()} slot"
-            )
+            raise no_key_in_slot("GetKey", cmd.peer_id, slot)
         return KeyInfo(peer_id=peer.peer_id, slot=KeySlot(slot), key_id=meta.key_id, cipher=meta.cipher)
 
     async def _send_control(self, cmd: SendControl) -> None:

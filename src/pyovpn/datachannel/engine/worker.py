@@ -57,6 +57,7 @@ from pyovpn.datachannel.datapath import TCP_RX_CHUNK as _TCP_RX_CHUNK
 from pyovpn.datachannel.datapath import TCP_TX_HIGH_WATER as _TCP_TX_HIGH_WATER
 from pyovpn.datachannel.datapath import count as _count
 from pyovpn.datachannel.datapath import (
+    debug_hook,
     gro_segment_size,
     gso_train_refused,
     seal_ping,
@@ -379,20 +380,8 @@ class Worker:
         if op == "stats":
             return peer.stats
         if op == "debug":
-            return self._debug(peer, m)
+            return debug_hook(peer, m["what"], m)
         raise ValueError(f"unknown worker op {op!r}")
-
-    def _debug(self, peer: _Peer, m: dict[str, Any]) -> Any:
-        ks = peer.keys[0]
-        if ks is None:
-            raise ValueError("no primary key")
-        what = m["what"]
-        if what == "set_tx_pid":
-            ks.tx_packet_id = m["value"]
-            return None
-        if what == "encrypt":
-            return ks.encrypt(m["payload"], peer.tx_peer_id)
-        raise ValueError(f"unknown debug op {what!r}")
 
     # ------------------------------------------------------------------ setup
 

@@ -38,6 +38,7 @@ from pyovpn.datachannel.validate import (
     check_peer_socket,
     check_set_peer_keepalive,
     check_slot,
+    no_key_in_slot,
 )
 from pyovpn.errors import BackendError
 from pyovpn.net.sockets import scope_index, socket_key
@@ -556,10 +557,7 @@ class KernelDataChannel:
         text = (e.message or "").lower()
         if e.code == errno.ENOENT and peer_id is not None:
             if "slot" in text and slot is not None:
-                return BackendError(
-                    f"{what}: peer {peer_id} has no key in the {api.KeySlot(slot).name.lower()} slot "
-                    f"(kernel {op}: {e.describe()})"
-                )
+                return no_key_in_slot(what, peer_id, slot, f"kernel {op}: {e.describe()}")
             return BackendError(f"{what}: unknown peer id {peer_id} (kernel {op}: {e.describe()})")
         if e.code == errno.ENODEV:
             return BackendError(f"{what}: the ovpn interface is gone (kernel {op}: {e.describe()})")

@@ -76,7 +76,7 @@ from typing import Any
 
 from pyovpn.datachannel import api, peer_socket
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW, KeyState
-from pyovpn.datachannel.datapath import FRAME_LEN, TCP_TX_HIGH_WATER, count
+from pyovpn.datachannel.datapath import FRAME_LEN, TCP_TX_HIGH_WATER, count, debug_hook
 from pyovpn.datachannel.userspace.keepalive import Keepalive
 from pyovpn.datachannel.userspace.lane import open_lane
 from pyovpn.datachannel.userspace.multipoint import Multipoint
@@ -84,7 +84,7 @@ from pyovpn.datachannel.userspace.peers import Iface, Peer, SharedUdp
 from pyovpn.datachannel.userspace.routing import AddressInUseError, PeerRouter, RouteMonitor
 from pyovpn.datachannel.userspace.tcp import TcpPath
 from pyovpn.datachannel.userspace.udp import UdpPath
-from pyovpn.datachannel.validate import check_new_key, check_set_peer_keepalive, check_slot
+from pyovpn.datachannel.validate import check_new_key, check_set_peer_keepalive, check_slot, no_key_in_slot
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
 from pyovpn.net.sockets import TRANSIENT_SEND_ERRNOS, socket_key
@@ -133,15 +133,10 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
     async def debug(self, peer_id: int, what: str, **kw: Any) -> Any:
         """Test hooks on a peer's primary key, as the engine has (``Capabilities.hooks``)."""
         peer = self._peer("debug", peer_id)
-        ks = peer.keys[0]
-        if ks is None:
-            raise BackendError(f"debug: peer {peer_id} has no primary key")
-        if what == "set_tx_pid":
-            ks.tx_packet_id = kw["value"]
-            return None
-        if what == "encrypt":
-            return ks.encrypt(kw["payload"], peer.tx_peer_id)
-        raise BackendError(f"debug: unknown hook {what!r}")
+        try:
+            return debug_hook(peer, what, kw)
+        except ValueError as e:
+            raise BackendError(f"debug: peer {peer_id}: {e}") from None
 
     async def request(self, command: api.Command) -> api.PeerInfo | api.KeyInfo | None:
         what = type(command).__name__
@@ -400,9 +395,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         slot = check_slot("GetKey", cmd.slot)
         ks = peer.keys[slot]
         if ks is None:
-            raise BackendError(
-                f"GetKey: peer {cmd.peer_id} has no key in the {api.KeySlot(slot).name.lower()} slot"
-            )
+            raise no_key_in_slot("GetKey", cmd.peer_id, slot)
         return api.KeyInfo(peer_id=peer.peer_id, slot=api.KeySlot(slot), key_id=ks.key_id, cipher=ks.cipher)
 
     def _send_control(self, cmd: api.SendControl) -> None:
