@@ -245,18 +245,25 @@ class Connection(Instance[Command]):
         if not self.handed_over:
             self._stop_reading()
             backlog = self.framer.take_backlog() if self.transport is Transport.TCP else b""
-            await self.host.dc.request(
-                api.NewPeer(
-                    peer_id=up.peer_id,
-                    socket_fd=self.sock.fileno(),
-                    transport=self.transport,
-                    remote=self.remote if self.transport is Transport.UDP else None,
-                    keepalive_interval=up.keepalive_interval,
-                    keepalive_timeout=up.keepalive_timeout,
-                    tcp_backlog=backlog,
-                )
-            )
+            # Known before NewPeer returns: the backend may deliver the peer's next control
+            # packet (the engine does so on a direct path) before the reply reaches us, and a
+            # packet for an unknown peer id is dropped (a lost ACK cost a 2 s retransmission).
             self.peer_id = up.peer_id
+            try:
+                await self.host.dc.request(
+                    api.NewPeer(
+                        peer_id=up.peer_id,
+                        socket_fd=self.sock.fileno(),
+                        transport=self.transport,
+                        remote=self.remote if self.transport is Transport.UDP else None,
+                        keepalive_interval=up.keepalive_interval,
+                        keepalive_timeout=up.keepalive_timeout,
+                        tcp_backlog=backlog,
+                    )
+                )
+            except BaseException:
+                self.peer_id = None
+                raise
             self.handed_over = True
         log.info("Initialization Sequence Completed")
         self.host.after_init()

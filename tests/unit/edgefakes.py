@@ -110,7 +110,11 @@ class RecordingDataChannel:
     name = "recording"
     capabilities = api.Capabilities(mp=True)
 
-    def __init__(self) -> None:
+    def __init__(self, *, new_peer_delay: float = 0.0) -> None:
+        # NewPeer answers this long after the peer's socket is read: a backend whose
+        # notifications travel apart from its replies (the engine's direct control path) may
+        # deliver the peer's next control packet before the edge sees the reply
+        self.new_peer_delay = new_peer_delay
         self.commands: list[api.Command] = []
         self.notified: list[api.Notification] = []  # everything delivered to subscribers, in order
         self.iface: FakeIface | None = None
@@ -179,6 +183,8 @@ class RecordingDataChannel:
             return None
         if isinstance(command, api.NewPeer):
             self._new_peer(command)
+            if self.new_peer_delay:
+                await asyncio.sleep(self.new_peer_delay)
             return None
         if isinstance(command, api.SetPeer):
             self._set_peer(command)
@@ -581,8 +587,8 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
 class RunningDaemon:
     """A :class:`pyovpn.daemon.Daemon` on the fakes, run as a task of the current loop."""
 
-    def __init__(self, opts: Options) -> None:
-        self.dc = RecordingDataChannel()
+    def __init__(self, opts: Options, *, new_peer_delay: float = 0.0) -> None:
+        self.dc = RecordingDataChannel(new_peer_delay=new_peer_delay)
         self.net = RecordingNetwork(self.dc)
         self.daemon = Daemon(opts, backend=self.dc, net=self.net, handle_signals=False)
         self.task: asyncio.Task[int] = asyncio.get_running_loop().create_task(self.daemon.run())
