@@ -19,7 +19,7 @@ from signal import Signals
 from pyovpn import __version__, privdrop
 from pyovpn.config import AEAD_CIPHERS, Options
 from pyovpn.datachannel import choice
-from pyovpn.datachannel.api import DataChannel, DelIface, IfaceMode, NewIface, Notification
+from pyovpn.datachannel.api import DataChannel, DelIface, IfaceDeleted, IfaceMode, NewIface, Notification
 from pyovpn.edge import iface
 from pyovpn.edge.host import HostNetwork, SystemNetwork
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
@@ -285,6 +285,12 @@ class Daemon:
             sig_wait.cancel()
 
     def _notify(self, n: Notification) -> None:
+        if isinstance(n, IfaceDeleted) and n.name == self.iface:
+            # the device went with the backend process; the restart that follows opens and
+            # configures it again (as OpenVPN without persist-tun does on a restart)
+            log.warning("TUN/TAP device %s is gone (%s); it is opened again on reconnect", n.name, n.reason)
+            self.iface = None
+            self._iface_configured_for = None
         if self.current is not None:
             self.current.on_notification(n)
 

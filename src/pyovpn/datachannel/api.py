@@ -245,7 +245,19 @@ class ControlPacket:
     remote: Address | None
 
 
-Notification = PeerDeleted | KeyExhausted | PeerFloated | ControlPacket
+@dataclass(frozen=True)
+class IfaceDeleted:
+    """The backend lost its interface without being asked (the userspace engine died).
+
+    Its peers are gone with it (a ``PeerDeleted`` follows for each); the next ``NewIface``
+    creates the device again. The kernel backend never sends it.
+    """
+
+    name: str
+    reason: str
+
+
+Notification = PeerDeleted | KeyExhausted | PeerFloated | ControlPacket | IfaceDeleted
 
 
 @dataclass
