@@ -181,6 +181,21 @@ class Options:
     log: str | None = None
     log_append: str | None = None
     writepid: str | None = None
+    #: `status FILE [N]`: write the status file every N seconds (OpenVPN's default 60).
+    status_file: str | None = None
+    status_interval: int = 60
+    #: `status-version 1|2|3`: the server's status layout (a P2P/client status is the same in all).
+    status_version: int = 1
+    #: `suppress-timestamps`: log lines without the date (journald adds its own).
+    suppress_timestamps: bool = False
+    #: `syslog [NAME]` / `daemon [NAME]`: log to syslog under NAME (default "pyovpn").
+    syslog: str | None = None
+    #: `daemon [NAME]`: detach from the terminal after the configuration is read.
+    daemon: bool = False
+    #: `cd DIR`: the working directory (relative files after it, scripts, the status file).
+    cd: str | None = None
+    #: `up-restart`: run `up`/`down` again on every restart, not only when the pulled options change.
+    up_restart: bool = False
     persist_tun: bool = False
     persist_key: bool = False
     dco: Literal["auto", "kernel", "userspace"] = "auto"
@@ -1536,14 +1551,56 @@ for _name in _SCRIPTS:
 del _name
 
 
+# -- operations: status file, logging targets, service-manager command lines -----------------
+
+
+@_option("status", args=(1, 2), usage="status FILE [SECONDS]")
+def _opt_status(b: _Builder, d: Directive) -> None:
+    seconds = _int(d, d.args[1], "status", 1) if len(d.args) > 1 else 60
+    b.opts = replace(b.opts, status_file=d.args[0], status_interval=seconds)
+
+
+@_option("status-version", args=(0, 1), usage="status-version 1|2|3")
+def _opt_status_version(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, status_version=_int(d, d.args[0], "status-version", 1, 3) if d.args else 1)
+
+
+@_option("suppress-timestamps", args=(0, 0), usage="suppress-timestamps")
+def _opt_suppress_timestamps(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, suppress_timestamps=True)
+
+
+@_option("syslog", args=(0, 1), usage="syslog [NAME]")
+def _opt_syslog(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, syslog=d.args[0] if d.args else "pyovpn")
+
+
+@_option("daemon", args=(0, 1), usage="daemon [NAME]")
+def _opt_daemon(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, daemon=True, syslog=d.args[0] if d.args else (b.opts.syslog or "pyovpn"))
+
+
+@_option("cd", args=(1, 1), usage="cd DIR")
+def _opt_cd(b: _Builder, d: Directive) -> None:
+    target = d.args[0] if os.path.isabs(d.args[0]) else os.path.join(b.cwd, d.args[0])
+    if not os.path.isdir(target):
+        raise _error(d, f"cd: '{d.args[0]}' is not a directory; give an existing directory")
+    # as OpenVPN's chdir: files named after this option are relative to it
+    b.cwd = os.path.abspath(target)
+    b.opts = replace(b.opts, cd=b.cwd)
+
+
+@_option("up-restart", args=(0, 0), usage="up-restart")
+def _opt_up_restart(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, up_restart=True)
+
+
 # Options accepted without any effect, with OpenVPN's argument counts (to still catch typos).
 _IGNORED: dict[str, tuple[int, int | None]] = {
     "resolv-retry": (1, 1),
     "persist-remote-ip": (0, 0),
     "persist-local-ip": (0, 0),
     "auth-nocache": (0, 0),
-    "status": (1, 2),
-    "status-version": (0, 1),
     "mute": (1, 1),
     "remote-random": (0, 0),
     "ping-timer-rem": (0, 0),

@@ -13,15 +13,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import logging.handlers
 import os
+import sys
+import time
 from signal import Signals
 
 from pyovpn import __version__, privdrop
 from pyovpn.config import AEAD_CIPHERS, Options
 from pyovpn.datachannel import choice
-from pyovpn.datachannel.api import DataChannel, DelIface, IfaceDeleted, IfaceMode, NewIface, Notification
+from pyovpn.datachannel.api import (
+    DataChannel,
+    DelIface,
+    GetPeer,
+    IfaceDeleted,
+    IfaceMode,
+    NewIface,
+    Notification,
+    PeerInfo,
+)
 from pyovpn.edge import iface
+from pyovpn.edge import status as status_file
 from pyovpn.edge.host import HostNetwork, SystemNetwork
+from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
 from pyovpn.p2p import Connection
@@ -113,6 +127,8 @@ class Daemon:
         self._dropped = False
         self._tun_params: TunParams | None = None  # what the up script was told; down gets the same
         self._exit_signal: str | None = None
+        self.notifier = SystemdNotifier()
+        self._refs: dict[int, tuple[tuple[int, int], float]] = {}  # peer id: (counters, last ref)
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
 
     @property
@@ -126,6 +142,7 @@ class Daemon:
 
     def after_init(self) -> None:
         """Once the first tunnel is up: drop to user/group with CAP_NET_ADMIN only (like OpenVPN)."""
+        self.notifier.ready("Initialization Sequence Completed")
         if self._dropped or (self.opts.user is None and self.opts.group is None):
             return
         self._dropped = True
@@ -153,6 +170,10 @@ class Daemon:
             else 1
         )
         if self._iface_configured_for == key:
+            if opts.up_restart and self._tun_params is not None:
+                # `up-restart`: the scripts run on every restart, the device stays as it is
+                await self.run_down("restart")
+                await self.run_up(self._tun_params, "restart")
             return  # persist-tun semantics: same config, nothing to redo after a restart
         restart = self._iface_configured_for is not None
         if restart:
@@ -237,12 +258,17 @@ class Daemon:
             )
         self.dc.subscribe(self._notify)
         exit_code = 0
+        status_task = asyncio.create_task(self._write_status()) if self.opts.status_file else None
         try:
             while True:
                 stop = await self._run_one(signals)
                 if stop.by_a_signal:
                     if stop.reason is StopReason.SIGNAL_RESTART:
                         log.info("%s[soft,restart] received, process restarting", stop.signal)
+                        if stop.signal == "SIGHUP":
+                            self.notifier.reloading()
+                        else:
+                            self.notifier.status(f"{stop.signal} received, reconnecting")
                         signals = self._next_signal(loop)
                         continue
                     log.info("%s[hard,] received, process exiting", stop.signal)
@@ -254,6 +280,7 @@ class Daemon:
                     exit_code = stop.exit_code or 1
                     break
                 log.warning("%s; restarting in %.0f s", stop.message, RESTART_DELAY)
+                self.notifier.status(f"{stop.message}; reconnecting")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(signals), RESTART_DELAY)
                 if signals.done():
@@ -264,8 +291,85 @@ class Daemon:
                         break
                     signals = self._next_signal(loop)
         finally:
+            self.notifier.stopping()
+            if status_task is not None:
+                status_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await status_task
             await self._shutdown()
         return exit_code
+
+    # ------------------------------------------------------------------ the status file
+
+    async def _write_status(self) -> None:
+        """Rewrite the status file every `status` interval, as OpenVPN does (first at start)."""
+        path = self.opts.status_file
+        assert path is not None
+        while True:
+            try:
+                text = await self.status_text()
+                await asyncio.to_thread(status_file.write_atomic, path, text)
+            except OSError as exc:
+                log.warning("cannot write the status file %s: %s", path, exc)
+            await asyncio.sleep(self.opts.status_interval)
+
+    async def status_text(self) -> str:
+        """The status file's text for the current connection or server, now."""
+        now = time.time()
+        conn = self.current
+        if isinstance(conn, MultiServer):
+            rows = []
+            for client in list(conn.clients.values()):
+                if not client.in_backend or client.peer_id is None:
+                    continue
+                info = await self._peer_info(client.peer_id)
+                rows.append(
+                    status_file.ClientRow(
+                        common_name=client.common_name or "UNDEF",
+                        real_address=f"{client.addr[0]}:{client.addr[1]}",
+                        virtual_address=client.vpn_ip or "",
+                        virtual_ipv6=client.vpn_ip6_address or "",
+                        bytes_received=info.link_rx_bytes if info else 0,
+                        bytes_sent=info.link_tx_bytes if info else 0,
+                        connected_since=client.connected_since,
+                        username=client.username or "UNDEF",
+                        client_id=client.client_id,
+                        peer_id=client.peer_id,
+                        cipher=client.cipher,
+                        last_ref=self._last_ref(client.peer_id, info, client.connected_since, now),
+                        iroutes=tuple(f"{net}/{plen}" for net, plen in client.iroutes),
+                    )
+                )
+            return status_file.render_server(
+                rows, now, self.opts.status_version, dco=self.dc.name == "kernel"
+            )
+        counters = status_file.LinkCounters()
+        if isinstance(conn, Connection) and conn.handed_over and conn.peer_id is not None:
+            info = await self._peer_info(conn.peer_id)
+            if info is not None:
+                counters = status_file.LinkCounters(
+                    tun_read=info.vpn_tx_bytes,
+                    tun_write=info.vpn_rx_bytes,
+                    link_read=info.link_rx_bytes,
+                    link_write=info.link_tx_bytes,
+                    auth_read=info.link_rx_bytes,
+                )
+        return status_file.render_client(counters, now)
+
+    async def _peer_info(self, peer_id: int) -> PeerInfo | None:
+        try:
+            info = await self.dc.request(GetPeer(peer_id))
+        except (PyovpnError, OSError):
+            return None  # gone meanwhile: the next write leaves it out
+        return info if isinstance(info, PeerInfo) else None
+
+    def _last_ref(self, peer_id: int, info: PeerInfo | None, since: float, now: float) -> float:
+        """When the client's traffic last moved: its counters changed since the previous write."""
+        seen = (info.link_rx_bytes, info.link_tx_bytes) if info else (0, 0)
+        last = self._refs.get(peer_id)
+        if last is None or last[0] != seen:
+            self._refs[peer_id] = (seen, now if last is not None else since)
+        return self._refs[peer_id][1]
 
     async def _run_one(self, signals: asyncio.Future[str]) -> Stop:
         """One connection (or server instance) until it ends or a signal ends it."""
@@ -309,11 +413,18 @@ def setup_logging(opts: Options) -> None:
     level = logging.WARNING if opts.verb <= 0 else logging.INFO if opts.verb <= 4 else logging.DEBUG
     handlers: list[logging.Handler] = []
     target = opts.log or opts.log_append
-    if target:
-        handlers.append(logging.FileHandler(target, mode="a" if opts.log_append else "w"))
-    else:
-        handlers.append(logging.StreamHandler())
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    if target:  # as in OpenVPN, a log file wins over syslog
+        handlers.append(logging.FileHandler(target, mode="a" if opts.log_append else "w"))
+    elif opts.syslog:
+        syslog = _syslog_handler(opts.syslog)
+        if syslog is not None:
+            handlers.append(syslog)
+            fmt = logging.Formatter(f"{opts.syslog}[%(process)d]: %(message)s")
+    if not handlers:
+        handlers.append(logging.StreamHandler())
+    if opts.suppress_timestamps and not isinstance(handlers[0], logging.handlers.SysLogHandler):
+        fmt = logging.Formatter("%(message)s")
     for h in handlers:
         h.setFormatter(fmt)
     root = logging.getLogger()
@@ -326,11 +437,43 @@ def setup_logging(opts: Options) -> None:
     # several lines per connecting client
     logging._srcfile = None
     logging.logThreads = False
-    logging.logProcesses = False
+    logging.logProcesses = isinstance(handlers[0], logging.handlers.SysLogHandler)
     logging.logMultiprocessing = False
 
 
+def _syslog_handler(name: str) -> logging.Handler | None:
+    """A handler for the local syslog socket, or None (said on stderr) when there is none."""
+    try:
+        return logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+    except OSError as exc:
+        print(
+            f"pyovpn: syslog {name}: no syslog socket at /dev/log ({exc}); logging to stderr instead "
+            "(start a syslog daemon or systemd-journald, or use `log FILE`)",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _detach() -> None:
+    """`daemon`: run on in the background, without a terminal (the classic double fork)."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
 def run(opts: Options) -> int:
+    if opts.cd:
+        os.chdir(opts.cd)  # scripts and the status file see the directory OpenVPN would be in
+    if opts.daemon:
+        _detach()
     setup_logging(opts)
     log.info("pyovpn %s (OpenVPN-compatible, data channel offload)", __version__)
     for name, source, line in opts.ignored:

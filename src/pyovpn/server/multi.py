@@ -66,6 +66,10 @@ class Client:
     timer: asyncio.TimerHandle | None = None
     timer_at: float = 0.0  # when ``timer`` fires
     env: dict[str, str] = field(default_factory=dict)
+    # for the status file and management: set when the data channel takes the client
+    connected_since: float = 0.0
+    client_id: int = 0
+    cipher: str = ""
 
     @property
     def vpn_ip6_address(self) -> str | None:
@@ -89,6 +93,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         self._acks_owed: dict[Addr, Client] = {}  # clients with ACKs to send after this receive batch
         self._free_peer_ids: list[int] = []  # a heap of released peer ids below _next_peer_id
         self._next_peer_id = 0
+        self._next_client_id = 0  # OpenVPN's CID: one per connection, never reused
         self.pool = AddressPool.from_options(self.opts)
         self.server_ip, self.netmask = self.opts.ifconfig or ("", "")
         self.server_ip6 = self.opts.ifconfig_ipv6[0].split("/")[0] if self.opts.ifconfig_ipv6 else None
@@ -447,6 +452,10 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
             )
         )
         client.in_backend = True
+        client.connected_since = time.time()
+        client.cipher = up.cipher.value
+        client.client_id = self._next_client_id
+        self._next_client_id += 1
         # the data channel reads the shared socket from now on and passes control packets up
         self._stop_reading()
         for net, plen, gateway in self._iroutes(client):
