@@ -317,6 +317,11 @@ class Capabilities:
     tun_offloads: bool = False  # TSO super-packets from the TUN, GRO-coalesced writes (extra counters)
     lane: bool = False  # MP: keepalive pings on a socket of their own, ahead of data
     hooks: bool = False  # debug() (see above)
+    # P2P UDP: a non-data packet from an address other than the peer's is dropped in the backend
+    # (counted as extra "rx_control_stranger") unless it is a client's hard reset
+    # (proto.packets.STRANGER_CONTROL_OPCODES); the edge drops such packets anyway, so this only
+    # saves work under a flood. Without it every non-data packet is passed up.
+    drops_strangers: bool = False
 
 
 class DataChannel(Protocol):

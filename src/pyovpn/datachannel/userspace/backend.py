@@ -98,7 +98,9 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
     """The :class:`~pyovpn.datachannel.api.DataChannel` backend in userspace (asyncio, TUN)."""
 
     name = "userspace"
-    capabilities = api.Capabilities(mp=True, tcp_backlog=True, stats=True, gso=True, lane=True, hooks=True)
+    capabilities = api.Capabilities(
+        mp=True, tcp_backlog=True, stats=True, gso=True, lane=True, hooks=True, drops_strangers=True
+    )
 
     def __init__(
         self,
