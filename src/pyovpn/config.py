@@ -196,6 +196,17 @@ class Options:
     cd: str | None = None
     #: `up-restart`: run `up`/`down` again on every restart, not only when the pulled options change.
     up_restart: bool = False
+    #: `management IP PORT [pw-file]` -> ("IP", PORT); `management PATH unix [pw-file]` -> unix path.
+    management: tuple[str, int] | None = None
+    management_unix: str | None = None
+    management_password_file: str | None = None
+    #: `management-hold`: wait for `hold release` on the management interface before connecting.
+    management_hold: bool = False
+    #: `management-log-cache N`: how many log/state/echo lines `log all` & co. replay.
+    management_log_cache: int = 1000
+    #: `management-client-user U` / `management-client-group G`: owner of the unix socket.
+    management_client_user: str | None = None
+    management_client_group: str | None = None
     persist_tun: bool = False
     persist_key: bool = False
     dco: Literal["auto", "kernel", "userspace"] = "auto"
@@ -303,6 +314,11 @@ class CcdOptions:
 
 def _error(d: Directive, message: str) -> ConfigError:
     return ConfigError(message, source=d.source, line=d.line or None)
+
+
+def split_words(text: str, source: str = "<management>") -> list[str]:
+    """One line split into words the way OpenVPN splits config and management lines."""
+    return _split_line(text, source, 0)
 
 
 def _split_line(text: str, source: str, line: int) -> list[str]:
@@ -1593,6 +1609,68 @@ def _opt_cd(b: _Builder, d: Directive) -> None:
 @_option("up-restart", args=(0, 0), usage="up-restart")
 def _opt_up_restart(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, up_restart=True)
+
+
+# -- the management interface ---------------------------------------------------------------
+
+
+@_option("management", args=(2, 3), usage="management IP PORT [PW-FILE] | management PATH unix [PW-FILE]")
+def _opt_management(b: _Builder, d: Directive) -> None:
+    if len(d.args) > 2 and d.args[2] == "stdin":
+        raise _error(d, "management: a password from stdin is not supported; put it in a file, name the file")
+    pw = b.resolve(d, d.args[2]) if len(d.args) > 2 else None
+    if d.args[1] == "unix":
+        b.opts = replace(b.opts, management_unix=d.args[0], management=None, management_password_file=pw)
+        return
+    port = _port(d, d.args[1], "management", 0)
+    b.opts = replace(b.opts, management=(d.args[0], port), management_unix=None, management_password_file=pw)
+
+
+@_option("management-hold", args=(0, 0), usage="management-hold")
+def _opt_management_hold(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_hold=True)
+
+
+@_option("management-log-cache", args=(1, 1), usage="management-log-cache N")
+def _opt_management_log_cache(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_log_cache=_int(d, d.args[0], "management-log-cache", 1, 1_000_000))
+
+
+@_option("management-client-user", args=(1, 1), usage="management-client-user USER")
+def _opt_management_client_user(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_client_user=d.args[0])
+
+
+@_option("management-client-group", args=(1, 1), usage="management-client-group GROUP")
+def _opt_management_client_group(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_client_group=d.args[0])
+
+
+_MANAGEMENT_NOT_YET = {
+    "management-query-passwords": "password prompts over the management interface",
+    "management-client-auth": "client authentication by the management client",
+    "management-client": "connecting out to a management client",
+    "management-external-key": "private keys held by the management client",
+    "management-external-cert": "certificates held by the management client",
+    "management-query-remote": "choosing the remote over the management interface",
+    "management-query-proxy": "choosing a proxy over the management interface",
+}
+
+
+def _make_management_refusal(name: str, what: str) -> Handler:
+    def refuse(b: _Builder, d: Directive) -> None:
+        raise _error(
+            d,
+            f"`{name}` ({what}) is not implemented yet in pyovpn's management interface; remove it, "
+            "or supply credentials in files (`auth-user-pass FILE`)",
+        )
+
+    return refuse
+
+
+for _name, _what in _MANAGEMENT_NOT_YET.items():
+    _option(_name, args=(0, None))(_make_management_refusal(_name, _what))
+del _name, _what
 
 
 # Options accepted without any effect, with OpenVPN's argument counts (to still catch typos).

@@ -38,6 +38,8 @@ from pyovpn.edge.host import HostNetwork, SystemNetwork
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
+from pyovpn.mgmt import protocol as mgmt_protocol
+from pyovpn.mgmt.server import ManagementLogHandler, ManagementServer
 from pyovpn.p2p import Connection
 from pyovpn.proto.push import PushedOptions
 from pyovpn.proto.session import SessionConfig
@@ -128,6 +130,9 @@ class Daemon:
         self._tun_params: TunParams | None = None  # what the up script was told; down gets the same
         self._exit_signal: str | None = None
         self.notifier = SystemdNotifier()
+        self.mgmt: ManagementServer | None = None
+        self._mgmt_log: logging.Handler = logging.NullHandler()
+        self._verb: int | None = None
         self._refs: dict[int, tuple[tuple[int, int], float]] = {}  # peer id: (counters, last ref)
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
 
@@ -143,6 +148,7 @@ class Daemon:
     def after_init(self) -> None:
         """Once the first tunnel is up: drop to user/group with CAP_NET_ADMIN only (like OpenVPN)."""
         self.notifier.ready("Initialization Sequence Completed")
+        self._mgmt_connected()
         if self._dropped or (self.opts.user is None and self.opts.group is None):
             return
         self._dropped = True
@@ -260,11 +266,13 @@ class Daemon:
         exit_code = 0
         status_task = asyncio.create_task(self._write_status()) if self.opts.status_file else None
         try:
+            await self._start_management()
             while True:
                 stop = await self._run_one(signals)
                 if stop.by_a_signal:
                     if stop.reason is StopReason.SIGNAL_RESTART:
                         log.info("%s[soft,restart] received, process restarting", stop.signal)
+                        self._mgmt_state("RECONNECTING", stop.signal or "")
                         if stop.signal == "SIGHUP":
                             self.notifier.reloading()
                         else:
@@ -281,6 +289,7 @@ class Daemon:
                     break
                 log.warning("%s; restarting in %.0f s", stop.message, RESTART_DELAY)
                 self.notifier.status(f"{stop.message}; reconnecting")
+                self._mgmt_state("RECONNECTING", _restart_detail(stop.message))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(signals), RESTART_DELAY)
                 if signals.done():
@@ -291,13 +300,137 @@ class Daemon:
                         break
                     signals = self._next_signal(loop)
         finally:
+            self._mgmt_state("EXITING", self._exit_signal or ("fatal-error" if exit_code else ""))
             self.notifier.stopping()
             if status_task is not None:
                 status_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await status_task
             await self._shutdown()
+            if self.mgmt is not None:
+                logging.getLogger().removeHandler(self._mgmt_log)
+                await self.mgmt.close()
         return exit_code
+
+    # ------------------------------------------------------------------ the management interface
+
+    async def _start_management(self) -> None:
+        o = self.opts
+        if o.management is None and o.management_unix is None:
+            return
+        password = None
+        if o.management_password_file:
+            with open(o.management_password_file) as fh:
+                password = fh.readline().rstrip("\r\n")
+        self.mgmt = ManagementServer(
+            self,
+            address=o.management,
+            unix_path=o.management_unix,
+            password=password,
+            hold=o.management_hold,
+            log_cache=o.management_log_cache,
+        )
+        await self.mgmt.start()
+        if o.management_unix and (o.management_client_user or o.management_client_group):
+            uid, gid = privdrop.resolve(o.management_client_user, o.management_client_group)
+            os.chown(o.management_unix, -1 if uid is None else uid, -1 if gid is None else gid)
+        self._mgmt_log = ManagementLogHandler(self.mgmt)
+        logging.getLogger().addHandler(self._mgmt_log)
+        await self.mgmt.wait_hold_release()
+
+    def _mgmt_state(self, name: str, detail: str = "", **where: str) -> None:
+        if self.mgmt is not None:
+            self.mgmt.state(mgmt_protocol.StateEntry(mgmt_protocol.now(), name, detail, **where))
+
+    def _mgmt_connected(self) -> None:
+        if self.mgmt is None:
+            return
+        conn = self.current
+        tun4 = tun6 = remote_ip = remote_port = local_ip = local_port = ""
+        if isinstance(conn, MultiServer):
+            tun4, tun6 = conn.server_ip, conn.server_ip6 or ""
+        else:
+            params = self._tun_params
+            tun4 = params.ifconfig[0] if params is not None and params.ifconfig else ""
+            if isinstance(conn, Connection) and conn.remote is not None:
+                remote_ip, remote_port = str(conn.remote[0]), str(conn.remote[1])
+        sock = getattr(conn, "sock", None) if conn is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                name = sock.getsockname()
+                local_ip, local_port = ("" if name[0] in ("0.0.0.0", "::") else str(name[0])), str(name[1])
+        self._mgmt_state(
+            "CONNECTED",
+            "SUCCESS",
+            tun4=tun4,
+            remote_ip=remote_ip,
+            remote_port=remote_port,
+            local_ip=local_ip,
+            local_port=local_port,
+            tun6=tun6,
+        )
+
+    @property
+    def status_version(self) -> int:
+        return self.opts.status_version
+
+    @property
+    def verb(self) -> int:
+        return self._verb if self._verb is not None else self.opts.verb
+
+    def set_verb(self, level: int) -> None:
+        self._verb = level
+        logging.getLogger().setLevel(_log_level(level))
+
+    async def load_stats(self) -> tuple[int, int, int]:
+        rows = await self.bytecounts()
+        clients = sum(1 for cid, _, _ in rows if cid is not None)
+        return clients, sum(r[1] for r in rows), sum(r[2] for r in rows)
+
+    async def bytecounts(self) -> list[tuple[int | None, int, int]]:
+        conn = self.current
+        out: list[tuple[int | None, int, int]] = []
+        if isinstance(conn, MultiServer):
+            for client in list(conn.clients.values()):
+                if client.in_backend and client.peer_id is not None:
+                    info = await self._peer_info(client.peer_id)
+                    if info is not None:
+                        out.append((client.client_id, info.link_rx_bytes, info.link_tx_bytes))
+        elif isinstance(conn, Connection) and conn.handed_over and conn.peer_id is not None:
+            info = await self._peer_info(conn.peer_id)
+            if info is not None:
+                out.append((None, info.link_rx_bytes, info.link_tx_bytes))
+        return out
+
+    async def kill(self, target: str) -> str:
+        conn = self.current
+        if not isinstance(conn, MultiServer):
+            return "ERROR: kill works in server mode only"
+        if ":" in target and target.rsplit(":", 1)[1].isdigit():
+            host, port = target.rsplit(":", 1)
+            found = [c for c in conn.clients.values() if c.addr[0] == host and c.addr[1] == int(port)]
+            if not found:
+                return f"ERROR: client at address {host}:{port} not found"
+            for c in found:
+                await conn.kill_client(c, "killed by the management interface")
+            return f"SUCCESS: {len(found)} client(s) at address {host}:{port} killed"
+        found = [c for c in conn.clients.values() if c.common_name == target]
+        if not found:
+            return f"ERROR: common name '{target}' not found"
+        for c in found:
+            await conn.kill_client(c, "killed by the management interface")
+        return f"SUCCESS: common name '{target}' found, {len(found)} client(s) killed"
+
+    async def client_kill(self, cid: int, message: str) -> str:
+        conn = self.current
+        if not isinstance(conn, MultiServer):
+            return "ERROR: client-kill works in server mode only"
+        found = [c for c in conn.clients.values() if c.in_backend and c.client_id == cid]
+        if not found:
+            return f"ERROR: client-kill command failed: client {cid} not found"
+        for c in found:
+            await conn.kill_client(c, message or "killed by the management interface")
+        return "SUCCESS: client-kill command succeeded"
 
     # ------------------------------------------------------------------ the status file
 
@@ -313,8 +446,9 @@ class Daemon:
                 log.warning("cannot write the status file %s: %s", path, exc)
             await asyncio.sleep(self.opts.status_interval)
 
-    async def status_text(self) -> str:
+    async def status_text(self, version: int | None = None) -> str:
         """The status file's text for the current connection or server, now."""
+        version = version if version is not None else self.opts.status_version
         now = time.time()
         conn = self.current
         if isinstance(conn, MultiServer):
@@ -340,9 +474,7 @@ class Daemon:
                         iroutes=tuple(f"{net}/{plen}" for net, plen in client.iroutes),
                     )
                 )
-            return status_file.render_server(
-                rows, now, self.opts.status_version, dco=self.dc.name == "kernel"
-            )
+            return status_file.render_server(rows, now, version, dco=self.dc.name == "kernel")
         counters = status_file.LinkCounters()
         if isinstance(conn, Connection) and conn.handed_over and conn.peer_id is not None:
             info = await self._peer_info(conn.peer_id)
@@ -409,8 +541,22 @@ class Daemon:
                 await self._backend.close()
 
 
+def _log_level(verb: int) -> int:
+    return logging.WARNING if verb <= 0 else logging.INFO if verb <= 4 else logging.DEBUG
+
+
+def _restart_detail(message: str) -> str:
+    """The RECONNECTING state's detail word, as OpenVPN names the cause."""
+    m = message.lower()
+    if "inactivity" in m or "ping-restart" in m:
+        return "ping-restart"
+    if "auth" in m:
+        return "auth-failure"
+    return "connection-reset" if "reset" in m else "error"
+
+
 def setup_logging(opts: Options) -> None:
-    level = logging.WARNING if opts.verb <= 0 else logging.INFO if opts.verb <= 4 else logging.DEBUG
+    level = _log_level(opts.verb)
     handlers: list[logging.Handler] = []
     target = opts.log or opts.log_append
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")

@@ -477,6 +477,13 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         v4 = [(net, plen, client.vpn_ip) for net, plen in client.iroutes]
         return v4 + [(net, plen, client.vpn_ip6_address) for net, plen in client.iroutes6]
 
+    async def kill_client(self, client: Client, reason: str) -> None:
+        """Management `kill`/`client-kill`: tell the client to reconnect (RESTART), then drop it."""
+        client.session.send_text("RESTART")
+        self._pump(client)
+        await asyncio.sleep(0.2)  # the RESTART message leaves before the peer is deleted
+        await self._remove_client(client, reason, notify_backend=True)
+
     async def _remove_client(self, client: Client, reason: str, *, notify_backend: bool) -> None:
         if self.clients.get(client.addr) is not client:
             return
