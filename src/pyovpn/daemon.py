@@ -39,6 +39,7 @@ from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
 from pyovpn.mgmt import protocol as mgmt_protocol
+from pyovpn.mgmt.protocol import CONTROL_DIR
 from pyovpn.mgmt.server import ManagementLogHandler, ManagementServer
 from pyovpn.p2p import Connection
 from pyovpn.proto.push import PushedOptions
@@ -133,6 +134,8 @@ class Daemon:
         self.mgmt: ManagementServer | None = None
         self._mgmt_log: logging.Handler = logging.NullHandler()
         self._verb: int | None = None
+        self._control: ManagementServer | None = None
+        self.backend_reason = ""  # why this data channel (kernel or userspace), for `pyovpn show`
         self._refs: dict[int, tuple[tuple[int, int], float]] = {}  # peer id: (counters, last ref)
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
 
@@ -263,9 +266,11 @@ class Daemon:
                 workers=self.opts.engine_workers,
             )
         self.dc.subscribe(self._notify)
+        self.backend_reason = await _backend_reason(self.opts.dco, self.dc.name)
         exit_code = 0
         status_task = asyncio.create_task(self._write_status()) if self.opts.status_file else None
         try:
+            await self._start_control()
             await self._start_management()
             while True:
                 stop = await self._run_one(signals)
@@ -310,9 +315,93 @@ class Daemon:
             if self.mgmt is not None:
                 logging.getLogger().removeHandler(self._mgmt_log)
                 await self.mgmt.close()
+            if self._control is not None:
+                await self._control.close()
         return exit_code
 
     # ------------------------------------------------------------------ the management interface
+
+    async def _start_control(self) -> None:
+        """The control socket `pyovpn show` reads: /run/pyovpn/PID.sock, root only, always on."""
+        try:
+            os.makedirs(CONTROL_DIR, mode=0o700, exist_ok=True)
+            server = ManagementServer(self, unix_path=os.path.join(CONTROL_DIR, f"{os.getpid()}.sock"))
+            await server.start()
+        except OSError as exc:
+            log.info("no control socket for `pyovpn show` in %s: %s", CONTROL_DIR, exc)
+            return
+        self._control = server
+
+    async def info(self) -> dict[str, object]:
+        """This instance for `pyovpn show`: role, device, backend and why, peers with counters."""
+        conn = self.current
+        now = time.time()
+        role = (
+            "server"
+            if self.opts.mode == "server"
+            else "client"
+            if self.opts.pull
+            else f"p2p-{'server' if self.opts.tls_role == 'server' else 'client'}"
+        )
+        peers: list[dict[str, object]] = []
+        if isinstance(conn, MultiServer):
+            for client in list(conn.clients.values()):
+                if not client.in_backend or client.peer_id is None:
+                    continue
+                pinfo = await self._peer_info(client.peer_id)
+                ks = client.session.primary
+                peers.append(
+                    _peer_json(
+                        pinfo,
+                        now,
+                        common_name=client.common_name,
+                        username=client.username,
+                        real_address=f"{client.addr[0]}:{client.addr[1]}",
+                        vpn_ipv4=client.vpn_ip,
+                        vpn_ipv6=client.vpn_ip6_address,
+                        cipher=client.cipher,
+                        connected_since=client.connected_since,
+                        key_established=ks.established if ks is not None else 0.0,
+                        keepalive=(self.opts.ping, self.opts.ping_restart),
+                    )
+                )
+        elif isinstance(conn, Connection) and conn.tunnel is not None and conn.peer_id is not None:
+            pinfo = await self._peer_info(conn.peer_id)
+            session = conn.session
+            ks = session.primary if session is not None else None
+            up = conn.tunnel
+            remote = f"{conn.remote[0]}:{conn.remote[1]}" if conn.remote is not None else None
+            peers.append(
+                _peer_json(
+                    pinfo,
+                    now,
+                    common_name=ks.tls.peer_common_name() if ks is not None else "",
+                    username="",
+                    real_address=remote,
+                    # with net30/p2p addressing the second ifconfig word is the peer's address
+                    vpn_ipv4=self._tun_params.ifconfig[1]
+                    if self._tun_params
+                    and self._tun_params.ifconfig
+                    and self._tun_params.topology != "subnet"
+                    else None,
+                    vpn_ipv6=self._tun_params.ifconfig_ipv6_remote if self._tun_params else None,
+                    cipher=up.cipher.value,
+                    connected_since=conn.connected_since,
+                    key_established=ks.established if ks is not None else 0.0,
+                    keepalive=(up.keepalive_interval, up.keepalive_timeout),
+                )
+            )
+        return {
+            "schema": 1,
+            "pid": os.getpid(),
+            "config": list(self.opts.config_sources),
+            "role": role,
+            "interface": self.iface,
+            "backend": self.dc.name if self._backend is not None else None,
+            "backend_reason": self.backend_reason,
+            "peers": peers,
+            "time": now,
+        }
 
     async def _start_management(self) -> None:
         o = self.opts
@@ -539,6 +628,40 @@ class Daemon:
         if self._backend is not None:
             with contextlib.suppress(Exception):
                 await self._backend.close()
+
+
+async def _backend_reason(dco: str, name: str) -> str:
+    """Why this backend, in the words of the `DCO:` log line."""
+    if dco == "kernel":
+        return "--dco kernel"
+    if dco == "userspace":
+        return "--dco userspace"
+    if name == "kernel":
+        return "auto: the kernel ovpn driver is present"
+    ok, why = await asyncio.to_thread(choice.kernel_ovpn_status)
+    return f"auto: {why}" if not ok else "auto"
+
+
+def _peer_json(
+    info: PeerInfo | None,
+    now: float,
+    *,
+    connected_since: float,
+    key_established: float,
+    keepalive: tuple[int, int],
+    **fields: object,
+) -> dict[str, object]:
+    return {
+        **fields,
+        "connected_since": connected_since or None,
+        "last_handshake": key_established or None,
+        "key_age_s": round(now - key_established, 1) if key_established else None,
+        "rx_bytes": info.link_rx_bytes if info else None,
+        "tx_bytes": info.link_tx_bytes if info else None,
+        "vpn_rx_bytes": info.vpn_rx_bytes if info else None,
+        "vpn_tx_bytes": info.vpn_tx_bytes if info else None,
+        "keepalive": {"interval": keepalive[0], "timeout": keepalive[1]},
+    }
 
 
 def _log_level(verb: int) -> int:

@@ -55,6 +55,8 @@ class Connection(Instance[Command]):
         self.session: Session | None = None
         self.handed_over = False
         self.peer_id: int | None = None
+        self.tunnel: TunnelUp | None = None
+        self.connected_since = 0.0
         self.framer = StreamFramer()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -239,6 +241,8 @@ class Connection(Instance[Command]):
             up.keepalive_timeout,
         )
         log.info("Control Channel: %s", up.tls_summary)
+        self.tunnel = up  # for `pyovpn show` and the status of this connection
+        self.connected_since = time.time()
         await self.host.ensure_iface(up.pushed)
         if self.transport is Transport.UDP and self.remote is None:
             raise BackendError("tunnel up but the peer address is unknown")

@@ -8,9 +8,12 @@ check what OpenVPN cannot do (three clients at once) and that garbage never dist
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -202,3 +205,27 @@ def test_hold_waits_for_release(net: Netns, pki: Pki) -> None:
         client.wait_for_line(INIT_LINE, 30)
     finally:
         m.close()
+
+
+def test_pyovpn_show_lists_the_tunnel(net: Netns, pki: Pki) -> None:
+    """`pyovpn show --json` finds this daemon through its control socket, with the peer and its bytes."""
+    path = str(net.workdir / "mgmt.sock")
+    client = _start(net, pki, "pyovpn", path)
+    assert ping(net.a, inner_addrs(SPEC).server4, count=3).ok
+    res = subprocess.run(
+        [sys.executable, "-m", "pyovpn", "show", "--json"], capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 0, res.stderr
+    (me,) = [i for i in json.loads(res.stdout) if i["pid"] == client.pid]
+    assert me["schema"] == 1 and me["role"] == "p2p-client" and me["interface"] == "tun0"
+    assert me["backend"] == "userspace-offload" and me["backend_reason"]
+    (peer,) = me["peers"]
+    assert peer["common_name"] == "server" and peer["cipher"] == "AES-256-GCM"
+    assert peer["real_address"] == f"{net.outer('b', 4)}:{SPEC.port}"
+    assert peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0 and peer["key_age_s"] >= 0
+    assert peer["keepalive"] == {"interval": 10, "timeout": 60}  # SPEC: keepalive 10 60
+    assert "rx_rate_bps" in peer
+    text = subprocess.run(
+        [sys.executable, "-m", "pyovpn", "show", "tun0"], capture_output=True, text=True, timeout=30
+    ).stdout
+    assert "peer: server (" in text and "cipher: AES-256-GCM" in text and "transfer:" in text

@@ -20,6 +20,8 @@ from pyovpn.edge.status import TITLE
 GREETING = ">INFO:OpenVPN Management Interface Version 5 -- type 'help' for more info"
 UNKNOWN = "ERROR: unknown command, enter 'help' for more options"
 PASSWORD_PROMPT = "ENTER PASSWORD:"  # no line end: the client types on the same line
+#: Where every running pyovpn answers `pyovpn show` (a management socket, root only).
+CONTROL_DIR = "/run/pyovpn"
 MAX_LINE = 4096  # a longer command line is refused (OpenVPN's own buffer is smaller)
 
 HELP = """\

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -47,6 +48,8 @@ class ManagementHost(Protocol):
     def verb(self) -> int: ...
 
     def set_verb(self, level: int) -> None: ...
+
+    def info(self) -> Awaitable[dict[str, object]]: ...  # `pyovpn-info` (pyovpn show), JSON-able
 
 
 @dataclass
@@ -241,6 +244,7 @@ class ManagementServer:
             "signal": self._signal,
             "verb": self._verb,
             "mute": self._mute_cmd,
+            "pyovpn-info": self._info,
             "exit": self._help,
             "quit": self._help,
         }
@@ -353,6 +357,10 @@ class ManagementServer:
             return p.line("ERROR: verb level must be a number from 0 to 11")
         self.host.set_verb(int(args[0]))
         return p.line(f"SUCCESS: verb level changed to {args[0]}")
+
+    async def _info(self, c: _Client, args: list[str]) -> bytes:
+        """pyovpn's own command (no OpenVPN tool sends it): everything `pyovpn show` prints, as JSON."""
+        return p.lines([json.dumps(await self.host.info(), sort_keys=True), "END"])
 
     async def _mute_cmd(self, c: _Client, args: list[str]) -> bytes:
         if not args:
