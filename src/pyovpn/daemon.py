@@ -268,12 +268,14 @@ class Daemon:
         self.dc.subscribe(self._notify)
         self.backend_reason = await _backend_reason(self.opts.dco, self.dc.name)
         exit_code = 0
+        first_packet: tuple[bytes, tuple[str, int] | None] | None = None
         status_task = asyncio.create_task(self._write_status()) if self.opts.status_file else None
         try:
             await self._start_control()
             await self._start_management()
             while True:
-                stop = await self._run_one(signals)
+                stop = await self._run_one(signals, first_packet)
+                first_packet = None
                 if stop.by_a_signal:
                     if stop.reason is StopReason.SIGNAL_RESTART:
                         log.info("%s[soft,restart] received, process restarting", stop.signal)
@@ -292,6 +294,12 @@ class Daemon:
                     log.error("Exiting due to fatal error: %s", stop.message)
                     exit_code = stop.exit_code or 1
                     break
+                if stop.first_packet is not None:
+                    # the peer is already knocking again: answer it now (OpenVPN does too)
+                    log.info("%s; restarting", stop.message)
+                    self._mgmt_state("RECONNECTING", "connection-reset")
+                    first_packet = stop.first_packet
+                    continue
                 log.warning("%s; restarting in %.0f s", stop.message, RESTART_DELAY)
                 self.notifier.status(f"{stop.message}; reconnecting")
                 self._mgmt_state("RECONNECTING", _restart_detail(stop.message))
@@ -592,9 +600,13 @@ class Daemon:
             self._refs[peer_id] = (seen, now if last is not None else since)
         return self._refs[peer_id][1]
 
-    async def _run_one(self, signals: asyncio.Future[str]) -> Stop:
+    async def _run_one(
+        self, signals: asyncio.Future[str], first_packet: tuple[bytes, tuple[str, int] | None] | None = None
+    ) -> Stop:
         """One connection (or server instance) until it ends or a signal ends it."""
-        conn: Connection | MultiServer = MultiServer(self) if self.opts.mode == "server" else Connection(self)
+        conn: Connection | MultiServer = (
+            MultiServer(self) if self.opts.mode == "server" else Connection(self, first_packet)
+        )
         self.current = conn
         run: asyncio.Task[Stop] = asyncio.create_task(conn.run())
 

@@ -46,7 +46,9 @@ Command = TunnelUp | api.NewKey | api.SwapKeys | api.DelKey | api.SendControl
 class Connection(Instance[Command]):
     """One session attempt: socket, handshake, tunnel, until it ends."""
 
-    def __init__(self, host: PeerHost) -> None:
+    def __init__(
+        self, host: PeerHost, first_packet: tuple[bytes, tuple[str, int] | None] | None = None
+    ) -> None:
         super().__init__()
         self.host = host
         self.opts = host.opts
@@ -57,6 +59,8 @@ class Connection(Instance[Command]):
         self.peer_id: int | None = None
         self.tunnel: TunnelUp | None = None
         self.connected_since = 0.0
+        self.first_packet = first_packet
+        self._last_source: tuple[str, int] | None = None
         self.framer = StreamFramer()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -90,6 +94,9 @@ class Connection(Instance[Command]):
         self.session = Session(self.host.session_cfg, rng=os.urandom, now=time.time())
         self._start_reading()
         self._start_worker()
+        if self.first_packet is not None:
+            # a restarted peer's hard reset that ended the previous connection: answer it now
+            self._on_packet(*self.first_packet)
         self.session.handle_timer(time.time())  # sends the client's hard reset
         self._pump()
         return await self._until_stopped()
@@ -159,6 +166,7 @@ class Connection(Instance[Command]):
                 # before the handshake, or a (re)starting client: the session decides
                 if sess.peer_session_id is None:
                     self.remote = source
+        self._last_source = source
         sess.receive(data, time.time())
         self._pump()
 
@@ -187,7 +195,7 @@ class Connection(Instance[Command]):
                 kind = StopReason.RESTART if ev.restart else StopReason.FATAL
                 self.stop(Stop(kind, ev.reason, exit_code=0 if ev.restart else 1))
             elif isinstance(ev, PeerRestarted):
-                self.stop(Stop.restart("peer restarted (new hard reset)"))
+                self.stop(Stop.peer_restarted(ev.packet, self._last_source))
             elif isinstance(ev, (TunnelUp, api.NewKey, api.SwapKeys, api.DelKey)):
                 if isinstance(ev, TunnelUp) and not self.handed_over:
                     # Stop reading now, not when the worker gets to NewPeer: whatever arrives in
