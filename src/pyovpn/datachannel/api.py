@@ -39,6 +39,21 @@ class Cipher(enum.Enum):
         raise ValueError(f"unsupported data cipher {name!r}")
 
 
+class Framing(enum.Enum):
+    """OpenVPN's compression framing of data-channel payloads (pyovpn never compresses).
+
+    The value is the option that selects it. ``LZO_PREFIX``: ``comp-lzo`` (any argument) and
+    ``compress lzo``, one header byte before every payload. ``SWAP``: ``compress`` / ``compress
+    stub`` / ``compress lz4``, the header replaces the first byte, which moves to the end.
+    ``V2``: ``compress stub-v2`` / ``compress lz4-v2``, a two-byte header only when needed.
+    """
+
+    NONE = "none"
+    LZO_PREFIX = "comp-lzo"
+    SWAP = "compress"
+    V2 = "compress stub-v2"
+
+
 class IfaceMode(enum.IntEnum):
     P2P = 0  # one peer; OVPN_MODE_P2P
     MP = 1  # many peers, looked up by route; OVPN_MODE_MP
@@ -108,6 +123,7 @@ class NewPeer:
     keepalive_timeout: int = 0
     tx_peer_id: int | None = None  # defaults to peer_id
     tcp_backlog: bytes = b""
+    framing: Framing = Framing.NONE  # compression framing (userspace backends only, see Capabilities)
 
 
 @dataclass(frozen=True)
@@ -305,6 +321,7 @@ class Capabilities:
     tun_offloads: bool = False  # TSO super-packets from the TUN, GRO-coalesced writes (extra counters)
     lane: bool = False  # MP: keepalive pings on a socket of their own, ahead of data
     hooks: bool = False  # debug() (see above)
+    framing: bool = False  # NewPeer.framing other than NONE (OpenVPN's compression framing)
 
 
 class DataChannel(Protocol):

@@ -437,6 +437,7 @@ class Controller:
             "gro": peer.gro,
             "mss4": mss4,
             "mss6": mss6,
+            "framing": cmd.framing.value,
         }
         tx_w, rx_w = peer.workers
         self.peers[peer.peer_id] = peer

@@ -75,7 +75,9 @@ class EngineDataChannel:
     """
 
     name = "userspace-offload"
-    capabilities = Capabilities(tcp_backlog=True, stats=True, gso=True, tun_offloads=True, hooks=True)
+    capabilities = Capabilities(
+        tcp_backlog=True, stats=True, gso=True, tun_offloads=True, hooks=True, framing=True
+    )
 
     def __init__(
         self,
