@@ -13,8 +13,8 @@ The pipeline has three stages:
 Per-client files of a P2MP server's `client-config-dir` are read separately by `parse_ccd`.
 
 Every problem is reported as `pyovpn.errors.ConfigError` naming the option, where it came from and
-what to do about it. Anything pyovpn cannot do (compression, fragmentation, tap, non-AEAD ciphers,
-static-key mode, proxies, ...) is refused loudly rather than silently ignored.
+what to do about it. Anything pyovpn cannot do (sending compressed packets, fragmentation, tap,
+non-AEAD ciphers, static-key mode, proxies, ...) is refused loudly rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -168,6 +168,11 @@ class Options:
     data_ciphers_fallback: str | None = None
     cipher: str | None = None
     auth: str = "SHA1"
+    #: `comp-lzo [ARG]` / `compress [ALG]` as (option, argument or ""): the compression framing
+    #: the data channel applies (pyovpn never compresses; it decompresses what it receives).
+    compression: tuple[str, str] | None = None
+    #: `allow-compression no|asym|yes` as given ("" when absent).
+    allow_compression: str = ""
     reneg_sec: int = 3600
     #: `keepalive PING RESTART` as given; ping/ping_restart hold what it stands for.
     keepalive: tuple[int, int] | None = None
@@ -1302,13 +1307,13 @@ def _opt_ignore_unknown_option(b: _Builder, d: Directive) -> None:
     b.ignore_unknown.update(name.removeprefix("--") for name in d.args)
 
 
-@_option("allow-compression", args=(1, 1), usage="allow-compression no")
+@_option("allow-compression", args=(1, 1), usage="allow-compression no|asym|yes")
 def _opt_allow_compression(b: _Builder, d: Directive) -> None:
-    if d.args[0] == "no":
-        return  # pyovpn never compresses, so this is what happens anyway
-    if d.args[0] in ("yes", "asym"):
-        raise _error(d, _COMPRESSION_MESSAGE.format(what=f"allow-compression {d.args[0]}"))
-    raise _error(d, f"allow-compression: bad value '{d.args[0]}'; use `allow-compression no`")
+    if d.args[0] not in ("no", "asym", "yes"):
+        raise _error(d, f"allow-compression: bad value '{d.args[0]}'; use no, asym or yes")
+    if b.opts.allow_compression == "no" and d.args[0] != "no":
+        raise _error(d, f"allow-compression: cannot set it to '{d.args[0]}' after it was set to 'no'")
+    b.opts = replace(b.opts, allow_compression=d.args[0])
 
 
 @_option("key-method", args=(1, 1), usage="key-method 2")
@@ -1432,9 +1437,9 @@ def _push_option(d: Directive, option: str) -> str:
             f"push: '{option}' contains a comma, which separates options in the pushed message; "
             'push each option separately, e.g. `push "dhcp-option DNS 10.8.0.1"` once per option',
         )
-    name = option.split()[0]
-    if name in ("comp-lzo", "compress"):
-        raise _error(d, _COMPRESSION_MESSAGE.format(what=f'push "{option}"'))
+    words = option.split()
+    if words[0] in ("comp-lzo", "compress"):
+        _compression_arg(d, words[0], words[1:])
     return option
 
 
@@ -1582,13 +1587,6 @@ del _name, _count
 
 # -- refused: things an offloaded, AEAD-only, layer-3 data channel cannot do ------------------
 
-_COMPRESSION_MESSAGE = (
-    "`{what}`: compression is not supported by offloaded data channels (and is a security risk, "
-    "VORACLE); even `comp-lzo no` or `compress` without an algorithm adds a compression framing "
-    "byte that cannot be offloaded. Remove comp-lzo/compress here and on the server, and make sure "
-    "the server does not push comp-lzo/compress either"
-)
-
 _REFUSED: dict[str, str] = {
     "fragment": (
         "`fragment` is not supported: OpenVPN's internal fragmentation cannot be offloaded to the "
@@ -1643,9 +1641,63 @@ for _name, _message in _REFUSED.items():
 del _name, _message
 
 
+_COMPRESSION_ARGS = {
+    "comp-lzo": ("", "yes", "no", "adaptive"),
+    "compress": ("", "stub", "stub-v2", "lz4", "lz4-v2", "lzo"),
+}
+# framings that announce a real algorithm: refused by `allow-compression no`, as in OpenVPN
+_NON_STUB_COMPRESSION = {("comp-lzo", a) for a in ("", "yes", "adaptive")} | {
+    ("compress", a) for a in ("lz4", "lz4-v2", "lzo")
+}
+
+
+def _compression_arg(d: Directive, name: str, args: Sequence[str]) -> str:
+    """The checked argument of `comp-lzo`/`compress` (in the config or in a `push`)."""
+    if len(args) > 1:
+        raise _error(d, f"{name}: takes at most one argument, got '{' '.join(args)}'")
+    arg = args[0] if args else ""
+    if name == "compress" and arg == "migrate":
+        raise _error(
+            d,
+            "`compress migrate` is not supported: pyovpn does not rewrite clients' compression "
+            "settings. Push `comp-lzo no` (or `compress stub-v2`) explicitly to the clients that need "
+            "framing, or remove compression from the clients",
+        )
+    if arg not in _COMPRESSION_ARGS[name]:
+        allowed = ", ".join(a for a in _COMPRESSION_ARGS[name] if a)
+        raise _error(d, f"{name}: bad argument '{arg}'; use one of {allowed} (or none)")
+    return arg
+
+
 @_option("comp-lzo", "compress", args=(0, 1), inline=True)
 def _opt_compression(b: _Builder, d: Directive) -> None:
-    raise _error(d, _COMPRESSION_MESSAGE.format(what=" ".join((d.name, *d.args[:1]))))
+    b.opts = replace(b.opts, compression=(d.name, _compression_arg(d, d.name, d.args)))
+
+
+@_option("comp-noadapt", args=(0, 0))
+def _opt_comp_noadapt(b: _Builder, d: Directive) -> None:
+    pass  # adaptive compression only changes how often a sender compresses; pyovpn never does
+
+
+def _check_compression(o: Options, fail: Callable[..., ConfigError]) -> None:
+    if o.compression is None:
+        return
+    what = " ".join(part for part in o.compression if part)
+    if o.allow_compression == "no" and o.compression in _NON_STUB_COMPRESSION:
+        raise fail(
+            f"`allow-compression no` conflicts with `{what}`, which enables compression; use "
+            f"`comp-lzo no` or `compress stub-v2` for framing only, or drop `allow-compression no`",
+            "allow-compression",
+            o.compression[0],
+        )
+    if o.dco == "kernel":
+        raise fail(
+            f"`{what}` adds OpenVPN's compression framing, which the kernel data channel cannot "
+            "carry: use `--dco auto` or `--dco userspace` (pyovpn then runs this connection in "
+            "userspace), or remove compression here and on the peer",
+            o.compression[0],
+            "dco",
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1818,6 +1870,7 @@ def _validate(b: _Builder) -> Options:
                 "REMOTE` or use `server-ipv6 NETWORK/BITS` instead",
                 "ifconfig-ipv6-pool",
             )
+    _check_compression(o, fail)
 
     return replace(
         o,
