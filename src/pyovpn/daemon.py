@@ -20,7 +20,7 @@ from pyovpn import __version__, privdrop
 from pyovpn.config import AEAD_CIPHERS, Options
 from pyovpn.datachannel import choice
 from pyovpn.datachannel.api import DataChannel, DelIface, IfaceMode, NewIface, Notification
-from pyovpn.edge import iface
+from pyovpn.edge import compression, iface
 from pyovpn.edge.host import HostNetwork, SystemNetwork
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
@@ -81,6 +81,7 @@ def session_config(opts: Options) -> SessionConfig:
         pull=opts.pull,
         username=user,
         password=password,
+        compression=opts.compression,
     )
 
 
@@ -228,8 +229,10 @@ class Daemon:
             for name in sorted(SIGNALS):
                 loop.add_signal_handler(Signals[name], self.signal, name)
         if self._backend is None:
+            compression.log_configured(self.opts)
             self._backend = await choice.open_backend(
                 self.opts.dco,
+                kernel_refusal=compression.kernel_refusal(self.opts),
                 mp=self.opts.mode == "server",
                 mssfix=self.opts.mssfix,
                 engine=self.opts.userspace_engine,

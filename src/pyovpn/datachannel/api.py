@@ -53,6 +53,23 @@ class Framing(enum.Enum):
     SWAP = "compress"
     V2 = "compress stub-v2"
 
+    @classmethod
+    def from_option(cls, option: tuple[str, str] | None) -> Framing:
+        """The framing of ``comp-lzo``/``compress`` with its argument ("" for none); NONE for None."""
+        if option is None:
+            return cls.NONE
+        name, arg = option
+        if name == "comp-lzo" and arg in ("", "yes", "no", "adaptive"):
+            return cls.LZO_PREFIX
+        if name == "compress":
+            if arg == "lzo":
+                return cls.LZO_PREFIX
+            if arg in ("", "stub", "lz4"):
+                return cls.SWAP
+            if arg in ("stub-v2", "lz4-v2"):
+                return cls.V2
+        raise ValueError(f"unknown compression option {' '.join(option)!r}")
+
 
 class IfaceMode(enum.IntEnum):
     P2P = 0  # one peer; OVPN_MODE_P2P

@@ -74,6 +74,7 @@ class SessionConfig:
     ping_restart: int = 0
     offer_ekm: bool = True  # advertise TLS-EKM key derivation (IV_PROTO bit 3)
     mode_server: bool = False  # P2MP server: the client pulls its options (needs is_tls_server)
+    compression: tuple[str, str] | None = None  # comp-lzo/compress and its argument: OCC and peer-info
 
 
 # ---------------------------------------------------------------------------- events
@@ -596,6 +597,7 @@ class Session:
                 iv_proto=self._iv_proto(),
                 pull=c.pull,
                 tun_mtu=c.tun_mtu,
+                compression=c.compression,
             )
         )
         options = km.occ_options_string(
@@ -605,6 +607,7 @@ class Session:
             tun_mtu=c.tun_mtu,
             tls_auth=c.tls_auth_key is not None,
             key_direction=c.key_direction,
+            compression=c.compression is not None,
         )
         msg = km.KeyMethod2(
             random1=self._rng(km.RANDOM_LEN),

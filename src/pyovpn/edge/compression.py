@@ -1,0 +1,64 @@
+"""Which compression framing a connection's data channel applies, and the log lines that say so.
+
+The framing comes from the configuration's `comp-lzo`/`compress`, or for a pull client from
+the server's push, which overrides it for that session (as in OpenVPN). pyovpn never
+compresses; the backends decompress what arrives (see ``datachannel/framing.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyovpn.config import Options
+from pyovpn.datachannel.api import Capabilities, Framing
+from pyovpn.errors import BackendError
+from pyovpn.proto.push import PushedOptions
+
+log = logging.getLogger("pyovpn")
+
+_STUBS = {("comp-lzo", "no"), ("compress", ""), ("compress", "stub"), ("compress", "stub-v2")}
+
+
+def describe(option: tuple[str, str]) -> str:
+    return " ".join(part for part in option if part)
+
+
+def kernel_refusal(opts: Options) -> str | None:
+    """Why the configuration keeps the kernel data channel out, or None."""
+    if opts.compression is None:
+        return None
+    return f"`{describe(opts.compression)}` needs compression framing, which the kernel ovpn driver lacks"
+
+
+def log_configured(opts: Options) -> None:
+    """OpenVPN's warnings about a configured compression setting, in pyovpn's terms."""
+    if opts.compression is None:
+        return
+    if opts.compression not in _STUBS:
+        log.warning(
+            "%s: compressed packets from the peer are decompressed, but pyovpn never compresses what it "
+            "sends (as OpenVPN's `allow-compression asym`; compression has been used to break encryption)",
+            describe(opts.compression),
+        )
+    if opts.allow_compression == "yes":
+        log.warning("allow-compression yes: pyovpn still sends uncompressed packets (framed only)")
+
+
+def session_framing(opts: Options, pushed: PushedOptions | None, caps: Capabilities, backend: str) -> Framing:
+    """The framing for this session's peer; BackendError if the backend cannot apply it."""
+    option = pushed.compression if pushed is not None and pushed.compression is not None else opts.compression
+    framing = Framing.from_option(option)
+    if framing is Framing.NONE or option is None:
+        return framing
+    source = "pushed by the server" if option is not opts.compression else "configured"
+    if not caps.framing:
+        raise BackendError(
+            f"`{describe(option)}` ({source}) needs compression framing, which the {backend} data channel "
+            "cannot apply: run with --dco userspace, or remove comp-lzo/compress on the server"
+        )
+    log.info(
+        "Data Channel: compression framing '%s' (%s); outgoing packets are not compressed",
+        describe(option),
+        source,
+    )
+    return framing
