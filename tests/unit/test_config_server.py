@@ -288,7 +288,7 @@ def test_push_without_quotes() -> None:
 
 
 def test_push_of_compression_is_checked_and_kept() -> None:
-    assert 'compress lz4-v2' in parse_config_text(SERVER + 'push "compress lz4-v2"\n').push
+    assert "compress lz4-v2" in parse_config_text(SERVER + 'push "compress lz4-v2"\n').push
     err = server_error(SERVER + 'push "compress migrate"\n')
     assert "compress migrate" in str(err) and "comp-lzo no" in str(err)
 

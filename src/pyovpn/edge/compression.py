@@ -56,6 +56,14 @@ def session_framing(opts: Options, pushed: PushedOptions | None, caps: Capabilit
             f"`{describe(option)}` ({source}) needs compression framing, which the {backend} data channel "
             "cannot apply: run with --dco userspace, or remove comp-lzo/compress on the server"
         )
+    if option is not opts.compression:
+        # configured framing was reported when the backend was chosen; a pushed one is news
+        log.info(
+            "DCO: kernel data channel not used: the server pushed `%s` (compression framing, which "
+            "the kernel ovpn driver lacks); this session runs on the %s data channel",
+            describe(option),
+            backend,
+        )
     log.info(
         "Data Channel: compression framing '%s' (%s); outgoing packets are not compressed",
         describe(option),
