@@ -13,7 +13,6 @@ import socket
 import struct
 import time
 
-import lz4.block  # type: ignore[import-untyped]
 import pytest
 
 from pyovpn.datachannel import api
@@ -39,6 +38,8 @@ def _echo_request(payload: bytes) -> bytes:
 
 def _compressed(framing: api.Framing, ip: bytes) -> bytes:
     """``ip`` LZ4-compressed as a stock peer with `allow-compression yes` sends it."""
+    import lz4.block  # type: ignore[import-untyped]  # here: the kernel run (guest) never needs it
+
     block = lz4.block.compress(ip, store_size=False)
     assert len(block) < len(ip) // 4
     if framing is api.Framing.SWAP:  # compress lz4: 0x69, first byte moved to the end
@@ -136,4 +137,25 @@ def test_framing_udp(rig: Rig, framing: api.Framing) -> None:
             assert rig.stats(b, 7).extra.get("rx_lzo_unsupported") == 1
     finally:
         for s in (sock_a, sock_b, other):
+            s.close()
+
+
+def test_framing_tcp(rig: Rig) -> None:
+    """Over a TCP transport the framed payload sits inside each length-prefixed frame."""
+    rig.require("framing", "compression framing")
+    a, b = rig.pair()
+    listener = nslab.tcp_listener(a, (nslab.VETH_A, nslab.PORT))
+    conn_b = b.call(lambda: socket.create_connection((nslab.VETH_A, nslab.PORT), timeout=5))
+    conn_a, _ = listener.accept()
+    try:
+        a.request(api.NewPeer(1, conn_a.fileno(), api.Transport.TCP, framing=api.Framing.SWAP))
+        b.request(api.NewPeer(1, conn_b.fileno(), api.Transport.TCP, framing=api.Framing.SWAP))
+        key0 = os.urandom(256)
+        install_key(a, 1, api.KeySlot.PRIMARY, 0, key0, client=False)
+        install_key(b, 1, api.KeySlot.PRIMARY, 0, key0, client=True)
+        assert a.run(ping(nslab.TUN_B, 3, size=1200)) == 3
+        assert b.run(ping(nslab.TUN_A, 3)) == 3
+        tcp_bulk(a, b, 2 << 20)
+    finally:
+        for s in (conn_a, conn_b, listener):
             s.close()
