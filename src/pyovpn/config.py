@@ -166,7 +166,10 @@ class Options:
     verify_x509_name: tuple[str, str] | None = None
     data_ciphers: tuple[str, ...] = AEAD_CIPHERS
     data_ciphers_fallback: str | None = None
+    #: `cipher`: AEAD, or a CBC cipher used only as the fallback for peers that do not negotiate
     cipher: str | None = None
+    #: CBC ciphers named in `data-ciphers`: not offered (the daemon logs that)
+    unoffered_ciphers: tuple[str, ...] = ()
     auth: str = "SHA1"
     #: `comp-lzo [ARG]` / `compress [ALG]` as (option, argument or ""): the compression framing
     #: the data channel applies (pyovpn never compresses; it decompresses what it receives).
@@ -811,6 +814,16 @@ def _proto(d: Directive, value: str) -> tuple[str, Family]:
         raise _error(d, f"{d.name}: bad protocol '{value}'; use one of: {', '.join(_PROTOS)}") from None
 
 
+_CBC_RE = re.compile(r"[A-Z0-9]+(-[A-Z0-9]+)*-CBC", re.ASCII)
+
+
+def _aead_or_cbc(d: Directive, name: str) -> str:
+    """A cipher for `cipher`/`data-ciphers-fallback`: AEAD, or a CBC cipher kept as the fallback for
+    peers that do not negotiate (refused at run time if such a peer shows up, see proto/session.py)."""
+    upper = name.upper()
+    return upper if _CBC_RE.fullmatch(upper) else _aead(d, name)
+
+
 def _aead(d: Directive, name: str) -> str:
     upper = name.upper()
     if upper not in AEAD_CIPHERS:
@@ -1113,6 +1126,7 @@ def _opt_verify_x509_name(b: _Builder, d: Directive) -> None:
 @_option("data-ciphers", "ncp-ciphers", args=(1, 1), usage="data-ciphers CIPHER[:CIPHER...]")
 def _opt_data_ciphers(b: _Builder, d: Directive) -> None:
     ciphers: list[str] = []
+    unoffered: list[str] = []
     for item in d.args[0].split(":"):
         if not item:
             continue
@@ -1121,20 +1135,23 @@ def _opt_data_ciphers(b: _Builder, d: Directive) -> None:
             if item[1:].upper() in AEAD_CIPHERS:
                 ciphers.append(item[1:].upper())
             continue
+        if _CBC_RE.fullmatch(item.upper()):
+            unoffered.append(item.upper())  # logged by the daemon: a peer that negotiates never needs it
+            continue
         ciphers.append(_aead(d, item))
     if not ciphers:
         raise _error(d, f"{d.name}: no usable cipher in '{d.args[0]}'; use e.g. AES-256-GCM:AES-128-GCM")
-    b.opts = replace(b.opts, data_ciphers=tuple(dict.fromkeys(ciphers)))
+    b.opts = replace(b.opts, data_ciphers=tuple(dict.fromkeys(ciphers)), unoffered_ciphers=tuple(unoffered))
 
 
 @_option("data-ciphers-fallback", args=(1, 1), usage="data-ciphers-fallback CIPHER")
 def _opt_data_ciphers_fallback(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, data_ciphers_fallback=_aead(d, d.args[0]))
+    b.opts = replace(b.opts, data_ciphers_fallback=_aead_or_cbc(d, d.args[0]))
 
 
 @_option("cipher", args=(1, 1), usage="cipher CIPHER")
 def _opt_cipher(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, cipher=_aead(d, d.args[0]))
+    b.opts = replace(b.opts, cipher=_aead_or_cbc(d, d.args[0]))
 
 
 @_option("auth", args=(1, 1), usage="auth SHA1|SHA256|SHA384|SHA512")

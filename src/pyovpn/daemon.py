@@ -52,6 +52,8 @@ def session_config(opts: Options) -> SessionConfig:
         peer_cert=peer_cert,
     )
     user, password = opts.auth_user_pass or (None, None)
+    for name in opts.unoffered_ciphers:
+        log.warning("data-ciphers: %s is not offered: pyovpn's data channel runs AEAD ciphers only", name)
     return SessionConfig(
         # the TLS handshake
         is_tls_server=is_server,

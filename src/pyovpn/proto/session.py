@@ -125,6 +125,15 @@ SessionEvent = TunnelUp | SessionClosed | PeerRestarted | ClientAuthRequest | Ne
 PUSH_MESSAGE_LIMIT = 1024 - 84  # OpenVPN keeps each PUSH_REPLY message below this
 
 
+def non_aead_refusal(name: str, who: str) -> str:
+    """Why a session needing the non-AEAD cipher ``name`` (a `cipher` fallback such as AES-256-CBC) fails."""
+    return (
+        f"{who} needs the data cipher {name}, which pyovpn's data channel cannot run (AEAD only: "
+        "AES-256-GCM, AES-128-GCM, CHACHA20-POLY1305; CBC with HMAC is not implemented). Let the peer "
+        "negotiate: OpenVPN >= 2.4 without ncp-disable, with AES-256-GCM in its data-ciphers"
+    )
+
+
 # ---------------------------------------------------------------------------- key state
 
 
@@ -384,7 +393,10 @@ class Session:
                     continue
         fallback = self.cfg.data_ciphers_fallback
         if not theirs and fallback:
-            return Cipher.from_name(fallback)
+            try:
+                return Cipher.from_name(fallback)
+            except ValueError:
+                log.warning("%s", non_aead_refusal(fallback, "a client that does not negotiate ciphers"))
         return None
 
     def accept_client(self, now: float, *, peer_id: int, push: list[str]) -> None:
@@ -670,7 +682,11 @@ class Session:
                 )
                 self._fail(raise_closed, restart=False)
                 return
-            self.cipher = Cipher.from_name(fallback)
+            try:
+                self.cipher = Cipher.from_name(fallback)
+            except ValueError:
+                self._fail(non_aead_refusal(fallback, "a peer without cipher negotiation"), restart=False)
+                return
         else:
             peer_ciphers = [c.upper() for c in self._remote_info.get("IV_CIPHERS", "").split(":") if c]
             ours = [c.upper() for c in self.cfg.data_ciphers]
@@ -689,7 +705,7 @@ class Session:
             try:
                 self.cipher = Cipher.from_name(common)
             except ValueError:
-                self._fail(f"negotiated cipher {common} cannot be offloaded (AEAD only)", restart=False)
+                self._fail(non_aead_refusal(common, "the peer (no common AEAD cipher)"), restart=False)
                 return
         if not peer & km.IV_PROTO_DATA_V2:
             self._fail(
@@ -767,10 +783,7 @@ class Session:
         try:
             self.cipher = Cipher.from_name(name)
         except ValueError:
-            self._fail(
-                f"server pushed cipher {name}, which the offloaded data channel cannot do (AEAD only)",
-                restart=False,
-            )
+            self._fail(non_aead_refusal(name, "the server (pushed or fallback cipher)"), restart=False)
             return
         if pushed.peer_id is None:
             self._fail(
