@@ -89,3 +89,16 @@ def test_stock_server_that_compresses(net: Netns, pki: Pki) -> None:
     sizes = [(int(a), int(b)) for a, b in re.findall(r"LZ4 compress (\d+) -> (\d+)", server.text())]
     assert any(before > 1200 and after < before // 4 for before, after in sizes), server.tail()
     assert "kernel data channel not used: the server pushed `compress lz4-v2`" in client.text()
+
+
+@pytest.mark.parametrize("option", ["comp-lzo", "compress lz4"])
+def test_p2p_pyovpn_client_and_stock_server_with_compression(net: Netns, pki: Pki, option: str) -> None:
+    """P2P (no pull): the framing comes from each side's own config; pyovpn runs it on the engine."""
+    spec = TunnelSpec(role="p2p", dco=None)
+    server, client = spawn_tunnel(
+        net, pki, spec, "openvpn", "pyovpn", server_extra=f"{option}\n", client_extra=f"{option}\n"
+    )
+    wait_for_lines([server, client], INIT_LINE, 40)
+    _traffic_both_ways(net, spec)
+    assert "kernel data channel not used" in client.text()
+    assert not re.search(r"Bad .*decompression header", server.text()), server.tail()

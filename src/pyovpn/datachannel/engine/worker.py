@@ -629,7 +629,14 @@ class Worker:
         lens = self.tx_lens
         frame = peer.transport is Transport.TCP
         if peer.framing is not Framing.NONE:
-            frame_slots(peer.framing, self.tx_mv, offs, lens, 26 if frame else 24)
+            try:
+                frame_slots(peer.framing, self.tx_mv, offs, lens, 26 if frame else 24)
+            except ValueError:  # no room left to grow the slots: drop this batch, never the worker
+                _count(peer.stats, "tx_dropped_framing", len(offs))
+                offs.clear()
+                lens.clear()
+                self.tx_pos = 0
+                return ks
         done = ks.encrypt_slots(self.tx_mv, offs, lens, peer.tx_peer_id, frame=frame)
         if done < len(offs):
             _count(peer.stats, "tx_dropped_no_key", len(offs) - done)
