@@ -102,3 +102,14 @@ def test_p2p_pyovpn_client_and_stock_server_with_compression(net: Netns, pki: Pk
     _traffic_both_ways(net, spec)
     assert "kernel data channel not used" in client.text()
     assert not re.search(r"Bad .*decompression header", server.text()), server.tail()
+
+
+def test_pyovpn_server_pushing_comp_lzo_no_to_pyovpn_client(net: Netns, pki: Pki) -> None:
+    """Both ends pyovpn: the server frames all clients and pushes `comp-lzo no`; the client follows."""
+    spec = TunnelSpec(role="server", dco=None)
+    server, client = spawn_tunnel(
+        net, pki, spec, "pyovpn", "pyovpn", server_extra='comp-lzo no\npush "comp-lzo no"\n'
+    )
+    wait_for_lines([server, client], INIT_LINE, 40)
+    _traffic_both_ways(net, spec)
+    assert "the server pushed `comp-lzo no`" in client.text()
