@@ -1707,7 +1707,7 @@ def _check_compression(o: Options, fail: Callable[..., ConfigError]) -> None:
             "allow-compression",
             o.compression[0],
         )
-    if o.dco == "kernel":
+    if o.dco == "kernel" and o.compression != ("compress", "stub-v2"):  # stub-v2: nothing for IP packets
         raise fail(
             f"`{what}` adds OpenVPN's compression framing, which the kernel data channel cannot "
             "carry: use `--dco auto` or `--dco userspace` (pyovpn then runs this connection in "

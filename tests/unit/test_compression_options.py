@@ -37,7 +37,8 @@ def test_compression_options_are_accepted(line: str, option: tuple[str, str]) ->
     opts = parse_config_text(CLIENT + line + "\n")
     assert opts.compression == option
     assert opts.ignored == ()
-    assert compression.kernel_refusal(opts) is not None
+    # stub-v2 never adds a byte to an IP packet, so the kernel may carry it (as with OpenVPN's DCO)
+    assert (compression.kernel_refusal(opts) is None) == (line == "compress stub-v2")
 
 
 def test_allow_compression_values() -> None:
@@ -96,6 +97,16 @@ def test_pushed_framing_overrides_and_is_logged(caplog: pytest.LogCaptureFixture
     assert compression.session_framing(opts, PushedOptions(), framing_caps, "userspace") is Framing.V2
     plain = parse_config_text(CLIENT)
     assert compression.session_framing(plain, None, Capabilities(), "kernel") is Framing.NONE
+
+
+def test_stub_v2_needs_no_framing_on_the_kernel() -> None:
+    opts = parse_config_text(CLIENT + "compress stub-v2\ndco kernel\n")
+    assert compression.session_framing(opts, None, Capabilities(), "kernel") is Framing.NONE
+    pushed = PushedOptions(compression=("compress", "stub-v2"))
+    assert (
+        compression.session_framing(parse_config_text(CLIENT), pushed, Capabilities(), "kernel")
+        is Framing.NONE
+    )
 
 
 def test_pushed_framing_on_a_backend_without_it_is_a_clear_error() -> None:

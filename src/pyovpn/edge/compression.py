@@ -17,6 +17,9 @@ from pyovpn.proto.push import PushedOptions
 log = logging.getLogger("pyovpn")
 
 _STUBS = {("comp-lzo", "no"), ("compress", ""), ("compress", "stub"), ("compress", "stub-v2")}
+# stub-v2 frames only payloads that start with 0x50, which an IP packet never does: the kernel
+# carries it unchanged (OpenVPN 2.6 allows it with DCO for the same reason)
+_KERNEL_SAFE = ("compress", "stub-v2")
 
 
 def describe(option: tuple[str, str]) -> str:
@@ -25,7 +28,7 @@ def describe(option: tuple[str, str]) -> str:
 
 def kernel_refusal(opts: Options) -> str | None:
     """Why the configuration keeps the kernel data channel out, or None."""
-    if opts.compression is None:
+    if opts.compression is None or opts.compression == _KERNEL_SAFE:
         return None
     return f"`{describe(opts.compression)}` needs compression framing, which the kernel ovpn driver lacks"
 
@@ -51,6 +54,11 @@ def session_framing(opts: Options, pushed: PushedOptions | None, caps: Capabilit
     if framing is Framing.NONE or option is None:
         return framing
     source = "pushed by the server" if option is not opts.compression else "configured"
+    if not caps.framing and option == _KERNEL_SAFE:
+        log.info(
+            "Data Channel: `compress stub-v2` (%s) adds no bytes to IP packets; nothing to frame", source
+        )
+        return Framing.NONE
     if not caps.framing:
         raise BackendError(
             f"`{describe(option)}` ({source}) needs compression framing, which the {backend} data channel "
