@@ -250,7 +250,8 @@ class Connection(Instance[Command]):
             # packet for an unknown peer id is dropped (a lost ACK cost a 2 s retransmission).
             self.peer_id = up.peer_id
             dc = self.host.dc
-            framing = compression.session_framing(self.opts, up.pushed, dc.capabilities, dc.name)
+            occ = self.session.remote_options if self.session is not None else ""
+            framing = compression.session_framing(self.opts, up.pushed, dc.capabilities, dc.name, occ)
             try:
                 await self.host.dc.request(
                     api.NewPeer(

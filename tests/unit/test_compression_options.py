@@ -114,3 +114,17 @@ def test_pushed_framing_on_a_backend_without_it_is_a_clear_error() -> None:
         compression.session_framing(
             parse_config_text(CLIENT), PushedOptions(compression=("comp-lzo", "no")), Capabilities(), "kernel"
         )
+
+
+def test_a_peer_with_compression_we_lack_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    occ = "V4,dev-type tun,link-mtu 1549,tun-mtu 1500,proto UDPv4,comp-lzo,key-method 2,tls-server"
+    plain = parse_config_text(CLIENT)
+    with caplog.at_level(logging.WARNING, "pyovpn"):
+        assert (
+            compression.session_framing(plain, PushedOptions(), Capabilities(), "kernel", occ) is Framing.NONE
+        )
+        assert compression.session_framing(
+            plain, None, Capabilities(), "kernel", occ.replace(",comp-lzo", "")
+        ) is (Framing.NONE)
+    warnings = [r.getMessage() for r in caplog.records if "carries nothing" in r.getMessage()]
+    assert len(warnings) == 1 and "Add the peer's comp-lzo/compress line" in warnings[0]

@@ -47,10 +47,23 @@ def log_configured(opts: Options) -> None:
         log.warning("allow-compression yes: pyovpn still sends uncompressed packets (framed only)")
 
 
-def session_framing(opts: Options, pushed: PushedOptions | None, caps: Capabilities, backend: str) -> Framing:
-    """The framing for this session's peer; BackendError if the backend cannot apply it."""
+def session_framing(
+    opts: Options, pushed: PushedOptions | None, caps: Capabilities, backend: str, remote_occ: str = ""
+) -> Framing:
+    """The framing for this session's peer; BackendError if the backend cannot apply it.
+
+    ``remote_occ``: the peer's options string; its ``comp-lzo`` marker without any setting here
+    is the classic silent failure (every packet dropped for a bad framing byte), so it is logged.
+    """
     option = pushed.compression if pushed is not None and pushed.compression is not None else opts.compression
     framing = Framing.from_option(option)
+    if option is None and "comp-lzo" in remote_occ.split(","):
+        log.warning(
+            "the peer has comp-lzo/compress configured (its options string says comp-lzo), but neither "
+            "this config nor the server's push does: unless the peer uses `compress stub-v2`, it "
+            "expects a framing byte in every packet and the tunnel carries nothing. Add the peer's "
+            "comp-lzo/compress line here (pyovpn then frames on its userspace data channel)"
+        )
     if framing is Framing.NONE or option is None:
         return framing
     source = "pushed by the server" if option is not opts.compression else "configured"

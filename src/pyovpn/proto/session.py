@@ -464,6 +464,11 @@ class Session:
             )
             self.send_text(f"PUSH_REPLY,{body}{tail}")
 
+    @property
+    def remote_options(self) -> str:
+        """The peer's OCC options string ("" before its key-method-2 message)."""
+        return str(getattr(self, "_remote_options", ""))
+
     def request_renegotiation(self, now: float) -> None:
         """Start a soft reset now (e.g. the data channel reported the key exhausted)."""
         self._now = now
