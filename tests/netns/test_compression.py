@@ -114,3 +114,11 @@ def test_pyovpn_server_pushing_comp_lzo_no_to_pyovpn_client(net: Netns, pki: Pki
     wait_for_lines([server, client], INIT_LINE, 40)
     _traffic_both_ways(net, spec)
     assert "the server pushed `comp-lzo no`" in client.text()
+
+
+def test_stock_server_framing_without_push_is_reported(net: Netns, pki: Pki) -> None:
+    """`comp-lzo no` on the server but not pushed: pyovpn cannot know, but says what is wrong."""
+    spec = TunnelSpec(role="server", dco=None)
+    server, client = spawn_tunnel(net, pki, spec, "openvpn", "pyovpn", server_extra="comp-lzo no\n")
+    wait_for_lines([server, client], INIT_LINE, 40)
+    assert "its options string says comp-lzo" in client.text(), client.tail()
