@@ -189,6 +189,32 @@ class Options:
     log: str | None = None
     log_append: str | None = None
     writepid: str | None = None
+    #: `status FILE [N]`: write the status file every N seconds (OpenVPN's default 60).
+    status_file: str | None = None
+    status_interval: int = 60
+    #: `status-version 1|2|3`: the server's status layout (a P2P/client status is the same in all).
+    status_version: int = 1
+    #: `suppress-timestamps`: log lines without the date (journald adds its own).
+    suppress_timestamps: bool = False
+    #: `syslog [NAME]` / `daemon [NAME]`: log to syslog under NAME (default "pyovpn").
+    syslog: str | None = None
+    #: `daemon [NAME]`: detach from the terminal after the configuration is read.
+    daemon: bool = False
+    #: `cd DIR`: the working directory (relative files after it, scripts, the status file).
+    cd: str | None = None
+    #: `up-restart`: run `up`/`down` again on every restart, not only when the pulled options change.
+    up_restart: bool = False
+    #: `management IP PORT [pw-file]` -> ("IP", PORT); `management PATH unix [pw-file]` -> unix path.
+    management: tuple[str, int] | None = None
+    management_unix: str | None = None
+    management_password_file: str | None = None
+    #: `management-hold`: wait for `hold release` on the management interface before connecting.
+    management_hold: bool = False
+    #: `management-log-cache N`: how many log/state/echo lines `log all` & co. replay.
+    management_log_cache: int = 1000
+    #: `management-client-user U` / `management-client-group G`: owner of the unix socket.
+    management_client_user: str | None = None
+    management_client_group: str | None = None
     persist_tun: bool = False
     persist_key: bool = False
     dco: Literal["auto", "kernel", "userspace"] = "auto"
@@ -296,6 +322,11 @@ class CcdOptions:
 
 def _error(d: Directive, message: str) -> ConfigError:
     return ConfigError(message, source=d.source, line=d.line or None)
+
+
+def split_words(text: str, source: str = "<management>") -> list[str]:
+    """One line split into words the way OpenVPN splits config and management lines."""
+    return _split_line(text, source, 0)
 
 
 def _split_line(text: str, source: str, line: int) -> list[str]:
@@ -1558,14 +1589,118 @@ for _name in _SCRIPTS:
 del _name
 
 
+# -- operations: status file, logging targets, service-manager command lines -----------------
+
+
+@_option("status", args=(1, 2), usage="status FILE [SECONDS]")
+def _opt_status(b: _Builder, d: Directive) -> None:
+    seconds = _int(d, d.args[1], "status", 1) if len(d.args) > 1 else 60
+    b.opts = replace(b.opts, status_file=d.args[0], status_interval=seconds)
+
+
+@_option("status-version", args=(0, 1), usage="status-version 1|2|3")
+def _opt_status_version(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, status_version=_int(d, d.args[0], "status-version", 1, 3) if d.args else 1)
+
+
+@_option("suppress-timestamps", args=(0, 0), usage="suppress-timestamps")
+def _opt_suppress_timestamps(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, suppress_timestamps=True)
+
+
+@_option("syslog", args=(0, 1), usage="syslog [NAME]")
+def _opt_syslog(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, syslog=d.args[0] if d.args else "pyovpn")
+
+
+@_option("daemon", args=(0, 1), usage="daemon [NAME]")
+def _opt_daemon(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, daemon=True, syslog=d.args[0] if d.args else (b.opts.syslog or "pyovpn"))
+
+
+@_option("cd", args=(1, 1), usage="cd DIR")
+def _opt_cd(b: _Builder, d: Directive) -> None:
+    target = d.args[0] if os.path.isabs(d.args[0]) else os.path.join(b.cwd, d.args[0])
+    if not os.path.isdir(target):
+        raise _error(d, f"cd: '{d.args[0]}' is not a directory; give an existing directory")
+    # as OpenVPN's chdir: files named after this option are relative to it
+    b.cwd = os.path.abspath(target)
+    b.opts = replace(b.opts, cd=b.cwd)
+
+
+@_option("up-restart", args=(0, 0), usage="up-restart")
+def _opt_up_restart(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, up_restart=True)
+
+
+# -- the management interface ---------------------------------------------------------------
+
+
+@_option("management", args=(2, 3), usage="management IP PORT [PW-FILE] | management PATH unix [PW-FILE]")
+def _opt_management(b: _Builder, d: Directive) -> None:
+    if len(d.args) > 2 and d.args[2] == "stdin":
+        raise _error(d, "management: a password from stdin is not supported; put it in a file, name the file")
+    pw = b.resolve(d, d.args[2]) if len(d.args) > 2 else None
+    if d.args[1] == "unix":
+        b.opts = replace(b.opts, management_unix=d.args[0], management=None, management_password_file=pw)
+        return
+    port = _port(d, d.args[1], "management", 0)
+    b.opts = replace(b.opts, management=(d.args[0], port), management_unix=None, management_password_file=pw)
+
+
+@_option("management-hold", args=(0, 0), usage="management-hold")
+def _opt_management_hold(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_hold=True)
+
+
+@_option("management-log-cache", args=(1, 1), usage="management-log-cache N")
+def _opt_management_log_cache(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_log_cache=_int(d, d.args[0], "management-log-cache", 1, 1_000_000))
+
+
+@_option("management-client-user", args=(1, 1), usage="management-client-user USER")
+def _opt_management_client_user(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_client_user=d.args[0])
+
+
+@_option("management-client-group", args=(1, 1), usage="management-client-group GROUP")
+def _opt_management_client_group(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_client_group=d.args[0])
+
+
+_MANAGEMENT_NOT_YET = {
+    "management-query-passwords": "password prompts over the management interface",
+    "management-client-auth": "client authentication by the management client",
+    "management-client": "connecting out to a management client",
+    "management-external-key": "private keys held by the management client",
+    "management-external-cert": "certificates held by the management client",
+    "management-query-remote": "choosing the remote over the management interface",
+    "management-query-proxy": "choosing a proxy over the management interface",
+}
+
+
+def _make_management_refusal(name: str, what: str) -> Handler:
+    def refuse(b: _Builder, d: Directive) -> None:
+        raise _error(
+            d,
+            f"`{name}` ({what}) is not implemented yet in pyovpn's management interface; remove it, "
+            "or supply credentials in files (`auth-user-pass FILE`)",
+        )
+
+    return refuse
+
+
+for _name, _what in _MANAGEMENT_NOT_YET.items():
+    _option(_name, args=(0, None))(_make_management_refusal(_name, _what))
+del _name, _what
+
+
 # Options accepted without any effect, with OpenVPN's argument counts (to still catch typos).
 _IGNORED: dict[str, tuple[int, int | None]] = {
     "resolv-retry": (1, 1),
     "persist-remote-ip": (0, 0),
     "persist-local-ip": (0, 0),
     "auth-nocache": (0, 0),
-    "status": (1, 2),
-    "status-version": (0, 1),
     "mute": (1, 1),
     "remote-random": (0, 0),
     "ping-timer-rem": (0, 0),

@@ -122,7 +122,8 @@ def test_typical_server_conf(etc: Path, tmp_path: Path) -> None:
     assert o.auth_user_pass_verify == ("/usr/local/bin/check-pw --db /etc/openvpn/users", "via-file")
     assert o.verify_client_cert == "require" and not o.username_as_common_name
     assert o.explicit_exit_notify == 1
-    assert [name for name, _s, _l in o.ignored] == ["status"]
+    assert o.ignored == ()  # `status` is carried out now (the status file)
+    assert o.status_file is not None
 
 
 def test_server_defaults() -> None:

@@ -278,7 +278,19 @@ class ControlPacket:
     remote: Address | None
 
 
-Notification = PeerDeleted | KeyExhausted | PeerFloated | ControlPacket
+@dataclass(frozen=True)
+class IfaceDeleted:
+    """The backend lost its interface without being asked (the userspace engine died).
+
+    Its peers are gone with it (a ``PeerDeleted`` follows for each); the next ``NewIface``
+    creates the device again. The kernel backend never sends it.
+    """
+
+    name: str
+    reason: str
+
+
+Notification = PeerDeleted | KeyExhausted | PeerFloated | ControlPacket | IfaceDeleted
 
 
 @dataclass
@@ -338,6 +350,11 @@ class Capabilities:
     tun_offloads: bool = False  # TSO super-packets from the TUN, GRO-coalesced writes (extra counters)
     lane: bool = False  # MP: keepalive pings on a socket of their own, ahead of data
     hooks: bool = False  # debug() (see above)
+    # P2P UDP: a non-data packet from an address other than the peer's is dropped in the backend
+    # (counted as extra "rx_control_stranger") unless it is a client's hard reset
+    # (proto.packets.STRANGER_CONTROL_OPCODES); the edge drops such packets anyway, so this only
+    # saves work under a flood. Without it every non-data packet is passed up.
+    drops_strangers: bool = False
     framing: bool = False  # NewPeer.framing other than NONE (OpenVPN's compression framing)
 
 

@@ -72,7 +72,12 @@ from pyovpn.datachannel.framing import FramingError, frame_slots, note_framing_e
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net.sockets import SOL_UDP, UDP_SEGMENT
 from pyovpn.net.sockets import TRANSIENT_SEND_ERRNOS as _TRANSIENT
-from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
+from pyovpn.proto.packets import (
+    OPCODE_DATA_V1,
+    OPCODE_DATA_V2,
+    STRANGER_CONTROL_OPCODES,
+    UNDEF_PEER_ID,
+)
 
 log = logging.getLogger("pyovpn.engine")
 
@@ -904,6 +909,15 @@ class Worker:
                         _count(st, "rx_unknown_peer")
                         continue
                 elif opcode != OPCODE_DATA_V1:
+                    if (
+                        addr is not None
+                        and (addr[0] != peer.raw_ip or addr[1] != peer.raw_port)
+                        and opcode not in STRANGER_CONTROL_OPCODES
+                    ):
+                        # not from our peer and not a (re)starting client: the edge would drop
+                        # it too; here it costs no trip through two more processes
+                        _count(st, "rx_control_stranger")
+                        continue
                     self._event(
                         "control",
                         peer_id=peer.peer_id,

@@ -99,7 +99,14 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
 
     name = "userspace"
     capabilities = api.Capabilities(
-        mp=True, tcp_backlog=True, stats=True, gso=True, lane=True, hooks=True, framing=True
+        mp=True,
+        tcp_backlog=True,
+        stats=True,
+        gso=True,
+        lane=True,
+        hooks=True,
+        drops_strangers=True,
+        framing=True,
     )
 
     def __init__(

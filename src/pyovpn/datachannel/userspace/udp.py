@@ -28,7 +28,7 @@ from pyovpn.datachannel.framing import FramingError, frame_payload, note_framing
 from pyovpn.datachannel.userspace.peers import RX_BATCH, Iface, Peer, PeerTable
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net.sockets import SOL_UDP, TRANSIENT_SEND_ERRNOS, UDP_SEGMENT
-from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
+from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, STRANGER_CONTROL_OPCODES, UNDEF_PEER_ID
 
 __all__ = ["UdpPath"]
 
@@ -87,6 +87,11 @@ class UdpPath(PeerTable):
                 count(peer.stats, "rx_unknown_peer")
                 return
         elif opcode != OPCODE_DATA_V1:
+            if (
+                addr[0] != peer.raw_ip or addr[1] != peer.raw_port
+            ) and opcode not in STRANGER_CONTROL_OPCODES:
+                count(peer.stats, "rx_control_stranger")  # the edge would drop it (Capabilities)
+                return
             self._emit(ControlPacket(peer.peer_id, bytes(pkt), normalize_address(addr)))
             return
         if self._rx_data(peer, pkt, now) and (addr[0] != peer.raw_ip or addr[1] != peer.raw_port):
