@@ -32,7 +32,7 @@ from pyovpn.datachannel.api import (
     Notification,
     PeerInfo,
 )
-from pyovpn.edge import iface
+from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
 from pyovpn.edge.host import HostNetwork, SystemNetwork
 from pyovpn.edge.sdnotify import SystemdNotifier
@@ -69,6 +69,8 @@ def session_config(opts: Options) -> SessionConfig:
         peer_cert=peer_cert,
     )
     user, password = opts.auth_user_pass or (None, None)
+    for name in opts.unoffered_ciphers:
+        log.warning("data-ciphers: %s is not offered: pyovpn's data channel runs AEAD ciphers only", name)
     return SessionConfig(
         # the TLS handshake
         is_tls_server=is_server,
@@ -98,6 +100,7 @@ def session_config(opts: Options) -> SessionConfig:
         pull=opts.pull,
         username=user,
         password=password,
+        compression=opts.compression,
     )
 
 
@@ -258,8 +261,10 @@ class Daemon:
             for name in sorted(SIGNALS):
                 loop.add_signal_handler(Signals[name], self.signal, name)
         if self._backend is None:
+            compression.log_configured(self.opts)
             self._backend = await choice.open_backend(
                 self.opts.dco,
+                kernel_refusal=compression.kernel_refusal(self.opts),
                 mp=self.opts.mode == "server",
                 mssfix=self.opts.mssfix,
                 engine=self.opts.userspace_engine,

@@ -19,7 +19,7 @@ from typing import Any
 from pyovpn.datachannel import api
 from pyovpn.datachannel.api import Notification, PeerDelReason, Transport
 from pyovpn.datachannel.api import normalize_address as _addr
-from pyovpn.edge import sockets
+from pyovpn.edge import compression, sockets
 from pyovpn.edge.host import PeerHost
 from pyovpn.edge.instance import Instance
 from pyovpn.edge.stop import Stop, StopReason
@@ -261,6 +261,9 @@ class Connection(Instance[Command]):
             # packet (the engine does so on a direct path) before the reply reaches us, and a
             # packet for an unknown peer id is dropped (a lost ACK cost a 2 s retransmission).
             self.peer_id = up.peer_id
+            dc = self.host.dc
+            occ = self.session.remote_options if self.session is not None else ""
+            framing = compression.session_framing(self.opts, up.pushed, dc.capabilities, dc.name, occ)
             try:
                 await self.host.dc.request(
                     api.NewPeer(
@@ -271,6 +274,7 @@ class Connection(Instance[Command]):
                         keepalive_interval=up.keepalive_interval,
                         keepalive_timeout=up.keepalive_timeout,
                         tcp_backlog=backlog,
+                        framing=framing,
                     )
                 )
             except BaseException:

@@ -24,7 +24,7 @@ from typing import Any
 from pyovpn.datachannel import api
 from pyovpn.datachannel.api import IfaceMode, Notification, PeerDelReason, Transport
 from pyovpn.datachannel.api import normalize_address as _norm
-from pyovpn.edge import iface, sockets
+from pyovpn.edge import compression, iface, sockets
 from pyovpn.edge.host import ServerHost
 from pyovpn.edge.iface import IROUTE_METRIC
 from pyovpn.edge.instance import Instance
@@ -85,6 +85,8 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         self.host = host
         self.opts = host.opts
         self.cfg = replace(host.session_cfg, mode_server=True)
+        # OpenVPN's server frames every client's packets as its own comp-lzo/compress says
+        self.framing = compression.session_framing(host.opts, None, host.dc.capabilities, host.dc.name)
         self.jar = CookieJar(os.urandom(32), hand_window=self.opts.hand_window)
         self.clients: dict[Addr, Client] = {}
         self.by_peer: dict[int, Client] = {}
@@ -449,6 +451,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
                 vpn_ipv6=vpn6,
                 keepalive_interval=o.ping,
                 keepalive_timeout=o.ping_restart,
+                framing=self.framing,
             )
         )
         client.in_backend = True

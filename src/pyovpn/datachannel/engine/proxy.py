@@ -77,7 +77,13 @@ class EngineDataChannel:
 
     name = "userspace-offload"
     capabilities = Capabilities(
-        tcp_backlog=True, stats=True, gso=True, tun_offloads=True, hooks=True, drops_strangers=True
+        tcp_backlog=True,
+        stats=True,
+        gso=True,
+        tun_offloads=True,
+        hooks=True,
+        drops_strangers=True,
+        framing=True,
     )
 
     def __init__(

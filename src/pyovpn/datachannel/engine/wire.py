@@ -106,6 +106,7 @@ _ENUMS: tuple[type[enum.Enum], ...] = (
     api.KeySlot,
     api.PeerDelReason,
     api.Transport,
+    api.Framing,
 )
 _ENUM_INDEX = {cls: i for i, cls in enumerate(_ENUMS)}
 

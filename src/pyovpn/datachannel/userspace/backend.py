@@ -99,7 +99,14 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
 
     name = "userspace"
     capabilities = api.Capabilities(
-        mp=True, tcp_backlog=True, stats=True, gso=True, lane=True, hooks=True, drops_strangers=True
+        mp=True,
+        tcp_backlog=True,
+        stats=True,
+        gso=True,
+        lane=True,
+        hooks=True,
+        drops_strangers=True,
+        framing=True,
     )
 
     def __init__(
@@ -330,6 +337,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         self, what: str, cmd: api.NewPeer, sock: socket.socket, tx_id: int, iface: Iface
     ) -> Peer:
         peer = Peer(cmd.peer_id, tx_id, sock, cmd.transport, iface)
+        peer.framing = cmd.framing
         peer_socket.check_socket(what, cmd, peer)
         return peer
 
