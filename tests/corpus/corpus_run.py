@@ -380,7 +380,8 @@ def run_file(name: str, workdir: Path, material: Material) -> FileResult:
     outcomes: dict[Impl, Outcome] = {}
     with Netns(workdir / "net") as net:
         started: dict[Impl, tuple[Proc, Prepared]] = {}
-        for side, impl in (("a", "openvpn"), ("b", "pyovpn")):
+        sides: tuple[tuple[str, Impl], ...] = (("a", "openvpn"), ("b", "pyovpn"))
+        for side, impl in sides:
             prepared = prepare(name, workdir / impl, material)
             proc = net.spawn(side, argv(impl, prepared), impl, cwd=prepared.config.parent)
             started[impl] = (proc, prepared)
