@@ -240,6 +240,13 @@ class Options:
     learn_address: str | None = None
     up: str | None = None
     down: str | None = None
+    # -- logging and lifecycle details the corpus of published configs uses ----------------------
+    #: `down-pre`: run `down` before the device is closed rather than after.
+    down_pre: bool = False
+    #: `syslog [PROGNAME]`: log to the system logger under this name (a `log` file still wins).
+    syslog: str | None = None
+    #: `mute N`: at most N consecutive log lines of one kind (0: no limit).
+    mute: int = 0
     #: (option, source, line) of options accepted without effect, so the daemon can warn about them.
     ignored: tuple[tuple[str, str, int], ...] = ()
 
@@ -1544,7 +1551,6 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "auth-nocache": (0, 0),
     "status": (1, 2),
     "status-version": (0, 1),
-    "mute": (1, 1),
     "remote-random": (0, 0),
     "ping-timer-rem": (0, 0),
     "tls-exit": (0, 0),
@@ -1646,6 +1652,46 @@ del _name, _message
 @_option("comp-lzo", "compress", args=(0, 1), inline=True)
 def _opt_compression(b: _Builder, d: Directive) -> None:
     raise _error(d, _COMPRESSION_MESSAGE.format(what=" ".join((d.name, *d.args[:1]))))
+
+
+# -- what published configs use that is carried out here -----------------------------------------
+# (syslog, mute and down-pre act in pyovpn.daemon / pyovpn.logsinks)
+
+
+@_option("syslog", args=(0, 1), usage="syslog [PROGNAME]")
+def _opt_syslog(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, syslog=d.args[0] if d.args else "pyovpn")
+
+
+@_option("mute", args=(1, 1), usage="mute N")
+def _opt_mute(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, mute=_int(d, d.args[0], "mute", 0))
+
+
+@_option("down-pre", usage="down-pre")
+def _opt_down_pre(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, down_pre=True)
+
+
+@_option("reneg-bytes", "reneg-pkts", args=(1, 1), usage="reneg-bytes 0")
+def _opt_reneg_volume(b: _Builder, d: Directive) -> None:
+    # 0 turns volume-based renegotiation off, which is what pyovpn does (and OpenVPN's default
+    # for the AEAD ciphers pyovpn runs), so it is carried out by doing nothing.
+    if _int(d, d.args[0], d.name, 0) != 0:
+        raise _error(
+            d,
+            f"`{d.name} {d.args[0]}` is not supported: pyovpn renegotiates by time only; remove it "
+            "(AEAD ciphers need no volume limit) or renegotiate more often with `reneg-sec`",
+        )
+
+
+_option("passtos", args=(0, 0))(
+    _make_refusal(
+        "`passtos` is not supported: the offloaded data channel does not copy the inner packets' "
+        "TOS/DSCP bits to the outer packets. Remove it (and mark traffic with iptables DSCP rules "
+        "on the tunnel's outer socket if you need QoS)"
+    )
+)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import logging.handlers
 import os
 from signal import Signals
 
-from pyovpn import __version__, privdrop
+from pyovpn import __version__, logsinks, privdrop
 from pyovpn.config import AEAD_CIPHERS, Options
 from pyovpn.datachannel import choice
 from pyovpn.datachannel.api import DataChannel, DelIface, IfaceMode, NewIface, Notification
@@ -290,6 +291,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         if self.iface is not None:
+            if self.opts.down_pre:
+                await self.run_down()  # `down-pre`: the script still sees the open device
             with contextlib.suppress(PyovpnError, OSError):
                 await self.dc.request(DelIface(self.iface))
             log.info("Closing TUN/TAP interface %s", self.iface)
@@ -301,18 +304,21 @@ class Daemon:
 
 def setup_logging(opts: Options) -> None:
     level = logging.WARNING if opts.verb <= 0 else logging.INFO if opts.verb <= 4 else logging.DEBUG
-    handlers: list[logging.Handler] = []
     target = opts.log or opts.log_append
-    if target:
-        handlers.append(logging.FileHandler(target, mode="a" if opts.log_append else "w"))
+    handler, syslog_problem = logsinks.destination_handler(
+        log_file=target, append=bool(opts.log_append), syslog_ident=opts.syslog
+    )
+    if isinstance(handler, logging.handlers.SysLogHandler):
+        handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handlers.append(logging.StreamHandler())
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    for h in handlers:
-        h.setFormatter(fmt)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    if opts.mute > 0:
+        handler.addFilter(logsinks.MuteFilter(opts.mute))
     root = logging.getLogger()
-    root.handlers[:] = handlers
+    root.handlers[:] = [handler]
     root.setLevel(level)
+    if syslog_problem:
+        log.warning("%s", syslog_problem)
     # pyroute2 logs every netlink message at DEBUG; that is never what a --verb user wants
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     # our format shows time and message only: skip the caller lookup (a stack walk per record)

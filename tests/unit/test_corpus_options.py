@@ -1,0 +1,191 @@
+"""Options the corpus of published configs uses that pyovpn now carries out (tests/corpus/README.md):
+`syslog`, `mute`, `down-pre`, `reneg-bytes 0`/`reneg-pkts 0`, and the clear refusal of `passtos`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+
+from pyovpn import daemon as daemon_module
+from pyovpn import logsinks
+from pyovpn.config import parse_config_text
+from pyovpn.datachannel import api
+from pyovpn.errors import ConfigError
+from pyovpn.tools.pki import Pki, make_pki
+from tests.unit.edgefakes import RunningDaemon, free_port, wait_until
+from tests.unit.test_edge_p2p import p2p_configs
+
+BASE = "client\ndev tun\nremote 192.0.2.1\nca ca.crt\ncert c.crt\nkey c.key\n"
+
+
+def parse(extra: str, tmp_path: Path) -> object:
+    for name in ("ca.crt", "c.crt", "c.key"):
+        (tmp_path / name).write_text("placeholder\n")
+    return parse_config_text(BASE + extra, source="t.conf", cwd=str(tmp_path))
+
+
+def _opts(extra: str, tmp_path: Path) -> daemon_module.Options:
+    opts = parse(extra, tmp_path)
+    assert isinstance(opts, daemon_module.Options)
+    return opts
+
+
+def test_syslog_default_and_named(tmp_path: Path) -> None:
+    assert _opts("", tmp_path).syslog is None
+    assert _opts("syslog\n", tmp_path).syslog == "pyovpn"
+    named = _opts("syslog vpn-home\n", tmp_path)
+    assert named.syslog == "vpn-home"
+    assert not [n for n, *_ in named.ignored if n == "syslog"]
+
+
+def test_mute_value_and_bad_value(tmp_path: Path) -> None:
+    assert _opts("mute 20\n", tmp_path).mute == 20
+    with pytest.raises(ConfigError, match="mute"):
+        parse("mute lots\n", tmp_path)
+
+
+def test_down_pre_flag(tmp_path: Path) -> None:
+    assert _opts("down-pre\n", tmp_path).down_pre
+    assert not _opts("", tmp_path).down_pre
+
+
+@pytest.mark.parametrize("option", ["reneg-bytes", "reneg-pkts"])
+def test_reneg_volume_zero_is_the_default_and_nonzero_is_refused(option: str, tmp_path: Path) -> None:
+    opts = _opts(f"{option} 0\n", tmp_path)
+    assert not opts.ignored  # carried out (volume renegotiation stays off), not ignored
+    with pytest.raises(ConfigError, match=rf"`{option} 64000` is not supported.*reneg-sec"):
+        parse(f"{option} 64000\n", tmp_path)
+
+
+def test_passtos_is_refused_with_a_reason(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"t\.conf:7: `passtos` is not supported: .*TOS"):
+        parse("passtos\n", tmp_path)
+
+
+# -- where log lines go ---------------------------------------------------------------------------
+
+
+def test_log_file_wins_over_syslog(tmp_path: Path) -> None:
+    handler, problem = logsinks.destination_handler(
+        log_file=str(tmp_path / "out.log"), append=False, syslog_ident="pyovpn"
+    )
+    assert isinstance(handler, logging.FileHandler) and problem is None
+    handler.close()
+
+
+def test_syslog_reaches_the_socket_with_ident(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(path)
+        listener.settimeout(5)
+        handler, problem = logsinks.destination_handler(
+            log_file=None, append=False, syslog_ident="vpn-home", syslog_socket=path
+        )
+        assert problem is None
+        assert isinstance(handler, logging.handlers.SysLogHandler)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.emit(logging.makeLogRecord({"msg": "Initialization Sequence Completed", "levelno": 20}))
+        data = listener.recv(4096).decode()
+        handler.close()
+    assert "vpn-home[" in data and data.rstrip("\x00").endswith("Initialization Sequence Completed")
+
+
+def test_syslog_without_a_logger_falls_back_to_stderr(tmp_path: Path) -> None:
+    handler, problem = logsinks.destination_handler(
+        log_file=None, append=False, syslog_ident="pyovpn", syslog_socket=str(tmp_path / "absent")
+    )
+    assert type(handler) is logging.StreamHandler
+    assert problem is not None and "logging to stderr instead" in problem
+
+
+# -- mute -----------------------------------------------------------------------------------------
+
+
+def _record(msg: str, *args: object) -> logging.LogRecord:
+    return logging.makeLogRecord({"msg": msg, "args": args, "levelno": logging.INFO})
+
+
+def test_mute_passes_n_of_a_kind_then_counts_the_rest() -> None:
+    mute = logsinks.MuteFilter(2)
+    passed = [mute.filter(_record("replay %d", i)) for i in range(5)]
+    assert passed == [True, True, False, False, False]
+    other = _record("peer %s", "x")
+    assert mute.filter(other)
+    assert other.getMessage() == "3 message(s) like the previous one suppressed by --mute\npeer x"
+    # a new run of the old kind starts counting again
+    assert mute.filter(_record("replay %d", 9))
+
+
+def test_daemon_logging_applies_mute_and_file(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    opts = _opts(f"mute 1\nlog {out}\nverb 3\n", tmp_path)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        daemon_module.setup_logging(opts)
+        log = logging.getLogger("pyovpn.test")
+        for i in range(3):
+            log.info("same kind %d", i)
+        log.info("another kind")
+        for h in root.handlers:
+            h.flush()
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    text = out.read_text()
+    assert "same kind 0" in text and "same kind 1" not in text
+    assert "2 message(s) like the previous one suppressed by --mute" in text and "another kind" in text
+
+
+# -- down-pre -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _order_of_down_and_close(pki: Pki, tmp_path: Path, down_pre: bool) -> list[str]:
+    """Runs a P2P pair; returns the client's `up`, `down` and device close in the order they happened."""
+    trace = tmp_path / "trace"
+    script = tmp_path / "updown.sh"
+    script.write_text(f'#!/bin/sh\necho "$script_type" >> {trace}\n')
+    script.chmod(0o755)
+    server_text, client_text = p2p_configs(pki, free_port())
+    client_text += f"script-security 2\nup {script}\ndown {script}\n" + ("down-pre\n" if down_pre else "")
+
+    async def main() -> None:
+        server = RunningDaemon(parse_config_text(server_text, source="server.conf"))
+        client = RunningDaemon(parse_config_text(client_text, source="client.conf"))
+        original = client.dc.request
+
+        async def request(cmd: api.Command) -> object:
+            if isinstance(cmd, api.DelIface):
+                with trace.open("a") as fh:
+                    fh.write("close\n")
+            return await original(cmd)
+
+        client.dc.request = request  # type: ignore[method-assign]
+        try:
+            await wait_until(lambda: server.up() and client.up(), 15, "both tunnels up")
+            await wait_until(lambda: trace.exists(), 10, "the up script ran")
+            await client.stop()
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    return trace.read_text().split()
+
+
+def test_down_runs_after_close_by_default(pki: Pki, tmp_path: Path) -> None:
+    assert _order_of_down_and_close(pki, tmp_path, down_pre=False) == ["up", "close", "down"]
+
+
+def test_down_pre_runs_down_before_close(pki: Pki, tmp_path: Path) -> None:
+    assert _order_of_down_and_close(pki, tmp_path, down_pre=True) == ["up", "down", "close"]
