@@ -247,6 +247,8 @@ class Options:
     syslog: str | None = None
     #: `mute N`: at most N consecutive log lines of one kind (0: no limit).
     mute: int = 0
+    #: `setenv NAME VALUE` pairs, in order: added to every script's environment.
+    setenv: tuple[tuple[str, str], ...] = ()
     #: (option, source, line) of options accepted without effect, so the daemon can warn about them.
     ignored: tuple[tuple[str, str, int], ...] = ()
 
@@ -561,6 +563,8 @@ class _Builder:
     #: `remote` entries as (host, port, proto word, family); their protos are resolved like proto_word.
     remote_words: list[tuple[str, int | None, str | None, Family]] = field(default_factory=list)
     ignore_unknown: set[str] = field(default_factory=set)
+    #: `setenv FORWARD_COMPATIBLE 1`: from there on unknown options are warnings, as in OpenVPN.
+    forward_compatible: bool = False
     #: Last directive that set each option, so validate() can point at the offending line.
     where: dict[str, Directive] = field(default_factory=dict)
 
@@ -579,7 +583,7 @@ class _Builder:
             return
         spec = _OPTIONS.get(d.name)
         if spec is None:
-            if forgiving or d.name in self.ignore_unknown:
+            if forgiving or self.forward_compatible or d.name in self.ignore_unknown:
                 self.ignore(d)
                 return
             raise _error(
@@ -629,7 +633,7 @@ class _Builder:
             raise _error(
                 d, f"option 'setenv' takes 1 or 2 arguments, got {len(d.args)}; usage: setenv NAME VALUE"
             )
-        self.ignore(d)
+        _apply_setenv(self, d, depth)
 
     # -- helpers for handlers -------------------------------------------------------------------
 
@@ -1656,6 +1660,23 @@ def _opt_compression(b: _Builder, d: Directive) -> None:
 
 # -- what published configs use that is carried out here -----------------------------------------
 # (syslog, mute and down-pre act in pyovpn.daemon / pyovpn.logsinks)
+
+
+# `setenv` names OpenVPN treats as options rather than variables for scripts.
+_SETENV_AS_OPTION = {"PUSH_PEER_INFO": "push-peer-info", "SERVER_POLL_TIMEOUT": "server-poll-timeout"}
+
+
+def _apply_setenv(b: _Builder, d: Directive, depth: int) -> None:
+    """`setenv NAME [VALUE]`: a variable for every script (see pyovpn.scripts), with OpenVPN's
+    special names: FORWARD_COMPATIBLE 1, PUSH_PEER_INFO and SERVER_POLL_TIMEOUT N."""
+    name, value = d.args[0], (d.args[1] if len(d.args) > 1 else "")
+    if name in _SETENV_AS_OPTION and (name == "PUSH_PEER_INFO") == (len(d.args) == 1):
+        option = Directive(d.source, d.line, _SETENV_AS_OPTION[name], d.args[1:], base_dir=d.base_dir)
+        b.apply(option, depth)
+        return
+    if name == "FORWARD_COMPATIBLE" and value == "1":
+        b.forward_compatible = True
+    b.opts = replace(b.opts, setenv=(*b.opts.setenv, (name, value)))
 
 
 @_option("syslog", args=(0, 1), usage="syslog [PROGNAME]")

@@ -17,7 +17,7 @@ import logging.handlers
 import os
 from signal import Signals
 
-from pyovpn import __version__, logsinks, privdrop
+from pyovpn import __version__, logsinks, privdrop, scripts
 from pyovpn.config import AEAD_CIPHERS, Options
 from pyovpn.datachannel import choice
 from pyovpn.datachannel.api import DataChannel, DelIface, IfaceMode, NewIface, Notification
@@ -115,6 +115,7 @@ class Daemon:
         self._tun_params: TunParams | None = None  # what the up script was told; down gets the same
         self._exit_signal: str | None = None
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
+        scripts.set_config_env(opts.setenv)
 
     @property
     def dc(self) -> DataChannel:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pyovpn import daemon as daemon_module
-from pyovpn import logsinks
+from pyovpn import logsinks, scripts
 from pyovpn.config import parse_config_text
 from pyovpn.datachannel import api
 from pyovpn.errors import ConfigError
@@ -189,3 +189,53 @@ def test_down_runs_after_close_by_default(pki: Pki, tmp_path: Path) -> None:
 
 def test_down_pre_runs_down_before_close(pki: Pki, tmp_path: Path) -> None:
     assert _order_of_down_and_close(pki, tmp_path, down_pre=True) == ["up", "down", "close"]
+
+
+# -- setenv ---------------------------------------------------------------------------------------
+
+
+def test_setenv_variables_in_order_and_special_names(tmp_path: Path) -> None:
+    opts = _opts(
+        "setenv CLIENT_CERT 0\nsetenv UV_IPV6 no\nsetenv EMPTY\nsetenv opt block-outside-dns\n"
+        "setenv PUSH_PEER_INFO\n",
+        tmp_path,
+    )
+    assert opts.setenv == (("CLIENT_CERT", "0"), ("UV_IPV6", "no"), ("EMPTY", ""))
+    names = [n for n, *_ in opts.ignored]
+    assert "setenv" not in names
+    assert "push-peer-info" in names  # PUSH_PEER_INFO is that option, handled as it is
+
+
+def test_setenv_forward_compatible_turns_unknown_options_into_warnings(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown option 'future-thing'"):
+        parse("future-thing 1\n", tmp_path)
+    opts = _opts("setenv FORWARD_COMPATIBLE 1\nfuture-thing 1\n", tmp_path)
+    assert ("future-thing", "t.conf", 8) in opts.ignored
+    # only from that line on, as in OpenVPN
+    with pytest.raises(ConfigError, match="unknown option 'future-thing'"):
+        parse("future-thing 1\nsetenv FORWARD_COMPATIBLE 1\n", tmp_path)
+
+
+def test_setenv_reaches_the_scripts(pki: Pki, tmp_path: Path) -> None:
+    """A real `up` script sees the config's setenv variables (next to OpenVPN's own)."""
+    seen = tmp_path / "seen"
+    script = tmp_path / "up.sh"
+    script.write_text(f'#!/bin/sh\necho "$script_type $CLIENT_CERT $SITE" >> {seen}\n')
+    script.chmod(0o755)
+    server_text, client_text = p2p_configs(pki, free_port())
+    client_text += f"script-security 2\nup {script}\nsetenv CLIENT_CERT 0\nsetenv SITE 'home office'\n"
+
+    async def main() -> None:
+        server = RunningDaemon(parse_config_text(server_text, source="server.conf"))
+        client = RunningDaemon(parse_config_text(client_text, source="client.conf"))
+        try:
+            await wait_until(lambda: seen.exists(), 15, "the up script ran")
+        finally:
+            await client.stop()
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        scripts.set_config_env(())  # the variables are process-wide; leave none for other tests
+    assert seen.read_text().split("\n")[0] == "up 0 home office"
