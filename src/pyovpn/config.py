@@ -247,6 +247,10 @@ class Options:
     syslog: str | None = None
     #: `mute N`: at most N consecutive log lines of one kind (0: no limit).
     mute: int = 0
+    #: `tls-cipher`: TLS <= 1.2 suites (OpenVPN or OpenSSL names, see pyovpn.proto.tls_ciphers).
+    tls_cipher: str | None = None
+    #: `tls-ciphersuites`: TLS 1.3 suites (OpenSSL names).
+    tls_ciphersuites: str | None = None
     #: `setenv NAME VALUE` pairs, in order: added to every script's environment.
     setenv: tuple[tuple[str, str], ...] = ()
     #: (option, source, line) of options accepted without effect, so the daemon can warn about them.
@@ -1574,8 +1578,6 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "redirect-gateway": (0, None),
     "dhcp-option": (1, None),
     "block-outside-dns": (0, 0),
-    "tls-cipher": (1, 1),
-    "tls-ciphersuites": (1, 1),
     "ecdh-curve": (1, 1),
     "tun-ipv6": (0, 0),
 }
@@ -1677,6 +1679,16 @@ def _apply_setenv(b: _Builder, d: Directive, depth: int) -> None:
     if name == "FORWARD_COMPATIBLE" and value == "1":
         b.forward_compatible = True
     b.opts = replace(b.opts, setenv=(*b.opts.setenv, (name, value)))
+
+
+@_option("tls-cipher", args=(1, 1), usage="tls-cipher SUITE[:SUITE...]")
+def _opt_tls_cipher(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, tls_cipher=d.args[0])
+
+
+@_option("tls-ciphersuites", args=(1, 1), usage="tls-ciphersuites SUITE[:SUITE...]")
+def _opt_tls_ciphersuites(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, tls_ciphersuites=d.args[0])
 
 
 @_option("syslog", args=(0, 1), usage="syslog [PROGNAME]")

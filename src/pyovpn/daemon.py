@@ -51,6 +51,8 @@ def session_config(opts: Options) -> SessionConfig:
         tls_version_min=opts.tls_version_min,
         tls_groups=opts.tls_groups,
         peer_cert=peer_cert,
+        tls_cipher=opts.tls_cipher,
+        tls_ciphersuites=opts.tls_ciphersuites,
     )
     user, password = opts.auth_user_pass or (None, None)
     return SessionConfig(

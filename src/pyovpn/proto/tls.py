@@ -16,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
 from pyovpn.errors import ConfigError, ProtocolError
+from pyovpn.proto import tls_ciphers
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ def build_context(
     tls_version_min: str | None = None,
     tls_groups: str | None = None,
     peer_cert: str = "require",
+    tls_cipher: str | None = None,
+    tls_ciphersuites: str | None = None,
 ) -> SSL.Context:
     """A TLS context for one role; ConfigError if the PEM material is unusable."""
     method = SSL.TLS_SERVER_METHOD if is_server else SSL.TLS_CLIENT_METHOD
@@ -60,6 +63,10 @@ def build_context(
     ctx.set_min_proto_version(minimum.get((tls_version_min or "1.2").split()[0], SSL.TLS1_2_VERSION))
     if tls_groups:
         _set_groups(ctx, tls_groups)
+    if tls_cipher:
+        tls_ciphers.apply_tls_cipher(ctx, tls_cipher)
+    if tls_ciphersuites:
+        tls_ciphers.apply_tls_ciphersuites(ctx, tls_ciphersuites)
     store = ctx.get_cert_store()
     assert store is not None
     for c in _load_certs(ca, "ca"):
