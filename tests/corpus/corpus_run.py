@@ -373,6 +373,8 @@ class FileResult:
     name: str
     stock: Outcome
     pyovpn: Outcome
+    #: every option pyovpn refuses in the file (its run stops at the first)
+    pyovpn_refusals: list[str] = field(default_factory=list)
 
 
 def run_file(name: str, workdir: Path, material: Material) -> FileResult:
@@ -385,12 +387,57 @@ def run_file(name: str, workdir: Path, material: Material) -> FileResult:
             prepared = prepare(name, workdir / impl, material)
             proc = net.spawn(side, argv(impl, prepared), impl, cwd=prepared.config.parent)
             started[impl] = (proc, prepared)
+        refusals = all_refusals(*_in_process_args(started["pyovpn"][1]))
         for impl, (proc, prepared) in started.items():
             outcome = judge(impl, proc, prepared.log_file)
             # Messages name the run's own copy of the file: keep just the file name.
             outcome.reason = outcome.reason.replace(f"{prepared.config.parent}/", "")
             outcomes[impl] = outcome
-    return FileResult(name, outcomes["openvpn"], outcomes["pyovpn"])
+    return FileResult(name, outcomes["openvpn"], outcomes["pyovpn"], refusals)
+
+
+def _in_process_args(prepared: Prepared) -> tuple[Path, list[str]]:
+    """The config and its extra options with file names made absolute (no chdir in-process)."""
+    folder = prepared.config.parent
+    extra = [str(folder / a) if (folder / a).is_file() else a for a in prepared.extra_args]
+    return prepared.config, extra
+
+
+def all_refusals(config: Path, extra_args: Sequence[str] = ()) -> list[str]:
+    """Every option pyovpn's parser refuses in ``config``, not just the first: each refused line
+    is commented out in a scratch copy and the parse repeated. In-process, no root needed."""
+    from pyovpn.config import parse_args
+    from pyovpn.errors import ConfigError
+
+    with open(config, newline="") as fh:
+        lines = fh.read().split("\n")
+    scratch = config.with_name(config.name + ".refusals")
+    found: list[str] = []
+    for _ in range(len(lines)):
+        with open(scratch, "w", newline="") as fh:
+            fh.write("\n".join(lines))
+        try:
+            parse_args(["--config", str(scratch), *extra_args])
+            break
+        except ConfigError as exc:
+            m = re.search(re.escape(scratch.name) + r":(\d+): ", str(exc))
+            line = int(m.group(1)) if m else 0
+            words = lines[line - 1].split() if 0 < line <= len(lines) else []
+            if not words or words[0].startswith("#"):
+                found.append("(whole config) " + str(exc).replace(f"{scratch}: ", ""))
+                break
+            found.append(words[0].strip("<>/"))
+            block = re.fullmatch(r"<([a-z0-9-]+)>", words[0])
+            end = line
+            if block:
+                closing = f"</{block.group(1)}>"
+                while end < len(lines) and lines[end - 1].strip() != closing:
+                    end += 1
+            for i in range(line - 1, end):
+                lines[i] = "# " + lines[i]
+    scratch.unlink(missing_ok=True)
+    # an inline block refused as a whole shows up once per line: name it once
+    return list(dict.fromkeys(found))
 
 
 def corpus_files() -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from tests.corpus.corpus_run import EXPECTED_REFUSALS, FileResult, corpus_files, regressions, run_corpus
@@ -56,8 +57,9 @@ def table(results: list[FileResult]) -> str:
         f"Stock OpenVPN accepts {stock_ok}/{len(results)}; pyovpn accepts {ours_ok}/{len(results)}; "
         f"both accept {both}; pyovpn refuses {len(regressions(results))} that stock accepts.",
         "",
-        "| file | source | what was changed | stock openvpn | pyovpn | pyovpn: accepted with no effect |",
-        "|---|---|---|---|---|---|",
+        "| file | source | what was changed | stock openvpn | pyovpn | pyovpn: every option it refuses "
+        "| pyovpn: accepted with no effect |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         source, changes = sources.get(r.name, ("(missing from sources.tsv)", ""))
@@ -67,10 +69,19 @@ def table(results: list[FileResult]) -> str:
             changes,
             _verdict(r.stock.verdict, r.stock.reason),
             _verdict(r.pyovpn.verdict, r.pyovpn.reason),
+            ", ".join(o.replace("`", "") if o.startswith("(whole") else f"`{o}`" for o in r.pyovpn_refusals),
             ", ".join(f"`{o}`" for o in r.pyovpn.no_effect),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    lines += ["", TABLE_END]
+    tally = Counter(o for r in results for o in r.pyovpn_refusals if not o.startswith("(whole"))
+    lines += [
+        "",
+        "Options pyovpn refuses, by number of files: "
+        + ", ".join(f"`{name}` {n}" for name, n in tally.most_common())
+        + ".",
+        "",
+        TABLE_END,
+    ]
     return "\n".join(lines)
 
 
