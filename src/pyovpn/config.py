@@ -247,6 +247,10 @@ class Options:
     syslog: str | None = None
     #: `mute N`: at most N consecutive log lines of one kind (0: no limit).
     mute: int = 0
+    #: `remote-cert-ku [HEX...]`: the peer certificate's key usage (empty tuple: only present).
+    remote_cert_ku: tuple[int, ...] | None = None
+    #: `remote-cert-eku OID`: an extended key usage the peer certificate must list.
+    remote_cert_eku: str | None = None
     #: `tls-cipher`: TLS <= 1.2 suites (OpenVPN or OpenSSL names, see pyovpn.proto.tls_ciphers).
     tls_cipher: str | None = None
     #: `tls-ciphersuites`: TLS 1.3 suites (OpenSSL names).
@@ -1560,7 +1564,6 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "status": (1, 2),
     "status-version": (0, 1),
     "remote-random": (0, 0),
-    "ping-timer-rem": (0, 0),
     "tls-exit": (0, 0),
     "route-delay": (0, 2),
     "route-method": (1, 1),
@@ -1679,6 +1682,32 @@ def _apply_setenv(b: _Builder, d: Directive, depth: int) -> None:
     if name == "FORWARD_COMPATIBLE" and value == "1":
         b.forward_compatible = True
     b.opts = replace(b.opts, setenv=(*b.opts.setenv, (name, value)))
+
+
+@_option("remote-cert-ku", args=(0, None), usage="remote-cert-ku [HEX...]")
+def _opt_remote_cert_ku(b: _Builder, d: Directive) -> None:
+    values: list[int] = []
+    for word in d.args:
+        try:
+            value = int(word, 16)
+        except ValueError:
+            value = -1
+        if not 0 < value <= 0xFFFF:
+            raise _error(d, f"remote-cert-ku: '{word}' is not a key usage in hex (e.g. a0 or 88)")
+        values.append(value)
+    b.opts = replace(b.opts, remote_cert_ku=tuple(values))
+
+
+@_option("remote-cert-eku", args=(1, 1), usage="remote-cert-eku OID")
+def _opt_remote_cert_eku(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, remote_cert_eku=d.args[0])
+
+
+@_option("ping-timer-rem", usage="ping-timer-rem")
+def _opt_ping_timer_rem(b: _Builder, d: Directive) -> None:
+    # Carried out by design: the keepalive timers start only when a tunnel is up, i.e. once the
+    # peer's address is known, which is what this option asks for.
+    pass
 
 
 @_option("tls-cipher", args=(1, 1), usage="tls-cipher SUITE[:SUITE...]")

@@ -60,7 +60,12 @@ def session_config(opts: Options) -> SessionConfig:
         is_tls_server=is_server,
         tls_context=ctx,
         peer_check=PeerCheck(
-            opts.remote_cert_tls, opts.verify_x509_name, peer_cert=peer_cert, crl=opts.crl_verify
+            opts.remote_cert_tls,
+            opts.verify_x509_name,
+            peer_cert=peer_cert,
+            crl=opts.crl_verify,
+            remote_cert_ku=opts.remote_cert_ku,
+            remote_cert_eku=opts.remote_cert_eku,
         ),
         tls_timeout=float(opts.tls_timeout),
         hand_window=opts.hand_window,

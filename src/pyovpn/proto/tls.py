@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
 from pyovpn.errors import ConfigError, ProtocolError
-from pyovpn.proto import tls_ciphers
+from pyovpn.proto import cert_usage, tls_ciphers
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class PeerCheck:
     verify_x509_name: tuple[str, str] | None = None  # (name, "subject" | "name" | "name-prefix")
     peer_cert: str = "require"  # a server's verify-client-cert: "require" | "optional" | "none"
     crl: bytes | None = None  # PEM CRL (crl-verify): a revoked peer certificate is refused
+    remote_cert_ku: tuple[int, ...] | None = None  # remote-cert-ku values (empty: just present)
+    remote_cert_eku: str | None = None  # remote-cert-eku: dotted OID or OpenSSL long name
 
 
 def _load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
@@ -144,6 +146,10 @@ def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
                 f"peer certificate lacks the TLS Web {check.remote_cert_tls.title()} Authentication usage "
                 f"required by remote-cert-tls {check.remote_cert_tls}"
             )
+    if check.remote_cert_ku is not None:
+        cert_usage.check_key_usage(cert, check.remote_cert_ku)
+    if check.remote_cert_eku is not None:
+        cert_usage.check_extended_key_usage(cert, check.remote_cert_eku)
     if check.verify_x509_name:
         name, kind = check.verify_x509_name
         cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
