@@ -1684,6 +1684,23 @@ def _apply_setenv(b: _Builder, d: Directive, depth: int) -> None:
     b.opts = replace(b.opts, setenv=(*b.opts.setenv, (name, value)))
 
 
+# Why some accepted-and-ignored options truly change nothing here; the daemon's warning says so.
+_NO_EFFECT_WHY: dict[str, str] = {
+    "block-outside-dns": "it is Windows-only (it blocks DNS outside the tunnel with the Windows "
+    "Filtering Platform)",
+    "route-method": "it chooses how routes are set on Windows",
+    "tun-ipv6": "a tun device carries IPv6 anyway (OpenVPN >= 2.4 ignores it too)",
+    "ecdh-curve": "with OpenSSL 3 the curve is negotiated (OpenVPN 2.6 ignores it too); restrict "
+    "curves with `tls-groups`",
+    "fast-io": "it speeds up OpenVPN's own UDP write loop, which pyovpn's data channel does not use",
+}
+
+
+def no_effect_reason(option: str) -> str | None:
+    """Why ``option`` is accepted without effect, when that is a fact of the platform."""
+    return _NO_EFFECT_WHY.get(option)
+
+
 @_option("remote-cert-ku", args=(0, None), usage="remote-cert-ku [HEX...]")
 def _opt_remote_cert_ku(b: _Builder, d: Directive) -> None:
     values: list[int] = []

@@ -18,7 +18,7 @@ import os
 from signal import Signals
 
 from pyovpn import __version__, logsinks, privdrop, scripts
-from pyovpn.config import AEAD_CIPHERS, Options
+from pyovpn.config import AEAD_CIPHERS, Options, no_effect_reason
 from pyovpn.datachannel import choice
 from pyovpn.datachannel.api import DataChannel, DelIface, IfaceMode, NewIface, Notification
 from pyovpn.edge import iface
@@ -342,7 +342,14 @@ def run(opts: Options) -> int:
     setup_logging(opts)
     log.info("pyovpn %s (OpenVPN-compatible, data channel offload)", __version__)
     for name, source, line in opts.ignored:
-        log.warning("%s:%d: option '%s' is accepted but has no effect in pyovpn", source, line, name)
+        why = no_effect_reason(name)
+        log.warning(
+            "%s:%d: option '%s' is accepted but has no effect in pyovpn%s",
+            source,
+            line,
+            name,
+            f": {why}" if why else "",
+        )
     if opts.writepid:
         with open(opts.writepid, "w") as fh:
             fh.write(f"{os.getpid()}\n")

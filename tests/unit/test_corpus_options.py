@@ -239,3 +239,33 @@ def test_setenv_reaches_the_scripts(pki: Pki, tmp_path: Path) -> None:
     finally:
         scripts.set_config_env(())  # the variables are process-wide; leave none for other tests
     assert seen.read_text().split("\n")[0] == "up 0 home office"
+
+
+# -- accepted without effect: the warning says why ------------------------------------------------
+
+
+def test_no_effect_warning_names_the_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    opts = _opts("block-outside-dns\nresolv-retry infinite\n", tmp_path)
+
+    def failing_daemon(_opts: object) -> object:
+        raise ConfigError("stop here")  # run() logs the warnings first, then builds the daemon
+
+    caplog.set_level(logging.WARNING)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(daemon_module, "Daemon", failing_daemon)
+            mp.setattr(daemon_module, "setup_logging", lambda _o: None)
+            assert daemon_module.run(opts) == 1
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = [r.getMessage() for r in caplog.records]
+    assert (
+        "t.conf:7: option 'block-outside-dns' is accepted but has no effect in pyovpn: it is Windows-only"
+        in (" ".join(lines))
+    )
+    assert any(
+        line.endswith("option 'resolv-retry' is accepted but has no effect in pyovpn") for line in lines
+    )
