@@ -251,6 +251,9 @@ class Options:
     remote_cert_ku: tuple[int, ...] | None = None
     #: `remote-cert-eku OID`: an extended key usage the peer certificate must list.
     remote_cert_eku: str | None = None
+    #: `sndbuf N` / `rcvbuf N`: transport socket buffer sizes in bytes (0: the system's).
+    sndbuf: int = 0
+    rcvbuf: int = 0
     #: `tls-cipher`: TLS <= 1.2 suites (OpenVPN or OpenSSL names, see pyovpn.proto.tls_ciphers).
     tls_cipher: str | None = None
     #: `tls-ciphersuites`: TLS 1.3 suites (OpenSSL names).
@@ -1569,8 +1572,6 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "route-method": (1, 1),
     "setenv-safe": (1, 2),
     "push-peer-info": (0, 0),
-    "sndbuf": (1, 1),
-    "rcvbuf": (1, 1),
     "txqueuelen": (1, 1),
     "fast-io": (0, 0),
     "connect-retry": (1, 2),
@@ -1718,6 +1719,15 @@ def _opt_remote_cert_ku(b: _Builder, d: Directive) -> None:
 @_option("remote-cert-eku", args=(1, 1), usage="remote-cert-eku OID")
 def _opt_remote_cert_eku(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, remote_cert_eku=d.args[0])
+
+
+@_option("sndbuf", "rcvbuf", args=(1, 1), usage="sndbuf|rcvbuf BYTES")
+def _opt_socket_buffer(b: _Builder, d: Directive) -> None:
+    size = _int(d, d.args[0], d.name, 0, 0x7FFFFFFF)
+    if d.name == "sndbuf":
+        b.opts = replace(b.opts, sndbuf=size)
+    else:
+        b.opts = replace(b.opts, rcvbuf=size)
 
 
 @_option("ping-timer-rem", usage="ping-timer-rem")

@@ -269,3 +269,35 @@ def test_no_effect_warning_names_the_reason(tmp_path: Path, caplog: pytest.LogCa
     assert any(
         line.endswith("option 'resolv-retry' is accepted but has no effect in pyovpn") for line in lines
     )
+
+
+# -- sndbuf / rcvbuf ------------------------------------------------------------------------------
+
+
+def test_socket_buffers_reach_the_transport_socket(tmp_path: Path) -> None:
+    from pyovpn.edge import sockets
+
+    server_conf = (
+        "tls-server\ndev tun\nproto udp\nlocal 127.0.0.1\n"
+        f"lport {free_port()}\nifconfig 10.77.0.1 10.77.0.2\nca ca.crt\ncert c.crt\nkey c.key\ndh none\n"
+    )
+    for name in ("ca.crt", "c.crt", "c.key"):
+        (tmp_path / name).write_text("placeholder\n")
+    plain = parse_config_text(server_conf, cwd=str(tmp_path))
+    sized = parse_config_text(server_conf + "sndbuf 131072\nrcvbuf 262144\n", cwd=str(tmp_path))
+    assert (sized.sndbuf, sized.rcvbuf) == (131072, 262144) and not sized.ignored
+    sock, _ = sockets.open_udp(plain)
+    with sock:
+        default_rcv = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    sock, _ = sockets.open_udp(sized)
+    with sock:
+        rcv = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        snd = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    # Linux doubles the request and caps it at net.core.[rw]mem_max: what matters is that the
+    # size follows the option, not the system default.
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    assert rcv == 2 * min(262144, rmem_max)
+    assert snd == 2 * min(131072, wmem_max)
+    if rmem_max >= 262144:
+        assert rcv != default_rcv
