@@ -254,6 +254,16 @@ class Options:
     #: `sndbuf N` / `rcvbuf N`: transport socket buffer sizes in bytes (0: the system's).
     sndbuf: int = 0
     rcvbuf: int = 0
+    #: `mark N`: firewall mark of the transport socket's packets (0: none).
+    mark: int = 0
+    #: `bind-dev DEV`: the interface the transport socket is bound to.
+    bind_dev: str | None = None
+    #: `tls-version-max`: the highest TLS version to offer or accept.
+    tls_version_max: str | None = None
+    #: `suppress-timestamps`: log lines without the time (for loggers that add their own).
+    suppress_timestamps: bool = False
+    #: `nice N`: the process's scheduling priority change.
+    nice: int = 0
     #: `tls-cipher`: TLS <= 1.2 suites (OpenVPN or OpenSSL names, see pyovpn.proto.tls_ciphers).
     tls_cipher: str | None = None
     #: `tls-ciphersuites`: TLS 1.3 suites (OpenSSL names).
@@ -1728,6 +1738,41 @@ def _opt_socket_buffer(b: _Builder, d: Directive) -> None:
         b.opts = replace(b.opts, sndbuf=size)
     else:
         b.opts = replace(b.opts, rcvbuf=size)
+
+
+@_option("mark", args=(1, 1), usage="mark N")
+def _opt_mark(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, mark=_int(d, d.args[0], "mark", 0, 0xFFFFFFFF))
+
+
+@_option("bind-dev", args=(1, 1), usage="bind-dev DEVICE")
+def _opt_bind_dev(b: _Builder, d: Directive) -> None:
+    if not 0 < len(d.args[0]) < 16 or "/" in d.args[0]:
+        raise _error(d, f"bind-dev: '{d.args[0]}' is not an interface name")
+    b.opts = replace(b.opts, bind_dev=d.args[0])
+
+
+@_option("tls-version-max", args=(1, 1), usage="tls-version-max 1.2|1.3")
+def _opt_tls_version_max(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("1.0", "1.1", "1.2", "1.3"):
+        raise _error(d, f"tls-version-max: unknown version '{d.args[0]}'; use 1.2 or 1.3")
+    b.opts = replace(b.opts, tls_version_max=d.args[0])
+
+
+@_option("suppress-timestamps", usage="suppress-timestamps")
+def _opt_suppress_timestamps(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, suppress_timestamps=True)
+
+
+@_option("nice", args=(1, 1), usage="nice N")
+def _opt_nice(b: _Builder, d: Directive) -> None:
+    try:
+        n = int(d.args[0])
+    except ValueError:
+        n = 99
+    if not -20 <= n <= 19:
+        raise _error(d, f"nice: '{d.args[0]}' is not a priority change between -20 and 19")
+    b.opts = replace(b.opts, nice=n)
 
 
 @_option("ping-timer-rem", usage="ping-timer-rem")

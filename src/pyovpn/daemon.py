@@ -53,6 +53,7 @@ def session_config(opts: Options) -> SessionConfig:
         peer_cert=peer_cert,
         tls_cipher=opts.tls_cipher,
         tls_ciphersuites=opts.tls_ciphersuites,
+        tls_version_max=opts.tls_version_max,
     )
     user, password = opts.auth_user_pass or (None, None)
     return SessionConfig(
@@ -319,7 +320,8 @@ def setup_logging(opts: Options) -> None:
     if isinstance(handler, logging.handlers.SysLogHandler):
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        stamp = "" if opts.suppress_timestamps else "%(asctime)s "
+        handler.setFormatter(logging.Formatter(stamp + "%(message)s", "%Y-%m-%d %H:%M:%S"))
     if opts.mute > 0:
         handler.addFilter(logsinks.MuteFilter(opts.mute))
     root = logging.getLogger()
@@ -350,6 +352,12 @@ def run(opts: Options) -> int:
             name,
             f": {why}" if why else "",
         )
+    if opts.nice:
+        try:
+            os.nice(opts.nice)
+            log.info("nice %d succeeded", opts.nice)
+        except OSError as exc:  # a negative value needs CAP_SYS_NICE; OpenVPN warns and goes on
+            log.warning("nice %d failed: %s", opts.nice, exc.strerror)
     if opts.writepid:
         with open(opts.writepid, "w") as fh:
             fh.write(f"{os.getpid()}\n")

@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from OpenSSL import SSL
 
 from pyovpn import daemon as daemon_module
 from pyovpn import logsinks, scripts
@@ -301,3 +302,88 @@ def test_socket_buffers_reach_the_transport_socket(tmp_path: Path) -> None:
     assert snd == 2 * min(131072, wmem_max)
     if rmem_max >= 262144:
         assert rcv != default_rcv
+
+
+# -- mark, bind-dev, tls-version-max, suppress-timestamps, nice --------------------------------------
+
+
+def test_mark_bind_dev_tls_version_max_nice_parse(tmp_path: Path) -> None:
+    o = _opts("mark 42\nbind-dev lo\ntls-version-max 1.2\nsuppress-timestamps\nnice 5\n", tmp_path)
+    assert (o.mark, o.bind_dev, o.tls_version_max, o.suppress_timestamps, o.nice) == (
+        42,
+        "lo",
+        "1.2",
+        True,
+        5,
+    )
+    assert not o.ignored
+    with pytest.raises(ConfigError, match="nice: '30' is not a priority change"):
+        parse("nice 30\n", tmp_path)
+    with pytest.raises(ConfigError, match="tls-version-max: unknown version '2'"):
+        parse("tls-version-max 2\n", tmp_path)
+
+
+def test_mark_and_bind_dev_reach_the_socket(tmp_path: Path) -> None:
+    import os
+
+    from pyovpn.edge import sockets
+    from pyovpn.edge.stop import Stop
+
+    conf = (
+        "tls-server\ndev tun\nproto udp\nlocal 127.0.0.1\n"
+        f"lport {free_port()}\nifconfig 10.77.0.1 10.77.0.2\nca ca.crt\ncert c.crt\nkey c.key\ndh none\n"
+        "mark 42\nbind-dev lo\n"
+    )
+    for name in ("ca.crt", "c.crt", "c.key"):
+        (tmp_path / name).write_text("placeholder\n")
+    opts = parse_config_text(conf, cwd=str(tmp_path))
+    if os.geteuid() != 0:
+        with pytest.raises(Stop, match="needs CAP_NET_ADMIN"):
+            sockets.open_udp(opts)
+        return
+    sock, _ = sockets.open_udp(opts)
+    with sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 42
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0") == b"lo"
+
+
+def test_tls_version_max_caps_the_handshake(tmp_path: Path) -> None:
+    from pyovpn.proto.tls import build_context
+    from pyovpn.tools.pki import make_pki
+    from tests.unit.test_tls_ciphers import _handshake
+
+    pki = make_pki(tmp_path / "pki")
+
+    def side(is_server: bool, **kwargs: str) -> SSL.Context:
+        crt, key = (pki.server_crt, pki.server_key) if is_server else (pki.client_crt, pki.client_key)
+        return build_context(
+            ca=pki.ca_crt.read_bytes(),
+            cert=crt.read_bytes(),
+            key=key.read_bytes(),
+            is_server=is_server,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    assert _handshake(side(True), side(False))[0] == "TLSv1.3"
+    assert _handshake(side(True), side(False, tls_version_max="1.2"))[0] == "TLSv1.2"
+    assert _handshake(side(True, tls_version_max="1.2"), side(False))[0] == "TLSv1.2"
+    with pytest.raises(ConfigError, match=r"tls-version-max 1\.2 is below tls-version-min 1\.3"):
+        side(False, tls_version_min="1.3", tls_version_max="1.2")
+
+
+def test_suppress_timestamps_drops_the_time(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    opts = _opts(f"suppress-timestamps\nlog {out}\nverb 3\n", tmp_path)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        daemon_module.setup_logging(opts)
+        logging.getLogger("pyovpn.test").info("plain line")
+        for h in root.handlers:
+            h.flush()
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert out.read_text() == "plain line\n"

@@ -52,6 +52,7 @@ def build_context(
     peer_cert: str = "require",
     tls_cipher: str | None = None,
     tls_ciphersuites: str | None = None,
+    tls_version_max: str | None = None,
 ) -> SSL.Context:
     """A TLS context for one role; ConfigError if the PEM material is unusable."""
     method = SSL.TLS_SERVER_METHOD if is_server else SSL.TLS_CLIENT_METHOD
@@ -63,6 +64,11 @@ def build_context(
         "1.3": SSL.TLS1_3_VERSION,
     }
     ctx.set_min_proto_version(minimum.get((tls_version_min or "1.2").split()[0], SSL.TLS1_2_VERSION))
+    if tls_version_max:
+        low, high = (tls_version_min or "1.2").split()[0], tls_version_max
+        if float(high) < float(low):
+            raise ConfigError(f"tls-version-max {high} is below tls-version-min {low}; raise it")
+        ctx.set_max_proto_version(minimum[high])
     if tls_groups:
         _set_groups(ctx, tls_groups)
     if tls_cipher:
