@@ -264,6 +264,8 @@ class Options:
     suppress_timestamps: bool = False
     #: `nice N`: the process's scheduling priority change.
     nice: int = 0
+    #: `cd DIR`: the directory the daemon works in (later relative files were looked up there).
+    cd: str | None = None
     #: `tls-cipher`: TLS <= 1.2 suites (OpenVPN or OpenSSL names, see pyovpn.proto.tls_ciphers).
     tls_cipher: str | None = None
     #: `tls-ciphersuites`: TLS 1.3 suites (OpenSSL names).
@@ -1773,6 +1775,14 @@ def _opt_nice(b: _Builder, d: Directive) -> None:
     if not -20 <= n <= 19:
         raise _error(d, f"nice: '{d.args[0]}' is not a priority change between -20 and 19")
     b.opts = replace(b.opts, nice=n)
+
+
+@_option("cd", args=(1, 1), usage="cd DIR")
+def _opt_cd(b: _Builder, d: Directive) -> None:
+    # OpenVPN changes directory right here, so every later relative file is found from there.
+    path = os.path.abspath(b.resolve_dir(d, d.args[0]))
+    b.cwd = path
+    b.opts = replace(b.opts, cd=path)
 
 
 @_option("ping-timer-rem", usage="ping-timer-rem")

@@ -341,6 +341,8 @@ def setup_logging(opts: Options) -> None:
 
 
 def run(opts: Options) -> int:
+    if opts.cd:
+        os.chdir(opts.cd)  # before anything opens a relative path (log, writepid, scripts)
     setup_logging(opts)
     log.info("pyovpn %s (OpenVPN-compatible, data channel offload)", __version__)
     for name, source, line in opts.ignored:

@@ -387,3 +387,21 @@ def test_suppress_timestamps_drops_the_time(tmp_path: Path) -> None:
         root.handlers[:], level = saved
         root.setLevel(level)
     assert out.read_text() == "plain line\n"
+
+
+# -- cd -------------------------------------------------------------------------------------------
+
+
+def test_cd_moves_where_later_files_are_found(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("ca.crt", "c.crt", "c.key"):
+        (keys / name).write_text("placeholder\n")
+    text = "client\ndev tun\nremote 192.0.2.1\ncd keys\nca ca.crt\ncert c.crt\nkey c.key\n"
+    o = parse_config_text(text, cwd=str(tmp_path))
+    assert o.cd == str(keys) and o.ca == b"placeholder\n"
+    # before `cd`, the same names are looked up where we started (and are not there)
+    with pytest.raises(ConfigError, match=r"ca: file 'ca\.crt' not found"):
+        parse_config_text(text.replace("cd keys\n", "") + "cd keys\n", cwd=str(tmp_path))
+    with pytest.raises(ConfigError, match="cd: directory 'nowhere' not found"):
+        parse_config_text("cd nowhere\n" + text, cwd=str(tmp_path))
