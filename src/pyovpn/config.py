@@ -1785,6 +1785,13 @@ def _opt_cd(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, cd=path)
 
 
+@_option("disable-occ", usage="disable-occ")
+def _opt_disable_occ(b: _Builder, d: Directive) -> None:
+    # Carried out by design: pyovpn never warns about differences between its own and the
+    # peer's options string (the peer's string is only read for the fallback cipher).
+    pass
+
+
 @_option("ping-timer-rem", usage="ping-timer-rem")
 def _opt_ping_timer_rem(b: _Builder, d: Directive) -> None:
     # Carried out by design: the keepalive timers start only when a tunnel is up, i.e. once the

@@ -49,6 +49,10 @@ def test_mute_value_and_bad_value(tmp_path: Path) -> None:
         parse("mute lots\n", tmp_path)
 
 
+def test_disable_occ_and_ping_timer_rem_are_not_ignored(tmp_path: Path) -> None:
+    assert not _opts("disable-occ\nping-timer-rem\n", tmp_path).ignored
+
+
 def test_down_pre_flag(tmp_path: Path) -> None:
     assert _opts("down-pre\n", tmp_path).down_pre
     assert not _opts("", tmp_path).down_pre
