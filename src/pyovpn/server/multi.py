@@ -24,7 +24,7 @@ from typing import Any
 from pyovpn.datachannel import api
 from pyovpn.datachannel.api import IfaceMode, Notification, PeerDelReason, Transport
 from pyovpn.datachannel.api import normalize_address as _norm
-from pyovpn.edge import iface, sockets
+from pyovpn.edge import compression, iface, sockets
 from pyovpn.edge.host import ServerHost
 from pyovpn.edge.iface import IROUTE_METRIC
 from pyovpn.edge.instance import Instance
@@ -66,6 +66,10 @@ class Client:
     timer: asyncio.TimerHandle | None = None
     timer_at: float = 0.0  # when ``timer`` fires
     env: dict[str, str] = field(default_factory=dict)
+    # for the status file and management: set when the data channel takes the client
+    connected_since: float = 0.0
+    client_id: int = 0
+    cipher: str = ""
 
     @property
     def vpn_ip6_address(self) -> str | None:
@@ -81,6 +85,8 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         self.host = host
         self.opts = host.opts
         self.cfg = replace(host.session_cfg, mode_server=True)
+        # OpenVPN's server frames every client's packets as its own comp-lzo/compress says
+        self.framing = compression.session_framing(host.opts, None, host.dc.capabilities, host.dc.name)
         self.jar = CookieJar(os.urandom(32), hand_window=self.opts.hand_window)
         self.clients: dict[Addr, Client] = {}
         self.by_peer: dict[int, Client] = {}
@@ -89,6 +95,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         self._acks_owed: dict[Addr, Client] = {}  # clients with ACKs to send after this receive batch
         self._free_peer_ids: list[int] = []  # a heap of released peer ids below _next_peer_id
         self._next_peer_id = 0
+        self._next_client_id = 0  # OpenVPN's CID: one per connection, never reused
         self.pool = AddressPool.from_options(self.opts)
         self.server_ip, self.netmask = self.opts.ifconfig or ("", "")
         self.server_ip6 = self.opts.ifconfig_ipv6[0].split("/")[0] if self.opts.ifconfig_ipv6 else None
@@ -444,9 +451,14 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
                 vpn_ipv6=vpn6,
                 keepalive_interval=o.ping,
                 keepalive_timeout=o.ping_restart,
+                framing=self.framing,
             )
         )
         client.in_backend = True
+        client.connected_since = time.time()
+        client.cipher = up.cipher.value
+        client.client_id = self._next_client_id
+        self._next_client_id += 1
         # the data channel reads the shared socket from now on and passes control packets up
         self._stop_reading()
         for net, plen, gateway in self._iroutes(client):
@@ -467,6 +479,13 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         """The client's iroutes (IPv4 and IPv6) as (network, prefix length, gateway) routes."""
         v4 = [(net, plen, client.vpn_ip) for net, plen in client.iroutes]
         return v4 + [(net, plen, client.vpn_ip6_address) for net, plen in client.iroutes6]
+
+    async def kill_client(self, client: Client, reason: str) -> None:
+        """Management `kill`/`client-kill`: tell the client to reconnect (RESTART), then drop it."""
+        client.session.send_text("RESTART")
+        self._pump(client)
+        await asyncio.sleep(0.2)  # the RESTART message leaves before the peer is deleted
+        await self._remove_client(client, reason, notify_backend=True)
 
     async def _remove_client(self, client: Client, reason: str, *, notify_backend: bool) -> None:
         if self.clients.get(client.addr) is not client:

@@ -38,6 +38,7 @@ from typing import Any
 from pyovpn.datachannel.api import (
     Capabilities,
     Command,
+    IfaceDeleted,
     KeyInfo,
     NewIface,
     NewPeer,
@@ -75,7 +76,15 @@ class EngineDataChannel:
     """
 
     name = "userspace-offload"
-    capabilities = Capabilities(tcp_backlog=True, stats=True, gso=True, tun_offloads=True, hooks=True)
+    capabilities = Capabilities(
+        tcp_backlog=True,
+        stats=True,
+        gso=True,
+        tun_offloads=True,
+        hooks=True,
+        drops_strangers=True,
+        framing=True,
+    )
 
     def __init__(
         self,
@@ -436,11 +445,24 @@ class EngineDataChannel:
                 self._loop.remove_reader(self._sock.fileno())
         self._fail_pending(BackendError("the offload engine exited"))
         self._drop_direct()
+        # A dead engine is never reused: the next command starts a new one (the edge restarts
+        # the connection on the notifications below and sends NewIface again).
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._starting = None
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            if self._loop is not None:
+                self._loop.run_in_executor(None, proc.wait)  # reap it; it is already exiting
+        ifname, self._ifname = self._ifname, None
         if not closing:
-            log.error("the offload engine exited unexpectedly")
+            log.error("the offload engine exited unexpectedly; a new one starts with the next command")
+            if ifname is not None:
+                self._emit(IfaceDeleted(ifname, "the offload engine exited"))
             for peer_id in sorted(self._peers):
                 self._emit(PeerDeleted(peer_id, PeerDelReason.TRANSPORT_ERROR))
-            self._peers.clear()
+        self._peers.clear()
         self._senders.clear()
 
     def _emit(self, note: Notification) -> None:
