@@ -215,6 +215,8 @@ class Options:
     #: `management-client-user U` / `management-client-group G`: owner of the unix socket.
     management_client_user: str | None = None
     management_client_group: str | None = None
+    #: `management-client-auth`: a management client accepts or denies each connecting client.
+    management_client_auth: bool = False
     persist_tun: bool = False
     persist_key: bool = False
     dco: Literal["auto", "kernel", "userspace"] = "auto"
@@ -1686,6 +1688,11 @@ def _opt_management_log_cache(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, management_log_cache=_int(d, d.args[0], "management-log-cache", 1, 1_000_000))
 
 
+@_option("management-client-auth", args=(0, 0), usage="management-client-auth")
+def _opt_management_client_auth(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_client_auth=True)
+
+
 @_option("management-client-user", args=(1, 1), usage="management-client-user USER")
 def _opt_management_client_user(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, management_client_user=d.args[0])
@@ -1698,7 +1705,6 @@ def _opt_management_client_group(b: _Builder, d: Directive) -> None:
 
 _MANAGEMENT_NOT_YET = {
     "management-query-passwords": "password prompts over the management interface",
-    "management-client-auth": "client authentication by the management client",
     "management-client": "connecting out to a management client",
     "management-external-key": "private keys held by the management client",
     "management-external-cert": "certificates held by the management client",
@@ -2308,6 +2314,12 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
                 "`server-ipv6` already defines the IPv6 address pool; remove `ifconfig-ipv6-pool`",
                 "ifconfig-ipv6-pool",
             )
+    if o.management_client_auth and o.management is None and o.management_unix is None:
+        raise fail(
+            "`management-client-auth` needs a management interface (`management IP PORT` or "
+            "`management PATH unix`) for the program that decides; add one or remove the option",
+            "management-client-auth",
+        )
     if o.ccd_exclusive and o.client_config_dir is None:
         raise fail(
             "`ccd-exclusive` needs `client-config-dir DIR` (it refuses clients without a file there); "

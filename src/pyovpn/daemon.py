@@ -34,7 +34,7 @@ from pyovpn.datachannel.api import (
 )
 from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
-from pyovpn.edge.host import HostNetwork, SystemNetwork
+from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
@@ -531,6 +531,15 @@ class Daemon:
         for c in found:
             await conn.kill_client(c, "killed by the management interface")
         return f"SUCCESS: common name '{target}' found, {len(found)} client(s) killed"
+
+    async def external_auth(self, cid: int, kid: int, env: dict[str, str]) -> ExternalAuth:
+        if self.mgmt is None:
+            return ExternalAuth(False, reason="management-client-auth without a management interface")
+        return await self.mgmt.client_auth(cid, kid, env, timeout=float(self.opts.hand_window))
+
+    def client_event(self, event: str, cid: int, env: dict[str, str] | None = None) -> None:
+        if self.mgmt is not None:
+            self.mgmt.client_event(event, cid, env)
 
     async def client_kill(self, cid: int, message: str) -> str:
         conn = self.current

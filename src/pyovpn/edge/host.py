@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,6 +25,16 @@ if TYPE_CHECKING:
     from pyovpn.scripts import TunParams
 
 SYS_CLASS_NET = "/sys/class/net"
+
+
+@dataclass(frozen=True)
+class ExternalAuth:
+    """A management client's answer to `>CLIENT:CONNECT`: accept (with config lines) or deny."""
+
+    accept: bool
+    config: tuple[str, ...] = ()  # client-auth's lines: like a client-config-dir file
+    reason: str = ""  # client-deny's log reason
+    client_reason: str = ""  # what the client is told (AUTH_FAILED,reason)
 
 
 class HostNetwork(Protocol):
@@ -118,4 +129,12 @@ class ServerHost(_Host, Protocol):
 
     async def clean_stale_link(self, name: str) -> None:
         """Remove a leftover device of this name from a killed earlier run, if the backend can."""
+        ...
+
+    async def external_auth(self, cid: int, kid: int, env: dict[str, str]) -> ExternalAuth:
+        """`management-client-auth`: the management client's verdict on a connecting client."""
+        ...
+
+    def client_event(self, event: str, cid: int, env: dict[str, str] | None = None) -> None:
+        """`>CLIENT:ESTABLISHED|DISCONNECT` for management clients (nothing without management)."""
         ...
