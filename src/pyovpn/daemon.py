@@ -19,8 +19,8 @@ import sys
 import time
 from signal import Signals
 
-from pyovpn import __version__, privdrop
-from pyovpn.config import AEAD_CIPHERS, Options
+from pyovpn import __version__, logsinks, privdrop, scripts
+from pyovpn.config import AEAD_CIPHERS, Options, no_effect_reason
 from pyovpn.datachannel import choice
 from pyovpn.datachannel.api import (
     DataChannel,
@@ -67,6 +67,9 @@ def session_config(opts: Options) -> SessionConfig:
         tls_version_min=opts.tls_version_min,
         tls_groups=opts.tls_groups,
         peer_cert=peer_cert,
+        tls_cipher=opts.tls_cipher,
+        tls_ciphersuites=opts.tls_ciphersuites,
+        tls_version_max=opts.tls_version_max,
     )
     user, password = opts.auth_user_pass or (None, None)
     for name in opts.unoffered_ciphers:
@@ -76,7 +79,12 @@ def session_config(opts: Options) -> SessionConfig:
         is_tls_server=is_server,
         tls_context=ctx,
         peer_check=PeerCheck(
-            opts.remote_cert_tls, opts.verify_x509_name, peer_cert=peer_cert, crl=opts.crl_verify
+            opts.remote_cert_tls,
+            opts.verify_x509_name,
+            peer_cert=peer_cert,
+            crl=opts.crl_verify,
+            remote_cert_ku=opts.remote_cert_ku,
+            remote_cert_eku=opts.remote_cert_eku,
         ),
         tls_timeout=float(opts.tls_timeout),
         hand_window=opts.hand_window,
@@ -141,6 +149,7 @@ class Daemon:
         self.backend_reason = ""  # why this data channel (kernel or userspace), for `pyovpn show`
         self._refs: dict[int, tuple[tuple[int, int], float]] = {}  # peer id: (counters, last ref)
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
+        scripts.set_config_env(opts.setenv)
 
     @property
     def dc(self) -> DataChannel:
@@ -647,6 +656,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         if self.iface is not None:
+            if self.opts.down_pre:
+                await self.run_down()  # `down-pre`: the script still sees the open device
             with contextlib.suppress(PyovpnError, OSError):
                 await self.dc.request(DelIface(self.iface))
             log.info("Closing TUN/TAP interface %s", self.iface)
@@ -722,6 +733,8 @@ def setup_logging(opts: Options) -> None:
         fmt = logging.Formatter("%(message)s")
     for h in handlers:
         h.setFormatter(fmt)
+        if opts.mute > 0:
+            h.addFilter(logsinks.MuteFilter(opts.mute))
     root = logging.getLogger()
     root.handlers[:] = handlers
     root.setLevel(level)
@@ -772,7 +785,20 @@ def run(opts: Options) -> int:
     setup_logging(opts)
     log.info("pyovpn %s (OpenVPN-compatible, data channel offload)", __version__)
     for name, source, line in opts.ignored:
-        log.warning("%s:%d: option '%s' is accepted but has no effect in pyovpn", source, line, name)
+        why = no_effect_reason(name)
+        log.warning(
+            "%s:%d: option '%s' is accepted but has no effect in pyovpn%s",
+            source,
+            line,
+            name,
+            f": {why}" if why else "",
+        )
+    if opts.nice:
+        try:
+            os.nice(opts.nice)
+            log.info("nice %d succeeded", opts.nice)
+        except OSError as exc:  # a negative value needs CAP_SYS_NICE; OpenVPN warns and goes on
+            log.warning("nice %d failed: %s", opts.nice, exc.strerror)
     if opts.writepid:
         with open(opts.writepid, "w") as fh:
             fh.write(f"{os.getpid()}\n")
