@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
 from pyovpn.errors import ConfigError
+from pyovpn.proto.redirect import BadRedirectFlag, PullFilterAction, add_redirect, redirect_from
 
 __all__ = [
     "AEAD_CIPHERS",
@@ -153,6 +154,14 @@ class Options:
     ifconfig_ipv6: tuple[str, str] | None = None
     routes: tuple[Route, ...] = ()
     routes_ipv6: tuple[RouteV6, ...] = ()
+    #: `redirect-gateway`/`redirect-private` as given: (option name, flag, ...), in order
+    redirects: tuple[tuple[str, ...], ...] = ()
+    route_gateway: str | None = None
+    route_metric: int | None = None
+    route_nopull: bool = False
+    route_noexec: bool = False
+    ifconfig_noexec: bool = False
+    pull_filters: tuple[tuple[PullFilterAction, str], ...] = ()
     topology: Literal["net30", "p2p", "subnet"] = "net30"
     ca: bytes | None = None
     cert: bytes | None = None
@@ -985,6 +994,51 @@ def _opt_route_ipv6(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, routes_ipv6=(*b.opts.routes_ipv6, RouteV6(network, gateway, metric)))
 
 
+@_option("redirect-gateway", "redirect-private", args=(0, None), usage="redirect-gateway [FLAGS...]")
+def _opt_redirect(b: _Builder, d: Directive) -> None:
+    try:
+        add_redirect(redirect_from(()), d.name, d.args)
+    except BadRedirectFlag as exc:
+        raise _error(d, str(exc)) from None
+    b.opts = replace(b.opts, redirects=(*b.opts.redirects, (d.name, *d.args)))
+
+
+@_option("route-gateway", args=(1, 1), usage="route-gateway GATEWAY")
+def _opt_route_gateway(b: _Builder, d: Directive) -> None:
+    if d.args[0] == "dhcp":
+        raise _error(d, "`route-gateway dhcp` needs a TAP device; pyovpn is layer-3 (tun): give the address")
+    b.opts = replace(b.opts, route_gateway=_ipv4(d, d.args[0], "route-gateway"))
+
+
+@_option("route-metric", args=(1, 1), usage="route-metric METRIC")
+def _opt_route_metric(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, route_metric=_int(d, d.args[0], "route-metric", 0))
+
+
+@_option("route-nopull", usage="route-nopull")
+def _opt_route_nopull(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, route_nopull=True)
+
+
+@_option("route-noexec", usage="route-noexec")
+def _opt_route_noexec(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, route_noexec=True)
+
+
+@_option("ifconfig-noexec", usage="ifconfig-noexec")
+def _opt_ifconfig_noexec(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, ifconfig_noexec=True)
+
+
+@_option("pull-filter", args=(2, 2), usage="pull-filter accept|ignore|reject TEXT")
+def _opt_pull_filter(b: _Builder, d: Directive) -> None:
+    action = d.args[0]
+    if action not in ("accept", "ignore", "reject"):
+        raise _error(d, f"pull-filter: unknown type {action!r}; use accept, ignore or reject")
+    entry = (cast(PullFilterAction, action), d.args[1])
+    b.opts = replace(b.opts, pull_filters=(*b.opts.pull_filters, entry))
+
+
 @_option("topology", args=(1, 1), usage="topology net30|p2p|subnet")
 def _opt_topology(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("net30", "p2p", "subnet"):
@@ -1618,7 +1672,6 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "connect-timeout": (1, 1),
     "server-poll-timeout": (1, 1),
     "auth-retry": (1, 1),
-    "redirect-gateway": (0, None),
     "dhcp-option": (1, None),
     "block-outside-dns": (0, 0),
     "tls-cipher": (1, 1),

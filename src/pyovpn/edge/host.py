@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pyovpn.net import tun
+from pyovpn.edge.fulltunnel import NetGateway
+from pyovpn.net import gateway, tun
 
 if TYPE_CHECKING:
     from pyovpn.config import Options
@@ -73,6 +74,13 @@ class SystemNetwork:
         ):
             with contextlib.suppress(OSError):
                 Path(path).write_text("1\n")
+
+    def gateway_to(self, address: str) -> NetGateway | None:
+        """How the host reaches ``address`` now: the "net_gateway" of routes and redirect-gateway."""
+        found = gateway.route_to(address)
+        if found is None:
+            return None
+        return NetGateway(found.ifname, found.gateway, found.networks, found.default_metric)
 
     def free_tun_name(self) -> str:
         existing = set(os.listdir(SYS_CLASS_NET)) if os.path.isdir(SYS_CLASS_NET) else set()
