@@ -20,10 +20,13 @@ import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 
+import pytest
+
 from pyovpn.tools.pki import Pki
 from tests.netns.harness import (
     INIT_LINE,
     NS_PREFIX,
+    OUTER6,
     Netns,
     Proc,
     TunnelSpec,
@@ -36,6 +39,7 @@ from tests.netns.harness import (
 )
 
 BEYOND = "198.18.0.2"
+BEYOND6 = "fd00:c6:12::2"
 BEYOND_PORT = 7000
 SERVER = "172.31.254.2"
 SPEC = TunnelSpec(role="server")
@@ -44,10 +48,10 @@ PUSH = 'push "redirect-gateway def1 bypass-dhcp"\n'
 # Answers each TCP connection with the peer address it saw, then closes.
 ECHO_PEER = textwrap.dedent(
     f"""
-    import socket
-    s = socket.socket()
+    import socket, sys
+    s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("{BEYOND}", {BEYOND_PORT}))
+    s.bind((sys.argv[1], {BEYOND_PORT}))
     s.listen(8)
     print("listening", flush=True)
     while True:
@@ -80,10 +84,17 @@ CAPTURE = textwrap.dedent(
                 continue  # IPv6 from a link-local address: neighbour discovery and friends
             if ethertype == 0x86DD and frame[38] == 0xFF:
                 continue  # IPv6 multicast housekeeping
+            if ethertype == 0x86DD and frame[20] == 58 and 133 <= frame[54] <= 137:
+                continue  # neighbour discovery between global addresses (reachability probes)
             if ethertype == 0x0806:
                 continue  # ARP
             other += 1
-            others.append(hex(ethertype))
+            if ethertype == 0x86DD:
+                v6src = socket.inet_ntop(socket.AF_INET6, frame[22:38])
+                v6dst = socket.inet_ntop(socket.AF_INET6, frame[38:54])
+                others.append(f"ipv6 nh={{frame[20]}} {{v6src}}->{{v6dst}}")
+            else:
+                others.append(hex(ethertype))
             continue
         ip = frame[14:]
         ihl = (ip[0] & 0x0F) * 4
@@ -138,6 +149,13 @@ class ThreeNamespaces(Netns):
         run(["ip", "-n", self.beyond, "link", "set", "veth0", "up"])
         run(["ip", "-n", self.beyond, "route", "add", "default", "via", "198.18.0.1"])
         run(["ip", "-n", self.a, "route", "add", "default", "via", SERVER])
+        # the same for IPv6
+        run([*netns_exec(self.beyond), "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"])
+        run([*netns_exec(self.b), "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        run(["ip", "-n", self.b, "addr", "add", "fd00:c6:12::1/64", "dev", "veth1", "nodad"])
+        run(["ip", "-n", self.beyond, "addr", "add", f"{BEYOND6}/64", "dev", "veth0", "nodad"])
+        run(["ip", "-n", self.beyond, "-6", "route", "add", "default", "via", "fd00:c6:12::1"])
+        run(["ip", "-n", self.a, "-6", "route", "add", "default", "via", OUTER6["b"]])
 
 
 def run(argv: list[str]) -> str:
@@ -153,11 +171,11 @@ def routes(ns: str) -> list[str]:
     return sorted(line.strip() for line in lines)
 
 
-def peer_seen_beyond(ns: str) -> str:
+def peer_seen_beyond(ns: str, beyond: str = BEYOND) -> str:
     """Connect from ``ns`` to the beyond server; the source address it saw."""
     code = (
         "import socket; s = socket.create_connection(("
-        f"'{BEYOND}', {BEYOND_PORT}), timeout=5); print(s.recv(100).decode())"
+        f"'{beyond}', {BEYOND_PORT}), timeout=5); print(s.recv(100).decode())"
     )
     return run([*netns_exec(ns), sys.executable, "-c", code]).strip()
 
@@ -168,16 +186,22 @@ def start_client(net: ThreeNamespaces, name: str) -> Proc:
     return client
 
 
-def test_pushed_redirect_gateway_carries_traffic_and_routes_are_restored(pki: Pki, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ipv6", [False, True], ids=["def1", "def1-ipv6"])
+def test_pushed_redirect_gateway_carries_traffic_and_routes_are_restored(
+    pki: Pki, tmp_path: Path, ipv6: bool
+) -> None:
     with ThreeNamespaces(tmp_path / "net") as net:
         vpn_client = inner_addrs(SPEC).client4
-        (net.workdir / "s.conf").write_text(server_config(SPEC, pki, impl="openvpn", local=SERVER) + PUSH)
+        push = PUSH.replace('bypass-dhcp"', 'bypass-dhcp ipv6"') if ipv6 else PUSH
+        (net.workdir / "s.conf").write_text(server_config(SPEC, pki, impl="openvpn", local=SERVER) + push)
         (net.workdir / "c.conf").write_text(client_config(SPEC, pki, impl="pyovpn", remote=SERVER))
-        echo = net.spawn(net.beyond, [sys.executable, "-c", ECHO_PEER], "beyond-echo")
-        echo.wait_for_line("listening", 10)
+        for address in (BEYOND, BEYOND6):
+            echo = net.spawn(net.beyond, [sys.executable, "-c", ECHO_PEER, address], f"beyond-echo-{address}")
+            echo.wait_for_line("listening", 10)
         original = routes(net.a)
         # without the tunnel, beyond is reached in the clear through the LAN router
         assert peer_seen_beyond(net.a) == "172.31.254.1"
+        assert peer_seen_beyond(net.a, BEYOND6) == OUTER6["a"]
 
         server = net.spawn("b", vpn_argv("openvpn", net.workdir / "s.conf"), "server-openvpn")
         wait_listening(net.b, "udp", SPEC.port, proc=server)
@@ -187,12 +211,18 @@ def test_pushed_redirect_gateway_carries_traffic_and_routes_are_restored(pki: Pk
         assert any(r.startswith("128.0.0.0/1 dev tun0") for r in tunnel_routes), tunnel_routes
         assert any(r.startswith(f"{SERVER} dev veth0") for r in tunnel_routes), tunnel_routes
         assert "bypass-dhcp" in client.text() and "Windows only" in client.text()
+        if ipv6:
+            assert {"::/3 dev tun0", "2000::/4 dev tun0", "3000::/4 dev tun0", "fc00::/7 dev tun0"} <= {
+                " ".join(r.split()[:3]) for r in tunnel_routes
+            }, tunnel_routes
 
         # the traffic goes through the tunnel: beyond sees the VPN address, the wire only VPN UDP
         capture = net.spawn("a", [sys.executable, "-c", CAPTURE, "4"], "capture")
         capture.wait_for_line("capturing", 10)
         for _ in range(3):
             assert peer_seen_beyond(net.a) == vpn_client
+        if ipv6:  # fd00::/8 lies in fc00::/7: through the tunnel, from the VPN's IPv6 address
+            assert peer_seen_beyond(net.a, BEYOND6) == inner_addrs(SPEC).client6
         ping = subprocess.run(
             [*netns_exec(net.a), "ping", "-c", "5", "-i", "0.2", "-W", "2", BEYOND],
             capture_output=True,
@@ -202,7 +232,7 @@ def test_pushed_redirect_gateway_carries_traffic_and_routes_are_restored(pki: Pk
         )
         assert ping.returncode == 0, ping.stdout + ping.stderr
         seen = capture.wait_for_line(r"vpn=(\d+) other=(\d+)", 15)
-        assert int(seen.group(1)) >= 10 and int(seen.group(2)) == 0, seen.group(0)
+        assert int(seen.group(1)) >= 10 and int(seen.group(2)) == 0, capture.text()
 
         # SIGUSR1: reconnects, the same routes, traffic still tunneled
         mark = client.mark()

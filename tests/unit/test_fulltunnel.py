@@ -208,10 +208,11 @@ def test_config_refuses_bad_routing_options(line: str, says: str) -> None:
         parse_text(f"client\n{line}\n")
 
 
-def test_bad_pushed_redirect_flag_is_a_protocol_error() -> None:
+def test_bad_pushed_redirect_flag_skips_the_option_and_bad_routes_are_protocol_errors() -> None:
     pushed = parse_pushed_options(["redirect-gateway def1 sideways"])
+    assert pushed.redirects == [] and pushed.ignored == ["redirect-gateway def1 sideways"]
     with pytest.raises(BadRedirectFlag):
-        redirect_from(pushed.redirects)
+        redirect_from([("redirect-gateway", "def1", "sideways")])
     with pytest.raises(ProtocolError):
         parse_pushed_options(["route 10.0.0.0 255.0.0.0 not-an-ip"])
 

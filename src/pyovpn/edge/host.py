@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from pyovpn.edge.fulltunnel import NetGateway
-from pyovpn.net import gateway, tun
+from pyovpn.net import gateway, routefirst, tun
 
 if TYPE_CHECKING:
     from pyovpn.config import Options
@@ -74,6 +74,12 @@ class SystemNetwork:
         ):
             with contextlib.suppress(OSError):
                 Path(path).write_text("1\n")
+
+    def add_route_first(
+        self, ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
+    ) -> None:
+        """Add a route as OpenVPN does: in front of an existing one to the same destination."""
+        routefirst.add_route_first(ifname, network, prefixlen, gateway, metric)
 
     def gateway_to(self, address: str) -> NetGateway | None:
         """How the host reaches ``address`` now: the "net_gateway" of routes and redirect-gateway."""

@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from pyovpn.edge.fulltunnel import HostRoute, RouteChange
 from pyovpn.edge.host import HostNetwork
@@ -57,9 +58,20 @@ def _decode(item: list[object]) -> RouteChange:
     )
 
 
+@runtime_checkable
+class AddsRoutesFirst(Protocol):
+    """A host that can add a route in front of an existing one to the same place, as OpenVPN does."""
+
+    def add_route_first(
+        self, ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
+    ) -> None: ...
+
+
 def _apply(net: HostNetwork, change: RouteChange) -> None:
     r = change.route
-    if change.action == "add":
+    if change.action == "add" and isinstance(net, AddsRoutesFirst):
+        net.add_route_first(r.ifname, r.network, r.prefixlen, r.gateway, r.metric)
+    elif change.action == "add":
         net.add_route(r.ifname, r.network, r.prefixlen, r.gateway, r.metric)
     else:
         net.del_route(r.ifname, r.network, r.prefixlen, r.gateway, r.metric)

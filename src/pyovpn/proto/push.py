@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from pyovpn.errors import ProtocolError
-from pyovpn.proto.redirect import REDIRECT_OPTIONS
+from pyovpn.proto.redirect import REDIRECT_OPTIONS, BadRedirectFlag, RedirectFlags, add_redirect
 
 ROUTE_KEYWORDS = ("vpn_gateway", "net_gateway", "remote_host")
 
@@ -102,6 +102,11 @@ def parse_pushed_options(options: list[str]) -> PushedOptions:
         elif name == "route-metric":
             p.route_metric = _int(words, 1, name)
         elif name in REDIRECT_OPTIONS:
+            try:
+                add_redirect(RedirectFlags(), name, words[1:])
+            except BadRedirectFlag:
+                p.ignored.append(opt)  # as OpenVPN: an option error in a push skips that option
+                continue
             p.redirects.append(tuple(words))
         elif name == "route-gateway" and len(words) >= 2:
             p.route_gateway = words[1] if words[1] != "dhcp" else None
