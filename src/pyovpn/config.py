@@ -988,7 +988,9 @@ def _opt_route_ipv6(b: _Builder, d: Directive) -> None:
     if sep:
         _int(d, bits, "route-ipv6 prefix length", 0, 128)
     gateway = None
-    if len(d.args) > 1 and d.args[1] != "default":
+    if len(d.args) > 1 and d.args[1] == "net_gateway":
+        gateway = d.args[1]
+    elif len(d.args) > 1 and d.args[1] != "default":
         gateway = _ipv6(d, d.args[1], "route-ipv6 gateway")
     metric = _int(d, d.args[2], "route-ipv6 metric", 0) if len(d.args) > 2 else None
     b.opts = replace(b.opts, routes_ipv6=(*b.opts.routes_ipv6, RouteV6(network, gateway, metric)))

@@ -13,6 +13,7 @@ server, which routes it (no NAT), so beyond sees the client's VPN address as the
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -209,7 +210,7 @@ def test_pushed_redirect_gateway_carries_traffic_and_routes_are_restored(
         tunnel_routes = routes(net.a)
         assert any(r.startswith("0.0.0.0/1 dev tun0") for r in tunnel_routes), tunnel_routes
         assert any(r.startswith("128.0.0.0/1 dev tun0") for r in tunnel_routes), tunnel_routes
-        assert any(r.startswith(f"{SERVER} dev veth0") for r in tunnel_routes), tunnel_routes
+        assert any(r.startswith(f"{SERVER} via {SERVER} dev veth0") for r in tunnel_routes), tunnel_routes
         assert "bypass-dhcp" in client.text() and "Windows only" in client.text()
         if ipv6:
             assert {"::/3 dev tun0", "2000::/4 dev tun0", "3000::/4 dev tun0", "fc00::/7 dev tun0"} <= {
@@ -251,10 +252,55 @@ def test_pushed_redirect_gateway_carries_traffic_and_routes_are_restored(
         os.kill(crashed.pid, signal.SIGKILL)
         crashed.wait(10)
         leftover = routes(net.a)
-        assert any(r.startswith(f"{SERVER} dev veth0") for r in leftover), leftover
+        assert any(r.startswith(f"{SERVER} via {SERVER} dev veth0") for r in leftover), leftover
         again = start_client(net, "client-3")
         assert "left by a pyovpn process that did not exit cleanly" in again.text()
         assert routes(net.a) == tunnel_routes
         assert peer_seen_beyond(net.a) == vpn_client
         assert again.stop(15) == 0
         assert routes(net.a) == original
+
+
+def normalized(lines: list[str], vpn_gateway: str) -> list[str]:
+    """Routes without what does not change where packets go: a next hop inside the tun device
+    (a layer-3 device has no neighbours) and the routing protocol tag."""
+    out = []
+    for line in lines:
+        line = re.sub(r" proto \S+", "", line).replace(f"via {vpn_gateway} dev tun0", "dev tun0")
+        out.append(" ".join(line.split()))
+    return sorted(out)
+
+
+@pytest.mark.parametrize(
+    ("server_extra", "client_extra"),
+    [
+        (PUSH, ""),
+        ("", "redirect-gateway def1 block-local\n"),
+        ("", "route 0.0.0.0 0.0.0.0\nroute 198.18.0.0 255.255.255.0 net_gateway 7\nroute-metric 5\n"),
+        ('push "route remote_host 255.255.255.255 net_gateway"\npush "route 10.200.0.0 255.255.0.0"\n', ""),
+        ('push "redirect-gateway def1 ipv6"\n', "route-ipv6 fd00:c6:12::/64 net_gateway\n"),
+    ],
+    ids=["pushed-def1", "local-block-local", "route-default", "pushed-keywords", "ipv6"],
+)
+def test_routes_match_stock_openvpn_client(
+    pki: Pki, tmp_path: Path, server_extra: str, client_extra: str
+) -> None:
+    """The stock OpenVPN 2.6 client is the oracle: pyovpn installs the same routes, and both put
+    the routing table back as it was."""
+    with ThreeNamespaces(tmp_path / "net") as net:
+        (net.workdir / "s.conf").write_text(
+            server_config(SPEC, pki, impl="openvpn", local=SERVER) + server_extra
+        )
+        server = net.spawn("b", vpn_argv("openvpn", net.workdir / "s.conf"), "server-openvpn")
+        wait_listening(net.b, "udp", SPEC.port, proc=server)
+        original = routes(net.a)
+        seen: dict[str, list[str]] = {}
+        for impl in ("openvpn", "pyovpn"):
+            config = net.workdir / f"c-{impl}.conf"
+            config.write_text(client_config(SPEC, pki, impl=impl, remote=SERVER) + client_extra)
+            client = net.spawn("a", vpn_argv(impl, config), f"client-{impl}")
+            client.wait_for_line(INIT_LINE, 30)
+            seen[impl] = normalized(routes(net.a), inner_addrs(SPEC).server4)
+            client.stop(15)
+            assert routes(net.a) == original, f"{impl} left the routes changed"
+        assert seen["pyovpn"] == seen["openvpn"]

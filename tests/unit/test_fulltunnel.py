@@ -353,3 +353,24 @@ def test_route_noexec_changes_nothing_but_keeps_the_plan() -> None:
     routes.configure(Options(route_noexec=True), pushed, TUN, SERVER, force=True)
     assert net.routes == before
     assert routes.plan is not None and "add 0.0.0.0/1 dev tun0" in [str(c) for c in routes.plan.changes]
+
+
+def test_explicit_gateways_inside_and_outside_the_tunnel() -> None:
+    push = [
+        "route 10.40.0.0 255.255.0.0 10.8.0.5",  # the VPN gateway: through the device
+        "route 10.50.0.0 255.255.0.0 192.168.1.50",  # a LAN router: where the kernel reaches it
+        "route 10.60.0.0 255.255.0.0 remote_host",
+    ]
+    changes, _ = plan_for(push)
+    assert changes == [
+        "add 10.40.0.0/16 dev tun0",
+        "add 10.50.0.0/16 via 192.168.1.50",
+        f"add 10.60.0.0/16 via {SERVER}",
+    ]
+
+
+def test_route_ipv6_net_gateway_goes_into_the_tunnel_as_in_openvpn_2_6_with_a_note() -> None:
+    opts = parse_text("client\nroute-ipv6 2001:db8:9::/48 net_gateway\nroute-ipv6 2001:db8:8::/48 fe80::99\n")
+    changes, notes = plan_for(["ifconfig-ipv6 fd00::1000/64 fd00::1"], opts)
+    assert changes == ["add 2001:db8:9::/48 dev tun0", "add 2001:db8:8::/48 via fe80::99"]
+    assert len(notes) == 1 and "cannot parse net_gateway for IPv6" in notes[0]

@@ -30,12 +30,16 @@ REMOTE_V6_HOST_METRIC = 1  # OpenVPN's metric for the server's IPv6 host route
 class HostRoute:
     network: str  # the network address, without /prefix
     prefixlen: int
-    ifname: str
+    ifname: str  # "": the device the kernel reaches the gateway through
     gateway: str | None = None
     metric: int | None = None
 
     def __str__(self) -> str:
         via = f" via {self.gateway}" if self.gateway else ""
+        if not self.ifname:
+            return f"{self.network}/{self.prefixlen}{via}" + (
+                f" metric {self.metric}" if self.metric is not None else ""
+            )
         metric = f" metric {self.metric}" if self.metric is not None else ""
         return f"{self.network}/{self.prefixlen}{via} dev {self.ifname}{metric}"
 
@@ -92,6 +96,8 @@ class RoutingInputs:
     net_gateway_v6: NetGateway | None = None
     default_metric: int | None = None  # route-metric
     tun_network_v6: str | None = None  # the device address's own network: routed by the address
+    tun_network_v4: str | None = None  # a gateway inside it is reached through the device
+    vpn_gateway_v6: str | None = None  # the ifconfig-ipv6 remote
 
 
 @dataclass
@@ -133,6 +139,12 @@ def inputs_for(
     # as the device's addresses: the pushed IPv6 address replaces a configured one
     v6_address = pushed.ifconfig_ipv6 if pushed is not None else opts.ifconfig_ipv6
     tun_net6 = str(ipaddress.IPv6Interface(v6_address[0]).network) if v6_address else None
+    tun_net4 = None
+    if ifconfig is not None:
+        if topology == "subnet":
+            tun_net4 = str(ipaddress.IPv4Network(f"{ifconfig[0]}/{ifconfig[1]}", strict=False))
+        else:
+            tun_net4 = f"{ifconfig[1]}/32"
     vpn_gateway = route_gateway
     if vpn_gateway is None and ifconfig is not None and topology != "subnet":
         vpn_gateway = ifconfig[1]  # the peer's address is the gateway on a point-to-point link
@@ -148,6 +160,8 @@ def inputs_for(
         net_gateway_v6=net_gateway_v6,
         default_metric=metric,
         tun_network_v6=tun_net6,
+        tun_network_v4=tun_net4,
+        vpn_gateway_v6=v6_address[1] if v6_address else None,
     )
 
 
@@ -271,12 +285,21 @@ def _plan_route_v4(inp: RoutingInputs, spec: RouteSpec, plan: RoutePlan) -> None
             return
         plan.add(_via_net_gateway(str(net.network_address), net.prefixlen, gw, metric))
         return
-    if spec.gateway == "remote_host":
-        plan.notes.append(
-            f"route {net} remote_host: a gateway at the server's address is not reachable; route not added"
-        )
+    gateway = inp.remote_host if spec.gateway == "remote_host" else spec.gateway
+    if gateway is not None and not _in_tunnel(gateway, inp.vpn_gateway, inp.tun_network_v4):
+        # a next hop outside the tunnel: the kernel finds its device, as for OpenVPN
+        plan.add(HostRoute(str(net.network_address), net.prefixlen, "", gateway, metric))
         return
     plan.add(HostRoute(str(net.network_address), net.prefixlen, inp.tun, None, metric))
+
+
+def _in_tunnel(gateway: str, vpn_gateway: str | None, tun_network: str | None) -> bool:
+    if gateway == vpn_gateway:
+        return True
+    try:
+        return tun_network is not None and ipaddress.ip_address(gateway) in ipaddress.ip_network(tun_network)
+    except ValueError:
+        return False
 
 
 def _plan_v6(inp: RoutingInputs, plan: RoutePlan) -> None:
@@ -297,11 +320,15 @@ def _plan_v6(inp: RoutingInputs, plan: RoutePlan) -> None:
             continue  # the device's address already routes its own network
         metric = spec.metric if spec.metric is not None else inp.default_metric
         if spec.gateway == "net_gateway":
-            if inp.net_gateway_v6 is None:
-                plan.notes.append(f"route-ipv6 {net} net_gateway: no IPv6 default gateway; route not added")
-                continue
-            gw6 = inp.net_gateway_v6
-            routes.append(HostRoute(str(net.network_address), net.prefixlen, gw6.ifname, gw6.address, metric))
+            plan.notes.append(
+                f"route-ipv6 {net} net_gateway: OpenVPN 2.6 cannot parse net_gateway for IPv6 and routes "
+                f"{net} into the tunnel, and so does pyovpn; to keep it outside, give the IPv6 gateway's "
+                "address instead of net_gateway"
+            )
+        elif spec.gateway is not None and not _in_tunnel(
+            spec.gateway, inp.vpn_gateway_v6, inp.tun_network_v6
+        ):
+            routes.append(HostRoute(str(net.network_address), net.prefixlen, "", spec.gateway, metric))
             continue
         routes.append(HostRoute(str(net.network_address), net.prefixlen, inp.tun, None, metric))
     covers_server = remote6 is not None and any(

@@ -81,6 +81,12 @@ class SystemNetwork:
         """Add a route as OpenVPN does: in front of an existing one to the same destination."""
         routefirst.add_route_first(ifname, network, prefixlen, gateway, metric)
 
+    def del_route_exact(
+        self, ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
+    ) -> None:
+        """Remove a route added with :meth:`add_route_first` (``ifname`` may be "")."""
+        routefirst.del_route_exact(ifname, network, prefixlen, gateway, metric)
+
     def gateway_to(self, address: str) -> NetGateway | None:
         """How the host reaches ``address`` now: the "net_gateway" of routes and redirect-gateway."""
         found = gateway.route_to(address)

@@ -66,6 +66,10 @@ class AddsRoutesFirst(Protocol):
         self, ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
     ) -> None: ...
 
+    def del_route_exact(
+        self, ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
+    ) -> None: ...
+
 
 def _apply(net: HostNetwork, change: RouteChange) -> None:
     r = change.route
@@ -73,6 +77,8 @@ def _apply(net: HostNetwork, change: RouteChange) -> None:
         net.add_route_first(r.ifname, r.network, r.prefixlen, r.gateway, r.metric)
     elif change.action == "add":
         net.add_route(r.ifname, r.network, r.prefixlen, r.gateway, r.metric)
+    elif isinstance(net, AddsRoutesFirst):
+        net.del_route_exact(r.ifname, r.network, r.prefixlen, r.gateway, r.metric)
     else:
         net.del_route(r.ifname, r.network, r.prefixlen, r.gateway, r.metric)
 

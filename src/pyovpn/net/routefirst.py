@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import os
 import socket
+from collections.abc import Callable
 
 from pyroute2 import IPRoute, NetlinkError
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
@@ -26,7 +27,8 @@ _CREATE_FIRST = (RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
 def add_route_first(
     ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
 ) -> None:
-    """Route ``network/prefixlen`` through ``ifname``, in front of an existing route to it."""
+    """Route ``network/prefixlen`` through ``ifname`` (empty: wherever the gateway is), in front
+    of an existing route to it."""
     what = f"add route {network}/{prefixlen} via {gateway or ifname}"
     try:
         net = ipaddress.ip_network(f"{network}/{prefixlen}", strict=False)
@@ -36,23 +38,61 @@ def add_route_first(
 
     def op() -> None:
         with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                raise BackendError(f"{what}: no interface named {ifname!r}")
-            spec: dict[str, object] = {
-                "dst": str(net.network_address),
-                "dst_len": prefixlen,
-                "oif": int(found[0]),
-                "proto": "static",
-                "type": "unicast",
-                "family": socket.AF_INET if net.version == 4 else socket.AF_INET6,
-            }
+            spec = _spec(ipr, what, net, ifname)
+            spec.update(proto="static", type="unicast")
             if gw is not None:
                 spec["gateway"] = str(gw)
             if metric is not None:
                 spec["priority"] = metric
             ipr.route(_CREATE_FIRST, **spec)
 
+    _call(what, op)
+
+
+def del_route_exact(
+    ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
+) -> None:
+    """Remove the route :func:`add_route_first` added (the same device, gateway and metric only)."""
+    what = f"delete route {network}/{prefixlen} via {gateway or ifname}"
+    try:
+        net = ipaddress.ip_network(f"{network}/{prefixlen}", strict=False)
+        gw = ipaddress.ip_address(gateway) if gateway is not None else None
+    except ValueError as exc:
+        raise BackendError(f"{what}: {exc}") from None
+
+    def op() -> None:
+        with IPRoute() as ipr:
+            spec = _spec(ipr, what, net, ifname)
+            if gw is not None:
+                spec["gateway"] = str(gw)
+            if metric is not None:
+                spec["priority"] = metric
+            try:
+                ipr.route("del", **spec)
+            except NetlinkError as e:
+                if e.code != errno.ESRCH:
+                    raise
+
+    _call(what, op)
+
+
+def _spec(
+    ipr: IPRoute, what: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network, ifname: str
+) -> dict[str, object]:
+    spec: dict[str, object] = {
+        "dst": str(net.network_address),
+        "dst_len": net.prefixlen,
+        "family": socket.AF_INET if net.version == 4 else socket.AF_INET6,
+    }
+    if ifname:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise BackendError(f"{what}: no interface named {ifname!r}")
+        spec["oif"] = int(found[0])
+    return spec
+
+
+def _call(what: str, op: Callable[[], None]) -> None:
     try:
         call_outside_loop(op)
     except NetlinkError as e:
