@@ -279,8 +279,29 @@ def normalized(lines: list[str], vpn_gateway: str) -> list[str]:
         ("", "route 0.0.0.0 0.0.0.0\nroute 198.18.0.0 255.255.255.0 net_gateway 7\nroute-metric 5\n"),
         ('push "route remote_host 255.255.255.255 net_gateway"\npush "route 10.200.0.0 255.255.0.0"\n', ""),
         ('push "redirect-gateway def1 ipv6"\n', "route-ipv6 fd00:c6:12::/64 net_gateway\n"),
+        ("", "redirect-gateway\n"),
+        ("", "redirect-gateway def1 local\n"),
+        ("", "redirect-gateway def1 autolocal\n"),
+        ('push "redirect-private"\npush "route 10.200.0.0 255.255.0.0"\n', ""),
+        (
+            'push "route 10.200.0.0 255.255.0.0"\npush "route 10.201.0.0 255.255.0.0"\n',
+            'pull-filter accept "route 10.200"\npull-filter ignore "route "\n',
+        ),
+        ('push "redirect-gateway def1"\npush "route 10.200.0.0 255.255.0.0"\n', "route-nopull\n"),
     ],
-    ids=["pushed-def1", "local-block-local", "route-default", "pushed-keywords", "ipv6"],
+    ids=[
+        "pushed-def1",
+        "local-block-local",
+        "route-default",
+        "pushed-keywords",
+        "ipv6",
+        "replace-default",
+        "local",
+        "autolocal",
+        "redirect-private",
+        "pull-filter",
+        "route-nopull",
+    ],
 )
 def test_routes_match_stock_openvpn_client(
     pki: Pki, tmp_path: Path, server_extra: str, client_extra: str

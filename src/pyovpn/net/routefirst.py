@@ -39,7 +39,7 @@ def add_route_first(
     def op() -> None:
         with IPRoute() as ipr:
             spec = _spec(ipr, what, net, ifname)
-            spec.update(proto="static", type="unicast")
+            spec.update(proto="boot", type="unicast")  # RTPROT_BOOT, as OpenVPN adds routes
             if gw is not None:
                 spec["gateway"] = str(gw)
             if metric is not None:
