@@ -324,3 +324,22 @@ def test_routes_match_stock_openvpn_client(
             client.stop(15)
             assert routes(net.a) == original, f"{impl} left the routes changed"
         assert seen["pyovpn"] == seen["openvpn"]
+
+
+def test_pull_filter_reject_restarts_without_touching_routes(pki: Pki, tmp_path: Path) -> None:
+    """`pull-filter reject` on a pushed option: the session restarts (SIGUSR1 in OpenVPN) and the
+    tunnel never comes up, so no route changes."""
+    with ThreeNamespaces(tmp_path / "net") as net:
+        (net.workdir / "s.conf").write_text(server_config(SPEC, pki, impl="openvpn", local=SERVER) + PUSH)
+        config = net.workdir / "c.conf"
+        config.write_text(
+            client_config(SPEC, pki, impl="pyovpn", remote=SERVER) + 'pull-filter reject "redirect-"\n'
+        )
+        server = net.spawn("b", vpn_argv("openvpn", net.workdir / "s.conf"), "server-openvpn")
+        wait_listening(net.b, "udp", SPEC.port, proc=server)
+        original = routes(net.a)
+        client = net.spawn("a", vpn_argv("pyovpn", config), "client-pyovpn")
+        client.wait_for_line(r"Pushed option rejected by filter.*redirect-gateway def1 bypass-dhcp", 30)
+        client.wait_for_line(r"restarting", 10)
+        assert INIT_LINE not in client.text()
+        assert routes(net.a) == original

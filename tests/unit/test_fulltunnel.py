@@ -16,6 +16,7 @@ import pytest
 from pyovpn.config import Options, Route, RouteV6, parse_config_text
 from pyovpn.edge.clientroutes import ClientRoutes
 from pyovpn.edge.fulltunnel import HostRoute, NetGateway, RouteChange, inputs_for, plan_routes
+from pyovpn.edge.iface import configure_addresses
 from pyovpn.edge.pushwarn import warn_unapplied
 from pyovpn.edge.routejournal import RouteJournal, journal_path, replay_stale
 from pyovpn.errors import ConfigError, ProtocolError
@@ -374,3 +375,12 @@ def test_route_ipv6_net_gateway_goes_into_the_tunnel_as_in_openvpn_2_6_with_a_no
     changes, notes = plan_for(["ifconfig-ipv6 fd00::1000/64 fd00::1"], opts)
     assert changes == ["add 2001:db8:9::/48 dev tun0", "add 2001:db8:8::/48 via fe80::99"]
     assert len(notes) == 1 and "cannot parse net_gateway for IPv6" in notes[0]
+
+
+def test_ifconfig_noexec_leaves_the_addresses_alone() -> None:
+    net = RecordingNetwork()
+    pushed = parse_pushed_options([*PUSH_BASE, "ifconfig-ipv6 fd00::1000/64 fd00::1"])
+    configure_addresses(net, TUN, Options(ifconfig_noexec=True), pushed)
+    assert net.addresses == []
+    configure_addresses(net, TUN, Options(), pushed)
+    assert net.has_address(TUN, "10.8.0.6", 32) and net.has_address(TUN, "fd00::1000", 64)
