@@ -996,6 +996,18 @@ def _opt_route_ipv6(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, routes_ipv6=(*b.opts.routes_ipv6, RouteV6(network, gateway, metric)))
 
 
+# what only a client's route setup (pyovpn.edge.clientroutes) carries out
+_CLIENT_ROUTING_OPTIONS = (
+    "redirect-private",
+    "route-gateway",
+    "route-metric",
+    "route-nopull",
+    "route-noexec",
+    "ifconfig-noexec",
+    "pull-filter",
+)
+
+
 @_option("redirect-gateway", "redirect-private", args=(0, None), usage="redirect-gateway [FLAGS...]")
 def _opt_redirect(b: _Builder, d: Directive) -> None:
     try:
@@ -2005,6 +2017,13 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
             'the VPN, use `push "redirect-gateway def1"` instead',
             "redirect-gateway",
         )
+    for name in _CLIENT_ROUTING_OPTIONS:
+        if name in b.where:
+            raise fail(
+                f"`{name}` is a client's routing option; a P2MP server does not apply it. Remove it, "
+                f'or push it to the clients (push "{name} ...") if they need it',
+                name,
+            )
     if o.keepalive is not None and o.keepalive[1] > 43200:
         raise fail(
             "keepalive: in server mode the timeout must not exceed 43200 (the server waits twice as "

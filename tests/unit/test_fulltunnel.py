@@ -384,3 +384,9 @@ def test_ifconfig_noexec_leaves_the_addresses_alone() -> None:
     assert net.addresses == []
     configure_addresses(net, TUN, Options(), pushed)
     assert net.has_address(TUN, "10.8.0.6", 32) and net.has_address(TUN, "fd00::1000", 64)
+
+
+def test_a_server_refuses_client_routing_options() -> None:
+    server = "server 10.8.0.0 255.255.255.0\ntopology subnet\ndh none\n"
+    with pytest.raises(ConfigError, match="`route-noexec` is a client's routing option"):
+        parse_config_text(server + "route-noexec\n" + INLINE_CREDENTIALS)
