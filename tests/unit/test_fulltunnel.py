@@ -390,3 +390,17 @@ def test_a_server_refuses_client_routing_options() -> None:
     server = "server 10.8.0.0 255.255.255.0\ntopology subnet\ndh none\n"
     with pytest.raises(ConfigError, match="`route-noexec` is a client's routing option"):
         parse_config_text(server + "route-noexec\n" + INLINE_CREDENTIALS)
+
+
+def test_an_unwritable_journal_still_changes_and_undoes_routes(tmp_path: Path) -> None:
+    net = lan_host()
+    before = set(net.routes)
+    path = journal_path(tmp_path, TUN)
+    journal = RouteJournal(net, path)
+    journal.apply(CHANGES[:1])
+    path.unlink()
+    path.mkdir()  # appending to the journal now fails, as for a user without rights to it
+    assert journal.apply(CHANGES[1:]) == []
+    assert journal.path is None
+    journal.undo()
+    assert net.routes == before

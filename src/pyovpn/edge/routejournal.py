@@ -115,10 +115,21 @@ class RouteJournal:
     def _write(self, record: dict[str, object]) -> None:
         if self.path is None:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            # e.g. after dropping privileges: the routes are still undone at exit
+            log.warning(
+                "cannot write the route journal %s (%s): a crash from now on leaves routes to "
+                "undo by hand; keep %s writable for pyovpn's user",
+                self.path,
+                exc.strerror or exc,
+                self.path.parent,
+            )
+            self.path = None
 
     def _open(self) -> None:
         if self.path is None or self._entries:
