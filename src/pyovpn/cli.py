@@ -11,6 +11,7 @@ USAGE = """\
 usage: pyovpn --config FILE [--option args ...]
        pyovpn --option args ...          (OpenVPN-style long options, later ones win)
        pyovpn demo                       (two network namespaces, a tunnel, a ping; needs root)
+       pyovpn show [INTERFACE] [--json]  (running tunnels, peers, traffic; like `wg show`)
 
 pyovpn reads OpenVPN 2.6 configuration syntax. Roles: `client` (pull from an OpenVPN server),
 `tls-client` / `tls-server` with `ifconfig` (P2P). `--dco auto|kernel|userspace` picks the
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] in ("--version", "version"):
         print(f"pyovpn {__version__}")
         return 0
+    if args[0] == "show":
+        from pyovpn.tools import show
+
+        return show.main(args[1:])
     if args[0] == "demo":
         from pyovpn.tools import demo
 

@@ -13,8 +13,8 @@ The pipeline has three stages:
 Per-client files of a P2MP server's `client-config-dir` are read separately by `parse_ccd`.
 
 Every problem is reported as `pyovpn.errors.ConfigError` naming the option, where it came from and
-what to do about it. Anything pyovpn cannot do (compression, fragmentation, tap, non-AEAD ciphers,
-static-key mode, proxies, ...) is refused loudly rather than silently ignored.
+what to do about it. Anything pyovpn cannot do (sending compressed packets, fragmentation, tap,
+non-AEAD ciphers, static-key mode, proxies, ...) is refused loudly rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -175,8 +175,16 @@ class Options:
     verify_x509_name: tuple[str, str] | None = None
     data_ciphers: tuple[str, ...] = AEAD_CIPHERS
     data_ciphers_fallback: str | None = None
+    #: `cipher`: AEAD, or a CBC cipher used only as the fallback for peers that do not negotiate
     cipher: str | None = None
+    #: CBC ciphers named in `data-ciphers`: not offered (the daemon logs that)
+    unoffered_ciphers: tuple[str, ...] = ()
     auth: str = "SHA1"
+    #: `comp-lzo [ARG]` / `compress [ALG]` as (option, argument or ""): the compression framing
+    #: the data channel applies (pyovpn never compresses; it decompresses what it receives).
+    compression: tuple[str, str] | None = None
+    #: `allow-compression no|asym|yes` as given ("" when absent).
+    allow_compression: str = ""
     reneg_sec: int = 3600
     #: `keepalive PING RESTART` as given; ping/ping_restart hold what it stands for.
     keepalive: tuple[int, int] | None = None
@@ -205,6 +213,17 @@ class Options:
     cd: str | None = None
     #: `up-restart`: run `up`/`down` again on every restart, not only when the pulled options change.
     up_restart: bool = False
+    #: `management IP PORT [pw-file]` -> ("IP", PORT); `management PATH unix [pw-file]` -> unix path.
+    management: tuple[str, int] | None = None
+    management_unix: str | None = None
+    management_password_file: str | None = None
+    #: `management-hold`: wait for `hold release` on the management interface before connecting.
+    management_hold: bool = False
+    #: `management-log-cache N`: how many log/state/echo lines `log all` & co. replay.
+    management_log_cache: int = 1000
+    #: `management-client-user U` / `management-client-group G`: owner of the unix socket.
+    management_client_user: str | None = None
+    management_client_group: str | None = None
     persist_tun: bool = False
     persist_key: bool = False
     dco: Literal["auto", "kernel", "userspace"] = "auto"
@@ -312,6 +331,11 @@ class CcdOptions:
 
 def _error(d: Directive, message: str) -> ConfigError:
     return ConfigError(message, source=d.source, line=d.line or None)
+
+
+def split_words(text: str, source: str = "<management>") -> list[str]:
+    """One line split into words the way OpenVPN splits config and management lines."""
+    return _split_line(text, source, 0)
 
 
 def _split_line(text: str, source: str, line: int) -> list[str]:
@@ -830,6 +854,16 @@ def _proto(d: Directive, value: str) -> tuple[str, Family]:
         raise _error(d, f"{d.name}: bad protocol '{value}'; use one of: {', '.join(_PROTOS)}") from None
 
 
+_CBC_RE = re.compile(r"[A-Z0-9]+(-[A-Z0-9]+)*-CBC", re.ASCII)
+
+
+def _aead_or_cbc(d: Directive, name: str) -> str:
+    """A cipher for `cipher`/`data-ciphers-fallback`: AEAD, or a CBC cipher kept as the fallback for
+    peers that do not negotiate (refused at run time if such a peer shows up, see proto/session.py)."""
+    upper = name.upper()
+    return upper if _CBC_RE.fullmatch(upper) else _aead(d, name)
+
+
 def _aead(d: Directive, name: str) -> str:
     upper = name.upper()
     if upper not in AEAD_CIPHERS:
@@ -1191,6 +1225,7 @@ def _opt_verify_x509_name(b: _Builder, d: Directive) -> None:
 @_option("data-ciphers", "ncp-ciphers", args=(1, 1), usage="data-ciphers CIPHER[:CIPHER...]")
 def _opt_data_ciphers(b: _Builder, d: Directive) -> None:
     ciphers: list[str] = []
+    unoffered: list[str] = []
     for item in d.args[0].split(":"):
         if not item:
             continue
@@ -1199,20 +1234,23 @@ def _opt_data_ciphers(b: _Builder, d: Directive) -> None:
             if item[1:].upper() in AEAD_CIPHERS:
                 ciphers.append(item[1:].upper())
             continue
+        if _CBC_RE.fullmatch(item.upper()):
+            unoffered.append(item.upper())  # logged by the daemon: a peer that negotiates never needs it
+            continue
         ciphers.append(_aead(d, item))
     if not ciphers:
         raise _error(d, f"{d.name}: no usable cipher in '{d.args[0]}'; use e.g. AES-256-GCM:AES-128-GCM")
-    b.opts = replace(b.opts, data_ciphers=tuple(dict.fromkeys(ciphers)))
+    b.opts = replace(b.opts, data_ciphers=tuple(dict.fromkeys(ciphers)), unoffered_ciphers=tuple(unoffered))
 
 
 @_option("data-ciphers-fallback", args=(1, 1), usage="data-ciphers-fallback CIPHER")
 def _opt_data_ciphers_fallback(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, data_ciphers_fallback=_aead(d, d.args[0]))
+    b.opts = replace(b.opts, data_ciphers_fallback=_aead_or_cbc(d, d.args[0]))
 
 
 @_option("cipher", args=(1, 1), usage="cipher CIPHER")
 def _opt_cipher(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, cipher=_aead(d, d.args[0]))
+    b.opts = replace(b.opts, cipher=_aead_or_cbc(d, d.args[0]))
 
 
 @_option("auth", args=(1, 1), usage="auth SHA1|SHA256|SHA384|SHA512")
@@ -1385,13 +1423,13 @@ def _opt_ignore_unknown_option(b: _Builder, d: Directive) -> None:
     b.ignore_unknown.update(name.removeprefix("--") for name in d.args)
 
 
-@_option("allow-compression", args=(1, 1), usage="allow-compression no")
+@_option("allow-compression", args=(1, 1), usage="allow-compression no|asym|yes")
 def _opt_allow_compression(b: _Builder, d: Directive) -> None:
-    if d.args[0] == "no":
-        return  # pyovpn never compresses, so this is what happens anyway
-    if d.args[0] in ("yes", "asym"):
-        raise _error(d, _COMPRESSION_MESSAGE.format(what=f"allow-compression {d.args[0]}"))
-    raise _error(d, f"allow-compression: bad value '{d.args[0]}'; use `allow-compression no`")
+    if d.args[0] not in ("no", "asym", "yes"):
+        raise _error(d, f"allow-compression: bad value '{d.args[0]}'; use no, asym or yes")
+    if b.opts.allow_compression == "no" and d.args[0] != "no":
+        raise _error(d, f"allow-compression: cannot set it to '{d.args[0]}' after it was set to 'no'")
+    b.opts = replace(b.opts, allow_compression=d.args[0])
 
 
 @_option("key-method", args=(1, 1), usage="key-method 2")
@@ -1515,9 +1553,9 @@ def _push_option(d: Directive, option: str) -> str:
             f"push: '{option}' contains a comma, which separates options in the pushed message; "
             'push each option separately, e.g. `push "dhcp-option DNS 10.8.0.1"` once per option',
         )
-    name = option.split()[0]
-    if name in ("comp-lzo", "compress"):
-        raise _error(d, _COMPRESSION_MESSAGE.format(what=f'push "{option}"'))
+    words = option.split()
+    if words[0] in ("comp-lzo", "compress"):
+        _compression_arg(d, words[0], words[1:])
     return option
 
 
@@ -1663,6 +1701,68 @@ def _opt_up_restart(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, up_restart=True)
 
 
+# -- the management interface ---------------------------------------------------------------
+
+
+@_option("management", args=(2, 3), usage="management IP PORT [PW-FILE] | management PATH unix [PW-FILE]")
+def _opt_management(b: _Builder, d: Directive) -> None:
+    if len(d.args) > 2 and d.args[2] == "stdin":
+        raise _error(d, "management: a password from stdin is not supported; put it in a file, name the file")
+    pw = b.resolve(d, d.args[2]) if len(d.args) > 2 else None
+    if d.args[1] == "unix":
+        b.opts = replace(b.opts, management_unix=d.args[0], management=None, management_password_file=pw)
+        return
+    port = _port(d, d.args[1], "management", 0)
+    b.opts = replace(b.opts, management=(d.args[0], port), management_unix=None, management_password_file=pw)
+
+
+@_option("management-hold", args=(0, 0), usage="management-hold")
+def _opt_management_hold(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_hold=True)
+
+
+@_option("management-log-cache", args=(1, 1), usage="management-log-cache N")
+def _opt_management_log_cache(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_log_cache=_int(d, d.args[0], "management-log-cache", 1, 1_000_000))
+
+
+@_option("management-client-user", args=(1, 1), usage="management-client-user USER")
+def _opt_management_client_user(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_client_user=d.args[0])
+
+
+@_option("management-client-group", args=(1, 1), usage="management-client-group GROUP")
+def _opt_management_client_group(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_client_group=d.args[0])
+
+
+_MANAGEMENT_NOT_YET = {
+    "management-query-passwords": "password prompts over the management interface",
+    "management-client-auth": "client authentication by the management client",
+    "management-client": "connecting out to a management client",
+    "management-external-key": "private keys held by the management client",
+    "management-external-cert": "certificates held by the management client",
+    "management-query-remote": "choosing the remote over the management interface",
+    "management-query-proxy": "choosing a proxy over the management interface",
+}
+
+
+def _make_management_refusal(name: str, what: str) -> Handler:
+    def refuse(b: _Builder, d: Directive) -> None:
+        raise _error(
+            d,
+            f"`{name}` ({what}) is not implemented yet in pyovpn's management interface; remove it, "
+            "or supply credentials in files (`auth-user-pass FILE`)",
+        )
+
+    return refuse
+
+
+for _name, _what in _MANAGEMENT_NOT_YET.items():
+    _option(_name, args=(0, None))(_make_management_refusal(_name, _what))
+del _name, _what
+
+
 # Options accepted without any effect, with OpenVPN's argument counts (to still catch typos).
 _IGNORED: dict[str, tuple[int, int | None]] = {
     "resolv-retry": (1, 1),
@@ -1705,13 +1805,6 @@ del _name, _count
 
 
 # -- refused: things an offloaded, AEAD-only, layer-3 data channel cannot do ------------------
-
-_COMPRESSION_MESSAGE = (
-    "`{what}`: compression is not supported by offloaded data channels (and is a security risk, "
-    "VORACLE); even `comp-lzo no` or `compress` without an algorithm adds a compression framing "
-    "byte that cannot be offloaded. Remove comp-lzo/compress here and on the server, and make sure "
-    "the server does not push comp-lzo/compress either"
-)
 
 _REFUSED: dict[str, str] = {
     "fragment": (
@@ -1767,9 +1860,63 @@ for _name, _message in _REFUSED.items():
 del _name, _message
 
 
+_COMPRESSION_ARGS = {
+    "comp-lzo": ("", "yes", "no", "adaptive"),
+    "compress": ("", "stub", "stub-v2", "lz4", "lz4-v2", "lzo"),
+}
+# framings that announce a real algorithm: refused by `allow-compression no`, as in OpenVPN
+_NON_STUB_COMPRESSION = {("comp-lzo", a) for a in ("", "yes", "adaptive")} | {
+    ("compress", a) for a in ("lz4", "lz4-v2", "lzo")
+}
+
+
+def _compression_arg(d: Directive, name: str, args: Sequence[str]) -> str:
+    """The checked argument of `comp-lzo`/`compress` (in the config or in a `push`)."""
+    if len(args) > 1:
+        raise _error(d, f"{name}: takes at most one argument, got '{' '.join(args)}'")
+    arg = args[0] if args else ""
+    if name == "compress" and arg == "migrate":
+        raise _error(
+            d,
+            "`compress migrate` is not supported: pyovpn does not rewrite clients' compression "
+            "settings. Push `comp-lzo no` (or `compress stub-v2`) explicitly to the clients that need "
+            "framing, or remove compression from the clients",
+        )
+    if arg not in _COMPRESSION_ARGS[name]:
+        allowed = ", ".join(a for a in _COMPRESSION_ARGS[name] if a)
+        raise _error(d, f"{name}: bad argument '{arg}'; use one of {allowed} (or none)")
+    return arg
+
+
 @_option("comp-lzo", "compress", args=(0, 1), inline=True)
 def _opt_compression(b: _Builder, d: Directive) -> None:
-    raise _error(d, _COMPRESSION_MESSAGE.format(what=" ".join((d.name, *d.args[:1]))))
+    b.opts = replace(b.opts, compression=(d.name, _compression_arg(d, d.name, d.args)))
+
+
+@_option("comp-noadapt", args=(0, 0))
+def _opt_comp_noadapt(b: _Builder, d: Directive) -> None:
+    pass  # adaptive compression only changes how often a sender compresses; pyovpn never does
+
+
+def _check_compression(o: Options, fail: Callable[..., ConfigError]) -> None:
+    if o.compression is None:
+        return
+    what = " ".join(part for part in o.compression if part)
+    if o.allow_compression == "no" and o.compression in _NON_STUB_COMPRESSION:
+        raise fail(
+            f"`allow-compression no` conflicts with `{what}`, which enables compression; use "
+            f"`comp-lzo no` or `compress stub-v2` for framing only, or drop `allow-compression no`",
+            "allow-compression",
+            o.compression[0],
+        )
+    if o.dco == "kernel" and o.compression != ("compress", "stub-v2"):  # stub-v2: nothing for IP packets
+        raise fail(
+            f"`{what}` adds OpenVPN's compression framing, which the kernel data channel cannot "
+            "carry: use `--dco auto` or `--dco userspace` (pyovpn then runs this connection in "
+            "userspace), or remove compression here and on the peer",
+            o.compression[0],
+            "dco",
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1942,6 +2089,7 @@ def _validate(b: _Builder) -> Options:
                 "REMOTE` or use `server-ipv6 NETWORK/BITS` instead",
                 "ifconfig-ipv6-pool",
             )
+    _check_compression(o, fail)
 
     return replace(
         o,

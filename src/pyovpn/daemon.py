@@ -33,7 +33,7 @@ from pyovpn.datachannel.api import (
     Notification,
     PeerInfo,
 )
-from pyovpn.edge import iface
+from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
 from pyovpn.edge.clientroutes import ClientRoutes
 from pyovpn.edge.host import HostNetwork, SystemNetwork
@@ -42,6 +42,9 @@ from pyovpn.edge.routejournal import RUN_DIR
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
+from pyovpn.mgmt import protocol as mgmt_protocol
+from pyovpn.mgmt.protocol import CONTROL_DIR
+from pyovpn.mgmt.server import ManagementLogHandler, ManagementServer
 from pyovpn.p2p import Connection
 from pyovpn.proto.push import PushedOptions
 from pyovpn.proto.session import SessionConfig
@@ -70,6 +73,8 @@ def session_config(opts: Options) -> SessionConfig:
         peer_cert=peer_cert,
     )
     user, password = opts.auth_user_pass or (None, None)
+    for name in opts.unoffered_ciphers:
+        log.warning("data-ciphers: %s is not offered: pyovpn's data channel runs AEAD ciphers only", name)
     return SessionConfig(
         # the TLS handshake
         is_tls_server=is_server,
@@ -101,6 +106,7 @@ def session_config(opts: Options) -> SessionConfig:
         route_nopull=opts.route_nopull,
         username=user,
         password=password,
+        compression=opts.compression,
     )
 
 
@@ -138,6 +144,11 @@ class Daemon:
         self._tun_params: TunParams | None = None  # what the up script was told; down gets the same
         self._exit_signal: str | None = None
         self.notifier = SystemdNotifier()
+        self.mgmt: ManagementServer | None = None
+        self._mgmt_log: logging.Handler = logging.NullHandler()
+        self._verb: int | None = None
+        self._control: ManagementServer | None = None
+        self.backend_reason = ""  # why this data channel (kernel or userspace), for `pyovpn show`
         self._refs: dict[int, tuple[tuple[int, int], float]] = {}  # peer id: (counters, last ref)
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
 
@@ -153,6 +164,7 @@ class Daemon:
     def after_init(self) -> None:
         """Once the first tunnel is up: drop to user/group with CAP_NET_ADMIN only (like OpenVPN)."""
         self.notifier.ready("Initialization Sequence Completed")
+        self._mgmt_connected()
         if self._dropped or (self.opts.user is None and self.opts.group is None):
             return
         self._dropped = True
@@ -271,22 +283,30 @@ class Daemon:
             for name in sorted(SIGNALS):
                 loop.add_signal_handler(Signals[name], self.signal, name)
         if self._backend is None:
+            compression.log_configured(self.opts)
             self._backend = await choice.open_backend(
                 self.opts.dco,
+                kernel_refusal=compression.kernel_refusal(self.opts),
                 mp=self.opts.mode == "server",
                 mssfix=self.opts.mssfix,
                 engine=self.opts.userspace_engine,
                 workers=self.opts.engine_workers,
             )
         self.dc.subscribe(self._notify)
+        self.backend_reason = await _backend_reason(self.opts.dco, self.dc.name)
         exit_code = 0
+        first_packet: tuple[bytes, tuple[str, int] | None] | None = None
         status_task = asyncio.create_task(self._write_status()) if self.opts.status_file else None
         try:
+            await self._start_control()
+            await self._start_management()
             while True:
-                stop = await self._run_one(signals)
+                stop = await self._run_one(signals, first_packet)
+                first_packet = None
                 if stop.by_a_signal:
                     if stop.reason is StopReason.SIGNAL_RESTART:
                         log.info("%s[soft,restart] received, process restarting", stop.signal)
+                        self._mgmt_state("RECONNECTING", stop.signal or "")
                         if stop.signal == "SIGHUP":
                             self.notifier.reloading()
                         else:
@@ -301,8 +321,15 @@ class Daemon:
                     log.error("Exiting due to fatal error: %s", stop.message)
                     exit_code = stop.exit_code or 1
                     break
+                if stop.first_packet is not None:
+                    # the peer is already knocking again: answer it now (OpenVPN does too)
+                    log.info("%s; restarting", stop.message)
+                    self._mgmt_state("RECONNECTING", "connection-reset")
+                    first_packet = stop.first_packet
+                    continue
                 log.warning("%s; restarting in %.0f s", stop.message, RESTART_DELAY)
                 self.notifier.status(f"{stop.message}; reconnecting")
+                self._mgmt_state("RECONNECTING", _restart_detail(stop.message))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(signals), RESTART_DELAY)
                 if signals.done():
@@ -313,13 +340,221 @@ class Daemon:
                         break
                     signals = self._next_signal(loop)
         finally:
+            self._mgmt_state("EXITING", self._exit_signal or ("fatal-error" if exit_code else ""))
             self.notifier.stopping()
             if status_task is not None:
                 status_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await status_task
             await self._shutdown()
+            if self.mgmt is not None:
+                logging.getLogger().removeHandler(self._mgmt_log)
+                await self.mgmt.close()
+            if self._control is not None:
+                await self._control.close()
         return exit_code
+
+    # ------------------------------------------------------------------ the management interface
+
+    async def _start_control(self) -> None:
+        """The control socket `pyovpn show` reads: /run/pyovpn/PID.sock, root only, always on."""
+        try:
+            os.makedirs(CONTROL_DIR, mode=0o700, exist_ok=True)
+            server = ManagementServer(self, unix_path=os.path.join(CONTROL_DIR, f"{os.getpid()}.sock"))
+            await server.start()
+        except OSError as exc:
+            log.info("no control socket for `pyovpn show` in %s: %s", CONTROL_DIR, exc)
+            return
+        self._control = server
+
+    async def info(self) -> dict[str, object]:
+        """This instance for `pyovpn show`: role, device, backend and why, peers with counters."""
+        conn = self.current
+        now = time.time()
+        role = (
+            "server"
+            if self.opts.mode == "server"
+            else "client"
+            if self.opts.pull
+            else f"p2p-{'server' if self.opts.tls_role == 'server' else 'client'}"
+        )
+        peers: list[dict[str, object]] = []
+        if isinstance(conn, MultiServer):
+            for client in list(conn.clients.values()):
+                if not client.in_backend or client.peer_id is None:
+                    continue
+                pinfo = await self._peer_info(client.peer_id)
+                ks = client.session.primary
+                peers.append(
+                    _peer_json(
+                        pinfo,
+                        now,
+                        common_name=client.common_name,
+                        username=client.username,
+                        real_address=f"{client.addr[0]}:{client.addr[1]}",
+                        vpn_ipv4=client.vpn_ip,
+                        vpn_ipv6=client.vpn_ip6_address,
+                        cipher=client.cipher,
+                        connected_since=client.connected_since,
+                        key_established=ks.established if ks is not None else 0.0,
+                        keepalive=(self.opts.ping, self.opts.ping_restart),
+                    )
+                )
+        elif isinstance(conn, Connection) and conn.tunnel is not None and conn.peer_id is not None:
+            pinfo = await self._peer_info(conn.peer_id)
+            session = conn.session
+            ks = session.primary if session is not None else None
+            up = conn.tunnel
+            remote = f"{conn.remote[0]}:{conn.remote[1]}" if conn.remote is not None else None
+            peers.append(
+                _peer_json(
+                    pinfo,
+                    now,
+                    common_name=ks.tls.peer_common_name() if ks is not None else "",
+                    username="",
+                    real_address=remote,
+                    # with net30/p2p addressing the second ifconfig word is the peer's address
+                    vpn_ipv4=self._tun_params.ifconfig[1]
+                    if self._tun_params
+                    and self._tun_params.ifconfig
+                    and self._tun_params.topology != "subnet"
+                    else None,
+                    vpn_ipv6=self._tun_params.ifconfig_ipv6_remote if self._tun_params else None,
+                    cipher=up.cipher.value,
+                    connected_since=conn.connected_since,
+                    key_established=ks.established if ks is not None else 0.0,
+                    keepalive=(up.keepalive_interval, up.keepalive_timeout),
+                )
+            )
+        return {
+            "schema": 1,
+            "pid": os.getpid(),
+            "config": list(self.opts.config_sources),
+            "role": role,
+            "interface": self.iface,
+            "backend": self.dc.name if self._backend is not None else None,
+            "backend_reason": self.backend_reason,
+            "peers": peers,
+            "time": now,
+        }
+
+    async def _start_management(self) -> None:
+        o = self.opts
+        if o.management is None and o.management_unix is None:
+            return
+        password = None
+        if o.management_password_file:
+            with open(o.management_password_file) as fh:
+                password = fh.readline().rstrip("\r\n")
+        self.mgmt = ManagementServer(
+            self,
+            address=o.management,
+            unix_path=o.management_unix,
+            password=password,
+            hold=o.management_hold,
+            log_cache=o.management_log_cache,
+        )
+        await self.mgmt.start()
+        if o.management_unix and (o.management_client_user or o.management_client_group):
+            uid, gid = privdrop.resolve(o.management_client_user, o.management_client_group)
+            os.chown(o.management_unix, -1 if uid is None else uid, -1 if gid is None else gid)
+        self._mgmt_log = ManagementLogHandler(self.mgmt)
+        logging.getLogger().addHandler(self._mgmt_log)
+        await self.mgmt.wait_hold_release()
+
+    def _mgmt_state(self, name: str, detail: str = "", **where: str) -> None:
+        if self.mgmt is not None:
+            self.mgmt.state(mgmt_protocol.StateEntry(mgmt_protocol.now(), name, detail, **where))
+
+    def _mgmt_connected(self) -> None:
+        if self.mgmt is None:
+            return
+        conn = self.current
+        tun4 = tun6 = remote_ip = remote_port = local_ip = local_port = ""
+        if isinstance(conn, MultiServer):
+            tun4, tun6 = conn.server_ip, conn.server_ip6 or ""
+        else:
+            params = self._tun_params
+            tun4 = params.ifconfig[0] if params is not None and params.ifconfig else ""
+            if isinstance(conn, Connection) and conn.remote is not None:
+                remote_ip, remote_port = str(conn.remote[0]), str(conn.remote[1])
+        sock = getattr(conn, "sock", None) if conn is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                name = sock.getsockname()
+                local_ip, local_port = ("" if name[0] in ("0.0.0.0", "::") else str(name[0])), str(name[1])
+        self._mgmt_state(
+            "CONNECTED",
+            "SUCCESS",
+            tun4=tun4,
+            remote_ip=remote_ip,
+            remote_port=remote_port,
+            local_ip=local_ip,
+            local_port=local_port,
+            tun6=tun6,
+        )
+
+    @property
+    def status_version(self) -> int:
+        return self.opts.status_version
+
+    @property
+    def verb(self) -> int:
+        return self._verb if self._verb is not None else self.opts.verb
+
+    def set_verb(self, level: int) -> None:
+        self._verb = level
+        logging.getLogger().setLevel(_log_level(level))
+
+    async def load_stats(self) -> tuple[int, int, int]:
+        rows = await self.bytecounts()
+        clients = sum(1 for cid, _, _ in rows if cid is not None)
+        return clients, sum(r[1] for r in rows), sum(r[2] for r in rows)
+
+    async def bytecounts(self) -> list[tuple[int | None, int, int]]:
+        conn = self.current
+        out: list[tuple[int | None, int, int]] = []
+        if isinstance(conn, MultiServer):
+            for client in list(conn.clients.values()):
+                if client.in_backend and client.peer_id is not None:
+                    info = await self._peer_info(client.peer_id)
+                    if info is not None:
+                        out.append((client.client_id, info.link_rx_bytes, info.link_tx_bytes))
+        elif isinstance(conn, Connection) and conn.handed_over and conn.peer_id is not None:
+            info = await self._peer_info(conn.peer_id)
+            if info is not None:
+                out.append((None, info.link_rx_bytes, info.link_tx_bytes))
+        return out
+
+    async def kill(self, target: str) -> str:
+        conn = self.current
+        if not isinstance(conn, MultiServer):
+            return "ERROR: kill works in server mode only"
+        if ":" in target and target.rsplit(":", 1)[1].isdigit():
+            host, port = target.rsplit(":", 1)
+            found = [c for c in conn.clients.values() if c.addr[0] == host and c.addr[1] == int(port)]
+            if not found:
+                return f"ERROR: client at address {host}:{port} not found"
+            for c in found:
+                await conn.kill_client(c, "killed by the management interface")
+            return f"SUCCESS: {len(found)} client(s) at address {host}:{port} killed"
+        found = [c for c in conn.clients.values() if c.common_name == target]
+        if not found:
+            return f"ERROR: common name '{target}' not found"
+        for c in found:
+            await conn.kill_client(c, "killed by the management interface")
+        return f"SUCCESS: common name '{target}' found, {len(found)} client(s) killed"
+
+    async def client_kill(self, cid: int, message: str) -> str:
+        conn = self.current
+        if not isinstance(conn, MultiServer):
+            return "ERROR: client-kill works in server mode only"
+        found = [c for c in conn.clients.values() if c.in_backend and c.client_id == cid]
+        if not found:
+            return f"ERROR: client-kill command failed: client {cid} not found"
+        for c in found:
+            await conn.kill_client(c, message or "killed by the management interface")
+        return "SUCCESS: client-kill command succeeded"
 
     # ------------------------------------------------------------------ the status file
 
@@ -335,8 +570,9 @@ class Daemon:
                 log.warning("cannot write the status file %s: %s", path, exc)
             await asyncio.sleep(self.opts.status_interval)
 
-    async def status_text(self) -> str:
+    async def status_text(self, version: int | None = None) -> str:
         """The status file's text for the current connection or server, now."""
+        version = version if version is not None else self.opts.status_version
         now = time.time()
         conn = self.current
         if isinstance(conn, MultiServer):
@@ -362,9 +598,7 @@ class Daemon:
                         iroutes=tuple(f"{net}/{plen}" for net, plen in client.iroutes),
                     )
                 )
-            return status_file.render_server(
-                rows, now, self.opts.status_version, dco=self.dc.name == "kernel"
-            )
+            return status_file.render_server(rows, now, version, dco=self.dc.name == "kernel")
         counters = status_file.LinkCounters()
         if isinstance(conn, Connection) and conn.handed_over and conn.peer_id is not None:
             info = await self._peer_info(conn.peer_id)
@@ -393,9 +627,13 @@ class Daemon:
             self._refs[peer_id] = (seen, now if last is not None else since)
         return self._refs[peer_id][1]
 
-    async def _run_one(self, signals: asyncio.Future[str]) -> Stop:
+    async def _run_one(
+        self, signals: asyncio.Future[str], first_packet: tuple[bytes, tuple[str, int] | None] | None = None
+    ) -> Stop:
         """One connection (or server instance) until it ends or a signal ends it."""
-        conn: Connection | MultiServer = MultiServer(self) if self.opts.mode == "server" else Connection(self)
+        conn: Connection | MultiServer = (
+            MultiServer(self) if self.opts.mode == "server" else Connection(self, first_packet)
+        )
         self.current = conn
         run: asyncio.Task[Stop] = asyncio.create_task(conn.run())
 
@@ -432,8 +670,56 @@ class Daemon:
                 await self._backend.close()
 
 
+async def _backend_reason(dco: str, name: str) -> str:
+    """Why this backend, in the words of the `DCO:` log line."""
+    if dco == "kernel":
+        return "--dco kernel"
+    if dco == "userspace":
+        return "--dco userspace"
+    if name == "kernel":
+        return "auto: the kernel ovpn driver is present"
+    ok, why = await asyncio.to_thread(choice.kernel_ovpn_status)
+    return f"auto: {why}" if not ok else "auto"
+
+
+def _peer_json(
+    info: PeerInfo | None,
+    now: float,
+    *,
+    connected_since: float,
+    key_established: float,
+    keepalive: tuple[int, int],
+    **fields: object,
+) -> dict[str, object]:
+    return {
+        **fields,
+        "connected_since": connected_since or None,
+        "last_handshake": key_established or None,
+        "key_age_s": round(now - key_established, 1) if key_established else None,
+        "rx_bytes": info.link_rx_bytes if info else None,
+        "tx_bytes": info.link_tx_bytes if info else None,
+        "vpn_rx_bytes": info.vpn_rx_bytes if info else None,
+        "vpn_tx_bytes": info.vpn_tx_bytes if info else None,
+        "keepalive": {"interval": keepalive[0], "timeout": keepalive[1]},
+    }
+
+
+def _log_level(verb: int) -> int:
+    return logging.WARNING if verb <= 0 else logging.INFO if verb <= 4 else logging.DEBUG
+
+
+def _restart_detail(message: str) -> str:
+    """The RECONNECTING state's detail word, as OpenVPN names the cause."""
+    m = message.lower()
+    if "inactivity" in m or "ping-restart" in m:
+        return "ping-restart"
+    if "auth" in m:
+        return "auth-failure"
+    return "connection-reset" if "reset" in m else "error"
+
+
 def setup_logging(opts: Options) -> None:
-    level = logging.WARNING if opts.verb <= 0 else logging.INFO if opts.verb <= 4 else logging.DEBUG
+    level = _log_level(opts.verb)
     handlers: list[logging.Handler] = []
     target = opts.log or opts.log_append
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")

@@ -19,7 +19,7 @@ from typing import Any
 from pyovpn.datachannel import api
 from pyovpn.datachannel.api import Notification, PeerDelReason, Transport
 from pyovpn.datachannel.api import normalize_address as _addr
-from pyovpn.edge import sockets
+from pyovpn.edge import compression, sockets
 from pyovpn.edge.host import PeerHost
 from pyovpn.edge.instance import Instance
 from pyovpn.edge.stop import Stop, StopReason
@@ -46,7 +46,9 @@ Command = TunnelUp | api.NewKey | api.SwapKeys | api.DelKey | api.SendControl
 class Connection(Instance[Command]):
     """One session attempt: socket, handshake, tunnel, until it ends."""
 
-    def __init__(self, host: PeerHost) -> None:
+    def __init__(
+        self, host: PeerHost, first_packet: tuple[bytes, tuple[str, int] | None] | None = None
+    ) -> None:
         super().__init__()
         self.host = host
         self.opts = host.opts
@@ -55,6 +57,10 @@ class Connection(Instance[Command]):
         self.session: Session | None = None
         self.handed_over = False
         self.peer_id: int | None = None
+        self.tunnel: TunnelUp | None = None
+        self.connected_since = 0.0
+        self.first_packet = first_packet
+        self._last_source: tuple[str, int] | None = None
         self.framer = StreamFramer()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -88,6 +94,9 @@ class Connection(Instance[Command]):
         self.session = Session(self.host.session_cfg, rng=os.urandom, now=time.time())
         self._start_reading()
         self._start_worker()
+        if self.first_packet is not None:
+            # a restarted peer's hard reset that ended the previous connection: answer it now
+            self._on_packet(*self.first_packet)
         self.session.handle_timer(time.time())  # sends the client's hard reset
         self._pump()
         return await self._until_stopped()
@@ -157,6 +166,7 @@ class Connection(Instance[Command]):
                 # before the handshake, or a (re)starting client: the session decides
                 if sess.peer_session_id is None:
                     self.remote = source
+        self._last_source = source
         sess.receive(data, time.time())
         self._pump()
 
@@ -185,7 +195,7 @@ class Connection(Instance[Command]):
                 kind = StopReason.RESTART if ev.restart else StopReason.FATAL
                 self.stop(Stop(kind, ev.reason, exit_code=0 if ev.restart else 1))
             elif isinstance(ev, PeerRestarted):
-                self.stop(Stop.restart("peer restarted (new hard reset)"))
+                self.stop(Stop.peer_restarted(ev.packet, self._last_source))
             elif isinstance(ev, (TunnelUp, api.NewKey, api.SwapKeys, api.DelKey)):
                 if isinstance(ev, TunnelUp) and not self.handed_over:
                     # Stop reading now, not when the worker gets to NewPeer: whatever arrives in
@@ -239,6 +249,8 @@ class Connection(Instance[Command]):
             up.keepalive_timeout,
         )
         log.info("Control Channel: %s", up.tls_summary)
+        self.tunnel = up  # for `pyovpn show` and the status of this connection
+        self.connected_since = time.time()
         await self.host.ensure_iface(up.pushed)
         if self.transport is Transport.UDP and self.remote is None:
             raise BackendError("tunnel up but the peer address is unknown")
@@ -249,6 +261,9 @@ class Connection(Instance[Command]):
             # packet (the engine does so on a direct path) before the reply reaches us, and a
             # packet for an unknown peer id is dropped (a lost ACK cost a 2 s retransmission).
             self.peer_id = up.peer_id
+            dc = self.host.dc
+            occ = self.session.remote_options if self.session is not None else ""
+            framing = compression.session_framing(self.opts, up.pushed, dc.capabilities, dc.name, occ)
             try:
                 await self.host.dc.request(
                     api.NewPeer(
@@ -259,6 +274,7 @@ class Connection(Instance[Command]):
                         keepalive_interval=up.keepalive_interval,
                         keepalive_timeout=up.keepalive_timeout,
                         tcp_backlog=backlog,
+                        framing=framing,
                     )
                 )
             except BaseException:

@@ -81,6 +81,7 @@ def test_udp_tunnel_scenarios(rig: Rig) -> None:
         assert n == api.ControlPacket(9, b"\x20hello control", (nslab.VETH_A, nslab.PORT))
         b.request(api.SendControl(9, b"\x28ack"))
         a.wait_note(lambda n: isinstance(n, api.ControlPacket) and n.packet == b"\x28ack")
+        _check_strangers(rig, b)
 
         _check_rekey_during_traffic(a, b, a_peer=7, b_peer=9)
         _check_float(a, b)
@@ -89,6 +90,27 @@ def test_udp_tunnel_scenarios(rig: Rig) -> None:
     finally:
         sock_a.close()
         sock_b.close()
+
+
+def _check_strangers(rig: Rig, b: Site) -> None:
+    """Non-data packets from another address: a client's hard reset is passed up; the rest is
+    dropped by a backend that declares ``drops_strangers`` (the edge drops them otherwise)."""
+    stranger = udp_socket(b, (nslab.VETH_B, 0))  # same namespace, another port: not the peer
+    try:
+        control = b"\x20from a stranger"  # CONTROL_V1
+        reset = b"\x38" + os.urandom(13)  # CONTROL_HARD_RESET_CLIENT_V2: a restarting client
+        b.call(lambda: stranger.sendto(control, (nslab.VETH_B, nslab.PORT)))
+        b.call(lambda: stranger.sendto(reset, (nslab.VETH_B, nslab.PORT)))
+        # the socket keeps their order: once the reset is here, the control packet was handled
+        b.wait_note(lambda n: isinstance(n, api.ControlPacket) and n.packet == reset)
+        passed = [n for n in b.notes if isinstance(n, api.ControlPacket) and n.packet == control]
+        if rig.has("drops_strangers", "dropping a stranger's control packets"):
+            assert passed == []
+            assert rig.stats(b, 9).extra.get("rx_control_stranger", 0) >= 1
+        else:
+            assert len(passed) == 1
+    finally:
+        stranger.close()
 
 
 def _drain(sock: socket.socket) -> list[int]:

@@ -288,9 +288,10 @@ def test_push_without_quotes() -> None:
     assert "exactly 1 argument" in str(err) and "quote" in str(err)
 
 
-def test_push_of_compression_refused() -> None:
-    err = server_error(SERVER + 'push "compress lz4-v2"\n')
-    assert "compression" in str(err) and "compress lz4-v2" in str(err)
+def test_push_of_compression_is_checked_and_kept() -> None:
+    assert "compress lz4-v2" in parse_config_text(SERVER + 'push "compress lz4-v2"\n').push
+    err = server_error(SERVER + 'push "compress migrate"\n')
+    assert "compress migrate" in str(err) and "comp-lzo no" in str(err)
 
 
 def test_missing_ccd_dir(tmp_path: Path) -> None:
@@ -513,7 +514,7 @@ def test_ccd_push_reset_and_push_remove_apply_in_order() -> None:
         ("push-reset now", ["no arguments"]),
         ("push-remove", ["exactly 1 argument"]),
         ("disable 1", ["no arguments"]),
-        ('push "comp-lzo"', ["compression"]),
+        ('push "comp-lzo maybe"', ["comp-lzo", "bad argument"]),
     ],
 )
 def test_ccd_bad(line: str, needles: list[str]) -> None:

@@ -9,6 +9,7 @@ SIGUSR1, key exhaustion, and exit with SIGTERM telling the peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -178,6 +179,35 @@ def test_control_packet_before_the_new_peer_reply_is_not_lost(pki: Pki) -> None:
         assert len(sent) == len(set(sent)), "a control packet was sent twice"
 
     run_pair(pki, body, new_peer_delay=0.3)
+
+
+def test_restarted_client_is_answered_at_once(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that crashed and came back from a new port is answered without the restart delay.
+
+    The server's session sees the new hard reset (PeerRestarted); the next connection starts
+    from that packet at once instead of sleeping RESTART_DELAY and then waiting for the
+    client's retransmission (about 7 s against OpenVPN's 0.7 s before).
+    """
+    _, client_text = p2p_configs(pki, 0)
+
+    async def body(server: RunningDaemon, client: RunningDaemon) -> None:
+        client.task.cancel()  # a crash: no exit notification reaches the server
+        with contextlib.suppress(asyncio.CancelledError):
+            await client.task
+        port = server.daemon.opts.local_port
+        again = RunningDaemon(
+            parse_config_text(client_text.replace(" 0\n", f" {port}\n", 1), source="c.conf")
+        )
+        try:
+            await wait_until(lambda: server.up(2) and again.up(), 15, "the restarted client is up")
+        finally:
+            again.daemon.signal("SIGTERM")
+            await asyncio.wait({again.task}, timeout=10)
+        assert "peer restarted (new hard reset); restarting" in caplog.text
+        assert "peer restarted (new hard reset); restarting in" not in caplog.text
+        assert len(server.dc.of(api.NewPeer)) == 2
+
+    run_pair(pki, body)
 
 
 def test_tcp_connect_and_exit(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:

@@ -39,6 +39,38 @@ class Cipher(enum.Enum):
         raise ValueError(f"unsupported data cipher {name!r}")
 
 
+class Framing(enum.Enum):
+    """OpenVPN's compression framing of data-channel payloads (pyovpn never compresses).
+
+    The value is the option that selects it. ``LZO_PREFIX``: ``comp-lzo`` (any argument) and
+    ``compress lzo``, one header byte before every payload. ``SWAP``: ``compress`` / ``compress
+    stub`` / ``compress lz4``, the header replaces the first byte, which moves to the end.
+    ``V2``: ``compress stub-v2`` / ``compress lz4-v2``, a two-byte header only when needed.
+    """
+
+    NONE = "none"
+    LZO_PREFIX = "comp-lzo"
+    SWAP = "compress"
+    V2 = "compress stub-v2"
+
+    @classmethod
+    def from_option(cls, option: tuple[str, str] | None) -> Framing:
+        """The framing of ``comp-lzo``/``compress`` with its argument ("" for none); NONE for None."""
+        if option is None:
+            return cls.NONE
+        name, arg = option
+        if name == "comp-lzo" and arg in ("", "yes", "no", "adaptive"):
+            return cls.LZO_PREFIX
+        if name == "compress":
+            if arg == "lzo":
+                return cls.LZO_PREFIX
+            if arg in ("", "stub", "lz4"):
+                return cls.SWAP
+            if arg in ("stub-v2", "lz4-v2"):
+                return cls.V2
+        raise ValueError(f"unknown compression option {' '.join(option)!r}")
+
+
 class IfaceMode(enum.IntEnum):
     P2P = 0  # one peer; OVPN_MODE_P2P
     MP = 1  # many peers, looked up by route; OVPN_MODE_MP
@@ -108,6 +140,7 @@ class NewPeer:
     keepalive_timeout: int = 0
     tx_peer_id: int | None = None  # defaults to peer_id
     tcp_backlog: bytes = b""
+    framing: Framing = Framing.NONE  # compression framing (userspace backends only, see Capabilities)
 
 
 @dataclass(frozen=True)
@@ -317,6 +350,12 @@ class Capabilities:
     tun_offloads: bool = False  # TSO super-packets from the TUN, GRO-coalesced writes (extra counters)
     lane: bool = False  # MP: keepalive pings on a socket of their own, ahead of data
     hooks: bool = False  # debug() (see above)
+    # P2P UDP: a non-data packet from an address other than the peer's is dropped in the backend
+    # (counted as extra "rx_control_stranger") unless it is a client's hard reset
+    # (proto.packets.STRANGER_CONTROL_OPCODES); the edge drops such packets anyway, so this only
+    # saves work under a flood. Without it every non-data packet is passed up.
+    drops_strangers: bool = False
+    framing: bool = False  # NewPeer.framing other than NONE (OpenVPN's compression framing)
 
 
 class DataChannel(Protocol):

@@ -107,7 +107,15 @@ async def open_backend(
     mssfix: int | None = None,
     engine: str = DEFAULT_ENGINE,
     workers: int | None = None,
+    kernel_refusal: str | None = None,
 ) -> DataChannel:
+    """The backend ``--dco`` asks for; ``kernel_refusal`` says why the configuration needs userspace."""
+    if kernel_refusal is not None:
+        if choice == "kernel":
+            raise BackendError(f"--dco kernel: {kernel_refusal}; use --dco auto or --dco userspace")
+        # OpenVPN 2.6 disables DCO for such a configuration in the same way
+        log.info("DCO: kernel data channel not used: %s", kernel_refusal)
+        return _userspace_backend(mp=mp, mssfix=mssfix, engine=engine, workers=workers)
     # pyroute2's synchronous sockets cannot be created inside a running event loop's thread
     if choice == "kernel":
         ok, why = await asyncio.to_thread(kernel_ovpn_status)

@@ -420,4 +420,3 @@ class KeyState:
 
     def __repr__(self) -> str:
         return f"KeyState(key_id={self.key_id}, {self.cipher.value}, tx_pid={self._tx_pid})"
-

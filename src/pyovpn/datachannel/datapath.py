@@ -18,8 +18,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol, TypeVar
 
-from pyovpn.datachannel.api import PeerDelReason, Stats
+from pyovpn.datachannel.api import Framing, PeerDelReason, Stats
 from pyovpn.datachannel.crypto import PING_MAGIC, KeyState, PacketIdExhaustedError
+from pyovpn.datachannel.framing import frame_payload
 from pyovpn.net.sockets import SOL_UDP, TCP_DISCONNECT_ERRNOS, UDP_GRO
 
 __all__ = [
@@ -63,6 +64,7 @@ class PingPeer(Protocol):
     keys: list[KeyState | None]  # [primary, secondary]
     tx_peer_id: int
     stats: Stats
+    framing: Framing  # pings are framed like every other payload (OpenVPN frames before encrypting)
 
 
 _P = TypeVar("_P", bound=PingPeer)
@@ -112,7 +114,8 @@ def seal_ping(peer: _P, key_exhausted: Callable[[_P, KeyState], None]) -> bytes 
     if ks is None:
         return None
     try:
-        packet = ks.encrypt(PING_MAGIC, peer.tx_peer_id)
+        payload = PING_MAGIC if peer.framing is Framing.NONE else frame_payload(peer.framing, PING_MAGIC)
+        packet = ks.encrypt(payload, peer.tx_peer_id)
     except PacketIdExhaustedError:
         key_exhausted(peer, ks)
         return None

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import socket
 
-from pyovpn.datachannel.api import Cipher, KeySlot, NewKey, NewPeer, SetPeer, Transport
+from pyovpn.datachannel.api import Cipher, Framing, KeySlot, NewKey, NewPeer, SetPeer, Transport
 from pyovpn.errors import BackendError
 
 __all__ = [
     "check_keepalive",
     "check_new_key",
     "check_new_peer_transport",
+    "check_no_framing",
     "check_peer_socket",
     "check_set_peer_keepalive",
     "check_slot",
@@ -63,6 +64,16 @@ def check_new_peer_transport(cmd: NewPeer) -> None:
         raise BackendError("NewPeer: a UDP peer needs a remote address")
     if cmd.transport is Transport.TCP and cmd.remote is not None:
         raise BackendError("NewPeer: a TCP peer must not have a remote; the socket is connected")
+
+
+def check_no_framing(cmd: NewPeer) -> None:
+    """For a backend without ``Capabilities.framing``: only unframed payloads."""
+    if cmd.framing is not Framing.NONE:
+        raise BackendError(
+            f"NewPeer: the kernel data channel cannot carry OpenVPN's compression framing "
+            f"({cmd.framing.value}); run this connection with --dco userspace, or remove "
+            "comp-lzo/compress here and on the peer"
+        )
 
 
 def check_socket_kind(what: str, transport: Transport, sock: socket.socket) -> None:

@@ -25,17 +25,31 @@ class Stop(Exception):
     """The end of one connection (or server instance): its reason kind, message and exit code."""
 
     def __init__(
-        self, reason: StopReason, message: str, *, exit_code: int = 0, signal: str | None = None
+        self,
+        reason: StopReason,
+        message: str,
+        *,
+        exit_code: int = 0,
+        signal: str | None = None,
+        first_packet: tuple[bytes, tuple[str, int] | None] | None = None,
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.exit_code = exit_code
         self.signal = signal
+        #: a restarted peer's first packet (and its source): the next connection starts from it,
+        #: at once, instead of waiting out the restart delay and the peer's retransmission
+        self.first_packet = first_packet
 
     @classmethod
     def restart(cls, message: str) -> Stop:
         return cls(StopReason.RESTART, message)
+
+    @classmethod
+    def peer_restarted(cls, packet: bytes, source: tuple[str, int] | None) -> Stop:
+        """The peer sent a new hard reset: start again now, answering that packet."""
+        return cls(StopReason.RESTART, "peer restarted (new hard reset)", first_packet=(packet, source))
 
     @classmethod
     def fatal(cls, message: str, exit_code: int = 1) -> Stop:

@@ -125,7 +125,32 @@ def peer_iv_proto(info: dict[str, str]) -> int:
         return 0
 
 
-def build_peer_info(*, version: str, ciphers: list[str], iv_proto: int, pull: bool, tun_mtu: int) -> str:
+# comp-lzo/compress settings that name a real algorithm; the others only frame
+_STUB_COMPRESSION = {("comp-lzo", "no"), ("compress", ""), ("compress", "stub"), ("compress", "stub-v2")}
+
+
+def compression_peer_info(compression: tuple[str, str] | None) -> list[str]:
+    """The IV_* compression lines OpenVPN 2.6 sends for this comp-lzo/compress setting.
+
+    None (no compression option) sends none, as OpenVPN does with the data channel offloaded.
+    A real algorithm also offers LZ4 (which pyovpn decompresses) and, since pyovpn cannot
+    decompress LZO, the LZO stub instead of LZO itself.
+    """
+    if compression is None:
+        return []
+    lines = [] if compression in _STUB_COMPRESSION else ["IV_LZ4=1", "IV_LZ4v2=1"]
+    return [*lines, "IV_LZO_STUB=1", "IV_COMP_STUB=1", "IV_COMP_STUBv2=1"]
+
+
+def build_peer_info(
+    *,
+    version: str,
+    ciphers: list[str],
+    iv_proto: int,
+    pull: bool,
+    tun_mtu: int,
+    compression: tuple[str, str] | None = None,
+) -> str:
     lines = []
     if pull:
         lines += [f"IV_VER={version}", "IV_PLAT=linux", "IV_TCPNL=1", f"IV_MTU={tun_mtu}"]
@@ -133,6 +158,7 @@ def build_peer_info(*, version: str, ciphers: list[str], iv_proto: int, pull: bo
             lines.append("IV_NCP=2")
     lines.append(f"IV_CIPHERS={':'.join(ciphers)}")
     lines.append(f"IV_PROTO={iv_proto}")
+    lines += compression_peer_info(compression)
     return "\n".join(lines) + "\n"
 
 
@@ -145,6 +171,7 @@ def occ_options_string(
     tls_auth: bool,
     key_direction: int | None,
     ifconfig: str | None = None,
+    compression: bool = False,
 ) -> str:
     """OpenVPN's options-consistency string; peers only compare it and warn, but old peers read ``cipher``."""
     link_mtu = tun_mtu + 49  # informational (AES-GCM over UDP); OpenVPN never rejects a mismatch
@@ -154,6 +181,8 @@ def occ_options_string(
     parts = ["V4", "dev-type tun", f"link-mtu {link_mtu}", f"tun-mtu {tun_mtu}", f"proto {proto_name}"]
     if ifconfig:
         parts.append(f"ifconfig {ifconfig}")
+    if compression:
+        parts.append("comp-lzo")  # OpenVPN's marker for any comp-lzo/compress setting, framing included
     if cipher:
         keysize = 128 if cipher == "AES-128-GCM" else 256
         parts += [f"cipher {cipher}", "auth [null-digest]", f"keysize {keysize}"]

@@ -46,6 +46,13 @@ DATA_OPCODES = frozenset({Opcode.DATA_V1, Opcode.DATA_V2})
 OPCODE_DATA_V1 = int(Opcode.DATA_V1)
 OPCODE_DATA_V2 = int(Opcode.DATA_V2)
 
+# What a P2P endpoint may still take from an address other than its peer's once the tunnel is
+# up: a (re)starting client's first packet (a new source port after a restart). Anything else
+# from a stranger is dropped where it arrives, as OpenVPN does without `float`.
+STRANGER_CONTROL_OPCODES = frozenset(
+    {int(Opcode.CONTROL_HARD_RESET_CLIENT_V2), int(Opcode.CONTROL_HARD_RESET_CLIENT_V3)}
+)
+
 SESSION_ID_LEN = 8
 UNDEF_PEER_ID = 0xFFFFFF  # "no peer id": receivers look the peer up by address instead
 # Largest ACK array a receiver accepts; OpenVPN never sends more than RELIABLE_ACK_SIZE (8).

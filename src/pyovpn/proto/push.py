@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from pyovpn.datachannel.api import Framing
 from pyovpn.errors import ProtocolError
 from pyovpn.proto.redirect import REDIRECT_OPTIONS, BadRedirectFlag, RedirectFlags, add_redirect
 
@@ -35,6 +36,7 @@ class PushedOptions:
     tun_mtu: int | None = None
     explicit_exit_notify: int | None = None
     auth_token: str | None = None
+    compression: tuple[str, str] | None = None  # pushed comp-lzo/compress and its argument ("" for none)
     ignored: list[str] = field(default_factory=list)
 
 
@@ -138,6 +140,14 @@ def parse_pushed_options(options: list[str]) -> PushedOptions:
             p.explicit_exit_notify = _int(words, 1, name) if len(words) > 1 else 1
         elif name == "auth-token" and len(words) >= 2:
             p.auth_token = words[1]
+        elif name in ("comp-lzo", "compress") and len(words) <= 2:
+            p.compression = (name, words[1] if len(words) > 1 else "")
+            try:
+                Framing.from_option(p.compression)
+            except ValueError:
+                raise ProtocolError(
+                    f"pushed option {opt!r} is a compression setting pyovpn does not know"
+                ) from None
         else:
             p.ignored.append(opt)
     return p

@@ -77,6 +77,7 @@ class SessionConfig:
     mode_server: bool = False  # P2MP server: the client pulls its options (needs is_tls_server)
     pull_filters: tuple[tuple[PullFilterAction, str], ...] = ()  # `pull-filter`, in order
     route_nopull: bool = False
+    compression: tuple[str, str] | None = None  # comp-lzo/compress and its argument: OCC and peer-info
 
 
 # ---------------------------------------------------------------------------- events
@@ -125,6 +126,15 @@ class ClientAuthRequest:
 SessionEvent = TunnelUp | SessionClosed | PeerRestarted | ClientAuthRequest | NewKey | SwapKeys | DelKey
 
 PUSH_MESSAGE_LIMIT = 1024 - 84  # OpenVPN keeps each PUSH_REPLY message below this
+
+
+def non_aead_refusal(name: str, who: str) -> str:
+    """Why a session needing the non-AEAD cipher ``name`` (a `cipher` fallback such as AES-256-CBC) fails."""
+    return (
+        f"{who} needs the data cipher {name}, which pyovpn's data channel cannot run (AEAD only: "
+        "AES-256-GCM, AES-128-GCM, CHACHA20-POLY1305; CBC with HMAC is not implemented). Let the peer "
+        "negotiate: OpenVPN >= 2.4 without ncp-disable, with AES-256-GCM in its data-ciphers"
+    )
 
 
 # ---------------------------------------------------------------------------- key state
@@ -386,7 +396,10 @@ class Session:
                     continue
         fallback = self.cfg.data_ciphers_fallback
         if not theirs and fallback:
-            return Cipher.from_name(fallback)
+            try:
+                return Cipher.from_name(fallback)
+            except ValueError:
+                log.warning("%s", non_aead_refusal(fallback, "a client that does not negotiate ciphers"))
         return None
 
     def accept_client(self, now: float, *, peer_id: int, push: list[str]) -> None:
@@ -453,6 +466,11 @@ class Session:
                 else (",push-continuation 2" if i < len(messages) - 1 else ",push-continuation 1")
             )
             self.send_text(f"PUSH_REPLY,{body}{tail}")
+
+    @property
+    def remote_options(self) -> str:
+        """The peer's OCC options string ("" before its key-method-2 message)."""
+        return str(getattr(self, "_remote_options", ""))
 
     def request_renegotiation(self, now: float) -> None:
         """Start a soft reset now (e.g. the data channel reported the key exhausted)."""
@@ -599,6 +617,7 @@ class Session:
                 iv_proto=self._iv_proto(),
                 pull=c.pull,
                 tun_mtu=c.tun_mtu,
+                compression=c.compression,
             )
         )
         options = km.occ_options_string(
@@ -608,6 +627,7 @@ class Session:
             tun_mtu=c.tun_mtu,
             tls_auth=c.tls_auth_key is not None,
             key_direction=c.key_direction,
+            compression=c.compression is not None,
         )
         msg = km.KeyMethod2(
             random1=self._rng(km.RANDOM_LEN),
@@ -670,7 +690,11 @@ class Session:
                 )
                 self._fail(raise_closed, restart=False)
                 return
-            self.cipher = Cipher.from_name(fallback)
+            try:
+                self.cipher = Cipher.from_name(fallback)
+            except ValueError:
+                self._fail(non_aead_refusal(fallback, "a peer without cipher negotiation"), restart=False)
+                return
         else:
             peer_ciphers = [c.upper() for c in self._remote_info.get("IV_CIPHERS", "").split(":") if c]
             ours = [c.upper() for c in self.cfg.data_ciphers]
@@ -689,7 +713,7 @@ class Session:
             try:
                 self.cipher = Cipher.from_name(common)
             except ValueError:
-                self._fail(f"negotiated cipher {common} cannot be offloaded (AEAD only)", restart=False)
+                self._fail(non_aead_refusal(common, "the peer (no common AEAD cipher)"), restart=False)
                 return
         if not peer & km.IV_PROTO_DATA_V2:
             self._fail(
@@ -775,10 +799,7 @@ class Session:
         try:
             self.cipher = Cipher.from_name(name)
         except ValueError:
-            self._fail(
-                f"server pushed cipher {name}, which the offloaded data channel cannot do (AEAD only)",
-                restart=False,
-            )
+            self._fail(non_aead_refusal(name, "the server (pushed or fallback cipher)"), restart=False)
             return
         if pushed.peer_id is None:
             self._fail(

@@ -24,7 +24,7 @@ from typing import Any
 from pyovpn.datachannel import api
 from pyovpn.datachannel.api import IfaceMode, Notification, PeerDelReason, Transport
 from pyovpn.datachannel.api import normalize_address as _norm
-from pyovpn.edge import iface, sockets
+from pyovpn.edge import compression, iface, sockets
 from pyovpn.edge.host import ServerHost
 from pyovpn.edge.iface import IROUTE_METRIC
 from pyovpn.edge.instance import Instance
@@ -85,6 +85,8 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         self.host = host
         self.opts = host.opts
         self.cfg = replace(host.session_cfg, mode_server=True)
+        # OpenVPN's server frames every client's packets as its own comp-lzo/compress says
+        self.framing = compression.session_framing(host.opts, None, host.dc.capabilities, host.dc.name)
         self.jar = CookieJar(os.urandom(32), hand_window=self.opts.hand_window)
         self.clients: dict[Addr, Client] = {}
         self.by_peer: dict[int, Client] = {}
@@ -449,6 +451,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
                 vpn_ipv6=vpn6,
                 keepalive_interval=o.ping,
                 keepalive_timeout=o.ping_restart,
+                framing=self.framing,
             )
         )
         client.in_backend = True
@@ -476,6 +479,13 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         """The client's iroutes (IPv4 and IPv6) as (network, prefix length, gateway) routes."""
         v4 = [(net, plen, client.vpn_ip) for net, plen in client.iroutes]
         return v4 + [(net, plen, client.vpn_ip6_address) for net, plen in client.iroutes6]
+
+    async def kill_client(self, client: Client, reason: str) -> None:
+        """Management `kill`/`client-kill`: tell the client to reconnect (RESTART), then drop it."""
+        client.session.send_text("RESTART")
+        self._pump(client)
+        await asyncio.sleep(0.2)  # the RESTART message leaves before the peer is deleted
+        await self._remove_client(client, reason, notify_backend=True)
 
     async def _remove_client(self, client: Client, reason: str, *, notify_backend: bool) -> None:
         if self.clients.get(client.addr) is not client:

@@ -40,6 +40,7 @@ from pyovpn.datachannel.api import (
     DelIface,
     DelKey,
     DelPeer,
+    Framing,
     GetKey,
     GetPeer,
     IfaceMode,
@@ -423,7 +424,9 @@ class Controller:
                 if peer.sock.family == socket.AF_INET6 and not (peer.remote and "." in peer.remote[0])
                 else 28
             )
-            base = self.mssfix - outer - DATA_V2_OVERHEAD
+            # comp-lzo/compress v1 framing adds a byte inside the encryption (v2 adds none to IP packets)
+            framing_byte = 1 if cmd.framing in (Framing.LZO_PREFIX, Framing.SWAP) else 0
+            base = self.mssfix - outer - DATA_V2_OVERHEAD - framing_byte
             mss4, mss6 = max(base - 40, 536), max(base - 60, 1220)
         desc: dict[str, Any] = {
             "peer_id": peer.peer_id,
@@ -437,6 +440,7 @@ class Controller:
             "gro": peer.gro,
             "mss4": mss4,
             "mss6": mss6,
+            "framing": cmd.framing.value,
         }
         tx_w, rx_w = peer.workers
         self.peers[peer.peer_id] = peer

@@ -76,7 +76,15 @@ class EngineDataChannel:
     """
 
     name = "userspace-offload"
-    capabilities = Capabilities(tcp_backlog=True, stats=True, gso=True, tun_offloads=True, hooks=True)
+    capabilities = Capabilities(
+        tcp_backlog=True,
+        stats=True,
+        gso=True,
+        tun_offloads=True,
+        hooks=True,
+        drops_strangers=True,
+        framing=True,
+    )
 
     def __init__(
         self,

@@ -106,6 +106,7 @@ _ENUMS: tuple[type[enum.Enum], ...] = (
     api.KeySlot,
     api.PeerDelReason,
     api.Transport,
+    api.Framing,
 )
 _ENUM_INDEX = {cls: i for i, cls in enumerate(_ENUMS)}
 
@@ -305,9 +306,7 @@ def unpack(data: bytes | bytearray | memoryview) -> Message:
     return Message(kind, rid, unpack_value(mv[pos:]))
 
 
-def send(
-    sock: socket.socket, kind: Kind, rid: int, body: object, fds: Sequence[int] = ()
-) -> None:
+def send(sock: socket.socket, kind: Kind, rid: int, body: object, fds: Sequence[int] = ()) -> None:
     """Send one message with optional fds (``BlockingIOError`` if a non-blocking socket is full)."""
     data = pack(kind, rid, body)
     if len(data) > MAX_MESSAGE:

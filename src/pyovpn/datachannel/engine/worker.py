@@ -39,6 +39,7 @@ import numpy as np
 from pyovpn.datachannel.api import (
     Cipher,
     ControlPacket,
+    Framing,
     KeyDirection,
     PeerDelReason,
     PeerFloated,
@@ -67,10 +68,16 @@ from pyovpn.datachannel.datapath import (
 from pyovpn.datachannel.engine import gso, wire
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import Kind
+from pyovpn.datachannel.framing import FramingError, frame_slots, note_framing_error, unframe
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net.sockets import SOL_UDP, UDP_SEGMENT
 from pyovpn.net.sockets import TRANSIENT_SEND_ERRNOS as _TRANSIENT
-from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
+from pyovpn.proto.packets import (
+    OPCODE_DATA_V1,
+    OPCODE_DATA_V2,
+    STRANGER_CONTROL_OPCODES,
+    UNDEF_PEER_ID,
+)
 
 log = logging.getLogger("pyovpn.engine")
 
@@ -116,6 +123,7 @@ class _Peer:
         self.gro: bool = m["gro"]
         self.mss4: int = m["mss4"]
         self.mss6: int = m["mss6"]
+        self.framing = Framing(m.get("framing", Framing.NONE.value))
         self.ka_interval = 0
         self.ka_timeout = 0
         self.last_rx = self.last_tx = time.monotonic()
@@ -625,6 +633,15 @@ class Worker:
         offs = self.tx_offs
         lens = self.tx_lens
         frame = peer.transport is Transport.TCP
+        if peer.framing is not Framing.NONE:
+            try:
+                frame_slots(peer.framing, self.tx_mv, offs, lens, 26 if frame else 24)
+            except ValueError:  # no room left to grow the slots: drop this batch, never the worker
+                _count(peer.stats, "tx_dropped_framing", len(offs))
+                offs.clear()
+                lens.clear()
+                self.tx_pos = 0
+                return ks
         done = ks.encrypt_slots(self.tx_mv, offs, lens, peer.tx_peer_id, frame=frame)
         if done < len(offs):
             _count(peer.stats, "tx_dropped_no_key", len(offs) - done)
@@ -866,6 +883,7 @@ class Worker:
             open0 = None
         unpack_hdr = _DATA_V2_HDR.unpack_from
         room = len(plain)
+        framing = peer.framing if peer.framing is not Framing.NONE else None
         for off, sz in dgrams:
             fast = False
             if sz >= DATA_V2_OVERHEAD and ppos + sz < room:
@@ -891,6 +909,15 @@ class Worker:
                         _count(st, "rx_unknown_peer")
                         continue
                 elif opcode != OPCODE_DATA_V1:
+                    if (
+                        addr is not None
+                        and (addr[0] != peer.raw_ip or addr[1] != peer.raw_port)
+                        and opcode not in STRANGER_CONTROL_OPCODES
+                    ):
+                        # not from our peer and not a (re)starting client: the edge would drop
+                        # it too; here it costs no trip through two more processes
+                        _count(st, "rx_control_stranger")
+                        continue
                     self._event(
                         "control",
                         peer_id=peer.peer_id,
@@ -926,6 +953,12 @@ class Worker:
                 st.dropped_other += 1
                 continue
             authed = True
+            if framing is not None:
+                try:
+                    clen = unframe(framing, plain, ppos, clen)
+                except FramingError as e:
+                    note_framing_error(st, e, log, f"engine worker {self.index}", peer.peer_id)
+                    continue
             if clen == 16 and pmv[ppos : ppos + 16] == PING_MAGIC:
                 _count(st, "keepalive_rx")
                 continue

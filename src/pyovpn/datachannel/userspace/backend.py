@@ -98,7 +98,16 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
     """The :class:`~pyovpn.datachannel.api.DataChannel` backend in userspace (asyncio, TUN)."""
 
     name = "userspace"
-    capabilities = api.Capabilities(mp=True, tcp_backlog=True, stats=True, gso=True, lane=True, hooks=True)
+    capabilities = api.Capabilities(
+        mp=True,
+        tcp_backlog=True,
+        stats=True,
+        gso=True,
+        lane=True,
+        hooks=True,
+        drops_strangers=True,
+        framing=True,
+    )
 
     def __init__(
         self,
@@ -328,6 +337,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         self, what: str, cmd: api.NewPeer, sock: socket.socket, tx_id: int, iface: Iface
     ) -> Peer:
         peer = Peer(cmd.peer_id, tx_id, sock, cmd.transport, iface)
+        peer.framing = cmd.framing
         peer_socket.check_socket(what, cmd, peer)
         return peer
 

@@ -19,9 +19,10 @@ import os
 import socket
 from typing import Any
 
-from pyovpn.datachannel.api import ControlPacket, normalize_address
+from pyovpn.datachannel.api import ControlPacket, Framing, normalize_address
 from pyovpn.datachannel.crypto import PacketIdExhaustedError
 from pyovpn.datachannel.datapath import GRO_CMSG_SPACE, count, gro_segment_size
+from pyovpn.datachannel.framing import frame_payload
 from pyovpn.datachannel.peer_socket import give_back
 from pyovpn.datachannel.userspace.lane import close_lane
 from pyovpn.datachannel.userspace.peers import RX_BATCH, Iface, Peer, PeerTable, SharedUdp
@@ -92,7 +93,10 @@ class Multipoint(PeerTable):
                 count(peer.stats, "tx_dropped_no_key")
                 continue
             try:
-                sealed = ks.encrypt(pkt, peer.tx_peer_id)
+                if peer.framing is Framing.NONE:
+                    sealed = ks.encrypt(pkt, peer.tx_peer_id)
+                else:
+                    sealed = ks.encrypt(frame_payload(peer.framing, pkt), peer.tx_peer_id)
             except PacketIdExhaustedError:
                 self._key_exhausted(peer, ks)
                 count(peer.stats, "tx_dropped_no_key")

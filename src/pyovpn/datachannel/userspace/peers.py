@@ -46,6 +46,7 @@ class Iface:
 class Peer:
     __slots__ = (
         "fd",
+        "framing",
         "gro",
         "gso_max",
         "iface",
@@ -98,6 +99,7 @@ class Peer:
         self.tcp_tx = bytearray()
         self.tcp_writer = False
         self.shared: SharedUdp | None = None  # MP UDP: the socket this peer shares
+        self.framing = api.Framing.NONE
 
 
 class SharedUdp:

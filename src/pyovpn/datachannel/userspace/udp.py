@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Any
 
-from pyovpn.datachannel.api import ControlPacket, Transport, normalize_address
+from pyovpn.datachannel.api import ControlPacket, Framing, Transport, normalize_address
 from pyovpn.datachannel.crypto import PING_MAGIC, PacketIdExhaustedError
 from pyovpn.datachannel.datapath import (
     FRAME_LEN,
@@ -24,10 +24,11 @@ from pyovpn.datachannel.datapath import (
     gro_segment_size,
     gso_train_refused,
 )
+from pyovpn.datachannel.framing import FramingError, frame_payload, note_framing_error, unframe_bytes
 from pyovpn.datachannel.userspace.peers import RX_BATCH, Iface, Peer, PeerTable
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net.sockets import SOL_UDP, TRANSIENT_SEND_ERRNOS, UDP_SEGMENT
-from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
+from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, STRANGER_CONTROL_OPCODES, UNDEF_PEER_ID
 
 __all__ = ["UdpPath"]
 
@@ -86,6 +87,11 @@ class UdpPath(PeerTable):
                 count(peer.stats, "rx_unknown_peer")
                 return
         elif opcode != OPCODE_DATA_V1:
+            if (
+                addr[0] != peer.raw_ip or addr[1] != peer.raw_port
+            ) and opcode not in STRANGER_CONTROL_OPCODES:
+                count(peer.stats, "rx_control_stranger")  # the edge would drop it (Capabilities)
+                return
             self._emit(ControlPacket(peer.peer_id, bytes(pkt), normalize_address(addr)))
             return
         if self._rx_data(peer, pkt, now) and (addr[0] != peer.raw_ip or addr[1] != peer.raw_port):
@@ -125,6 +131,12 @@ class UdpPath(PeerTable):
             st.dropped_other += 1
             return False
         peer.last_rx = now
+        if peer.framing is not Framing.NONE:
+            try:
+                plain = unframe_bytes(peer.framing, plain)
+            except FramingError as e:
+                note_framing_error(st, e, log, "userspace data channel", peer.peer_id)
+                return True
         size = len(plain)
         if size == 16 and plain == PING_MAGIC:
             count(st, "keepalive_rx")
@@ -160,6 +172,7 @@ class UdpPath(PeerTable):
         peer = iface.peer
         ks = peer.keys[0] if peer is not None else None
         tx_id = peer.tx_peer_id if peer is not None else 0
+        framing = peer.framing if peer is not None and peer.framing is not Framing.NONE else None
         out: list[bytes] = []
         vpn_bytes = 0
         dropped = 0
@@ -175,7 +188,10 @@ class UdpPath(PeerTable):
                 dropped += 1
                 continue
             try:
-                out.append(ks.encrypt(mv[:n], tx_id))
+                if framing is None:
+                    out.append(ks.encrypt(mv[:n], tx_id))
+                else:
+                    out.append(ks.encrypt(frame_payload(framing, mv[:n]), tx_id))
             except PacketIdExhaustedError:
                 assert peer is not None
                 self._key_exhausted(peer, ks)

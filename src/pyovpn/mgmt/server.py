@@ -1,0 +1,383 @@
+"""The management interface's listener: TCP or unix socket, several clients at once.
+
+OpenVPN serves one management client at a time; pyovpn serves every connected client, and
+each gets the notifications it asked for (``state on``, ``log on``, ``bytecount N``). What a
+command does to the tunnel goes through :class:`ManagementHost`, which the daemon implements;
+the reply text comes from :mod:`pyovpn.mgmt.protocol`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyovpn.config import split_words
+from pyovpn.errors import ConfigError
+from pyovpn.mgmt import protocol as p
+
+log = logging.getLogger("pyovpn")
+
+_SIGNALS = ("SIGHUP", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+
+class ManagementHost(Protocol):
+    """What management commands reach in the daemon."""
+
+    def status_text(self, version: int) -> Awaitable[str]: ...
+
+    def signal(self, name: str) -> None: ...
+
+    def load_stats(self) -> Awaitable[tuple[int, int, int]]: ...  # clients, bytes in, bytes out
+
+    def bytecounts(self) -> Awaitable[list[tuple[int | None, int, int]]]: ...  # (cid or None, in, out)
+
+    def kill(self, target: str) -> Awaitable[str]: ...  # the reply line
+
+    def client_kill(self, cid: int, message: str) -> Awaitable[str]: ...
+
+    @property
+    def status_version(self) -> int: ...
+
+    @property
+    def verb(self) -> int: ...
+
+    def set_verb(self, level: int) -> None: ...
+
+    def info(self) -> Awaitable[dict[str, object]]: ...  # `pyovpn-info` (pyovpn show), JSON-able
+
+
+@dataclass
+class _Client:
+    writer: asyncio.StreamWriter
+    state_on: bool = False
+    log_on: bool = False
+    echo_on: bool = False
+    bytecount: asyncio.Task[None] | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def send(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+
+class ManagementServer:
+    """``management IP PORT [pw-file]`` / ``management PATH unix [pw-file]``."""
+
+    def __init__(
+        self,
+        host: ManagementHost,
+        *,
+        address: tuple[str, int] | None = None,
+        unix_path: str | None = None,
+        password: str | None = None,
+        hold: bool = False,
+        log_cache: int = 1000,
+    ) -> None:
+        if (address is None) == (unix_path is None):
+            raise ValueError("give a TCP address or a unix socket path")
+        self.host = host
+        self.address = address
+        self.unix_path = unix_path
+        self.password = password
+        self.states = p.History(log_cache)
+        self.logs = p.History(log_cache)
+        self.echoes = p.History(log_cache)
+        self.clients: list[_Client] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._holding = hold
+        self._released = asyncio.Event()
+        if not hold:
+            self._released.set()
+        self._mute = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
+            self._server = await asyncio.start_unix_server(self._serve, path=self.unix_path)
+            os.chmod(self.unix_path, 0o600)
+            where = f"unix:{self.unix_path}"
+        else:
+            assert self.address is not None
+            self._server = await asyncio.start_server(self._serve, self.address[0], self.address[1])
+            where = f"[AF_INET]{self.address[0]}:{self.address[1]}"
+        log.info("MANAGEMENT: %s listening on %s", "unix socket" if self.unix_path else "TCP socket", where)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for c in list(self.clients):
+                c.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
+
+    async def wait_hold_release(self) -> None:
+        """``management-hold``: the tunnel starts only after a client says ``hold release``."""
+        if not self._released.is_set():
+            self._broadcast_all(">HOLD:Waiting for hold release:0")
+            log.info("MANAGEMENT: waiting for hold release")
+        await self._released.wait()
+
+    # ------------------------------------------------------------------ events from the daemon
+
+    def state(self, entry: p.StateEntry) -> None:
+        text = entry.text()
+        self.states.add(text)
+        data = p.line(f">STATE:{text}")
+        for c in self.clients:
+            if c.state_on:
+                c.send(data)
+
+    def log_record(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("asyncio"):
+            return
+        text = f"{int(record.created)},{p.log_flags(record.levelno)},{record.getMessage()}"
+        self.logs.add(text)
+        data = p.line(f">LOG:{text}")
+        for c in self.clients:
+            if c.log_on:
+                c.send(data)
+
+    def _broadcast_all(self, text: str) -> None:
+        data = p.line(text)
+        for c in self.clients:
+            c.send(data)
+
+    # ------------------------------------------------------------------ one client
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = _Client(writer)
+        try:
+            if self.password is not None and not await self._authenticate(reader, writer):
+                return
+            self.clients.append(client)
+            client.send(p.line(p.GREETING))
+            if not self._released.is_set():
+                client.send(p.line(">HOLD:Waiting for hold release:0"))
+            splitter = p.LineSplitter()
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                for item in splitter.feed(data):
+                    if item is p.TOO_LONG:
+                        client.send(p.line(f"ERROR: command line too long (limit {p.MAX_LINE} bytes)"))
+                    elif isinstance(item, str) and item and not await self._command(client, item):
+                        return
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+        finally:
+            if client in self.clients:
+                self.clients.remove(client)
+            if client.bytecount is not None:
+                client.bytecount.cancel()
+            writer.close()
+
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        for _ in range(3):
+            writer.write(p.PASSWORD_PROMPT.encode())
+            await writer.drain()
+            try:
+                raw = await reader.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                return False
+            if not raw:
+                return False
+            if raw.decode("utf-8", "replace").rstrip("\r\n") == self.password:
+                writer.write(p.line("SUCCESS: password is correct"))
+                return True
+            writer.write(p.line("ERROR: bad password"))
+        log.warning("MANAGEMENT: client gave a wrong password three times; disconnected")
+        return False
+
+    async def _command(self, c: _Client, text: str) -> bool:
+        """Run one command line; False when the client asked to leave."""
+        try:
+            words = split_words(text)
+        except ConfigError as e:
+            c.send(p.line(f"ERROR: {e}"))
+            return True
+        if not words:
+            return True
+        cmd, args = words[0].lower(), words[1:]
+        handler = self._handlers().get(cmd)
+        if handler is None:
+            c.send(p.line(p.UNKNOWN))
+            return True
+        if cmd in ("exit", "quit"):
+            return False
+        try:
+            reply = await handler(c, args)
+        except Exception as e:  # a command never takes the daemon down
+            log.warning("MANAGEMENT: '%s' failed: %s", cmd, e)
+            reply = p.line(f"ERROR: {cmd} failed: {e}")
+        c.send(reply)
+        return True
+
+    def _handlers(self) -> dict[str, Callable[[_Client, list[str]], Awaitable[bytes]]]:
+        return {
+            "help": self._help,
+            "version": self._version,
+            "pid": self._pid,
+            "state": self._state,
+            "log": self._log,
+            "echo": self._echo,
+            "bytecount": self._bytecount,
+            "status": self._status,
+            "load-stats": self._load_stats,
+            "kill": self._kill,
+            "client-kill": self._client_kill,
+            "hold": self._hold,
+            "signal": self._signal,
+            "verb": self._verb,
+            "mute": self._mute_cmd,
+            "pyovpn-info": self._info,
+            "exit": self._help,
+            "quit": self._help,
+        }
+
+    # ------------------------------------------------------------------ commands
+
+    async def _help(self, c: _Client, args: list[str]) -> bytes:
+        return p.lines(p.HELP.splitlines())
+
+    async def _version(self, c: _Client, args: list[str]) -> bytes:
+        return p.lines(p.version_lines())
+
+    async def _pid(self, c: _Client, args: list[str]) -> bytes:
+        return p.line(f"SUCCESS: pid={os.getpid()}")
+
+    def _history_cmd(self, c: _Client, args: list[str], what: str, history: p.History, flag: str) -> bytes:
+        """``state``/``log``/``echo`` with ``on``, ``off``, ``all``, ``N``, ``on all``."""
+        if not args:
+            return p.lines([*history.last(1 if what == "state" else None), "END"])
+        word = args[0].lower()
+        if word in ("on", "off"):
+            setattr(c, flag, word == "on")
+            head = f"SUCCESS: real-time {what} notification set to {word.upper()}"
+            if word == "on" and len(args) > 1 and args[1].lower() == "all":
+                return p.lines([head, *history.last(None), "END"])
+            return p.line(head)
+        if word == "all":
+            return p.lines([*history.last(None), "END"])
+        if word.isdigit():
+            return p.lines([*history.last(int(word)), "END"])
+        return p.line(f"ERROR: {what} parameter must be 'on', 'off', 'all' or a number")
+
+    async def _state(self, c: _Client, args: list[str]) -> bytes:
+        return self._history_cmd(c, args, "state", self.states, "state_on")
+
+    async def _log(self, c: _Client, args: list[str]) -> bytes:
+        return self._history_cmd(c, args, "log", self.logs, "log_on")
+
+    async def _echo(self, c: _Client, args: list[str]) -> bytes:
+        return self._history_cmd(c, args, "echo", self.echoes, "echo_on")
+
+    async def _bytecount(self, c: _Client, args: list[str]) -> bytes:
+        if len(args) != 1 or not args[0].isdigit():
+            return p.line("ERROR: bytecount needs one number of seconds (0 turns it off)")
+        if c.bytecount is not None:
+            c.bytecount.cancel()
+            c.bytecount = None
+        seconds = int(args[0])
+        if seconds > 0:
+            c.bytecount = asyncio.create_task(self._bytecount_loop(c, seconds))
+        return p.line("SUCCESS: bytecount interval changed")
+
+    async def _bytecount_loop(self, c: _Client, seconds: int) -> None:
+        while not c.writer.is_closing():
+            await asyncio.sleep(seconds)
+            for cid, rx, tx in await self.host.bytecounts():
+                c.send(p.line(f">BYTECOUNT:{rx},{tx}" if cid is None else f">BYTECOUNT_CLI:{cid},{rx},{tx}"))
+
+    async def _status(self, c: _Client, args: list[str]) -> bytes:
+        version = self.host.status_version
+        if args:
+            if args[0] not in ("1", "2", "3"):
+                return p.line("ERROR: status: version must be 1, 2 or 3")
+            version = int(args[0])
+        text = await self.host.status_text(version)
+        return p.lines(text.rstrip("\n").split("\n"))
+
+    async def _load_stats(self, c: _Client, args: list[str]) -> bytes:
+        n, rx, tx = await self.host.load_stats()
+        return p.line(f"SUCCESS: nclients={n},bytesin={rx},bytesout={tx}")
+
+    async def _kill(self, c: _Client, args: list[str]) -> bytes:
+        if len(args) != 1:
+            return p.line("ERROR: kill needs a common name or IP:port")
+        return p.line(await self.host.kill(args[0]))
+
+    async def _client_kill(self, c: _Client, args: list[str]) -> bytes:
+        if not args or not args[0].isdigit():
+            return p.line("ERROR: client-kill needs a client id (CID)")
+        return p.line(await self.host.client_kill(int(args[0]), " ".join(args[1:])))
+
+    async def _hold(self, c: _Client, args: list[str]) -> bytes:
+        if not args:
+            return p.line(f"SUCCESS: hold={1 if self._holding else 0}")
+        word = args[0].lower()
+        if word in ("on", "off"):
+            self._holding = word == "on"
+            return p.line(f"SUCCESS: hold flag set to {word.upper()}")
+        if word == "release":
+            self._released.set()
+            return p.line("SUCCESS: hold release succeeded")
+        return p.line("ERROR: hold parameter must be 'on', 'off' or 'release'")
+
+    async def _signal(self, c: _Client, args: list[str]) -> bytes:
+        name = args[0].upper() if args else ""
+        if name not in _SIGNALS:
+            return p.line("ERROR: signal '%s' is not a known signal type" % (args[0] if args else ""))
+        if name == "SIGUSR2":
+            text = await self.host.status_text(self.host.status_version)
+            for row in text.splitlines():
+                log.info("%s", row)
+        else:
+            self.host.signal(name)
+        return p.line(f"SUCCESS: signal {name} thrown")
+
+    async def _verb(self, c: _Client, args: list[str]) -> bytes:
+        if not args:
+            return p.line(f"SUCCESS: verb={self.host.verb}")
+        if not args[0].isdigit() or int(args[0]) > 11:
+            return p.line("ERROR: verb level must be a number from 0 to 11")
+        self.host.set_verb(int(args[0]))
+        return p.line(f"SUCCESS: verb level changed to {args[0]}")
+
+    async def _info(self, c: _Client, args: list[str]) -> bytes:
+        """pyovpn's own command (no OpenVPN tool sends it): everything `pyovpn show` prints, as JSON."""
+        return p.lines([json.dumps(await self.host.info(), sort_keys=True), "END"])
+
+    async def _mute_cmd(self, c: _Client, args: list[str]) -> bytes:
+        if not args:
+            return p.line(f"SUCCESS: mute={self._mute}")
+        if not args[0].isdigit():
+            return p.line("ERROR: mute level must be a number")
+        self._mute = int(args[0])
+        return p.line(f"SUCCESS: mute level changed to {args[0]}")
+
+
+class ManagementLogHandler(logging.Handler):
+    """Feeds every log record to the management interface (``log on``, ``log all``)."""
+
+    def __init__(self, server: ManagementServer) -> None:
+        super().__init__(logging.DEBUG)
+        self.server = server
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.server.log_record(record)
