@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
 from pyovpn.errors import ConfigError
+from pyovpn.proto.redirect import BadRedirectFlag, PullFilterAction, add_redirect, redirect_from
 
 __all__ = [
     "AEAD_CIPHERS",
@@ -153,6 +154,14 @@ class Options:
     ifconfig_ipv6: tuple[str, str] | None = None
     routes: tuple[Route, ...] = ()
     routes_ipv6: tuple[RouteV6, ...] = ()
+    #: `redirect-gateway`/`redirect-private` as given: (option name, flag, ...), in order
+    redirects: tuple[tuple[str, ...], ...] = ()
+    route_gateway: str | None = None
+    route_metric: int | None = None
+    route_nopull: bool = False
+    route_noexec: bool = False
+    ifconfig_noexec: bool = False
+    pull_filters: tuple[tuple[PullFilterAction, str], ...] = ()
     topology: Literal["net30", "p2p", "subnet"] = "net30"
     ca: bytes | None = None
     cert: bytes | None = None
@@ -1043,10 +1052,69 @@ def _opt_route_ipv6(b: _Builder, d: Directive) -> None:
     if sep:
         _int(d, bits, "route-ipv6 prefix length", 0, 128)
     gateway = None
-    if len(d.args) > 1 and d.args[1] != "default":
+    if len(d.args) > 1 and d.args[1] == "net_gateway":
+        gateway = d.args[1]
+    elif len(d.args) > 1 and d.args[1] != "default":
         gateway = _ipv6(d, d.args[1], "route-ipv6 gateway")
     metric = _int(d, d.args[2], "route-ipv6 metric", 0) if len(d.args) > 2 else None
     b.opts = replace(b.opts, routes_ipv6=(*b.opts.routes_ipv6, RouteV6(network, gateway, metric)))
+
+
+# what only a client's route setup (pyovpn.edge.clientroutes) carries out
+_CLIENT_ROUTING_OPTIONS = (
+    "redirect-private",
+    "route-gateway",
+    "route-metric",
+    "route-nopull",
+    "route-noexec",
+    "ifconfig-noexec",
+    "pull-filter",
+)
+
+
+@_option("redirect-gateway", "redirect-private", args=(0, None), usage="redirect-gateway [FLAGS...]")
+def _opt_redirect(b: _Builder, d: Directive) -> None:
+    try:
+        add_redirect(redirect_from(()), d.name, d.args)
+    except BadRedirectFlag as exc:
+        raise _error(d, str(exc)) from None
+    b.opts = replace(b.opts, redirects=(*b.opts.redirects, (d.name, *d.args)))
+
+
+@_option("route-gateway", args=(1, 1), usage="route-gateway GATEWAY")
+def _opt_route_gateway(b: _Builder, d: Directive) -> None:
+    if d.args[0] == "dhcp":
+        raise _error(d, "`route-gateway dhcp` needs a TAP device; pyovpn is layer-3 (tun): give the address")
+    b.opts = replace(b.opts, route_gateway=_ipv4(d, d.args[0], "route-gateway"))
+
+
+@_option("route-metric", args=(1, 1), usage="route-metric METRIC")
+def _opt_route_metric(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, route_metric=_int(d, d.args[0], "route-metric", 0))
+
+
+@_option("route-nopull", usage="route-nopull")
+def _opt_route_nopull(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, route_nopull=True)
+
+
+@_option("route-noexec", usage="route-noexec")
+def _opt_route_noexec(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, route_noexec=True)
+
+
+@_option("ifconfig-noexec", usage="ifconfig-noexec")
+def _opt_ifconfig_noexec(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, ifconfig_noexec=True)
+
+
+@_option("pull-filter", args=(2, 2), usage="pull-filter accept|ignore|reject TEXT")
+def _opt_pull_filter(b: _Builder, d: Directive) -> None:
+    action = d.args[0]
+    if action not in ("accept", "ignore", "reject"):
+        raise _error(d, f"pull-filter: unknown type {action!r}; use accept, ignore or reject")
+    entry = (cast(PullFilterAction, action), d.args[1])
+    b.opts = replace(b.opts, pull_filters=(*b.opts.pull_filters, entry))
 
 
 @_option("topology", args=(1, 1), usage="topology net30|p2p|subnet")
@@ -1748,7 +1816,6 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "connect-timeout": (1, 1),
     "server-poll-timeout": (1, 1),
     "auth-retry": (1, 1),
-    "redirect-gateway": (0, None),
     "dhcp-option": (1, None),
     "block-outside-dns": (0, 0),
     "ecdh-curve": (1, 1),
@@ -2277,6 +2344,13 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
             'the VPN, use `push "redirect-gateway def1"` instead',
             "redirect-gateway",
         )
+    for name in _CLIENT_ROUTING_OPTIONS:
+        if name in b.where:
+            raise fail(
+                f"`{name}` is a client's routing option; a P2MP server does not apply it. Remove it, "
+                f'or push it to the clients (push "{name} ...") if they need it',
+                name,
+            )
     if o.keepalive is not None and o.keepalive[1] > 43200:
         raise fail(
             "keepalive: in server mode the timeout must not exceed 43200 (the server waits twice as "

@@ -17,6 +17,7 @@ import logging.handlers
 import os
 import sys
 import time
+from pathlib import Path
 from signal import Signals
 
 from pyovpn import __version__, logsinks, privdrop, scripts
@@ -34,7 +35,10 @@ from pyovpn.datachannel.api import (
 )
 from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
+from pyovpn.edge.clientroutes import ClientRoutes
 from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
+from pyovpn.edge.pushwarn import warn_unapplied
+from pyovpn.edge.routejournal import RUN_DIR
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
@@ -106,6 +110,8 @@ def session_config(opts: Options) -> SessionConfig:
         version=f"2.6.14-pyovpn{__version__}",
         # a client's credentials and whether it pulls its options
         pull=opts.pull,
+        pull_filters=opts.pull_filters,
+        route_nopull=opts.route_nopull,
         username=user,
         password=password,
         compression=opts.compression,
@@ -118,6 +124,8 @@ class Daemon:
     ``backend``: use this data channel instead of opening the one ``--dco`` picks.
     ``net``: where addresses and routes go (default: the host's, :class:`SystemNetwork`).
     ``handle_signals``: install OS signal handlers; without them, :meth:`signal` is the only way in.
+    ``route_journal_dir``: where route changes are journaled (default: /run/pyovpn on the real host,
+    none with a fake ``net``).
     """
 
     def __init__(
@@ -127,11 +135,13 @@ class Daemon:
         backend: DataChannel | None = None,
         net: HostNetwork | None = None,
         handle_signals: bool = True,
+        route_journal_dir: Path | None = None,
     ) -> None:
         self.opts = opts
         self.session_cfg = session_config(opts)
         self.net: HostNetwork = net if net is not None else SystemNetwork()
         self._backend = backend
+        self.routes = ClientRoutes(self.net, route_journal_dir or (RUN_DIR if net is None else None))
         self._handle_signals = handle_signals
         self.iface: str | None = None
         self.current: Connection | MultiServer | None = None
@@ -182,6 +192,7 @@ class Daemon:
         if self.iface is None:
             name = opts.dev if opts.dev not in ("tun", "") else self.net.free_tun_name()
             await self.clean_stale_link(name)
+            self.routes.replay_stale(name)
             await self.dc.request(NewIface(name, IfaceMode.P2P, mtu))
             self.iface = name
             log.info("TUN/TAP device %s opened (%s data channel)", self.iface, self.dc.name)
@@ -195,6 +206,7 @@ class Daemon:
                 # `up-restart`: the scripts run on every restart, the device stays as it is
                 await self.run_down("restart")
                 await self.run_up(self._tun_params, "restart")
+            self._configure_routes(pushed, force=False)  # the server's address may have changed
             return  # persist-tun semantics: same config, nothing to redo after a restart
         restart = self._iface_configured_for is not None
         if restart:
@@ -204,6 +216,16 @@ class Daemon:
         self._iface_configured_for = key
         iface.configure_addresses(self.net, self.iface, opts, pushed)
         await self.run_up(iface.tun_params(self.iface, mtu, opts, pushed), "restart" if restart else "init")
+        if pushed is not None:
+            warn_unapplied(pushed)
+        self._configure_routes(pushed, force=True)
+
+    def _configure_routes(self, pushed: PushedOptions | None, *, force: bool) -> None:
+        """Routes after `up`, as OpenVPN orders it; the server's address is the connection's."""
+        assert self.iface is not None
+        conn = self.current
+        remote = conn.remote[0] if isinstance(conn, Connection) and conn.remote is not None else None
+        self.routes.configure(self.opts, pushed, self.iface, remote, force=force)
 
     async def _run_up_down(
         self, kind: str, command: str, params: TunParams, context: str, *, exit_signal: str | None = None
@@ -655,6 +677,7 @@ class Daemon:
             self.current.on_notification(n)
 
     async def _shutdown(self) -> None:
+        self.routes.undo()  # before the device goes, as OpenVPN deletes its routes first
         if self.iface is not None:
             if self.opts.down_pre:
                 await self.run_down()  # `down-pre`: the script still sees the open device
