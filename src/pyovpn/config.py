@@ -894,6 +894,11 @@ def _aead_or_cbc(d: Directive, name: str) -> str:
     return upper if _CBC_RE.fullmatch(upper) else _aead(d, name)
 
 
+# AEAD ciphers OpenVPN 2.6 has that the kernel data channel does not: left out of a data-ciphers
+# list (the daemon logs it), as OpenVPN skips a cipher its library lacks.
+_UNOFFERED_AEAD = frozenset({"AES-192-GCM"})
+
+
 def _aead(d: Directive, name: str) -> str:
     upper = name.upper()
     if upper not in AEAD_CIPHERS:
@@ -1264,7 +1269,7 @@ def _opt_data_ciphers(b: _Builder, d: Directive) -> None:
             if item[1:].upper() in AEAD_CIPHERS:
                 ciphers.append(item[1:].upper())
             continue
-        if _CBC_RE.fullmatch(item.upper()):
+        if _CBC_RE.fullmatch(item.upper()) or item.upper() in _UNOFFERED_AEAD:
             unoffered.append(item.upper())  # logged by the daemon: a peer that negotiates never needs it
             continue
         ciphers.append(_aead(d, item))
@@ -1818,6 +1823,7 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "auth-retry": (1, 1),
     "dhcp-option": (1, None),
     "block-outside-dns": (0, 0),
+    "keysize": (1, 1),
     "ecdh-curve": (1, 1),
     "tun-ipv6": (0, 0),
 }
@@ -1970,6 +1976,8 @@ def _apply_setenv(b: _Builder, d: Directive, depth: int) -> None:
 
 # Why some accepted-and-ignored options truly change nothing here; the daemon's warning says so.
 _NO_EFFECT_WHY: dict[str, str] = {
+    "keysize": "it sets the key size of variable-key CBC/BF ciphers, which pyovpn does not run "
+    "(OpenVPN 2.6 ignores it for AEAD ciphers too)",
     "block-outside-dns": "it is Windows-only (it blocks DNS outside the tunnel with the Windows "
     "Filtering Platform)",
     "route-method": "it chooses how routes are set on Windows",

@@ -77,7 +77,8 @@ def session_config(opts: Options) -> SessionConfig:
     )
     user, password = opts.auth_user_pass or (None, None)
     for name in opts.unoffered_ciphers:
-        log.warning("data-ciphers: %s is not offered: pyovpn's data channel runs AEAD ciphers only", name)
+        why = "the kernel data channel has no AES-192" if "GCM" in name else "pyovpn runs AEAD ciphers only"
+        log.warning("data-ciphers: %s is not offered: %s", name, why)
     return SessionConfig(
         # the TLS handshake
         is_tls_server=is_server,
