@@ -306,8 +306,8 @@ def test_realistic_client_profile() -> None:
     assert o.tls_auth is None
     assert o.config_sources == ("client.ovpn",)
     ignored = {name: line for name, _source, line in o.ignored}
-    assert set(ignored) == {"resolv-retry", "mute", "block-outside-dns", "some-future-option"}
-    assert ignored["resolv-retry"] == 9
+    assert set(ignored) == {"mute", "block-outside-dns", "some-future-option"}
+    assert o.resolv_retry is None  # `resolv-retry infinite` is carried out now, not ignored
     assert all(src == "client.ovpn" for _name, src, _line in o.ignored)
 
 
