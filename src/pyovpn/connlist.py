@@ -11,6 +11,8 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pyovpn.config import Options
+
 #: OpenVPN's cap on the backoff exponent: the delay is at most ``base << 15`` before the max clamps it.
 _MAX_BACKOFF_SHIFT = 15
 #: Attempts per entry before the delay starts doubling (OpenVPN slows down after 5 rounds).
@@ -132,3 +134,36 @@ class ConnectionList:
             self._resolve_failing_since = now
         if self.resolv_retry is not None and now - self._resolve_failing_since >= self.resolv_retry:
             raise GiveUp(f"{why} (resolv-retry {self.resolv_retry} s has run out), exiting")
+
+
+def from_options(opts: Options, randbelow: Callable[[int], int]) -> ConnectionList | None:
+    """The list for a client's `remote` lines or `<connection>` blocks; None with no remote.
+
+    ``randbelow(n)`` (0..n-1) shuffles it when `remote-random` is set.
+    """
+    if not opts.remotes:
+        return None
+    entries = [
+        Entry(
+            host=r.host,
+            port=opts.remote_port_for(r),
+            proto=r.proto or opts.proto,
+            family=r.family or opts.family,
+            connect_retry=opts.connect_retry if r.connect_retry is None else r.connect_retry,
+            connect_retry_max_seconds=(
+                opts.connect_retry_max_seconds
+                if r.connect_retry_max_seconds is None
+                else r.connect_retry_max_seconds
+            ),
+            server_poll_timeout=(
+                opts.server_poll_timeout if r.server_poll_timeout is None else r.server_poll_timeout
+            ),
+        )
+        for r in opts.remotes
+    ]
+    return ConnectionList(
+        entries,
+        connect_retry_max=opts.connect_retry_max,
+        resolv_retry=opts.resolv_retry,
+        shuffle=randbelow if opts.remote_random else None,
+    )

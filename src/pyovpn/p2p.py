@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from typing import Any
 
+from pyovpn.connlist import ConnectionList, GiveUp, randomized_hostname
 from pyovpn.datachannel import api
 from pyovpn.datachannel.api import Notification, PeerDelReason, Transport
 from pyovpn.datachannel.api import normalize_address as _addr
@@ -47,12 +49,19 @@ class Connection(Instance[Command]):
     """One session attempt: socket, handshake, tunnel, until it ends."""
 
     def __init__(
-        self, host: PeerHost, first_packet: tuple[bytes, tuple[str, int] | None] | None = None
+        self,
+        host: PeerHost,
+        first_packet: tuple[bytes, tuple[str, int] | None] | None = None,
+        connlist: ConnectionList | None = None,
     ) -> None:
         super().__init__()
         self.host = host
         self.opts = host.opts
-        self.transport = Transport.TCP if self.opts.proto.startswith("tcp") else Transport.UDP
+        #: the client's connection list, already advanced to the entry this attempt uses
+        self.connlist = connlist
+        self.proto = connlist.current.proto if connlist is not None else self.opts.proto
+        self.transport = Transport.TCP if self.proto.startswith("tcp") else Transport.UDP
+        self._heard_from_peer = False
         self.remote: tuple[str, int] | None = None
         self.session: Session | None = None
         self.handed_over = False
@@ -63,17 +72,51 @@ class Connection(Instance[Command]):
         self._last_source: tuple[str, int] | None = None
         self.framer = StreamFramer()
         self._timer: asyncio.TimerHandle | None = None
+        self._poll_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ setup
 
     async def _open_socket(self) -> None:
+        target = self._resolve_entry()
+        poll = float(self.connlist.current.server_poll_timeout) if self.connlist else None
         if self.transport is Transport.UDP:
-            sock, self.remote = sockets.open_udp(self.opts)
-        elif self.opts.proto == "tcp-client":
-            sock, self.remote = await sockets.open_tcp_client(self.opts)
+            sock, self.remote = sockets.open_udp(self.opts, target)
+        elif self.proto == "tcp-client":
+            # OpenVPN's connect-timeout/server-poll-timeout bounds the TCP connect
+            timeout = poll if poll else sockets.TCP_CONNECT_TIMEOUT
+            sock, self.remote = await sockets.open_tcp_client(self.opts, target, timeout)
         else:  # tcp-server: one peer, like OpenVPN's P2P TCP server
             sock, self.remote = await sockets.accept_tcp_peer(self.opts)
         self.sock = sock
+
+    def _resolve_entry(self) -> sockets.Target | None:
+        """Resolve the current entry's name now (every attempt, as OpenVPN does), per resolv-retry."""
+        cl = self.connlist
+        if cl is None:
+            return None
+        entry = cl.current
+        host = entry.host
+        if self.opts.remote_random_hostname:
+            host = randomized_hostname(host, os.urandom)
+        log.info(
+            "Connection entry %d/%d: %s:%d (%s)", cl.index + 1, len(cl.entries), host, entry.port, entry.proto
+        )
+        stype = socket.SOCK_DGRAM if self.transport is Transport.UDP else socket.SOCK_STREAM
+        try:
+            _, (address, port) = sockets.resolve(host, entry.port, entry.family or self.opts.family, stype)
+        except Stop as stop:
+            try:
+                cl.resolve_failed(time.time(), stop.message)
+            except GiveUp as exc:
+                raise Stop.fatal(str(exc)) from None
+            raise
+        cl.resolved()
+        return address, port, entry.family
+
+    def _server_poll_timeout(self) -> None:
+        """UDP: a server that has not answered within server-poll-timeout -> the next entry."""
+        if not self._heard_from_peer:
+            self.stop(Stop.restart("Server poll timeout, trying the next server"))
 
     # ------------------------------------------------------------------ run
 
@@ -92,6 +135,10 @@ class Connection(Instance[Command]):
         except Stop as stop:
             return stop
         self.session = Session(self.host.session_cfg, rng=os.urandom, now=time.time())
+        if self.connlist is not None and self.transport is Transport.UDP:
+            poll = self.connlist.current.server_poll_timeout
+            if poll > 0:
+                self._poll_timer = self.loop.call_later(poll, self._server_poll_timeout)
         self._start_reading()
         self._start_worker()
         if self.first_packet is not None:
@@ -104,6 +151,8 @@ class Connection(Instance[Command]):
     async def _teardown(self) -> None:
         if self._timer:
             self._timer.cancel()
+        if self._poll_timer:
+            self._poll_timer.cancel()
         sess = self.session
         stop = self.stopped
         if sess is not None and stop is not None and stop.by_a_signal:
@@ -167,6 +216,7 @@ class Connection(Instance[Command]):
                 if sess.peer_session_id is None:
                     self.remote = source
         self._last_source = source
+        self._heard_from_peer = True
         sess.receive(data, time.time())
         self._pump()
 
@@ -282,6 +332,8 @@ class Connection(Instance[Command]):
                 raise
             self.handed_over = True
         log.info("Initialization Sequence Completed")
+        if self.connlist is not None:
+            self.connlist.connected()
         self.host.after_init()
 
     def on_notification(self, n: Notification) -> None:
