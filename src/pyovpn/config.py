@@ -193,6 +193,10 @@ class Options:
     keepalive: tuple[int, int] | None = None
     ping: int = 0
     ping_restart: int = 0
+    #: `ping-exit N`: ping_restart holds N, and a silent peer ends the process instead of restarting.
+    ping_exit: bool = False
+    #: `inactive SECONDS [BYTES]`: exit once a period passes with no more than BYTES of tunnel traffic.
+    inactive: tuple[int, int] | None = None
     tun_mtu: int = 1500
     mssfix: int | None = None
     explicit_exit_notify: int = 0
@@ -1385,7 +1389,20 @@ def _opt_ping(b: _Builder, d: Directive) -> None:
 
 @_option("ping-restart", args=(1, 1), usage="ping-restart SECONDS")
 def _opt_ping_restart(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-restart", 0, 86400))
+    b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-restart", 0, 86400), ping_exit=False)
+
+
+@_option("ping-exit", args=(1, 1), usage="ping-exit SECONDS")
+def _opt_ping_exit(b: _Builder, d: Directive) -> None:
+    # one timeout in OpenVPN: the later of ping-restart / ping-exit decides what it does
+    b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-exit", 0, 86400), ping_exit=True)
+
+
+@_option("inactive", args=(1, 2), usage="inactive SECONDS [BYTES]")
+def _opt_inactive(b: _Builder, d: Directive) -> None:
+    seconds = _int(d, d.args[0], "inactive", 0)
+    least = _int(d, d.args[1], "inactive bytes", 0) if len(d.args) > 1 else 0
+    b.opts = replace(b.opts, inactive=(seconds, least) if seconds else None)
 
 
 @_option("keepalive", args=(2, 2), usage="keepalive PING_SECONDS RESTART_SECONDS")
@@ -2038,9 +2055,10 @@ def _validate(b: _Builder) -> Options:
     if role == "client" and not (b.remote_words or b.connection_blocks):
         raise fail("a TLS client needs to know its server: add `remote HOST [PORT]`", "tls-client", "client")
 
-    if o.keepalive is not None and ("ping" in b.where or "ping-restart" in b.where):
+    if o.keepalive is not None and any(n in b.where for n in ("ping", "ping-restart", "ping-exit")):
         raise fail(
-            "`keepalive` conflicts with `ping`/`ping-restart`; use only `keepalive` (it sets both)",
+            "`keepalive` conflicts with `ping`/`ping-restart`/`ping-exit`; use only `keepalive` "
+            "(it sets both), or `ping` with `ping-exit`",
             "keepalive",
         )
 
@@ -2190,6 +2208,13 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
             "a P2MP server needs `proto udp` or `proto tcp-server` (it waits for clients); change the proto",
             "proto",
         )
+    for name in ("inactive", "ping-exit"):
+        if name in b.where:
+            raise fail(
+                f"`{name}` is not supported in P2MP server mode (clients that go silent are dropped "
+                "by `keepalive`); remove it",
+                name,
+            )
     if b.remote_words or b.connection_blocks:
         raise fail(
             "`remote` cannot be used by a P2MP server (it waits for clients to connect); remove it",

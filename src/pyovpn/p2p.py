@@ -73,6 +73,7 @@ class Connection(Instance[Command]):
         self.framer = StreamFramer()
         self._timer: asyncio.TimerHandle | None = None
         self._poll_timer: asyncio.TimerHandle | None = None
+        self._inactivity: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -118,6 +119,25 @@ class Connection(Instance[Command]):
         if not self._heard_from_peer:
             self.stop(Stop.restart("Server poll timeout, trying the next server"))
 
+    async def _watch_inactivity(self, seconds: int, least_bytes: int) -> None:
+        """`inactive`: every period, tunnel traffic (the data channel's counters) must exceed
+        ``least_bytes`` or the process exits; keepalive pings do not count."""
+        counted = 0
+        while True:
+            await asyncio.sleep(seconds)
+            total = 0
+            if self.handed_over and self.peer_id is not None:
+                with contextlib.suppress(PyovpnError, OSError):
+                    info = await self.host.dc.request(api.GetPeer(self.peer_id))
+                    if isinstance(info, api.PeerInfo):
+                        total = info.vpn_rx_bytes + info.vpn_tx_bytes
+            if total - counted > least_bytes:
+                counted = total
+                continue
+            log.info("Inactivity timeout (--inactive), exiting")
+            self.stop(Stop(StopReason.SIGNAL_EXIT, "inactivity timeout (--inactive)", signal="SIGTERM"))
+            return
+
     # ------------------------------------------------------------------ run
 
     async def run(self) -> Stop:
@@ -141,6 +161,8 @@ class Connection(Instance[Command]):
                 self._poll_timer = self.loop.call_later(poll, self._server_poll_timeout)
         self._start_reading()
         self._start_worker()
+        if self.opts.inactive is not None:
+            self._inactivity = asyncio.ensure_future(self._watch_inactivity(*self.opts.inactive))
         if self.first_packet is not None:
             # a restarted peer's hard reset that ended the previous connection: answer it now
             self._on_packet(*self.first_packet)
@@ -153,6 +175,10 @@ class Connection(Instance[Command]):
             self._timer.cancel()
         if self._poll_timer:
             self._poll_timer.cancel()
+        if self._inactivity is not None:
+            self._inactivity.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._inactivity
         sess = self.session
         stop = self.stopped
         if sess is not None and stop is not None and stop.by_a_signal:
@@ -345,6 +371,16 @@ class Connection(Instance[Command]):
                 return
             self.handed_over = False
             self.peer_id = None
+            pushed = self.tunnel.pushed if self.tunnel is not None else None
+            # a pushed ping-restart replaces the local ping-exit, as in OpenVPN
+            if (
+                n.reason is PeerDelReason.EXPIRED
+                and self.opts.ping_exit
+                and not (pushed and pushed.ping_restart)
+            ):
+                log.info("Inactivity timeout (--ping-exit), exiting")
+                self.stop(Stop(StopReason.SIGNAL_EXIT, "inactivity timeout (--ping-exit)", signal="SIGTERM"))
+                return
             why = _PEER_DELETED.get(
                 n.reason, f"peer deleted by the data channel ({n.reason.name}), restarting"
             )

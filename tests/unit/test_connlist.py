@@ -158,3 +158,24 @@ def test_connection_timer_options() -> None:
 def test_bad_timer_values(line: str) -> None:
     with pytest.raises(ConfigError):
         parse_config_text(line + "\nremote a\n" + CLIENT_NO_REMOTE)
+
+
+def test_ping_exit_and_inactive_options() -> None:
+    o = parse_config_text("ping 2\nping-exit 9\ninactive 30 1000\nremote a\n" + CLIENT_NO_REMOTE)
+    assert (o.ping_restart, o.ping_exit) == (9, True)
+    assert o.inactive == (30, 1000)
+    later = parse_config_text("ping-exit 9\nping-restart 12\ninactive 0\nremote a\n" + CLIENT_NO_REMOTE)
+    assert (later.ping_restart, later.ping_exit) == (12, False)  # the later one decides
+    assert later.inactive is None  # 0 turns it off, as in OpenVPN
+
+
+def test_ping_exit_conflicts_with_keepalive() -> None:
+    with pytest.raises(ConfigError, match="conflicts"):
+        parse_config_text("keepalive 10 60\nping-exit 30\nremote a\n" + CLIENT_NO_REMOTE)
+
+
+@pytest.mark.parametrize("line", ["inactive 60", "ping-exit 60"])
+def test_exit_timers_are_refused_on_a_p2mp_server(line: str) -> None:
+    server = "server 10.8.0.0 255.255.255.0\ntopology subnet\ntls-server\n" + INLINE_CREDENTIALS
+    with pytest.raises(ConfigError, match="not supported in P2MP server mode"):
+        parse_config_text(line + "\n" + server)
