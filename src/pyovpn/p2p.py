@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -154,7 +155,10 @@ class Connection(Instance[Command]):
             opening.result()
         except Stop as stop:
             return stop
-        self.session = Session(self.host.session_cfg, rng=os.urandom, now=time.time())
+        cfg = self.host.session_cfg
+        if cfg.proto != self.proto:  # this entry's own proto: the options string must say so
+            cfg = dataclasses.replace(cfg, proto=self.proto)
+        self.session = Session(cfg, rng=os.urandom, now=time.time())
         if self.connlist is not None and self.transport is Transport.UDP:
             poll = self.connlist.current.server_poll_timeout
             if poll > 0:
