@@ -8,7 +8,9 @@ namespace-private hosts file (/etc/netns/<ns>/hosts, which `ip netns exec` mount
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +81,13 @@ def test_silent_first_remote_fails_over_to_a_named_second(net: Netns, pki: Pki) 
     # at least the poll timeout of the silent entry, and not much more (generous: shared CPU)
     assert POLL <= took < POLL + 40
 
+    # SIGUSR1 on a working tunnel: OpenVPN tries the same entry again first, not the next one
+    mark = client.mark()
+    os.kill(client.pid, signal.SIGUSR1)
+    wait_for_lines([client], INIT_LINE, 40, since={client: mark})
+    again = client.text()[mark:]
+    assert "Connection entry 2/2" in again and "Connection entry 1/2" not in again
+
 
 def test_connection_blocks_skip_a_dead_tcp_entry(net: Netns, pki: Pki) -> None:
     server = start_stock_server(net, pki)
@@ -107,3 +116,21 @@ def test_connect_retry_max_exits_when_no_server_answers(net: Netns, pki: Pki) ->
     assert rc == 1, log
     assert "All connections have been connect-retry-max (2) times unsuccessful, exiting" in log
     assert log.count("Server poll timeout") == 2
+
+
+def test_connection_list_moves_from_udp_to_a_tcp_server(net: Netns, pki: Pki) -> None:
+    tcp = TunnelSpec(role="server", proto="tcp")
+    cfg = net.workdir / "server.conf"
+    cfg.write_text(server_config(tcp, pki, impl="openvpn", local=net.outer("b", 4)))
+    server = net.spawn("b", vpn_argv("openvpn", cfg), "server-openvpn")
+    wait_listening(net.b, "tcp", tcp.port, proc=server)
+    client = start_client(
+        net,
+        pki,
+        "proto udp\nconnect-retry 1\n"
+        f"<connection>\nremote {net.outer('b', 4)} {DEAD_PORT}\nserver-poll-timeout 2\n</connection>\n"
+        f"<connection>\nremote {net.outer('b', 4)} {tcp.port} tcp\n</connection>\n",
+    )
+    wait_for_lines([client, server], INIT_LINE, 40)
+    assert "Server poll timeout" in client.text()
+    assert "Connection entry 2/2" in client.text() and "(tcp-client)" in client.text()
