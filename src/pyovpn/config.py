@@ -651,6 +651,8 @@ class _Builder:
                 raise _error(d, f"option '{d.name}' {_count_text(spec, n)}; usage: {spec.usage}")
         spec.handler(self, d)
         self.where[d.name] = d
+        if self.connection_blocks and d.name in _CONNECTION_LATE_NO_EFFECT:
+            self.ignore(d)  # OpenVPN too: the blocks above already copied the value they use
 
     def _include(self, d: Directive, depth: int) -> None:
         if d.inline or len(d.args) != 1:
@@ -996,6 +998,11 @@ def _opt_resolv_retry(b: _Builder, d: Directive) -> None:
     value = None if d.args[0] == "infinite" else _int(d, d.args[0], "resolv-retry", 0)
     b.opts = replace(b.opts, resolv_retry=value)
 
+
+# Per-entry options given after a <connection> block no longer reach any entry.
+_CONNECTION_LATE_NO_EFFECT = frozenset(
+    {"proto", "rport", "connect-retry", "server-poll-timeout", "connect-timeout"}
+)
 
 # What OpenVPN 2.6 accepts inside a <connection> block (its OPT_P_CONNECTION options).
 _CONNECTION_PER_ENTRY = frozenset(

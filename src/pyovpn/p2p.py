@@ -94,8 +94,8 @@ class Connection(Instance[Command]):
     def _resolve_entry(self) -> sockets.Target | None:
         """Resolve the current entry's name now (every attempt, as OpenVPN does), per resolv-retry."""
         cl = self.connlist
-        if cl is None:
-            return None
+        if cl is None or self.proto == "tcp-server":
+            return None  # a one-peer TCP server waits for its peer; it contacts nobody
         entry = cl.current
         host = entry.host
         if self.opts.remote_random_hostname:

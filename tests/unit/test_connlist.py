@@ -179,3 +179,12 @@ def test_exit_timers_are_refused_on_a_p2mp_server(line: str) -> None:
     server = "server 10.8.0.0 255.255.255.0\ntopology subnet\ntls-server\n" + INLINE_CREDENTIALS
     with pytest.raises(ConfigError, match="not supported in P2MP server mode"):
         parse_config_text(line + "\n" + server)
+
+
+def test_entry_options_after_the_blocks_are_reported_as_without_effect() -> None:
+    o = parse_config_text(
+        "<connection>\nremote a.example\n</connection>\nconnect-retry 7\nproto tcp\n" + CLIENT_NO_REMOTE,
+        source="late.ovpn",
+    )
+    assert o.remotes == (Remote("a.example", 1194, "udp", None, 1, 300, 120),)
+    assert [(name, line) for name, _src, line in o.ignored] == [("connect-retry", 4), ("proto", 5)]
