@@ -31,9 +31,6 @@ class Entry:
     connect_retry_max_seconds: int = 300
     server_poll_timeout: int = 120
 
-    def describe(self) -> str:
-        return f"{self.host}:{self.port} ({self.proto})"
-
 
 class GiveUp(Exception):
     """The list is exhausted (connect-retry-max, resolv-retry): the client exits with this message."""
