@@ -18,10 +18,11 @@ import os
 import secrets
 import sys
 import time
+from pathlib import Path
 from signal import Signals
 
-from pyovpn import __version__, connlist, privdrop
-from pyovpn.config import AEAD_CIPHERS, Options
+from pyovpn import __version__, connlist, logsinks, privdrop, scripts
+from pyovpn.config import AEAD_CIPHERS, Options, no_effect_reason
 from pyovpn.datachannel import choice
 from pyovpn.datachannel.api import (
     DataChannel,
@@ -35,7 +36,10 @@ from pyovpn.datachannel.api import (
 )
 from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
-from pyovpn.edge.host import HostNetwork, SystemNetwork
+from pyovpn.edge.clientroutes import ClientRoutes
+from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
+from pyovpn.edge.pushwarn import warn_unapplied
+from pyovpn.edge.routejournal import RUN_DIR
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
@@ -68,6 +72,9 @@ def session_config(opts: Options) -> SessionConfig:
         tls_version_min=opts.tls_version_min,
         tls_groups=opts.tls_groups,
         peer_cert=peer_cert,
+        tls_cipher=opts.tls_cipher,
+        tls_ciphersuites=opts.tls_ciphersuites,
+        tls_version_max=opts.tls_version_max,
     )
     user, password = opts.auth_user_pass or (None, None)
     for name in opts.unoffered_ciphers:
@@ -77,7 +84,12 @@ def session_config(opts: Options) -> SessionConfig:
         is_tls_server=is_server,
         tls_context=ctx,
         peer_check=PeerCheck(
-            opts.remote_cert_tls, opts.verify_x509_name, peer_cert=peer_cert, crl=opts.crl_verify
+            opts.remote_cert_tls,
+            opts.verify_x509_name,
+            peer_cert=peer_cert,
+            crl=opts.crl_verify,
+            remote_cert_ku=opts.remote_cert_ku,
+            remote_cert_eku=opts.remote_cert_eku,
         ),
         tls_timeout=float(opts.tls_timeout),
         hand_window=opts.hand_window,
@@ -99,6 +111,8 @@ def session_config(opts: Options) -> SessionConfig:
         version=f"2.6.14-pyovpn{__version__}",
         # a client's credentials and whether it pulls its options
         pull=opts.pull,
+        pull_filters=opts.pull_filters,
+        route_nopull=opts.route_nopull,
         username=user,
         password=password,
         compression=opts.compression,
@@ -111,6 +125,8 @@ class Daemon:
     ``backend``: use this data channel instead of opening the one ``--dco`` picks.
     ``net``: where addresses and routes go (default: the host's, :class:`SystemNetwork`).
     ``handle_signals``: install OS signal handlers; without them, :meth:`signal` is the only way in.
+    ``route_journal_dir``: where route changes are journaled (default: /run/pyovpn on the real host,
+    none with a fake ``net``).
     """
 
     def __init__(
@@ -120,11 +136,13 @@ class Daemon:
         backend: DataChannel | None = None,
         net: HostNetwork | None = None,
         handle_signals: bool = True,
+        route_journal_dir: Path | None = None,
     ) -> None:
         self.opts = opts
         self.session_cfg = session_config(opts)
         self.net: HostNetwork = net if net is not None else SystemNetwork()
         self._backend = backend
+        self.routes = ClientRoutes(self.net, route_journal_dir or (RUN_DIR if net is None else None))
         self._handle_signals = handle_signals
         self.iface: str | None = None
         self.current: Connection | MultiServer | None = None
@@ -144,6 +162,7 @@ class Daemon:
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
         #: the client's servers to try in turn (None for a server, or a peer that waits to be contacted)
         self.connlist = connlist.from_options(opts, secrets.randbelow) if opts.mode == "p2p" else None
+        scripts.set_config_env(opts.setenv)
 
     @property
     def dc(self) -> DataChannel:
@@ -176,6 +195,7 @@ class Daemon:
         if self.iface is None:
             name = opts.dev if opts.dev not in ("tun", "") else self.net.free_tun_name()
             await self.clean_stale_link(name)
+            self.routes.replay_stale(name)
             await self.dc.request(NewIface(name, IfaceMode.P2P, mtu))
             self.iface = name
             log.info("TUN/TAP device %s opened (%s data channel)", self.iface, self.dc.name)
@@ -189,6 +209,7 @@ class Daemon:
                 # `up-restart`: the scripts run on every restart, the device stays as it is
                 await self.run_down("restart")
                 await self.run_up(self._tun_params, "restart")
+            self._configure_routes(pushed, force=False)  # the server's address may have changed
             return  # persist-tun semantics: same config, nothing to redo after a restart
         restart = self._iface_configured_for is not None
         if restart:
@@ -198,6 +219,16 @@ class Daemon:
         self._iface_configured_for = key
         iface.configure_addresses(self.net, self.iface, opts, pushed)
         await self.run_up(iface.tun_params(self.iface, mtu, opts, pushed), "restart" if restart else "init")
+        if pushed is not None:
+            warn_unapplied(pushed)
+        self._configure_routes(pushed, force=True)
+
+    def _configure_routes(self, pushed: PushedOptions | None, *, force: bool) -> None:
+        """Routes after `up`, as OpenVPN orders it; the server's address is the connection's."""
+        assert self.iface is not None
+        conn = self.current
+        remote = conn.remote[0] if isinstance(conn, Connection) and conn.remote is not None else None
+        self.routes.configure(self.opts, pushed, self.iface, remote, force=force)
 
     async def _run_up_down(
         self, kind: str, command: str, params: TunParams, context: str, *, exit_signal: str | None = None
@@ -546,6 +577,15 @@ class Daemon:
             await conn.kill_client(c, "killed by the management interface")
         return f"SUCCESS: common name '{target}' found, {len(found)} client(s) killed"
 
+    async def external_auth(self, cid: int, kid: int, env: dict[str, str]) -> ExternalAuth:
+        if self.mgmt is None:
+            return ExternalAuth(False, reason="management-client-auth without a management interface")
+        return await self.mgmt.client_auth(cid, kid, env, timeout=float(self.opts.hand_window))
+
+    def client_event(self, event: str, cid: int, env: dict[str, str] | None = None) -> None:
+        if self.mgmt is not None:
+            self.mgmt.client_event(event, cid, env)
+
     async def client_kill(self, cid: int, message: str) -> str:
         conn = self.current
         if not isinstance(conn, MultiServer):
@@ -660,7 +700,10 @@ class Daemon:
             self.current.on_notification(n)
 
     async def _shutdown(self) -> None:
+        self.routes.undo()  # before the device goes, as OpenVPN deletes its routes first
         if self.iface is not None:
+            if self.opts.down_pre:
+                await self.run_down()  # `down-pre`: the script still sees the open device
             with contextlib.suppress(PyovpnError, OSError):
                 await self.dc.request(DelIface(self.iface))
             log.info("Closing TUN/TAP interface %s", self.iface)
@@ -736,6 +779,8 @@ def setup_logging(opts: Options) -> None:
         fmt = logging.Formatter("%(message)s")
     for h in handlers:
         h.setFormatter(fmt)
+        if opts.mute > 0:
+            h.addFilter(logsinks.MuteFilter(opts.mute))
     root = logging.getLogger()
     root.handlers[:] = handlers
     root.setLevel(level)
@@ -786,7 +831,20 @@ def run(opts: Options) -> int:
     setup_logging(opts)
     log.info("pyovpn %s (OpenVPN-compatible, data channel offload)", __version__)
     for name, source, line in opts.ignored:
-        log.warning("%s:%d: option '%s' is accepted but has no effect in pyovpn", source, line, name)
+        why = no_effect_reason(name)
+        log.warning(
+            "%s:%d: option '%s' is accepted but has no effect in pyovpn%s",
+            source,
+            line,
+            name,
+            f": {why}" if why else "",
+        )
+    if opts.nice:
+        try:
+            os.nice(opts.nice)
+            log.info("nice %d succeeded", opts.nice)
+        except OSError as exc:  # a negative value needs CAP_SYS_NICE; OpenVPN warns and goes on
+            log.warning("nice %d failed: %s", opts.nice, exc.strerror)
     if opts.writepid:
         with open(opts.writepid, "w") as fh:
             fh.write(f"{os.getpid()}\n")

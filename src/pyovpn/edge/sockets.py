@@ -15,6 +15,7 @@ from typing import Any
 
 from pyovpn.config import Options
 from pyovpn.datachannel.api import normalize_address
+from pyovpn.edge.sockopts import apply_socket_options
 from pyovpn.edge.stop import Stop
 from pyovpn.proto.packets import frame
 
@@ -75,6 +76,7 @@ def first_remote(opts: Options, stype: int, target: Target | None = None) -> tup
 def _bound(opts: Options, af: int, stype: int, what: str) -> socket.socket:
     """A socket of ``af``/``stype`` bound where the options say; a failure to bind is fatal."""
     sock = socket.socket(af, stype)
+    apply_socket_options(sock, opts)
     if is_dual_stack(opts, af):
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -113,6 +115,7 @@ async def open_tcp_client(
         raise Stop.fatal("tcp-client needs a remote")
     af, remote = found
     sock = socket.socket(af, socket.SOCK_STREAM)
+    apply_socket_options(sock, opts)
     sock.setblocking(False)
     if opts.local or (not opts.nobind and opts.lport):
         sock.bind(bind_address(opts, af))
@@ -177,9 +180,11 @@ def open_server_udp(opts: Options) -> socket.socket:
     af = listen_family(opts)
     address = bind_address(opts, af)
     try:
-        return bind_server_socket(af, address, is_dual_stack(opts, af))
+        sock = bind_server_socket(af, address, is_dual_stack(opts, af))
     except OSError as exc:
         raise Stop.fatal(f"cannot bind UDP {address}: {exc.strerror}") from None
+    apply_socket_options(sock, opts)
+    return sock
 
 
 def send_control(
