@@ -82,6 +82,10 @@ class Remote:
     proto: Proto | None = None
     #: 4 or 6 when the per-remote proto forces an address family (`udp4`, `tcp6-client`, ...).
     family: Literal[4, 6] | None = None
+    #: Set by a `<connection>` block (its own connect-retry / server-poll-timeout); None: the global one.
+    connect_retry: int | None = None
+    connect_retry_max_seconds: int | None = None
+    server_poll_timeout: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,14 @@ class Options:
     proto: Proto = "udp"
     family: Literal[4, 6] | None = None
     remotes: tuple[Remote, ...] = ()
+    #: The connection list's timers and order (see pyovpn.connlist); OpenVPN's defaults.
+    remote_random: bool = False
+    remote_random_hostname: bool = False
+    connect_retry: int = 1
+    connect_retry_max_seconds: int = 300
+    connect_retry_max: int = 0  # 0: try forever
+    server_poll_timeout: int = 120
+    resolv_retry: int | None = None  # None: infinite
     port: int = 1194
     #: Set only by an explicit `lport`/`rport` after the last `port`; see local_port / remote_port_for.
     lport: int | None = None
@@ -190,6 +202,10 @@ class Options:
     keepalive: tuple[int, int] | None = None
     ping: int = 0
     ping_restart: int = 0
+    #: `ping-exit N`: ping_restart holds N, and a silent peer ends the process instead of restarting.
+    ping_exit: bool = False
+    #: `inactive SECONDS [BYTES]`: exit once a period passes with no more than BYTES of tunnel traffic.
+    inactive: tuple[int, int] | None = None
     tun_mtu: int = 1500
     mssfix: int | None = None
     explicit_exit_notify: int = 0
@@ -629,6 +645,10 @@ class _Builder:
     proto_word: str | None = None
     #: `remote` entries as (host, port, proto word, family); their protos are resolved like proto_word.
     remote_words: list[tuple[str, int | None, str | None, Family]] = field(default_factory=list)
+    #: `<connection>` blocks, complete: (remote word as above, connect-retry, its max, server-poll-timeout).
+    connection_blocks: list[tuple[tuple[str, int, str | None, Family], int, int, int]] = field(
+        default_factory=list
+    )
     ignore_unknown: set[str] = field(default_factory=set)
     #: `setenv FORWARD_COMPATIBLE 1`: from there on unknown options are warnings, as in OpenVPN.
     forward_compatible: bool = False
@@ -670,6 +690,8 @@ class _Builder:
                 raise _error(d, f"option '{d.name}' {_count_text(spec, n)}; usage: {spec.usage}")
         spec.handler(self, d)
         self.where[d.name] = d
+        if self.connection_blocks and d.name in _CONNECTION_LATE_NO_EFFECT:
+            self.ignore(d)  # OpenVPN too: the blocks above already copied the value they use
 
     def _include(self, d: Directive, depth: int) -> None:
         if d.inline or len(d.args) != 1:
@@ -982,6 +1004,98 @@ def _opt_remote(b: _Builder, d: Directive) -> None:
     port = _port(d, d.args[1], "remote") if len(d.args) > 1 else None
     proto, family = _proto(d, d.args[2]) if len(d.args) > 2 else (None, None)
     b.remote_words.append((host, port, proto, family))
+
+
+@_option("remote-random", usage="remote-random")
+def _opt_remote_random(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, remote_random=True)
+
+
+@_option("remote-random-hostname", usage="remote-random-hostname")
+def _opt_remote_random_hostname(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, remote_random_hostname=True)
+
+
+@_option("connect-retry", args=(1, 2), usage="connect-retry SECONDS [MAX_SECONDS]")
+def _opt_connect_retry(b: _Builder, d: Directive) -> None:
+    # OpenVPN clamps the base to 65535 and never lets the max fall below the base
+    seconds = min(_int(d, d.args[0], "connect-retry", 0), 0xFFFF)
+    most = max(_int(d, d.args[1], "connect-retry max", 0), seconds) if len(d.args) > 1 else None
+    b.opts = replace(b.opts, connect_retry=seconds)
+    if most is not None:
+        b.opts = replace(b.opts, connect_retry_max_seconds=most)
+
+
+@_option("connect-retry-max", args=(1, 1), usage="connect-retry-max N")
+def _opt_connect_retry_max(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, connect_retry_max=_int(d, d.args[0], "connect-retry-max", 0))
+
+
+@_option("server-poll-timeout", args=(1, 1), usage="server-poll-timeout SECONDS")
+@_option("connect-timeout", args=(1, 1), usage="connect-timeout SECONDS")
+def _opt_server_poll_timeout(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, server_poll_timeout=_int(d, d.args[0], d.name, 0))
+
+
+@_option("resolv-retry", args=(1, 1), usage="resolv-retry SECONDS|infinite")
+def _opt_resolv_retry(b: _Builder, d: Directive) -> None:
+    value = None if d.args[0] == "infinite" else _int(d, d.args[0], "resolv-retry", 0)
+    b.opts = replace(b.opts, resolv_retry=value)
+
+
+# Per-entry options given after a <connection> block no longer reach any entry.
+_CONNECTION_LATE_NO_EFFECT = frozenset(
+    {"proto", "rport", "connect-retry", "server-poll-timeout", "connect-timeout"}
+)
+
+# What OpenVPN 2.6 accepts inside a <connection> block (its OPT_P_CONNECTION options).
+_CONNECTION_PER_ENTRY = frozenset(
+    {"remote", "proto", "port", "rport", "connect-retry", "server-poll-timeout", "connect-timeout"}
+)
+_CONNECTION_GLOBAL_ONLY = frozenset(
+    {
+        "bind", "connect-retry-max", "explicit-exit-notify", "float", "fragment", "http-proxy",
+        "http-proxy-option", "http-proxy-retry", "http-proxy-timeout", "key-direction", "link-mtu",
+        "local", "lport", "max-packet-size", "mssfix", "mtu-disc", "mtu-dynamic", "nobind",
+        "ping-timer-rem", "socks-proxy", "socks-proxy-retry", "tls-auth", "tls-crypt",
+        "tls-crypt-v2", "topology", "tun-mtu", "tun-mtu-extra", "tun-mtu-max", "udp-mtu",
+    }
+)  # fmt: skip
+
+
+@_option(
+    "connection", args=(0, 0), inline=True, usage="<connection> remote HOST [PORT [PROTO]] ... </connection>"
+)
+def _opt_connection(b: _Builder, d: Directive) -> None:
+    if not d.inline:
+        raise _error(d, "`connection` is a block: write <connection>, its options, then </connection>")
+    # A block starts from the global options as they stand here, like OpenVPN's copy of them.
+    sub = _Builder(cwd=b.cwd, opts=b.opts, proto_word=b.proto_word)
+    for inner in tokenize(d.args[0], source=d.source, base_dir=d.base_dir):
+        inner = replace(inner, line=d.line + inner.line)
+        if inner.name in _CONNECTION_GLOBAL_ONLY:
+            raise _error(
+                inner,
+                f"`{inner.name}` inside a <connection> block is not supported by pyovpn (it takes only "
+                f"{', '.join(sorted(_CONNECTION_PER_ENTRY))} there); set it once outside the blocks",
+            )
+        if inner.name not in _CONNECTION_PER_ENTRY:
+            raise _error(
+                inner,
+                f"option '{inner.name}' cannot be used in a <connection> block; OpenVPN allows only "
+                "connection options there (remote, proto, port, connect-retry, ...): move it outside",
+            )
+        sub.apply(inner, 0)
+    if len(sub.remote_words) != 1:
+        raise _error(d, "each <connection> block must contain exactly one `remote HOST [PORT [PROTO]]`")
+    host, port, proto, family = sub.remote_words[0]
+    if port is None:
+        port = sub.opts.rport if sub.opts.rport is not None else sub.opts.port
+    if proto is None:
+        proto, family = (sub.proto_word or sub.opts.proto), sub.opts.family
+    o = sub.opts
+    entry = ((host, port, proto, family), o.connect_retry, o.connect_retry_max_seconds, o.server_poll_timeout)
+    b.connection_blocks.append(entry)
 
 
 @_option("port", args=(1, 1), usage="port PORT")
@@ -1385,7 +1499,20 @@ def _opt_ping(b: _Builder, d: Directive) -> None:
 
 @_option("ping-restart", args=(1, 1), usage="ping-restart SECONDS")
 def _opt_ping_restart(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-restart", 0, 86400))
+    b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-restart", 0, 86400), ping_exit=False)
+
+
+@_option("ping-exit", args=(1, 1), usage="ping-exit SECONDS")
+def _opt_ping_exit(b: _Builder, d: Directive) -> None:
+    # one timeout in OpenVPN: the later of ping-restart / ping-exit decides what it does
+    b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-exit", 0, 86400), ping_exit=True)
+
+
+@_option("inactive", args=(1, 2), usage="inactive SECONDS [BYTES]")
+def _opt_inactive(b: _Builder, d: Directive) -> None:
+    seconds = _int(d, d.args[0], "inactive", 0)
+    least = _int(d, d.args[1], "inactive bytes", 0) if len(d.args) > 1 else 0
+    b.opts = replace(b.opts, inactive=(seconds, least) if seconds else None)
 
 
 @_option("keepalive", args=(2, 2), usage="keepalive PING_SECONDS RESTART_SECONDS")
@@ -1804,11 +1931,9 @@ del _name, _what
 
 # Options accepted without any effect, with OpenVPN's argument counts (to still catch typos).
 _IGNORED: dict[str, tuple[int, int | None]] = {
-    "resolv-retry": (1, 1),
     "persist-remote-ip": (0, 0),
     "persist-local-ip": (0, 0),
     "auth-nocache": (0, 0),
-    "remote-random": (0, 0),
     "tls-exit": (0, 0),
     "route-delay": (0, 2),
     "route-method": (1, 1),
@@ -1816,10 +1941,6 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "push-peer-info": (0, 0),
     "txqueuelen": (1, 1),
     "fast-io": (0, 0),
-    "connect-retry": (1, 2),
-    "connect-retry-max": (1, 1),
-    "connect-timeout": (1, 1),
-    "server-poll-timeout": (1, 1),
     "auth-retry": (1, 1),
     "dhcp-option": (1, None),
     "block-outside-dns": (0, 0),
@@ -1874,10 +1995,6 @@ _REFUSED: dict[str, str] = {
     "pkcs12": (
         "`pkcs12` is not supported; convert the bundle to PEM files and use ca/cert/key, e.g. "
         "`openssl pkcs12 -in client.p12 -out client.pem -nodes`"
-    ),
-    "connection": (
-        "<connection> blocks are not supported; list the servers as several "
-        "`remote HOST PORT PROTO` lines instead"
     ),
 }
 
@@ -2196,12 +2313,13 @@ def _validate(b: _Builder) -> Options:
             "tls-auth",
         )
 
-    if role == "client" and not b.remote_words:
+    if role == "client" and not (b.remote_words or b.connection_blocks):
         raise fail("a TLS client needs to know its server: add `remote HOST [PORT]`", "tls-client", "client")
 
-    if o.keepalive is not None and ("ping" in b.where or "ping-restart" in b.where):
+    if o.keepalive is not None and any(n in b.where for n in ("ping", "ping-restart", "ping-exit")):
         raise fail(
-            "`keepalive` conflicts with `ping`/`ping-restart`; use only `keepalive` (it sets both)",
+            "`keepalive` conflicts with `ping`/`ping-restart`/`ping-exit`; use only `keepalive` "
+            "(it sets both), or `ping` with `ping-exit`",
             "keepalive",
         )
 
@@ -2235,6 +2353,18 @@ def _validate(b: _Builder) -> Options:
         Remote(host, port, side(proto) if proto is not None else None, family)
         for host, port, proto, family in b.remote_words
     )
+    if b.connection_blocks:
+        if b.remote_words:
+            # OpenVPN silently drops the `remote` lines then; say so instead
+            raise fail(
+                "`remote` lines and <connection> blocks cannot be mixed (OpenVPN would ignore the "
+                "`remote` lines): move each server into its own <connection> block",
+                "remote",
+            )
+        remotes = tuple(
+            Remote(host, port, side(proto) if proto else None, family, retry, retry_max, poll)
+            for (host, port, proto, family), retry, retry_max, poll in b.connection_blocks
+        )
 
     # Helper expansion (OpenVPN's helper_client_server / helper_keepalive), in OpenVPN's push order.
     ping, ping_restart = o.ping, o.ping_restart
@@ -2339,7 +2469,14 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
             "a P2MP server needs `proto udp` or `proto tcp-server` (it waits for clients); change the proto",
             "proto",
         )
-    if b.remote_words:
+    for name in ("inactive", "ping-exit"):
+        if name in b.where:
+            raise fail(
+                f"`{name}` is not supported in P2MP server mode (clients that go silent are dropped "
+                "by `keepalive`); remove it",
+                name,
+            )
+    if b.remote_words or b.connection_blocks:
         raise fail(
             "`remote` cannot be used by a P2MP server (it waits for clients to connect); remove it",
             "remote",

@@ -15,12 +15,13 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
 from signal import Signals
 
-from pyovpn import __version__, logsinks, privdrop, scripts
+from pyovpn import __version__, connlist, logsinks, privdrop, scripts
 from pyovpn.config import AEAD_CIPHERS, Options, no_effect_reason
 from pyovpn.datachannel import choice
 from pyovpn.datachannel.api import (
@@ -160,6 +161,8 @@ class Daemon:
         self.backend_reason = ""  # why this data channel (kernel or userspace), for `pyovpn show`
         self._refs: dict[int, tuple[tuple[int, int], float]] = {}  # peer id: (counters, last ref)
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
+        #: the client's servers to try in turn (None for a server, or a peer that waits to be contacted)
+        self.connlist = connlist.from_options(opts, secrets.randbelow) if opts.mode == "p2p" else None
         scripts.set_config_env(opts.setenv)
 
     @property
@@ -310,7 +313,16 @@ class Daemon:
         try:
             await self._start_control()
             await self._start_management()
+            advanced = False
             while True:
+                if self.connlist is not None and first_packet is None and not advanced:
+                    try:
+                        self.connlist.advance()
+                    except connlist.GiveUp as exc:
+                        log.error("Exiting: %s", exc)
+                        exit_code = 1
+                        break
+                advanced = False
                 stop = await self._run_one(signals, first_packet)
                 first_packet = None
                 if stop.by_a_signal:
@@ -337,11 +349,22 @@ class Daemon:
                     self._mgmt_state("RECONNECTING", "connection-reset")
                     first_packet = stop.first_packet
                     continue
-                log.warning("%s; restarting in %.0f s", stop.message, RESTART_DELAY)
+                delay = RESTART_DELAY
+                if self.connlist is not None:
+                    # the next server and OpenVPN's connect-retry backoff before trying it
+                    try:
+                        self.connlist.advance()
+                    except connlist.GiveUp as exc:
+                        log.error("%s; exiting: %s", stop.message, exc)
+                        exit_code = 1
+                        break
+                    advanced = True
+                    delay = self.connlist.delay()
+                log.warning("%s; restarting in %.0f s", stop.message, delay)
                 self.notifier.status(f"{stop.message}; reconnecting")
                 self._mgmt_state("RECONNECTING", _restart_detail(stop.message))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(signals), RESTART_DELAY)
+                    await asyncio.wait_for(asyncio.shield(signals), delay)
                 if signals.done():
                     name = signals.result()
                     if name in EXIT_SIGNALS:
@@ -651,7 +674,7 @@ class Daemon:
     ) -> Stop:
         """One connection (or server instance) until it ends or a signal ends it."""
         conn: Connection | MultiServer = (
-            MultiServer(self) if self.opts.mode == "server" else Connection(self, first_packet)
+            MultiServer(self) if self.opts.mode == "server" else Connection(self, first_packet, self.connlist)
         )
         self.current = conn
         run: asyncio.Task[Stop] = asyncio.create_task(conn.run())

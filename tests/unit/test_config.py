@@ -306,9 +306,9 @@ def test_realistic_client_profile() -> None:
     assert o.tls_auth is None
     assert o.config_sources == ("client.ovpn",)
     ignored = {name: line for name, _source, line in o.ignored}
-    assert set(ignored) == {"resolv-retry", "block-outside-dns", "some-future-option"}
+    assert set(ignored) == {"block-outside-dns", "some-future-option"}
     assert o.mute == 20  # carried out by the log handler, no longer ignored
-    assert ignored["resolv-retry"] == 9
+    assert o.resolv_retry is None  # `resolv-retry infinite` is carried out now, not ignored
     assert all(src == "client.ovpn" for _name, src, _line in o.ignored)
 
 
