@@ -31,6 +31,7 @@ from pyovpn.proto.packets import SESSION_ID_LEN, ControlPacket, Opcode, Reliabil
 from pyovpn.proto.push import PushedOptions, parse_pushed_options, split_push_message
 from pyovpn.proto.reliable import AckTracker, ReliableReceiver, ReliableSender
 from pyovpn.proto.tls import PeerCheck, TlsEndpoint
+from pyovpn.proto.tlscryptv2 import ClientKey, MetadataCheck, ServerKey, TlsCryptV2Client, TlsCryptV2Server
 from pyovpn.proto.tlswrap import NoWrap, TlsAuth, TlsCrypt, Wrap
 
 log = logging.getLogger("pyovpn.session")
@@ -58,6 +59,9 @@ class SessionConfig:
     key_direction: int | None = None
     auth_digest: str = "SHA1"
     tls_crypt_key: bytes | None = None
+    tls_crypt_v2_client: ClientKey | None = None
+    tls_crypt_v2_server: ServerKey | None = None
+    tls_crypt_v2_check: MetadataCheck | None = None  # tls-crypt-v2-max-age / -verify
     data_ciphers: tuple[str, ...] = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
     data_ciphers_fallback: str | None = None
     reneg_sec: int = 3600
@@ -181,12 +185,15 @@ def _chunk_limit(wrap: Wrap) -> int:
 class Session:
     """One control-channel session (one tls_session in OpenVPN terms) with one peer."""
 
-    def __init__(self, config: SessionConfig, *, rng: Callable[[int], bytes], now: float) -> None:
+    def __init__(
+        self, config: SessionConfig, *, rng: Callable[[int], bytes], now: float, wrap: Wrap | None = None
+    ) -> None:
         self.cfg = config
         self._rng = rng
         self.session_id = self._new_session_id()
         self.peer_session_id: bytes | None = None
-        self.wrap: Wrap = self._make_wrap()
+        # a P2MP server hands in the wrap it already checked the client's first packet with
+        self.wrap: Wrap = wrap if wrap is not None else self._make_wrap()
         self._out: list[bytes] = []
         self._events: deque[SessionEvent] = deque()
         self.primary: KeyState | None = None
@@ -209,7 +216,13 @@ class Session:
         self._now = now
         self.primary = self._new_key_state(0, now)
         if not config.is_tls_server:
-            self.primary.sender.enqueue(Opcode.CONTROL_HARD_RESET_CLIENT_V2, b"")
+            # tls-crypt-v2 clients announce themselves (and carry WKc) with the V3 reset
+            first = (
+                Opcode.CONTROL_HARD_RESET_CLIENT_V3
+                if config.tls_crypt_v2_client is not None
+                else Opcode.CONTROL_HARD_RESET_CLIENT_V2
+            )
+            self.primary.sender.enqueue(first, b"")
 
     @classmethod
     def after_cookie(
@@ -246,6 +259,12 @@ class Session:
 
     def _make_wrap(self) -> Wrap:
         c = self.cfg
+        if c.tls_crypt_v2_client is not None and not c.is_tls_server:
+            return TlsCryptV2Client(c.tls_crypt_v2_client, replay_window=c.replay_window)
+        if c.tls_crypt_v2_server is not None and c.is_tls_server:
+            return TlsCryptV2Server(
+                c.tls_crypt_v2_server, check=c.tls_crypt_v2_check, replay_window=c.replay_window
+            )
         if c.tls_crypt_key is not None:
             return TlsCrypt(c.tls_crypt_key, is_server=c.is_tls_server, replay_window=c.replay_window)
         if c.tls_auth_key is not None:
@@ -494,8 +513,10 @@ class Session:
             Opcode.CONTROL_HARD_RESET_CLIENT_V3,
         ):
             raise ProtocolError("client->client hard reset (both sides are tls-client?)")
-        if op is Opcode.CONTROL_HARD_RESET_CLIENT_V3:
-            raise ProtocolError("tls-crypt-v2 client reset received; tls-crypt-v2 is not supported")
+        if op is Opcode.CONTROL_HARD_RESET_CLIENT_V3 and not isinstance(self.wrap, TlsCryptV2Server):
+            raise ProtocolError(
+                "tls-crypt-v2 client reset received; configure `tls-crypt-v2 SERVERKEY` to accept it"
+            )
 
         if self.peer_session_id is None:
             if not pkt.is_hard_reset or pkt.rh.message_id != 0:
@@ -540,7 +561,11 @@ class Session:
         raise ProtocolError(f"key IDs out of sync (got key_id {pkt.key_id}, active {p.key_id})")
 
     def _deliver(self, ks: KeyState, op: Opcode, payload: bytes, now: float) -> None:
-        if op in (Opcode.CONTROL_HARD_RESET_CLIENT_V2, Opcode.CONTROL_HARD_RESET_SERVER_V2):
+        if op in (
+            Opcode.CONTROL_HARD_RESET_CLIENT_V2,
+            Opcode.CONTROL_HARD_RESET_CLIENT_V3,
+            Opcode.CONTROL_HARD_RESET_SERVER_V2,
+        ):
             if ks.key_id != 0:
                 raise ProtocolError("hard reset on a renegotiated key")
             if self.cfg.is_tls_server:

@@ -34,6 +34,7 @@ from pyovpn.net.sockbuf import grow_buffers
 from pyovpn.proto.cookie import CookieJar
 from pyovpn.proto.packets import DATA_OPCODES, Opcode
 from pyovpn.proto.session import ClientAuthRequest, Session, SessionClosed, TunnelUp
+from pyovpn.proto.tlscryptv2 import TlsCryptV2Server
 from pyovpn.proto.tlswrap import NoWrap, TlsAuth, TlsCrypt, Wrap
 from pyovpn.server import auth
 from pyovpn.server.ccd import place_client, read_ccd
@@ -114,6 +115,10 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
 
     def _fresh_wrap(self) -> Wrap:
         c = self.cfg
+        if c.tls_crypt_v2_server is not None:
+            return TlsCryptV2Server(
+                c.tls_crypt_v2_server, check=c.tls_crypt_v2_check, replay_window=c.replay_window
+            )
         if c.tls_crypt_key is not None:
             return TlsCrypt(c.tls_crypt_key, is_server=True, replay_window=c.replay_window)
         if c.tls_auth_key is not None:
@@ -201,6 +206,9 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
 
     def _new_client_packet(self, data: bytes, source: Addr, key: Addr, now: float) -> None:
         op = data[0] >> 3
+        if op == Opcode.CONTROL_HARD_RESET_CLIENT_V3:
+            self._new_tls_crypt_v2_client(data, source, key, now)
+            return
         try:
             if op == Opcode.CONTROL_HARD_RESET_CLIENT_V2:
                 if not self._reset_budget.take(key[0], now):
@@ -221,6 +229,41 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         client = Client(key, session)
         self.clients[key] = client
         log.info("%s:%d new client session (cookie verified)", *key)
+        session.receive(data, now)
+        self._pump(client)
+
+    def _new_tls_crypt_v2_client(self, data: bytes, source: Addr, key: Addr, now: float) -> None:
+        """A tls-crypt-v2 client's V3 reset: unwrap its key and keep state from the first packet.
+
+        Without the client's key the server cannot build a stateless reply, so (like OpenVPN for
+        clients that do not resend WKc) the session starts here; the connect-freq budget bounds it.
+        We never ask the client to resend WKc, so it continues with plain CONTROL_V1 packets.
+        """
+        c = self.cfg
+        if c.tls_crypt_v2_server is None:
+            log.warning(
+                "%s:%d sent a tls-crypt-v2 reset, but this server has no `tls-crypt-v2` key; dropped", *key
+            )
+            return
+        if not self._reset_budget.take(key[0], now):
+            log.debug("dropped reset from %s: connect-freq-initial budget exhausted", key)
+            return
+        wrap = TlsCryptV2Server(
+            c.tls_crypt_v2_server, check=c.tls_crypt_v2_check, replay_window=c.replay_window
+        )
+        try:
+            wrap.accept_client_key(data)
+        except ProtocolError as exc:
+            log.warning("%s:%d tls-crypt-v2 client key refused: %s", key[0], key[1], exc)
+            return
+        if len(self.clients) >= self.opts.max_clients:
+            log.warning("MULTI: new client %s refused: max-clients reached", key)
+            return
+        self._reset_budget.refund(key[0])
+        session = Session(c, rng=os.urandom, now=now, wrap=wrap)
+        client = Client(key, session)
+        self.clients[key] = client
+        log.info("%s:%d new client session (tls-crypt-v2 client key accepted)", *key)
         session.receive(data, now)
         self._pump(client)
 
