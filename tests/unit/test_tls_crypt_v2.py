@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -17,8 +18,9 @@ from pyovpn.config import Options, parse_config_text
 from pyovpn.edge.tlscryptv2check import metadata_check
 from pyovpn.errors import AuthenticationError, ConfigError, ProtocolError
 from pyovpn.proto import tlscryptv2 as v2
+from pyovpn.proto.cookie import CookieJar
 from pyovpn.proto.packets import Opcode, ReliabilityHeader
-from pyovpn.proto.session import TunnelUp
+from pyovpn.proto.session import Session, TunnelUp
 from pyovpn.tools import genkey
 from tests.unit.configtext import INLINE_CREDENTIALS
 from tests.unit.sessionpair import Pair, configs, load_pki
@@ -244,3 +246,57 @@ def test_config_inline_client_key_and_role_checks() -> None:
         CLIENT_CONF + f"<tls-crypt-v2>\n{client_pem}</tls-crypt-v2>\ntls-crypt-v2-verify /bin/true\n"
     )
     assert "script-security 2" in str(err)
+
+
+def test_stateless_cookie_start_with_wkc_resend(pki: dict[str, bytes]) -> None:
+    """2.6 early negotiation: the server answers the V3 reset keeping no state and asks for WKc
+    again; the client's first CONTROL packet is a WKC_V1 that both proves the cookie and
+    carries the key, and the session built from it completes the handshake."""
+    s_cfg, c_cfg = configs(pki, server_tls_crypt_v2_server=_server(), client_tls_crypt_v2_client=_client())
+    now = 1_700_000_000.0
+    rng = random.Random(7).randbytes
+    client = Session(c_cfg, rng=rng, now=now)
+    client.handle_timer(now)
+    (reset,) = client.packets_to_send()
+    assert reset[0] >> 3 == Opcode.CONTROL_HARD_RESET_CLIENT_V3 and v2.offers_early_negotiation(reset)
+    addr = ("198.51.100.7", 40000)
+    jar = CookieJar(b"c" * 32)
+    reply = jar.reply_to_reset(reset, addr, now, v2.TlsCryptV2Server(_server()), v2.RESEND_WKC_TLV)
+    client.receive(reply, now)
+    first, *rest = client.packets_to_send()
+    assert first[0] >> 3 == Opcode.CONTROL_WKC_V1 and first.endswith(_client().wkc)
+    assert all(p[0] >> 3 == Opcode.CONTROL_V1 for p in rest)
+    proof = jar.check_proof(first, addr, now, v2.TlsCryptV2Server(_server()))
+    checked: list[bytes] = []
+    wrap = v2.TlsCryptV2Server(_server(), check=checked.append)
+    wrap.accept_client_key(first)
+    server = Session.after_cookie(s_cfg, proof, rng=rng, now=now, wrap=wrap)
+    for pkt in (first, *rest):
+        server.receive(pkt, now)
+    events: list[object] = []
+    for _ in range(200):
+        moved = False
+        for src, dst in ((client, server), (server, client)):
+            for pkt in src.packets_to_send():
+                moved = True
+                dst.receive(pkt, now)
+        events += server.events() + client.events()
+        if not moved:
+            now += 0.05
+            for s in (server, client):
+                t = s.next_timer()
+                if t is not None and t <= now:
+                    s.handle_timer(now)
+    assert sum(isinstance(e, TunnelUp) for e in events) == 2
+    assert checked == [_client_metadata()]
+
+
+def _client_metadata() -> bytes:
+    return b"\x01" + (1_700_000_000).to_bytes(8, "big")
+
+
+def test_server_reset_tlv_parsing() -> None:
+    assert v2.asks_to_resend_wkc(v2.RESEND_WKC_TLV)
+    assert not v2.asks_to_resend_wkc(b"\x00\x09\x00\x01x")  # unknown types are skipped
+    with pytest.raises(ProtocolError):
+        v2.asks_to_resend_wkc(b"\x00\x01\x00\x02\x00")

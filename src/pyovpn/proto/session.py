@@ -31,7 +31,14 @@ from pyovpn.proto.packets import SESSION_ID_LEN, ControlPacket, Opcode, Reliabil
 from pyovpn.proto.push import PushedOptions, parse_pushed_options, split_push_message
 from pyovpn.proto.reliable import AckTracker, ReliableReceiver, ReliableSender
 from pyovpn.proto.tls import PeerCheck, TlsEndpoint
-from pyovpn.proto.tlscryptv2 import ClientKey, MetadataCheck, ServerKey, TlsCryptV2Client, TlsCryptV2Server
+from pyovpn.proto.tlscryptv2 import (
+    ClientKey,
+    MetadataCheck,
+    ServerKey,
+    TlsCryptV2Client,
+    TlsCryptV2Server,
+    asks_to_resend_wkc,
+)
 from pyovpn.proto.tlswrap import NoWrap, TlsAuth, TlsCrypt, Wrap
 
 log = logging.getLogger("pyovpn.session")
@@ -210,6 +217,7 @@ class Session:
         self._push_options: list[str] = []
         self._push_reply_until = 0.0
         self._tls_dirty = False  # TLS output may be waiting in a memory BIO
+        self._resend_wkc = False  # tls-crypt-v2: the server's reset asked for WKc in our next packet
         self._flush_due = False  # something may be ready to send: packets_to_send() builds it
         self._next_push_request: float | None = None
         self._backend_slots: dict[KeySlot, int | None] = {KeySlot.PRIMARY: None, KeySlot.SECONDARY: None}
@@ -232,13 +240,14 @@ class Session:
         *,
         rng: Callable[[bytes], bytes] | Callable[[int], bytes],
         now: float,
+        wrap: Wrap | None = None,
     ) -> Session:
         """A P2MP server session for a client that passed the stateless cookie check.
 
         Behaves as if the two hard resets (message id 0 each way) had been exchanged; feed the
         proof packet to :meth:`receive` next.
         """
-        sess = cls(config, rng=rng, now=now)  # type: ignore[arg-type]
+        sess = cls(config, rng=rng, now=now, wrap=wrap)  # type: ignore[arg-type]
         sess.session_id = proof.server_session_id
         sess.peer_session_id = proof.client_session_id
         ks = sess.primary
@@ -572,6 +581,8 @@ class Session:
                 ks.sender.enqueue(Opcode.CONTROL_HARD_RESET_SERVER_V2, b"")
             elif payload:
                 _check_reset_tlvs(payload)
+                if isinstance(self.wrap, TlsCryptV2Client) and asks_to_resend_wkc(payload):
+                    self._resend_wkc = True
             self._tls_start(ks)
             return
         if op is Opcode.CONTROL_SOFT_RESET_V1:
@@ -598,6 +609,12 @@ class Session:
     def _pump_tls_output(self, ks: KeyState) -> None:
         data = ks.tls.pending_output()
         limit = _chunk_limit(self.wrap)
+        if self._resend_wkc and data and isinstance(self.wrap, TlsCryptV2Client):
+            # a stateless server learns our key from the first CONTROL packet: WKc rides along
+            self._resend_wkc = False
+            first = max(16, limit - self.wrap.wkc_len)
+            ks.sender.enqueue(Opcode.CONTROL_WKC_V1, data[:first])
+            data = data[first:]
         for i in range(0, len(data), limit):
             ks.sender.enqueue(Opcode.CONTROL_V1, data[i : i + limit])
 

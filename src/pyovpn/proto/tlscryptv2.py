@@ -36,6 +36,47 @@ MIN_WKC_LEN = TAG_LEN + CLIENT_KEY_LEN + 2
 METADATA_TYPE_USER = 0x00
 METADATA_TYPE_TIMESTAMP = 0x01
 
+# Early negotiation (2.6): a client's V3 reset whose packet-id starts with 0x0f can resend WKc
+# in its first CONTROL packet (P_CONTROL_WKC_V1), so a server may answer it statelessly; the
+# server asks for that with a TLV in its reset's payload.
+EARLY_NEG_MASK = 0xFF000000
+EARLY_NEG_START = 0x0F000000
+TLV_TYPE_EARLY_NEG_FLAGS = 0x0001
+EARLY_NEG_FLAG_RESEND_WKC = 0x0001
+RESEND_WKC_TLV = (
+    TLV_TYPE_EARLY_NEG_FLAGS.to_bytes(2, "big")
+    + (2).to_bytes(2, "big")
+    + EARLY_NEG_FLAG_RESEND_WKC.to_bytes(2, "big")
+)
+
+
+def offers_early_negotiation(packet: bytes) -> bool:
+    """Whether a (tls-crypt wrapped) V3 reset's packet-id marks a client that can resend WKc."""
+    if len(packet) < 13:
+        return False
+    return int.from_bytes(packet[9:13], "big") & EARLY_NEG_MASK == EARLY_NEG_START
+
+
+def asks_to_resend_wkc(payload: bytes) -> bool:
+    """Whether a server reset's TLV payload sets EARLY_NEG_FLAG_RESEND_WKC (ProtocolError if malformed)."""
+    pos = 0
+    while pos < len(payload):
+        if pos + 4 > len(payload):
+            raise ProtocolError("malformed TLV in the server's hard reset")
+        kind = int.from_bytes(payload[pos : pos + 2], "big")
+        length = int.from_bytes(payload[pos + 2 : pos + 4], "big")
+        value = payload[pos + 4 : pos + 4 + length]
+        if len(value) != length:
+            raise ProtocolError("malformed TLV in the server's hard reset")
+        if kind == TLV_TYPE_EARLY_NEG_FLAGS:
+            if length != 2:
+                raise ProtocolError("malformed early-negotiation flags in the server's hard reset")
+            if int.from_bytes(value, "big") & EARLY_NEG_FLAG_RESEND_WKC:
+                return True
+        pos += 4 + length
+    return False
+
+
 # Opcodes whose packets carry WKc after the tls-crypt-protected part.
 WKC_OPCODES = frozenset({Opcode.CONTROL_HARD_RESET_CLIENT_V3, Opcode.CONTROL_WKC_V1})
 
@@ -194,8 +235,12 @@ class TlsCryptV2Client:
     """Client wrap: tls-crypt with Kc, WKc appended to the packets whose opcode carries it."""
 
     def __init__(self, key: ClientKey, *, replay_window: int = 64) -> None:
-        self._inner = TlsCrypt(key.kc, is_server=False, replay_window=replay_window)
+        # the packet-id's top byte tells a 2.6 server that we can resend WKc (early negotiation)
+        self._inner = TlsCrypt(
+            key.kc, is_server=False, replay_window=replay_window, pid_start=EARLY_NEG_START
+        )
         self._wkc = key.wkc
+        self.wkc_len = len(key.wkc)
         self.overhead = self._inner.overhead
 
     def skip_replay_ids(self, last_sent: int) -> None:
