@@ -22,7 +22,7 @@ from pyovpn.proto.cookie import CookieJar
 from pyovpn.proto.packets import Opcode, ReliabilityHeader
 from pyovpn.proto.session import Session, TunnelUp
 from pyovpn.tools import genkey
-from tests.unit.configtext import INLINE_CREDENTIALS
+from tests.unit.configtext import INLINE_CREDENTIALS, static_key_text
 from tests.unit.sessionpair import Pair, configs, load_pki
 
 OPENVPN = shutil.which("openvpn") or "/usr/sbin/openvpn"
@@ -300,3 +300,33 @@ def test_server_reset_tlv_parsing() -> None:
     assert not v2.asks_to_resend_wkc(b"\x00\x09\x00\x01x")  # unknown types are skipped
     with pytest.raises(ProtocolError):
         v2.asks_to_resend_wkc(b"\x00\x01\x00\x02\x00")
+
+
+SERVER_CONF = INLINE_CREDENTIALS + "dh none\ntopology subnet\nserver 10.8.0.0 255.255.255.0\n"
+
+
+def test_config_server_key_verify_and_max_age(tmp_path: Path) -> None:
+    key_file = tmp_path / "v2s.key"
+    key_file.write_text(_server().to_pem())
+    opts = parse_config_text(
+        SERVER_CONF + f"tls-crypt-v2 {key_file}\ntls-crypt-v2-max-age 30\n"
+        "script-security 2\ntls-crypt-v2-verify /bin/true --flag\n"
+    )
+    assert opts.tls_crypt_v2_server == _server() and opts.tls_crypt_v2_client is None
+    assert opts.tls_crypt_v2_max_age == 30 and opts.tls_crypt_v2_verify == "/bin/true --flag"
+    err = config_error(SERVER_CONF + f"<tls-crypt-v2>\n{_client().to_pem()}</tls-crypt-v2>\n")
+    assert "needs the server key" in str(err)
+    assert ">= 1, not 0" in str(config_error(SERVER_CONF + "tls-crypt-v2-max-age 0\n"))
+    err = config_error(SERVER_CONF + f"tls-crypt-v2 {key_file} force-cookie\n")
+    assert "force-cookie" in str(err) and "drop the flag" in str(err)
+    err = config_error(
+        SERVER_CONF + f"tls-crypt-v2 {key_file}\n<tls-crypt>\n{static_key_text()}</tls-crypt>\n"
+    )
+    assert "cannot be used together" in str(err)
+
+
+def test_cli_genkey_dispatch(tmp_path: Path) -> None:
+    from pyovpn import cli
+
+    assert cli.main(["genkey", "tls-crypt-v2-server", str(tmp_path / "s.key")]) == 0
+    assert v2.key_kind((tmp_path / "s.key").read_text()) == "server"
