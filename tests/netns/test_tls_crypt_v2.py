@@ -97,3 +97,29 @@ def test_pyovpn_server_refuses_a_client_key_of_another_server(net: Netns, pki: P
     wait_for_lines([server], r"tls-crypt-v2 client key refused: .*not made with this server", 30.0)
     time.sleep(2)
     assert "Initialization Sequence Completed" not in client.text()
+
+
+def test_pyovpn_server_runs_tls_crypt_v2_verify(net: Netns, pki: Pki) -> None:
+    """The verify script sees the metadata of a key stock openvpn made (a timestamp, type 1);
+    exiting 0 lets the client in, exiting non-zero keeps it out with a clear log line."""
+    keys = _genkeys(net.workdir)
+    seen = net.workdir / "verify-seen"
+    script = net.workdir / "verify.sh"
+    script.write_text(
+        f'#!/bin/sh\necho "$script_type $metadata_type $(wc -c < "$metadata_file")" >> {seen}\n'
+        f"[ ! -e {net.workdir / 'deny'} ]\n"
+    )
+    script.chmod(0o755)
+    base = _spec("server", "udp", "pyovpn", keys, "client")
+    spec = base.with_(pyovpn_extra=(*base.pyovpn_extra, "script-security 2", f"tls-crypt-v2-verify {script}"))
+    tunnel = start_tunnel(net, pki, spec, server_impl="pyovpn", client_impl="openvpn", timeout=INIT_TIMEOUT)
+    assert ping(net.a, tunnel.addrs.server4).ok, tunnel.logs()
+    assert seen.read_text().split() == ["tls-crypt-v2-verify", "1", "8"], tunnel.logs()
+    tunnel.stop()
+
+    (net.workdir / "deny").touch()
+    server, client = spawn_tunnel(net, pki, spec, "pyovpn", "openvpn")
+    wait_for_lines([server], r"tls-crypt-v2 client key refused: tls-crypt-v2-verify script refused", 30.0)
+    time.sleep(2)
+    # the client's log file is the first run's, appended to: only that run came up
+    assert client.text().count("Initialization Sequence Completed") == 1
