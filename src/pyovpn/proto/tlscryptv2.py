@@ -234,11 +234,12 @@ def split_wkc(packet: bytes) -> tuple[bytes, bytes]:
 class TlsCryptV2Client:
     """Client wrap: tls-crypt with Kc, WKc appended to the packets whose opcode carries it."""
 
+    # the packet-id's top byte tells a 2.6 server that we can resend WKc (early negotiation);
+    # 2.5 clients start at 0 and servers keep state for them from the first packet
+    PID_START = EARLY_NEG_START
+
     def __init__(self, key: ClientKey, *, replay_window: int = 64) -> None:
-        # the packet-id's top byte tells a 2.6 server that we can resend WKc (early negotiation)
-        self._inner = TlsCrypt(
-            key.kc, is_server=False, replay_window=replay_window, pid_start=EARLY_NEG_START
-        )
+        self._inner = TlsCrypt(key.kc, is_server=False, replay_window=replay_window, pid_start=self.PID_START)
         self._wkc = key.wkc
         self.wkc_len = len(key.wkc)
         self.overhead = self._inner.overhead
