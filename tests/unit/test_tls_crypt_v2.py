@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyovpn.config import Options, parse_config_text
+from pyovpn.datachannel.api import NewKey
 from pyovpn.edge.tlscryptv2check import metadata_check
 from pyovpn.errors import AuthenticationError, ConfigError, ProtocolError
 from pyovpn.proto import tlscryptv2 as v2
@@ -330,3 +331,14 @@ def test_cli_genkey_dispatch(tmp_path: Path) -> None:
 
     assert cli.main(["genkey", "tls-crypt-v2-server", str(tmp_path / "s.key")]) == 0
     assert v2.key_kind((tmp_path / "s.key").read_text()) == "server"
+
+
+def test_renegotiation_runs_over_the_client_key(pki: dict[str, bytes]) -> None:
+    p = Pair(
+        *configs(
+            pki, server_tls_crypt_v2_server=_server(), client_tls_crypt_v2_client=_client(), reneg_sec=10
+        )
+    )
+    p.run(25)
+    for events in (p.server_events, p.client_events):
+        assert len({e.key_id for e in events if isinstance(e, NewKey)}) >= 2
