@@ -240,6 +240,8 @@ class Options:
     float_: bool = False
     #: PEM content of `crl-verify` (file or inline <crl-verify>).
     crl_verify: bytes | None = None
+    #: Where `crl-verify` reads from, re-checked at each handshake: (path, is a `dir` of serials).
+    crl_verify_source: tuple[str, bool] | None = None
     # -- P2MP server ------------------------------------------------------------------------------
     #: `server NETWORK NETMASK [nopool]`: (network, netmask) as given; already expanded into
     #: ifconfig, ifconfig_pool and push.
@@ -1380,16 +1382,16 @@ def _opt_float(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, float_=True)
 
 
-@_option("crl-verify", args=(1, 2), usage="crl-verify FILE", inline=True)
+@_option("crl-verify", args=(1, 2), usage="crl-verify FILE | crl-verify DIR dir", inline=True)
 def _opt_crl_verify(b: _Builder, d: Directive) -> None:
     if not d.inline and len(d.args) > 1:
-        if d.args[1] == "dir":
+        if d.args[1] != "dir":
             raise _error(
-                d,
-                "`crl-verify DIR dir` (a directory of revoked serial numbers) is not supported; "
-                "use a PEM CRL file instead: `crl-verify crl.pem`",
+                d, f"crl-verify: unknown flag '{d.args[1]}'; usage: crl-verify FILE or crl-verify DIR dir"
             )
-        raise _error(d, f"crl-verify: unknown flag '{d.args[1]}'; usage: crl-verify FILE")
+        # OpenVPN's directory form: a file named by a certificate's decimal serial number revokes it
+        b.opts = replace(b.opts, crl_verify=None, crl_verify_source=(b.resolve_dir(d, d.args[0]), True))
+        return
     data = b.file_or_inline(d)
     if b"-----BEGIN X509 CRL-----" not in data:
         what = "the inline <crl-verify> block" if d.inline else f"'{d.args[0]}'"
@@ -1398,7 +1400,9 @@ def _opt_crl_verify(b: _Builder, d: Directive) -> None:
             f"crl-verify: {what} is not a PEM CRL (no '-----BEGIN X509 CRL-----' line); give the "
             "CRL in PEM form (convert a DER one with `openssl crl -inform DER -in crl.der -out crl.pem`)",
         )
-    b.opts = replace(b.opts, crl_verify=data)
+    # a CRL file is re-read when it changes (OpenVPN reads it on every handshake); an inline one cannot
+    source = None if d.inline else (b.resolve(d, d.args[0]), False)
+    b.opts = replace(b.opts, crl_verify=data, crl_verify_source=source)
 
 
 # -- P2MP server -------------------------------------------------------------------------------

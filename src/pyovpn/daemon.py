@@ -34,6 +34,7 @@ from pyovpn.datachannel.api import (
 )
 from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
+from pyovpn.edge.crl import revocation_check
 from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
@@ -76,7 +77,11 @@ def session_config(opts: Options) -> SessionConfig:
         is_tls_server=is_server,
         tls_context=ctx,
         peer_check=PeerCheck(
-            opts.remote_cert_tls, opts.verify_x509_name, peer_cert=peer_cert, crl=opts.crl_verify
+            opts.remote_cert_tls,
+            opts.verify_x509_name,
+            peer_cert=peer_cert,
+            crl=opts.crl_verify,
+            is_revoked=revocation_check(opts.crl_verify_source),
         ),
         tls_timeout=float(opts.tls_timeout),
         hand_window=opts.hand_window,

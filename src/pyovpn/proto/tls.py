@@ -7,6 +7,7 @@ comes out of ``pending_output``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ class PeerCheck:
     verify_x509_name: tuple[str, str] | None = None  # (name, "subject" | "name" | "name-prefix")
     peer_cert: str = "require"  # a server's verify-client-cert: "require" | "optional" | "none"
     crl: bytes | None = None  # PEM CRL (crl-verify): a revoked peer certificate is refused
+    # asked at each handshake instead of `crl` when set: the edge re-reads a changed CRL file (or
+    # looks in a `crl-verify DIR dir`), which this sans-I/O core must not do itself
+    is_revoked: Callable[[int], bool] | None = None
 
 
 def _load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
@@ -115,7 +119,10 @@ def _set_groups(ctx: SSL.Context, groups: str) -> None:
 
 
 def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
-    if check.crl is not None:
+    if check.is_revoked is not None:
+        if check.is_revoked(cert.serial_number):
+            raise ProtocolError(f"peer certificate serial {cert.serial_number:x} is revoked (crl-verify)")
+    elif check.crl is not None:
         try:
             crl = x509.load_pem_x509_crl(check.crl)
         except ValueError:
