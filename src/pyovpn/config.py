@@ -1735,6 +1735,8 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "tls-ciphersuites": (1, 1),
     "ecdh-curve": (1, 1),
     "tun-ipv6": (0, 0),
+    # OpenVPN applies it to TAP devices only; pyovpn is layer 3 (tun), where OpenVPN ignores it too
+    "tun-mtu-extra": (1, 1),
 }
 
 
@@ -1787,6 +1789,19 @@ _REFUSED: dict[str, str] = {
     "connection": (
         "<connection> blocks are not supported; list the servers as several "
         "`remote HOST PORT PROTO` lines instead"
+    ),
+    "plugin": (
+        "`plugin` is not supported: pyovpn cannot load OpenVPN's C plugins. For PAM logins use a "
+        "script instead: `script-security 2` and `auth-user-pass-verify /path/to/check-pam.sh via-file` "
+        "(the script gets the username and password and exits 0 to accept)"
+    ),
+    "port-share": (
+        "`port-share` is not supported: pyovpn does not proxy non-OpenVPN TCP connections to another "
+        "server. Remove it and give the other service its own port (or put a TLS/SNI-aware proxy in front)"
+    ),
+    "client-cert-not-required": (
+        "`client-cert-not-required` was removed in OpenVPN 2.5; use `verify-client-cert none` (with "
+        "`auth-user-pass-verify` to check the clients' usernames and passwords)"
     ),
 }
 
