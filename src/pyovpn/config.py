@@ -272,6 +272,8 @@ class Options:
     float_: bool = False
     #: PEM content of `crl-verify` (file or inline <crl-verify>).
     crl_verify: bytes | None = None
+    #: Where `crl-verify` reads from, re-checked at each handshake: (path, is a `dir` of serials).
+    crl_verify_source: tuple[str, bool] | None = None
     # -- P2MP server ------------------------------------------------------------------------------
     #: `server NETWORK NETMASK [nopool]`: (network, netmask) as given; already expanded into
     #: ifconfig, ifconfig_pool and push.
@@ -1642,16 +1644,16 @@ def _opt_float(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, float_=True)
 
 
-@_option("crl-verify", args=(1, 2), usage="crl-verify FILE", inline=True)
+@_option("crl-verify", args=(1, 2), usage="crl-verify FILE | crl-verify DIR dir", inline=True)
 def _opt_crl_verify(b: _Builder, d: Directive) -> None:
     if not d.inline and len(d.args) > 1:
-        if d.args[1] == "dir":
+        if d.args[1] != "dir":
             raise _error(
-                d,
-                "`crl-verify DIR dir` (a directory of revoked serial numbers) is not supported; "
-                "use a PEM CRL file instead: `crl-verify crl.pem`",
+                d, f"crl-verify: unknown flag '{d.args[1]}'; usage: crl-verify FILE or crl-verify DIR dir"
             )
-        raise _error(d, f"crl-verify: unknown flag '{d.args[1]}'; usage: crl-verify FILE")
+        # OpenVPN's directory form: a file named by a certificate's decimal serial number revokes it
+        b.opts = replace(b.opts, crl_verify=None, crl_verify_source=(b.resolve_dir(d, d.args[0]), True))
+        return
     data = b.file_or_inline(d)
     if b"-----BEGIN X509 CRL-----" not in data:
         what = "the inline <crl-verify> block" if d.inline else f"'{d.args[0]}'"
@@ -1660,7 +1662,9 @@ def _opt_crl_verify(b: _Builder, d: Directive) -> None:
             f"crl-verify: {what} is not a PEM CRL (no '-----BEGIN X509 CRL-----' line); give the "
             "CRL in PEM form (convert a DER one with `openssl crl -inform DER -in crl.der -out crl.pem`)",
         )
-    b.opts = replace(b.opts, crl_verify=data)
+    # a CRL file is re-read when it changes (OpenVPN reads it on every handshake); an inline one cannot
+    source = None if d.inline else (b.resolve(d, d.args[0]), False)
+    b.opts = replace(b.opts, crl_verify=data, crl_verify_source=source)
 
 
 # -- P2MP server -------------------------------------------------------------------------------
@@ -1982,6 +1986,8 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "keysize": (1, 1),
     "ecdh-curve": (1, 1),
     "tun-ipv6": (0, 0),
+    # OpenVPN applies it to TAP devices only; pyovpn is layer 3 (tun), where OpenVPN ignores it too
+    "tun-mtu-extra": (1, 1),
 }
 
 
@@ -2026,6 +2032,19 @@ _REFUSED: dict[str, str] = {
     "pkcs12": (
         "`pkcs12` is not supported; convert the bundle to PEM files and use ca/cert/key, e.g. "
         "`openssl pkcs12 -in client.p12 -out client.pem -nodes`"
+    ),
+    "plugin": (
+        "`plugin` is not supported: pyovpn cannot load OpenVPN's C plugins. For PAM logins use a "
+        "script instead: `script-security 2` and `auth-user-pass-verify /path/to/check-pam.sh via-file` "
+        "(the script gets the username and password and exits 0 to accept)"
+    ),
+    "port-share": (
+        "`port-share` is not supported: pyovpn does not proxy non-OpenVPN TCP connections to another "
+        "server. Remove it and give the other service its own port (or put a TLS/SNI-aware proxy in front)"
+    ),
+    "client-cert-not-required": (
+        "`client-cert-not-required` was removed in OpenVPN 2.5; use `verify-client-cert none` (with "
+        "`auth-user-pass-verify` to check the clients' usernames and passwords)"
     ),
 }
 

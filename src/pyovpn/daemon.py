@@ -37,6 +37,7 @@ from pyovpn.datachannel.api import (
 from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
 from pyovpn.edge.clientroutes import ClientRoutes
+from pyovpn.edge.crl import revocation_check
 from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
 from pyovpn.edge.pushwarn import warn_unapplied
 from pyovpn.edge.routejournal import RUN_DIR
@@ -92,6 +93,7 @@ def session_config(opts: Options) -> SessionConfig:
             crl=opts.crl_verify,
             remote_cert_ku=opts.remote_cert_ku,
             remote_cert_eku=opts.remote_cert_eku,
+            is_revoked=revocation_check(opts.crl_verify_source),
         ),
         tls_timeout=float(opts.tls_timeout),
         hand_window=opts.hand_window,

@@ -145,12 +145,21 @@ def test_disconnected_client_address_is_reused_and_others_unaffected(star: Star,
     clients[0].stop()
     server.wait_for_line("alice.*client disconnected", 20, since=mark)
     assert ping(star.peers[1], SERVER4).ok
-    # a new client (another identity) may now take the freed pool address
+    # a new client (another identity) gets a never-used address, as OpenVPN picks the free one
+    # released earliest: alice's stays hers while the pool has others
     cconf = client_conf(pki, star.workdir, "dave", star.server_addr(0), "AES-128-GCM")
     dave = star.spawn(star.peers[0], ["openvpn", "--config", str(cconf)], "client-dave")
     dave.wait_for_line(INIT_LINE, 30)
-    assert pushed_ip(dave.text()) == first
+    assert pushed_ip(dave.text()) not in (first, *(pushed_ip(c.text()) for c in clients[1:]))
     assert ping(star.peers[0], SERVER4).ok
+    mark = server.mark()
+    dave.stop()
+    server.wait_for_line("dave.*client disconnected", 20, since=mark)
+    alice = star.spawn(
+        star.peers[0], ["openvpn", "--config", str(star.workdir / "alice.conf")], "client-alice2"
+    )
+    alice.wait_for_line(INIT_LINE, 30)
+    assert pushed_ip(alice.text()) == first  # the freed address went back to its owner
 
 
 def test_auth_user_pass_verify_rejects_one_client_only(star: Star, pki: Pki) -> None:

@@ -560,7 +560,7 @@ def test_bad_arguments_name_the_option(line: str, needle: str) -> None:
         ("socks-proxy 127.0.0.1 1080", ["socks-proxy"]),
         ("shaper 10000", ["shaper", "tc"]),
         ("ncp-disable", ["ncp-disable", "data-ciphers"]),
-        ("crl-verify crl.pem dir", ["crl-verify", "PEM CRL file"]),
+        ("crl-verify crl.pem later", ["crl-verify", "unknown flag", "DIR dir"]),
     ],
 )
 def test_refusals_say_why_and_where(line: str, needles: list[str]) -> None:

@@ -368,7 +368,7 @@ def test_mode_server_needs_tls_server() -> None:
         ('push ""\n', ["empty"]),
         ("ifconfig-pool 10.8.0.20 10.8.0.10\n", ["swap"]),
         ("ifconfig-pool 10.0.0.1 10.2.0.1\n", ["65536"]),
-        ("crl-verify crl.pem dir\n", ["PEM CRL file"]),
+        ("crl-verify no-such-crl-dir dir\n", ["crl-verify", "no-such-crl-dir"]),
         ("<crl-verify>\nnot a crl\n</crl-verify>\n", ["not a PEM CRL"]),
     ],
 )

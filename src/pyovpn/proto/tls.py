@@ -7,6 +7,7 @@ comes out of ``pending_output``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,9 @@ class PeerCheck:
     crl: bytes | None = None  # PEM CRL (crl-verify): a revoked peer certificate is refused
     remote_cert_ku: tuple[int, ...] | None = None  # remote-cert-ku values (empty: just present)
     remote_cert_eku: str | None = None  # remote-cert-eku: dotted OID or OpenSSL long name
+    # asked at each handshake instead of `crl` when set: the edge re-reads a changed CRL file (or
+    # looks in a `crl-verify DIR dir`), which this sans-I/O core must not do itself
+    is_revoked: Callable[[int], bool] | None = None
 
 
 def _load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
@@ -130,7 +134,10 @@ def _set_groups(ctx: SSL.Context, groups: str) -> None:
 
 
 def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
-    if check.crl is not None:
+    if check.is_revoked is not None:
+        if check.is_revoked(cert.serial_number):
+            raise ProtocolError(f"peer certificate serial {cert.serial_number:x} is revoked (crl-verify)")
+    elif check.crl is not None:
         try:
             crl = x509.load_pem_x509_crl(check.crl)
         except ValueError:

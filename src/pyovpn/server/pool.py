@@ -5,18 +5,28 @@ from __future__ import annotations
 import contextlib
 import heapq
 import ipaddress
+import logging
 import os
 from pathlib import Path
+from typing import IO
 
 from pyovpn.config import Options
 from pyovpn.errors import ConfigError, PyovpnError
+
+log = logging.getLogger("pyovpn.server")
 
 
 class AddressPool:
     """IPv4 (and optional IPv6) addresses for clients; sticky per common name like ifconfig-pool-persist."""
 
     def __init__(
-        self, first: str, last: str, netmask: str, v6_base: str | None, persist_file: str | None = None
+        self,
+        first: str,
+        last: str,
+        netmask: str,
+        v6_base: str | None,
+        persist_file: str | None = None,
+        persist_seconds: int = 600,
     ) -> None:
         self.netmask = netmask
         start, end = int(ipaddress.IPv4Address(first)), int(ipaddress.IPv4Address(last))
@@ -29,13 +39,29 @@ class AddressPool:
         self._v6 = ipaddress.IPv6Interface(v6_base) if v6_base else None
         self._used: dict[int, str] = {}  # address -> common name
         self._sticky: dict[str, int] = {}
-        self._persist = persist_file
-        if persist_file and os.path.exists(persist_file):
-            for line in Path(persist_file).read_text().splitlines():
-                parts = line.split(",")
-                if len(parts) >= 2:
-                    with contextlib.suppress(ValueError):
-                        self._sticky[parts[0]] = int(ipaddress.IPv4Address(parts[1]))
+        # opened once, now, like OpenVPN: the server drops to `user nobody` later and could then
+        # neither create nor rewrite a root-owned file; 0 seconds means read it, never write it
+        self._persist: IO[str] | None = None
+        if persist_file and persist_seconds > 0:
+            try:
+                self._persist = _persist_handle(persist_file)
+            except OSError as exc:
+                raise ConfigError(
+                    f"ifconfig-pool-persist: cannot open '{persist_file}' for writing ({exc}); "
+                    "fix the path or its permissions"
+                ) from None
+        if self._persist is not None:
+            self._persist.seek(0)
+            self._load(self._persist.read())
+        elif persist_file and os.path.exists(persist_file):
+            self._load(Path(persist_file).read_text())
+
+    def _load(self, text: str) -> None:
+        for line in text.splitlines():
+            parts = line.split(",")
+            if len(parts) >= 2:
+                with contextlib.suppress(ValueError):
+                    self._sticky[parts[0]] = int(ipaddress.IPv4Address(parts[1]))
 
     @classmethod
     def from_options(cls, opts: Options) -> AddressPool | None:
@@ -49,6 +75,7 @@ class AddressPool:
             mask or (opts.ifconfig[1] if opts.ifconfig else "255.255.255.0"),
             opts.ifconfig_ipv6_pool,
             opts.ifconfig_pool_persist[0] if opts.ifconfig_pool_persist else None,
+            opts.ifconfig_pool_persist[1] if opts.ifconfig_pool_persist else 600,
         )
 
     @property
@@ -66,24 +93,70 @@ class AddressPool:
         if want is not None and self._start <= want <= self._end and want not in self._used:
             addr = want
         else:
-            while self._free and self._free[0] in self._used:
-                heapq.heappop(self._free)
-            if not self._free:
-                raise PyovpnError("ifconfig pool exhausted")
-            addr = heapq.heappop(self._free)
+            addr = self._take_free(cn)
         self._used[addr] = cn
         self._sticky[cn] = addr
         self._save()
         return str(ipaddress.IPv4Address(addr)), self._v6_for(addr, self._start)
+
+    def _take_free(self, cn: str) -> int:
+        """The lowest free address not remembered for another common name (OpenVPN's order); when
+        only remembered ones are left, the lowest of those is taken from the name it was kept for."""
+        kept_for_others = {a for name, a in self._sticky.items() if name != cn}
+        skipped: list[int] = []
+        addr: int | None = None
+        while self._free:
+            candidate = heapq.heappop(self._free)
+            if candidate in self._used:
+                continue
+            if candidate in kept_for_others:
+                skipped.append(candidate)
+                continue
+            addr = candidate
+            break
+        if addr is None:
+            if not skipped:
+                raise PyovpnError("ifconfig pool exhausted")
+            addr = skipped.pop(0)
+            for name in [name for name, a in self._sticky.items() if a == addr]:
+                del self._sticky[name]
+        for candidate in skipped:
+            heapq.heappush(self._free, candidate)
+        return addr
 
     def release(self, address: str) -> None:
         addr = int(ipaddress.IPv4Address(address))
         if self._used.pop(addr, None) is not None:
             heapq.heappush(self._free, addr)
 
+    def persist_text(self) -> str:
+        """The ifconfig-pool-persist file as OpenVPN 2.6 writes it: `CN,IPv4,IPv6` (IPv6 empty if none)."""
+        lines = []
+        for cn, a in sorted(self._sticky.items()):
+            v6 = self._v6_for(a, self._start)
+            lines.append(f"{cn},{ipaddress.IPv4Address(a)},{v6.split('/')[0] if v6 else ''}\n")
+        return "".join(lines)
+
     def _save(self) -> None:
-        if not self._persist:
+        if self._persist is None:
             return
-        text = "".join(f"{cn},{ipaddress.IPv4Address(a)},\n" for cn, a in sorted(self._sticky.items()))
-        with contextlib.suppress(OSError):
-            Path(self._persist).write_text(text)
+        try:
+            self._persist.seek(0)
+            self._persist.truncate()
+            self._persist.write(self.persist_text())
+            self._persist.flush()
+        except OSError as exc:
+            log.error("ifconfig-pool-persist: cannot write '%s': %s", self._persist.name, exc)
+
+
+# one handle per file for the process's life: a restart (SIGHUP) after the privilege drop builds a
+# new pool but could no longer open the root-owned file, so it reuses the handle opened as root
+_PERSIST_HANDLES: dict[str, IO[str]] = {}
+
+
+def _persist_handle(path: str) -> IO[str]:
+    key = os.path.abspath(path)
+    handle = _PERSIST_HANDLES.get(key)
+    if handle is None or handle.closed:
+        handle = _PERSIST_HANDLES[key] = open(key, "a+")  # noqa: SIM115 - held for the process's life
+    return handle

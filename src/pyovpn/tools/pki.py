@@ -231,6 +231,29 @@ def issue_client(pki: Pki, cn: str, key_type: KeyType = "ec") -> tuple[Path, Pat
     return crt_path, key_path
 
 
+def write_crl(pki: Pki, path: str | os.PathLike[str], revoked: Sequence[Path] = ()) -> Path:
+    """Write a PEM CRL signed by the PKI's CA that revokes the given certificate files (like gen-crl)."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_crt.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise ValueError(f"{pki.ca_key}: the CA key is neither EC nor RSA")
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - BACKDATE)
+        .next_update(now + VALIDITY)
+    )
+    for cert_path in revoked:
+        serial = x509.load_pem_x509_certificate(Path(cert_path).read_bytes()).serial_number
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - BACKDATE)
+        builder = builder.add_revoked_certificate(entry.build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    out = Path(path)
+    _write(out, crl.public_bytes(serialization.Encoding.PEM), secret=False)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pyovpn.tools.pki",
