@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
-from pyovpn.errors import ConfigError
+from pyovpn.errors import ConfigError, ProtocolError
+from pyovpn.proto import dnsopts
 
 __all__ = [
     "AEAD_CIPHERS",
@@ -274,6 +275,10 @@ class Options:
     learn_address: str | None = None
     up: str | None = None
     down: str | None = None
+    # -- DNS: local `dhcp-option`/`dns` lines as written (parsed by proto.dnsopts) --
+    dns_lines: tuple[str, ...] = ()
+    #: `pyovpn-dns auto` applies DNS settings to the system resolver; `off` leaves that to scripts.
+    pyovpn_dns: Literal["auto", "off"] = "auto"
     #: (option, source, line) of options accepted without effect, so the daemon can warn about them.
     ignored: tuple[tuple[str, str, int], ...] = ()
 
@@ -1551,6 +1556,27 @@ def _command(d: Directive, words: Sequence[str]) -> str:
     return command
 
 
+@_option("dhcp-option", "dns", args=(1, None), usage="dhcp-option DNS|DNS6|DOMAIN|DOMAIN-SEARCH VALUE")
+def _opt_dns(b: _Builder, d: Directive) -> None:
+    line = " ".join((d.name, *d.args))
+    try:
+        dnsopts.parse_dns_lines([line])
+    except ProtocolError as exc:
+        raise _error(d, str(exc)) from None
+    b.opts = replace(b.opts, dns_lines=(*b.opts.dns_lines, line))
+
+
+@_option("pyovpn-dns", args=(1, 1), usage="pyovpn-dns auto|off")
+def _opt_pyovpn_dns(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("auto", "off"):
+        raise _error(
+            d,
+            f"pyovpn-dns: {d.args[0]!r} is not 'auto' or 'off'; `auto` applies pushed DNS to the system "
+            "resolver, `off` leaves DNS to your up/down scripts",
+        )
+    b.opts = replace(b.opts, pyovpn_dns=cast(Literal["auto", "off"], d.args[0]))
+
+
 @_option("script-security", args=(1, 1), usage="script-security 0|1|2|3")
 def _opt_script_security(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, script_security=_int(d, d.args[0], "script-security", 0, 3))
@@ -1719,7 +1745,6 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "server-poll-timeout": (1, 1),
     "auth-retry": (1, 1),
     "redirect-gateway": (0, None),
-    "dhcp-option": (1, None),
     "block-outside-dns": (0, 0),
     "tls-cipher": (1, 1),
     "tls-ciphersuites": (1, 1),

@@ -37,14 +37,16 @@ from pyovpn.edge import status as status_file
 from pyovpn.edge.host import HostNetwork, SystemNetwork
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
-from pyovpn.errors import BackendError, ConfigError, PyovpnError
+from pyovpn.errors import BackendError, ConfigError, ProtocolError, PyovpnError
 from pyovpn.mgmt import protocol as mgmt_protocol
 from pyovpn.mgmt.protocol import CONTROL_DIR
 from pyovpn.mgmt.server import ManagementLogHandler, ManagementServer
 from pyovpn.p2p import Connection
+from pyovpn.proto import dnsopts
 from pyovpn.proto.push import PushedOptions
 from pyovpn.proto.session import SessionConfig
 from pyovpn.proto.tls import PeerCheck, build_context
+from pyovpn.resolver import ResolverSetup
 from pyovpn.scripts import ScriptFailed, ScriptRefused, TunParams, run_script, up_down_args, up_down_env
 from pyovpn.server.multi import MultiServer
 
@@ -132,6 +134,7 @@ class Daemon:
         self._iface_configured_for: object = None
         self._dropped = False
         self._tun_params: TunParams | None = None  # what the up script was told; down gets the same
+        self.dns = ResolverSetup()
         self._exit_signal: str | None = None
         self.notifier = SystemdNotifier()
         self.mgmt: ManagementServer | None = None
@@ -172,6 +175,8 @@ class Daemon:
         mtu = (pushed.tun_mtu if pushed and pushed.tun_mtu else None) or opts.tun_mtu
         if self.iface is None:
             name = opts.dev if opts.dev not in ("tun", "") else self.net.free_tun_name()
+            if opts.pyovpn_dns == "auto":
+                self.dns.restore_stale()
             await self.clean_stale_link(name)
             await self.dc.request(NewIface(name, IfaceMode.P2P, mtu))
             self.iface = name
@@ -195,6 +200,28 @@ class Daemon:
         self._iface_configured_for = key
         iface.configure_addresses(self.net, self.iface, opts, pushed)
         await self.run_up(iface.tun_params(self.iface, mtu, opts, pushed), "restart" if restart else "init")
+        self._apply_dns(pushed)
+
+    def _apply_dns(self, pushed: PushedOptions | None) -> None:
+        """Configured and pushed DNS to the system resolver (`pyovpn-dns auto`), or say why not."""
+        lines = [*self.opts.dns_lines, *(pushed.dns_lines if pushed else [])]
+        if not lines or self.iface is None:
+            return
+        try:
+            settings = dnsopts.parse_dns_lines(lines)
+        except ProtocolError as exc:
+            log.error("DNS settings not applied: %s", exc)
+            return
+        for line in settings.windows_only:
+            log.info("%r has no effect on Linux (a Windows DHCP setting); ignored", line)
+        if self.opts.pyovpn_dns == "off":
+            if not settings.is_empty():
+                log.info(
+                    "DNS %s not applied: `pyovpn-dns off`; up/down scripts get it as foreign_option_N",
+                    ", ".join(settings.servers + settings.domains),
+                )
+            return
+        self.dns.apply(self.iface, settings)
 
     async def _run_up_down(
         self, kind: str, command: str, params: TunParams, context: str, *, exit_signal: str | None = None
@@ -637,6 +664,7 @@ class Daemon:
             self.current.on_notification(n)
 
     async def _shutdown(self) -> None:
+        self.dns.restore()
         if self.iface is not None:
             with contextlib.suppress(PyovpnError, OSError):
                 await self.dc.request(DelIface(self.iface))

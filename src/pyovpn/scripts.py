@@ -98,6 +98,7 @@ class TunParams:
     ifconfig: tuple[str, str] | None = None  # (local, netmask with subnet / remote otherwise)
     ifconfig_ipv6: str | None = None  # local address with prefix length, e.g. "fd00::1/64"
     ifconfig_ipv6_remote: str | None = None
+    session_env: tuple[tuple[str, str], ...] = ()  # routes, foreign_option_N, ... (see script_env)
 
 
 def up_down_args(p: TunParams, context: str) -> list[str]:
@@ -108,7 +109,8 @@ def up_down_args(p: TunParams, context: str) -> list[str]:
 
 def up_down_env(p: TunParams, context: str, *, signal: str | None = None) -> dict[str, str]:
     """The environment variables of an up/down script, beyond ``script_type``."""
-    env = {"dev": p.dev, "dev_type": "tun", "tun_mtu": str(p.tun_mtu), "script_context": context}
+    env = dict(p.session_env)
+    env |= {"dev": p.dev, "dev_type": "tun", "tun_mtu": str(p.tun_mtu), "script_context": context}
     if p.ifconfig:
         local, other = p.ifconfig
         env["ifconfig_local"] = local

@@ -1,0 +1,116 @@
+"""The session part of OpenVPN's script environment: options, routes and pushed `dhcp-option`s.
+
+`scripts.up_down_env` covers the device (dev, tun_mtu, ifconfig_*); this adds what OpenVPN 2.6
+also exports to up/down/route-up: `foreign_option_N` (each pushed `dhcp-option` verbatim, N from
+1), `route_vpn_gateway`, `route_net_gateway`, `route_network_N`/`route_netmask_N`/
+`route_gateway_N`/`route_metric_N`, `route_ipv6_network_N`/`route_ipv6_gateway_N`,
+`dns_search_domain_N`/`dns_server_N_address_M` (the `dns` option), and `config`, `daemon`,
+`daemon_log_redirect`, `verb`, `remote_N`/`remote_port_N`/`proto_N`, `local_port_N`.
+DNS scripts (update-resolv-conf, update-systemd-resolved) read exactly these.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+from pyovpn.config import Options
+from pyovpn.errors import ProtocolError
+from pyovpn.proto.dnsopts import parse_dns_lines
+from pyovpn.proto.push import PushedOptions
+
+_PROC_ROUTE = "/proc/net/route"
+
+
+def default_gateway(proc_route: str = _PROC_ROUTE) -> str | None:
+    """The IPv4 default gateway of this network namespace (OpenVPN's `net_gateway`), if any."""
+    try:
+        with open(proc_route, encoding="ascii") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return None
+    for row in rows:
+        if len(row) > 7 and row[1] == "00000000" and row[7] == "00000000" and row[2] != "00000000":
+            return socket.inet_ntoa(struct.pack("<I", int(row[2], 16)))
+    return None
+
+
+def vpn_gateway(topology: str, ifconfig: tuple[str, str] | None, pushed: PushedOptions | None) -> str | None:
+    """OpenVPN's `vpn_gateway`: `route-gateway` if given, else the far end of a net30/p2p link."""
+    if pushed is not None and pushed.route_gateway:
+        return pushed.route_gateway
+    if ifconfig and topology != "subnet":
+        return ifconfig[1]
+    return None
+
+
+def session_env(
+    opts: Options,
+    pushed: PushedOptions | None,
+    topology: str,
+    ifconfig: tuple[str, str] | None,
+    *,
+    net_gateway: str | None = None,
+) -> dict[str, str]:
+    """Script variables beyond the device ones (see the module docstring)."""
+    env: dict[str, str] = {
+        "verb": str(opts.verb),
+        "daemon": "1" if opts.daemon else "0",
+        "daemon_log_redirect": "0",
+    }
+    if opts.config_sources:
+        env["config"] = opts.config_sources[0]
+    for n, remote in enumerate(opts.remotes, 1):
+        env[f"remote_{n}"] = remote.host
+        env[f"remote_port_{n}"] = str(opts.remote_port_for(remote))
+        env[f"proto_{n}"] = remote.proto or opts.proto
+    if opts.remotes:
+        env["local_port_1"] = str(opts.local_port)
+
+    vpn_gw = vpn_gateway(topology, ifconfig, pushed)
+    if vpn_gw:
+        env["route_vpn_gateway"] = vpn_gw
+    if net_gateway:
+        env["route_net_gateway"] = net_gateway
+    gateway_words = {None: vpn_gw, "vpn_gateway": vpn_gw, "net_gateway": net_gateway}
+    routes: list[tuple[str, str, str | None, int | None]] = []
+    for r in opts.routes:
+        network = gateway_words.get(r.network, r.network)
+        gateway = gateway_words.get(r.gateway, r.gateway)
+        if network is not None and network != "remote_host":
+            routes.append((network, r.netmask, gateway, r.metric))
+    if pushed is not None:
+        routes += [(net, mask, gw or vpn_gw, None) for net, mask, gw in pushed.routes]
+    for n, (network, netmask, gateway, metric) in enumerate(routes, 1):
+        env[f"route_network_{n}"] = network
+        env[f"route_netmask_{n}"] = netmask
+        if gateway:
+            env[f"route_gateway_{n}"] = gateway
+        if metric is not None:
+            env[f"route_metric_{n}"] = str(metric)
+    routes6 = [(r.network, r.gateway) for r in opts.routes_ipv6]
+    if pushed is not None:
+        routes6 += pushed.routes_ipv6
+    for n, (network6, gateway6) in enumerate(routes6, 1):
+        env[f"route_ipv6_network_{n}"] = str(ipaddress.IPv6Network(network6, strict=False))
+        if gateway6:
+            env[f"route_ipv6_gateway_{n}"] = gateway6
+
+    dns_lines = [*opts.dns_lines, *(pushed.dns_lines if pushed is not None else [])]
+    foreign = [
+        line for line in (pushed.dns_lines if pushed is not None else []) if line.startswith("dhcp-option ")
+    ]
+    for n, line in enumerate(foreign, 1):
+        env[f"foreign_option_{n}"] = line
+    try:
+        dns = parse_dns_lines([line for line in dns_lines if line.startswith("dns ")])
+    except ProtocolError:
+        dns = None  # the daemon logs why these DNS settings were not applied
+    if dns is not None:
+        for n, domain in enumerate(dns.search, 1):
+            env[f"dns_search_domain_{n}"] = domain
+        for prio, server in sorted(dns.dns_servers.items()):
+            for m, addr in enumerate(server.addresses, 1):
+                env[f"dns_server_{prio}_address_{m}"] = addr
+    return env
