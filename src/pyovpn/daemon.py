@@ -175,8 +175,6 @@ class Daemon:
         mtu = (pushed.tun_mtu if pushed and pushed.tun_mtu else None) or opts.tun_mtu
         if self.iface is None:
             name = opts.dev if opts.dev not in ("tun", "") else self.net.free_tun_name()
-            if opts.pyovpn_dns == "auto":
-                self.dns.restore_stale()
             await self.clean_stale_link(name)
             await self.dc.request(NewIface(name, IfaceMode.P2P, mtu))
             self.iface = name
@@ -280,6 +278,7 @@ class Daemon:
         return self._signal
 
     async def run(self) -> int:
+        self.dns.restore_stale()  # what a killed earlier run in this namespace left in the resolver
         loop = asyncio.get_running_loop()
         signals = self._next_signal(loop)
         if self._pending_signal is not None:
