@@ -35,7 +35,9 @@ from tests.netns.harness import (
 
 pytestmark = pytest.mark.netns
 
-ORIGINAL = "# namespace-private resolver for a pyovpn test\nnameserver 192.0.2.53\noptions timeout:1 attempts:1\n"
+ORIGINAL = (
+    "# namespace-private resolver for a pyovpn test\nnameserver 192.0.2.53\noptions timeout:1 attempts:1\n"
+)
 ANSWER = "10.77.0.99"
 
 
