@@ -5,15 +5,18 @@ also exports to up/down/route-up: `foreign_option_N` (each pushed `dhcp-option` 
 1), `route_vpn_gateway`, `route_net_gateway`, `route_network_N`/`route_netmask_N`/
 `route_gateway_N`/`route_metric_N`, `route_ipv6_network_N`/`route_ipv6_gateway_N`,
 `dns_search_domain_N`/`dns_server_N_address_M` (the `dns` option), and `config`, `daemon`,
-`daemon_log_redirect`, `verb`, `remote_N`/`remote_port_N`/`proto_N`, `local_port_N`.
+`daemon_log_redirect`, `daemon_pid`, `daemon_start_time`, `verb`, `remote_N`/`remote_port_N`/`proto_N`.
 DNS scripts (update-resolv-conf, update-systemd-resolved) read exactly these.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
+import subprocess
+import time
 
 from pyovpn.config import Options
 from pyovpn.errors import ProtocolError
@@ -21,6 +24,7 @@ from pyovpn.proto.dnsopts import parse_dns_lines
 from pyovpn.proto.push import PushedOptions
 
 _PROC_ROUTE = "/proc/net/route"
+_STARTED = int(time.time())  # OpenVPN's daemon_start_time: when this process started (imported early)
 
 
 def default_gateway(proc_route: str = _PROC_ROUTE) -> str | None:
@@ -34,6 +38,31 @@ def default_gateway(proc_route: str = _PROC_ROUTE) -> str | None:
         if len(row) > 7 and row[1] == "00000000" and row[7] == "00000000" and row[2] != "00000000":
             return socket.inet_ntoa(struct.pack("<I", int(row[2], 16)))
     return None
+
+
+def net_gateway(remote_host: str | None) -> str | None:
+    """OpenVPN 2.6's `net_gateway`: the gateway of the route to the VPN server, "0.0.0.0" if on-link.
+
+    Falls back to the default gateway when the remote is a name or the lookup fails.
+    """
+    try:
+        addr = ipaddress.IPv4Address(remote_host or "")
+    except ValueError:
+        return default_gateway()
+    try:
+        res = subprocess.run(
+            ["ip", "-4", "-o", "route", "get", str(addr)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return default_gateway()
+    words = res.stdout.split()
+    if res.returncode != 0 or not words:
+        return default_gateway()
+    return words[words.index("via") + 1] if "via" in words else "0.0.0.0"
 
 
 def vpn_gateway(topology: str, ifconfig: tuple[str, str] | None, pushed: PushedOptions | None) -> str | None:
@@ -52,12 +81,15 @@ def session_env(
     ifconfig: tuple[str, str] | None,
     *,
     net_gateway: str | None = None,
+    ipv6_remote: str | None = None,
 ) -> dict[str, str]:
     """Script variables beyond the device ones (see the module docstring)."""
     env: dict[str, str] = {
         "verb": str(opts.verb),
         "daemon": "1" if opts.daemon else "0",
         "daemon_log_redirect": "0",
+        "daemon_pid": str(os.getpid()),
+        "daemon_start_time": str(_STARTED),
     }
     if opts.config_sources:
         env["config"] = opts.config_sources[0]
@@ -65,8 +97,6 @@ def session_env(
         env[f"remote_{n}"] = remote.host
         env[f"remote_port_{n}"] = str(opts.remote_port_for(remote))
         env[f"proto_{n}"] = remote.proto or opts.proto
-    if opts.remotes:
-        env["local_port_1"] = str(opts.local_port)
 
     vpn_gw = vpn_gateway(topology, ifconfig, pushed)
     if vpn_gw:
@@ -94,8 +124,8 @@ def session_env(
         routes6 += pushed.routes_ipv6
     for n, (network6, gateway6) in enumerate(routes6, 1):
         env[f"route_ipv6_network_{n}"] = str(ipaddress.IPv6Network(network6, strict=False))
-        if gateway6:
-            env[f"route_ipv6_gateway_{n}"] = gateway6
+        if gateway6 or ipv6_remote:
+            env[f"route_ipv6_gateway_{n}"] = gateway6 or ipv6_remote or ""
 
     dns_lines = [*opts.dns_lines, *(pushed.dns_lines if pushed is not None else [])]
     foreign = [

@@ -13,7 +13,7 @@ The third argument was the link MTU before 2.6 and is always ``0`` now; the fift
 netmask with ``topology subnet`` and the remote end of the point-to-point link otherwise;
 addresses that are not configured are passed as empty strings. The environment carries
 ``script_type`` (``up``/``down``), ``script_context``, ``dev``, ``dev_type``, ``tun_mtu``,
-``ifconfig_local``, ``ifconfig_netmask`` + ``ifconfig_broadcast`` (subnet) or
+``ifconfig_local``, ``ifconfig_netmask`` (subnet) or
 ``ifconfig_remote``, the ``ifconfig_ipv6_*`` variables, and for ``down`` the ``signal`` that
 ended the tunnel.
 """
@@ -21,7 +21,6 @@ ended the tunnel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -115,10 +114,7 @@ def up_down_env(p: TunParams, context: str, *, signal: str | None = None) -> dic
         local, other = p.ifconfig
         env["ifconfig_local"] = local
         if p.topology == "subnet":
-            env["ifconfig_netmask"] = other
-            with contextlib.suppress(ValueError):
-                net = ipaddress.IPv4Network(f"{local}/{other}", strict=False)
-                env["ifconfig_broadcast"] = str(net.broadcast_address)
+            env["ifconfig_netmask"] = other  # no ifconfig_broadcast: OpenVPN 2.6 sets it for tap only
         else:
             env["ifconfig_remote"] = other
     if p.ifconfig_ipv6:

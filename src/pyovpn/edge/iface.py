@@ -14,7 +14,7 @@ from pyovpn.config import Options
 from pyovpn.datachannel.api import DataChannel
 from pyovpn.edge.host import HostNetwork
 from pyovpn.proto.push import PushedOptions
-from pyovpn.script_env import default_gateway, session_env
+from pyovpn.script_env import net_gateway, session_env
 from pyovpn.scripts import TunParams
 
 log = logging.getLogger("pyovpn")
@@ -37,7 +37,9 @@ def tun_params(ifname: str, mtu: int, opts: Options, pushed: PushedOptions | Non
     v6 = _ipv6_of(opts, pushed)
     topology = (pushed.topology if pushed else opts.topology) or "net30"
     ifconfig = pushed.ifconfig if pushed and pushed.ifconfig else opts.ifconfig
-    env = session_env(opts, pushed, topology, ifconfig, net_gateway=default_gateway())
+    remote = opts.remotes[0].host if opts.remotes else None
+    gw = net_gateway(remote)
+    env = session_env(opts, pushed, topology, ifconfig, net_gateway=gw, ipv6_remote=v6[1] if v6 else None)
     return TunParams(
         dev=ifname,
         tun_mtu=mtu,

@@ -1,0 +1,124 @@
+"""Differential: the `up` script environment of pyovpn and of stock OpenVPN 2.6, same server, same script.
+
+Both clients connect in turn to one stock OpenVPN server that pushes routes and dhcp-options;
+their `up` script dumps its environment. The variable names must match except for a short,
+documented list (NOT_YET_PREFIXES); deterministic values (pushed options, addresses, routes) must be equal.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from pyovpn.tools.pki import Pki
+from tests.netns.harness import (
+    INIT_LINE,
+    Impl,
+    Netns,
+    TunnelSpec,
+    client_config,
+    server_config,
+    vpn_argv,
+    wait_for_lines,
+    wait_listening,
+)
+
+pytestmark = pytest.mark.netns
+
+DUMP = """#!/bin/sh
+env > "$1.tmp" && mv "$1.tmp" "$1"
+"""
+
+# The peer's identity (X.509 / TLS details) and address, which pyovpn does not export to up/down
+# yet: they need the session, not just the options and the device. Known gap, see the report.
+NOT_YET_PREFIXES = ("X509_", "tls_", "common_name", "trusted_", "untrusted_")
+# Set by the shell or the environment the processes were started with, not by either VPN.
+SHELL = {"PWD", "SHLVL", "_", "OLDPWD"}
+
+DETERMINISTIC = (
+    "foreign_option_1",
+    "foreign_option_2",
+    "foreign_option_3",
+    "route_vpn_gateway",
+    "route_network_1",
+    "route_netmask_1",
+    "route_gateway_1",
+    "ifconfig_local",
+    "ifconfig_netmask",
+    "dev",
+    "tun_mtu",
+    "script_type",
+    "remote_1",
+    "remote_port_1",
+    "proto_1",
+    "verb",
+    "daemon",
+    "ifconfig_ipv6_local",
+    "ifconfig_ipv6_netbits",
+    "route_ipv6_network_1",
+    "route_ipv6_gateway_1",
+    "route_net_gateway",
+    "daemon_log_redirect",
+    "script_context",
+)
+
+
+def _dump(path: Path, timeout: float = 20.0) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name}: the up script never ran"
+        time.sleep(0.1)
+    out = {}
+    for line in path.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.replace("_", "a").isalnum():
+            out[name] = value
+    return out
+
+
+def test_up_env_names_match_stock_openvpn(net: Netns, pki: Pki) -> None:
+    work = net.workdir
+    script = work / "dump.sh"
+    script.write_text(DUMP)
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    spec = TunnelSpec(role="server", wrap="tls-crypt", verb=3)
+    server_cfg = work / "server.conf"
+    server_cfg.write_text(
+        server_config(spec, pki, impl="openvpn", local=net.outer("b", 4))
+        + 'push "route 10.99.0.0 255.255.0.0"\npush "route-ipv6 fd00:99::/48"\n'
+        + 'push "dhcp-option DNS 10.77.0.1"\npush "dhcp-option DOMAIN example.test"\n'
+        + 'push "dhcp-option DOMAIN-SEARCH other.test"\n'
+    )
+    server = net.spawn("b", vpn_argv("openvpn", server_cfg), "server")
+    wait_listening(net.b, "udp", spec.port, timeout=20, proc=server)
+
+    dumps: dict[Impl, dict[str, str]] = {}
+    for impl in ("openvpn", "pyovpn"):
+        cfg = work / f"{impl}-client.conf"
+        extra = "pyovpn-dns off\n" if impl == "pyovpn" else ""
+        out = work / f"{impl}.env"
+        cfg.write_text(
+            client_config(spec, pki, impl=impl, remote=net.outer("b", 4))
+            + f'script-security 2\nup "{script} {out}"\n'
+            + extra
+        )
+        client = net.spawn("a", vpn_argv(impl, cfg), f"{impl}-client")
+        wait_for_lines([server, client], INIT_LINE, 40)
+        dumps[impl] = _dump(out)
+        client.stop(timeout=15)
+        time.sleep(1)  # let the server notice the exit before the next client takes the same address
+
+    inherited = set(os.environ) | SHELL
+    stock = {n for n in dumps["openvpn"] if n not in inherited}
+    ours = {n for n in dumps["pyovpn"] if n not in inherited}
+    missing = {n for n in stock - ours if not n.startswith(NOT_YET_PREFIXES)}
+    extra_names = ours - stock
+    print(f"stock-only names: {sorted(stock - ours)}; pyovpn-only names: {sorted(extra_names)}")
+    assert not missing, f"stock OpenVPN sets these for `up`, pyovpn does not: {sorted(missing)}"
+    assert not extra_names, f"pyovpn sets names stock OpenVPN does not: {sorted(extra_names)}"
+    for name in DETERMINISTIC:
+        assert dumps["pyovpn"].get(name) == dumps["openvpn"].get(name), name
