@@ -791,6 +791,11 @@ def run(opts: Options) -> int:
     log.info("pyovpn %s (OpenVPN-compatible, data channel offload)", __version__)
     for name, source, line in opts.ignored:
         log.warning("%s:%d: option '%s' is accepted but has no effect in pyovpn", source, line, name)
+    if opts.mode == "server" and opts.dns_lines:
+        log.warning(
+            "local dhcp-option/dns lines have no effect in server mode (the server's own resolver is "
+            'not changed); to give clients DNS, push them: push "dhcp-option DNS ADDR"'
+        )
     if opts.writepid:
         with open(opts.writepid, "w") as fh:
             fh.write(f"{os.getpid()}\n")
