@@ -17,6 +17,7 @@ import logging.handlers
 import os
 import sys
 import time
+from dataclasses import replace
 from signal import Signals
 
 from pyovpn import __version__, privdrop
@@ -47,6 +48,7 @@ from pyovpn.proto.push import PushedOptions
 from pyovpn.proto.session import SessionConfig
 from pyovpn.proto.tls import PeerCheck, build_context
 from pyovpn.resolver import ResolverSetup
+from pyovpn.script_env import peer_env
 from pyovpn.scripts import ScriptFailed, ScriptRefused, TunParams, run_script, up_down_args, up_down_env
 from pyovpn.server.multi import MultiServer
 
@@ -169,7 +171,9 @@ class Daemon:
     async def clean_stale_link(self, name: str) -> None:
         await iface.clean_stale_link(self.dc, name)
 
-    async def ensure_iface(self, pushed: PushedOptions | None) -> None:
+    async def ensure_iface(
+        self, pushed: PushedOptions | None, *, peer: tuple[str, int] | None = None, common_name: str = ""
+    ) -> None:
         """Open the P2P device once; configure it, and run `up`, whenever the pulled options change."""
         opts = self.opts
         mtu = (pushed.tun_mtu if pushed and pushed.tun_mtu else None) or opts.tun_mtu
@@ -197,7 +201,9 @@ class Daemon:
             self.net.flush_addresses(self.iface)
         self._iface_configured_for = key
         iface.configure_addresses(self.net, self.iface, opts, pushed)
-        await self.run_up(iface.tun_params(self.iface, mtu, opts, pushed), "restart" if restart else "init")
+        params = iface.tun_params(self.iface, mtu, opts, pushed)
+        params = replace(params, session_env=(*params.session_env, *peer_env(peer, common_name).items()))
+        await self.run_up(params, "restart" if restart else "init")
         self._apply_dns(pushed)
 
     def _apply_dns(self, pushed: PushedOptions | None) -> None:

@@ -40,6 +40,19 @@ def default_gateway(proc_route: str = _PROC_ROUTE) -> str | None:
     return None
 
 
+def peer_env(peer: tuple[str, int] | None, common_name: str) -> dict[str, str]:
+    """`trusted_ip`/`trusted_port` (and the `untrusted_` pair) and the peer's `common_name`."""
+    env: dict[str, str] = {}
+    if peer is not None:
+        host = peer[0].removeprefix("::ffff:")  # a v4-mapped socket address, as OpenVPN prints it
+        for prefix in ("trusted", "untrusted"):
+            env[f"{prefix}_ip" if ":" not in host else f"{prefix}_ip6"] = host
+            env[f"{prefix}_port"] = str(peer[1])
+    if common_name:
+        env["common_name"] = common_name
+    return env
+
+
 def net_gateway(remote_host: str | None) -> str | None:
     """OpenVPN 2.6's `net_gateway`: the gateway of the route to the VPN server, "0.0.0.0" if on-link.
 

@@ -33,9 +33,9 @@ DUMP = """#!/bin/sh
 env > "$1.tmp" && mv "$1.tmp" "$1"
 """
 
-# The peer's identity (X.509 / TLS details) and address, which pyovpn does not export to up/down
-# yet: they need the session, not just the options and the device. Known gap, see the report.
-NOT_YET_PREFIXES = ("X509_", "tls_", "common_name", "trusted_", "untrusted_")
+# The server certificate chain's details (X509_N_*, tls_id_N, tls_digest_N, tls_serial_N), which
+# pyovpn does not export to up/down yet (the CN of the server is there, as `common_name`).
+NOT_YET_PREFIXES = ("X509_", "tls_")
 # Set by the shell or the environment the processes were started with, not by either VPN.
 SHELL = {"PWD", "SHLVL", "_", "OLDPWD"}
 
@@ -64,6 +64,11 @@ DETERMINISTIC = (
     "route_net_gateway",
     "daemon_log_redirect",
     "script_context",
+    "trusted_ip",
+    "trusted_port",
+    "untrusted_ip",
+    "untrusted_port",
+    "common_name",
 )
 
 

@@ -14,7 +14,7 @@ from pyovpn.errors import ConfigError, ProtocolError
 from pyovpn.proto.dnsopts import parse_dns_lines, resolv_conf_fragment
 from pyovpn.proto.push import parse_pushed_options
 from pyovpn.resolver import ResolverSetup, merged_resolv_conf, resolvectl_commands
-from pyovpn.script_env import default_gateway, session_env
+from pyovpn.script_env import default_gateway, peer_env, session_env
 from pyovpn.scripts import up_down_env
 
 from .configtext import INLINE_CREDENTIALS
@@ -205,3 +205,15 @@ def test_default_gateway_from_proc_route(tmp_path: Path) -> None:
     )
     assert default_gateway(str(table)) == "10.0.2.1"
     assert default_gateway(str(tmp_path / "missing")) is None
+
+
+def test_peer_env() -> None:
+    assert peer_env(("::ffff:192.0.2.1", 1194), "server") == {
+        "trusted_ip": "192.0.2.1",
+        "trusted_port": "1194",
+        "untrusted_ip": "192.0.2.1",
+        "untrusted_port": "1194",
+        "common_name": "server",
+    }
+    assert peer_env(("2001:db8::1", 443), "")["trusted_ip6"] == "2001:db8::1"
+    assert peer_env(None, "") == {}

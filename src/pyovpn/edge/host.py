@@ -99,8 +99,13 @@ class _Host(Protocol):
 class PeerHost(_Host, Protocol):
     """What the one-peer :class:`pyovpn.p2p.Connection` uses of the daemon running it."""
 
-    async def ensure_iface(self, pushed: PushedOptions | None) -> None:
-        """Open the device once, then (re)configure it for these pulled options, running `up`."""
+    async def ensure_iface(
+        self, pushed: PushedOptions | None, *, peer: tuple[str, int] | None = None, common_name: str = ""
+    ) -> None:
+        """Open the device once, then (re)configure it for these pulled options, running `up`.
+
+        ``peer`` and ``common_name`` (the server's address and certificate CN) are for the scripts.
+        """
         ...
 
 

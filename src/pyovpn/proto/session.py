@@ -92,6 +92,7 @@ class TunnelUp:
     cc_exit: bool
     key_derivation: str  # "tls-ekm" or "prf", for the log
     tls_summary: str
+    peer_common_name: str = ""  # for the scripts' `common_name`
 
 
 @dataclass(frozen=True)
@@ -862,6 +863,7 @@ class Session:
                     cc_exit=self.cc_exit,
                     key_derivation="tls-ekm" if self.use_ekm else "prf",
                     tls_summary=f"{ks.tls.version} {ks.tls.cipher}, peer CN={ks.tls.peer_common_name()!r}",
+                    peer_common_name=ks.tls.peer_common_name() or "",
                 )
             )
             self._emit(self._key_command(ks, KeySlot.PRIMARY))
