@@ -254,6 +254,14 @@ class Daemon:
         if status != 0:
             raise ScriptFailed(f"up script {command} failed (exit status {status})")
 
+    def _down_signal(self) -> str | None:
+        """The `signal` of the down script: OpenVPN names a notified exit `exit-with-notification`."""
+        o = self.opts
+        notified = o.mode == "p2p" and o.proto == "udp" and o.explicit_exit_notify > 0
+        if notified and self._exit_signal in ("SIGTERM", "SIGINT"):
+            return "exit-with-notification"
+        return self._exit_signal
+
     async def run_down(self, context: str = "init") -> None:
         """The `down` script, after the device closed, with what `up` was told."""
         params, self._tun_params = self._tun_params, None
@@ -261,7 +269,9 @@ class Daemon:
         if not command or params is None:
             return
         try:
-            status = await self._run_up_down("down", command, params, context, exit_signal=self._exit_signal)
+            status = await self._run_up_down(
+                "down", command, params, context, exit_signal=self._down_signal()
+            )
         except ScriptRefused as exc:
             log.error("%s", exc)
             return

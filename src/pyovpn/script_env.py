@@ -111,6 +111,13 @@ def session_env(
         env[f"remote_port_{n}"] = str(opts.remote_port_for(remote))
         env[f"proto_{n}"] = remote.proto or opts.proto
 
+    redirect = [
+        o.split()[1:]
+        for o in (pushed.ignored if pushed is not None else [])
+        if o.startswith("redirect-gateway")
+    ]
+    # OpenVPN's value: 0 without redirect-gateway, 2 with def1, 1 otherwise (for down scripts)
+    env["redirect_gateway"] = "0" if not redirect else ("2" if "def1" in redirect[-1] else "1")
     vpn_gw = vpn_gateway(topology, ifconfig, pushed)
     if vpn_gw:
         env["route_vpn_gateway"] = vpn_gw
@@ -140,20 +147,21 @@ def session_env(
         if gateway6 or ipv6_remote:
             env[f"route_ipv6_gateway_{n}"] = gateway6 or ipv6_remote or ""
 
-    dns_lines = [*opts.dns_lines, *(pushed.dns_lines if pushed is not None else [])]
-    foreign = [
-        line for line in (pushed.dns_lines if pushed is not None else []) if line.startswith("dhcp-option ")
-    ]
-    for n, line in enumerate(foreign, 1):
-        env[f"foreign_option_{n}"] = line
+    pushed_dns = pushed.dns_lines if pushed is not None else []
     try:
-        dns = parse_dns_lines([line for line in dns_lines if line.startswith("dns ")])
+        dns = parse_dns_lines([*opts.dns_lines, *pushed_dns])
     except ProtocolError:
         dns = None  # the daemon logs why these DNS settings were not applied
+    foreign = [line for line in pushed_dns if line.startswith("dhcp-option ")]
+    if dns is not None and pushed_dns and (dns.dns_servers or dns.dns_search):
+        foreign = dns.foreign_options()
+    for n, line in enumerate(foreign, 1):
+        env[f"foreign_option_{n}"] = line
     if dns is not None:
-        for n, domain in enumerate(dns.search, 1):
+        for n, domain in enumerate(dns.dns_search, 1):
             env[f"dns_search_domain_{n}"] = domain
-        for prio, server in sorted(dns.dns_servers.items()):
+        # numbered by position in priority order, not by the priority itself (as stock 2.6 does)
+        for n, (_prio, server) in enumerate(sorted(dns.dns_servers.items()), 1):
             for m, addr in enumerate(server.addresses, 1):
-                env[f"dns_server_{prio}_address_{m}"] = addr
+                env[f"dns_server_{n}_address_{m}"] = addr
     return env

@@ -108,7 +108,8 @@ def up_down_args(p: TunParams, context: str) -> list[str]:
 
 def up_down_env(p: TunParams, context: str, *, signal: str | None = None) -> dict[str, str]:
     """The environment variables of an up/down script, beyond ``script_type``."""
-    env = dict(p.session_env)
+    # OpenVPN sets redirect_gateway only once it has handled the routes, after `up`
+    env = {k: v for k, v in p.session_env if signal is not None or k != "redirect_gateway"}
     env |= {"dev": p.dev, "dev_type": "tun", "tun_mtu": str(p.tun_mtu), "script_context": context}
     if p.ifconfig:
         local, other = p.ifconfig

@@ -1,7 +1,9 @@
-"""Differential: the `up` script environment of pyovpn and of stock OpenVPN 2.6, same server, same script.
+"""Differential: the `up`/`down` script environment of pyovpn and of stock OpenVPN 2.6.
+
+Same server, same script, same config but for pyovpn's `pyovpn-dns off`.
 
 Both clients connect in turn to one stock OpenVPN server that pushes routes and dhcp-options;
-their `up` script dumps its environment. The variable names must match except for a short,
+their `up` and `down` script dumps its environment. The variable names must match except for a short,
 documented list (NOT_YET_PREFIXES); deterministic values (pushed options, addresses, routes) must be equal.
 """
 
@@ -30,7 +32,7 @@ from tests.netns.harness import (
 pytestmark = pytest.mark.netns
 
 DUMP = """#!/bin/sh
-env > "$1.tmp" && mv "$1.tmp" "$1"
+env > "$1.$script_type.tmp" && mv "$1.$script_type.tmp" "$1.$script_type"
 """
 
 # The server certificate chain's details (X509_N_*, tls_id_N, tls_digest_N, tls_serial_N), which
@@ -69,6 +71,7 @@ DETERMINISTIC = (
     "untrusted_ip",
     "untrusted_port",
     "common_name",
+    "redirect_gateway",
 )
 
 
@@ -97,33 +100,39 @@ def test_up_env_names_match_stock_openvpn(net: Netns, pki: Pki) -> None:
         + 'push "route 10.99.0.0 255.255.0.0"\npush "route-ipv6 fd00:99::/48"\n'
         + 'push "dhcp-option DNS 10.77.0.1"\npush "dhcp-option DOMAIN example.test"\n'
         + 'push "dhcp-option DOMAIN-SEARCH other.test"\n'
+        + 'push "dns server 0 address 10.77.0.1"\npush "dns search-domains dns.test"\n'
     )
     server = net.spawn("b", vpn_argv("openvpn", server_cfg), "server")
     wait_listening(net.b, "udp", spec.port, timeout=20, proc=server)
 
-    dumps: dict[Impl, dict[str, str]] = {}
+    dumps: dict[tuple[Impl, str], dict[str, str]] = {}
     for impl in ("openvpn", "pyovpn"):
         cfg = work / f"{impl}-client.conf"
         extra = "pyovpn-dns off\n" if impl == "pyovpn" else ""
         out = work / f"{impl}.env"
         cfg.write_text(
             client_config(spec, pki, impl=impl, remote=net.outer("b", 4))
-            + f'script-security 2\nup "{script} {out}"\n'
+            + f'script-security 2\nup "{script} {out}"\ndown "{script} {out}"\n'
             + extra
         )
         client = net.spawn("a", vpn_argv(impl, cfg), f"{impl}-client")
         wait_for_lines([server, client], INIT_LINE, 40)
-        dumps[impl] = _dump(out)
+        dumps[impl, "up"] = _dump(out.with_name(out.name + ".up"))
         client.stop(timeout=15)
+        dumps[impl, "down"] = _dump(out.with_name(out.name + ".down"))
         time.sleep(1)  # let the server notice the exit before the next client takes the same address
 
     inherited = set(os.environ) | SHELL
-    stock = {n for n in dumps["openvpn"] if n not in inherited}
-    ours = {n for n in dumps["pyovpn"] if n not in inherited}
-    missing = {n for n in stock - ours if not n.startswith(NOT_YET_PREFIXES)}
-    extra_names = ours - stock
-    print(f"stock-only names: {sorted(stock - ours)}; pyovpn-only names: {sorted(extra_names)}")
-    assert not missing, f"stock OpenVPN sets these for `up`, pyovpn does not: {sorted(missing)}"
-    assert not extra_names, f"pyovpn sets names stock OpenVPN does not: {sorted(extra_names)}"
-    for name in DETERMINISTIC:
-        assert dumps["pyovpn"].get(name) == dumps["openvpn"].get(name), name
+    for kind in ("up", "down"):
+        stock = {n for n in dumps["openvpn", kind] if n not in inherited}
+        ours = {n for n in dumps["pyovpn", kind] if n not in inherited}
+        missing = {n for n in stock - ours if not n.startswith(NOT_YET_PREFIXES)}
+        extra_names = ours - stock
+        print(f"{kind}: stock-only names: {sorted(stock - ours)}; pyovpn-only names: {sorted(extra_names)}")
+        assert not missing, f"stock OpenVPN sets these for `{kind}`, pyovpn does not: {sorted(missing)}"
+        assert not extra_names, (
+            f"pyovpn sets names stock OpenVPN does not for `{kind}`: {sorted(extra_names)}"
+        )
+        for name in (*DETERMINISTIC, *(n for n in stock if n.startswith("dns_"))):
+            assert dumps["pyovpn", kind].get(name) == dumps["openvpn", kind].get(name), (kind, name)
+    assert dumps["pyovpn", "down"]["signal"] == dumps["openvpn", "down"]["signal"] == "exit-with-notification"

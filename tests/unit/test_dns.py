@@ -51,7 +51,9 @@ def test_dns_option_forms_and_priority() -> None:
     )
     # `dns server` wins over dhcp-option DNS, ordered by priority (lower first)
     assert s.servers == ["10.8.0.1", "fd00::1", "10.8.0.3"]
-    assert s.search == ["s1.test", "s2.test"]
+    assert s.dns_search == ["s1.test", "s2.test"]
+    both = parse_dns_lines(["dhcp-option DOMAIN-SEARCH a.test", "dns search-domains b.test"])
+    assert both.domains == ["b.test"]  # `dns` replaces dhcp-option's search list, as in 2.6
 
 
 @pytest.mark.parametrize(
@@ -173,9 +175,11 @@ def test_session_env_names_and_values(tmp_path: Path) -> None:
         ]
     )
     env = session_env(opts, pushed, "subnet", pushed.ifconfig, net_gateway="192.0.2.254")
-    assert env["foreign_option_1"] == "dhcp-option DNS 10.8.0.1"
-    assert env["foreign_option_2"] == "dhcp-option DOMAIN example.test"
-    assert "foreign_option_3" not in env
+    # a pushed `dns` option: the foreign options are rebuilt from the merged settings, as 2.6 does
+    assert env["foreign_option_1"] == "dhcp-option DOMAIN example.test"
+    assert env["foreign_option_2"] == "dhcp-option DNS 10.8.0.1"
+    assert env["foreign_option_3"] == "dhcp-option DOMAIN-SEARCH s.test"
+    assert "foreign_option_4" not in env
     assert env["route_vpn_gateway"] == "10.8.0.1" and env["route_net_gateway"] == "192.0.2.254"
     assert (env["route_network_1"], env["route_netmask_1"]) == ("192.168.7.0", "255.255.255.0")
     assert (env["route_gateway_1"], env["route_metric_1"]) == ("192.0.2.254", "5")
@@ -187,7 +191,17 @@ def test_session_env_names_and_values(tmp_path: Path) -> None:
     assert env["verb"] == "3" and env["daemon"] == "0"
     # and the up/down env carries them next to the device variables
     full = up_down_env(tun_params("tun0", 1500, opts, pushed), "init")
-    assert full["foreign_option_1"] == "dhcp-option DNS 10.8.0.1" and full["dev"] == "tun0"
+    assert full["foreign_option_2"] == "dhcp-option DNS 10.8.0.1" and full["dev"] == "tun0"
+    plain = parse_pushed_options(["dhcp-option DNS 10.8.0.1", "dhcp-option DOMAIN example.test"])
+    verbatim = session_env(opts, plain, "subnet", None)
+    assert (verbatim["foreign_option_1"], verbatim["foreign_option_2"]) == (
+        "dhcp-option DNS 10.8.0.1",
+        "dhcp-option DOMAIN example.test",
+    )
+    prio = parse_pushed_options(["dns server 5 address 10.0.0.5", "dns server -2 address 10.0.0.1 10.0.0.2"])
+    by_position = session_env(opts, prio, "subnet", None)
+    assert by_position["dns_server_1_address_2"] == "10.0.0.2"
+    assert by_position["dns_server_2_address_1"] == "10.0.0.5"
 
 
 def test_net30_vpn_gateway_is_the_remote_end() -> None:

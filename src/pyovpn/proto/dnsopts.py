@@ -1,7 +1,7 @@
 """DNS settings from `dhcp-option` and OpenVPN 2.6's `dns` option, local or pushed (sans-I/O).
 
-Both spellings end up in one :class:`DnsSettings`. The `dns` option wins over `dhcp-option` when
-both give servers, as in OpenVPN 2.6 (it is the newer, more precise form). Only the parts that a
+Both spellings end up in one :class:`DnsSettings`. The `dns` option's servers and search domains
+win over `dhcp-option DNS`/`DOMAIN-SEARCH` when both are given, as in OpenVPN 2.6. Only the parts that a
 Linux resolver can carry out are modelled; other `dhcp-option` kinds (WINS, NBT, NTP, ...) are
 Windows-only and kept as text so the caller can say they had no effect.
 """
@@ -32,7 +32,8 @@ class DnsSettings:
     dhcp_servers: list[str] = field(default_factory=list)  # from dhcp-option DNS/DNS6, in order
     dns_servers: dict[int, DnsServer] = field(default_factory=dict)  # from `dns server N ...`
     domain: str | None = None  # dhcp-option DOMAIN / ADAPTER_DOMAIN_SUFFIX: the link's own domain
-    search: list[str] = field(default_factory=list)
+    search: list[str] = field(default_factory=list)  # from dhcp-option DOMAIN-SEARCH
+    dns_search: list[str] = field(default_factory=list)  # from `dns search-domains`: replaces `search`
     windows_only: list[str] = field(default_factory=list)  # dhcp-option lines with no effect here
 
     @property
@@ -46,7 +47,18 @@ class DnsSettings:
     def domains(self) -> list[str]:
         """Search domains, the link's own domain first."""
         out = [self.domain] if self.domain else []
-        return out + [d for d in self.search if d not in out]
+        return out + [d for d in (self.dns_search or self.search) if d not in out]
+
+    def foreign_options(self) -> list[str]:
+        """`dhcp-option` lines as OpenVPN 2.6 exports them once a `dns` option is in play.
+
+        The `dns` servers and search domains then replace `dhcp-option DNS`/`DOMAIN-SEARCH`
+        (observed with stock 2.6.14: DOMAIN first, then the servers, then the search domains).
+        """
+        out = [f"dhcp-option DOMAIN {self.domain}"] if self.domain else []
+        out += [f"dhcp-option {'DNS6' if ':' in a else 'DNS'} {a}" for a in self.servers]
+        out += [f"dhcp-option DOMAIN-SEARCH {d}" for d in (self.dns_search or self.search)]
+        return out + self.windows_only
 
     def is_empty(self) -> bool:
         return not self.servers and not self.domains
@@ -109,8 +121,8 @@ def add_dns_option(s: DnsSettings, words: list[str]) -> None:
     if len(words) >= 2 and words[0] == "search-domains":
         for d in words[1:]:
             name = _domain(d, line)
-            if name not in s.search:
-                s.search.append(name)
+            if name not in s.dns_search:
+                s.dns_search.append(name)
         return
     if len(words) >= 4 and words[0] == "server":
         try:
