@@ -184,7 +184,13 @@ class Daemon:
             self.iface = name
             log.info("TUN/TAP device %s opened (%s data channel)", self.iface, self.dc.name)
         key = (
-            (pushed.ifconfig, pushed.ifconfig_ipv6, tuple(pushed.routes), tuple(pushed.routes_ipv6))
+            (
+                pushed.ifconfig,
+                pushed.ifconfig_ipv6,
+                tuple(pushed.routes),
+                tuple(pushed.routes_ipv6),
+                tuple(pushed.dns_lines),
+            )
             if pushed
             else 1
         )
@@ -210,6 +216,7 @@ class Daemon:
         """Configured and pushed DNS to the system resolver (`pyovpn-dns auto`), or say why not."""
         lines = [*self.opts.dns_lines, *(pushed.dns_lines if pushed else [])]
         if not lines or self.iface is None:
+            self.dns.restore()  # a reconnect whose push has no DNS any more
             return
         try:
             settings = dnsopts.parse_dns_lines(lines)

@@ -224,5 +224,10 @@ def _undo_state(path: Path) -> None:
             else:
                 target.write_text(data["original"], encoding="utf-8")
     except (OSError, KeyError, subprocess.SubprocessError) as exc:
-        log.warning("DNS settings for %s could not be undone: %s", dev, exc)
-    path.unlink(missing_ok=True)
+        # e.g. after `user nobody`: the next start as root undoes it, so the state file stays
+        log.warning("DNS settings for %s could not be undone: %s; the next start retries", dev, exc)
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove DNS state %s: %s", path, exc)

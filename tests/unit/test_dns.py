@@ -231,3 +231,23 @@ def test_peer_env() -> None:
     }
     assert peer_env(("2001:db8::1", 443), "")["trusted_ip6"] == "2001:db8::1"
     assert peer_env(None, "") == {}
+
+
+def test_failed_undo_keeps_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _file_method(monkeypatch)
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 192.0.2.53\n")
+    state = tmp_path / "state"
+    r = ResolverSetup(state, conf)
+    r.apply("tun9", parse_dns_lines(["dhcp-option DNS 10.8.0.1"]))
+    conf.unlink()
+    conf.mkdir()  # cannot be read or written as a file: the undo fails
+    r.restore()
+    assert (state / "dns-tun9.json").exists()
+    conf.rmdir()
+    conf.write_text("something else\n")
+    ResolverSetup(state, conf).restore_stale()  # own pid counts as gone: a new process retries
+    assert conf.read_text() == "something else\n"  # changed by someone else: left alone
+    assert not (state / "dns-tun9.json").exists()
