@@ -233,9 +233,7 @@ def test_peer_env() -> None:
     assert peer_env(None, "") == {}
 
 
-def test_failed_undo_keeps_state(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_undo_keeps_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _file_method(monkeypatch)
     conf = tmp_path / "resolv.conf"
     conf.write_text("nameserver 192.0.2.53\n")
