@@ -275,6 +275,7 @@ class Options:
     learn_address: str | None = None
     up: str | None = None
     down: str | None = None
+    route_up: str | None = None  # after `up` and the routes, no arguments (as OpenVPN 2.6)
     # -- DNS: local `dhcp-option`/`dns` lines as written (parsed by proto.dnsopts) --
     dns_lines: tuple[str, ...] = ()
     #: `pyovpn-dns auto` applies DNS settings to the system resolver; `off` leaves that to scripts.
@@ -1543,7 +1544,7 @@ def _opt_username_as_common_name(b: _Builder, d: Directive) -> None:
 #: Script options, in the order validate() reports them.
 _SCRIPTS = (
     "up", "down", "tls-verify", "auth-user-pass-verify", "client-connect", "client-disconnect",
-    "learn-address",
+    "learn-address", "route-up",
 )  # fmt: skip
 
 
@@ -1602,6 +1603,7 @@ _SCRIPT_SETTERS: dict[str, Setter] = {
     "client-connect": lambda o, v: replace(o, client_connect=v),
     "client-disconnect": lambda o, v: replace(o, client_disconnect=v),
     "learn-address": lambda o, v: replace(o, learn_address=v),
+    "route-up": lambda o, v: replace(o, route_up=v),
 }
 
 

@@ -252,14 +252,29 @@ class Daemon:
         """The `up` script, once the device is open and configured; failing is fatal, as in OpenVPN."""
         self._tun_params = params
         command = self.opts.up
+        if command:
+            try:
+                status = await self._run_up_down("up", command, params, context)
+            except ScriptRefused as exc:
+                raise ScriptFailed(str(exc)) from None
+            if status != 0:
+                raise ScriptFailed(f"up script {command} failed (exit status {status})")
+        await self._run_route_up(params, context)
+
+    async def _run_route_up(self, params: TunParams, context: str) -> None:
+        """`route-up`: once the routes are in place; OpenVPN only warns when it fails."""
+        command = self.opts.route_up
         if not command:
             return
+        env = up_down_env(params, context, signal="")
+        env.pop("signal")  # route-up sees redirect_gateway (routes are done) but no signal
         try:
-            status = await self._run_up_down("up", command, params, context)
+            status = await run_script(command, "route-up", env=env, script_security=self.opts.script_security)
         except ScriptRefused as exc:
-            raise ScriptFailed(str(exc)) from None
+            log.error("%s", exc)
+            return
         if status != 0:
-            raise ScriptFailed(f"up script {command} failed (exit status {status})")
+            log.warning("route-up script %s failed (exit status %d)", command, status)
 
     def _down_signal(self) -> str | None:
         """The `signal` of the down script: OpenVPN names a notified exit `exit-with-notification`."""

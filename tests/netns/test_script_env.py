@@ -1,10 +1,10 @@
-"""Differential: the `up`/`down` script environment of pyovpn and of stock OpenVPN 2.6.
+"""Differential: the `up`/`route-up`/`down` script environment of pyovpn and of stock OpenVPN 2.6.
 
 Same server, same script, same config but for pyovpn's `pyovpn-dns off`.
 
 Both clients connect in turn to one stock OpenVPN server that pushes routes and dhcp-options;
-their `up` and `down` script dumps its environment. The variable names must match except for a short,
-documented list (NOT_YET_PREFIXES); deterministic values (pushed options, addresses, routes) must be equal.
+their `up`, `route-up` and `down` script dumps its environment. The variable names must match
+except for a short, documented list (NOT_YET_PREFIXES); deterministic values (pushed options, addresses, routes) must be equal.
 """
 
 from __future__ import annotations
@@ -112,18 +112,19 @@ def test_up_env_names_match_stock_openvpn(net: Netns, pki: Pki) -> None:
         out = work / f"{impl}.env"
         cfg.write_text(
             client_config(spec, pki, impl=impl, remote=net.outer("b", 4))
-            + f'script-security 2\nup "{script} {out}"\ndown "{script} {out}"\n'
+            + f'script-security 2\nup "{script} {out}"\ndown "{script} {out}"\nroute-up "{script} {out}"\n'
             + extra
         )
         client = net.spawn("a", vpn_argv(impl, cfg), f"{impl}-client")
         wait_for_lines([server, client], INIT_LINE, 40)
         dumps[impl, "up"] = _dump(out.with_name(out.name + ".up"))
+        dumps[impl, "route-up"] = _dump(out.with_name(out.name + ".route-up"))
         client.stop(timeout=15)
         dumps[impl, "down"] = _dump(out.with_name(out.name + ".down"))
         time.sleep(1)  # let the server notice the exit before the next client takes the same address
 
     inherited = set(os.environ) | SHELL
-    for kind in ("up", "down"):
+    for kind in ("up", "route-up", "down"):
         stock = {n for n in dumps["openvpn", kind] if n not in inherited}
         ours = {n for n in dumps["pyovpn", kind] if n not in inherited}
         missing = {n for n in stock - ours if not n.startswith(NOT_YET_PREFIXES)}
