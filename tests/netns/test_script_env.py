@@ -4,7 +4,8 @@ Same server, same script, same config but for pyovpn's `pyovpn-dns off`.
 
 Both clients connect in turn to one stock OpenVPN server that pushes routes and dhcp-options;
 their `up`, `route-up` and `down` script dumps its environment. The variable names must match
-except for a short, documented list (NOT_YET_PREFIXES); deterministic values (pushed options, addresses, routes) must be equal.
+except for a short, documented list (NOT_YET_PREFIXES); deterministic values (pushed options,
+addresses, routes) must be equal.
 """
 
 from __future__ import annotations
