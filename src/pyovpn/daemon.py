@@ -172,7 +172,12 @@ class Daemon:
         await iface.clean_stale_link(self.dc, name)
 
     async def ensure_iface(
-        self, pushed: PushedOptions | None, *, peer: tuple[str, int] | None = None, common_name: str = ""
+        self,
+        pushed: PushedOptions | None,
+        *,
+        peer: tuple[str, int] | None = None,
+        common_name: str = "",
+        certificate_env: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Open the P2P device once; configure it, and run `up`, whenever the pulled options change."""
         opts = self.opts
@@ -208,7 +213,8 @@ class Daemon:
         self._iface_configured_for = key
         iface.configure_addresses(self.net, self.iface, opts, pushed)
         params = iface.tun_params(self.iface, mtu, opts, pushed)
-        params = replace(params, session_env=(*params.session_env, *peer_env(peer, common_name).items()))
+        peer_vars = (*peer_env(peer, common_name).items(), *certificate_env)
+        params = replace(params, session_env=(*params.session_env, *peer_vars))
         await self.run_up(params, "restart" if restart else "init")
         self._apply_dns(pushed)
 

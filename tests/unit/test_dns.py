@@ -249,3 +249,38 @@ def test_failed_undo_keeps_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ResolverSetup(state, conf).restore_stale()  # own pid counts as gone: a new process retries
     assert conf.read_text() == "something else\n"  # changed by someone else: left alone
     assert not (state / "dns-tun9.json").exists()
+
+
+def test_certificate_env_formats() -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from pyovpn.proto.tls import certificate_env
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "vpn.example"),
+            x509.NameAttribute(NameOID.EMAIL_ADDRESS, "ops@example.test"),
+        ]
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    cert = x509.CertificateBuilder(
+        name, name, key.public_key(), 0x80FF, now, now + datetime.timedelta(days=1)
+    ).sign(key, hashes.SHA256())
+    env = certificate_env([cert])
+    assert env["tls_id_0"] == "C=DE, O=Example, CN=vpn.example, emailAddress=ops@example.test"
+    assert (env["X509_0_CN"], env["X509_0_C"], env["X509_0_emailAddress"]) == (
+        "vpn.example",
+        "DE",
+        "ops@example.test",
+    )
+    assert env["tls_serial_0"] == str(0x80FF) and env["tls_serial_hex_0"] == "80:ff"
+    assert env["tls_digest_sha256_0"] == ":".join(f"{b:02x}" for b in cert.fingerprint(hashes.SHA256()))
+    assert len(env["tls_digest_0"].split(":")) == 20

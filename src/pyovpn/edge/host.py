@@ -100,11 +100,17 @@ class PeerHost(_Host, Protocol):
     """What the one-peer :class:`pyovpn.p2p.Connection` uses of the daemon running it."""
 
     async def ensure_iface(
-        self, pushed: PushedOptions | None, *, peer: tuple[str, int] | None = None, common_name: str = ""
+        self,
+        pushed: PushedOptions | None,
+        *,
+        peer: tuple[str, int] | None = None,
+        common_name: str = "",
+        certificate_env: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Open the device once, then (re)configure it for these pulled options, running `up`.
 
-        ``peer`` and ``common_name`` (the server's address and certificate CN) are for the scripts.
+        ``peer``, ``common_name`` and ``certificate_env`` (the server's address, certificate CN
+        and chain details) are for the scripts.
         """
         ...
 

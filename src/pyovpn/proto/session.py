@@ -93,6 +93,7 @@ class TunnelUp:
     key_derivation: str  # "tls-ekm" or "prf", for the log
     tls_summary: str
     peer_common_name: str = ""  # for the scripts' `common_name`
+    peer_certificate_env: tuple[tuple[str, str], ...] = ()  # the scripts' X509_N_*, tls_id_N, ...
 
 
 @dataclass(frozen=True)
@@ -864,6 +865,7 @@ class Session:
                     key_derivation="tls-ekm" if self.use_ekm else "prf",
                     tls_summary=f"{ks.tls.version} {ks.tls.cipher}, peer CN={ks.tls.peer_common_name()!r}",
                     peer_common_name=ks.tls.peer_common_name() or "",
+                    peer_certificate_env=tuple(ks.tls.peer_certificate_env().items()),
                 )
             )
             self._emit(self._key_command(ks, KeySlot.PRIMARY))
