@@ -37,6 +37,13 @@ fi
 install_into() {
     # $1: python interpreter; pip output is kept quiet unless it fails.
     "$1" -m pip install --quiet --disable-pip-version-check -e '.[test]'
+    # The monitoring tools users run against OpenVPN, for tests/netns/test_monitoring_tools.py.
+    # openvpn-monitor pins old versions of its web stack; its data collector needs only these.
+    "$1" -m pip install --quiet --disable-pip-version-check openvpn-api openvpn-management-api jc semver geoip2 humanize
+    "$1" -m pip install --quiet --disable-pip-version-check --no-deps openvpn-monitor
+    # openvpn-api pulls the old openvpn-status (same module name, cannot read 2.6 dates);
+    # openvpn-status-reader is the maintained one
+    "$1" -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall openvpn-status-reader
 }
 
 if [ -x .venv/bin/python ]; then

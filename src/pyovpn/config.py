@@ -28,6 +28,7 @@ from typing import Literal, cast
 
 from pyovpn.errors import ConfigError, ProtocolError
 from pyovpn.proto import dnsopts
+from pyovpn.proto.redirect import BadRedirectFlag, PullFilterAction, add_redirect, redirect_from
 
 __all__ = [
     "AEAD_CIPHERS",
@@ -82,6 +83,10 @@ class Remote:
     proto: Proto | None = None
     #: 4 or 6 when the per-remote proto forces an address family (`udp4`, `tcp6-client`, ...).
     family: Literal[4, 6] | None = None
+    #: Set by a `<connection>` block (its own connect-retry / server-poll-timeout); None: the global one.
+    connect_retry: int | None = None
+    connect_retry_max_seconds: int | None = None
+    server_poll_timeout: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,14 @@ class Options:
     proto: Proto = "udp"
     family: Literal[4, 6] | None = None
     remotes: tuple[Remote, ...] = ()
+    #: The connection list's timers and order (see pyovpn.connlist); OpenVPN's defaults.
+    remote_random: bool = False
+    remote_random_hostname: bool = False
+    connect_retry: int = 1
+    connect_retry_max_seconds: int = 300
+    connect_retry_max: int = 0  # 0: try forever
+    server_poll_timeout: int = 120
+    resolv_retry: int | None = None  # None: infinite
     port: int = 1194
     #: Set only by an explicit `lport`/`rport` after the last `port`; see local_port / remote_port_for.
     lport: int | None = None
@@ -154,6 +167,14 @@ class Options:
     ifconfig_ipv6: tuple[str, str] | None = None
     routes: tuple[Route, ...] = ()
     routes_ipv6: tuple[RouteV6, ...] = ()
+    #: `redirect-gateway`/`redirect-private` as given: (option name, flag, ...), in order
+    redirects: tuple[tuple[str, ...], ...] = ()
+    route_gateway: str | None = None
+    route_metric: int | None = None
+    route_nopull: bool = False
+    route_noexec: bool = False
+    ifconfig_noexec: bool = False
+    pull_filters: tuple[tuple[PullFilterAction, str], ...] = ()
     topology: Literal["net30", "p2p", "subnet"] = "net30"
     ca: bytes | None = None
     cert: bytes | None = None
@@ -182,6 +203,10 @@ class Options:
     keepalive: tuple[int, int] | None = None
     ping: int = 0
     ping_restart: int = 0
+    #: `ping-exit N`: ping_restart holds N, and a silent peer ends the process instead of restarting.
+    ping_exit: bool = False
+    #: `inactive SECONDS [BYTES]`: exit once a period passes with no more than BYTES of tunnel traffic.
+    inactive: tuple[int, int] | None = None
     tun_mtu: int = 1500
     mssfix: int | None = None
     explicit_exit_notify: int = 0
@@ -216,6 +241,8 @@ class Options:
     #: `management-client-user U` / `management-client-group G`: owner of the unix socket.
     management_client_user: str | None = None
     management_client_group: str | None = None
+    #: `management-client-auth`: a management client accepts or denies each connecting client.
+    management_client_auth: bool = False
     persist_tun: bool = False
     persist_key: bool = False
     dco: Literal["auto", "kernel", "userspace"] = "auto"
@@ -280,6 +307,32 @@ class Options:
     dns_lines: tuple[str, ...] = ()
     #: `pyovpn-dns auto` applies DNS settings to the system resolver; `off` leaves that to scripts.
     pyovpn_dns: Literal["auto", "off"] = "auto"
+    # -- logging and lifecycle details the corpus of published configs uses ----------------------
+    #: `down-pre`: run `down` before the device is closed rather than after.
+    down_pre: bool = False
+    #: `mute N`: at most N consecutive log lines of one kind (0: no limit).
+    mute: int = 0
+    #: `remote-cert-ku [HEX...]`: the peer certificate's key usage (empty tuple: only present).
+    remote_cert_ku: tuple[int, ...] | None = None
+    #: `remote-cert-eku OID`: an extended key usage the peer certificate must list.
+    remote_cert_eku: str | None = None
+    #: `sndbuf N` / `rcvbuf N`: transport socket buffer sizes in bytes (0: the system's).
+    sndbuf: int = 0
+    rcvbuf: int = 0
+    #: `mark N`: firewall mark of the transport socket's packets (0: none).
+    mark: int = 0
+    #: `bind-dev DEV`: the interface the transport socket is bound to.
+    bind_dev: str | None = None
+    #: `tls-version-max`: the highest TLS version to offer or accept.
+    tls_version_max: str | None = None
+    #: `nice N`: the process's scheduling priority change.
+    nice: int = 0
+    #: `tls-cipher`: TLS <= 1.2 suites (OpenVPN or OpenSSL names, see pyovpn.proto.tls_ciphers).
+    tls_cipher: str | None = None
+    #: `tls-ciphersuites`: TLS 1.3 suites (OpenSSL names).
+    tls_ciphersuites: str | None = None
+    #: `setenv NAME VALUE` pairs, in order: added to every script's environment.
+    setenv: tuple[tuple[str, str], ...] = ()
     #: (option, source, line) of options accepted without effect, so the daemon can warn about them.
     ignored: tuple[tuple[str, str, int], ...] = ()
 
@@ -598,7 +651,13 @@ class _Builder:
     proto_word: str | None = None
     #: `remote` entries as (host, port, proto word, family); their protos are resolved like proto_word.
     remote_words: list[tuple[str, int | None, str | None, Family]] = field(default_factory=list)
+    #: `<connection>` blocks, complete: (remote word as above, connect-retry, its max, server-poll-timeout).
+    connection_blocks: list[tuple[tuple[str, int, str | None, Family], int, int, int]] = field(
+        default_factory=list
+    )
     ignore_unknown: set[str] = field(default_factory=set)
+    #: `setenv FORWARD_COMPATIBLE 1`: from there on unknown options are warnings, as in OpenVPN.
+    forward_compatible: bool = False
     #: Last directive that set each option, so validate() can point at the offending line.
     where: dict[str, Directive] = field(default_factory=dict)
 
@@ -617,7 +676,7 @@ class _Builder:
             return
         spec = _OPTIONS.get(d.name)
         if spec is None:
-            if forgiving or d.name in self.ignore_unknown:
+            if forgiving or self.forward_compatible or d.name in self.ignore_unknown:
                 self.ignore(d)
                 return
             raise _error(
@@ -637,6 +696,8 @@ class _Builder:
                 raise _error(d, f"option '{d.name}' {_count_text(spec, n)}; usage: {spec.usage}")
         spec.handler(self, d)
         self.where[d.name] = d
+        if self.connection_blocks and d.name in _CONNECTION_LATE_NO_EFFECT:
+            self.ignore(d)  # OpenVPN too: the blocks above already copied the value they use
 
     def _include(self, d: Directive, depth: int) -> None:
         if d.inline or len(d.args) != 1:
@@ -667,7 +728,7 @@ class _Builder:
             raise _error(
                 d, f"option 'setenv' takes 1 or 2 arguments, got {len(d.args)}; usage: setenv NAME VALUE"
             )
-        self.ignore(d)
+        _apply_setenv(self, d, depth)
 
     # -- helpers for handlers -------------------------------------------------------------------
 
@@ -861,6 +922,11 @@ def _aead_or_cbc(d: Directive, name: str) -> str:
     return upper if _CBC_RE.fullmatch(upper) else _aead(d, name)
 
 
+# AEAD ciphers OpenVPN 2.6 has that the kernel data channel does not: left out of a data-ciphers
+# list (the daemon logs it), as OpenVPN skips a cipher its library lacks.
+_UNOFFERED_AEAD = frozenset({"AES-192-GCM"})
+
+
 def _aead(d: Directive, name: str) -> str:
     upper = name.upper()
     if upper not in AEAD_CIPHERS:
@@ -946,6 +1012,98 @@ def _opt_remote(b: _Builder, d: Directive) -> None:
     b.remote_words.append((host, port, proto, family))
 
 
+@_option("remote-random", usage="remote-random")
+def _opt_remote_random(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, remote_random=True)
+
+
+@_option("remote-random-hostname", usage="remote-random-hostname")
+def _opt_remote_random_hostname(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, remote_random_hostname=True)
+
+
+@_option("connect-retry", args=(1, 2), usage="connect-retry SECONDS [MAX_SECONDS]")
+def _opt_connect_retry(b: _Builder, d: Directive) -> None:
+    # OpenVPN clamps the base to 65535 and never lets the max fall below the base
+    seconds = min(_int(d, d.args[0], "connect-retry", 0), 0xFFFF)
+    most = max(_int(d, d.args[1], "connect-retry max", 0), seconds) if len(d.args) > 1 else None
+    b.opts = replace(b.opts, connect_retry=seconds)
+    if most is not None:
+        b.opts = replace(b.opts, connect_retry_max_seconds=most)
+
+
+@_option("connect-retry-max", args=(1, 1), usage="connect-retry-max N")
+def _opt_connect_retry_max(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, connect_retry_max=_int(d, d.args[0], "connect-retry-max", 0))
+
+
+@_option("server-poll-timeout", args=(1, 1), usage="server-poll-timeout SECONDS")
+@_option("connect-timeout", args=(1, 1), usage="connect-timeout SECONDS")
+def _opt_server_poll_timeout(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, server_poll_timeout=_int(d, d.args[0], d.name, 0))
+
+
+@_option("resolv-retry", args=(1, 1), usage="resolv-retry SECONDS|infinite")
+def _opt_resolv_retry(b: _Builder, d: Directive) -> None:
+    value = None if d.args[0] == "infinite" else _int(d, d.args[0], "resolv-retry", 0)
+    b.opts = replace(b.opts, resolv_retry=value)
+
+
+# Per-entry options given after a <connection> block no longer reach any entry.
+_CONNECTION_LATE_NO_EFFECT = frozenset(
+    {"proto", "rport", "connect-retry", "server-poll-timeout", "connect-timeout"}
+)
+
+# What OpenVPN 2.6 accepts inside a <connection> block (its OPT_P_CONNECTION options).
+_CONNECTION_PER_ENTRY = frozenset(
+    {"remote", "proto", "port", "rport", "connect-retry", "server-poll-timeout", "connect-timeout"}
+)
+_CONNECTION_GLOBAL_ONLY = frozenset(
+    {
+        "bind", "connect-retry-max", "explicit-exit-notify", "float", "fragment", "http-proxy",
+        "http-proxy-option", "http-proxy-retry", "http-proxy-timeout", "key-direction", "link-mtu",
+        "local", "lport", "max-packet-size", "mssfix", "mtu-disc", "mtu-dynamic", "nobind",
+        "ping-timer-rem", "socks-proxy", "socks-proxy-retry", "tls-auth", "tls-crypt",
+        "tls-crypt-v2", "topology", "tun-mtu", "tun-mtu-extra", "tun-mtu-max", "udp-mtu",
+    }
+)  # fmt: skip
+
+
+@_option(
+    "connection", args=(0, 0), inline=True, usage="<connection> remote HOST [PORT [PROTO]] ... </connection>"
+)
+def _opt_connection(b: _Builder, d: Directive) -> None:
+    if not d.inline:
+        raise _error(d, "`connection` is a block: write <connection>, its options, then </connection>")
+    # A block starts from the global options as they stand here, like OpenVPN's copy of them.
+    sub = _Builder(cwd=b.cwd, opts=b.opts, proto_word=b.proto_word)
+    for inner in tokenize(d.args[0], source=d.source, base_dir=d.base_dir):
+        inner = replace(inner, line=d.line + inner.line)
+        if inner.name in _CONNECTION_GLOBAL_ONLY:
+            raise _error(
+                inner,
+                f"`{inner.name}` inside a <connection> block is not supported by pyovpn (it takes only "
+                f"{', '.join(sorted(_CONNECTION_PER_ENTRY))} there); set it once outside the blocks",
+            )
+        if inner.name not in _CONNECTION_PER_ENTRY:
+            raise _error(
+                inner,
+                f"option '{inner.name}' cannot be used in a <connection> block; OpenVPN allows only "
+                "connection options there (remote, proto, port, connect-retry, ...): move it outside",
+            )
+        sub.apply(inner, 0)
+    if len(sub.remote_words) != 1:
+        raise _error(d, "each <connection> block must contain exactly one `remote HOST [PORT [PROTO]]`")
+    host, port, proto, family = sub.remote_words[0]
+    if port is None:
+        port = sub.opts.rport if sub.opts.rport is not None else sub.opts.port
+    if proto is None:
+        proto, family = (sub.proto_word or sub.opts.proto), sub.opts.family
+    o = sub.opts
+    entry = ((host, port, proto, family), o.connect_retry, o.connect_retry_max_seconds, o.server_poll_timeout)
+    b.connection_blocks.append(entry)
+
+
 @_option("port", args=(1, 1), usage="port PORT")
 def _opt_port(b: _Builder, d: Directive) -> None:
     # `port` sets both the local and the remote port, overriding earlier lport/rport.
@@ -1019,10 +1177,69 @@ def _opt_route_ipv6(b: _Builder, d: Directive) -> None:
     if sep:
         _int(d, bits, "route-ipv6 prefix length", 0, 128)
     gateway = None
-    if len(d.args) > 1 and d.args[1] != "default":
+    if len(d.args) > 1 and d.args[1] == "net_gateway":
+        gateway = d.args[1]
+    elif len(d.args) > 1 and d.args[1] != "default":
         gateway = _ipv6(d, d.args[1], "route-ipv6 gateway")
     metric = _int(d, d.args[2], "route-ipv6 metric", 0) if len(d.args) > 2 else None
     b.opts = replace(b.opts, routes_ipv6=(*b.opts.routes_ipv6, RouteV6(network, gateway, metric)))
+
+
+# what only a client's route setup (pyovpn.edge.clientroutes) carries out
+_CLIENT_ROUTING_OPTIONS = (
+    "redirect-private",
+    "route-gateway",
+    "route-metric",
+    "route-nopull",
+    "route-noexec",
+    "ifconfig-noexec",
+    "pull-filter",
+)
+
+
+@_option("redirect-gateway", "redirect-private", args=(0, None), usage="redirect-gateway [FLAGS...]")
+def _opt_redirect(b: _Builder, d: Directive) -> None:
+    try:
+        add_redirect(redirect_from(()), d.name, d.args)
+    except BadRedirectFlag as exc:
+        raise _error(d, str(exc)) from None
+    b.opts = replace(b.opts, redirects=(*b.opts.redirects, (d.name, *d.args)))
+
+
+@_option("route-gateway", args=(1, 1), usage="route-gateway GATEWAY")
+def _opt_route_gateway(b: _Builder, d: Directive) -> None:
+    if d.args[0] == "dhcp":
+        raise _error(d, "`route-gateway dhcp` needs a TAP device; pyovpn is layer-3 (tun): give the address")
+    b.opts = replace(b.opts, route_gateway=_ipv4(d, d.args[0], "route-gateway"))
+
+
+@_option("route-metric", args=(1, 1), usage="route-metric METRIC")
+def _opt_route_metric(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, route_metric=_int(d, d.args[0], "route-metric", 0))
+
+
+@_option("route-nopull", usage="route-nopull")
+def _opt_route_nopull(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, route_nopull=True)
+
+
+@_option("route-noexec", usage="route-noexec")
+def _opt_route_noexec(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, route_noexec=True)
+
+
+@_option("ifconfig-noexec", usage="ifconfig-noexec")
+def _opt_ifconfig_noexec(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, ifconfig_noexec=True)
+
+
+@_option("pull-filter", args=(2, 2), usage="pull-filter accept|ignore|reject TEXT")
+def _opt_pull_filter(b: _Builder, d: Directive) -> None:
+    action = d.args[0]
+    if action not in ("accept", "ignore", "reject"):
+        raise _error(d, f"pull-filter: unknown type {action!r}; use accept, ignore or reject")
+    entry = (cast(PullFilterAction, action), d.args[1])
+    b.opts = replace(b.opts, pull_filters=(*b.opts.pull_filters, entry))
 
 
 @_option("topology", args=(1, 1), usage="topology net30|p2p|subnet")
@@ -1172,7 +1389,7 @@ def _opt_data_ciphers(b: _Builder, d: Directive) -> None:
             if item[1:].upper() in AEAD_CIPHERS:
                 ciphers.append(item[1:].upper())
             continue
-        if _CBC_RE.fullmatch(item.upper()):
+        if _CBC_RE.fullmatch(item.upper()) or item.upper() in _UNOFFERED_AEAD:
             unoffered.append(item.upper())  # logged by the daemon: a peer that negotiates never needs it
             continue
         ciphers.append(_aead(d, item))
@@ -1288,7 +1505,20 @@ def _opt_ping(b: _Builder, d: Directive) -> None:
 
 @_option("ping-restart", args=(1, 1), usage="ping-restart SECONDS")
 def _opt_ping_restart(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-restart", 0, 86400))
+    b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-restart", 0, 86400), ping_exit=False)
+
+
+@_option("ping-exit", args=(1, 1), usage="ping-exit SECONDS")
+def _opt_ping_exit(b: _Builder, d: Directive) -> None:
+    # one timeout in OpenVPN: the later of ping-restart / ping-exit decides what it does
+    b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-exit", 0, 86400), ping_exit=True)
+
+
+@_option("inactive", args=(1, 2), usage="inactive SECONDS [BYTES]")
+def _opt_inactive(b: _Builder, d: Directive) -> None:
+    seconds = _int(d, d.args[0], "inactive", 0)
+    least = _int(d, d.args[1], "inactive bytes", 0) if len(d.args) > 1 else 0
+    b.opts = replace(b.opts, inactive=(seconds, least) if seconds else None)
 
 
 @_option("keepalive", args=(2, 2), usage="keepalive PING_SECONDS RESTART_SECONDS")
@@ -1686,6 +1916,11 @@ def _opt_management_log_cache(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, management_log_cache=_int(d, d.args[0], "management-log-cache", 1, 1_000_000))
 
 
+@_option("management-client-auth", args=(0, 0), usage="management-client-auth")
+def _opt_management_client_auth(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_client_auth=True)
+
+
 @_option("management-client-user", args=(1, 1), usage="management-client-user USER")
 def _opt_management_client_user(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, management_client_user=d.args[0])
@@ -1698,7 +1933,6 @@ def _opt_management_client_group(b: _Builder, d: Directive) -> None:
 
 _MANAGEMENT_NOT_YET = {
     "management-query-passwords": "password prompts over the management interface",
-    "management-client-auth": "client authentication by the management client",
     "management-client": "connecting out to a management client",
     "management-external-key": "private keys held by the management client",
     "management-external-cert": "certificates held by the management client",
@@ -1725,31 +1959,19 @@ del _name, _what
 
 # Options accepted without any effect, with OpenVPN's argument counts (to still catch typos).
 _IGNORED: dict[str, tuple[int, int | None]] = {
-    "resolv-retry": (1, 1),
     "persist-remote-ip": (0, 0),
     "persist-local-ip": (0, 0),
     "auth-nocache": (0, 0),
-    "mute": (1, 1),
-    "remote-random": (0, 0),
-    "ping-timer-rem": (0, 0),
     "tls-exit": (0, 0),
     "route-delay": (0, 2),
     "route-method": (1, 1),
     "setenv-safe": (1, 2),
     "push-peer-info": (0, 0),
-    "sndbuf": (1, 1),
-    "rcvbuf": (1, 1),
     "txqueuelen": (1, 1),
     "fast-io": (0, 0),
-    "connect-retry": (1, 2),
-    "connect-retry-max": (1, 1),
-    "connect-timeout": (1, 1),
-    "server-poll-timeout": (1, 1),
     "auth-retry": (1, 1),
-    "redirect-gateway": (0, None),
     "block-outside-dns": (0, 0),
-    "tls-cipher": (1, 1),
-    "tls-ciphersuites": (1, 1),
+    "keysize": (1, 1),
     "ecdh-curve": (1, 1),
     "tun-ipv6": (0, 0),
 }
@@ -1800,10 +2022,6 @@ _REFUSED: dict[str, str] = {
     "pkcs12": (
         "`pkcs12` is not supported; convert the bundle to PEM files and use ca/cert/key, e.g. "
         "`openssl pkcs12 -in client.p12 -out client.pem -nodes`"
-    ),
-    "connection": (
-        "<connection> blocks are not supported; list the servers as several "
-        "`remote HOST PORT PROTO` lines instead"
     ),
 }
 
@@ -1877,6 +2095,159 @@ def _check_compression(o: Options, fail: Callable[..., ConfigError]) -> None:
             o.compression[0],
             "dco",
         )
+
+
+# -- what published configs use that is carried out here -----------------------------------------
+# (mute and down-pre act in pyovpn.daemon / pyovpn.logsinks)
+
+
+# `setenv` names OpenVPN treats as options rather than variables for scripts.
+_SETENV_AS_OPTION = {"PUSH_PEER_INFO": "push-peer-info", "SERVER_POLL_TIMEOUT": "server-poll-timeout"}
+
+
+def _apply_setenv(b: _Builder, d: Directive, depth: int) -> None:
+    """`setenv NAME [VALUE]`: a variable for every script (see pyovpn.scripts), with OpenVPN's
+    special names: FORWARD_COMPATIBLE 1, PUSH_PEER_INFO and SERVER_POLL_TIMEOUT N."""
+    name, value = d.args[0], (d.args[1] if len(d.args) > 1 else "")
+    if name in _SETENV_AS_OPTION and (name == "PUSH_PEER_INFO") == (len(d.args) == 1):
+        option = Directive(d.source, d.line, _SETENV_AS_OPTION[name], d.args[1:], base_dir=d.base_dir)
+        b.apply(option, depth)
+        return
+    if name == "FORWARD_COMPATIBLE" and value == "1":
+        b.forward_compatible = True
+    b.opts = replace(b.opts, setenv=(*b.opts.setenv, (name, value)))
+
+
+# Why some accepted-and-ignored options truly change nothing here; the daemon's warning says so.
+_NO_EFFECT_WHY: dict[str, str] = {
+    "keysize": "it sets the key size of variable-key CBC/BF ciphers, which pyovpn does not run "
+    "(OpenVPN 2.6 ignores it for AEAD ciphers too)",
+    "block-outside-dns": "it is Windows-only (it blocks DNS outside the tunnel with the Windows "
+    "Filtering Platform)",
+    "route-method": "it chooses how routes are set on Windows",
+    "tun-ipv6": "a tun device carries IPv6 anyway (OpenVPN >= 2.4 ignores it too)",
+    "ecdh-curve": "with OpenSSL 3 the curve is negotiated (OpenVPN 2.6 ignores it too); restrict "
+    "curves with `tls-groups`",
+    "fast-io": "it speeds up OpenVPN's own UDP write loop, which pyovpn's data channel does not use",
+}
+
+
+def no_effect_reason(option: str) -> str | None:
+    """Why ``option`` is accepted without effect, when that is a fact of the platform."""
+    return _NO_EFFECT_WHY.get(option)
+
+
+@_option("remote-cert-ku", args=(0, None), usage="remote-cert-ku [HEX...]")
+def _opt_remote_cert_ku(b: _Builder, d: Directive) -> None:
+    values: list[int] = []
+    for word in d.args:
+        try:
+            value = int(word, 16)
+        except ValueError:
+            value = -1
+        if not 0 < value <= 0xFFFF:
+            raise _error(d, f"remote-cert-ku: '{word}' is not a key usage in hex (e.g. a0 or 88)")
+        values.append(value)
+    b.opts = replace(b.opts, remote_cert_ku=tuple(values))
+
+
+@_option("remote-cert-eku", args=(1, 1), usage="remote-cert-eku OID")
+def _opt_remote_cert_eku(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, remote_cert_eku=d.args[0])
+
+
+@_option("sndbuf", "rcvbuf", args=(1, 1), usage="sndbuf|rcvbuf BYTES")
+def _opt_socket_buffer(b: _Builder, d: Directive) -> None:
+    size = _int(d, d.args[0], d.name, 0, 0x7FFFFFFF)
+    if d.name == "sndbuf":
+        b.opts = replace(b.opts, sndbuf=size)
+    else:
+        b.opts = replace(b.opts, rcvbuf=size)
+
+
+@_option("mark", args=(1, 1), usage="mark N")
+def _opt_mark(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, mark=_int(d, d.args[0], "mark", 0, 0xFFFFFFFF))
+
+
+@_option("bind-dev", args=(1, 1), usage="bind-dev DEVICE")
+def _opt_bind_dev(b: _Builder, d: Directive) -> None:
+    if not 0 < len(d.args[0]) < 16 or "/" in d.args[0]:
+        raise _error(d, f"bind-dev: '{d.args[0]}' is not an interface name")
+    b.opts = replace(b.opts, bind_dev=d.args[0])
+
+
+@_option("tls-version-max", args=(1, 1), usage="tls-version-max 1.2|1.3")
+def _opt_tls_version_max(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("1.0", "1.1", "1.2", "1.3"):
+        raise _error(d, f"tls-version-max: unknown version '{d.args[0]}'; use 1.2 or 1.3")
+    b.opts = replace(b.opts, tls_version_max=d.args[0])
+
+
+@_option("nice", args=(1, 1), usage="nice N")
+def _opt_nice(b: _Builder, d: Directive) -> None:
+    try:
+        n = int(d.args[0])
+    except ValueError:
+        n = 99
+    if not -20 <= n <= 19:
+        raise _error(d, f"nice: '{d.args[0]}' is not a priority change between -20 and 19")
+    b.opts = replace(b.opts, nice=n)
+
+
+@_option("disable-occ", usage="disable-occ")
+def _opt_disable_occ(b: _Builder, d: Directive) -> None:
+    # Carried out by design: pyovpn never warns about differences between its own and the
+    # peer's options string (the peer's string is only read for the fallback cipher).
+    pass
+
+
+@_option("ping-timer-rem", usage="ping-timer-rem")
+def _opt_ping_timer_rem(b: _Builder, d: Directive) -> None:
+    # Carried out by design: the keepalive timers start only when a tunnel is up, i.e. once the
+    # peer's address is known, which is what this option asks for.
+    pass
+
+
+@_option("tls-cipher", args=(1, 1), usage="tls-cipher SUITE[:SUITE...]")
+def _opt_tls_cipher(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, tls_cipher=d.args[0])
+
+
+@_option("tls-ciphersuites", args=(1, 1), usage="tls-ciphersuites SUITE[:SUITE...]")
+def _opt_tls_ciphersuites(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, tls_ciphersuites=d.args[0])
+
+
+@_option("mute", args=(1, 1), usage="mute N")
+def _opt_mute(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, mute=_int(d, d.args[0], "mute", 0))
+
+
+@_option("down-pre", usage="down-pre")
+def _opt_down_pre(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, down_pre=True)
+
+
+@_option("reneg-bytes", "reneg-pkts", args=(1, 1), usage="reneg-bytes 0")
+def _opt_reneg_volume(b: _Builder, d: Directive) -> None:
+    # 0 turns volume-based renegotiation off, which is what pyovpn does (and OpenVPN's default
+    # for the AEAD ciphers pyovpn runs), so it is carried out by doing nothing.
+    if _int(d, d.args[0], d.name, 0) != 0:
+        raise _error(
+            d,
+            f"`{d.name} {d.args[0]}` is not supported: pyovpn renegotiates by time only; remove it "
+            "(AEAD ciphers need no volume limit) or renegotiate more often with `reneg-sec`",
+        )
+
+
+_option("passtos", args=(0, 0))(
+    _make_refusal(
+        "`passtos` is not supported: the offloaded data channel does not copy the inner packets' "
+        "TOS/DSCP bits to the outer packets. Remove it (and mark traffic with iptables DSCP rules "
+        "on the tunnel's outer socket if you need QoS)"
+    )
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1969,12 +2340,13 @@ def _validate(b: _Builder) -> Options:
             "tls-auth",
         )
 
-    if role == "client" and not b.remote_words:
+    if role == "client" and not (b.remote_words or b.connection_blocks):
         raise fail("a TLS client needs to know its server: add `remote HOST [PORT]`", "tls-client", "client")
 
-    if o.keepalive is not None and ("ping" in b.where or "ping-restart" in b.where):
+    if o.keepalive is not None and any(n in b.where for n in ("ping", "ping-restart", "ping-exit")):
         raise fail(
-            "`keepalive` conflicts with `ping`/`ping-restart`; use only `keepalive` (it sets both)",
+            "`keepalive` conflicts with `ping`/`ping-restart`/`ping-exit`; use only `keepalive` "
+            "(it sets both), or `ping` with `ping-exit`",
             "keepalive",
         )
 
@@ -2008,6 +2380,18 @@ def _validate(b: _Builder) -> Options:
         Remote(host, port, side(proto) if proto is not None else None, family)
         for host, port, proto, family in b.remote_words
     )
+    if b.connection_blocks:
+        if b.remote_words:
+            # OpenVPN silently drops the `remote` lines then; say so instead
+            raise fail(
+                "`remote` lines and <connection> blocks cannot be mixed (OpenVPN would ignore the "
+                "`remote` lines): move each server into its own <connection> block",
+                "remote",
+            )
+        remotes = tuple(
+            Remote(host, port, side(proto) if proto else None, family, retry, retry_max, poll)
+            for (host, port, proto, family), retry, retry_max, poll in b.connection_blocks
+        )
 
     # Helper expansion (OpenVPN's helper_client_server / helper_keepalive), in OpenVPN's push order.
     ping, ping_restart = o.ping, o.ping_restart
@@ -2112,7 +2496,14 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
             "a P2MP server needs `proto udp` or `proto tcp-server` (it waits for clients); change the proto",
             "proto",
         )
-    if b.remote_words:
+    for name in ("inactive", "ping-exit"):
+        if name in b.where:
+            raise fail(
+                f"`{name}` is not supported in P2MP server mode (clients that go silent are dropped "
+                "by `keepalive`); remove it",
+                name,
+            )
+    if b.remote_words or b.connection_blocks:
         raise fail(
             "`remote` cannot be used by a P2MP server (it waits for clients to connect); remove it",
             "remote",
@@ -2125,6 +2516,13 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
             'the VPN, use `push "redirect-gateway def1"` instead',
             "redirect-gateway",
         )
+    for name in _CLIENT_ROUTING_OPTIONS:
+        if name in b.where:
+            raise fail(
+                f"`{name}` is a client's routing option; a P2MP server does not apply it. Remove it, "
+                f'or push it to the clients (push "{name} ...") if they need it',
+                name,
+            )
     if o.keepalive is not None and o.keepalive[1] > 43200:
         raise fail(
             "keepalive: in server mode the timeout must not exceed 43200 (the server waits twice as "
@@ -2162,6 +2560,12 @@ def _check_server(b: _Builder, fail: _Fail) -> None:
                 "`server-ipv6` already defines the IPv6 address pool; remove `ifconfig-ipv6-pool`",
                 "ifconfig-ipv6-pool",
             )
+    if o.management_client_auth and o.management is None and o.management_unix is None:
+        raise fail(
+            "`management-client-auth` needs a management interface (`management IP PORT` or "
+            "`management PATH unix`) for the program that decides; add one or remove the option",
+            "management-client-auth",
+        )
     if o.ccd_exclusive and o.client_config_dir is None:
         raise fail(
             "`ccd-exclusive` needs `client-config-dir DIR` (it refuses clients without a file there); "

@@ -15,13 +15,15 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import secrets
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from signal import Signals
 
-from pyovpn import __version__, privdrop
-from pyovpn.config import AEAD_CIPHERS, Options
+from pyovpn import __version__, connlist, logsinks, privdrop, scripts
+from pyovpn.config import AEAD_CIPHERS, Options, no_effect_reason
 from pyovpn.datachannel import choice
 from pyovpn.datachannel.api import (
     DataChannel,
@@ -35,7 +37,10 @@ from pyovpn.datachannel.api import (
 )
 from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
-from pyovpn.edge.host import HostNetwork, SystemNetwork
+from pyovpn.edge.clientroutes import ClientRoutes
+from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
+from pyovpn.edge.pushwarn import warn_unapplied
+from pyovpn.edge.routejournal import RUN_DIR
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, ProtocolError, PyovpnError
@@ -71,16 +76,25 @@ def session_config(opts: Options) -> SessionConfig:
         tls_version_min=opts.tls_version_min,
         tls_groups=opts.tls_groups,
         peer_cert=peer_cert,
+        tls_cipher=opts.tls_cipher,
+        tls_ciphersuites=opts.tls_ciphersuites,
+        tls_version_max=opts.tls_version_max,
     )
     user, password = opts.auth_user_pass or (None, None)
     for name in opts.unoffered_ciphers:
-        log.warning("data-ciphers: %s is not offered: pyovpn's data channel runs AEAD ciphers only", name)
+        why = "the kernel data channel has no AES-192" if "GCM" in name else "pyovpn runs AEAD ciphers only"
+        log.warning("data-ciphers: %s is not offered: %s", name, why)
     return SessionConfig(
         # the TLS handshake
         is_tls_server=is_server,
         tls_context=ctx,
         peer_check=PeerCheck(
-            opts.remote_cert_tls, opts.verify_x509_name, peer_cert=peer_cert, crl=opts.crl_verify
+            opts.remote_cert_tls,
+            opts.verify_x509_name,
+            peer_cert=peer_cert,
+            crl=opts.crl_verify,
+            remote_cert_ku=opts.remote_cert_ku,
+            remote_cert_eku=opts.remote_cert_eku,
         ),
         tls_timeout=float(opts.tls_timeout),
         hand_window=opts.hand_window,
@@ -102,6 +116,8 @@ def session_config(opts: Options) -> SessionConfig:
         version=f"2.6.14-pyovpn{__version__}",
         # a client's credentials and whether it pulls its options
         pull=opts.pull,
+        pull_filters=opts.pull_filters,
+        route_nopull=opts.route_nopull,
         username=user,
         password=password,
         compression=opts.compression,
@@ -114,6 +130,8 @@ class Daemon:
     ``backend``: use this data channel instead of opening the one ``--dco`` picks.
     ``net``: where addresses and routes go (default: the host's, :class:`SystemNetwork`).
     ``handle_signals``: install OS signal handlers; without them, :meth:`signal` is the only way in.
+    ``route_journal_dir``: where route changes are journaled (default: /run/pyovpn on the real host,
+    none with a fake ``net``).
     """
 
     def __init__(
@@ -123,11 +141,13 @@ class Daemon:
         backend: DataChannel | None = None,
         net: HostNetwork | None = None,
         handle_signals: bool = True,
+        route_journal_dir: Path | None = None,
     ) -> None:
         self.opts = opts
         self.session_cfg = session_config(opts)
         self.net: HostNetwork = net if net is not None else SystemNetwork()
         self._backend = backend
+        self.routes = ClientRoutes(self.net, route_journal_dir or (RUN_DIR if net is None else None))
         self._handle_signals = handle_signals
         self.iface: str | None = None
         self.current: Connection | MultiServer | None = None
@@ -146,6 +166,9 @@ class Daemon:
         self.backend_reason = ""  # why this data channel (kernel or userspace), for `pyovpn show`
         self._refs: dict[int, tuple[tuple[int, int], float]] = {}  # peer id: (counters, last ref)
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
+        #: the client's servers to try in turn (None for a server, or a peer that waits to be contacted)
+        self.connlist = connlist.from_options(opts, secrets.randbelow) if opts.mode == "p2p" else None
+        scripts.set_config_env(opts.setenv)
 
     @property
     def dc(self) -> DataChannel:
@@ -185,6 +208,7 @@ class Daemon:
         if self.iface is None:
             name = opts.dev if opts.dev not in ("tun", "") else self.net.free_tun_name()
             await self.clean_stale_link(name)
+            self.routes.replay_stale(name)
             await self.dc.request(NewIface(name, IfaceMode.P2P, mtu))
             self.iface = name
             log.info("TUN/TAP device %s opened (%s data channel)", self.iface, self.dc.name)
@@ -204,6 +228,7 @@ class Daemon:
                 # `up-restart`: the scripts run on every restart, the device stays as it is
                 await self.run_down("restart")
                 await self.run_up(self._tun_params, "restart")
+            self._configure_routes(pushed, force=False)  # the server's address may have changed
             return  # persist-tun semantics: same config, nothing to redo after a restart
         restart = self._iface_configured_for is not None
         if restart:
@@ -215,8 +240,20 @@ class Daemon:
         params = iface.tun_params(self.iface, mtu, opts, pushed)
         peer_vars = (*peer_env(peer, common_name).items(), *certificate_env)
         params = replace(params, session_env=(*params.session_env, *peer_vars))
-        await self.run_up(params, "restart" if restart else "init")
+        context = "restart" if restart else "init"
+        await self.run_up(params, context, route_up=False)
+        if pushed is not None:
+            warn_unapplied(pushed)
+        self._configure_routes(pushed, force=True)
+        await self._run_route_up(params, context)
         self._apply_dns(pushed)
+
+    def _configure_routes(self, pushed: PushedOptions | None, *, force: bool) -> None:
+        """Routes after `up`, as OpenVPN orders it; the server's address is the connection's."""
+        assert self.iface is not None
+        conn = self.current
+        remote = conn.remote[0] if isinstance(conn, Connection) and conn.remote is not None else None
+        self.routes.configure(self.opts, pushed, self.iface, remote, force=force)
 
     def _apply_dns(self, pushed: PushedOptions | None) -> None:
         """Configured and pushed DNS to the system resolver (`pyovpn-dns auto`), or say why not."""
@@ -254,8 +291,11 @@ class Daemon:
             script_security=self.opts.script_security,
         )
 
-    async def run_up(self, params: TunParams, context: str) -> None:
-        """The `up` script, once the device is open and configured; failing is fatal, as in OpenVPN."""
+    async def run_up(self, params: TunParams, context: str, *, route_up: bool = True) -> None:
+        """The `up` script, once the device is open and configured; failing is fatal, as in OpenVPN.
+
+        Then `route-up`, unless the caller runs it itself once it has added the routes.
+        """
         self._tun_params = params
         command = self.opts.up
         if command:
@@ -265,7 +305,8 @@ class Daemon:
                 raise ScriptFailed(str(exc)) from None
             if status != 0:
                 raise ScriptFailed(f"up script {command} failed (exit status {status})")
-        await self._run_route_up(params, context)
+        if route_up:
+            await self._run_route_up(params, context)
 
     async def _run_route_up(self, params: TunParams, context: str) -> None:
         """`route-up`: once the routes are in place; OpenVPN only warns when it fails."""
@@ -348,7 +389,16 @@ class Daemon:
         try:
             await self._start_control()
             await self._start_management()
+            advanced = False
             while True:
+                if self.connlist is not None and first_packet is None and not advanced:
+                    try:
+                        self.connlist.advance()
+                    except connlist.GiveUp as exc:
+                        log.error("Exiting: %s", exc)
+                        exit_code = 1
+                        break
+                advanced = False
                 stop = await self._run_one(signals, first_packet)
                 first_packet = None
                 if stop.by_a_signal:
@@ -375,11 +425,22 @@ class Daemon:
                     self._mgmt_state("RECONNECTING", "connection-reset")
                     first_packet = stop.first_packet
                     continue
-                log.warning("%s; restarting in %.0f s", stop.message, RESTART_DELAY)
+                delay = RESTART_DELAY
+                if self.connlist is not None:
+                    # the next server and OpenVPN's connect-retry backoff before trying it
+                    try:
+                        self.connlist.advance()
+                    except connlist.GiveUp as exc:
+                        log.error("%s; exiting: %s", stop.message, exc)
+                        exit_code = 1
+                        break
+                    advanced = True
+                    delay = self.connlist.delay()
+                log.warning("%s; restarting in %.0f s", stop.message, delay)
                 self.notifier.status(f"{stop.message}; reconnecting")
                 self._mgmt_state("RECONNECTING", _restart_detail(stop.message))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(signals), RESTART_DELAY)
+                    await asyncio.wait_for(asyncio.shield(signals), delay)
                 if signals.done():
                     name = signals.result()
                     if name in EXIT_SIGNALS:
@@ -593,6 +654,15 @@ class Daemon:
             await conn.kill_client(c, "killed by the management interface")
         return f"SUCCESS: common name '{target}' found, {len(found)} client(s) killed"
 
+    async def external_auth(self, cid: int, kid: int, env: dict[str, str]) -> ExternalAuth:
+        if self.mgmt is None:
+            return ExternalAuth(False, reason="management-client-auth without a management interface")
+        return await self.mgmt.client_auth(cid, kid, env, timeout=float(self.opts.hand_window))
+
+    def client_event(self, event: str, cid: int, env: dict[str, str] | None = None) -> None:
+        if self.mgmt is not None:
+            self.mgmt.client_event(event, cid, env)
+
     async def client_kill(self, cid: int, message: str) -> str:
         conn = self.current
         if not isinstance(conn, MultiServer):
@@ -680,7 +750,7 @@ class Daemon:
     ) -> Stop:
         """One connection (or server instance) until it ends or a signal ends it."""
         conn: Connection | MultiServer = (
-            MultiServer(self) if self.opts.mode == "server" else Connection(self, first_packet)
+            MultiServer(self) if self.opts.mode == "server" else Connection(self, first_packet, self.connlist)
         )
         self.current = conn
         run: asyncio.Task[Stop] = asyncio.create_task(conn.run())
@@ -708,7 +778,10 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.dns.restore()
+        self.routes.undo()  # before the device goes, as OpenVPN deletes its routes first
         if self.iface is not None:
+            if self.opts.down_pre:
+                await self.run_down()  # `down-pre`: the script still sees the open device
             with contextlib.suppress(PyovpnError, OSError):
                 await self.dc.request(DelIface(self.iface))
             log.info("Closing TUN/TAP interface %s", self.iface)
@@ -784,6 +857,8 @@ def setup_logging(opts: Options) -> None:
         fmt = logging.Formatter("%(message)s")
     for h in handlers:
         h.setFormatter(fmt)
+        if opts.mute > 0:
+            h.addFilter(logsinks.MuteFilter(opts.mute))
     root = logging.getLogger()
     root.handlers[:] = handlers
     root.setLevel(level)
@@ -834,7 +909,20 @@ def run(opts: Options) -> int:
     setup_logging(opts)
     log.info("pyovpn %s (OpenVPN-compatible, data channel offload)", __version__)
     for name, source, line in opts.ignored:
-        log.warning("%s:%d: option '%s' is accepted but has no effect in pyovpn", source, line, name)
+        why = no_effect_reason(name)
+        log.warning(
+            "%s:%d: option '%s' is accepted but has no effect in pyovpn%s",
+            source,
+            line,
+            name,
+            f": {why}" if why else "",
+        )
+    if opts.nice:
+        try:
+            os.nice(opts.nice)
+            log.info("nice %d succeeded", opts.nice)
+        except OSError as exc:  # a negative value needs CAP_SYS_NICE; OpenVPN warns and goes on
+            log.warning("nice %d failed: %s", opts.nice, exc.strerror)
     if opts.mode == "server" and opts.dns_lines:
         log.warning(
             "local dhcp-option/dns lines have no effect in server mode (the server's own resolver is "

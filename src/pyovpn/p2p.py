@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import socket
 import time
 from typing import Any
 
+from pyovpn.connlist import ConnectionList, GiveUp, randomized_hostname
 from pyovpn.datachannel import api
 from pyovpn.datachannel.api import Notification, PeerDelReason, Transport
 from pyovpn.datachannel.api import normalize_address as _addr
@@ -47,12 +50,19 @@ class Connection(Instance[Command]):
     """One session attempt: socket, handshake, tunnel, until it ends."""
 
     def __init__(
-        self, host: PeerHost, first_packet: tuple[bytes, tuple[str, int] | None] | None = None
+        self,
+        host: PeerHost,
+        first_packet: tuple[bytes, tuple[str, int] | None] | None = None,
+        connlist: ConnectionList | None = None,
     ) -> None:
         super().__init__()
         self.host = host
         self.opts = host.opts
-        self.transport = Transport.TCP if self.opts.proto.startswith("tcp") else Transport.UDP
+        #: the client's connection list, already advanced to the entry this attempt uses
+        self.connlist = connlist
+        self.proto = connlist.current.proto if connlist is not None else self.opts.proto
+        self.transport = Transport.TCP if self.proto.startswith("tcp") else Transport.UDP
+        self._heard_from_peer = False
         self.remote: tuple[str, int] | None = None
         self.session: Session | None = None
         self.handed_over = False
@@ -63,17 +73,71 @@ class Connection(Instance[Command]):
         self._last_source: tuple[str, int] | None = None
         self.framer = StreamFramer()
         self._timer: asyncio.TimerHandle | None = None
+        self._poll_timer: asyncio.TimerHandle | None = None
+        self._inactivity: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ setup
 
     async def _open_socket(self) -> None:
+        target = self._resolve_entry()
+        poll = float(self.connlist.current.server_poll_timeout) if self.connlist else None
         if self.transport is Transport.UDP:
-            sock, self.remote = sockets.open_udp(self.opts)
-        elif self.opts.proto == "tcp-client":
-            sock, self.remote = await sockets.open_tcp_client(self.opts)
+            sock, self.remote = sockets.open_udp(self.opts, target)
+        elif self.proto == "tcp-client":
+            # OpenVPN's connect-timeout/server-poll-timeout bounds the TCP connect
+            timeout = poll if poll else sockets.TCP_CONNECT_TIMEOUT
+            sock, self.remote = await sockets.open_tcp_client(self.opts, target, timeout)
         else:  # tcp-server: one peer, like OpenVPN's P2P TCP server
             sock, self.remote = await sockets.accept_tcp_peer(self.opts)
         self.sock = sock
+
+    def _resolve_entry(self) -> sockets.Target | None:
+        """Resolve the current entry's name now (every attempt, as OpenVPN does), per resolv-retry."""
+        cl = self.connlist
+        if cl is None or self.proto == "tcp-server":
+            return None  # a one-peer TCP server waits for its peer; it contacts nobody
+        entry = cl.current
+        host = entry.host
+        if self.opts.remote_random_hostname:
+            host = randomized_hostname(host, os.urandom)
+        log.info(
+            "Connection entry %d/%d: %s:%d (%s)", cl.index + 1, len(cl.entries), host, entry.port, entry.proto
+        )
+        stype = socket.SOCK_DGRAM if self.transport is Transport.UDP else socket.SOCK_STREAM
+        try:
+            _, (address, port) = sockets.resolve(host, entry.port, entry.family or self.opts.family, stype)
+        except Stop as stop:
+            try:
+                cl.resolve_failed(time.time(), stop.message)
+            except GiveUp as exc:
+                raise Stop.fatal(str(exc)) from None
+            raise
+        cl.resolved()
+        return address, port, entry.family
+
+    def _server_poll_timeout(self) -> None:
+        """UDP: a server that has not answered within server-poll-timeout -> the next entry."""
+        if not self._heard_from_peer:
+            self.stop(Stop.restart("Server poll timeout, trying the next server"))
+
+    async def _watch_inactivity(self, seconds: int, least_bytes: int) -> None:
+        """`inactive`: every period, tunnel traffic (the data channel's counters) must exceed
+        ``least_bytes`` or the process exits; keepalive pings do not count."""
+        counted = 0
+        while True:
+            await asyncio.sleep(seconds)
+            total = 0
+            if self.handed_over and self.peer_id is not None:
+                with contextlib.suppress(PyovpnError, OSError):
+                    info = await self.host.dc.request(api.GetPeer(self.peer_id))
+                    if isinstance(info, api.PeerInfo):
+                        total = info.vpn_rx_bytes + info.vpn_tx_bytes
+            if total - counted > least_bytes:
+                counted = total
+                continue
+            log.info("Inactivity timeout (--inactive), exiting")
+            self.stop(Stop(StopReason.SIGNAL_EXIT, "inactivity timeout (--inactive)", signal="SIGTERM"))
+            return
 
     # ------------------------------------------------------------------ run
 
@@ -91,9 +155,18 @@ class Connection(Instance[Command]):
             opening.result()
         except Stop as stop:
             return stop
-        self.session = Session(self.host.session_cfg, rng=os.urandom, now=time.time())
+        cfg = self.host.session_cfg
+        if cfg.proto != self.proto:  # this entry's own proto: the options string must say so
+            cfg = dataclasses.replace(cfg, proto=self.proto)
+        self.session = Session(cfg, rng=os.urandom, now=time.time())
+        if self.connlist is not None and self.transport is Transport.UDP:
+            poll = self.connlist.current.server_poll_timeout
+            if poll > 0:
+                self._poll_timer = self.loop.call_later(poll, self._server_poll_timeout)
         self._start_reading()
         self._start_worker()
+        if self.opts.inactive is not None:
+            self._inactivity = asyncio.ensure_future(self._watch_inactivity(*self.opts.inactive))
         if self.first_packet is not None:
             # a restarted peer's hard reset that ended the previous connection: answer it now
             self._on_packet(*self.first_packet)
@@ -104,6 +177,12 @@ class Connection(Instance[Command]):
     async def _teardown(self) -> None:
         if self._timer:
             self._timer.cancel()
+        if self._poll_timer:
+            self._poll_timer.cancel()
+        if self._inactivity is not None:
+            self._inactivity.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._inactivity
         sess = self.session
         stop = self.stopped
         if sess is not None and stop is not None and stop.by_a_signal:
@@ -167,6 +246,7 @@ class Connection(Instance[Command]):
                 if sess.peer_session_id is None:
                     self.remote = source
         self._last_source = source
+        self._heard_from_peer = True
         sess.receive(data, time.time())
         self._pump()
 
@@ -287,6 +367,8 @@ class Connection(Instance[Command]):
                 raise
             self.handed_over = True
         log.info("Initialization Sequence Completed")
+        if self.connlist is not None:
+            self.connlist.connected()
         self.host.after_init()
 
     def on_notification(self, n: Notification) -> None:
@@ -298,6 +380,16 @@ class Connection(Instance[Command]):
                 return
             self.handed_over = False
             self.peer_id = None
+            pushed = self.tunnel.pushed if self.tunnel is not None else None
+            # a pushed ping-restart replaces the local ping-exit, as in OpenVPN
+            if (
+                n.reason is PeerDelReason.EXPIRED
+                and self.opts.ping_exit
+                and not (pushed and pushed.ping_restart)
+            ):
+                log.info("Inactivity timeout (--ping-exit), exiting")
+                self.stop(Stop(StopReason.SIGNAL_EXIT, "inactivity timeout (--ping-exit)", signal="SIGTERM"))
+                return
             why = _PEER_DELETED.get(
                 n.reason, f"peer deleted by the data channel ({n.reason.name}), restarting"
             )

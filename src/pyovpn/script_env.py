@@ -22,6 +22,7 @@ from pyovpn.config import Options
 from pyovpn.errors import ProtocolError
 from pyovpn.proto.dnsopts import parse_dns_lines
 from pyovpn.proto.push import PushedOptions
+from pyovpn.proto.redirect import BadRedirectFlag, RedirectFlags, redirect_from
 
 _PROC_ROUTE = "/proc/net/route"
 _STARTED = int(time.time())  # OpenVPN's daemon_start_time: when this process started (imported early)
@@ -111,13 +112,12 @@ def session_env(
         env[f"remote_port_{n}"] = str(opts.remote_port_for(remote))
         env[f"proto_{n}"] = remote.proto or opts.proto
 
-    redirect = [
-        o.split()[1:]
-        for o in (pushed.ignored if pushed is not None else [])
-        if o.startswith("redirect-gateway")
-    ]
-    # OpenVPN's value: 0 without redirect-gateway, 2 with def1, 1 otherwise (for down scripts)
-    env["redirect_gateway"] = "0" if not redirect else ("2" if "def1" in redirect[-1] else "1")
+    try:
+        redirect = redirect_from([*opts.redirects, *(pushed.redirects if pushed is not None else [])])
+    except BadRedirectFlag:
+        redirect = RedirectFlags()  # the route code reports the bad flag
+    # OpenVPN's value: 0 without a gateway redirect, 2 with def1, 1 otherwise
+    env["redirect_gateway"] = "0" if not redirect.reroute_v4 else ("2" if redirect.def1 else "1")
     vpn_gw = vpn_gateway(topology, ifconfig, pushed)
     if vpn_gw:
         env["route_vpn_gateway"] = vpn_gw
@@ -131,7 +131,10 @@ def session_env(
         if network is not None and network != "remote_host":
             routes.append((network, r.netmask, gateway, r.metric))
     if pushed is not None:
-        routes += [(net, mask, gw or vpn_gw, None) for net, mask, gw in pushed.routes]
+        for net, mask, gw, metric in pushed.routes:
+            network = gateway_words.get(net, net)
+            if network is not None and network != "remote_host":
+                routes.append((network, mask, gateway_words.get(gw, gw), metric))
     for n, (network, netmask, gateway, metric) in enumerate(routes, 1):
         env[f"route_network_{n}"] = network
         env[f"route_netmask_{n}"] = netmask
@@ -139,13 +142,15 @@ def session_env(
             env[f"route_gateway_{n}"] = gateway
         if metric is not None:
             env[f"route_metric_{n}"] = str(metric)
-    routes6 = [(r.network, r.gateway) for r in opts.routes_ipv6]
+    routes6 = [(r.network, r.gateway, r.metric) for r in opts.routes_ipv6]
     if pushed is not None:
         routes6 += pushed.routes_ipv6
-    for n, (network6, gateway6) in enumerate(routes6, 1):
+    for n, (network6, gateway6, metric6) in enumerate(routes6, 1):
         env[f"route_ipv6_network_{n}"] = str(ipaddress.IPv6Network(network6, strict=False))
         if gateway6 or ipv6_remote:
             env[f"route_ipv6_gateway_{n}"] = gateway6 or ipv6_remote or ""
+        if metric6 is not None:
+            env[f"route_ipv6_metric_{n}"] = str(metric6)
 
     pushed_dns = pushed.dns_lines if pushed is not None else []
     try:

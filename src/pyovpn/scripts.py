@@ -34,6 +34,16 @@ log = logging.getLogger("pyovpn.scripts")
 SCRIPT_TIMEOUT = 30.0
 MIN_SCRIPT_SECURITY = 2
 
+# The config's `setenv NAME VALUE` variables. OpenVPN hands them to every script it runs, so
+# they live here, where every script starts, rather than being threaded through each caller.
+_config_env: dict[str, str] = {}
+
+
+def set_config_env(pairs: Sequence[tuple[str, str]]) -> None:
+    """The config's `setenv` variables, for every script run from now on (later names win)."""
+    _config_env.clear()
+    _config_env.update(pairs)
+
 
 class ScriptRefused(PyovpnError):
     """script-security forbids running user scripts."""
@@ -72,7 +82,7 @@ async def run_script(
     if why is not None:
         raise ScriptRefused(why)
     argv = [*command.split(), *args]
-    full_env = {**os.environ, **(env or {}), "script_type": script_type}
+    full_env = {**os.environ, **_config_env, **(env or {}), "script_type": script_type}
     try:
         proc = await asyncio.create_subprocess_exec(*argv, env=full_env)
     except OSError as exc:

@@ -306,8 +306,9 @@ def test_realistic_client_profile() -> None:
     assert o.tls_auth is None
     assert o.config_sources == ("client.ovpn",)
     ignored = {name: line for name, _source, line in o.ignored}
-    assert set(ignored) == {"resolv-retry", "mute", "block-outside-dns", "some-future-option"}
-    assert ignored["resolv-retry"] == 9
+    assert set(ignored) == {"block-outside-dns", "some-future-option"}
+    assert o.mute == 20  # carried out by the log handler, no longer ignored
+    assert o.resolv_retry is None  # `resolv-retry infinite` is carried out now, not ignored
     assert all(src == "client.ovpn" for _name, src, _line in o.ignored)
 
 
@@ -410,9 +411,10 @@ def test_setenv_opt_with_known_option_applies_it() -> None:
     assert parse_config_text(CLIENT + "setenv opt verb 5\n").verb == 5
 
 
-def test_setenv_plain_is_ignored() -> None:
+def test_setenv_plain_goes_to_the_scripts() -> None:
     o = parse_config_text(CLIENT + "setenv FOO bar\n")
-    assert [n for n, _s, _l in o.ignored] == ["setenv"]
+    assert o.ignored == ()
+    assert o.setenv == (("FOO", "bar"),)
 
 
 def test_ignore_unknown_option_accepts_dashes_and_only_later_lines() -> None:

@@ -103,7 +103,7 @@ def test_client_pulls_its_config_from_a_cookie_started_server(pki: dict[str, byt
     s_up = next(e for e in p.server_events if isinstance(e, TunnelUp))
     assert c_up.peer_id == s_up.peer_id == 7
     assert c_up.pushed is not None and c_up.pushed.ifconfig == ("10.8.0.2", "255.255.255.0")
-    assert c_up.pushed.routes == [("192.168.77.0", "255.255.255.0", None)]
+    assert c_up.pushed.routes == [("192.168.77.0", "255.255.255.0", None, None)]
     assert (c_up.keepalive_interval, c_up.keepalive_timeout) == (10, 60)
     assert c_up.key_derivation == s_up.key_derivation == "tls-ekm" and c_up.cc_exit
     (ck,) = [e for e in p.client_events if isinstance(e, NewKey)]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pyovpn.net import tun
+from pyovpn.edge.fulltunnel import NetGateway
+from pyovpn.net import gateway, routefirst, tun
 
 if TYPE_CHECKING:
     from pyovpn.config import Options
@@ -24,6 +26,16 @@ if TYPE_CHECKING:
     from pyovpn.scripts import TunParams
 
 SYS_CLASS_NET = "/sys/class/net"
+
+
+@dataclass(frozen=True)
+class ExternalAuth:
+    """A management client's answer to `>CLIENT:CONNECT`: accept (with config lines) or deny."""
+
+    accept: bool
+    config: tuple[str, ...] = ()  # client-auth's lines: like a client-config-dir file
+    reason: str = ""  # client-deny's log reason
+    client_reason: str = ""  # what the client is told (AUTH_FAILED,reason)
 
 
 class HostNetwork(Protocol):
@@ -73,6 +85,25 @@ class SystemNetwork:
         ):
             with contextlib.suppress(OSError):
                 Path(path).write_text("1\n")
+
+    def add_route_first(
+        self, ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
+    ) -> None:
+        """Add a route as OpenVPN does: in front of an existing one to the same destination."""
+        routefirst.add_route_first(ifname, network, prefixlen, gateway, metric)
+
+    def del_route_exact(
+        self, ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
+    ) -> None:
+        """Remove a route added with :meth:`add_route_first` (``ifname`` may be "")."""
+        routefirst.del_route_exact(ifname, network, prefixlen, gateway, metric)
+
+    def gateway_to(self, address: str) -> NetGateway | None:
+        """How the host reaches ``address`` now: the "net_gateway" of routes and redirect-gateway."""
+        found = gateway.route_to(address)
+        if found is None:
+            return None
+        return NetGateway(found.ifname, found.gateway, found.networks, found.default_metric)
 
     def free_tun_name(self) -> str:
         existing = set(os.listdir(SYS_CLASS_NET)) if os.path.isdir(SYS_CLASS_NET) else set()
@@ -129,4 +160,12 @@ class ServerHost(_Host, Protocol):
 
     async def clean_stale_link(self, name: str) -> None:
         """Remove a leftover device of this name from a killed earlier run, if the backend can."""
+        ...
+
+    async def external_auth(self, cid: int, kid: int, env: dict[str, str]) -> ExternalAuth:
+        """`management-client-auth`: the management client's verdict on a connecting client."""
+        ...
+
+    def client_event(self, event: str, cid: int, env: dict[str, str] | None = None) -> None:
+        """`>CLIENT:ESTABLISHED|DISCONNECT` for management clients (nothing without management)."""
         ...

@@ -57,32 +57,23 @@ def server_tun_params(ifname: str, opts: Options) -> TunParams:
 
 
 def configure_addresses(net: HostNetwork, ifname: str, opts: Options, pushed: PushedOptions | None) -> None:
-    """Put the tunnel's addresses and routes on the interface (from config or from the push)."""
+    """Put the tunnel's addresses on the interface (from config or from the push); its routes are
+    :mod:`pyovpn.edge.clientroutes`'s. With `ifconfig-noexec` the addresses are left to a script."""
     topology = pushed.topology if pushed else opts.topology
     ifconfig = pushed.ifconfig if pushed and pushed.ifconfig else opts.ifconfig
+    v6 = _ipv6_of(opts, pushed)
+    if opts.ifconfig_noexec:
+        log.info("ifconfig-noexec: pyovpn does not put the addresses %s %s on %s", ifconfig, v6, ifname)
+        return
     if ifconfig:
         local, other = ifconfig
         if topology == "subnet":
             net.add_address(ifname, local, ipaddress.IPv4Network(f"0.0.0.0/{other}").prefixlen)
         else:
             net.add_address(ifname, local, 32, peer=other)
-    v6 = _ipv6_of(opts, pushed)
     if v6:
         iface6 = ipaddress.IPv6Interface(v6[0])
         net.add_address(ifname, str(iface6.ip), iface6.network.prefixlen)
-    routes = [(r.network, r.netmask) for r in opts.routes]
-    routes6 = [r.network for r in opts.routes_ipv6]
-    if pushed:
-        routes += [(network, mask) for network, mask, _gw in pushed.routes]
-        routes6 += [network for network, _gw in pushed.routes_ipv6]
-    for network, mask in routes:
-        n = ipaddress.IPv4Network(f"{network}/{mask}", strict=False)
-        net.add_route(ifname, str(n.network_address), n.prefixlen)
-    for net6 in routes6:
-        n6 = ipaddress.IPv6Network(net6, strict=False)
-        if v6 and n6 == ipaddress.IPv6Interface(v6[0]).network:
-            continue  # the address already routes its own network
-        net.add_route(ifname, str(n6.network_address), n6.prefixlen)
 
 
 def configure_server(net: HostNetwork, ifname: str, opts: Options) -> None:

@@ -15,12 +15,15 @@ from typing import Any
 
 from pyovpn.config import Options
 from pyovpn.datachannel.api import normalize_address
+from pyovpn.edge.sockopts import apply_socket_options
 from pyovpn.edge.stop import Stop
 from pyovpn.proto.packets import frame
 
 log = logging.getLogger("pyovpn")
 
 Addr = tuple[str, int]
+#: (host, port, family) of one connection-list entry; family 4/6 when its proto forces one
+Target = tuple[str, int, int | None]
 TCP_CONNECT_TIMEOUT = 10.0
 
 
@@ -58,8 +61,12 @@ def resolve(host: str, port: int, family: int | None, stype: int) -> tuple[int, 
     return int(af), (str(sa[0]), int(sa[1]))
 
 
-def first_remote(opts: Options, stype: int) -> tuple[int, Addr] | None:
-    """The resolved first ``remote`` (its own proto and port, else the global ones), or None."""
+def first_remote(opts: Options, stype: int, target: Target | None = None) -> tuple[int, Addr] | None:
+    """The resolved ``target`` if given, else the first ``remote`` (its own port, else the global
+    one), or None."""
+    if target is not None:
+        host, port, family = target
+        return resolve(host, port, family or opts.family, stype)
     if not opts.remotes:
         return None
     r = opts.remotes[0]
@@ -69,6 +76,7 @@ def first_remote(opts: Options, stype: int) -> tuple[int, Addr] | None:
 def _bound(opts: Options, af: int, stype: int, what: str) -> socket.socket:
     """A socket of ``af``/``stype`` bound where the options say; a failure to bind is fatal."""
     sock = socket.socket(af, stype)
+    apply_socket_options(sock, opts)
     if is_dual_stack(opts, af):
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -81,9 +89,9 @@ def _bound(opts: Options, af: int, stype: int, what: str) -> socket.socket:
     return sock
 
 
-def open_udp(opts: Options) -> tuple[socket.socket, Addr | None]:
+def open_udp(opts: Options, target: Target | None = None) -> tuple[socket.socket, Addr | None]:
     """The P2P UDP socket and the peer to talk to (None: wait for the peer to come to us)."""
-    found = first_remote(opts, socket.SOCK_DGRAM)
+    found = first_remote(opts, socket.SOCK_DGRAM, target)
     af, remote = found if found else (listen_family(opts), None)
     sock = _bound(opts, af, socket.SOCK_DGRAM, "UDP")
     if af == socket.AF_INET6 and remote and "." in remote[0]:
@@ -97,19 +105,23 @@ def open_udp(opts: Options) -> tuple[socket.socket, Addr | None]:
     return sock, remote
 
 
-async def open_tcp_client(opts: Options) -> tuple[socket.socket, Addr]:
-    """A connected TCP socket to the first remote; a refused or slow connect is worth a retry."""
-    found = first_remote(opts, socket.SOCK_STREAM)
+async def open_tcp_client(
+    opts: Options, target: Target | None = None, timeout: float = TCP_CONNECT_TIMEOUT
+) -> tuple[socket.socket, Addr]:
+    """A connected TCP socket to ``target`` (default: the first remote); a refused or slow
+    (``timeout``) connect is worth a retry."""
+    found = first_remote(opts, socket.SOCK_STREAM, target)
     if found is None:
         raise Stop.fatal("tcp-client needs a remote")
     af, remote = found
     sock = socket.socket(af, socket.SOCK_STREAM)
+    apply_socket_options(sock, opts)
     sock.setblocking(False)
     if opts.local or (not opts.nobind and opts.lport):
         sock.bind(bind_address(opts, af))
     log.info("Attempting to establish TCP connection with %s", remote)
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, remote), TCP_CONNECT_TIMEOUT)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, remote), timeout)
     except (OSError, TimeoutError) as exc:
         sock.close()
         raise Stop.restart(f"TCP connection to {remote} failed: {exc}") from None
@@ -168,9 +180,11 @@ def open_server_udp(opts: Options) -> socket.socket:
     af = listen_family(opts)
     address = bind_address(opts, af)
     try:
-        return bind_server_socket(af, address, is_dual_stack(opts, af))
+        sock = bind_server_socket(af, address, is_dual_stack(opts, af))
     except OSError as exc:
         raise Stop.fatal(f"cannot bind UDP {address}: {exc.strerror}") from None
+    apply_socket_options(sock, opts)
+    return sock
 
 
 def send_control(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyovpn.config import split_words
+from pyovpn.edge.host import ExternalAuth
 from pyovpn.errors import ConfigError
 from pyovpn.mgmt import protocol as p
 
@@ -53,8 +54,18 @@ class ManagementHost(Protocol):
 
 
 @dataclass
+class _Collecting:
+    """A `client-auth CID KID` command waiting for its config lines and `END`."""
+
+    cid: int
+    kid: int
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass
 class _Client:
     writer: asyncio.StreamWriter
+    collecting: _Collecting | None = None
     state_on: bool = False
     log_on: bool = False
     echo_on: bool = False
@@ -95,6 +106,9 @@ class ManagementServer:
         if not hold:
             self._released.set()
         self._mute = 0
+        # management-client-auth: verdicts awaited per (CID, KID)
+        self._auth: dict[tuple[int, int], asyncio.Future[ExternalAuth]] = {}
+        self._pending_extended: dict[tuple[int, int], bool] = {}  # client-pending-auth seen
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,6 +164,34 @@ class ManagementServer:
             if c.log_on:
                 c.send(data)
 
+    async def client_auth(self, cid: int, kid: int, env: dict[str, str], timeout: float) -> ExternalAuth:
+        """`>CLIENT:CONNECT` to every management client; the first `client-auth`/`client-deny` decides."""
+        fut: asyncio.Future[ExternalAuth] = asyncio.get_running_loop().create_future()
+        self._auth[(cid, kid)] = fut
+        self._client_event(f">CLIENT:CONNECT,{cid},{kid}", env)
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), timeout)
+                except TimeoutError:
+                    if not self._pending_extended.pop((cid, kid), False):
+                        return ExternalAuth(False, reason="no answer from the management interface")
+        finally:
+            self._auth.pop((cid, kid), None)
+
+    def client_event(self, event: str, cid: int, env: dict[str, str] | None) -> None:
+        """`>CLIENT:ESTABLISHED,CID` / `>CLIENT:DISCONNECT,CID` with the client's environment."""
+        self._client_event(f">CLIENT:{event},{cid}", env or {})
+
+    def _client_event(self, head: str, env: dict[str, str]) -> None:
+        out = [head, *(f">CLIENT:ENV,{k}={v}" for k, v in env.items()), ">CLIENT:ENV,END"]
+        self._broadcast_all_lines(out)
+
+    def _broadcast_all_lines(self, texts: list[str]) -> None:
+        data = p.lines(texts)
+        for c in self.clients:
+            c.send(data)
+
     def _broadcast_all(self, text: str) -> None:
         data = p.line(text)
         for c in self.clients:
@@ -174,6 +216,8 @@ class ManagementServer:
                 for item in splitter.feed(data):
                     if item is p.TOO_LONG:
                         client.send(p.line(f"ERROR: command line too long (limit {p.MAX_LINE} bytes)"))
+                    elif isinstance(item, str) and client.collecting is not None:
+                        self._collect(client, item)
                     elif isinstance(item, str) and item and not await self._command(client, item):
                         return
                 await writer.drain()
@@ -224,7 +268,8 @@ class ManagementServer:
         except Exception as e:  # a command never takes the daemon down
             log.warning("MANAGEMENT: '%s' failed: %s", cmd, e)
             reply = p.line(f"ERROR: {cmd} failed: {e}")
-        c.send(reply)
+        if reply:
+            c.send(reply)
         return True
 
     def _handlers(self) -> dict[str, Callable[[_Client, list[str]], Awaitable[bytes]]]:
@@ -245,6 +290,10 @@ class ManagementServer:
             "verb": self._verb,
             "mute": self._mute_cmd,
             "pyovpn-info": self._info,
+            "client-auth": self._client_auth,
+            "client-auth-nt": self._client_auth_nt,
+            "client-deny": self._client_deny,
+            "client-pending-auth": self._client_pending_auth,
             "exit": self._help,
             "quit": self._help,
         }
@@ -361,6 +410,61 @@ class ManagementServer:
     async def _info(self, c: _Client, args: list[str]) -> bytes:
         """pyovpn's own command (no OpenVPN tool sends it): everything `pyovpn show` prints, as JSON."""
         return p.lines([json.dumps(await self.host.info(), sort_keys=True), "END"])
+
+    def _verdict_for(self, args: list[str], what: str) -> tuple[asyncio.Future[ExternalAuth] | None, str]:
+        if len(args) < 2 or not args[0].isdigit() or not args[1].isdigit():
+            return None, f"ERROR: {what} needs CID and KID"
+        fut = self._auth.get((int(args[0]), int(args[1])))
+        if fut is None or fut.done():
+            return (
+                None,
+                f"ERROR: {what} command failed: no pending authentication for client {args[0]} key {args[1]}",
+            )
+        return fut, ""
+
+    async def _client_auth(self, c: _Client, args: list[str]) -> bytes:
+        fut, err = self._verdict_for(args, "client-auth")
+        if fut is None:
+            return p.line(err)
+        c.collecting = _Collecting(int(args[0]), int(args[1]))
+        return b""  # the reply comes after END
+
+    def _collect(self, c: _Client, text: str) -> None:
+        col = c.collecting
+        assert col is not None
+        if text.strip() != "END":
+            col.lines.append(text.strip())
+            return
+        c.collecting = None
+        fut = self._auth.get((col.cid, col.kid))
+        if fut is None or fut.done():
+            c.send(p.line(f"ERROR: client-auth command failed: client {col.cid} is no longer waiting"))
+            return
+        fut.set_result(ExternalAuth(True, config=tuple(x for x in col.lines if x)))
+        c.send(p.line("SUCCESS: client-auth command succeeded"))
+
+    async def _client_auth_nt(self, c: _Client, args: list[str]) -> bytes:
+        fut, err = self._verdict_for(args, "client-auth-nt")
+        if fut is None:
+            return p.line(err)
+        fut.set_result(ExternalAuth(True))
+        return p.line("SUCCESS: client-auth command succeeded")
+
+    async def _client_deny(self, c: _Client, args: list[str]) -> bytes:
+        fut, err = self._verdict_for(args, "client-deny")
+        if fut is None:
+            return p.line(err)
+        reason = args[2] if len(args) > 2 else ""
+        fut.set_result(ExternalAuth(False, reason=reason, client_reason=args[3] if len(args) > 3 else ""))
+        return p.line("SUCCESS: client-deny command succeeded")
+
+    async def _client_pending_auth(self, c: _Client, args: list[str]) -> bytes:
+        """`client-pending-auth CID KID EXTRA TIMEOUT`: the verdict comes later; keep the client waiting."""
+        fut, err = self._verdict_for(args, "client-pending-auth")
+        if fut is None:
+            return p.line(err)
+        self._pending_extended[(int(args[0]), int(args[1]))] = True
+        return p.line("SUCCESS: client-pending-auth command succeeded")
 
     async def _mute_cmd(self, c: _Client, args: list[str]) -> bytes:
         if not args:

@@ -7,15 +7,23 @@ from dataclasses import dataclass, field
 
 from pyovpn.datachannel.api import Framing
 from pyovpn.errors import ProtocolError
+from pyovpn.proto.redirect import REDIRECT_OPTIONS, BadRedirectFlag, RedirectFlags, add_redirect
+
+ROUTE_KEYWORDS = ("vpn_gateway", "net_gateway", "remote_host")
 
 
 @dataclass
 class PushedOptions:
     ifconfig: tuple[str, str] | None = None  # (local, netmask-or-remote)
     ifconfig_ipv6: tuple[str, str | None] | None = None  # ("addr/len", remote)
-    routes: list[tuple[str, str, str | None]] = field(default_factory=list)  # (network, netmask, gateway)
-    routes_ipv6: list[tuple[str, str | None]] = field(default_factory=list)  # ("net/len", gateway)
+    # (network, netmask, gateway, metric); network/gateway may be net_gateway, remote_host, vpn_gateway
+    routes: list[tuple[str, str, str | None, int | None]] = field(default_factory=list)
+    routes_ipv6: list[tuple[str, str | None, int | None]] = field(
+        default_factory=list
+    )  # ("net/len", gw, metric)
     route_gateway: str | None = None
+    route_metric: int | None = None
+    redirects: list[tuple[str, ...]] = field(default_factory=list)  # ("redirect-gateway", "def1", ...)
     topology: str = "net30"
     peer_id: int | None = None
     cipher: str | None = None
@@ -84,13 +92,25 @@ def parse_pushed_options(options: list[str]) -> PushedOptions:
         elif name == "route" and len(words) >= 2:
             mask = words[2] if len(words) > 2 and words[2] != "default" else "255.255.255.255"
             gw = words[3] if len(words) > 3 and words[3] not in ("vpn_gateway", "default") else None
-            if words[1] in ("vpn_gateway", "net_gateway", "remote_host"):
-                p.ignored.append(opt)
-                continue
-            p.routes.append((_ip(words[1], name), _ip(mask, name), gw))
+            metric = _int(words, 4, name) if len(words) > 4 and words[4] != "default" else None
+            network = words[1] if words[1] in ROUTE_KEYWORDS else _ip(words[1], name)
+            gateway = gw if gw is None or gw in ROUTE_KEYWORDS else _ip(gw, name)
+            p.routes.append((network, _ip(mask, name), gateway, metric))
         elif name == "route-ipv6" and len(words) >= 2:
-            gw = words[2] if len(words) > 2 else None
-            p.routes_ipv6.append((_ip(words[1], name, v6=True), gw))
+            gw6 = words[2] if len(words) > 2 and words[2] not in ("vpn_gateway", "default") else None
+            metric = _int(words, 3, name) if len(words) > 3 and words[3] != "default" else None
+            if gw6 is not None and gw6 != "net_gateway":
+                _ip(gw6, name, v6=True)
+            p.routes_ipv6.append((_ip(words[1], name, v6=True), gw6, metric))
+        elif name == "route-metric":
+            p.route_metric = _int(words, 1, name)
+        elif name in REDIRECT_OPTIONS:
+            try:
+                add_redirect(RedirectFlags(), name, words[1:])
+            except BadRedirectFlag:
+                p.ignored.append(opt)  # as OpenVPN: an option error in a push skips that option
+                continue
+            p.redirects.append(tuple(words))
         elif name == "route-gateway" and len(words) >= 2:
             p.route_gateway = words[1] if words[1] != "dhcp" else None
         elif name == "topology" and len(words) >= 2:

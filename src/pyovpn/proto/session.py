@@ -29,6 +29,7 @@ from pyovpn.proto.keys import (
 )
 from pyovpn.proto.packets import SESSION_ID_LEN, ControlPacket, Opcode, ReliabilityHeader
 from pyovpn.proto.push import PushedOptions, parse_pushed_options, split_push_message
+from pyovpn.proto.redirect import PullFilterAction, filter_pushed
 from pyovpn.proto.reliable import AckTracker, ReliableReceiver, ReliableSender
 from pyovpn.proto.tls import PeerCheck, TlsEndpoint
 from pyovpn.proto.tlswrap import NoWrap, TlsAuth, TlsCrypt, Wrap
@@ -74,6 +75,8 @@ class SessionConfig:
     ping_restart: int = 0
     offer_ekm: bool = True  # advertise TLS-EKM key derivation (IV_PROTO bit 3)
     mode_server: bool = False  # P2MP server: the client pulls its options (needs is_tls_server)
+    pull_filters: tuple[tuple[PullFilterAction, str], ...] = ()  # `pull-filter`, in order
+    route_nopull: bool = False
     compression: tuple[str, str] | None = None  # comp-lzo/compress and its argument: OCC and peer-info
 
 
@@ -741,8 +744,16 @@ class Session:
             if more:
                 return
             self._next_push_request = None
-            pushed = parse_pushed_options(self._push_parts)
+            filtered = filter_pushed(
+                self._push_parts, self.cfg.pull_filters, route_nopull=self.cfg.route_nopull
+            )
             self._push_parts = []
+            for line in filtered.removed:
+                log.info("Pushed option removed by filter: '%s'", line)
+            if filtered.rejected is not None:
+                self._fail(f"Pushed option rejected by filter (pull-filter reject): '{filtered.rejected}'")
+                return
+            pushed = parse_pushed_options(filtered.kept)
             self._apply_push(ks, pushed, now)
         elif text.startswith("AUTH_FAILED"):
             self._fail(

@@ -16,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
 from pyovpn.errors import ConfigError, ProtocolError
+from pyovpn.proto import cert_usage, tls_ciphers
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class PeerCheck:
     verify_x509_name: tuple[str, str] | None = None  # (name, "subject" | "name" | "name-prefix")
     peer_cert: str = "require"  # a server's verify-client-cert: "require" | "optional" | "none"
     crl: bytes | None = None  # PEM CRL (crl-verify): a revoked peer certificate is refused
+    remote_cert_ku: tuple[int, ...] | None = None  # remote-cert-ku values (empty: just present)
+    remote_cert_eku: str | None = None  # remote-cert-eku: dotted OID or OpenSSL long name
 
 
 def _load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
@@ -47,6 +50,9 @@ def build_context(
     tls_version_min: str | None = None,
     tls_groups: str | None = None,
     peer_cert: str = "require",
+    tls_cipher: str | None = None,
+    tls_ciphersuites: str | None = None,
+    tls_version_max: str | None = None,
 ) -> SSL.Context:
     """A TLS context for one role; ConfigError if the PEM material is unusable."""
     method = SSL.TLS_SERVER_METHOD if is_server else SSL.TLS_CLIENT_METHOD
@@ -58,8 +64,17 @@ def build_context(
         "1.3": SSL.TLS1_3_VERSION,
     }
     ctx.set_min_proto_version(minimum.get((tls_version_min or "1.2").split()[0], SSL.TLS1_2_VERSION))
+    if tls_version_max:
+        low, high = (tls_version_min or "1.2").split()[0], tls_version_max
+        if float(high) < float(low):
+            raise ConfigError(f"tls-version-max {high} is below tls-version-min {low}; raise it")
+        ctx.set_max_proto_version(minimum[high])
     if tls_groups:
         _set_groups(ctx, tls_groups)
+    if tls_cipher:
+        tls_ciphers.apply_tls_cipher(ctx, tls_cipher)
+    if tls_ciphersuites:
+        tls_ciphers.apply_tls_ciphersuites(ctx, tls_ciphersuites)
     store = ctx.get_cert_store()
     assert store is not None
     for c in _load_certs(ca, "ca"):
@@ -137,6 +152,10 @@ def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
                 f"peer certificate lacks the TLS Web {check.remote_cert_tls.title()} Authentication usage "
                 f"required by remote-cert-tls {check.remote_cert_tls}"
             )
+    if check.remote_cert_ku is not None:
+        cert_usage.check_key_usage(cert, check.remote_cert_ku)
+    if check.remote_cert_eku is not None:
+        cert_usage.check_extended_key_usage(cert, check.remote_cert_eku)
     if check.verify_x509_name:
         name, kind = check.verify_x509_name
         cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]

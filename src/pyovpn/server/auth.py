@@ -45,7 +45,9 @@ def auth_env(cn: str, req: ClientAuthRequest, addr: Addr) -> dict[str, str]:
 
 def must_wait(opts: Options) -> bool:
     """Whether authenticating a client runs a script (so it cannot finish within one packet)."""
-    return bool(opts.auth_user_pass_verify or opts.tls_verify or opts.client_connect)
+    return bool(
+        opts.auth_user_pass_verify or opts.tls_verify or opts.client_connect or opts.management_client_auth
+    )
 
 
 async def user_pass_verify(verify: tuple[str, str], req: ClientAuthRequest, env: Mapping[str, str]) -> bool:

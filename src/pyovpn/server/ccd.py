@@ -13,8 +13,19 @@ from pyovpn.errors import PyovpnError
 from pyovpn.server.pool import AddressPool
 
 
-def read_ccd(opts: Options, cn: str) -> CcdOptions | None:
-    """The client-config-dir file for ``cn``, or None; a missing one refuses the client with ccd-exclusive."""
+def read_ccd(opts: Options, cn: str, extra: tuple[str, ...] = ()) -> CcdOptions | None:
+    """The client-config-dir file for ``cn``, or None; a missing one refuses the client with ccd-exclusive.
+
+    ``extra`` lines (a management `client-auth` block) are read as if they followed the file.
+    """
+    text = _ccd_file(opts, cn)
+    if extra:
+        text = (text or "") + "".join(f"{line}\n" for line in extra)
+        return parse_ccd(text, source="management client-auth")
+    return parse_ccd(text, source=str(Path(opts.client_config_dir or "") / cn)) if text is not None else None
+
+
+def _ccd_file(opts: Options, cn: str) -> str | None:
     ccd_dir = opts.client_config_dir
     if not ccd_dir or not cn or "/" in cn or cn.startswith("."):
         return None
@@ -23,7 +34,7 @@ def read_ccd(opts: Options, cn: str) -> CcdOptions | None:
         if opts.ccd_exclusive:
             raise PyovpnError(f"no client-config-dir file for '{cn}' (ccd-exclusive)")
         return None
-    return parse_ccd(path.read_text(), source=str(path))
+    return path.read_text()
 
 
 @dataclass

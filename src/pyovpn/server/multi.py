@@ -68,7 +68,7 @@ class Client:
     env: dict[str, str] = field(default_factory=dict)
     # for the status file and management: set when the data channel takes the client
     connected_since: float = 0.0
-    client_id: int = 0
+    client_id: int = -1  # -1 until the management interface or the data channel needs it
     cipher: str = ""
 
     @property
@@ -298,6 +298,13 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
 
     # ------------------------------------------------------------------ authentication and config
 
+    def _cid(self, client: Client) -> int:
+        """The client's management id (CID), given once per connection."""
+        if client.client_id < 0:
+            client.client_id = self._next_client_id
+            self._next_client_id += 1
+        return client.client_id
+
     def _auth_identity(self, client: Client, req: ClientAuthRequest) -> dict[str, str]:
         cn = auth.common_name(self.opts, req)
         client.common_name, client.username = cn, req.username
@@ -337,9 +344,13 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         if push is not None:
             self._accept(client, push)
 
-    def _client_config(self, client: Client) -> list[str] | None:
-        """The client's push list from the client-config-dir and the pool; None if ccd disables it."""
-        ccd = read_ccd(self.opts, client.common_name)
+    def _client_config(self, client: Client, extra: tuple[str, ...] = ()) -> list[str] | None:
+        """The client's push list from the client-config-dir and the pool; None if ccd disables it.
+
+        ``extra``: config lines a management client gave with `client-auth`, read like a
+        client-config-dir file after the client's own file.
+        """
+        ccd = read_ccd(self.opts, client.common_name, extra)
         if ccd is not None and ccd.disable:
             client.session.reject_client(time.time(), "client disabled in client-config-dir")
             return None
@@ -388,6 +399,14 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
                 log.warning("%s TLS Auth Error: Auth Username/Password verification failed for peer", cn)
                 self._reject(client, "")
                 return
+            extra_config: tuple[str, ...] = ()
+            if o.management_client_auth:
+                verdict = await self.host.external_auth(self._cid(client), 0, env)
+                if not verdict.accept:
+                    log.warning("%s: client denied by the management interface: %s", cn, verdict.reason)
+                    self._reject(client, verdict.client_reason)
+                    return
+                extra_config = verdict.config
             for other in self._duplicates(client):
                 log.info(
                     "MULTI: new connection by client '%s' will cause previous active sessions by "
@@ -398,7 +417,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
             if await self._script(o.tls_verify, "tls-verify", client, "0", f"CN={cn}") != 0:
                 self._reject(client, "tls-verify script refused the certificate")
                 return
-            push = self._client_config(client)
+            push = self._client_config(client, extra_config)
             if push is None:
                 self._pump(client)
                 return
@@ -457,8 +476,8 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         client.in_backend = True
         client.connected_since = time.time()
         client.cipher = up.cipher.value
-        client.client_id = self._next_client_id
-        self._next_client_id += 1
+        self._cid(client)
+        self.host.client_event("ESTABLISHED", client.client_id, client.env)
         # the data channel reads the shared socket from now on and passes control packets up
         self._stop_reading()
         for net, plen, gateway in self._iroutes(client):
@@ -497,6 +516,8 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
             del self.by_peer[client.peer_id]
             self._release_peer_id(client.peer_id)
         log.info("%s/%s:%d client disconnected: %s", client.common_name or "?", *client.addr, reason)
+        if client.client_id >= 0:
+            self.host.client_event("DISCONNECT", client.client_id, client.env)
         if client.in_backend and notify_backend and client.peer_id is not None:
             with contextlib.suppress(PyovpnError):
                 await self.host.dc.request(api.DelPeer(client.peer_id))
