@@ -12,6 +12,8 @@ usage: pyovpn --config FILE [--option args ...]
        pyovpn --option args ...          (OpenVPN-style long options, later ones win)
        pyovpn demo                       (two network namespaces, a tunnel, a ping; needs root)
        pyovpn show [INTERFACE] [--json]  (running tunnels, peers, traffic; like `wg show`)
+       pyovpn genkey KIND [FILE] [--key SERVERKEY] [--metadata B64]
+                                         (secret, tls-crypt, tls-crypt-v2-server, tls-crypt-v2-client)
 
 pyovpn reads OpenVPN 2.6 configuration syntax. Roles: `client` (pull from an OpenVPN server),
 `tls-client` / `tls-server` with `ifconfig` (P2P). `--dco auto|kernel|userspace` picks the
@@ -31,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from pyovpn.tools import show
 
         return show.main(args[1:])
+    if args[0] == "genkey":
+        from pyovpn.tools import genkey
+
+        return genkey.main(args[1:])
     if args[0] == "demo":
         from pyovpn.tools import demo
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
 from pyovpn.errors import ConfigError, ProtocolError
-from pyovpn.proto import dnsopts
+from pyovpn.proto import dnsopts, tlscryptv2
 from pyovpn.proto.redirect import BadRedirectFlag, PullFilterAction, add_redirect, redirect_from
 
 __all__ = [
@@ -184,6 +184,12 @@ class Options:
     tls_auth: bytes | None = field(default=None, repr=False)
     key_direction: int | None = None
     tls_crypt: bytes | None = field(default=None, repr=False)
+    #: `tls-crypt-v2 FILE`: a client key (Kc + WKc) or, on a server, the server key.
+    tls_crypt_v2_client: tlscryptv2.ClientKey | None = field(default=None, repr=False)
+    tls_crypt_v2_server: tlscryptv2.ServerKey | None = field(default=None, repr=False)
+    # kept out of repr() with the keys: repr must not name any tls-crypt field (see its test)
+    tls_crypt_v2_verify: str | None = field(default=None, repr=False)
+    tls_crypt_v2_max_age: int | None = field(default=None, repr=False)
     remote_cert_tls: Literal["server", "client"] | None = None
     verify_x509_name: tuple[str, str] | None = None
     data_ciphers: tuple[str, ...] = AEAD_CIPHERS
@@ -1360,6 +1366,33 @@ def _opt_tls_crypt(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, tls_crypt=_static_key(b, d))
 
 
+@_option("tls-crypt-v2", args=(1, 2), usage="tls-crypt-v2 FILE [force-cookie|allow-noncookie]", inline=True)
+def _opt_tls_crypt_v2(b: _Builder, d: Directive) -> None:
+    if not d.inline and len(d.args) > 1 and d.args[1] not in ("force-cookie", "allow-noncookie"):
+        raise _error(d, f"tls-crypt-v2: unknown flag '{d.args[1]}'; use force-cookie or allow-noncookie")
+    if not d.inline and len(d.args) > 1 and d.args[1] == "force-cookie":
+        raise _error(
+            d,
+            "tls-crypt-v2 ... force-cookie is not supported: pyovpn keeps state for tls-crypt-v2 clients "
+            "from their first packet; drop the flag (allow-noncookie is the behaviour you get)",
+        )
+    text = _as_text(d, b.file_or_inline(d))
+    try:
+        if tlscryptv2.key_kind(text) == "server":
+            server = tlscryptv2.parse_server_key(text)
+            b.opts = replace(b.opts, tls_crypt_v2_server=server, tls_crypt_v2_client=None)
+        else:
+            client = tlscryptv2.parse_client_key(text)
+            b.opts = replace(b.opts, tls_crypt_v2_client=client, tls_crypt_v2_server=None)
+    except tlscryptv2.KeyFileError as exc:
+        raise _error(d, f"tls-crypt-v2: {exc}") from None
+
+
+@_option("tls-crypt-v2-max-age", args=(1, 1), usage="tls-crypt-v2-max-age DAYS")
+def _opt_tls_crypt_v2_max_age(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, tls_crypt_v2_max_age=_int(d, d.args[0], "tls-crypt-v2-max-age", 1))
+
+
 @_option("remote-cert-tls", args=(1, 1), usage="remote-cert-tls server|client")
 def _opt_remote_cert_tls(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("server", "client"):
@@ -1773,8 +1806,8 @@ def _opt_username_as_common_name(b: _Builder, d: Directive) -> None:
 
 #: Script options, in the order validate() reports them.
 _SCRIPTS = (
-    "up", "down", "tls-verify", "auth-user-pass-verify", "client-connect", "client-disconnect",
-    "learn-address", "route-up",
+    "up", "down", "tls-verify", "tls-crypt-v2-verify", "auth-user-pass-verify", "client-connect",
+    "client-disconnect", "learn-address", "route-up",
 )  # fmt: skip
 
 
@@ -1830,6 +1863,7 @@ _SCRIPT_SETTERS: dict[str, Setter] = {
     "up": lambda o, v: replace(o, up=v),
     "down": lambda o, v: replace(o, down=v),
     "tls-verify": lambda o, v: replace(o, tls_verify=v),
+    "tls-crypt-v2-verify": lambda o, v: replace(o, tls_crypt_v2_verify=v),
     "client-connect": lambda o, v: replace(o, client_connect=v),
     "client-disconnect": lambda o, v: replace(o, client_disconnect=v),
     "learn-address": lambda o, v: replace(o, learn_address=v),
@@ -1998,10 +2032,6 @@ _REFUSED: dict[str, str] = {
         "static-key mode (`secret`) is not supported: it has no forward secrecy or key renegotiation "
         "and OpenVPN itself deprecates it. Use TLS instead: `tls-server`/`tls-client` with ca/cert/key "
         "(a static key can still protect the handshake via `tls-crypt`)"
-    ),
-    "tls-crypt-v2": (
-        "`tls-crypt-v2` is not supported yet; use `tls-crypt` with a shared key (or `tls-auth`) "
-        "on both peers instead"
     ),
     "http-proxy": (
         "`http-proxy` is not supported: pyovpn connects to the server directly. Remove it, or run "
@@ -2333,6 +2363,21 @@ def _validate(b: _Builder) -> Options:
     elif o.cert is None and o.auth_user_pass is None:
         raise fail("the client has no way to authenticate: add `cert` and `key`, or `auth-user-pass FILE`")
 
+    wraps = [n for n in ("tls-auth", "tls-crypt", "tls-crypt-v2") if n in b.where]
+    if len(wraps) > 1 and "tls-crypt-v2" in wraps:
+        raise fail(f"`{'` and `'.join(wraps)}` cannot be used together; keep only `tls-crypt-v2`", *wraps)
+    if o.tls_crypt_v2_server is not None and role == "client":
+        raise fail(
+            "`tls-crypt-v2` on a client needs a client key, but this is the server key; make one with "
+            "`openvpn --genkey tls-crypt-v2-client client.key --tls-crypt-v2 server.key`",
+            "tls-crypt-v2",
+        )
+    if o.tls_crypt_v2_client is not None and role == "server":
+        raise fail(
+            "`tls-crypt-v2` on a server needs the server key "
+            "(-----BEGIN OpenVPN tls-crypt-v2 server key-----), but this is a client key",
+            "tls-crypt-v2",
+        )
     if o.tls_auth is not None and o.tls_crypt is not None:
         raise fail(
             "`tls-auth` and `tls-crypt` cannot be used together; keep one (tls-crypt is preferred)",

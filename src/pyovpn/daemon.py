@@ -43,6 +43,7 @@ from pyovpn.edge.pushwarn import warn_unapplied
 from pyovpn.edge.routejournal import RUN_DIR
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
+from pyovpn.edge.tlscryptv2check import metadata_check
 from pyovpn.errors import BackendError, ConfigError, ProtocolError, PyovpnError
 from pyovpn.mgmt import protocol as mgmt_protocol
 from pyovpn.mgmt.protocol import CONTROL_DIR
@@ -105,6 +106,9 @@ def session_config(opts: Options) -> SessionConfig:
         key_direction=opts.key_direction,
         auth_digest=opts.auth,
         tls_crypt_key=opts.tls_crypt,
+        tls_crypt_v2_client=opts.tls_crypt_v2_client,
+        tls_crypt_v2_server=opts.tls_crypt_v2_server,
+        tls_crypt_v2_check=metadata_check(opts),
         replay_window=opts.replay_window[0],
         # the data channel and what we tell the peer
         data_ciphers=tuple(opts.data_ciphers) or AEAD_CIPHERS,

@@ -27,7 +27,7 @@ from pyovpn.edge.host import PeerHost
 from pyovpn.edge.instance import Instance
 from pyovpn.edge.stop import Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
-from pyovpn.proto.packets import DATA_OPCODES, Opcode, StreamFramer
+from pyovpn.proto.packets import DATA_OPCODES, STRANGER_CONTROL_OPCODES, StreamFramer
 from pyovpn.proto.session import PeerRestarted, Session, SessionClosed, TunnelUp
 from pyovpn.scripts import ScriptFailed
 
@@ -239,7 +239,7 @@ class Connection(Instance[Command]):
                 self.remote = source
             elif _addr(source) != _addr(self.remote):
                 if sess.peer_session_id is not None and not (
-                    opcode == Opcode.CONTROL_HARD_RESET_CLIENT_V2 and sess.cfg.is_tls_server
+                    opcode in STRANGER_CONTROL_OPCODES and sess.cfg.is_tls_server
                 ):
                     return  # a stranger; the peer we talk to has not moved
                 # before the handshake, or a (re)starting client: the session decides

@@ -556,7 +556,6 @@ def test_bad_arguments_name_the_option(line: str, needle: str) -> None:
         ("data-ciphers AES-128-CBC:BF-CBC", ["no usable cipher", "data-ciphers"]),
         ("data-ciphers-fallback none", ["none", "data-ciphers-fallback"]),
         ("secret static.key", ["secret", "tls-crypt"]),
-        ("tls-crypt-v2 v2.key", ["tls-crypt-v2", "tls-crypt"]),
         ("http-proxy proxy.example.com 8080", ["http-proxy"]),
         ("socks-proxy 127.0.0.1 1080", ["socks-proxy"]),
         ("shaper 10000", ["shaper", "tc"]),

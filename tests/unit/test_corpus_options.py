@@ -214,7 +214,7 @@ def test_setenv_reaches_the_scripts(pki: Pki, tmp_path: Path) -> None:
 
 
 def test_no_effect_warning_names_the_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    opts = _opts("block-outside-dns\nresolv-retry infinite\n", tmp_path)
+    opts = _opts("block-outside-dns\nroute-delay 2\n", tmp_path)
 
     def failing_daemon(_opts: object) -> object:
         raise ConfigError("stop here")  # run() logs the warnings first, then builds the daemon
@@ -236,7 +236,7 @@ def test_no_effect_warning_names_the_reason(tmp_path: Path, caplog: pytest.LogCa
         in (" ".join(lines))
     )
     assert any(
-        line.endswith("option 'resolv-retry' is accepted but has no effect in pyovpn") for line in lines
+        line.endswith("option 'route-delay' is accepted but has no effect in pyovpn") for line in lines
     )
 
 

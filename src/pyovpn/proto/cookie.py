@@ -46,19 +46,23 @@ class CookieJar:
         slot = int(now) // self.slot_seconds
         return any(hmac.compare_digest(cookie, self._mac(slot - back, addr, client_sid)) for back in range(3))
 
-    def reply_to_reset(self, packet: bytes, addr: tuple[str, int], now: float, wrap: Wrap) -> bytes:
-        """The HARD_RESET_SERVER_V2 for a client's HARD_RESET_CLIENT_V2, keeping no state.
+    def reply_to_reset(
+        self, packet: bytes, addr: tuple[str, int], now: float, wrap: Wrap, payload: bytes = b""
+    ) -> bytes:
+        """The HARD_RESET_SERVER_V2 for a client's HARD_RESET_CLIENT_V2 (or V3), keeping no state.
 
         ``wrap`` must be a fresh wrap context (its replay counter starts at 1) used for this
-        one packet only. Raises ProtocolError for anything that is not a valid reset.
+        one packet only. ``payload``: early-negotiation TLVs (tls-crypt-v2 asks the client to
+        resend its wrapped key). Raises ProtocolError for anything that is not a valid reset.
         """
         pkt = wrap.unwrap(packet)
-        if pkt.opcode is not Opcode.CONTROL_HARD_RESET_CLIENT_V2 or pkt.rh.message_id != 0:
+        resets = (Opcode.CONTROL_HARD_RESET_CLIENT_V2, Opcode.CONTROL_HARD_RESET_CLIENT_V3)
+        if pkt.opcode not in resets or pkt.rh.message_id != 0:
             raise ProtocolError("not an initial client hard reset")
         if pkt.key_id != 0:
             raise ProtocolError("client hard reset with a non-zero key_id")
         sid = self.cookie(now, addr, pkt.session_id)
-        rh = ReliabilityHeader((0,), pkt.session_id, 0, b"")
+        rh = ReliabilityHeader((0,), pkt.session_id, 0, payload)
         return wrap.wrap(Opcode.CONTROL_HARD_RESET_SERVER_V2, 0, sid, rh, int(now))
 
     def check_proof(self, packet: bytes, addr: tuple[str, int], now: float, wrap: Wrap) -> CookieVerified:

@@ -32,6 +32,14 @@ from pyovpn.proto.push import PushedOptions, parse_pushed_options, split_push_me
 from pyovpn.proto.redirect import PullFilterAction, filter_pushed
 from pyovpn.proto.reliable import AckTracker, ReliableReceiver, ReliableSender
 from pyovpn.proto.tls import PeerCheck, TlsEndpoint
+from pyovpn.proto.tlscryptv2 import (
+    ClientKey,
+    MetadataCheck,
+    ServerKey,
+    TlsCryptV2Client,
+    TlsCryptV2Server,
+    asks_to_resend_wkc,
+)
 from pyovpn.proto.tlswrap import NoWrap, TlsAuth, TlsCrypt, Wrap
 
 log = logging.getLogger("pyovpn.session")
@@ -59,6 +67,9 @@ class SessionConfig:
     key_direction: int | None = None
     auth_digest: str = "SHA1"
     tls_crypt_key: bytes | None = None
+    tls_crypt_v2_client: ClientKey | None = None
+    tls_crypt_v2_server: ServerKey | None = None
+    tls_crypt_v2_check: MetadataCheck | None = None  # tls-crypt-v2-max-age / -verify
     data_ciphers: tuple[str, ...] = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
     data_ciphers_fallback: str | None = None
     reneg_sec: int = 3600
@@ -186,12 +197,15 @@ def _chunk_limit(wrap: Wrap) -> int:
 class Session:
     """One control-channel session (one tls_session in OpenVPN terms) with one peer."""
 
-    def __init__(self, config: SessionConfig, *, rng: Callable[[int], bytes], now: float) -> None:
+    def __init__(
+        self, config: SessionConfig, *, rng: Callable[[int], bytes], now: float, wrap: Wrap | None = None
+    ) -> None:
         self.cfg = config
         self._rng = rng
         self.session_id = self._new_session_id()
         self.peer_session_id: bytes | None = None
-        self.wrap: Wrap = self._make_wrap()
+        # a P2MP server hands in the wrap it already checked the client's first packet with
+        self.wrap: Wrap = wrap if wrap is not None else self._make_wrap()
         self._out: list[bytes] = []
         self._events: deque[SessionEvent] = deque()
         self.primary: KeyState | None = None
@@ -208,13 +222,20 @@ class Session:
         self._push_options: list[str] = []
         self._push_reply_until = 0.0
         self._tls_dirty = False  # TLS output may be waiting in a memory BIO
+        self._resend_wkc = False  # tls-crypt-v2: the server's reset asked for WKc in our next packet
         self._flush_due = False  # something may be ready to send: packets_to_send() builds it
         self._next_push_request: float | None = None
         self._backend_slots: dict[KeySlot, int | None] = {KeySlot.PRIMARY: None, KeySlot.SECONDARY: None}
         self._now = now
         self.primary = self._new_key_state(0, now)
         if not config.is_tls_server:
-            self.primary.sender.enqueue(Opcode.CONTROL_HARD_RESET_CLIENT_V2, b"")
+            # tls-crypt-v2 clients announce themselves (and carry WKc) with the V3 reset
+            first = (
+                Opcode.CONTROL_HARD_RESET_CLIENT_V3
+                if config.tls_crypt_v2_client is not None
+                else Opcode.CONTROL_HARD_RESET_CLIENT_V2
+            )
+            self.primary.sender.enqueue(first, b"")
 
     @classmethod
     def after_cookie(
@@ -224,13 +245,14 @@ class Session:
         *,
         rng: Callable[[bytes], bytes] | Callable[[int], bytes],
         now: float,
+        wrap: Wrap | None = None,
     ) -> Session:
         """A P2MP server session for a client that passed the stateless cookie check.
 
         Behaves as if the two hard resets (message id 0 each way) had been exchanged; feed the
         proof packet to :meth:`receive` next.
         """
-        sess = cls(config, rng=rng, now=now)  # type: ignore[arg-type]
+        sess = cls(config, rng=rng, now=now, wrap=wrap)  # type: ignore[arg-type]
         sess.session_id = proof.server_session_id
         sess.peer_session_id = proof.client_session_id
         ks = sess.primary
@@ -251,6 +273,12 @@ class Session:
 
     def _make_wrap(self) -> Wrap:
         c = self.cfg
+        if c.tls_crypt_v2_client is not None and not c.is_tls_server:
+            return TlsCryptV2Client(c.tls_crypt_v2_client, replay_window=c.replay_window)
+        if c.tls_crypt_v2_server is not None and c.is_tls_server:
+            return TlsCryptV2Server(
+                c.tls_crypt_v2_server, check=c.tls_crypt_v2_check, replay_window=c.replay_window
+            )
         if c.tls_crypt_key is not None:
             return TlsCrypt(c.tls_crypt_key, is_server=c.is_tls_server, replay_window=c.replay_window)
         if c.tls_auth_key is not None:
@@ -499,8 +527,10 @@ class Session:
             Opcode.CONTROL_HARD_RESET_CLIENT_V3,
         ):
             raise ProtocolError("client->client hard reset (both sides are tls-client?)")
-        if op is Opcode.CONTROL_HARD_RESET_CLIENT_V3:
-            raise ProtocolError("tls-crypt-v2 client reset received; tls-crypt-v2 is not supported")
+        if op is Opcode.CONTROL_HARD_RESET_CLIENT_V3 and not isinstance(self.wrap, TlsCryptV2Server):
+            raise ProtocolError(
+                "tls-crypt-v2 client reset received; configure `tls-crypt-v2 SERVERKEY` to accept it"
+            )
 
         if self.peer_session_id is None:
             if not pkt.is_hard_reset or pkt.rh.message_id != 0:
@@ -545,13 +575,19 @@ class Session:
         raise ProtocolError(f"key IDs out of sync (got key_id {pkt.key_id}, active {p.key_id})")
 
     def _deliver(self, ks: KeyState, op: Opcode, payload: bytes, now: float) -> None:
-        if op in (Opcode.CONTROL_HARD_RESET_CLIENT_V2, Opcode.CONTROL_HARD_RESET_SERVER_V2):
+        if op in (
+            Opcode.CONTROL_HARD_RESET_CLIENT_V2,
+            Opcode.CONTROL_HARD_RESET_CLIENT_V3,
+            Opcode.CONTROL_HARD_RESET_SERVER_V2,
+        ):
             if ks.key_id != 0:
                 raise ProtocolError("hard reset on a renegotiated key")
             if self.cfg.is_tls_server:
                 ks.sender.enqueue(Opcode.CONTROL_HARD_RESET_SERVER_V2, b"")
             elif payload:
                 _check_reset_tlvs(payload)
+                if isinstance(self.wrap, TlsCryptV2Client) and asks_to_resend_wkc(payload):
+                    self._resend_wkc = True
             self._tls_start(ks)
             return
         if op is Opcode.CONTROL_SOFT_RESET_V1:
@@ -578,6 +614,12 @@ class Session:
     def _pump_tls_output(self, ks: KeyState) -> None:
         data = ks.tls.pending_output()
         limit = _chunk_limit(self.wrap)
+        if self._resend_wkc and data and isinstance(self.wrap, TlsCryptV2Client):
+            # a stateless server learns our key from the first CONTROL packet: WKc rides along
+            self._resend_wkc = False
+            first = max(16, limit - self.wrap.wkc_len)
+            ks.sender.enqueue(Opcode.CONTROL_WKC_V1, data[:first])
+            data = data[first:]
         for i in range(0, len(data), limit):
             ks.sender.enqueue(Opcode.CONTROL_V1, data[i : i + limit])
 

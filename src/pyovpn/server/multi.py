@@ -29,11 +29,12 @@ from pyovpn.edge.host import ServerHost
 from pyovpn.edge.iface import IROUTE_METRIC
 from pyovpn.edge.instance import Instance
 from pyovpn.edge.stop import Stop
-from pyovpn.errors import ProtocolError, PyovpnError
+from pyovpn.errors import AuthenticationError, ProtocolError, PyovpnError
 from pyovpn.net.sockbuf import grow_buffers
 from pyovpn.proto.cookie import CookieJar
 from pyovpn.proto.packets import DATA_OPCODES, Opcode
 from pyovpn.proto.session import ClientAuthRequest, Session, SessionClosed, TunnelUp
+from pyovpn.proto.tlscryptv2 import RESEND_WKC_TLV, TlsCryptV2Server, offers_early_negotiation
 from pyovpn.proto.tlswrap import NoWrap, TlsAuth, TlsCrypt, Wrap
 from pyovpn.server import auth
 from pyovpn.server.ccd import place_client, read_ccd
@@ -112,8 +113,12 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
 
     # ------------------------------------------------------------------ setup
 
-    def _fresh_wrap(self) -> Wrap:
+    def _fresh_wrap(self, *, check: bool = True) -> Wrap:
         c = self.cfg
+        if c.tls_crypt_v2_server is not None:
+            # the metadata check (maybe a script) runs once per client, when its session starts
+            verify = c.tls_crypt_v2_check if check else None
+            return TlsCryptV2Server(c.tls_crypt_v2_server, check=verify, replay_window=c.replay_window)
         if c.tls_crypt_key is not None:
             return TlsCrypt(c.tls_crypt_key, is_server=True, replay_window=c.replay_window)
         if c.tls_auth_key is not None:
@@ -201,16 +206,30 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
 
     def _new_client_packet(self, data: bytes, source: Addr, key: Addr, now: float) -> None:
         op = data[0] >> 3
+        if op == Opcode.CONTROL_HARD_RESET_CLIENT_V3 and not offers_early_negotiation(data):
+            self._new_tls_crypt_v2_client(data, source, key, now)
+            return
+        if op == Opcode.CONTROL_WKC_V1:
+            self._tls_crypt_v2_proof(data, source, key, now)
+            return
         try:
-            if op == Opcode.CONTROL_HARD_RESET_CLIENT_V2:
+            if op in (Opcode.CONTROL_HARD_RESET_CLIENT_V2, Opcode.CONTROL_HARD_RESET_CLIENT_V3):
                 if not self._reset_budget.take(key[0], now):
                     log.debug("dropped reset from %s: connect-freq-initial budget exhausted", key)
                     return
-                reply = self.jar.reply_to_reset(data, key, now, self._fresh_wrap())
+                # a 2.6 tls-crypt-v2 client: answer statelessly and have it resend WKc (as 2.6 does)
+                tlv = RESEND_WKC_TLV if op == Opcode.CONTROL_HARD_RESET_CLIENT_V3 else b""
+                reply = self.jar.reply_to_reset(data, key, now, self._fresh_wrap(check=False), tlv)
                 self._sendto(reply, source)
                 return
             proof = self.jar.check_proof(data, key, now, self._fresh_wrap())
             self._reset_budget.refund(key[0])  # a reset that became a real client does not count
+        except AuthenticationError as exc:
+            if op == Opcode.CONTROL_HARD_RESET_CLIENT_V3:
+                log.warning("%s:%d tls-crypt-v2 client key refused: %s", key[0], key[1], exc)
+            else:
+                log.debug("dropped packet from %s: %s", key, exc)
+            return
         except ProtocolError as exc:
             log.debug("dropped packet from %s: %s", key, exc)
             return
@@ -221,6 +240,71 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         client = Client(key, session)
         self.clients[key] = client
         log.info("%s:%d new client session (cookie verified)", *key)
+        session.receive(data, now)
+        self._pump(client)
+
+    def _new_tls_crypt_v2_client(self, data: bytes, source: Addr, key: Addr, now: float) -> None:
+        """A tls-crypt-v2 client's V3 reset: unwrap its key and keep state from the first packet.
+
+        Without the client's key the server cannot build a stateless reply, so (like OpenVPN for
+        clients that do not resend WKc) the session starts here; the connect-freq budget bounds it.
+        We never ask the client to resend WKc, so it continues with plain CONTROL_V1 packets.
+        """
+        c = self.cfg
+        if c.tls_crypt_v2_server is None:
+            log.warning(
+                "%s:%d sent a tls-crypt-v2 reset, but this server has no `tls-crypt-v2` key; dropped", *key
+            )
+            return
+        if not self._reset_budget.take(key[0], now):
+            log.debug("dropped reset from %s: connect-freq-initial budget exhausted", key)
+            return
+        wrap = TlsCryptV2Server(
+            c.tls_crypt_v2_server, check=c.tls_crypt_v2_check, replay_window=c.replay_window
+        )
+        try:
+            wrap.accept_client_key(data)
+        except ProtocolError as exc:
+            log.warning("%s:%d tls-crypt-v2 client key refused: %s", key[0], key[1], exc)
+            return
+        if len(self.clients) >= self.opts.max_clients:
+            log.warning("MULTI: new client %s refused: max-clients reached", key)
+            return
+        self._reset_budget.refund(key[0])
+        session = Session(c, rng=os.urandom, now=now, wrap=wrap)
+        client = Client(key, session)
+        self.clients[key] = client
+        log.info("%s:%d new client session (tls-crypt-v2 client key accepted)", *key)
+        session.receive(data, now)
+        self._pump(client)
+
+    def _tls_crypt_v2_proof(self, data: bytes, source: Addr, key: Addr, now: float) -> None:
+        """A tls-crypt-v2 client's WKC_V1 after our stateless reset: cookie, then its key."""
+        c = self.cfg
+        if c.tls_crypt_v2_server is None:
+            log.debug("dropped P_CONTROL_WKC_V1 from %s: no tls-crypt-v2 key configured", key)
+            return
+        try:
+            proof = self.jar.check_proof(data, key, now, self._fresh_wrap(check=False))
+        except ProtocolError as exc:
+            log.debug("dropped packet from %s: %s", key, exc)
+            return
+        wrap = TlsCryptV2Server(
+            c.tls_crypt_v2_server, check=c.tls_crypt_v2_check, replay_window=c.replay_window
+        )
+        try:
+            wrap.accept_client_key(data)
+        except ProtocolError as exc:
+            log.warning("%s:%d tls-crypt-v2 client key refused: %s", key[0], key[1], exc)
+            return
+        if len(self.clients) >= self.opts.max_clients:
+            log.warning("MULTI: new client %s refused: max-clients reached", key)
+            return
+        self._reset_budget.refund(key[0])
+        session = Session.after_cookie(c, proof, rng=os.urandom, now=now, wrap=wrap)
+        client = Client(key, session)
+        self.clients[key] = client
+        log.info("%s:%d new client session (cookie verified, tls-crypt-v2 client key accepted)", *key)
         session.receive(data, now)
         self._pump(client)
 
