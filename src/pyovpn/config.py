@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
-from pyovpn.errors import ConfigError
-from pyovpn.proto import tlscryptv2
+from pyovpn.errors import ConfigError, ProtocolError
+from pyovpn.proto import dnsopts, tlscryptv2
 from pyovpn.proto.redirect import BadRedirectFlag, PullFilterAction, add_redirect, redirect_from
 
 __all__ = [
@@ -310,6 +310,11 @@ class Options:
     learn_address: str | None = None
     up: str | None = None
     down: str | None = None
+    route_up: str | None = None  # after `up` and the routes, no arguments (as OpenVPN 2.6)
+    # -- DNS: local `dhcp-option`/`dns` lines as written (parsed by proto.dnsopts) --
+    dns_lines: tuple[str, ...] = ()
+    #: `pyovpn-dns auto` applies DNS settings to the system resolver; `off` leaves that to scripts.
+    pyovpn_dns: Literal["auto", "off"] = "auto"
     # -- logging and lifecycle details the corpus of published configs uses ----------------------
     #: `down-pre`: run `down` before the device is closed rather than after.
     down_pre: bool = False
@@ -1806,7 +1811,7 @@ def _opt_username_as_common_name(b: _Builder, d: Directive) -> None:
 #: Script options, in the order validate() reports them.
 _SCRIPTS = (
     "up", "down", "tls-verify", "tls-crypt-v2-verify", "auth-user-pass-verify", "client-connect",
-    "client-disconnect", "learn-address",
+    "client-disconnect", "learn-address", "route-up",
 )  # fmt: skip
 
 
@@ -1817,6 +1822,27 @@ def _command(d: Directive, words: Sequence[str]) -> str:
             d, f"{d.name}: the command is empty; give the script to run, e.g. `{d.name} /path/script`"
         )
     return command
+
+
+@_option("dhcp-option", "dns", args=(1, None), usage="dhcp-option DNS|DNS6|DOMAIN|DOMAIN-SEARCH VALUE")
+def _opt_dns(b: _Builder, d: Directive) -> None:
+    line = " ".join((d.name, *d.args))
+    try:
+        dnsopts.parse_dns_lines([line])
+    except ProtocolError as exc:
+        raise _error(d, str(exc)) from None
+    b.opts = replace(b.opts, dns_lines=(*b.opts.dns_lines, line))
+
+
+@_option("pyovpn-dns", args=(1, 1), usage="pyovpn-dns auto|off")
+def _opt_pyovpn_dns(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("auto", "off"):
+        raise _error(
+            d,
+            f"pyovpn-dns: {d.args[0]!r} is not 'auto' or 'off'; `auto` applies pushed DNS to the system "
+            "resolver, `off` leaves DNS to your up/down scripts",
+        )
+    b.opts = replace(b.opts, pyovpn_dns=cast(Literal["auto", "off"], d.args[0]))
 
 
 @_option("script-security", args=(1, 1), usage="script-security 0|1|2|3")
@@ -1845,6 +1871,7 @@ _SCRIPT_SETTERS: dict[str, Setter] = {
     "client-connect": lambda o, v: replace(o, client_connect=v),
     "client-disconnect": lambda o, v: replace(o, client_disconnect=v),
     "learn-address": lambda o, v: replace(o, learn_address=v),
+    "route-up": lambda o, v: replace(o, route_up=v),
 }
 
 
@@ -1981,7 +2008,6 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "txqueuelen": (1, 1),
     "fast-io": (0, 0),
     "auth-retry": (1, 1),
-    "dhcp-option": (1, None),
     "block-outside-dns": (0, 0),
     "keysize": (1, 1),
     "ecdh-curve": (1, 1),

@@ -18,6 +18,7 @@ import os
 import secrets
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from signal import Signals
 
@@ -44,14 +45,17 @@ from pyovpn.edge.routejournal import RUN_DIR
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.edge.tlscryptv2check import metadata_check
-from pyovpn.errors import BackendError, ConfigError, PyovpnError
+from pyovpn.errors import BackendError, ConfigError, ProtocolError, PyovpnError
 from pyovpn.mgmt import protocol as mgmt_protocol
 from pyovpn.mgmt.protocol import CONTROL_DIR
 from pyovpn.mgmt.server import ManagementLogHandler, ManagementServer
 from pyovpn.p2p import Connection
+from pyovpn.proto import dnsopts
 from pyovpn.proto.push import PushedOptions
 from pyovpn.proto.session import SessionConfig
 from pyovpn.proto.tls import PeerCheck, build_context
+from pyovpn.resolver import ResolverSetup
+from pyovpn.script_env import peer_env
 from pyovpn.scripts import ScriptFailed, ScriptRefused, TunParams, run_script, up_down_args, up_down_env
 from pyovpn.server.multi import MultiServer
 
@@ -158,6 +162,7 @@ class Daemon:
         self._iface_configured_for: object = None
         self._dropped = False
         self._tun_params: TunParams | None = None  # what the up script was told; down gets the same
+        self.dns = ResolverSetup()
         self._exit_signal: str | None = None
         self.notifier = SystemdNotifier()
         self.mgmt: ManagementServer | None = None
@@ -195,7 +200,14 @@ class Daemon:
     async def clean_stale_link(self, name: str) -> None:
         await iface.clean_stale_link(self.dc, name)
 
-    async def ensure_iface(self, pushed: PushedOptions | None) -> None:
+    async def ensure_iface(
+        self,
+        pushed: PushedOptions | None,
+        *,
+        peer: tuple[str, int] | None = None,
+        common_name: str = "",
+        certificate_env: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         """Open the P2P device once; configure it, and run `up`, whenever the pulled options change."""
         opts = self.opts
         mtu = (pushed.tun_mtu if pushed and pushed.tun_mtu else None) or opts.tun_mtu
@@ -207,7 +219,13 @@ class Daemon:
             self.iface = name
             log.info("TUN/TAP device %s opened (%s data channel)", self.iface, self.dc.name)
         key = (
-            (pushed.ifconfig, pushed.ifconfig_ipv6, tuple(pushed.routes), tuple(pushed.routes_ipv6))
+            (
+                pushed.ifconfig,
+                pushed.ifconfig_ipv6,
+                tuple(pushed.routes),
+                tuple(pushed.routes_ipv6),
+                tuple(pushed.dns_lines),
+            )
             if pushed
             else 1
         )
@@ -225,10 +243,16 @@ class Daemon:
             self.net.flush_addresses(self.iface)
         self._iface_configured_for = key
         iface.configure_addresses(self.net, self.iface, opts, pushed)
-        await self.run_up(iface.tun_params(self.iface, mtu, opts, pushed), "restart" if restart else "init")
+        params = iface.tun_params(self.iface, mtu, opts, pushed)
+        peer_vars = (*peer_env(peer, common_name).items(), *certificate_env)
+        params = replace(params, session_env=(*params.session_env, *peer_vars))
+        context = "restart" if restart else "init"
+        await self.run_up(params, context, route_up=False)
         if pushed is not None:
             warn_unapplied(pushed)
         self._configure_routes(pushed, force=True)
+        await self._run_route_up(params, context)
+        self._apply_dns(pushed)
 
     def _configure_routes(self, pushed: PushedOptions | None, *, force: bool) -> None:
         """Routes after `up`, as OpenVPN orders it; the server's address is the connection's."""
@@ -236,6 +260,28 @@ class Daemon:
         conn = self.current
         remote = conn.remote[0] if isinstance(conn, Connection) and conn.remote is not None else None
         self.routes.configure(self.opts, pushed, self.iface, remote, force=force)
+
+    def _apply_dns(self, pushed: PushedOptions | None) -> None:
+        """Configured and pushed DNS to the system resolver (`pyovpn-dns auto`), or say why not."""
+        lines = [*self.opts.dns_lines, *(pushed.dns_lines if pushed else [])]
+        if not lines or self.iface is None:
+            self.dns.restore()  # a reconnect whose push has no DNS any more
+            return
+        try:
+            settings = dnsopts.parse_dns_lines(lines)
+        except ProtocolError as exc:
+            log.error("DNS settings not applied: %s", exc)
+            return
+        for line in settings.windows_only:
+            log.info("%r has no effect on Linux (a Windows DHCP setting); ignored", line)
+        if self.opts.pyovpn_dns == "off":
+            if not settings.is_empty():
+                log.info(
+                    "DNS %s not applied: `pyovpn-dns off`; up/down scripts get it as foreign_option_N",
+                    ", ".join(settings.servers + settings.domains),
+                )
+            return
+        self.dns.apply(self.iface, settings)
 
     async def _run_up_down(
         self, kind: str, command: str, params: TunParams, context: str, *, exit_signal: str | None = None
@@ -251,18 +297,45 @@ class Daemon:
             script_security=self.opts.script_security,
         )
 
-    async def run_up(self, params: TunParams, context: str) -> None:
-        """The `up` script, once the device is open and configured; failing is fatal, as in OpenVPN."""
+    async def run_up(self, params: TunParams, context: str, *, route_up: bool = True) -> None:
+        """The `up` script, once the device is open and configured; failing is fatal, as in OpenVPN.
+
+        Then `route-up`, unless the caller runs it itself once it has added the routes.
+        """
         self._tun_params = params
         command = self.opts.up
+        if command:
+            try:
+                status = await self._run_up_down("up", command, params, context)
+            except ScriptRefused as exc:
+                raise ScriptFailed(str(exc)) from None
+            if status != 0:
+                raise ScriptFailed(f"up script {command} failed (exit status {status})")
+        if route_up:
+            await self._run_route_up(params, context)
+
+    async def _run_route_up(self, params: TunParams, context: str) -> None:
+        """`route-up`: once the routes are in place; OpenVPN only warns when it fails."""
+        command = self.opts.route_up
         if not command:
             return
+        env = up_down_env(params, context, signal="")
+        env.pop("signal")  # route-up sees redirect_gateway (routes are done) but no signal
         try:
-            status = await self._run_up_down("up", command, params, context)
+            status = await run_script(command, "route-up", env=env, script_security=self.opts.script_security)
         except ScriptRefused as exc:
-            raise ScriptFailed(str(exc)) from None
+            log.error("%s", exc)
+            return
         if status != 0:
-            raise ScriptFailed(f"up script {command} failed (exit status {status})")
+            log.warning("route-up script %s failed (exit status %d)", command, status)
+
+    def _down_signal(self) -> str | None:
+        """The `signal` of the down script: OpenVPN names a notified exit `exit-with-notification`."""
+        o = self.opts
+        notified = o.mode == "p2p" and o.proto == "udp" and o.explicit_exit_notify > 0
+        if notified and self._exit_signal in ("SIGTERM", "SIGINT"):
+            return "exit-with-notification"
+        return self._exit_signal
 
     async def run_down(self, context: str = "init") -> None:
         """The `down` script, after the device closed, with what `up` was told."""
@@ -271,7 +344,9 @@ class Daemon:
         if not command or params is None:
             return
         try:
-            status = await self._run_up_down("down", command, params, context, exit_signal=self._exit_signal)
+            status = await self._run_up_down(
+                "down", command, params, context, exit_signal=self._down_signal()
+            )
         except ScriptRefused as exc:
             log.error("%s", exc)
             return
@@ -294,6 +369,7 @@ class Daemon:
         return self._signal
 
     async def run(self) -> int:
+        self.dns.restore_stale()  # what a killed earlier run in this namespace left in the resolver
         loop = asyncio.get_running_loop()
         signals = self._next_signal(loop)
         if self._pending_signal is not None:
@@ -707,6 +783,7 @@ class Daemon:
             self.current.on_notification(n)
 
     async def _shutdown(self) -> None:
+        self.dns.restore()
         self.routes.undo()  # before the device goes, as OpenVPN deletes its routes first
         if self.iface is not None:
             if self.opts.down_pre:
@@ -852,6 +929,11 @@ def run(opts: Options) -> int:
             log.info("nice %d succeeded", opts.nice)
         except OSError as exc:  # a negative value needs CAP_SYS_NICE; OpenVPN warns and goes on
             log.warning("nice %d failed: %s", opts.nice, exc.strerror)
+    if opts.mode == "server" and opts.dns_lines:
+        log.warning(
+            "local dhcp-option/dns lines have no effect in server mode (the server's own resolver is "
+            'not changed); to give clients DNS, push them: push "dhcp-option DNS ADDR"'
+        )
     if opts.writepid:
         with open(opts.writepid, "w") as fh:
             fh.write(f"{os.getpid()}\n")

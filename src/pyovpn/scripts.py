@@ -13,7 +13,7 @@ The third argument was the link MTU before 2.6 and is always ``0`` now; the fift
 netmask with ``topology subnet`` and the remote end of the point-to-point link otherwise;
 addresses that are not configured are passed as empty strings. The environment carries
 ``script_type`` (``up``/``down``), ``script_context``, ``dev``, ``dev_type``, ``tun_mtu``,
-``ifconfig_local``, ``ifconfig_netmask`` + ``ifconfig_broadcast`` (subnet) or
+``ifconfig_local``, ``ifconfig_netmask`` (subnet) or
 ``ifconfig_remote``, the ``ifconfig_ipv6_*`` variables, and for ``down`` the ``signal`` that
 ended the tunnel.
 """
@@ -21,7 +21,6 @@ ended the tunnel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -108,6 +107,7 @@ class TunParams:
     ifconfig: tuple[str, str] | None = None  # (local, netmask with subnet / remote otherwise)
     ifconfig_ipv6: str | None = None  # local address with prefix length, e.g. "fd00::1/64"
     ifconfig_ipv6_remote: str | None = None
+    session_env: tuple[tuple[str, str], ...] = ()  # routes, foreign_option_N, ... (see script_env)
 
 
 def up_down_args(p: TunParams, context: str) -> list[str]:
@@ -118,15 +118,14 @@ def up_down_args(p: TunParams, context: str) -> list[str]:
 
 def up_down_env(p: TunParams, context: str, *, signal: str | None = None) -> dict[str, str]:
     """The environment variables of an up/down script, beyond ``script_type``."""
-    env = {"dev": p.dev, "dev_type": "tun", "tun_mtu": str(p.tun_mtu), "script_context": context}
+    # OpenVPN sets redirect_gateway only once it has handled the routes, after `up`
+    env = {k: v for k, v in p.session_env if signal is not None or k != "redirect_gateway"}
+    env |= {"dev": p.dev, "dev_type": "tun", "tun_mtu": str(p.tun_mtu), "script_context": context}
     if p.ifconfig:
         local, other = p.ifconfig
         env["ifconfig_local"] = local
         if p.topology == "subnet":
-            env["ifconfig_netmask"] = other
-            with contextlib.suppress(ValueError):
-                net = ipaddress.IPv4Network(f"{local}/{other}", strict=False)
-                env["ifconfig_broadcast"] = str(net.broadcast_address)
+            env["ifconfig_netmask"] = other  # no ifconfig_broadcast: OpenVPN 2.6 sets it for tap only
         else:
             env["ifconfig_remote"] = other
     if p.ifconfig_ipv6:

@@ -40,7 +40,6 @@ def test_env_subnet() -> None:
         "script_context": "init",
         "ifconfig_local": "10.8.0.1",
         "ifconfig_netmask": "255.255.255.0",
-        "ifconfig_broadcast": "10.8.0.255",
         "ifconfig_ipv6_local": "fd00:8::1",
         "ifconfig_ipv6_netbits": "64",
     }

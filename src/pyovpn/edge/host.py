@@ -130,8 +130,19 @@ class _Host(Protocol):
 class PeerHost(_Host, Protocol):
     """What the one-peer :class:`pyovpn.p2p.Connection` uses of the daemon running it."""
 
-    async def ensure_iface(self, pushed: PushedOptions | None) -> None:
-        """Open the device once, then (re)configure it for these pulled options, running `up`."""
+    async def ensure_iface(
+        self,
+        pushed: PushedOptions | None,
+        *,
+        peer: tuple[str, int] | None = None,
+        common_name: str = "",
+        certificate_env: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """Open the device once, then (re)configure it for these pulled options, running `up`.
+
+        ``peer``, ``common_name`` and ``certificate_env`` (the server's address, certificate CN
+        and chain details) are for the scripts.
+        """
         ...
 
 

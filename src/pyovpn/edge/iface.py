@@ -14,6 +14,7 @@ from pyovpn.config import Options
 from pyovpn.datachannel.api import DataChannel
 from pyovpn.edge.host import HostNetwork
 from pyovpn.proto.push import PushedOptions
+from pyovpn.script_env import net_gateway, session_env
 from pyovpn.scripts import TunParams
 
 log = logging.getLogger("pyovpn")
@@ -34,13 +35,19 @@ def _ipv6_of(opts: Options, pushed: PushedOptions | None) -> tuple[str, str | No
 def tun_params(ifname: str, mtu: int, opts: Options, pushed: PushedOptions | None) -> TunParams:
     """The device as the up/down scripts see it: the same choices as configure_addresses()."""
     v6 = _ipv6_of(opts, pushed)
+    topology = (pushed.topology if pushed else opts.topology) or "net30"
+    ifconfig = pushed.ifconfig if pushed and pushed.ifconfig else opts.ifconfig
+    remote = opts.remotes[0].host if opts.remotes else None
+    gw = net_gateway(remote)
+    env = session_env(opts, pushed, topology, ifconfig, net_gateway=gw, ipv6_remote=v6[1] if v6 else None)
     return TunParams(
         dev=ifname,
         tun_mtu=mtu,
-        topology=(pushed.topology if pushed else opts.topology) or "net30",
-        ifconfig=pushed.ifconfig if pushed and pushed.ifconfig else opts.ifconfig,
+        topology=topology,
+        ifconfig=ifconfig,
         ifconfig_ipv6=v6[0] if v6 else None,
         ifconfig_ipv6_remote=v6[1] if v6 else None,
+        session_env=tuple(env.items()),
     )
 
 

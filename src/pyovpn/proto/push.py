@@ -37,6 +37,7 @@ class PushedOptions:
     explicit_exit_notify: int | None = None
     auth_token: str | None = None
     compression: tuple[str, str] | None = None  # pushed comp-lzo/compress and its argument ("" for none)
+    dns_lines: list[str] = field(default_factory=list)  # pushed `dhcp-option ...`/`dns ...`, see dnsopts
     ignored: list[str] = field(default_factory=list)
 
 
@@ -148,6 +149,8 @@ def parse_pushed_options(options: list[str]) -> PushedOptions:
                 raise ProtocolError(
                     f"pushed option {opt!r} is a compression setting pyovpn does not know"
                 ) from None
+        elif name in ("dhcp-option", "dns"):
+            p.dns_lines.append(" ".join(words))
         else:
             p.ignored.append(opt)
     return p

@@ -106,6 +106,8 @@ class TunnelUp:
     cc_exit: bool
     key_derivation: str  # "tls-ekm" or "prf", for the log
     tls_summary: str
+    peer_common_name: str = ""  # for the scripts' `common_name`
+    peer_certificate_env: tuple[tuple[str, str], ...] = ()  # the scripts' X509_N_*, tls_id_N, ...
 
 
 @dataclass(frozen=True)
@@ -915,6 +917,8 @@ class Session:
                     cc_exit=self.cc_exit,
                     key_derivation="tls-ekm" if self.use_ekm else "prf",
                     tls_summary=f"{ks.tls.version} {ks.tls.cipher}, peer CN={ks.tls.peer_common_name()!r}",
+                    peer_common_name=ks.tls.peer_common_name() or "",
+                    peer_certificate_env=tuple(ks.tls.peer_certificate_env().items()),
                 )
             )
             self._emit(self._key_command(ks, KeySlot.PRIMARY))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
@@ -262,10 +262,44 @@ class TlsEndpoint:
     def cipher(self) -> str:
         return self._conn.get_cipher_name() or "?"
 
+    def peer_certificate_env(self) -> dict[str, str]:
+        """The script variables of the peer's verified chain (see :func:`certificate_env`)."""
+        return certificate_env(self._conn.get_verified_chain(as_cryptography=True) or [])
+
     def peer_common_name(self) -> str:
         if self._peer_cn is not None:
             return self._peer_cn  # the certificate cannot change once the handshake is done
         return _common_name(self._conn.get_peer_certificate(as_cryptography=True))
+
+
+def _colon_hex(data: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in data)
+
+
+def certificate_env(chain: list[x509.Certificate]) -> dict[str, str]:
+    """OpenVPN's per-certificate script variables, depth 0 = the peer's own certificate.
+
+    `tls_id_N` (subject, in certificate order), `X509_N_<attr>` per subject attribute,
+    `tls_digest_N` (SHA-1), `tls_digest_sha256_N`, `tls_serial_N` and `tls_serial_hex_N`.
+    """
+    env: dict[str, str] = {}
+    for depth, cert in enumerate(chain):
+        parts = []
+        for rdn in cert.subject.rdns:
+            for attr in rdn:
+                name = "emailAddress" if attr.oid == NameOID.EMAIL_ADDRESS else attr.rfc4514_attribute_name
+                value = attr.value if isinstance(attr.value, str) else attr.value.hex()
+                parts.append(f"{name}={value}")
+                env[f"X509_{depth}_{name}"] = value
+        env[f"tls_id_{depth}"] = ", ".join(parts)
+        env[f"tls_digest_{depth}"] = _colon_hex(cert.fingerprint(hashes.SHA1()))
+        env[f"tls_digest_sha256_{depth}"] = _colon_hex(cert.fingerprint(hashes.SHA256()))
+        serial = cert.serial_number
+        env[f"tls_serial_{depth}"] = str(serial)
+        env[f"tls_serial_hex_{depth}"] = _colon_hex(
+            serial.to_bytes(max(1, (serial.bit_length() + 7) // 8), "big")
+        )
+    return env
 
 
 def _common_name(cert: x509.Certificate | None) -> str:

@@ -1,0 +1,233 @@
+"""Applying DNS settings to the host resolver for one tunnel device, and undoing it.
+
+Stock OpenVPN leaves DNS to scripts on Linux; pyovpn applies pushed or configured DNS itself
+(`pyovpn-dns auto`, the default) through whatever manages the resolver here:
+
+* systemd-resolved (running): per-link servers and domains with ``resolvectl``; undone by
+  ``resolvectl revert``.
+* ``resolvconf`` (Debian resolvconf or openresolv): a resolv.conf fragment as ``DEV.openvpn``;
+  undone by ``resolvconf -d``.
+* neither: /etc/resolv.conf rewritten in place (in place, because it may be a bind mount, e.g.
+  under ``ip netns exec``), the original restored on exit.
+
+Before anything changes, a state file under /run/pyovpn records what is about to be changed
+(and for /etc/resolv.conf its original text), so the next start undoes what a killed process left.
+The state names the network namespace it belongs to, so a start elsewhere leaves it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyovpn.proto.dnsopts import DnsSettings, resolv_conf_fragment
+
+log = logging.getLogger("pyovpn.dns")
+
+STATE_DIR = Path("/run/pyovpn")
+RESOLV_CONF = Path("/etc/resolv.conf")
+RESOLVED_SOCKET = Path("/run/systemd/resolve/io.systemd.Resolve")
+TURN_OFF_HINT = "add `pyovpn-dns off` to the config to leave DNS to your up/down scripts"
+_COMMAND_TIMEOUT = 10.0
+
+
+def _netns_id() -> str:
+    try:
+        st = os.stat("/proc/self/ns/net")
+    except OSError:
+        return ""
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def resolvectl_commands(dev: str, s: DnsSettings) -> list[list[str]]:
+    """The resolvectl calls that give ``dev`` these servers and domains."""
+    cmds = [["resolvectl", "dns", dev, *s.servers]]
+    if s.domains:
+        cmds.append(["resolvectl", "domain", dev, *s.domains])
+    if s.servers:
+        # like update-systemd-resolved: a tunnel with its own servers answers names outside its domains too
+        cmds.append(["resolvectl", "default-route", dev, "true"])
+    return cmds
+
+
+def merged_resolv_conf(original: str, s: DnsSettings, dev: str) -> str:
+    """/etc/resolv.conf with the tunnel's servers/domains in front; other lines (options) are kept."""
+    keep = []
+    for line in original.splitlines():
+        word = line.split()[0] if line.split() else ""
+        if word in ("search", "domain") and s.domains:
+            continue
+        if word == "nameserver" and s.servers:
+            continue
+        keep.append(line + "\n")
+    header = f"# written by pyovpn for {dev}; the previous file comes back when the tunnel closes\n"
+    return header + resolv_conf_fragment(s) + "".join(keep)
+
+
+@dataclass
+class _Applied:
+    method: str  # "resolved" | "resolvconf" | "file"
+    dev: str
+    written: str = ""  # file method: what pyovpn wrote
+    original: str = ""  # file method: what was there before
+
+
+class ResolverSetup:
+    """DNS for one tunnel device: :meth:`apply` once up, :meth:`restore` when it closes."""
+
+    def __init__(self, state_dir: Path = STATE_DIR, resolv_conf: Path = RESOLV_CONF) -> None:
+        self.state_dir = state_dir
+        self.resolv_conf = resolv_conf
+        self._applied: _Applied | None = None
+
+    def _state_path(self, dev: str) -> Path:
+        return self.state_dir / f"dns-{dev}.json"
+
+    def _save_state(self, a: _Applied) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self._state_path(a.dev)
+        tmp = path.with_suffix(".tmp")
+        data: dict[str, object] = {
+            "method": a.method,
+            "dev": a.dev,
+            "written": a.written,
+            "original": a.original,
+        }
+        data |= {"netns": _netns_id(), "resolv_conf": str(self.resolv_conf), "pid": os.getpid()}
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @staticmethod
+    def pick_method(resolv_conf_writable: bool = True) -> str | None:
+        if RESOLVED_SOCKET.exists() and shutil.which("resolvectl"):
+            return "resolved"
+        if shutil.which("resolvconf"):
+            return "resolvconf"
+        return "file" if resolv_conf_writable else None
+
+    def apply(self, dev: str, s: DnsSettings) -> None:
+        """Give ``dev``'s DNS settings to the resolver; logs where, or why not (never raises)."""
+        self.restore()
+        if s.is_empty():
+            return
+        method = self.pick_method(os.access(self.resolv_conf, os.W_OK))
+        servers = ", ".join(s.servers) or "no servers"
+        domains = f" (domains {', '.join(s.domains)})" if s.domains else ""
+        try:
+            if method == "resolved":
+                self._save_state(_Applied("resolved", dev))
+                for cmd in resolvectl_commands(dev, s):
+                    _run(cmd)
+                where = f"systemd-resolved for link {dev}"
+            elif method == "resolvconf":
+                self._save_state(_Applied("resolvconf", dev))
+                _run(["resolvconf", "-a", f"{dev}.openvpn"], stdin=resolv_conf_fragment(s))
+                where = f"resolvconf as {dev}.openvpn"
+            elif method == "file":
+                original = self.resolv_conf.read_text(encoding="utf-8") if self.resolv_conf.exists() else ""
+                written = merged_resolv_conf(original, s, dev)
+                self._save_state(_Applied("file", dev, written, original))
+                self.resolv_conf.write_text(written, encoding="utf-8")
+                where = f"{self.resolv_conf} (no resolver manager runs here)"
+            else:
+                log.warning(
+                    "DNS %s%s not applied: no systemd-resolved, no resolvconf and %s is not writable; "
+                    "install resolvconf or run as root",
+                    servers,
+                    domains,
+                    self.resolv_conf,
+                )
+                return
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.error("DNS %s%s could not be applied: %s; %s", servers, domains, exc, TURN_OFF_HINT)
+            _undo_state(self._state_path(dev))
+            return
+        self._applied = _Applied(method, dev)
+        log.info("DNS %s%s applied via %s; %s", servers, domains, where, TURN_OFF_HINT)
+
+    def restore(self) -> None:
+        """Undo what :meth:`apply` did, if anything."""
+        if self._applied is not None:
+            _undo_state(self._state_path(self._applied.dev))
+            self._applied = None
+
+    def restore_stale(self) -> None:
+        """Undo what an earlier, killed pyovpn in this network namespace left behind."""
+        if not self.state_dir.is_dir():
+            return
+        here = _netns_id()
+        for path in sorted(self.state_dir.glob("dns-*.json")):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if data.get("netns") != here or _alive(int(data.get("pid", 0))):
+                continue
+            log.warning("undoing the DNS settings a previous pyovpn left for %s (%s)", data.get("dev"), path)
+            _undo_state(path)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run(cmd: Sequence[str], stdin: str | None = None) -> None:
+    res = subprocess.run(
+        list(cmd), input=stdin, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False
+    )
+    if res.returncode != 0:
+        raise subprocess.SubprocessError(f"`{' '.join(cmd)}` failed: {res.stderr.strip() or res.returncode}")
+
+
+def _undo_state(path: Path) -> None:
+    """Undo what the state file at ``path`` records and remove it; problems are logged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        log.warning("DNS state %s unreadable (%s); removing it", path, exc)
+        path.unlink(missing_ok=True)
+        return
+    method, dev = data.get("method"), str(data.get("dev", ""))
+    try:
+        if method == "resolved":
+            _run(["resolvectl", "revert", dev])
+        elif method == "resolvconf":
+            _run(["resolvconf", "-d", f"{dev}.openvpn", "-f"])
+        elif method == "file":
+            target = Path(data["resolv_conf"])
+            current = target.read_text(encoding="utf-8") if target.exists() else ""
+            if current not in (data["written"], data["original"]):
+                log.warning(
+                    "%s changed since pyovpn wrote it; leaving it as it is (the text before pyovpn was:\n%s)",
+                    target,
+                    data["original"],
+                )
+            else:
+                target.write_text(data["original"], encoding="utf-8")
+    except (OSError, KeyError, subprocess.SubprocessError) as exc:
+        # e.g. after `user nobody`: the next start as root undoes it, so the state file stays
+        log.warning("DNS settings for %s could not be undone: %s; the next start retries", dev, exc)
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove DNS state %s: %s", path, exc)
