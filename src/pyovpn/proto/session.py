@@ -103,6 +103,7 @@ class SessionClosed:
 
     reason: str
     restart: bool = True
+    auth_failed: bool = False  # the server refused the credentials (auth-retry decides what next)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class Session:
         self.primary: KeyState | None = None
         self.lame_duck: KeyState | None = None
         self.closed = False
+        self._auth_token: str | None = None
         self.peer_id: int | None = None
         self.cipher: Cipher | None = None
         self.use_ekm = False
@@ -278,11 +280,11 @@ class Session:
     def _emit(self, event: SessionEvent) -> None:
         self._events.append(event)
 
-    def _fail(self, reason: str, *, restart: bool = True) -> None:
+    def _fail(self, reason: str, *, restart: bool = True, auth_failed: bool = False) -> None:
         if not self.closed:
             self.closed = True
             log.warning("session closed: %s", reason)
-            self._emit(SessionClosed(reason, restart))
+            self._emit(SessionClosed(reason, restart, auth_failed))
 
     # ------------------------------------------------------------------ public API
 
@@ -635,7 +637,8 @@ class Session:
             options=options,
             pre_master=None if c.is_tls_server else self._rng(km.PRE_MASTER_LEN),
             username=(c.username or "") if not c.is_tls_server else "",
-            password=(c.password or "") if not c.is_tls_server else "",
+            # a pushed auth-token stands in for the password in every later key exchange
+            password=(self._auth_token or c.password or "") if not c.is_tls_server else "",
             peer_info=peer_info,
         )
         ks.local_km2 = msg
@@ -755,7 +758,9 @@ class Session:
             self._apply_push(ks, pushed, now)
         elif text.startswith("AUTH_FAILED"):
             self._fail(
-                f"server said {text}: check auth-user-pass credentials / client certificate", restart=False
+                f"server said {text}: check auth-user-pass credentials / client certificate",
+                restart=False,
+                auth_failed=True,
             )
         elif text.startswith("AUTH_PENDING"):
             self._next_push_request = now + PUSH_REQUEST_INTERVAL
@@ -783,6 +788,8 @@ class Session:
             log.info("ignoring unknown control message %r", text[:60])
 
     def _apply_push(self, ks: KeyState, pushed: PushedOptions, now: float) -> None:
+        if pushed.auth_token is not None:
+            self._auth_token = pushed.auth_token
         ours = [c.upper() for c in self.cfg.data_ciphers]
         name = pushed.cipher
         if name is None:
