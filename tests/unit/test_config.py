@@ -670,7 +670,9 @@ def test_bare_auth_user_pass_asks_for_both() -> None:
 
 
 def test_auth_user_pass_username_only_refused() -> None:
-    err = config_error(CLIENT.replace("tls-client", "client") + "auth-user-pass username-only\n", source="a.conf")
+    err = config_error(
+        CLIENT.replace("tls-client", "client") + "auth-user-pass username-only\n", source="a.conf"
+    )
     assert "username-only is not supported" in str(err)
     assert err.line == CLIENT.count("\n") + 1
 
@@ -681,7 +683,9 @@ def test_auth_user_pass_requires_pull() -> None:
 
 
 def test_auth_user_pass_username_alone_asks_for_the_password() -> None:
-    o = parse_config_text(CLIENT.replace("tls-client", "client") + "<auth-user-pass>\nbob\n</auth-user-pass>\n")
+    o = parse_config_text(
+        CLIENT.replace("tls-client", "client") + "<auth-user-pass>\nbob\n</auth-user-pass>\n"
+    )
     assert o.auth_user_pass == ("bob", None)
 
 
