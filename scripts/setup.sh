@@ -12,7 +12,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PACKAGES=(openvpn iperf3 iproute2 iputils-ping procps python3-venv tcpdump)
+PACKAGES=(openvpn iperf3 iproute2 iputils-ping procps python3-venv tcpdump tmux)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: must run as root (apt-get, and the netns tests need it anyway)" >&2

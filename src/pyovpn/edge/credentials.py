@@ -34,25 +34,28 @@ def static_challenge_password(password: str, response: str) -> str:
 
 def _ask_terminal(prompt: str, echo: bool) -> str:
     """One line from the controlling terminal, echo off for secrets (stdin may be redirected)."""
-    with open("/dev/tty", "r+", encoding="utf-8", errors="replace") as tty:
-        fd = tty.fileno()
-        tty.write(prompt + " ")
-        tty.flush()
+    fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(fd, (prompt + " ").encode())
         saved = termios.tcgetattr(fd)
         if not echo:
             quiet = termios.tcgetattr(fd)
             quiet[3] &= ~termios.ECHO
             termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)
+        line = b""
         try:
-            line = tty.readline()
+            while not line.endswith(b"\n"):
+                chunk = os.read(fd, 1)
+                if not chunk:
+                    raise ConfigError(f"no answer to '{prompt}' (end of input on the terminal)")
+                line += chunk
         finally:
             if not echo:
                 termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
-                tty.write("\n")
-                tty.flush()
-    if not line:
-        raise ConfigError(f"no answer to '{prompt}' (end of input on the terminal)")
-    return line.rstrip("\r\n")
+                os.write(fd, b"\n")
+    finally:
+        os.close(fd)
+    return line.decode(errors="replace").rstrip("\r\n")
 
 
 def _has_terminal() -> bool:
