@@ -110,9 +110,8 @@ def test_prompted_password_then_token_reconnect(net: Netns, pki: Pki, tmux: Tmux
 
     log = net.workdir / "client.log"
     env = f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}"
-    tmux.start(
-        f"ip netns exec {net.a} env {env} {sys.executable} -m pyovpn --config {client_conf} 2>&1 | tee {log}; sleep 600"
-    )
+    run = f"ip netns exec {net.a} env {env} {sys.executable} -m pyovpn --config {client_conf}"
+    tmux.start(f"{run} 2>&1 | tee {log}; sleep 600")  # the pane outlives the client for capture-pane
     tmux.wait_for("Enter Auth Username:", 30)
     tmux.send("alice", "Enter")
     tmux.wait_for("Enter Auth Password:", 10)
