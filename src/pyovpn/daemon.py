@@ -78,6 +78,7 @@ def session_config(opts: Options) -> SessionConfig:
         tls_cipher=opts.tls_cipher,
         tls_ciphersuites=opts.tls_ciphersuites,
         tls_version_max=opts.tls_version_max,
+        cert_profile=opts.tls_cert_profile or "legacy",
     )
     user, password = None, None  # filled in per connection from Daemon.credentials
     for name in opts.unoffered_ciphers:
