@@ -196,6 +196,7 @@ class Options:
     # a None part is asked of the user when connecting (edge/credentials.py)
     auth_user_pass: tuple[str | None, str | None] | None = field(default=None, repr=False)
     auth_nocache: bool = False
+    ns_cert_type: str | None = None
     auth_retry: str = "none"
     static_challenge: tuple[str, bool] | None = None
     askpass: str | None = None  # "" = ask the user for the key passphrase
@@ -1371,6 +1372,13 @@ def _opt_auth_user_pass(b: _Builder, d: Directive) -> None:
     if not lines[0]:
         raise _error(d, "auth-user-pass: the username (first line) is empty; put the username there")
     b.opts = replace(b.opts, auth_user_pass=(lines[0], lines[1] if len(lines) > 1 else None))
+
+
+@_option("ns-cert-type", args=(1, 1), usage="ns-cert-type server|client")
+def _opt_ns_cert_type(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("server", "client"):
+        raise _error(d, f"ns-cert-type: bad value '{d.args[0]}'; use server or client (or remote-cert-tls)")
+    b.opts = replace(b.opts, ns_cert_type=d.args[0])
 
 
 @_option("auth-nocache", args=(0, 0), usage="auth-nocache")

@@ -94,6 +94,7 @@ def session_config(opts: Options) -> SessionConfig:
             crl=opts.crl_verify,
             remote_cert_ku=opts.remote_cert_ku,
             remote_cert_eku=opts.remote_cert_eku,
+            ns_cert_type=opts.ns_cert_type,
         ),
         tls_timeout=float(opts.tls_timeout),
         hand_window=opts.hand_window,

@@ -17,6 +17,7 @@ from OpenSSL import SSL, crypto
 
 from pyovpn.errors import ConfigError, ProtocolError
 from pyovpn.proto import cert_usage, tls_ciphers
+from pyovpn.proto.ns_cert_type import check_ns_cert_type
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class PeerCheck:
     crl: bytes | None = None  # PEM CRL (crl-verify): a revoked peer certificate is refused
     remote_cert_ku: tuple[int, ...] | None = None  # remote-cert-ku values (empty: just present)
     remote_cert_eku: str | None = None  # remote-cert-eku: dotted OID or OpenSSL long name
+    ns_cert_type: str | None = None  # "server" | "client" (deprecated ns-cert-type)
 
 
 def _load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
@@ -178,6 +180,8 @@ def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
                 f"peer certificate lacks the TLS Web {check.remote_cert_tls.title()} Authentication usage "
                 f"required by remote-cert-tls {check.remote_cert_tls}"
             )
+    if check.ns_cert_type is not None:
+        check_ns_cert_type(cert, check.ns_cert_type)
     if check.remote_cert_ku is not None:
         cert_usage.check_key_usage(cert, check.remote_cert_ku)
     if check.remote_cert_eku is not None:
