@@ -197,6 +197,9 @@ class Options:
     auth_user_pass: tuple[str | None, str | None] | None = field(default=None, repr=False)
     auth_nocache: bool = False
     ns_cert_type: str | None = None
+    #: auth-gen-token (lifetime s, renewal s (0 = reneg-sec), external-auth) and its secret (PEM)
+    auth_gen_token: tuple[int, int, bool] | None = None
+    auth_gen_token_secret: bytes | None = field(default=None, repr=False)
     auth_retry: str = "none"
     static_challenge: tuple[str, bool] | None = None
     askpass: str | None = None  # "" = ask the user for the key passphrase
@@ -1379,6 +1382,26 @@ def _opt_ns_cert_type(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("server", "client"):
         raise _error(d, f"ns-cert-type: bad value '{d.args[0]}'; use server or client (or remote-cert-tls)")
     b.opts = replace(b.opts, ns_cert_type=d.args[0])
+
+
+@_option("auth-gen-token", args=(0, 3), usage="auth-gen-token [LIFETIME] [RENEWAL] [external-auth]")
+def _opt_auth_gen_token(b: _Builder, d: Directive) -> None:
+    args = list(d.args)
+    external = bool(args) and args[-1] == "external-auth"
+    if external:
+        args.pop()
+    if len(args) > 2:
+        raise _error(
+            d, f"auth-gen-token: unexpected '{args[2]}'; usage: {d.name} [LIFETIME] [RENEWAL] [external-auth]"
+        )
+    lifetime = _int(d, args[0], "auth-gen-token lifetime", 0) if args else 0
+    renewal = _int(d, args[1], "auth-gen-token renewal", 0) if len(args) > 1 else 0
+    b.opts = replace(b.opts, auth_gen_token=(lifetime, renewal, external))
+
+
+@_option("auth-gen-token-secret", args=(1, 1), usage="auth-gen-token-secret FILE", inline=True)
+def _opt_auth_gen_token_secret(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, auth_gen_token_secret=b.file_or_inline(d))
 
 
 @_option("auth-nocache", args=(0, 0), usage="auth-nocache")
