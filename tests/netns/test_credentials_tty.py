@@ -131,3 +131,44 @@ def test_prompted_password_then_token_reconnect(net: Netns, pki: Pki, tmux: Tmux
     assert calls.read_text().splitlines() == [f"alice {PASSWORD}"]
     assert PASSWORD not in screen
     assert PASSWORD not in log.read_text()
+
+
+def test_pyovpn_server_token_accepted_on_stock_client_reconnect(net: Netns, pki: Pki) -> None:
+    """pyovpn server with auth-gen-token: a stock client reconnecting after SIGUSR1 sends the token,
+    and the server takes it without running the password script again."""
+    calls = net.workdir / "verify-calls.txt"
+    script = net.workdir / "verify.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$(sed -n 1p "$1") $(sed -n 2p "$1")" >> {calls}\n'
+        f'[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = {PASSWORD} ]\n'
+    )
+    script.chmod(0o755)
+    creds = net.workdir / "up.txt"
+    creds.write_text(f"alice\n{PASSWORD}\n")
+    spec = TunnelSpec(role="server", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
+    server_conf = net.workdir / "s.conf"
+    server_conf.write_text(
+        server_config(spec, pki, impl="pyovpn", local=net.outer("b", 4))
+        + f"script-security 2\nauth-user-pass-verify {script} via-file\nauth-gen-token 3600\n"
+    )
+    pidfile = net.workdir / "client.pid"
+    client_conf = net.workdir / "c.conf"
+    client_conf.write_text(
+        client_config(spec, pki, impl="openvpn", remote=net.outer("b", 4))
+        + f"auth-user-pass {creds}\nauth-nocache\nwritepid {pidfile}\nverb 4\n"
+    )
+    server = net.spawn("b", [sys.executable, "-m", "pyovpn", "--config", str(server_conf)], "server-pyovpn")
+    wait_listening(net.b, spec.proto, spec.port, proc=server)
+    client = net.spawn("a", ["openvpn", "--config", str(client_conf)], "client-openvpn")
+    client.wait_for_line(INIT_LINE, 40)
+    assert ping(net.a, inner_addrs(spec).server4).ok
+    assert calls.read_text().splitlines() == [f"alice {PASSWORD}"]
+
+    mark = client.mark()
+    os.kill(int(pidfile.read_text().strip()), signal.SIGUSR1)
+    client.wait_for_line(INIT_LINE, 40, since=mark)
+    assert ping(net.a, inner_addrs(spec).server4).ok
+    # the second login was the token: the script ran once in all
+    assert calls.read_text().splitlines() == [f"alice {PASSWORD}"], server.tail()
+    assert "auth-token" in client.text()
