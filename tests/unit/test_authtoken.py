@@ -90,3 +90,14 @@ def test_options(tmp_path: Path) -> None:
     assert tokens is not None and tokens.renewal == 1200 and tokens.lifetime == 3600
     with pytest.raises(ConfigError, match="not an integer"):
         parse_config_text(base + "auth-gen-token soon\n")
+
+
+def test_pyovpn_genkey_auth_token(tmp_path: Path) -> None:
+    from pyovpn.cli import main
+
+    f = tmp_path / "tok.key"
+    assert main(["genkey", "auth-token", str(f)]) == 0
+    assert f.stat().st_mode & 0o077 == 0
+    assert len(read_secret(f.read_bytes())) == 32
+    assert main(["genkey", "auth-token", str(f)]) == 1  # never overwrites a secret
+    assert main(["genkey", "secret", str(tmp_path / "x")]) == 1
