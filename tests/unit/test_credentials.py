@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import base64
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +146,47 @@ def test_auth_user_pass_file_with_only_a_username(tmp_path: Path) -> None:
     f.write_text("carol\n")
     o = parse_config_text(CLIENT.replace("auth-user-pass\n", f"auth-user-pass {f}\n"))
     assert o.auth_user_pass == ("carol", None)
+
+
+def _ask_without_terminal(tmp_path: Path, path_dirs: str) -> subprocess.CompletedProcess[str]:
+    """ask_user in a new session (setsid: no controlling terminal), with PATH limited to path_dirs."""
+    code = (
+        "from pyovpn.edge.credentials import ask_user\n"
+        "from pyovpn.errors import ConfigError\n"
+        "try:\n    print('ANSWER=' + ask_user('Enter Auth Password:', False))\n"
+        "except ConfigError as e:\n    print('ERROR=' + str(e))\n"
+    )
+    env = {"PATH": path_dirs, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [shutil.which("setsid") or "setsid", "-w", sys.executable, "-c", code],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+def test_no_terminal_uses_systemd_ask_password(tmp_path: Path) -> None:
+    if shutil.which("setsid") is None:
+        pytest.skip("setsid (util-linux) is missing: cannot start a process without a terminal")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    argv_log = tmp_path / "argv.txt"
+    # stands in for systemd's agent, which needs a running systemd; it records how it was asked
+    fake = bindir / "systemd-ask-password"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {argv_log}\necho from-agent\n')
+    fake.chmod(0o755)
+    done = _ask_without_terminal(tmp_path, f"{bindir}:/usr/bin:/bin")
+    assert "ANSWER=from-agent" in done.stdout, done.stdout
+    assert argv_log.read_text().strip() == "Enter Auth Password:"  # no --echo for a password
+
+
+def test_no_terminal_and_no_agent_says_how_to_use_a_file(tmp_path: Path) -> None:
+    if shutil.which("setsid") is None:
+        pytest.skip("setsid (util-linux) is missing: cannot start a process without a terminal")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = _ask_without_terminal(tmp_path, str(empty))
+    assert "ERROR=" in done.stdout and "auth-user-pass FILE" in done.stdout, done.stdout
