@@ -172,3 +172,40 @@ def test_pyovpn_server_token_accepted_on_stock_client_reconnect(net: Netns, pki:
     # the second login was the token: the script ran once in all
     assert calls.read_text().splitlines() == [f"alice {PASSWORD}"], server.tail()
     assert "auth-token" in client.text()
+
+
+def test_auth_retry_interact_asks_again_after_auth_failed(net: Netns, pki: Pki, tmux: Tmux) -> None:
+    """A mistyped password: AUTH_FAILED from the stock server, then (auth-retry interact) new prompts."""
+    script = net.workdir / "verify.sh"
+    script.write_text(f'#!/bin/sh\n[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = {PASSWORD} ]\n')
+    script.chmod(0o755)
+    spec = TunnelSpec(role="server", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
+    server_conf = net.workdir / "s.conf"
+    server_conf.write_text(
+        server_config(spec, pki, impl="openvpn", local=net.outer("b", 4))
+        + f"script-security 2\nauth-user-pass-verify {script} via-file\n"
+    )
+    client_conf = net.workdir / "c.conf"
+    client_conf.write_text(
+        client_config(spec, pki, impl="pyovpn", remote=net.outer("b", 4))
+        + "auth-user-pass\nauth-retry interact\n"
+    )
+    server = net.spawn("b", ["openvpn", "--config", str(server_conf)], "server-openvpn")
+    wait_listening(net.b, spec.proto, spec.port, proc=server)
+    log = net.workdir / "client.log"
+    env = f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}"
+    run = f"ip netns exec {net.a} env {env} {sys.executable} -m pyovpn --config {client_conf}"
+    tmux.start(f"{run} 2>&1 | tee {log}; sleep 600")
+    tmux.wait_for("Enter Auth Username:", 30)
+    tmux.send("alice", "Enter")
+    tmux.wait_for("Enter Auth Password:", 10)
+    tmux.send("wrong-password", "Enter")
+    _wait_file_count(log, "AUTH_FAILED", 1, 40)
+    tmux.wait_for("Enter Auth Username:", 30, count=2)
+    tmux.send("alice", "Enter")
+    tmux.wait_for("Enter Auth Password:", 10, count=2)
+    tmux.send(PASSWORD, "Enter")
+    _wait_file_count(log, INIT_LINE, 1, 40)
+    assert ping(net.a, inner_addrs(spec).server4).ok
+    screen = tmux.screen()
+    assert PASSWORD not in screen and "wrong-password" not in screen
