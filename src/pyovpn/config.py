@@ -19,6 +19,8 @@ non-AEAD ciphers, static-key mode, proxies, ...) is refused loudly rather than s
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -1430,7 +1432,16 @@ def _opt_askpass(b: _Builder, d: Directive) -> None:
 
 @_option("pkcs12", args=(1, 1), usage="pkcs12 FILE", inline=True)
 def _opt_pkcs12(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, pkcs12=b.file_or_inline(d))
+    data = b.file_or_inline(d)
+    if d.inline:
+        # an inline <pkcs12> block holds the DER bundle in base64, as in OpenVPN
+        try:
+            data = base64.b64decode(b"".join(data.split()), validate=True)
+        except binascii.Error:
+            raise _error(
+                d, "<pkcs12>: the block is not base64; paste `base64 client.p12` between the tags"
+            ) from None
+    b.opts = replace(b.opts, pkcs12=data)
 
 
 # -- timers, logging, process ------------------------------------------------------------------

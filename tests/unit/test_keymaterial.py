@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,13 @@ def test_pkcs12_wrong_password(pki: Pki, tmp_path: Path) -> None:
     pw.write_text("nope\n")
     with pytest.raises(ConfigError, match="pkcs12: cannot open the bundle"):
         split_pkcs12(_bundle(pki, b"p12pass"), str(pw), _no_prompt)
+
+
+def test_inline_pkcs12_block_is_base64(pki: Pki) -> None:
+    bundle = _bundle(pki, None)
+    b64 = base64.encodebytes(bundle).decode()
+    opts = parse_config_text(f"client\ndev tun\nremote 192.0.2.1 1194\n<pkcs12>\n{b64}</pkcs12>\n")
+    assert opts.pkcs12 == bundle
+    assert tls_material(opts, _no_prompt).cert is not None
+    with pytest.raises(ConfigError, match="not base64"):
+        parse_config_text("client\ndev tun\nremote 192.0.2.1 1194\n<pkcs12>\n#!not base64\n</pkcs12>\n")
