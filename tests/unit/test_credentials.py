@@ -89,6 +89,16 @@ def test_static_challenge_prompts_for_the_response() -> None:
     creds = Credentials("bob", None, challenge=StaticChallenge("Enter PIN", True), ask=user)
     assert creds.for_connection() == ("bob", static_challenge_password("pw", "424242"))
     assert user.asked[-1] == ("CHALLENGE: Enter PIN", True)
+    # the password is cached, the one-time response is not
+    user.answers.append("515151")
+    assert creds.for_connection() == ("bob", static_challenge_password("pw", "515151"))
+
+
+def test_static_challenge_with_password_from_file_still_asks_the_response() -> None:
+    user = ScriptedUser("777")
+    creds = Credentials("bob", "filepw", challenge=StaticChallenge("OTP", False), ask=user)
+    assert creds.for_connection() == ("bob", static_challenge_password("filepw", "777"))
+    assert user.asked == [("CHALLENGE: OTP", False)]
 
 
 @pytest.mark.parametrize(

@@ -128,11 +128,12 @@ class Credentials:
         password = self._password
         if password is None:
             password = self._ask(PASSWORD_PROMPT, False)
-            if self._challenge is not None:
-                response = self._ask(f"CHALLENGE: {self._challenge.text}", self._challenge.echo)
-                password = static_challenge_password(password, response)
             if not self._nocache:
                 self._password = password
+        if self._challenge is not None:
+            # a challenge response (typically a one-time code) is never reused: asked every login
+            response = self._ask(f"CHALLENGE: {self._challenge.text}", self._challenge.echo)
+            password = static_challenge_password(password, response)
         return self._username, password
 
     def token_received(self, token: str | None, token_user: str | None = None) -> None:
