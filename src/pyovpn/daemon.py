@@ -683,6 +683,8 @@ class Daemon:
             return await run
         finally:
             sig_wait.cancel()
+            if self.credentials is not None and isinstance(conn, Connection) and conn.session is not None:
+                self.credentials.token_received(conn.session.auth_token)  # renewed during the session
 
     def _notify(self, n: Notification) -> None:
         if isinstance(n, IfaceDeleted) and n.name == self.iface:

@@ -38,3 +38,24 @@ def test_auth_failed_is_flagged(pki: dict[str, bytes]) -> None:
     p.run(4, on_auth=lambda server, ev, now: server.reject_client(now, "bad password"))
     closed = [e for e in p.client_events if isinstance(e, SessionClosed)]
     assert closed and closed[0].auth_failed and not closed[0].restart
+
+
+def test_mid_session_token_renewal_is_taken(pki: dict[str, bytes]) -> None:
+    p = ServerPair(pki, username="alice", password="s3cret")
+
+    def accept(server: Session, ev: ClientAuthRequest, now: float) -> None:
+        server.accept_client(now, peer_id=3, push=[*PUSH, f"auth-token {TOKEN}"])
+
+    p.run(4, on_auth=accept)
+    assert p.client.auth_token == TOKEN
+    renewed = "SESS_ID_AT_" + "B" * 80
+    p.server.send_text(f"PUSH_REPLY,auth-token {renewed}")  # what OpenVPN sends when it renews
+    p.server.handle_timer(p.now)  # send_text only queues: the next timer or packet flushes it
+    p.run(2)
+    assert p.client.auth_token == renewed
+    assert not any(isinstance(e, SessionClosed) for e in p.client_events)
+    # any other late PUSH_REPLY is still ignored
+    p.server.send_text("PUSH_REPLY,route 10.9.0.0 255.255.0.0,auth-token X")
+    p.server.handle_timer(p.now)
+    p.run(2)
+    assert p.client.auth_token == renewed

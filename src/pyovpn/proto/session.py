@@ -737,6 +737,11 @@ class Session:
 
     def _on_text(self, ks: KeyState, text: str, now: float) -> None:
         if text.startswith("PUSH_REPLY"):
+            if self.cfg.pull and self._backend_slots[KeySlot.PRIMARY] is not None:
+                renewed = _renewed_auth_token(text)
+                if renewed is not None:
+                    self._auth_token = renewed  # the server renews its token at each renegotiation
+                    return
             if not self.cfg.pull or self._backend_slots[KeySlot.PRIMARY] is not None:
                 log.info("ignoring unexpected %s", text[:40])
                 return
@@ -786,6 +791,11 @@ class Session:
                 self._push_requested = True
         else:
             log.info("ignoring unknown control message %r", text[:60])
+
+    @property
+    def auth_token(self) -> str | None:
+        """The latest auth-token the server pushed (a client's password for its next login)."""
+        return self._auth_token
 
     def _apply_push(self, ks: KeyState, pushed: PushedOptions, now: float) -> None:
         if pushed.auth_token is not None:
@@ -1031,3 +1041,12 @@ def _check_reset_tlvs(payload: bytes) -> None:
         pos += 4 + length
         if pos > len(payload):
             raise ProtocolError("malformed TLV in the server's hard reset")
+
+
+def _renewed_auth_token(text: str) -> str | None:
+    """The token of a mid-session "PUSH_REPLY,auth-token TOKEN" (OpenVPN's token renewal), else None."""
+    opts, _more = split_push_message(text)
+    tokens = [o.split()[1] for o in opts if o.startswith("auth-token ") and len(o.split()) == 2]
+    if len(tokens) != 1 or any(not o.startswith(("auth-token", "auth-token-user")) for o in opts):
+        return None
+    return tokens[0]
