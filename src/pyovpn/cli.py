@@ -14,6 +14,7 @@ usage: pyovpn --config FILE [--option args ...]
        pyovpn show [INTERFACE] [--json]  (running tunnels, peers, traffic; like `wg show`)
        pyovpn genkey KIND [FILE] [--key SERVERKEY] [--metadata B64]
                                          (secret, tls-crypt, tls-crypt-v2-server, tls-crypt-v2-client)
+       pyovpn genkey auth-token FILE     (a secret for auth-gen-token-secret)
 
 pyovpn reads OpenVPN 2.6 configuration syntax. Roles: `client` (pull from an OpenVPN server),
 `tls-client` / `tls-server` with `ifconfig` (P2P). `--dco auto|kernel|userspace` picks the
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from pyovpn.tools import demo
 
         return demo.main(args[1:])
+    if args[0] == "genkey":
+        from pyovpn.tools import genkey
+
+        return genkey.main(args[1:])
     from pyovpn.config import parse_args
 
     try:

@@ -19,6 +19,8 @@ non-AEAD ciphers, static-key mode, proxies, ...) is refused loudly rather than s
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -216,7 +218,17 @@ class Options:
     tun_mtu: int = 1500
     mssfix: int | None = None
     explicit_exit_notify: int = 0
-    auth_user_pass: tuple[str, str] | None = field(default=None, repr=False)
+    # a None part is asked of the user when connecting (edge/credentials.py)
+    auth_user_pass: tuple[str | None, str | None] | None = field(default=None, repr=False)
+    auth_nocache: bool = False
+    ns_cert_type: str | None = None
+    #: auth-gen-token (lifetime s, renewal s (0 = reneg-sec), external-auth) and its secret (PEM)
+    auth_gen_token: tuple[int, int, bool] | None = None
+    auth_gen_token_secret: bytes | None = field(default=None, repr=False)
+    auth_retry: str = "none"
+    static_challenge: tuple[str, bool] | None = None
+    askpass: str | None = None  # "" = ask the user for the key passphrase
+    pkcs12: bytes | None = field(default=None, repr=False)
     verb: int = 1
     log: str | None = None
     log_append: str | None = None
@@ -1508,26 +1520,88 @@ def _opt_tls_cert_profile(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, tls_cert_profile=d.args[0])
 
 
-@_option("auth-user-pass", args=(0, 1), usage="auth-user-pass FILE", inline=True)
+@_option("auth-user-pass", args=(0, 1), usage="auth-user-pass [FILE]", inline=True)
 def _opt_auth_user_pass(b: _Builder, d: Directive) -> None:
-    if not d.args or d.args[0] == "username-only":
+    if d.args and d.args[0] == "username-only":
         raise _error(
             d,
-            "auth-user-pass: interactive password prompt is not supported; give a file "
-            "(`auth-user-pass FILE` with the username on line 1 and the password on line 2) "
-            "or an inline <auth-user-pass> block",
+            "auth-user-pass username-only is not supported; use `auth-user-pass` (asks for both) or "
+            "`auth-user-pass FILE`",
         )
+    if not d.args and not d.inline:
+        b.opts = replace(b.opts, auth_user_pass=(None, None))  # asked when connecting
+        return
+    # username on line 1, password on line 2; without line 2 the password is asked (as OpenVPN 2.6)
     text = _as_text(d, b.file_or_inline(d))
     lines = [ln.removesuffix("\r") for ln in text.removesuffix("\n").split("\n")]
-    if len(lines) < 2:
-        raise _error(
-            d,
-            "auth-user-pass: need the username on the first line and the password on the second; "
-            "interactive password prompt is not supported",
-        )
     if not lines[0]:
         raise _error(d, "auth-user-pass: the username (first line) is empty; put the username there")
-    b.opts = replace(b.opts, auth_user_pass=(lines[0], lines[1]))
+    b.opts = replace(b.opts, auth_user_pass=(lines[0], lines[1] if len(lines) > 1 else None))
+
+
+@_option("ns-cert-type", args=(1, 1), usage="ns-cert-type server|client")
+def _opt_ns_cert_type(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("server", "client"):
+        raise _error(d, f"ns-cert-type: bad value '{d.args[0]}'; use server or client (or remote-cert-tls)")
+    b.opts = replace(b.opts, ns_cert_type=d.args[0])
+
+
+@_option("auth-gen-token", args=(0, 3), usage="auth-gen-token [LIFETIME] [RENEWAL] [external-auth]")
+def _opt_auth_gen_token(b: _Builder, d: Directive) -> None:
+    args = list(d.args)
+    external = bool(args) and args[-1] == "external-auth"
+    if external:
+        args.pop()
+    if len(args) > 2:
+        raise _error(
+            d, f"auth-gen-token: unexpected '{args[2]}'; usage: {d.name} [LIFETIME] [RENEWAL] [external-auth]"
+        )
+    lifetime = _int(d, args[0], "auth-gen-token lifetime", 0) if args else 0
+    renewal = _int(d, args[1], "auth-gen-token renewal", 0) if len(args) > 1 else 0
+    b.opts = replace(b.opts, auth_gen_token=(lifetime, renewal, external))
+
+
+@_option("auth-gen-token-secret", args=(1, 1), usage="auth-gen-token-secret FILE", inline=True)
+def _opt_auth_gen_token_secret(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, auth_gen_token_secret=b.file_or_inline(d))
+
+
+@_option("auth-nocache", args=(0, 0), usage="auth-nocache")
+def _opt_auth_nocache(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, auth_nocache=True)
+
+
+@_option("auth-retry", args=(1, 1), usage="auth-retry none|nointeract|interact")
+def _opt_auth_retry(b: _Builder, d: Directive) -> None:
+    if d.args[0] not in ("none", "nointeract", "interact"):
+        raise _error(d, f"auth-retry: unknown mode '{d.args[0]}'; use none, nointeract or interact")
+    b.opts = replace(b.opts, auth_retry=d.args[0])
+
+
+@_option("static-challenge", args=(2, 2), usage="static-challenge TEXT ECHO")
+def _opt_static_challenge(b: _Builder, d: Directive) -> None:
+    if d.args[1] not in ("0", "1"):
+        raise _error(d, f"static-challenge: ECHO must be 0 or 1, not '{d.args[1]}'")
+    b.opts = replace(b.opts, static_challenge=(d.args[0], d.args[1] == "1"))
+
+
+@_option("askpass", args=(0, 1), usage="askpass [FILE]")
+def _opt_askpass(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, askpass=d.args[0] if d.args else "")
+
+
+@_option("pkcs12", args=(1, 1), usage="pkcs12 FILE", inline=True)
+def _opt_pkcs12(b: _Builder, d: Directive) -> None:
+    data = b.file_or_inline(d)
+    if d.inline:
+        # an inline <pkcs12> block holds the DER bundle in base64, as in OpenVPN
+        try:
+            data = base64.b64decode(b"".join(data.split()), validate=True)
+        except binascii.Error:
+            raise _error(
+                d, "<pkcs12>: the block is not base64; paste `base64 client.p12` between the tags"
+            ) from None
+    b.opts = replace(b.opts, pkcs12=data)
 
 
 # -- timers, logging, process ------------------------------------------------------------------
@@ -1999,7 +2073,6 @@ del _name, _what
 _IGNORED: dict[str, tuple[int, int | None]] = {
     "persist-remote-ip": (0, 0),
     "persist-local-ip": (0, 0),
-    "auth-nocache": (0, 0),
     "tls-exit": (0, 0),
     "route-delay": (0, 2),
     "route-method": (1, 1),
@@ -2007,7 +2080,6 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "push-peer-info": (0, 0),
     "txqueuelen": (1, 1),
     "fast-io": (0, 0),
-    "auth-retry": (1, 1),
     "block-outside-dns": (0, 0),
     "keysize": (1, 1),
     "ecdh-curve": (1, 1),
@@ -2054,10 +2126,6 @@ _REFUSED: dict[str, str] = {
     ),
     "ncp-disable": (
         "`ncp-disable` was removed in OpenVPN 2.6; remove it and restrict ciphers with `data-ciphers`"
-    ),
-    "pkcs12": (
-        "`pkcs12` is not supported; convert the bundle to PEM files and use ca/cert/key, e.g. "
-        "`openssl pkcs12 -in client.p12 -out client.pem -nodes`"
     ),
     "plugin": (
         "`plugin` is not supported: pyovpn cannot load OpenVPN's C plugins. For PAM logins use a "
@@ -2366,12 +2434,14 @@ def _validate(b: _Builder) -> Options:
     if o.auth_user_pass is not None and not o.pull:
         raise fail("auth-user-pass requires `pull`; add `client` (or `pull`)", "auth-user-pass")
 
-    if o.ca is None:
+    if o.ca is None and o.pkcs12 is None:
         who = "the server's" if role == "client" else "the clients'"
         raise fail(
             f"tls-{role} needs `ca`: the CA certificate that signed {who} certificate; add `ca FILE` or <ca>"
         )
-    if role == "server" or not o.pull:
+    if o.pkcs12 is not None:
+        pass  # ca, cert and key come from the bundle (edge/keymaterial.py)
+    elif role == "server" or not o.pull:
         for name, value in (("cert", o.cert), ("key", o.key)):
             if value is None:
                 raise fail(

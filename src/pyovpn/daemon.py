@@ -38,8 +38,10 @@ from pyovpn.datachannel.api import (
 from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
 from pyovpn.edge.clientroutes import ClientRoutes
+from pyovpn.edge.credentials import Credentials, StaticChallenge
 from pyovpn.edge.crl import revocation_check
 from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
+from pyovpn.edge.keymaterial import tls_material
 from pyovpn.edge.pushwarn import warn_unapplied
 from pyovpn.edge.routejournal import RUN_DIR
 from pyovpn.edge.sdnotify import SystemdNotifier
@@ -67,13 +69,14 @@ RESTART_DELAY = 2.0
 def session_config(opts: Options) -> SessionConfig:
     """The sans-I/O session's settings from the options (the TLS context built once, here)."""
     is_server = opts.tls_role == "server"
-    if opts.ca is None:
+    material = tls_material(opts)
+    if material.ca is None:
         raise ConfigError("a CA certificate is required: add `ca FILE` or an inline <ca> block")
     peer_cert = opts.verify_client_cert if is_server else "require"
     ctx = build_context(
-        ca=opts.ca,
-        cert=opts.cert,
-        key=opts.key,
+        ca=material.ca,
+        cert=material.cert,
+        key=material.key,
         is_server=is_server,
         tls_version_min=opts.tls_version_min,
         tls_groups=opts.tls_groups,
@@ -81,8 +84,9 @@ def session_config(opts: Options) -> SessionConfig:
         tls_cipher=opts.tls_cipher,
         tls_ciphersuites=opts.tls_ciphersuites,
         tls_version_max=opts.tls_version_max,
+        cert_profile=opts.tls_cert_profile or "legacy",
     )
-    user, password = opts.auth_user_pass or (None, None)
+    user, password = None, None  # filled in per connection from Daemon.credentials
     for name in opts.unoffered_ciphers:
         why = "the kernel data channel has no AES-192" if "GCM" in name else "pyovpn runs AEAD ciphers only"
         log.warning("data-ciphers: %s is not offered: %s", name, why)
@@ -98,6 +102,7 @@ def session_config(opts: Options) -> SessionConfig:
             remote_cert_ku=opts.remote_cert_ku,
             remote_cert_eku=opts.remote_cert_eku,
             is_revoked=revocation_check(opts.crl_verify_source),
+            ns_cert_type=opts.ns_cert_type,
         ),
         tls_timeout=float(opts.tls_timeout),
         hand_window=opts.hand_window,
@@ -151,6 +156,7 @@ class Daemon:
     ) -> None:
         self.opts = opts
         self.session_cfg = session_config(opts)
+        self.credentials = _credentials(opts)
         self.net: HostNetwork = net if net is not None else SystemNetwork()
         self._backend = backend
         self.routes = ClientRoutes(self.net, route_journal_dir or (RUN_DIR if net is None else None))
@@ -209,6 +215,8 @@ class Daemon:
         certificate_env: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Open the P2P device once; configure it, and run `up`, whenever the pulled options change."""
+        if pushed is not None and self.credentials is not None:
+            self.credentials.token_received(pushed.auth_token, pushed.auth_token_user)
         opts = self.opts
         mtu = (pushed.tun_mtu if pushed and pushed.tun_mtu else None) or opts.tun_mtu
         if self.iface is None:
@@ -421,7 +429,10 @@ class Daemon:
                     self._exit_signal = stop.signal
                     exit_code = 0
                     break
-                if stop.reason is StopReason.FATAL:
+                if stop.auth_failed and self.credentials is not None and self.credentials.auth_failed():
+                    log.warning("%s; auth-retry %s: trying again", stop.message, self.credentials.retry)
+                    stop = Stop.restart(stop.message)
+                elif stop.reason is StopReason.FATAL:
                     log.error("Exiting due to fatal error: %s", stop.message)
                     exit_code = stop.exit_code or 1
                     break
@@ -755,6 +766,12 @@ class Daemon:
         self, signals: asyncio.Future[str], first_packet: tuple[bytes, tuple[str, int] | None] | None = None
     ) -> Stop:
         """One connection (or server instance) until it ends or a signal ends it."""
+        if self.credentials is not None and self.opts.mode != "server":
+            try:
+                user, password = await asyncio.to_thread(self.credentials.for_connection)
+            except ConfigError as exc:
+                return Stop.fatal(str(exc))
+            self.session_cfg = replace(self.session_cfg, username=user, password=password)
         conn: Connection | MultiServer = (
             MultiServer(self) if self.opts.mode == "server" else Connection(self, first_packet, self.connlist)
         )
@@ -771,6 +788,8 @@ class Daemon:
             return await run
         finally:
             sig_wait.cancel()
+            if self.credentials is not None and isinstance(conn, Connection) and conn.session is not None:
+                self.credentials.token_received(conn.session.auth_token)  # renewed during the session
 
     def _notify(self, n: Notification) -> None:
         if isinstance(n, IfaceDeleted) and n.name == self.iface:
@@ -833,6 +852,14 @@ def _peer_json(
 
 def _log_level(verb: int) -> int:
     return logging.WARNING if verb <= 0 else logging.INFO if verb <= 4 else logging.DEBUG
+
+
+def _credentials(opts: Options) -> Credentials | None:
+    if opts.auth_user_pass is None:
+        return None
+    user, password = opts.auth_user_pass
+    challenge = StaticChallenge(*opts.static_challenge) if opts.static_challenge else None
+    return Credentials(user, password, nocache=opts.auth_nocache, retry=opts.auth_retry, challenge=challenge)
 
 
 def _restart_detail(message: str) -> str:

@@ -273,7 +273,7 @@ class Connection(Instance[Command]):
         for ev in sess.events():
             if isinstance(ev, SessionClosed):
                 kind = StopReason.RESTART if ev.restart else StopReason.FATAL
-                self.stop(Stop(kind, ev.reason, exit_code=0 if ev.restart else 1))
+                self.stop(Stop(kind, ev.reason, exit_code=0 if ev.restart else 1, auth_failed=ev.auth_failed))
             elif isinstance(ev, PeerRestarted):
                 self.stop(Stop.peer_restarted(ev.packet, self._last_source))
             elif isinstance(ev, (TunnelUp, api.NewKey, api.SwapKeys, api.DelKey)):

@@ -663,10 +663,16 @@ def test_pull_client_with_cert_but_no_key() -> None:
     assert "both" in str(config_error(text))
 
 
-@pytest.mark.parametrize("line", ["auth-user-pass", "auth-user-pass username-only"])
-def test_interactive_auth_user_pass_refused(line: str) -> None:
-    err = config_error(CLIENT.replace("tls-client", "client") + line + "\n", source="a.conf")
-    assert "interactive password prompt is not supported; give a file" in str(err)
+def test_bare_auth_user_pass_asks_for_both() -> None:
+    o = parse_config_text(CLIENT.replace("tls-client", "client") + "auth-user-pass\n")
+    assert o.auth_user_pass == (None, None)
+
+
+def test_auth_user_pass_username_only_refused() -> None:
+    err = config_error(
+        CLIENT.replace("tls-client", "client") + "auth-user-pass username-only\n", source="a.conf"
+    )
+    assert "username-only is not supported" in str(err)
     assert err.line == CLIENT.count("\n") + 1
 
 
@@ -675,9 +681,16 @@ def test_auth_user_pass_requires_pull() -> None:
     assert "auth-user-pass requires `pull`" in str(err)
 
 
-def test_auth_user_pass_needs_two_lines() -> None:
-    err = config_error(CLIENT.replace("tls-client", "client") + "<auth-user-pass>\nbob\n</auth-user-pass>\n")
-    assert "password" in str(err)
+def test_auth_user_pass_username_alone_asks_for_the_password() -> None:
+    o = parse_config_text(
+        CLIENT.replace("tls-client", "client") + "<auth-user-pass>\nbob\n</auth-user-pass>\n"
+    )
+    assert o.auth_user_pass == ("bob", None)
+
+
+def test_auth_user_pass_empty_username_refused() -> None:
+    err = config_error(CLIENT.replace("tls-client", "client") + "<auth-user-pass>\n\npw\n</auth-user-pass>\n")
+    assert "username (first line) is empty" in str(err)
 
 
 def test_keepalive_conflicts_with_ping() -> None:

@@ -32,10 +32,12 @@ class ServerPair:
         *,
         client_ciphers: tuple[str, ...] | None = None,
         server_ciphers: tuple[str, ...] = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305"),
+        **client_settings: object,
     ) -> None:
         s_cfg, c_cfg = configs(pki, tls_crypt_key=KEY2)
         self.s_cfg = replace(s_cfg, mode_server=True, data_ciphers=server_ciphers)
         self.c_cfg = replace(c_cfg, pull=True, data_ciphers=client_ciphers or c_cfg.data_ciphers)
+        self.c_cfg = replace(self.c_cfg, **client_settings)  # type: ignore[arg-type]
         self.now = 1_700_000_000.0
         rnd = random.Random(3)
         self.rng = rnd.randbytes

@@ -32,6 +32,7 @@ class Stop(Exception):
         exit_code: int = 0,
         signal: str | None = None,
         first_packet: tuple[bytes, tuple[str, int] | None] | None = None,
+        auth_failed: bool = False,
     ) -> None:
         super().__init__(message)
         self.reason = reason
@@ -41,6 +42,7 @@ class Stop(Exception):
         #: a restarted peer's first packet (and its source): the next connection starts from it,
         #: at once, instead of waiting out the restart delay and the peer's retransmission
         self.first_packet = first_packet
+        self.auth_failed = auth_failed  # the server said AUTH_FAILED: auth-retry may try again
 
     @classmethod
     def restart(cls, message: str) -> Stop:

@@ -36,6 +36,7 @@ class PushedOptions:
     tun_mtu: int | None = None
     explicit_exit_notify: int | None = None
     auth_token: str | None = None
+    auth_token_user: str | None = None  # base64, as pushed
     compression: tuple[str, str] | None = None  # pushed comp-lzo/compress and its argument ("" for none)
     dns_lines: list[str] = field(default_factory=list)  # pushed `dhcp-option ...`/`dns ...`, see dnsopts
     ignored: list[str] = field(default_factory=list)
@@ -141,6 +142,8 @@ def parse_pushed_options(options: list[str]) -> PushedOptions:
             p.explicit_exit_notify = _int(words, 1, name) if len(words) > 1 else 1
         elif name == "auth-token" and len(words) >= 2:
             p.auth_token = words[1]
+        elif name == "auth-token-user" and len(words) >= 2:
+            p.auth_token_user = words[1]
         elif name in ("comp-lzo", "compress") and len(words) <= 2:
             p.compression = (name, words[1] if len(words) > 1 else "")
             try:

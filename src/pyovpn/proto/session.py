@@ -116,6 +116,7 @@ class SessionClosed:
 
     reason: str
     restart: bool = True
+    auth_failed: bool = False  # the server refused the credentials (auth-retry decides what next)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,7 @@ class Session:
         self.primary: KeyState | None = None
         self.lame_duck: KeyState | None = None
         self.closed = False
+        self._auth_token: str | None = None
         self.peer_id: int | None = None
         self.cipher: Cipher | None = None
         self.use_ekm = False
@@ -308,11 +310,11 @@ class Session:
     def _emit(self, event: SessionEvent) -> None:
         self._events.append(event)
 
-    def _fail(self, reason: str, *, restart: bool = True) -> None:
+    def _fail(self, reason: str, *, restart: bool = True, auth_failed: bool = False) -> None:
         if not self.closed:
             self.closed = True
             log.warning("session closed: %s", reason)
-            self._emit(SessionClosed(reason, restart))
+            self._emit(SessionClosed(reason, restart, auth_failed))
 
     # ------------------------------------------------------------------ public API
 
@@ -679,7 +681,8 @@ class Session:
             options=options,
             pre_master=None if c.is_tls_server else self._rng(km.PRE_MASTER_LEN),
             username=(c.username or "") if not c.is_tls_server else "",
-            password=(c.password or "") if not c.is_tls_server else "",
+            # a pushed auth-token stands in for the password in every later key exchange
+            password=(self._auth_token or c.password or "") if not c.is_tls_server else "",
             peer_info=peer_info,
         )
         ks.local_km2 = msg
@@ -778,6 +781,11 @@ class Session:
 
     def _on_text(self, ks: KeyState, text: str, now: float) -> None:
         if text.startswith("PUSH_REPLY"):
+            if self.cfg.pull and self._backend_slots[KeySlot.PRIMARY] is not None:
+                renewed = _renewed_auth_token(text)
+                if renewed is not None:
+                    self._auth_token = renewed  # the server renews its token at each renegotiation
+                    return
             if not self.cfg.pull or self._backend_slots[KeySlot.PRIMARY] is not None:
                 log.info("ignoring unexpected %s", text[:40])
                 return
@@ -799,7 +807,9 @@ class Session:
             self._apply_push(ks, pushed, now)
         elif text.startswith("AUTH_FAILED"):
             self._fail(
-                f"server said {text}: check auth-user-pass credentials / client certificate", restart=False
+                f"server said {text}: check auth-user-pass credentials / client certificate",
+                restart=False,
+                auth_failed=True,
             )
         elif text.startswith("AUTH_PENDING"):
             self._next_push_request = now + PUSH_REQUEST_INTERVAL
@@ -826,7 +836,14 @@ class Session:
         else:
             log.info("ignoring unknown control message %r", text[:60])
 
+    @property
+    def auth_token(self) -> str | None:
+        """The latest auth-token the server pushed (a client's password for its next login)."""
+        return self._auth_token
+
     def _apply_push(self, ks: KeyState, pushed: PushedOptions, now: float) -> None:
+        if pushed.auth_token is not None:
+            self._auth_token = pushed.auth_token
         ours = [c.upper() for c in self.cfg.data_ciphers]
         name = pushed.cipher
         if name is None:
@@ -1070,3 +1087,12 @@ def _check_reset_tlvs(payload: bytes) -> None:
         pos += 4 + length
         if pos > len(payload):
             raise ProtocolError("malformed TLV in the server's hard reset")
+
+
+def _renewed_auth_token(text: str) -> str | None:
+    """The token of a mid-session "PUSH_REPLY,auth-token TOKEN" (OpenVPN's token renewal), else None."""
+    opts, _more = split_push_message(text)
+    tokens = [o.split()[1] for o in opts if o.startswith("auth-token ") and len(o.split()) == 2]
+    if len(tokens) != 1 or any(not o.startswith(("auth-token", "auth-token-user")) for o in opts):
+        return None
+    return tokens[0]

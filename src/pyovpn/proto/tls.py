@@ -18,6 +18,7 @@ from OpenSSL import SSL, crypto
 
 from pyovpn.errors import ConfigError, ProtocolError
 from pyovpn.proto import cert_usage, tls_ciphers
+from pyovpn.proto.ns_cert_type import check_ns_cert_type
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class PeerCheck:
     # asked at each handshake instead of `crl` when set: the edge re-reads a changed CRL file (or
     # looks in a `crl-verify DIR dir`), which this sans-I/O core must not do itself
     is_revoked: Callable[[int], bool] | None = None
+    ns_cert_type: str | None = None  # "server" | "client" (deprecated ns-cert-type)
 
 
 def _load_certs(pem: bytes, what: str) -> list[x509.Certificate]:
@@ -57,6 +59,7 @@ def build_context(
     tls_cipher: str | None = None,
     tls_ciphersuites: str | None = None,
     tls_version_max: str | None = None,
+    cert_profile: str = "legacy",
 ) -> SSL.Context:
     """A TLS context for one role; ConfigError if the PEM material is unusable."""
     method = SSL.TLS_SERVER_METHOD if is_server else SSL.TLS_CLIENT_METHOD
@@ -75,6 +78,7 @@ def build_context(
         ctx.set_max_proto_version(minimum[high])
     if tls_groups:
         _set_groups(ctx, tls_groups)
+    set_cert_profile(ctx, cert_profile)  # before tls-cipher, which keeps the level it sets
     if tls_cipher:
         tls_ciphers.apply_tls_cipher(ctx, tls_cipher)
     if tls_ciphersuites:
@@ -85,7 +89,13 @@ def build_context(
         store.add_cert(crypto.X509.from_cryptography(c))
     if cert is not None:
         chain = _load_certs(cert, "cert")
-        ctx.use_certificate(chain[0])
+        try:
+            ctx.use_certificate(chain[0])
+        except SSL.Error as exc:
+            raise ConfigError(
+                f"cert: OpenSSL refuses the certificate at tls-cert-profile {cert_profile} ({exc}); "
+                "use a stronger key (RSA 2048+ or EC) or a lower profile (legacy, insecure)"
+            ) from None
         for extra in chain[1:]:
             ctx.add_extra_chain_cert(extra)
         if key is None:
@@ -117,6 +127,24 @@ def build_context(
         ctx.set_options(SSL.OP_NO_TICKET)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return ctx
+
+
+#: `tls-cert-profile` as OpenVPN approximates it with OpenSSL: a security level (suiteb also
+#: restricts the ciphers to Suite B). OpenVPN's default is legacy, below Debian's default of 2.
+CERT_PROFILE_LEVELS = {"insecure": 0, "legacy": 1, "preferred": 2, "suiteb": 3}
+
+
+def set_cert_profile(ctx: SSL.Context, profile: str) -> None:
+    """Set the security level through the cipher string (pyOpenSSL has no call for it)."""
+    level = CERT_PROFILE_LEVELS.get(profile)
+    if level is None:
+        raise ConfigError(f"tls-cert-profile: unknown profile '{profile}'; use legacy, preferred or suiteb")
+    if profile == "suiteb":
+        ciphers = b"SUITEB128"
+    else:
+        # the default list, read from a scratch context (pyOpenSSL freezes one that made a Connection)
+        ciphers = ":".join(SSL.Connection(SSL.Context(SSL.TLS_METHOD)).get_cipher_list()).encode()
+    ctx.set_cipher_list(ciphers + b":@SECLEVEL=%d" % level)
 
 
 def _set_groups(ctx: SSL.Context, groups: str) -> None:
@@ -159,6 +187,8 @@ def check_peer_certificate(cert: x509.Certificate, check: PeerCheck) -> None:
                 f"peer certificate lacks the TLS Web {check.remote_cert_tls.title()} Authentication usage "
                 f"required by remote-cert-tls {check.remote_cert_tls}"
             )
+    if check.ns_cert_type is not None:
+        check_ns_cert_type(cert, check.ns_cert_type)
     if check.remote_cert_ku is not None:
         cert_usage.check_key_usage(cert, check.remote_cert_ku)
     if check.remote_cert_eku is not None:

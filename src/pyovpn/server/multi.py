@@ -36,7 +36,7 @@ from pyovpn.proto.packets import DATA_OPCODES, Opcode
 from pyovpn.proto.session import ClientAuthRequest, Session, SessionClosed, TunnelUp
 from pyovpn.proto.tlscryptv2 import RESEND_WKC_TLV, TlsCryptV2Server, offers_early_negotiation
 from pyovpn.proto.tlswrap import NoWrap, TlsAuth, TlsCrypt, Wrap
-from pyovpn.server import auth
+from pyovpn.server import auth, authtoken
 from pyovpn.server.ccd import place_client, read_ccd
 from pyovpn.server.pool import AddressPool
 from pyovpn.server.ratelimit import CONNECT_FREQ_INITIAL, ResetLimiter
@@ -89,6 +89,8 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         # OpenVPN's server frames every client's packets as its own comp-lzo/compress says
         self.framing = compression.session_framing(host.opts, None, host.dc.capabilities, host.dc.name)
         self.jar = CookieJar(os.urandom(32), hand_window=self.opts.hand_window)
+        o = self.opts
+        self.tokens = authtoken.authority(o.auth_gen_token, o.auth_gen_token_secret, o.reneg_sec, os.urandom)
         self.clients: dict[Addr, Client] = {}
         self.by_peer: dict[int, Client] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -478,8 +480,22 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         o = self.opts
         env = self._auth_identity(client, req)
         cn = client.common_name
+        renewing: authtoken.Token | None = None
+        if self.tokens is not None and req.password.startswith(authtoken.TOKEN_PREFIX):
+            checked = self.tokens.check(req.username, req.password, int(time.time()))
+            if isinstance(checked, str):
+                log.warning("%s: %s", cn, checked)
+                self._reject(client, "SESSION: auth-token rejected")
+                return
+            renewing = checked
+        # a valid token stands for the password; with external-auth the script still decides
+        token_login = renewing is not None and not (o.auth_gen_token and o.auth_gen_token[2])
         try:
-            if o.auth_user_pass_verify and not await auth.user_pass_verify(o.auth_user_pass_verify, req, env):
+            if (
+                o.auth_user_pass_verify
+                and not token_login
+                and not await auth.user_pass_verify(o.auth_user_pass_verify, req, env)
+            ):
                 log.warning("%s TLS Auth Error: Auth Username/Password verification failed for peer", cn)
                 self._reject(client, "")
                 return
@@ -505,6 +521,8 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
             if push is None:
                 self._pump(client)
                 return
+            if self.tokens is not None:
+                push.append(f"auth-token {self.tokens.mint(req.username, int(time.time()), renewing)}")
         except PyovpnError as exc:
             log.warning("%s: client rejected: %s", cn, exc)
             self._reject(client, str(exc))

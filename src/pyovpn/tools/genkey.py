@@ -2,7 +2,7 @@
 
 ``secret``/``tls-auth``/``tls-crypt`` write an OpenVPN Static key V1; ``tls-crypt-v2-server``
 and ``tls-crypt-v2-client`` write the PEM-style tls-crypt-v2 keys, interchangeable with
-``openvpn --genkey`` output both ways.
+``openvpn --genkey`` output both ways; ``auth-token`` writes an ``auth-gen-token-secret``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from pyovpn.proto import tlscryptv2
+from pyovpn.server.authtoken import secret_pem
 from pyovpn.tools.pki import static_key_text
 
 _STATIC_KINDS = ("secret", "tls-auth", "tls-crypt")
-_KINDS = (*_STATIC_KINDS, "tls-crypt-v2-server", "tls-crypt-v2-client")
+_KINDS = (*_STATIC_KINDS, "tls-crypt-v2-server", "tls-crypt-v2-client", "auth-token")
 
 
 def _write_private(path: str | None, text: str) -> None:
@@ -59,6 +60,19 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.kind in _STATIC_KINDS:
         _write_private(args.file, static_key_text())
+        return 0
+    if args.kind == "auth-token":
+        if not args.file:
+            print("genkey auth-token needs a FILE (the secret never goes to the terminal)", file=sys.stderr)
+            return 1
+        try:
+            # 0600 from the start, and never over an existing secret
+            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            print(f"genkey: cannot create {args.file}: {exc.strerror}; pick a new file name", file=sys.stderr)
+            return 1
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret_pem(os.urandom(128)))
         return 0
     if args.kind == "tls-crypt-v2-server":
         _write_private(
