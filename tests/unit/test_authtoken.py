@@ -100,4 +100,6 @@ def test_pyovpn_genkey_auth_token(tmp_path: Path) -> None:
     assert f.stat().st_mode & 0o077 == 0
     assert len(read_secret(f.read_bytes())) == 32
     assert main(["genkey", "auth-token", str(f)]) == 1  # never overwrites a secret
-    assert main(["genkey", "secret", str(tmp_path / "x")]) == 1
+    # the other kinds come from the same command (tls-crypt-v2 and static keys)
+    assert main(["genkey", "secret", str(tmp_path / "x")]) == 0
+    assert "BEGIN OpenVPN Static key V1" in (tmp_path / "x").read_text()
