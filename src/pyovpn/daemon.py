@@ -909,6 +909,10 @@ def setup_logging(opts: Options) -> None:
 def _syslog_handler(name: str) -> logging.Handler | None:
     """A handler for the local syslog socket, or None (said on stderr) when there is none."""
     try:
+        # SysLogHandler does not fail on a missing socket (it retries at each record and drops
+        # it): look first, so the fallback to stderr really happens
+        if not os.path.exists("/dev/log"):
+            raise FileNotFoundError("no such socket")
         return logging.handlers.SysLogHandler(
             address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
         )
