@@ -1080,13 +1080,17 @@ _CONNECTION_PER_ENTRY = frozenset(
 )
 _CONNECTION_GLOBAL_ONLY = frozenset(
     {
-        "bind", "connect-retry-max", "explicit-exit-notify", "float", "fragment", "http-proxy",
+        "bind", "explicit-exit-notify", "float", "fragment", "http-proxy",
         "http-proxy-option", "http-proxy-retry", "http-proxy-timeout", "key-direction", "link-mtu",
         "local", "lport", "max-packet-size", "mssfix", "mtu-disc", "mtu-dynamic", "nobind",
         "ping-timer-rem", "socks-proxy", "socks-proxy-retry", "tls-auth", "tls-crypt",
         "tls-crypt-v2", "topology", "tun-mtu", "tun-mtu-extra", "tun-mtu-max", "udp-mtu",
     }
 )  # fmt: skip
+
+
+# Allowed inside a block by OpenVPN; pyovpn keeps one value for the whole connection list.
+_CONNECTION_APPLIED_GLOBALLY = frozenset({"connect-retry-max"})
 
 
 @_option(
@@ -1099,6 +1103,9 @@ def _opt_connection(b: _Builder, d: Directive) -> None:
     sub = _Builder(cwd=b.cwd, opts=b.opts, proto_word=b.proto_word)
     for inner in tokenize(d.args[0], source=d.source, base_dir=d.base_dir):
         inner = replace(inner, line=d.line + inner.line)
+        if inner.name in _CONNECTION_APPLIED_GLOBALLY:
+            b.apply(inner, 0)  # one value for the whole list here; the last one given wins
+            continue
         if inner.name in _CONNECTION_GLOBAL_ONLY:
             raise _error(
                 inner,
@@ -1440,6 +1447,10 @@ def _opt_data_ciphers(b: _Builder, d: Directive) -> None:
             unoffered.append(item.upper())  # logged by the daemon: a peer that negotiates never needs it
             continue
         ciphers.append(_aead(d, item))
+    if not ciphers and unoffered:
+        # only ciphers pyovpn cannot run: offer the AEAD defaults, said loudly at start (daemon);
+        # a server that negotiates (any 2.4+) picks one, one that insists on CBC fails with a reason
+        ciphers = list(AEAD_CIPHERS)
     if not ciphers:
         raise _error(d, f"{d.name}: no usable cipher in '{d.args[0]}'; use e.g. AES-256-GCM:AES-128-GCM")
     b.opts = replace(b.opts, data_ciphers=tuple(dict.fromkeys(ciphers)), unoffered_ciphers=tuple(unoffered))

@@ -89,7 +89,9 @@ def session_config(opts: Options) -> SessionConfig:
     user, password = None, None  # filled in per connection from Daemon.credentials
     for name in opts.unoffered_ciphers:
         why = "the kernel data channel has no AES-192" if "GCM" in name else "pyovpn runs AEAD ciphers only"
-        log.warning("data-ciphers: %s is not offered: %s", name, why)
+        log.warning(
+            "data-ciphers: %s is not offered: %s; offering %s", name, why, ":".join(opts.data_ciphers)
+        )
     return SessionConfig(
         # the TLS handshake
         is_tls_server=is_server,

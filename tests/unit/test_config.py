@@ -553,7 +553,7 @@ def test_bad_arguments_name_the_option(line: str, needle: str) -> None:
         ("cipher none", ["none", "AEAD"]),
         ("cipher AES-256-CFB", ["AES-256-CFB", "AEAD"]),
         ("cipher AES-192-GCM", ["AES-192-GCM", "AEAD"]),
-        ("data-ciphers AES-128-CBC:BF-CBC", ["no usable cipher", "data-ciphers"]),
+        ("data-ciphers AES-256-CFB:AES-128-CBC", ["AES-256-CFB", "data-ciphers"]),
         ("data-ciphers-fallback none", ["none", "data-ciphers-fallback"]),
         ("secret static.key", ["secret", "tls-crypt"]),
         ("http-proxy proxy.example.com 8080", ["http-proxy"]),

@@ -124,7 +124,7 @@ def test_connection_block_copies_globals_given_before_it() -> None:
     [
         ("remote a\nverb 3", "option 'verb' cannot be used in a <connection> block"),
         ("remote a\nmssfix 1400", "`mssfix` inside a <connection> block is not supported by pyovpn"),
-        ("remote a\nconnect-retry-max 3", "set it once outside the blocks"),
+        ("remote a\nexplicit-exit-notify 1", "set it once outside the blocks"),
         ("port 5", "exactly one `remote"),
         ("remote a\nremote b", "exactly one `remote"),
         ("remote a 99999", "remote"),
@@ -188,3 +188,17 @@ def test_entry_options_after_the_blocks_are_reported_as_without_effect() -> None
     )
     assert o.remotes == (Remote("a.example", 1194, "udp", None, 1, 300, 120),)
     assert [(name, line) for name, _src, line in o.ignored] == [("connect-retry", 4), ("proto", 5)]
+
+
+def test_connect_retry_max_in_a_block_applies_to_the_list() -> None:
+    """OpenVPN takes connect-retry-max inside a block (a provider profile does); pyovpn keeps one value."""
+    o = parse_config_text(
+        CLIENT_NO_REMOTE + "<connection>\nremote a 1194 udp\nconnect-retry-max 4\n</connection>\n"
+    )
+    assert o.connect_retry_max == 4
+
+
+def test_cbc_only_data_ciphers_offer_the_aead_defaults() -> None:
+    o = parse_config_text(CLIENT_NO_REMOTE + "remote a 1194\ndata-ciphers AES-256-CBC\n")
+    assert o.unoffered_ciphers == ("AES-256-CBC",)
+    assert o.data_ciphers and all(c.endswith(("GCM", "POLY1305")) for c in o.data_ciphers)
