@@ -261,6 +261,10 @@ class Options:
     management_client_group: str | None = None
     #: `management-client-auth`: a management client accepts or denies each connecting client.
     management_client_auth: bool = False
+    #: `pyovpn-metrics [HOST:]PORT`: a Prometheus endpoint (prometheus-client), default host 127.0.0.1.
+    metrics: tuple[str, int] | None = None
+    #: `pyovpn-events FILE`: connect/disconnect/rekey events appended as JSON lines.
+    events_file: str | None = None
     persist_tun: bool = False
     persist_key: bool = False
     dco: Literal["auto", "kernel", "userspace"] = "auto"
@@ -2027,6 +2031,17 @@ def _opt_management(b: _Builder, d: Directive) -> None:
         return
     port = _port(d, d.args[1], "management", 0)
     b.opts = replace(b.opts, management=(d.args[0], port), management_unix=None, management_password_file=pw)
+
+
+@_option("pyovpn-metrics", args=(1, 1), usage="pyovpn-metrics [HOST:]PORT")
+def _opt_pyovpn_metrics(b: _Builder, d: Directive) -> None:
+    host, _, port = d.args[0].rpartition(":")
+    b.opts = replace(b.opts, metrics=(host.strip("[]") or "127.0.0.1", _port(d, port, "pyovpn-metrics")))
+
+
+@_option("pyovpn-events", args=(1, 1), usage="pyovpn-events FILE")
+def _opt_pyovpn_events(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, events_file=d.args[0])
 
 
 @_option("management-hold", args=(0, 0), usage="management-hold")

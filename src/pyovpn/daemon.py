@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from signal import Signals
+from typing import Any
 
 from pyovpn import __version__, connlist, logsinks, privdrop, scripts
 from pyovpn.config import AEAD_CIPHERS, Options, no_effect_reason
@@ -42,6 +43,7 @@ from pyovpn.edge.credentials import Credentials, StaticChallenge
 from pyovpn.edge.crl import revocation_check
 from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
 from pyovpn.edge.keymaterial import tls_material
+from pyovpn.edge.metrics import EventStream, start_metrics
 from pyovpn.edge.pushwarn import warn_unapplied
 from pyovpn.edge.routejournal import RUN_DIR
 from pyovpn.edge.sdnotify import SystemdNotifier
@@ -177,6 +179,8 @@ class Daemon:
         self._mgmt_log: logging.Handler = logging.NullHandler()
         self._verb: int | None = None
         self._control: ManagementServer | None = None
+        self.events: EventStream | None = EventStream(opts.events_file) if opts.events_file else None
+        self._metrics: Any = None
         self.backend_reason = ""  # why this data channel (kernel or userspace), for `pyovpn show`
         self._refs: dict[int, tuple[tuple[int, int], float]] = {}  # peer id: (counters, last ref)
         privdrop.resolve(opts.user, opts.group)  # unknown names are a config error, before any setup
@@ -197,6 +201,12 @@ class Daemon:
         """Once the first tunnel is up: drop to user/group with CAP_NET_ADMIN only (like OpenVPN)."""
         self.notifier.ready("Initialization Sequence Completed")
         self._mgmt_connected()
+        conn = self.current
+        if self.events is not None and isinstance(conn, Connection):
+            remote = f"{conn.remote[0]}:{conn.remote[1]}" if conn.remote else ""
+            self.events.emit(
+                "connect", real_address=remote, cipher=conn.tunnel.cipher.value if conn.tunnel else ""
+            )
         if self._dropped or (self.opts.user is None and self.opts.group is None):
             return
         self._dropped = True
@@ -405,6 +415,13 @@ class Daemon:
         try:
             await self._start_control()
             await self._start_management()
+            if self.opts.metrics is not None:
+                try:
+                    self._metrics = start_metrics(self.opts.metrics, self.info, asyncio.get_running_loop())
+                except (RuntimeError, OSError) as exc:
+                    raise ConfigError(
+                        f"pyovpn-metrics {self.opts.metrics[0]}:{self.opts.metrics[1]}: {exc}"
+                    ) from None
             advanced = False
             while True:
                 if self.connlist is not None and first_packet is None and not advanced:
@@ -480,6 +497,10 @@ class Daemon:
                 await self.mgmt.close()
             if self._control is not None:
                 await self._control.close()
+            if self._metrics is not None:
+                self._metrics.shutdown()
+            if self.events is not None:
+                self.events.close()
         return exit_code
 
     # ------------------------------------------------------------------ the management interface
@@ -526,6 +547,9 @@ class Daemon:
                         connected_since=client.connected_since,
                         key_established=ks.established if ks is not None else 0.0,
                         keepalive=(self.opts.ping, self.opts.ping_restart),
+                        rekeys=client.rekeys,
+                        iv_ver=client.env.get("IV_VER", ""),
+                        iv_plat=client.env.get("IV_PLAT", ""),
                     )
                 )
         elif isinstance(conn, Connection) and conn.tunnel is not None and conn.peer_id is not None:
@@ -552,6 +576,7 @@ class Daemon:
                     connected_since=conn.connected_since,
                     key_established=ks.established if ks is not None else 0.0,
                     keepalive=(up.keepalive_interval, up.keepalive_timeout),
+                    rekeys=conn.rekeys,
                 )
             )
         return {
@@ -563,6 +588,7 @@ class Daemon:
             "backend": self.dc.name if self._backend is not None else None,
             "backend_reason": self.backend_reason,
             "peers": peers,
+            "auth_failures": conn.auth_failures if isinstance(conn, MultiServer) else 0,
             "time": now,
         }
 
@@ -679,8 +705,17 @@ class Daemon:
         return await self.mgmt.client_auth(cid, kid, env, timeout=float(self.opts.hand_window))
 
     def client_event(self, event: str, cid: int, env: dict[str, str] | None = None) -> None:
-        if self.mgmt is not None:
+        if self.mgmt is not None and event in ("ESTABLISHED", "DISCONNECT"):
             self.mgmt.client_event(event, cid, env)
+        if self.events is not None:
+            e = env or {}
+            name = {"ESTABLISHED": "connect", "DISCONNECT": "disconnect", "REKEY": "rekey"}.get(event, event)
+            self.events.emit(
+                name,
+                client_id=cid,
+                common_name=e.get("common_name", ""),
+                real_address=f"{e.get('untrusted_ip', '')}:{e.get('untrusted_port', '')}",
+            )
 
     async def client_kill(self, cid: int, message: str) -> str:
         conn = self.current

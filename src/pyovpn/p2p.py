@@ -69,6 +69,7 @@ class Connection(Instance[Command]):
         self.peer_id: int | None = None
         self.tunnel: TunnelUp | None = None
         self.connected_since = 0.0
+        self.rekeys = 0
         self.first_packet = first_packet
         self._last_source: tuple[str, int] | None = None
         self.framer = StreamFramer()
@@ -277,6 +278,8 @@ class Connection(Instance[Command]):
             elif isinstance(ev, PeerRestarted):
                 self.stop(Stop.peer_restarted(ev.packet, self._last_source))
             elif isinstance(ev, (TunnelUp, api.NewKey, api.SwapKeys, api.DelKey)):
+                if isinstance(ev, api.NewKey) and ev.key_id != 0:
+                    self.rekeys += 1
                 if isinstance(ev, TunnelUp) and not self.handed_over:
                     # Stop reading now, not when the worker gets to NewPeer: whatever arrives in
                     # between stays queued in the socket for the data channel instead of being lost.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -582,3 +583,48 @@ def test_cookie_budget_per_source(pki: Pki) -> None:
                 s.close()
 
     serve(lambda port: server_text(pki, port, "server 10.8.0.0 255.255.255.0"), body)
+
+
+# ---------------------------------------------------------------------------- metrics and events
+
+
+def test_prometheus_metrics_and_event_stream(pki: Pki, tmp_path: Path) -> None:
+    """`pyovpn-metrics` serves per-client metrics at scrape time; `pyovpn-events` logs connect/disconnect."""
+    pytest.importorskip("prometheus_client", reason="prometheus-client is installed by scripts/setup.sh")
+    import urllib.request
+
+    mport = free_port(socket.SOCK_STREAM)
+    events = tmp_path / "events.jsonl"
+
+    def text(port: int) -> str:
+        return server_text(
+            pki,
+            port,
+            "server 10.91.0.0 255.255.255.0",
+            f"pyovpn-metrics 127.0.0.1:{mport}",
+            f"pyovpn-events {events}",
+        )
+
+    async def body(server: RunningDaemon, port: int) -> None:
+        client = await connect(server, client_cfg(pki, port), port)
+        assert client.up.done()
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+                return str(r.read().decode())
+
+        page = await asyncio.to_thread(scrape)
+        assert "pyovpn_peers 1.0" in page
+        assert 'pyovpn_info{backend="recording",interface="tun0",role="server"} 1.0' in page
+        (line,) = [x for x in page.splitlines() if x.startswith("pyovpn_peer_connected_since_seconds{")]
+        assert 'common_name="client"' in line and f'real_address="127.0.0.1:{client.addr[1]}"' in line
+        assert 'cipher="AES-256-GCM"' in line and float(line.rsplit(" ", 1)[1]) > 1e9
+        assert "pyovpn_auth_failures_total 0.0" in page
+        client.close()
+
+    serve(text, body)
+    records = [json.loads(x) for x in events.read_text().splitlines()]
+    assert [r["event"] for r in records][:1] == ["connect"]
+    assert records[0]["common_name"] == "client" and records[0]["client_id"] == 0
+    assert records[-1]["event"] == "disconnect"  # the server's shutdown dropped the client
+    assert stat.S_IMODE(events.stat().st_mode) == 0o600

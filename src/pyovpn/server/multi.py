@@ -71,6 +71,7 @@ class Client:
     connected_since: float = 0.0
     client_id: int = -1  # -1 until the management interface or the data channel needs it
     cipher: str = ""
+    rekeys: int = 0
 
     @property
     def vpn_ip6_address(self) -> str | None:
@@ -99,6 +100,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         self._free_peer_ids: list[int] = []  # a heap of released peer ids below _next_peer_id
         self._next_peer_id = 0
         self._next_client_id = 0  # OpenVPN's CID: one per connection, never reused
+        self.auth_failures = 0  # clients refused at authentication (metrics)
         self.pool = AddressPool.from_options(self.opts)
         self.server_ip, self.netmask = self.opts.ifconfig or ("", "")
         self.server_ip6 = self.opts.ifconfig_ipv6[0].split("/")[0] if self.opts.ifconfig_ipv6 else None
@@ -348,6 +350,9 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
                     self._spawn(self._remove_client(client, ev.reason, notify_backend=True))
                     return
                 elif isinstance(ev, (TunnelUp, api.NewKey, api.SwapKeys, api.DelKey)):
+                    if isinstance(ev, api.NewKey) and ev.key_id != 0 and client.client_id >= 0:
+                        client.rekeys += 1
+                        self.host.client_event("REKEY", client.client_id, client.env)
                     self._cmds.put_nowait((client, ev))
         # after the events: an accepted client's PUSH_REPLY shares the key-method-2 reply's packet
         self._send(client, ack_only=False)
@@ -535,6 +540,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         self._pump(client)
 
     def _reject(self, client: Client, reason: str) -> None:
+        self.auth_failures += 1
         client.session.reject_client(time.time(), reason)
         self._pump(client)
 
