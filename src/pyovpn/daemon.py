@@ -509,6 +509,7 @@ class Daemon:
         """The control socket `pyovpn show` reads: /run/pyovpn/PID.sock, root only, always on."""
         try:
             os.makedirs(CONTROL_DIR, mode=0o700, exist_ok=True)
+            _sweep_dead_sockets(CONTROL_DIR)
             server = ManagementServer(self, unix_path=os.path.join(CONTROL_DIR, f"{os.getpid()}.sock"))
             await server.start()
         except OSError as exc:
@@ -851,6 +852,15 @@ class Daemon:
         if self._backend is not None:
             with contextlib.suppress(Exception):
                 await self._backend.close()
+
+
+def _sweep_dead_sockets(directory: str) -> None:
+    """Remove control sockets left by pyovpn processes that are gone (killed, or exited unprivileged)."""
+    for entry in os.scandir(directory):
+        pid = entry.name.removesuffix(".sock")
+        if entry.name.endswith(".sock") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 async def _backend_reason(dco: str, name: str) -> str:

@@ -134,7 +134,9 @@ class ManagementServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
         if self.unix_path is not None:
-            with contextlib.suppress(FileNotFoundError):
+            # after a privilege drop the socket's root-owned directory may not let us remove it;
+            # a leftover socket of a dead process is skipped by `pyovpn show` and swept at start
+            with contextlib.suppress(OSError):
                 os.unlink(self.unix_path)
 
     async def wait_hold_release(self) -> None:
