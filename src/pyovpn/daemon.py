@@ -45,7 +45,6 @@ from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
 from pyovpn.edge.keymaterial import tls_material
 from pyovpn.edge.metrics import EventStream, start_metrics
 from pyovpn.edge.pushwarn import warn_unapplied
-from pyovpn.edge.routejournal import RUN_DIR
 from pyovpn.edge.sdnotify import SystemdNotifier
 from pyovpn.edge.stop import EXIT_SIGNALS, SIGNALS, Stop, StopReason
 from pyovpn.edge.tlscryptv2check import metadata_check
@@ -56,9 +55,10 @@ from pyovpn.mgmt.server import ManagementLogHandler, ManagementServer
 from pyovpn.p2p import Connection
 from pyovpn.proto import dnsopts
 from pyovpn.proto.push import PushedOptions
-from pyovpn.proto.session import SessionConfig
+from pyovpn.proto.session import SessionConfig, TunnelUp
 from pyovpn.proto.tls import PeerCheck, build_context
 from pyovpn.resolver import ResolverSetup
+from pyovpn.rundir import RUN_DIR, pid_alive
 from pyovpn.script_env import peer_env
 from pyovpn.scripts import ScriptFailed, ScriptRefused, TunParams, run_script, up_down_args, up_down_env
 from pyovpn.server.multi import MultiServer
@@ -218,15 +218,9 @@ class Daemon:
     async def clean_stale_link(self, name: str) -> None:
         await iface.clean_stale_link(self.dc, name)
 
-    async def ensure_iface(
-        self,
-        pushed: PushedOptions | None,
-        *,
-        peer: tuple[str, int] | None = None,
-        common_name: str = "",
-        certificate_env: tuple[tuple[str, str], ...] = (),
-    ) -> None:
+    async def ensure_iface(self, up: TunnelUp, peer: tuple[str, int] | None) -> None:
         """Open the P2P device once; configure it, and run `up`, whenever the pulled options change."""
+        pushed = up.pushed
         if pushed is not None and self.credentials is not None:
             self.credentials.token_received(pushed.auth_token, pushed.auth_token_user)
         opts = self.opts
@@ -264,7 +258,7 @@ class Daemon:
         self._iface_configured_for = key
         iface.configure_addresses(self.net, self.iface, opts, pushed)
         params = iface.tun_params(self.iface, mtu, opts, pushed)
-        peer_vars = (*peer_env(peer, common_name).items(), *certificate_env)
+        peer_vars = (*peer_env(peer, up.peer_common_name).items(), *up.peer_certificate_env)
         params = replace(params, session_env=(*params.session_env, *peer_vars))
         context = "restart" if restart else "init"
         await self.run_up(params, context, route_up=False)
@@ -858,7 +852,7 @@ def _sweep_dead_sockets(directory: str) -> None:
     """Remove control sockets left by pyovpn processes that are gone (killed, or exited unprivileged)."""
     for entry in os.scandir(directory):
         pid = entry.name.removesuffix(".sock")
-        if entry.name.endswith(".sock") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        if entry.name.endswith(".sock") and pid.isdigit() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
 

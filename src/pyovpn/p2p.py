@@ -334,12 +334,7 @@ class Connection(Instance[Command]):
         log.info("Control Channel: %s", up.tls_summary)
         self.tunnel = up  # for `pyovpn show` and the status of this connection
         self.connected_since = time.time()
-        await self.host.ensure_iface(
-            up.pushed,
-            peer=self.remote,
-            common_name=up.peer_common_name,
-            certificate_env=up.peer_certificate_env,
-        )
+        await self.host.ensure_iface(up, self.remote)
         if self.transport is Transport.UDP and self.remote is None:
             raise BackendError("tunnel up but the peer address is unknown")
         if not self.handed_over:

@@ -27,22 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyovpn.proto.dnsopts import DnsSettings, resolv_conf_fragment
+from pyovpn.rundir import RUN_DIR, netns_id, pid_alive
 
 log = logging.getLogger("pyovpn.dns")
 
-STATE_DIR = Path("/run/pyovpn")
+STATE_DIR = RUN_DIR
 RESOLV_CONF = Path("/etc/resolv.conf")
 RESOLVED_SOCKET = Path("/run/systemd/resolve/io.systemd.Resolve")
 TURN_OFF_HINT = "add `pyovpn-dns off` to the config to leave DNS to your up/down scripts"
 _COMMAND_TIMEOUT = 10.0
-
-
-def _netns_id() -> str:
-    try:
-        st = os.stat("/proc/self/ns/net")
-    except OSError:
-        return ""
-    return f"{st.st_dev}:{st.st_ino}"
 
 
 def resolvectl_commands(dev: str, s: DnsSettings) -> list[list[str]]:
@@ -99,7 +92,7 @@ class ResolverSetup:
             "written": a.written,
             "original": a.original,
         }
-        data |= {"netns": _netns_id(), "resolv_conf": str(self.resolv_conf), "pid": os.getpid()}
+        data |= {"netns": netns_id(), "resolv_conf": str(self.resolv_conf), "pid": os.getpid()}
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f)
             f.flush()
@@ -164,28 +157,16 @@ class ResolverSetup:
         """Undo what an earlier, killed pyovpn in this network namespace left behind."""
         if not self.state_dir.is_dir():
             return
-        here = _netns_id()
+        here = netns_id()
         for path in sorted(self.state_dir.glob("dns-*.json")):
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
-            if data.get("netns") != here or _alive(int(data.get("pid", 0))):
+            if data.get("netns") != here or pid_alive(int(data.get("pid", 0))):
                 continue
             log.warning("undoing the DNS settings a previous pyovpn left for %s (%s)", data.get("dev"), path)
             _undo_state(path)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run(cmd: Sequence[str], stdin: str | None = None) -> None:

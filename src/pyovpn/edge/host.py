@@ -21,8 +21,7 @@ from pyovpn.net import gateway, routefirst, tun
 if TYPE_CHECKING:
     from pyovpn.config import Options
     from pyovpn.datachannel.api import DataChannel
-    from pyovpn.proto.push import PushedOptions
-    from pyovpn.proto.session import SessionConfig
+    from pyovpn.proto.session import SessionConfig, TunnelUp
     from pyovpn.scripts import TunParams
 
 SYS_CLASS_NET = "/sys/class/net"
@@ -130,18 +129,10 @@ class _Host(Protocol):
 class PeerHost(_Host, Protocol):
     """What the one-peer :class:`pyovpn.p2p.Connection` uses of the daemon running it."""
 
-    async def ensure_iface(
-        self,
-        pushed: PushedOptions | None,
-        *,
-        peer: tuple[str, int] | None = None,
-        common_name: str = "",
-        certificate_env: tuple[tuple[str, str], ...] = (),
-    ) -> None:
+    async def ensure_iface(self, up: TunnelUp, peer: tuple[str, int] | None) -> None:
         """Open the device once, then (re)configure it for these pulled options, running `up`.
 
-        ``peer``, ``common_name`` and ``certificate_env`` (the server's address, certificate CN
-        and chain details) are for the scripts.
+        The scripts also learn the server: its address ``peer``, and the certificate details in ``up``.
         """
         ...
 

@@ -16,12 +16,13 @@ from collections import deque
 from dataclasses import dataclass
 
 from pyovpn.edge.status import TITLE
+from pyovpn.rundir import RUN_DIR
 
 GREETING = ">INFO:OpenVPN Management Interface Version 5 -- type 'help' for more info"
 UNKNOWN = "ERROR: unknown command, enter 'help' for more options"
 PASSWORD_PROMPT = "ENTER PASSWORD:"  # no line end: the client types on the same line
 #: Where every running pyovpn answers `pyovpn show` (a management socket, root only).
-CONTROL_DIR = "/run/pyovpn"
+CONTROL_DIR = str(RUN_DIR)
 MAX_LINE = 4096  # a longer command line is refused (OpenVPN's own buffer is smaller)
 
 HELP = """\

@@ -30,20 +30,12 @@ def add_route_first(
     """Route ``network/prefixlen`` through ``ifname`` (empty: wherever the gateway is), in front
     of an existing route to it."""
     what = f"add route {network}/{prefixlen} via {gateway or ifname}"
-    try:
-        net = ipaddress.ip_network(f"{network}/{prefixlen}", strict=False)
-        gw = ipaddress.ip_address(gateway) if gateway is not None else None
-    except ValueError as exc:
-        raise BackendError(f"{what}: {exc}") from None
+    route = _Route(what, ifname, network, prefixlen, gateway, metric)
 
     def op() -> None:
         with IPRoute() as ipr:
-            spec = _spec(ipr, what, net, ifname)
+            spec = route.spec(ipr)
             spec.update(proto="boot", type="unicast")  # RTPROT_BOOT, as OpenVPN adds routes
-            if gw is not None:
-                spec["gateway"] = str(gw)
-            if metric is not None:
-                spec["priority"] = metric
             ipr.route(_CREATE_FIRST, **spec)
 
     _call(what, op)
@@ -54,21 +46,12 @@ def del_route_exact(
 ) -> None:
     """Remove the route :func:`add_route_first` added (the same device, gateway and metric only)."""
     what = f"delete route {network}/{prefixlen} via {gateway or ifname}"
-    try:
-        net = ipaddress.ip_network(f"{network}/{prefixlen}", strict=False)
-        gw = ipaddress.ip_address(gateway) if gateway is not None else None
-    except ValueError as exc:
-        raise BackendError(f"{what}: {exc}") from None
+    route = _Route(what, ifname, network, prefixlen, gateway, metric)
 
     def op() -> None:
         with IPRoute() as ipr:
-            spec = _spec(ipr, what, net, ifname)
-            if gw is not None:
-                spec["gateway"] = str(gw)
-            if metric is not None:
-                spec["priority"] = metric
             try:
-                ipr.route("del", **spec)
+                ipr.route("del", **route.spec(ipr))
             except NetlinkError as e:
                 if e.code != errno.ESRCH:
                     raise
@@ -76,20 +59,35 @@ def del_route_exact(
     _call(what, op)
 
 
-def _spec(
-    ipr: IPRoute, what: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network, ifname: str
-) -> dict[str, object]:
-    spec: dict[str, object] = {
-        "dst": str(net.network_address),
-        "dst_len": net.prefixlen,
-        "family": socket.AF_INET if net.version == 4 else socket.AF_INET6,
-    }
-    if ifname:
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise BackendError(f"{what}: no interface named {ifname!r}")
-        spec["oif"] = int(found[0])
-    return spec
+class _Route:
+    """One route's netlink attributes; a malformed address is refused before any netlink call."""
+
+    def __init__(
+        self, what: str, ifname: str, network: str, prefixlen: int, gateway: str | None, metric: int | None
+    ) -> None:
+        self.what, self.ifname, self.metric = what, ifname, metric
+        try:
+            self.net = ipaddress.ip_network(f"{network}/{prefixlen}", strict=False)
+            self.gateway = ipaddress.ip_address(gateway) if gateway is not None else None
+        except ValueError as exc:
+            raise BackendError(f"{what}: {exc}") from None
+
+    def spec(self, ipr: IPRoute) -> dict[str, object]:
+        spec: dict[str, object] = {
+            "dst": str(self.net.network_address),
+            "dst_len": self.net.prefixlen,
+            "family": socket.AF_INET if self.net.version == 4 else socket.AF_INET6,
+        }
+        if self.ifname:
+            found = ipr.link_lookup(ifname=self.ifname)
+            if not found:
+                raise BackendError(f"{self.what}: no interface named {self.ifname!r}")
+            spec["oif"] = int(found[0])
+        if self.gateway is not None:
+            spec["gateway"] = str(self.gateway)
+        if self.metric is not None:
+            spec["priority"] = self.metric
+        return spec
 
 
 def _call(what: str, op: Callable[[], None]) -> None:

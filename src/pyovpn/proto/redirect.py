@@ -53,6 +53,18 @@ class RedirectFlags:
     block_local: bool = False
 
 
+#: the flags that turn one field of :class:`RedirectFlags` on
+_FLAG_FIELDS = {
+    "local": "local",
+    "autolocal": "autolocal",
+    "def1": "def1",
+    "bypass-dhcp": "bypass_dhcp",
+    "bypass-dns": "bypass_dns",
+    "block-local": "block_local",
+    "ipv6": "reroute_v6",
+}
+
+
 class BadRedirectFlag(ValueError):
     """A redirect option with a flag OpenVPN does not know."""
 
@@ -61,22 +73,10 @@ def add_redirect(flags: RedirectFlags, name: str, words: Sequence[str]) -> Redir
     """``flags`` with one `redirect-gateway`/`redirect-private FLAGS...` added; unknown flags raise."""
     f = replace(flags, enabled=True, reroute_v4=flags.reroute_v4 or name == "redirect-gateway")
     for word in words:
-        if word == "local":
-            f = replace(f, local=True)
-        elif word == "autolocal":
-            f = replace(f, autolocal=True)
-        elif word == "def1":
-            f = replace(f, def1=True)
-        elif word == "bypass-dhcp":
-            f = replace(f, bypass_dhcp=True)
-        elif word == "bypass-dns":
-            f = replace(f, bypass_dns=True)
-        elif word == "block-local":
-            f = replace(f, block_local=True)
-        elif word == "ipv6":
-            f = replace(f, reroute_v6=True)
-        elif word == "!ipv4":
+        if word == "!ipv4":
             f = replace(f, enabled=False, reroute_v4=False)
+        elif word in _FLAG_FIELDS:
+            f = replace(f, **{_FLAG_FIELDS[word]: True})
         else:
             raise BadRedirectFlag(f"unknown {name} flag {word!r}; known flags: {', '.join(REDIRECT_FLAGS)}")
     return f

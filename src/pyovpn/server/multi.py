@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -237,15 +237,41 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         except ProtocolError as exc:
             log.debug("dropped packet from %s: %s", key, exc)
             return
+        self._admit(
+            key,
+            data,
+            now,
+            "cookie verified",
+            lambda: Session.after_cookie(self.cfg, proof, rng=os.urandom, now=now),
+        )
+
+    def _admit(
+        self, key: Addr, data: bytes, now: float, how: str, new_session: Callable[[], Session]
+    ) -> None:
+        """Start a client session with its first accepted packet, unless max-clients is reached."""
         if len(self.clients) >= self.opts.max_clients:
             log.warning("MULTI: new client %s refused: max-clients reached", key)
             return
-        session = Session.after_cookie(self.cfg, proof, rng=os.urandom, now=now)
+        session = new_session()
         client = Client(key, session)
         self.clients[key] = client
-        log.info("%s:%d new client session (cookie verified)", *key)
+        log.info("%s:%d new client session (%s)", *key, how)
         session.receive(data, now)
         self._pump(client)
+
+    def _client_key_wrap(self, data: bytes, key: Addr) -> TlsCryptV2Server | None:
+        """The wrapping for a tls-crypt-v2 client whose key (WKc at the end of ``data``) we accept."""
+        c = self.cfg
+        assert c.tls_crypt_v2_server is not None
+        wrap = TlsCryptV2Server(
+            c.tls_crypt_v2_server, check=c.tls_crypt_v2_check, replay_window=c.replay_window
+        )
+        try:
+            wrap.accept_client_key(data)
+        except ProtocolError as exc:
+            log.warning("%s:%d tls-crypt-v2 client key refused: %s", key[0], key[1], exc)
+            return None
+        return wrap
 
     def _new_tls_crypt_v2_client(self, data: bytes, source: Addr, key: Addr, now: float) -> None:
         """A tls-crypt-v2 client's V3 reset: unwrap its key and keep state from the first packet.
@@ -263,24 +289,17 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         if not self._reset_budget.take(key[0], now):
             log.debug("dropped reset from %s: connect-freq-initial budget exhausted", key)
             return
-        wrap = TlsCryptV2Server(
-            c.tls_crypt_v2_server, check=c.tls_crypt_v2_check, replay_window=c.replay_window
-        )
-        try:
-            wrap.accept_client_key(data)
-        except ProtocolError as exc:
-            log.warning("%s:%d tls-crypt-v2 client key refused: %s", key[0], key[1], exc)
-            return
-        if len(self.clients) >= self.opts.max_clients:
-            log.warning("MULTI: new client %s refused: max-clients reached", key)
+        wrap = self._client_key_wrap(data, key)
+        if wrap is None:
             return
         self._reset_budget.refund(key[0])
-        session = Session(c, rng=os.urandom, now=now, wrap=wrap)
-        client = Client(key, session)
-        self.clients[key] = client
-        log.info("%s:%d new client session (tls-crypt-v2 client key accepted)", *key)
-        session.receive(data, now)
-        self._pump(client)
+        self._admit(
+            key,
+            data,
+            now,
+            "tls-crypt-v2 client key accepted",
+            lambda: Session(c, rng=os.urandom, now=now, wrap=wrap),
+        )
 
     def _tls_crypt_v2_proof(self, data: bytes, source: Addr, key: Addr, now: float) -> None:
         """A tls-crypt-v2 client's WKC_V1 after our stateless reset: cookie, then its key."""
@@ -293,24 +312,17 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         except ProtocolError as exc:
             log.debug("dropped packet from %s: %s", key, exc)
             return
-        wrap = TlsCryptV2Server(
-            c.tls_crypt_v2_server, check=c.tls_crypt_v2_check, replay_window=c.replay_window
-        )
-        try:
-            wrap.accept_client_key(data)
-        except ProtocolError as exc:
-            log.warning("%s:%d tls-crypt-v2 client key refused: %s", key[0], key[1], exc)
-            return
-        if len(self.clients) >= self.opts.max_clients:
-            log.warning("MULTI: new client %s refused: max-clients reached", key)
+        wrap = self._client_key_wrap(data, key)
+        if wrap is None:
             return
         self._reset_budget.refund(key[0])
-        session = Session.after_cookie(c, proof, rng=os.urandom, now=now, wrap=wrap)
-        client = Client(key, session)
-        self.clients[key] = client
-        log.info("%s:%d new client session (cookie verified, tls-crypt-v2 client key accepted)", *key)
-        session.receive(data, now)
-        self._pump(client)
+        self._admit(
+            key,
+            data,
+            now,
+            "cookie verified, tls-crypt-v2 client key accepted",
+            lambda: Session.after_cookie(c, proof, rng=os.urandom, now=now, wrap=wrap),
+        )
 
     def _sendto(self, packet: bytes, dest: Addr) -> None:
         assert self.sock is not None
