@@ -983,11 +983,6 @@ def _opt_client(b: _Builder, d: Directive) -> None:
     b.where["pull"] = d
 
 
-@_option("pull", usage="pull")
-def _opt_pull(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, pull=True)
-
-
 @_option("tls-client", usage="tls-client")
 def _opt_tls_client(b: _Builder, d: Directive) -> None:
     b.tls_client = True
@@ -1034,16 +1029,6 @@ def _opt_remote(b: _Builder, d: Directive) -> None:
     port = _port(d, d.args[1], "remote") if len(d.args) > 1 else None
     proto, family = _proto(d, d.args[2]) if len(d.args) > 2 else (None, None)
     b.remote_words.append((host, port, proto, family))
-
-
-@_option("remote-random", usage="remote-random")
-def _opt_remote_random(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, remote_random=True)
-
-
-@_option("remote-random-hostname", usage="remote-random-hostname")
-def _opt_remote_random_hostname(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, remote_random_hostname=True)
 
 
 @_option("connect-retry", args=(1, 2), usage="connect-retry SECONDS [MAX_SECONDS]")
@@ -1161,11 +1146,6 @@ def _opt_local(b: _Builder, d: Directive) -> None:
         b.opts = replace(b.opts, lport=_port(d, d.args[1], "local", lo=0))
 
 
-@_option("nobind", usage="nobind")
-def _opt_nobind(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, nobind=True)
-
-
 @_option("ifconfig", args=(2, 2), usage="ifconfig LOCAL_IP REMOTE_IP|NETMASK")
 def _opt_ifconfig(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, ifconfig=(_ipv4(d, d.args[0], "ifconfig"), _ipv4(d, d.args[1], "ifconfig")))
@@ -1247,21 +1227,6 @@ def _opt_route_gateway(b: _Builder, d: Directive) -> None:
 @_option("route-metric", args=(1, 1), usage="route-metric METRIC")
 def _opt_route_metric(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, route_metric=_int(d, d.args[0], "route-metric", 0))
-
-
-@_option("route-nopull", usage="route-nopull")
-def _opt_route_nopull(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, route_nopull=True)
-
-
-@_option("route-noexec", usage="route-noexec")
-def _opt_route_noexec(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, route_noexec=True)
-
-
-@_option("ifconfig-noexec", usage="ifconfig-noexec")
-def _opt_ifconfig_noexec(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, ifconfig_noexec=True)
 
 
 @_option("pull-filter", args=(2, 2), usage="pull-filter accept|ignore|reject TEXT")
@@ -1581,11 +1546,6 @@ def _opt_auth_gen_token_secret(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, auth_gen_token_secret=b.file_or_inline(d))
 
 
-@_option("auth-nocache", args=(0, 0), usage="auth-nocache")
-def _opt_auth_nocache(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, auth_nocache=True)
-
-
 @_option("auth-retry", args=(1, 1), usage="auth-retry none|nointeract|interact")
 def _opt_auth_retry(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("none", "nointeract", "interact"):
@@ -1679,6 +1639,18 @@ _WORD_OPTIONS: dict[str, tuple[str, Setter]] = {
     "writepid": ("writepid FILE", lambda o, v: replace(o, writepid=v)),
     "user": ("user NAME", lambda o, v: replace(o, user=v)),
     "group": ("group NAME", lambda o, v: replace(o, group=v)),
+    "pyovpn-events": ("pyovpn-events FILE", lambda o, v: replace(o, events_file=v)),
+    "management-client-user": (
+        "management-client-user USER",
+        lambda o, v: replace(o, management_client_user=v),
+    ),
+    "management-client-group": (
+        "management-client-group GROUP",
+        lambda o, v: replace(o, management_client_group=v),
+    ),
+    "remote-cert-eku": ("remote-cert-eku OID", lambda o, v: replace(o, remote_cert_eku=v)),
+    "tls-cipher": ("tls-cipher SUITE[:SUITE...]", lambda o, v: replace(o, tls_cipher=v)),
+    "tls-ciphersuites": ("tls-ciphersuites SUITE[:SUITE...]", lambda o, v: replace(o, tls_ciphersuites=v)),
 }
 
 
@@ -1698,6 +1670,21 @@ _FLAGS: dict[str, Switch] = {
     "ccd-exclusive": lambda o: replace(o, ccd_exclusive=True),
     "client-to-client": lambda o: replace(o, client_to_client=True),
     "duplicate-cn": lambda o: replace(o, duplicate_cn=True),
+    "pull": lambda o: replace(o, pull=True),
+    "remote-random": lambda o: replace(o, remote_random=True),
+    "remote-random-hostname": lambda o: replace(o, remote_random_hostname=True),
+    "nobind": lambda o: replace(o, nobind=True),
+    "route-nopull": lambda o: replace(o, route_nopull=True),
+    "route-noexec": lambda o: replace(o, route_noexec=True),
+    "ifconfig-noexec": lambda o: replace(o, ifconfig_noexec=True),
+    "auth-nocache": lambda o: replace(o, auth_nocache=True),
+    "float": lambda o: replace(o, float_=True),
+    "username-as-common-name": lambda o: replace(o, username_as_common_name=True),
+    "suppress-timestamps": lambda o: replace(o, suppress_timestamps=True),
+    "up-restart": lambda o: replace(o, up_restart=True),
+    "management-hold": lambda o: replace(o, management_hold=True),
+    "management-client-auth": lambda o: replace(o, management_client_auth=True),
+    "down-pre": lambda o: replace(o, down_pre=True),
 }
 
 
@@ -1731,11 +1718,6 @@ def _opt_key_method(b: _Builder, d: Directive) -> None:
             d, f"key-method {d.args[0]} is not supported (only 2 exists since OpenVPN 2.5); remove it"
         )
     b.ignore(d)
-
-
-@_option("float", usage="float")
-def _opt_float(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, float_=True)
 
 
 @_option("crl-verify", args=(1, 2), usage="crl-verify FILE | crl-verify DIR dir", inline=True)
@@ -1890,11 +1872,6 @@ def _opt_verify_client_cert(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, verify_client_cert=cast(Literal["none", "optional", "require"], value))
 
 
-@_option("username-as-common-name", usage="username-as-common-name")
-def _opt_username_as_common_name(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, username_as_common_name=True)
-
-
 # -- scripts -----------------------------------------------------------------------------------
 
 #: Script options, in the order validate() reports them.
@@ -1988,11 +1965,6 @@ def _opt_status_version(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, status_version=_int(d, d.args[0], "status-version", 1, 3) if d.args else 1)
 
 
-@_option("suppress-timestamps", args=(0, 0), usage="suppress-timestamps")
-def _opt_suppress_timestamps(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, suppress_timestamps=True)
-
-
 @_option("syslog", args=(0, 1), usage="syslog [NAME]")
 def _opt_syslog(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, syslog=d.args[0] if d.args else "pyovpn")
@@ -2011,11 +1983,6 @@ def _opt_cd(b: _Builder, d: Directive) -> None:
     # as OpenVPN's chdir: files named after this option are relative to it
     b.cwd = os.path.abspath(target)
     b.opts = replace(b.opts, cd=b.cwd)
-
-
-@_option("up-restart", args=(0, 0), usage="up-restart")
-def _opt_up_restart(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, up_restart=True)
 
 
 # -- the management interface ---------------------------------------------------------------
@@ -2039,34 +2006,9 @@ def _opt_pyovpn_metrics(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, metrics=(host.strip("[]") or "127.0.0.1", _port(d, port, "pyovpn-metrics")))
 
 
-@_option("pyovpn-events", args=(1, 1), usage="pyovpn-events FILE")
-def _opt_pyovpn_events(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, events_file=d.args[0])
-
-
-@_option("management-hold", args=(0, 0), usage="management-hold")
-def _opt_management_hold(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, management_hold=True)
-
-
 @_option("management-log-cache", args=(1, 1), usage="management-log-cache N")
 def _opt_management_log_cache(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, management_log_cache=_int(d, d.args[0], "management-log-cache", 1, 1_000_000))
-
-
-@_option("management-client-auth", args=(0, 0), usage="management-client-auth")
-def _opt_management_client_auth(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, management_client_auth=True)
-
-
-@_option("management-client-user", args=(1, 1), usage="management-client-user USER")
-def _opt_management_client_user(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, management_client_user=d.args[0])
-
-
-@_option("management-client-group", args=(1, 1), usage="management-client-group GROUP")
-def _opt_management_client_group(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, management_client_group=d.args[0])
 
 
 _MANAGEMENT_NOT_YET = {
@@ -2294,11 +2236,6 @@ def _opt_remote_cert_ku(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, remote_cert_ku=tuple(values))
 
 
-@_option("remote-cert-eku", args=(1, 1), usage="remote-cert-eku OID")
-def _opt_remote_cert_eku(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, remote_cert_eku=d.args[0])
-
-
 @_option("sndbuf", "rcvbuf", args=(1, 1), usage="sndbuf|rcvbuf BYTES")
 def _opt_socket_buffer(b: _Builder, d: Directive) -> None:
     size = _int(d, d.args[0], d.name, 0, 0x7FFFFFFF)
@@ -2352,24 +2289,9 @@ def _opt_ping_timer_rem(b: _Builder, d: Directive) -> None:
     pass
 
 
-@_option("tls-cipher", args=(1, 1), usage="tls-cipher SUITE[:SUITE...]")
-def _opt_tls_cipher(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, tls_cipher=d.args[0])
-
-
-@_option("tls-ciphersuites", args=(1, 1), usage="tls-ciphersuites SUITE[:SUITE...]")
-def _opt_tls_ciphersuites(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, tls_ciphersuites=d.args[0])
-
-
 @_option("mute", args=(1, 1), usage="mute N")
 def _opt_mute(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, mute=_int(d, d.args[0], "mute", 0))
-
-
-@_option("down-pre", usage="down-pre")
-def _opt_down_pre(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, down_pre=True)
 
 
 @_option("reneg-bytes", "reneg-pkts", args=(1, 1), usage="reneg-bytes 0")

@@ -259,8 +259,10 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         session.receive(data, now)
         self._pump(client)
 
-    def _client_key_wrap(self, data: bytes, key: Addr) -> TlsCryptV2Server | None:
-        """The wrapping for a tls-crypt-v2 client whose key (WKc at the end of ``data``) we accept."""
+    def _admit_with_client_key(
+        self, key: Addr, data: bytes, now: float, how: str, new_session: Callable[[TlsCryptV2Server], Session]
+    ) -> None:
+        """:meth:`_admit` a tls-crypt-v2 client whose key (WKc at the end of ``data``) we accept."""
         c = self.cfg
         assert c.tls_crypt_v2_server is not None
         wrap = TlsCryptV2Server(
@@ -270,8 +272,9 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
             wrap.accept_client_key(data)
         except ProtocolError as exc:
             log.warning("%s:%d tls-crypt-v2 client key refused: %s", key[0], key[1], exc)
-            return None
-        return wrap
+            return
+        self._reset_budget.refund(key[0])
+        self._admit(key, data, now, how, lambda: new_session(wrap))
 
     def _new_tls_crypt_v2_client(self, data: bytes, source: Addr, key: Addr, now: float) -> None:
         """A tls-crypt-v2 client's V3 reset: unwrap its key and keep state from the first packet.
@@ -289,16 +292,12 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         if not self._reset_budget.take(key[0], now):
             log.debug("dropped reset from %s: connect-freq-initial budget exhausted", key)
             return
-        wrap = self._client_key_wrap(data, key)
-        if wrap is None:
-            return
-        self._reset_budget.refund(key[0])
-        self._admit(
+        self._admit_with_client_key(
             key,
             data,
             now,
             "tls-crypt-v2 client key accepted",
-            lambda: Session(c, rng=os.urandom, now=now, wrap=wrap),
+            lambda w: Session(c, rng=os.urandom, now=now, wrap=w),
         )
 
     def _tls_crypt_v2_proof(self, data: bytes, source: Addr, key: Addr, now: float) -> None:
@@ -312,16 +311,12 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         except ProtocolError as exc:
             log.debug("dropped packet from %s: %s", key, exc)
             return
-        wrap = self._client_key_wrap(data, key)
-        if wrap is None:
-            return
-        self._reset_budget.refund(key[0])
-        self._admit(
+        self._admit_with_client_key(
             key,
             data,
             now,
             "cookie verified, tls-crypt-v2 client key accepted",
-            lambda: Session.after_cookie(c, proof, rng=os.urandom, now=now, wrap=wrap),
+            lambda w: Session.after_cookie(c, proof, rng=os.urandom, now=now, wrap=w),
         )
 
     def _sendto(self, packet: bytes, dest: Addr) -> None:
