@@ -1582,11 +1582,6 @@ def _opt_pkcs12(b: _Builder, d: Directive) -> None:
 # -- timers, logging, process ------------------------------------------------------------------
 
 
-@_option("ping", args=(1, 1), usage="ping SECONDS")
-def _opt_ping(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, ping=_int(d, d.args[0], "ping", 0, 86400))
-
-
 @_option("ping-restart", args=(1, 1), usage="ping-restart SECONDS")
 def _opt_ping_restart(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, ping_restart=_int(d, d.args[0], "ping-restart", 0, 86400), ping_exit=False)
@@ -1661,6 +1656,32 @@ def _opt_word(b: _Builder, d: Directive) -> None:
 for _name, (_usage, _) in _WORD_OPTIONS.items():
     _option(_name, args=(1, 1), usage=_usage)(_opt_word)
 del _name, _usage
+
+_MAX_CLIENTS = 1048576
+
+#: Options with one whole number: usage, the lowest and highest value, and where it goes.
+_NUMBER_OPTIONS: dict[str, tuple[str, int, int, Callable[[Options, int], Options]]] = {
+    "ping": ("ping SECONDS", 0, 86400, lambda o, v: replace(o, ping=v)),
+    "max-clients": ("max-clients N", 1, _MAX_CLIENTS, lambda o, v: replace(o, max_clients=v)),
+    "script-security": ("script-security 0|1|2|3", 0, 3, lambda o, v: replace(o, script_security=v)),
+    "management-log-cache": (
+        "management-log-cache N",
+        1,
+        1_000_000,
+        lambda o, v: replace(o, management_log_cache=v),
+    ),
+    "mark": ("mark N", 0, 0xFFFFFFFF, lambda o, v: replace(o, mark=v)),
+}
+
+
+def _opt_number(b: _Builder, d: Directive) -> None:
+    _usage, lowest, highest, setter = _NUMBER_OPTIONS[d.name]
+    b.opts = setter(b.opts, _int(d, d.args[0], d.name, lowest, highest))
+
+
+for _name in _NUMBER_OPTIONS:
+    _option(_name, args=(1, 1), usage=_NUMBER_OPTIONS[_name][0])(_opt_number)
+del _name
 
 #: Options without arguments that switch something on.
 _FLAGS: dict[str, Switch] = {
@@ -1748,7 +1769,6 @@ def _opt_crl_verify(b: _Builder, d: Directive) -> None:
 #: Smallest and largest `server` networks (OpenVPN: at most a /16 pool, at least a /29 with tun).
 _SERVER_MIN_BITS, _SERVER_MAX_BITS = 16, 29
 _POOL_MAX = 65536  # OpenVPN's IFCONFIG_POOL_MAX
-_MAX_CLIENTS = 1048576
 
 
 @_option("server", args=(2, 3), usage="server NETWORK NETMASK ['nopool']")
@@ -1859,11 +1879,6 @@ def _opt_client_config_dir(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, client_config_dir=b.resolve_dir(d, d.args[0]))
 
 
-@_option("max-clients", args=(1, 1), usage="max-clients N")
-def _opt_max_clients(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, max_clients=_int(d, d.args[0], "max-clients", 1, _MAX_CLIENTS))
-
-
 @_option("verify-client-cert", args=(0, 1), usage="verify-client-cert none|optional|require")
 def _opt_verify_client_cert(b: _Builder, d: Directive) -> None:
     value = d.args[0] if d.args else "require"
@@ -1909,11 +1924,6 @@ def _opt_pyovpn_dns(b: _Builder, d: Directive) -> None:
             "resolver, `off` leaves DNS to your up/down scripts",
         )
     b.opts = replace(b.opts, pyovpn_dns=cast(Literal["auto", "off"], d.args[0]))
-
-
-@_option("script-security", args=(1, 1), usage="script-security 0|1|2|3")
-def _opt_script_security(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, script_security=_int(d, d.args[0], "script-security", 0, 3))
 
 
 @_option("auth-user-pass-verify", args=(2, None), usage="auth-user-pass-verify COMMAND via-file|via-env")
@@ -2004,11 +2014,6 @@ def _opt_management(b: _Builder, d: Directive) -> None:
 def _opt_pyovpn_metrics(b: _Builder, d: Directive) -> None:
     host, _, port = d.args[0].rpartition(":")
     b.opts = replace(b.opts, metrics=(host.strip("[]") or "127.0.0.1", _port(d, port, "pyovpn-metrics")))
-
-
-@_option("management-log-cache", args=(1, 1), usage="management-log-cache N")
-def _opt_management_log_cache(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, management_log_cache=_int(d, d.args[0], "management-log-cache", 1, 1_000_000))
 
 
 _MANAGEMENT_NOT_YET = {
@@ -2243,11 +2248,6 @@ def _opt_socket_buffer(b: _Builder, d: Directive) -> None:
         b.opts = replace(b.opts, sndbuf=size)
     else:
         b.opts = replace(b.opts, rcvbuf=size)
-
-
-@_option("mark", args=(1, 1), usage="mark N")
-def _opt_mark(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, mark=_int(d, d.args[0], "mark", 0, 0xFFFFFFFF))
 
 
 @_option("bind-dev", args=(1, 1), usage="bind-dev DEVICE")

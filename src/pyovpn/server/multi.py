@@ -311,12 +311,9 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         except ProtocolError as exc:
             log.debug("dropped packet from %s: %s", key, exc)
             return
+        how = "cookie verified, tls-crypt-v2 client key accepted"
         self._admit_with_client_key(
-            key,
-            data,
-            now,
-            "cookie verified, tls-crypt-v2 client key accepted",
-            lambda w: Session.after_cookie(c, proof, rng=os.urandom, now=now, wrap=w),
+            key, data, now, how, lambda w: Session.after_cookie(c, proof, rng=os.urandom, now=now, wrap=w)
         )
 
     def _sendto(self, packet: bytes, dest: Addr) -> None:
