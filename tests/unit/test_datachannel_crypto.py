@@ -116,6 +116,24 @@ def test_decrypt_independent_v2_and_v1(cipher: Cipher) -> None:
 
 
 @pytest.mark.parametrize("cipher", ALL_CIPHERS)
+def test_decrypt_into_a_batch_buffer_v2_and_v1(cipher: Cipher) -> None:
+    # the engine decrypts packets where they lie in its receive buffer, at any offset
+    key = os.urandom(cipher.key_len)
+    tail = os.urandom(8)
+    ks = KeyState(3, DataKey(cipher, os.urandom(cipher.key_len), os.urandom(8)), DataKey(cipher, key, tail))
+    pt = b"\x45" + os.urandom(99)
+    v2 = reference_v2(cipher, key, tail, 3, 77, 10, pt)
+    v1 = reference_v1(cipher, key, tail, 3, 11, pt)
+    buf = memoryview(bytearray(b"\xee" * 5 + v2 + v1))
+    out = memoryview(bytearray(2048))
+    assert ks.decrypt_into(buf, 5, len(v2), out) == len(pt) and bytes(out[: len(pt)]) == pt
+    out[:] = bytes(len(out))
+    assert ks.decrypt_into(buf, 5 + len(v2), len(v1), out) == len(pt) and bytes(out[: len(pt)]) == pt
+    with pytest.raises(ReplayError):
+        ks.decrypt(v1)
+
+
+@pytest.mark.parametrize("cipher", ALL_CIPHERS)
 def test_encrypt_v1_flag(cipher: Cipher) -> None:
     key = os.urandom(cipher.key_len)
     tail = os.urandom(8)

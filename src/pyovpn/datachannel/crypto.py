@@ -339,11 +339,10 @@ class KeyState:
         self.replay.accept(pid)
         return clen
 
-    def decrypt_into(self, buf: memoryview, off: int, n: int, out: memoryview) -> int:
-        """Like :meth:`decrypt` for the packet ``buf[off:off+n]``, writing the plaintext to ``out``.
+    def _header(self, buf: memoryview, off: int, n: int) -> tuple[int, memoryview, int]:
+        """The packet id, associated data and body offset of the data packet ``buf[off:off+n]``.
 
-        The packet's bytes are rearranged in place (ciphertext moved in front of the tag), so
-        it cannot be decrypted again. Returns the plaintext length.
+        Raises :class:`ProtocolError` for anything that is not a well-formed packet for this key.
         """
         if n == 0:
             raise ProtocolError("empty data packet")
@@ -354,17 +353,20 @@ class KeyState:
         if opcode == OPCODE_DATA_V2:
             if n < DATA_V2_OVERHEAD:
                 raise ProtocolError(f"DATA_V2 packet too short ({n} bytes)")
-            pid = _HDR_V2.unpack_from(buf, off)[1]
-            aad: bytes | memoryview = buf[off : off + 8]
-            body = off + 8
-        elif opcode == OPCODE_DATA_V1:
+            return _HDR_V2.unpack_from(buf, off)[1], buf[off : off + 8], off + 8
+        if opcode == OPCODE_DATA_V1:
             if n < DATA_V1_OVERHEAD:
                 raise ProtocolError(f"DATA_V1 packet too short ({n} bytes)")
-            pid = _PID.unpack_from(buf, off + 1)[0]
-            aad = bytes(buf[off + 1 : off + 5])
-            body = off + 5
-        else:
-            raise ProtocolError(f"opcode {opcode} is not a data packet")
+            return _PID.unpack_from(buf, off + 1)[0], buf[off + 1 : off + 5], off + 5
+        raise ProtocolError(f"opcode {opcode} is not a data packet")
+
+    def decrypt_into(self, buf: memoryview, off: int, n: int, out: memoryview) -> int:
+        """Like :meth:`decrypt` for the packet ``buf[off:off+n]``, writing the plaintext to ``out``.
+
+        The packet's bytes are rearranged in place (ciphertext moved in front of the tag), so
+        it cannot be decrypted again. Returns the plaintext length.
+        """
+        pid, aad, body = self._header(buf, off, n)
         end = off + n
         clen = end - body - TAG_SIZE
         if clen > len(out):
@@ -387,27 +389,7 @@ class KeyState:
         :class:`ProtocolError` for malformed packets.
         """
         mv = memoryview(packet)
-        n = len(mv)
-        if n == 0:
-            raise ProtocolError("empty data packet")
-        b0 = mv[0]
-        if b0 & 7 != self.key_id:
-            raise ProtocolError(f"packet is for key id {b0 & 7}, this key is {self.key_id}")
-        opcode = b0 >> 3
-        if opcode == OPCODE_DATA_V2:
-            if n < DATA_V2_OVERHEAD:
-                raise ProtocolError(f"DATA_V2 packet too short ({n} bytes)")
-            pid = _HDR_V2.unpack_from(mv)[1]
-            aad = mv[:8]
-            body = 8
-        elif opcode == OPCODE_DATA_V1:
-            if n < DATA_V1_OVERHEAD:
-                raise ProtocolError(f"DATA_V1 packet too short ({n} bytes)")
-            pid = _PID.unpack_from(mv, 1)[0]
-            aad = mv[1:5]
-            body = 5
-        else:
-            raise ProtocolError(f"opcode {opcode} is not a data packet")
+        pid, aad, body = self._header(mv, 0, len(mv))
         tag_end = body + TAG_SIZE
         try:
             plain = self._open(
