@@ -102,12 +102,9 @@ def configure_link(ifname: str, mtu: int, up: bool = True) -> None:
 
 def add_address(ifname: str, address: str, prefixlen: int, peer: str | None = None) -> None:
     """Add an IPv4 or IPv6 address; with ``peer`` it is a point-to-point address."""
-    local = _ip(address, "address")
-    if not 0 <= prefixlen <= local.max_prefixlen:
-        raise BackendError(f"add address {address}/{prefixlen} to {ifname}: bad prefix length")
-    remote = _ip(peer, "peer") if peer is not None else None
-    if remote is not None and remote.version != local.version:
-        raise BackendError(f"add address {address} peer {peer}: address families differ")
+    local, remote = _prefix_and_partner(
+        f"add address {address}/{prefixlen} to {ifname}", ("address", address), prefixlen, ("peer", peer)
+    )
 
     def op(ipr: IPRoute) -> None:
         spec: dict[str, object] = {"index": _index(ipr, ifname), "prefixlen": prefixlen}
@@ -126,20 +123,15 @@ def add_route(
     ifname: str, network: str, prefixlen: int, gateway: str | None = None, metric: int | None = None
 ) -> None:
     """Route ``network/prefixlen`` through ``ifname`` (optionally via ``gateway``)."""
-    net = _ip(network, "network")
-    if not 0 <= prefixlen <= net.max_prefixlen:
-        raise BackendError(f"add route {network}/{prefixlen} via {ifname}: bad prefix length")
-    gw = _ip(gateway, "gateway") if gateway is not None else None
-    if gw is not None and gw.version != net.version:
-        raise BackendError(f"add route {network}/{prefixlen} via {gateway}: address families differ")
+    net, gw = _prefix_and_partner(
+        f"add route {network}/{prefixlen} via {gateway or ifname}",
+        ("network", network),
+        prefixlen,
+        ("gateway", gateway),
+    )
 
     def op(ipr: IPRoute) -> None:
-        spec: dict[str, object] = {"dst": str(net), "dst_len": prefixlen, "oif": _index(ipr, ifname)}
-        if gw is not None:
-            spec["gateway"] = str(gw)
-        if metric is not None:
-            spec["priority"] = metric
-        ipr.route("add", **spec)
+        ipr.route("add", **_route_attrs(ipr, ifname, net, prefixlen, gw, metric))
 
     _run(f"add route {network}/{prefixlen} via {gateway or ifname}", op)
 
@@ -149,15 +141,11 @@ def del_route(
 ) -> None:
     """Remove a route added with :func:`add_route`; a route that is already gone is not an error."""
     net = _ip(network, "network")
+    gw = _ip(gateway, "gateway") if gateway is not None else None
 
     def op(ipr: IPRoute) -> None:
-        spec: dict[str, object] = {"dst": str(net), "dst_len": prefixlen, "oif": _index(ipr, ifname)}
-        if gateway is not None:
-            spec["gateway"] = str(_ip(gateway, "gateway"))
-        if metric is not None:
-            spec["priority"] = metric
         try:
-            ipr.route("del", **spec)
+            ipr.route("del", **_route_attrs(ipr, ifname, net, prefixlen, gw, metric))
         except NetlinkError as e:
             if e.code != 3:  # ESRCH: no such route
                 raise
@@ -193,6 +181,39 @@ def _ip(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         return ipaddress.ip_address(text)
     except ValueError:
         raise BackendError(f"{what} {text!r} is not an IP address") from None
+
+
+def _prefix_and_partner(
+    what: str, address: tuple[str, str], prefixlen: int, partner: tuple[str, str | None]
+) -> tuple[
+    ipaddress.IPv4Address | ipaddress.IPv6Address, ipaddress.IPv4Address | ipaddress.IPv6Address | None
+]:
+    """``address`` and its partner (a peer or gateway, may be absent), of one family, with a
+    prefix length that fits the address."""
+    ip = _ip(address[1], address[0])
+    if not 0 <= prefixlen <= ip.max_prefixlen:
+        raise BackendError(f"{what}: bad prefix length")
+    label, text = partner
+    other = _ip(text, label) if text is not None else None
+    if other is not None and other.version != ip.version:
+        raise BackendError(f"{what}: address families differ")
+    return ip, other
+
+
+def _route_attrs(
+    ipr: IPRoute,
+    ifname: str,
+    net: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    prefixlen: int,
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    metric: int | None,
+) -> dict[str, object]:
+    attrs: dict[str, object] = {"dst": str(net), "dst_len": prefixlen, "oif": _index(ipr, ifname)}
+    if gateway is not None:
+        attrs["gateway"] = str(gateway)
+    if metric is not None:
+        attrs["priority"] = metric
+    return attrs
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:
