@@ -1041,11 +1041,6 @@ def _opt_connect_retry(b: _Builder, d: Directive) -> None:
         b.opts = replace(b.opts, connect_retry_max_seconds=most)
 
 
-@_option("connect-retry-max", args=(1, 1), usage="connect-retry-max N")
-def _opt_connect_retry_max(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, connect_retry_max=_int(d, d.args[0], "connect-retry-max", 0))
-
-
 @_option("server-poll-timeout", args=(1, 1), usage="server-poll-timeout SECONDS")
 @_option("connect-timeout", args=(1, 1), usage="connect-timeout SECONDS")
 def _opt_server_poll_timeout(b: _Builder, d: Directive) -> None:
@@ -1224,11 +1219,6 @@ def _opt_route_gateway(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, route_gateway=_ipv4(d, d.args[0], "route-gateway"))
 
 
-@_option("route-metric", args=(1, 1), usage="route-metric METRIC")
-def _opt_route_metric(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, route_metric=_int(d, d.args[0], "route-metric", 0))
-
-
 @_option("pull-filter", args=(2, 2), usage="pull-filter accept|ignore|reject TEXT")
 def _opt_pull_filter(b: _Builder, d: Directive) -> None:
     action = d.args[0]
@@ -1275,11 +1265,6 @@ def _opt_dco(b: _Builder, d: Directive) -> None:
 @_option("disable-dco", usage="disable-dco")
 def _opt_disable_dco(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, dco="userspace")
-
-
-@_option("engine-workers", args=(1, 1), usage="engine-workers N")
-def _opt_engine_workers(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, engine_workers=_int(d, d.args[0], "engine-workers", 1))
 
 
 @_option("userspace-engine", args=(1, 1), usage="userspace-engine multiprocess|inprocess")
@@ -1378,11 +1363,6 @@ def _opt_tls_crypt_v2(b: _Builder, d: Directive) -> None:
         raise _error(d, f"tls-crypt-v2: {exc}") from None
 
 
-@_option("tls-crypt-v2-max-age", args=(1, 1), usage="tls-crypt-v2-max-age DAYS")
-def _opt_tls_crypt_v2_max_age(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, tls_crypt_v2_max_age=_int(d, d.args[0], "tls-crypt-v2-max-age", 1))
-
-
 @_option("remote-cert-tls", args=(1, 1), usage="remote-cert-tls server|client")
 def _opt_remote_cert_tls(b: _Builder, d: Directive) -> None:
     if d.args[0] not in ("server", "client"):
@@ -1452,21 +1432,6 @@ def _opt_reneg_sec(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, reneg_sec=_int(d, d.args[0], "reneg-sec", 0))
     if len(d.args) > 1:
         _int(d, d.args[1], "reneg-sec minimum", 0)
-
-
-@_option("tls-timeout", args=(1, 1), usage="tls-timeout SECONDS")
-def _opt_tls_timeout(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, tls_timeout=_int(d, d.args[0], "tls-timeout", 0))
-
-
-@_option("hand-window", args=(1, 1), usage="hand-window SECONDS")
-def _opt_hand_window(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, hand_window=_int(d, d.args[0], "hand-window", 0))
-
-
-@_option("tran-window", args=(1, 1), usage="tran-window SECONDS")
-def _opt_tran_window(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, tran_window=_int(d, d.args[0], "tran-window", 0))
 
 
 @_option("replay-window", args=(1, 2), usage="replay-window PACKETS [SECONDS]")
@@ -1619,11 +1584,6 @@ def _opt_explicit_exit_notify(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, explicit_exit_notify=notify)
 
 
-@_option("verb", args=(1, 1), usage="verb LEVEL")
-def _opt_verb(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, verb=_int(d, d.args[0], "verb", 0))
-
-
 Setter = Callable[[Options, str], Options]
 Switch = Callable[[Options], Options]
 
@@ -1659,8 +1619,22 @@ del _name, _usage
 
 _MAX_CLIENTS = 1048576
 
-#: Options with one whole number: usage, the lowest and highest value, and where it goes.
-_NUMBER_OPTIONS: dict[str, tuple[str, int, int, Callable[[Options, int], Options]]] = {
+#: Options with one whole number: usage, the lowest and highest (None: any) value, and where it goes.
+_NUMBER_OPTIONS: dict[str, tuple[str, int, int | None, Callable[[Options, int], Options]]] = {
+    "connect-retry-max": ("connect-retry-max N", 0, None, lambda o, v: replace(o, connect_retry_max=v)),
+    "route-metric": ("route-metric METRIC", 0, None, lambda o, v: replace(o, route_metric=v)),
+    "engine-workers": ("engine-workers N", 1, None, lambda o, v: replace(o, engine_workers=v)),
+    "tls-crypt-v2-max-age": (
+        "tls-crypt-v2-max-age DAYS",
+        1,
+        None,
+        lambda o, v: replace(o, tls_crypt_v2_max_age=v),
+    ),
+    "tls-timeout": ("tls-timeout SECONDS", 0, None, lambda o, v: replace(o, tls_timeout=v)),
+    "hand-window": ("hand-window SECONDS", 0, None, lambda o, v: replace(o, hand_window=v)),
+    "tran-window": ("tran-window SECONDS", 0, None, lambda o, v: replace(o, tran_window=v)),
+    "verb": ("verb LEVEL", 0, None, lambda o, v: replace(o, verb=v)),
+    "mute": ("mute N", 0, None, lambda o, v: replace(o, mute=v)),
     "ping": ("ping SECONDS", 0, 86400, lambda o, v: replace(o, ping=v)),
     "max-clients": ("max-clients N", 1, _MAX_CLIENTS, lambda o, v: replace(o, max_clients=v)),
     "script-security": ("script-security 0|1|2|3", 0, 3, lambda o, v: replace(o, script_security=v)),
@@ -2287,11 +2261,6 @@ def _opt_ping_timer_rem(b: _Builder, d: Directive) -> None:
     # Carried out by design: the keepalive timers start only when a tunnel is up, i.e. once the
     # peer's address is known, which is what this option asks for.
     pass
-
-
-@_option("mute", args=(1, 1), usage="mute N")
-def _opt_mute(b: _Builder, d: Directive) -> None:
-    b.opts = replace(b.opts, mute=_int(d, d.args[0], "mute", 0))
 
 
 @_option("reneg-bytes", "reneg-pkts", args=(1, 1), usage="reneg-bytes 0")
