@@ -16,7 +16,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Protocol
+from typing import Any, Protocol, cast
+
+from pyovpn.errors import BackendError
 
 
 class Cipher(enum.Enum):
@@ -217,6 +219,31 @@ Command = (
     | GetKey
     | SendControl
 )
+
+
+#: The method that carries out each command, named alike in every backend (``handler_for``).
+HANDLER_NAMES: dict[type, str] = {
+    NewIface: "_new_iface",
+    DelIface: "_del_iface",
+    NewPeer: "_new_peer",
+    SetPeer: "_set_peer",
+    GetPeer: "_get_peer",
+    DelPeer: "_del_peer",
+    NewKey: "_new_key",
+    DelKey: "_del_key",
+    SwapKeys: "_swap_keys",
+    GetKey: "_get_key",
+    SendControl: "_send_control",
+}
+
+
+def handler_for(backend: object, command: object) -> Callable[[Any], Any]:
+    """``backend``'s bound method for ``command``; BackendError for anything that is not a command."""
+    name = HANDLER_NAMES.get(type(command))
+    method = getattr(backend, name, None) if name is not None else None
+    if method is None:
+        raise BackendError(f"{type(command).__name__}: not a data-channel command")
+    return cast(Callable[[Any], Any], method)
 
 
 # ---------------------------------------------------------------------------- replies

@@ -29,7 +29,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,7 @@ from pyovpn.datachannel.api import (
     Stats,
     SwapKeys,
     Transport,
+    handler_for,
 )
 from pyovpn.datachannel.api import normalize_address as _normalize
 from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, KeyState
@@ -354,10 +355,7 @@ class Controller:
             os.close(fd)
         if self.closed:
             raise BackendError(f"{what}: the offload engine is closed")
-        handler = self._handlers.get(type(cmd))
-        if handler is None:
-            raise BackendError(f"{what}: not a data-channel command")
-        return await handler(self, cmd)
+        return await handler_for(self, cmd)(cmd)
 
     async def _new_iface(self, cmd: NewIface) -> dict[str, Any]:
         if self.iface is not None:
@@ -584,18 +582,6 @@ class Controller:
         except BackendError as e:
             raise BackendError(f"{what}: {e}") from None
 
-    _handlers: dict[type, Callable[[Controller, Any], Any]] = {
-        NewIface: _new_iface,
-        DelIface: _del_iface,
-        SetPeer: _set_peer,
-        GetPeer: _get_peer,
-        DelPeer: _del_peer,
-        NewKey: _new_key,
-        DelKey: _del_key,
-        SwapKeys: _swap_keys,
-        GetKey: _get_key,
-        SendControl: _send_control,
-    }
 
     # ------------------------------------------------------------------ worker events
 

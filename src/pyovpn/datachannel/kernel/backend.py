@@ -200,9 +200,7 @@ class KernelDataChannel:
         what = type(command).__name__
         self._check_open(what)
         self._loop = asyncio.get_running_loop()
-        handler = self._handlers.get(type(command))
-        if handler is None:
-            raise BackendError(f"{what}: not a data-channel command")
+        handler = api.handler_for(self, command)
         if isinstance(command, api.SendControl):
             # no netlink involved: never queue a control packet behind a slow request
             self._send_control(command)
@@ -210,7 +208,7 @@ class KernelDataChannel:
         async with self._lock:
             self._check_open(what)
             await self._flush_deferred_deletes()
-            result: api.PeerInfo | api.KeyInfo | None = await handler(self, command)
+            result: api.PeerInfo | api.KeyInfo | None = await handler(command)
             return result
 
     async def close(self) -> None:
@@ -476,19 +474,6 @@ class KernelDataChannel:
             raise BackendError(f"{what}: empty packet")
         self._io.send(what, peer, cmd.packet)
 
-    _handlers: dict[type, Callable[[KernelDataChannel, Any], Any]] = {
-        api.NewIface: _new_iface,
-        api.DelIface: _del_iface,
-        api.NewPeer: _new_peer,
-        api.SetPeer: _set_peer,
-        api.GetPeer: _get_peer,
-        api.DelPeer: _del_peer,
-        api.NewKey: _new_key,
-        api.DelKey: _del_key,
-        api.SwapKeys: _swap_keys,
-        api.GetKey: _get_key,
-        api.SendControl: _send_control,
-    }
 
     # ------------------------------------------------------------------ netlink
 

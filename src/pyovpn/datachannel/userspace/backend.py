@@ -72,7 +72,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pyovpn.datachannel import api, peer_socket
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW, KeyState
@@ -152,13 +152,11 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         if self._closed:
             raise BackendError(f"{what}: the userspace backend is closed")
         self._loop = asyncio.get_running_loop()
-        handler = self._handlers.get(type(command))
-        if handler is None:
-            raise BackendError(f"{what}: not a data-channel command")
+        handler = api.handler_for(self, command)
         if isinstance(command, api.NewIface):
             await self._new_iface(command)
             return None
-        return handler(self, command)
+        return cast("api.PeerInfo | api.KeyInfo | None", handler(command))
 
     async def close(self) -> None:
         if self._closed:
@@ -429,19 +427,6 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
                 return
             raise BackendError(f"{what}: send to {peer.remote} failed: {e.strerror or e}") from None
 
-    _handlers: dict[type, Callable[[UserspaceDataChannel, Any], api.PeerInfo | api.KeyInfo | None]] = {
-        api.NewIface: lambda self, cmd: None,  # async, dispatched in request()
-        api.DelIface: _del_iface,
-        api.NewPeer: _new_peer,
-        api.SetPeer: _set_peer,
-        api.GetPeer: _get_peer,
-        api.DelPeer: _del_peer,
-        api.NewKey: _new_key,
-        api.DelKey: _del_key,
-        api.SwapKeys: _swap_keys,
-        api.GetKey: _get_key,
-        api.SendControl: _send_control,
-    }
 
     # ------------------------------------------------------------------ teardown
 
