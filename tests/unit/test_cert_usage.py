@@ -2,65 +2,36 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pyovpn.config import parse_config_text
 from pyovpn.errors import ConfigError, ProtocolError
 from pyovpn.proto.cert_usage import check_extended_key_usage, check_key_usage, key_usage_bits
 from pyovpn.proto.tls import PeerCheck, check_peer_certificate
+from tests.unit.certbuild import key_usage, self_signed
 
 
 def _cert(ku: x509.KeyUsage | None, eku: list[x509.ObjectIdentifier] | None) -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peer")])
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(7)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-    )
-    if ku is not None:
-        builder = builder.add_extension(ku, critical=True)
+    extensions: list[x509.ExtensionType] = [] if ku is None else [ku]
     if eku is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-    return builder.sign(key, hashes.SHA256())
-
-
-def _ku(**set_bits: bool) -> x509.KeyUsage:
-    names = [
-        "digital_signature",
-        "content_commitment",
-        "key_encipherment",
-        "data_encipherment",
-        "key_agreement",
-        "key_cert_sign",
-        "crl_sign",
-        "encipher_only",
-        "decipher_only",
-    ]
-    return x509.KeyUsage(**{n: set_bits.get(n, False) for n in names})
+        extensions.append(x509.ExtendedKeyUsage(eku))
+    return self_signed(ec.generate_private_key(ec.SECP256R1()), *extensions, critical=(x509.KeyUsage,))
 
 
 def test_bits_follow_openvpn_numbering() -> None:
-    assert key_usage_bits(_ku(digital_signature=True)) == 0x80
-    assert key_usage_bits(_ku(digital_signature=True, key_encipherment=True)) == 0xA0
-    assert key_usage_bits(_ku(digital_signature=True, key_agreement=True)) == 0x88
-    assert key_usage_bits(_ku(key_agreement=True, encipher_only=True)) == 0x09
+    assert key_usage_bits(key_usage(digital_signature=True)) == 0x80
+    assert key_usage_bits(key_usage(digital_signature=True, key_encipherment=True)) == 0xA0
+    assert key_usage_bits(key_usage(digital_signature=True, key_agreement=True)) == 0x88
+    assert key_usage_bits(key_usage(key_agreement=True, encipher_only=True)) == 0x09
 
 
 def test_key_usage_values() -> None:
-    server_like = _cert(_ku(digital_signature=True, key_encipherment=True), None)
+    server_like = _cert(key_usage(digital_signature=True, key_encipherment=True), None)
     check_key_usage(server_like, ())  # present is enough without values
     check_key_usage(server_like, (0xA0,))
     check_key_usage(server_like, (0x88, 0x80))  # one of the values suffices
@@ -81,7 +52,7 @@ def test_extended_key_usage_by_name_or_oid() -> None:
 
 
 def test_peer_check_applies_both() -> None:
-    cert = _cert(_ku(digital_signature=True), [ExtendedKeyUsageOID.CLIENT_AUTH])
+    cert = _cert(key_usage(digital_signature=True), [ExtendedKeyUsageOID.CLIENT_AUTH])
     check_peer_certificate(cert, PeerCheck(remote_cert_ku=(0x80,), remote_cert_eku="1.3.6.1.5.5.7.3.2"))
     with pytest.raises(ProtocolError, match="remote-cert-eku"):
         check_peer_certificate(cert, PeerCheck(remote_cert_eku="TLS Web Server Authentication"))
