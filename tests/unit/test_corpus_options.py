@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -89,17 +91,15 @@ def test_mute_passes_n_of_a_kind_then_counts_the_rest() -> None:
     assert mute.filter(_record("replay %d", 9))
 
 
-def test_daemon_logging_applies_mute_and_file(tmp_path: Path) -> None:
-    out = tmp_path / "out.log"
-    opts = _opts(f"mute 1\nlog {out}\nverb 3\n", tmp_path)
+@contextlib.contextmanager
+def _daemon_logging(opts: daemon_module.Options) -> Iterator[None]:
+    """The daemon's own logging set up from ``opts`` for the block, then flushed and closed, and the
+    root logger's handlers and level put back (other tests share the root logger)."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
         daemon_module.setup_logging(opts)
-        log = logging.getLogger("pyovpn.test")
-        for i in range(3):
-            log.info("same kind %d", i)
-        log.info("another kind")
+        yield
         for h in root.handlers:
             h.flush()
     finally:
@@ -107,6 +107,16 @@ def test_daemon_logging_applies_mute_and_file(tmp_path: Path) -> None:
             h.close()
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+def test_daemon_logging_applies_mute_and_file(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    opts = _opts(f"mute 1\nlog {out}\nverb 3\n", tmp_path)
+    with _daemon_logging(opts):
+        log = logging.getLogger("pyovpn.test")
+        for i in range(3):
+            log.info("same kind %d", i)
+        log.info("another kind")
     text = out.read_text()
     assert "same kind 0" in text and "same kind 1" not in text
     assert "2 message(s) like the previous one suppressed by --mute" in text and "another kind" in text
@@ -342,18 +352,8 @@ def test_tls_version_max_caps_the_handshake(tmp_path: Path) -> None:
 def test_suppress_timestamps_drops_the_time(tmp_path: Path) -> None:
     out = tmp_path / "out.log"
     opts = _opts(f"suppress-timestamps\nlog {out}\nverb 3\n", tmp_path)
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        daemon_module.setup_logging(opts)
+    with _daemon_logging(opts):
         logging.getLogger("pyovpn.test").info("plain line")
-        for h in root.handlers:
-            h.flush()
-    finally:
-        for h in root.handlers:
-            h.close()
-        root.handlers[:], level = saved
-        root.setLevel(level)
     assert out.read_text() == "plain line\n"
 
 

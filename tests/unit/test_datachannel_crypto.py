@@ -103,11 +103,17 @@ def test_encrypt_matches_independent_construction(cipher: Cipher, pt_len: int) -
     assert ks.encrypt(pt, 7) == reference_v2(cipher, key, tail, 5, 7, 0xDEADBEEF, pt)
 
 
-@pytest.mark.parametrize("cipher", ALL_CIPHERS)
-def test_decrypt_independent_v2_and_v1(cipher: Cipher) -> None:
+def _receiving_key_state(cipher: Cipher) -> tuple[KeyState, bytes, bytes]:
+    """Key id 3 with random keys; returns it and the receive key and implicit-IV tail it decrypts with."""
     key = os.urandom(cipher.key_len)
     tail = os.urandom(8)
     ks = KeyState(3, DataKey(cipher, os.urandom(cipher.key_len), os.urandom(8)), DataKey(cipher, key, tail))
+    return ks, key, tail
+
+
+@pytest.mark.parametrize("cipher", ALL_CIPHERS)
+def test_decrypt_independent_v2_and_v1(cipher: Cipher) -> None:
+    ks, key, tail = _receiving_key_state(cipher)
     pt = b"\x45" + os.urandom(99)
     assert ks.decrypt(reference_v2(cipher, key, tail, 3, 77, 10, pt)) == pt
     assert ks.decrypt(reference_v1(cipher, key, tail, 3, 11, pt)) == pt
@@ -118,9 +124,7 @@ def test_decrypt_independent_v2_and_v1(cipher: Cipher) -> None:
 @pytest.mark.parametrize("cipher", ALL_CIPHERS)
 def test_decrypt_into_a_batch_buffer_v2_and_v1(cipher: Cipher) -> None:
     # the engine decrypts packets where they lie in its receive buffer, at any offset
-    key = os.urandom(cipher.key_len)
-    tail = os.urandom(8)
-    ks = KeyState(3, DataKey(cipher, os.urandom(cipher.key_len), os.urandom(8)), DataKey(cipher, key, tail))
+    ks, key, tail = _receiving_key_state(cipher)
     pt = b"\x45" + os.urandom(99)
     v2 = reference_v2(cipher, key, tail, 3, 77, 10, pt)
     v1 = reference_v1(cipher, key, tail, 3, 11, pt)
