@@ -577,6 +577,16 @@ class RecordingNetwork:
 # ---------------------------------------------------------------------------- running a daemon
 
 
+def recv_all(sock: socket.socket) -> list[bytes]:
+    """Every datagram waiting on a non-blocking socket, in order."""
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(4096))
+        except BlockingIOError:
+            return got
+
+
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     """A loopback port nobody holds right now (the daemon binds it a moment later)."""
     with socket.socket(socket.AF_INET, kind) as s:

@@ -118,22 +118,18 @@ def test_mismatched_inline_block() -> None:
     assert "<ca>" in str(err) and "</cert>" in str(err) and "</ca>" in str(err)
 
 
-def test_forgotten_close_before_next_block() -> None:
-    err = config_error("<ca>\nstuff\n<cert>\nx\n</cert>\n", source="m.conf")
-    assert err.line == 3
-    assert "<ca>" in str(err)
-
-
-def test_stray_closing_tag() -> None:
-    err = config_error("verb 1\n</ca>\n", source="s.conf")
-    assert err.line == 2
-    assert "</ca>" in str(err)
-
-
-def test_inline_block_for_option_that_does_not_take_one() -> None:
-    err = config_error("<verb>\n3\n</verb>\n", source="v.conf")
-    assert err.line == 1
-    assert "verb" in str(err)
+@pytest.mark.parametrize(
+    ("text", "line", "named"),
+    [
+        pytest.param("<ca>\nstuff\n<cert>\nx\n</cert>\n", 3, "<ca>", id="forgotten-close-before-next-block"),
+        pytest.param("verb 1\n</ca>\n", 2, "</ca>", id="stray-closing-tag"),
+        pytest.param("<verb>\n3\n</verb>\n", 1, "verb", id="inline-block-for-an-option-that-takes-none"),
+    ],
+)
+def test_misplaced_tag_names_its_line_and_tag(text: str, line: int, named: str) -> None:
+    err = config_error(text, source="m.conf")
+    assert err.line == line
+    assert named in str(err)
 
 
 def test_nul_byte_is_rejected() -> None:

@@ -380,35 +380,31 @@ def test_server_errors(lines: str, needles: list[str]) -> None:
     assert err.source == "s.conf" and err.line is not None and err.line > line_of(text, "server")
 
 
-@pytest.mark.parametrize(
-    ("server", "needle"),
-    [
-        ("10.8.0.0 255.0.255.0", "not a valid netmask"),
-        ("10.8.0.1 255.255.255.0", "10.8.0.0/24"),
-        ("10.0.0.0 255.0.0.0", "too many addresses"),
-        ("10.8.0.0 255.255.255.252", "no room for clients"),
-        ("10.8.0.0 255.255.255.0 pool", "nopool"),
-        ("0.0.0.0 255.255.0.0", "0.0.0.0"),
-        ("vpn.example.com 255.255.255.0", "IPv4"),
-    ],
-)
-def test_bad_server_arguments(server: str, needle: str) -> None:
-    err = server_error(BASE + f"topology subnet\nserver {server}\n")
-    assert needle in str(err) and "server" in str(err)
+_BAD_SERVER = [
+    ("10.8.0.0 255.0.255.0", "not a valid netmask"),
+    ("10.8.0.1 255.255.255.0", "10.8.0.0/24"),
+    ("10.0.0.0 255.0.0.0", "too many addresses"),
+    ("10.8.0.0 255.255.255.252", "no room for clients"),
+    ("10.8.0.0 255.255.255.0 pool", "nopool"),
+    ("0.0.0.0 255.255.0.0", "0.0.0.0"),
+    ("vpn.example.com 255.255.255.0", "IPv4"),
+]
+_BAD_SERVER_IPV6 = [
+    ("fd00::", "/prefix"),
+    ("fd00::/48", "between 64 and 124"),
+    ("fd00::1/64", "fd00::/64"),
+    ("x/64", "IPv6"),
+]
 
 
 @pytest.mark.parametrize(
-    ("value", "needle"),
-    [
-        ("fd00::", "/prefix"),
-        ("fd00::/48", "between 64 and 124"),
-        ("fd00::1/64", "fd00::/64"),
-        ("x/64", "IPv6"),
-    ],
+    ("config", "option", "needle"),
+    [(BASE + f"topology subnet\nserver {v}\n", "server", n) for v, n in _BAD_SERVER]
+    + [(SERVER + f"server-ipv6 {v}\n", "server-ipv6", n) for v, n in _BAD_SERVER_IPV6],
 )
-def test_bad_server_ipv6(value: str, needle: str) -> None:
-    err = server_error(SERVER + f"server-ipv6 {value}\n")
-    assert needle in str(err) and "server-ipv6" in str(err)
+def test_bad_server_and_server_ipv6_arguments(config: str, option: str, needle: str) -> None:
+    err = server_error(config)
+    assert needle in str(err) and option in str(err)
 
 
 def test_server_ipv6_with_nopool() -> None:

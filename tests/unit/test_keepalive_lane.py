@@ -10,17 +10,9 @@ import pytest
 
 from pyovpn.datachannel.userspace.lane import PING_DATAGRAM_SIZE, close_lane, open_lane
 from pyovpn.edge.sockets import bind_server_socket as _bind_server_socket
+from tests.unit.edgefakes import recv_all
 
 PING_LIKE = bytes([9 << 3 | 2, 0, 0, 7]) + bytes(PING_DATAGRAM_SIZE - 4)  # DATA_V2, key id 2
-
-
-def _drain(sock: socket.socket) -> list[bytes]:
-    got = []
-    while True:
-        try:
-            got.append(sock.recv(2048))
-        except BlockingIOError:
-            return got
 
 
 @pytest.fixture
@@ -42,7 +34,7 @@ def _settle(socks: list[socket.socket], expected: int) -> list[list[bytes]]:
     got: list[list[bytes]] = [[] for _ in socks]
     for _ in range(100):
         for i, s in enumerate(socks):
-            got[i] += _drain(s)
+            got[i] += recv_all(s)
         if sum(map(len, got)) >= expected:
             break
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()  # a syscall's worth of waiting

@@ -40,6 +40,13 @@ def _bundle(pki: Pki, password: bytes | None) -> bytes:
     return pkcs12.serialize_key_and_certificates(b"client", key, cert, [ca], enc)  # type: ignore[arg-type]
 
 
+def _askpass_file(tmp_path: Path, content: str) -> str:
+    """An askpass file holding ``content``; returns its path."""
+    pw = tmp_path / "pw"
+    pw.write_text(content)
+    return str(pw)
+
+
 def _no_prompt(prompt: str, echo: bool) -> str:
     raise AssertionError(f"unexpected prompt {prompt!r}")
 
@@ -47,9 +54,8 @@ def _no_prompt(prompt: str, echo: bool) -> str:
 def test_encrypted_key_with_askpass_file(pki: Pki, tmp_path: Path) -> None:
     encrypted = _encrypted_key(pki, b"open sesame")
     assert b"ENCRYPTED" in encrypted
-    pw = tmp_path / "pw"
-    pw.write_text("open sesame\n")
-    plain = decrypt_key(encrypted, str(pw), _no_prompt)
+    pw = _askpass_file(tmp_path, "open sesame\n")
+    plain = decrypt_key(encrypted, pw, _no_prompt)
     # the decrypted key works with its certificate in a real TLS context
     build_context(ca=pki.ca_crt.read_bytes(), cert=pki.client_crt.read_bytes(), key=plain, is_server=False)
 
@@ -66,10 +72,8 @@ def test_encrypted_key_passphrase_asked_when_no_file(pki: Pki) -> None:
 
 
 def test_wrong_passphrase_says_so(pki: Pki, tmp_path: Path) -> None:
-    pw = tmp_path / "pw"
-    pw.write_text("wrong\n")
     with pytest.raises(ConfigError, match="passphrase is wrong"):
-        decrypt_key(_encrypted_key(pki, b"right"), str(pw), _no_prompt)
+        decrypt_key(_encrypted_key(pki, b"right"), _askpass_file(tmp_path, "wrong\n"), _no_prompt)
 
 
 def test_plain_key_needs_no_passphrase(pki: Pki) -> None:
@@ -79,9 +83,8 @@ def test_plain_key_needs_no_passphrase(pki: Pki) -> None:
 
 @pytest.mark.parametrize("password", [None, b"p12pass"])
 def test_pkcs12_gives_ca_cert_and_key(pki: Pki, tmp_path: Path, password: bytes | None) -> None:
-    pw = tmp_path / "pw"
-    pw.write_text((password or b"").decode() + "\n")
-    m = split_pkcs12(_bundle(pki, password), str(pw), _no_prompt)
+    pw = _askpass_file(tmp_path, (password or b"").decode() + "\n")
+    m = split_pkcs12(_bundle(pki, password), pw, _no_prompt)
     assert m.ca is not None and m.cert is not None and m.key is not None
     assert x509.load_pem_x509_certificate(m.ca) == x509.load_pem_x509_certificate(pki.ca_crt.read_bytes())
     assert x509.load_pem_x509_certificate(m.cert) == x509.load_pem_x509_certificate(
@@ -93,8 +96,7 @@ def test_pkcs12_gives_ca_cert_and_key(pki: Pki, tmp_path: Path, password: bytes 
 def test_pkcs12_config_end_to_end(pki: Pki, tmp_path: Path) -> None:
     p12 = tmp_path / "client.p12"
     p12.write_bytes(_bundle(pki, b"p12pass"))
-    pw = tmp_path / "pw"
-    pw.write_text("p12pass\n")
+    pw = _askpass_file(tmp_path, "p12pass\n")
     text = f"client\ndev tun\nremote 192.0.2.1 1194\npkcs12 {p12}\naskpass {pw}\n"
     opts = parse_config_text(text)
     assert opts.ca is None and opts.pkcs12 is not None
@@ -103,10 +105,8 @@ def test_pkcs12_config_end_to_end(pki: Pki, tmp_path: Path) -> None:
 
 
 def test_pkcs12_wrong_password(pki: Pki, tmp_path: Path) -> None:
-    pw = tmp_path / "pw"
-    pw.write_text("nope\n")
     with pytest.raises(ConfigError, match="pkcs12: cannot open the bundle"):
-        split_pkcs12(_bundle(pki, b"p12pass"), str(pw), _no_prompt)
+        split_pkcs12(_bundle(pki, b"p12pass"), _askpass_file(tmp_path, "nope\n"), _no_prompt)
 
 
 def test_inline_pkcs12_block_is_base64(pki: Pki) -> None:

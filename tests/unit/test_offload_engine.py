@@ -47,6 +47,7 @@ from tests.nslab import (
     tcp_listener,
     udp_socket,
 )
+from tests.unit.edgefakes import recv_all
 
 MTU = 1400
 
@@ -227,15 +228,6 @@ class _RefusingSocket:
         return self.sock.sendto(data, addr)
 
 
-def _recv_all(sock: socket.socket) -> list[bytes]:
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(4096))
-        except BlockingIOError:
-            return out
-
-
 def test_worker_udp_control_waits_out_the_gap_and_goes_before_data() -> None:
     import select
 
@@ -256,7 +248,7 @@ def test_worker_udp_control_waits_out_the_gap_and_goes_before_data() -> None:
 
         # no burst lately: out at once, data flow untouched
         w._send_control(peer, b"\x20now")
-        assert _recv_all(rx) == [b"\x20now"]
+        assert recv_all(rx) == [b"\x20now"]
         assert not w.tun_paused
 
         # a burst just left: held, in order, and the TUN is not read meanwhile
@@ -264,13 +256,13 @@ def test_worker_udp_control_waits_out_the_gap_and_goes_before_data() -> None:
         w._send_control(peer, b"\x20one")
         w._send_control(peer, b"\x28two")
         w._run_timers()
-        assert _recv_all(rx) == []
+        assert recv_all(rx) == []
         assert w.tun_paused and w.ep.poll(0) == [], "no data may be read while control waits"
         w.last_burst = time.monotonic()
         assert 0 < w._next_timer() <= _CTL_GAP + 0.002
         time.sleep(w._next_timer())
         w._run_timers()
-        assert _recv_all(rx) == [b"\x20one", b"\x28two"]
+        assert recv_all(rx) == [b"\x20one", b"\x28two"]
         assert not w.tun_paused and [fd for fd, _ in w.ep.poll(0)] == [tun_r]
         assert time.monotonic() - w.last_burst >= _CTL_GAP
 
@@ -279,12 +271,12 @@ def test_worker_udp_control_waits_out_the_gap_and_goes_before_data() -> None:
         peer.sock = _RefusingSocket(tx, refusals=2)
         w._send_control(peer, b"\x20three")
         w._send_control(peer, b"\x20four")
-        assert _recv_all(rx) == [] and w.tun_paused
+        assert recv_all(rx) == [] and w.tun_paused
         deadline = time.monotonic() + 2
         while peer.ctl_q and time.monotonic() < deadline:
             time.sleep(max(0.0, w._next_timer()))
             w._run_timers()
-        assert _recv_all(rx) == [b"\x20three", b"\x20four"]
+        assert recv_all(rx) == [b"\x20three", b"\x20four"]
         assert not w.tun_paused
         st = peer.stats.extra
         assert st["control_tx"] == 5 and st["control_tx_retries"] == 2
@@ -295,7 +287,7 @@ def test_worker_udp_control_waits_out_the_gap_and_goes_before_data() -> None:
         w.last_burst = time.monotonic()
         w._send_control(peer, b"\x20bye")
         w._del_peer(peer, True)
-        assert _recv_all(rx) == [b"\x20bye"]
+        assert recv_all(rx) == [b"\x20bye"]
         assert not w.tun_paused
     finally:
         rx.close()
