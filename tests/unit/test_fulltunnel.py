@@ -50,28 +50,29 @@ def plan_for(
     return [str(c) for c in plan.changes], plan.notes
 
 
-def test_def1_adds_two_halves_and_keeps_the_server_on_the_original_gateway() -> None:
-    changes, notes = plan_for(["redirect-gateway def1"])
-    assert changes == [
-        f"add {SERVER}/32 via 192.168.1.1 dev eth0",
-        "add 0.0.0.0/1 dev tun0",
-        "add 128.0.0.0/1 dev tun0",
-    ]
+_KEEP_SERVER = f"add {SERVER}/32 via 192.168.1.1 dev eth0"
+
+
+@pytest.mark.parametrize(
+    ("pushed", "expected"),
+    [
+        # def1 adds two halves and keeps the server on the original gateway
+        ("redirect-gateway def1", [_KEEP_SERVER, "add 0.0.0.0/1 dev tun0", "add 128.0.0.0/1 dev tun0"]),
+        # without def1 the default route is replaced (and put back exactly)
+        (
+            "redirect-gateway",
+            [_KEEP_SERVER, "del 0.0.0.0/0 via 192.168.1.1 dev eth0 metric 100", "add 0.0.0.0/0 dev tun0"],
+        ),
+        # local skips the server host route
+        ("redirect-gateway def1 local", ["add 0.0.0.0/1 dev tun0", "add 128.0.0.0/1 dev tun0"]),
+        # redirect-private keeps the default route
+        ("redirect-private", [_KEEP_SERVER]),
+    ],
+)
+def test_redirect_plan(pushed: str, expected: list[str]) -> None:
+    changes, notes = plan_for([pushed])
+    assert changes == expected
     assert notes == []
-
-
-def test_without_def1_the_default_route_is_replaced_and_put_back_exactly() -> None:
-    changes, _ = plan_for(["redirect-gateway"])
-    assert changes == [
-        f"add {SERVER}/32 via 192.168.1.1 dev eth0",
-        "del 0.0.0.0/0 via 192.168.1.1 dev eth0 metric 100",
-        "add 0.0.0.0/0 dev tun0",
-    ]
-
-
-def test_local_skips_the_server_host_route() -> None:
-    changes, _ = plan_for(["redirect-gateway def1 local"])
-    assert changes == ["add 0.0.0.0/1 dev tun0", "add 128.0.0.0/1 dev tun0"]
 
 
 def test_autolocal_decides_by_the_gateway_subnet() -> None:
@@ -100,11 +101,6 @@ def test_bypass_flags_add_nothing_on_linux_but_say_so() -> None:
     changes, notes = plan_for(["redirect-gateway def1 bypass-dhcp bypass-dns"])
     assert len(changes) == 3
     assert len(notes) == 2 and all("Windows only" in n and "net_gateway" in n for n in notes)
-
-
-def test_redirect_private_keeps_the_default_route() -> None:
-    changes, _ = plan_for(["redirect-private"])
-    assert changes == [f"add {SERVER}/32 via 192.168.1.1 dev eth0"]
 
 
 def test_ipv6_flag_routes_the_v6_internet_and_keeps_a_v6_server_outside() -> None:
