@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from pyovpn.tools.pki import Pki, make_pki
-from tests.corpus.sanitize import FILE_OPTIONS, PLACEHOLDER
+from tests.corpus.sanitize import FILE_OPTIONS, OUTPUT_OPTIONS, PLACEHOLDER, SCRIPT_OPTIONS
 from tests.netns.harness import Netns, Proc
 
 CORPUS_DIR = Path(__file__).resolve().parent / "configs"
@@ -211,27 +211,6 @@ def is_server_config(text: str) -> bool:
     return False
 
 
-_SCRIPT_OPTIONS = frozenset(
-    {
-        "up",
-        "down",
-        "route-up",
-        "route-pre-down",
-        "ipchange",
-        "tls-verify",
-        "tls-crypt-v2-verify",
-        "learn-address",
-        "client-connect",
-        "client-disconnect",
-        "auth-user-pass-verify",
-    }
-)
-# Files the implementation writes or creates itself: nothing to provide.
-_OUTPUT_OPTIONS = frozenset(
-    {"status", "log", "log-append", "writepid", "ifconfig-pool-persist", "replay-persist", "management"}
-)
-
-
 @dataclass
 class Prepared:
     """A config made runnable in ``workdir``: its path and the extra command-line options."""
@@ -265,7 +244,7 @@ def prepare(name: str, workdir: Path, material: Material) -> Prepared:
         extra += ["--log", log_file.name]
     for words in _directives(text):
         option = words[0]
-        if option not in FILE_OPTIONS or option in _OUTPUT_OPTIONS:
+        if option not in FILE_OPTIONS or option in OUTPUT_OPTIONS:
             continue
         if option in ("auth-user-pass", "askpass") and len(words) == 1:
             # A bare option would prompt on the terminal; both get the same file instead.
@@ -277,7 +256,7 @@ def prepare(name: str, workdir: Path, material: Material) -> Prepared:
         target = workdir / words[1].strip("\"'")
         if option == "client-config-dir":
             target.mkdir(parents=True, exist_ok=True)
-        elif option in _SCRIPT_OPTIONS:
+        elif option in SCRIPT_OPTIONS:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(NOOP_SCRIPT)
             target.chmod(0o755)

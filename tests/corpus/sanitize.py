@@ -30,29 +30,9 @@ MATERIAL_BLOCKS = (
 
 PLACEHOLDER = "test material: {tag} (the corpus test writes a test value here)"
 
-# Options whose first argument is a file (or a script/directory) the config depends on.
-FILE_OPTIONS = frozenset(
+# Scripts the config names: run by the implementation, so the corpus test provides them.
+SCRIPT_OPTIONS = frozenset(
     {
-        "ca",
-        "cert",
-        "key",
-        "extra-certs",
-        "dh",
-        "tls-auth",
-        "tls-crypt",
-        "tls-crypt-v2",
-        "secret",
-        "crl-verify",
-        "pkcs12",
-        "auth-user-pass",
-        "askpass",
-        "status",
-        "log",
-        "log-append",
-        "writepid",
-        "client-config-dir",
-        "ifconfig-pool-persist",
-        "replay-persist",
         "up",
         "down",
         "route-up",
@@ -64,8 +44,34 @@ FILE_OPTIONS = frozenset(
         "client-connect",
         "client-disconnect",
         "auth-user-pass-verify",
-        "management",
     }
+)
+# Files the implementation writes or creates itself: nothing to provide.
+OUTPUT_OPTIONS = frozenset(
+    {"status", "log", "log-append", "writepid", "ifconfig-pool-persist", "replay-persist", "management"}
+)
+# Options whose first argument is a file (or a script/directory) the config depends on.
+FILE_OPTIONS = (
+    frozenset(
+        {
+            "ca",
+            "cert",
+            "key",
+            "extra-certs",
+            "dh",
+            "tls-auth",
+            "tls-crypt",
+            "tls-crypt-v2",
+            "secret",
+            "crl-verify",
+            "pkcs12",
+            "auth-user-pass",
+            "askpass",
+            "client-config-dir",
+        }
+    )
+    | SCRIPT_OPTIONS
+    | OUTPUT_OPTIONS
 )
 
 _BLOCK_START = re.compile(r"^\s*<([a-z0-9-]+)>\s*$")
