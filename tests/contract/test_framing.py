@@ -20,7 +20,7 @@ from pyovpn.datachannel.crypto import PING_MAGIC, KeyState
 from pyovpn.errors import BackendError, ReplayError
 from tests import nslab
 from tests.contract.rig import Rig
-from tests.nslab import install_key, keys, ping, tcp_bulk, udp_socket
+from tests.nslab import Site, install_key, keys, ping, tcp_bulk, udp_socket
 
 pytestmark = pytest.mark.netns
 
@@ -45,6 +45,18 @@ def _compressed(framing: api.Framing, ip: bytes) -> bytes:
     if framing is api.Framing.SWAP:  # compress lz4: 0x69, first byte moved to the end
         return b"\x69" + block[1:] + block[:1]
     return b"\x50\x01" + block  # compress lz4-v2
+
+
+def _key_and_carry_traffic(a: Site, b: Site, peer_id: int, *, a_is_client: bool) -> bytes:
+    """One fresh primary key (id 0) on both ends, then pings both ways (large ones from A, to be
+    compressed) and a bulk TCP transfer through the framed tunnel. Returns the key."""
+    key0 = os.urandom(256)
+    install_key(a, peer_id, api.KeySlot.PRIMARY, 0, key0, client=a_is_client)
+    install_key(b, peer_id, api.KeySlot.PRIMARY, 0, key0, client=not a_is_client)
+    assert a.run(ping(nslab.TUN_B, 3, size=1200)) == 3
+    assert b.run(ping(nslab.TUN_A, 3)) == 3
+    tcp_bulk(a, b, 2 << 20)
+    return key0
 
 
 def _unframe_reply(framing: api.Framing, plain: bytes) -> bytes:
@@ -83,13 +95,7 @@ def test_framing_udp(rig: Rig, framing: api.Framing) -> None:
         b.request(
             api.NewPeer(7, sock_b.fileno(), api.Transport.UDP, (nslab.VETH_A, nslab.PORT), framing=framing)
         )
-        key0 = os.urandom(256)
-        install_key(a, 7, api.KeySlot.PRIMARY, 0, key0, client=True)
-        install_key(b, 7, api.KeySlot.PRIMARY, 0, key0, client=False)
-
-        assert a.run(ping(nslab.TUN_B, 3, size=1200)) == 3
-        assert b.run(ping(nslab.TUN_A, 3)) == 3
-        tcp_bulk(a, b, 2 << 20)
+        key0 = _key_and_carry_traffic(a, b, 7, a_is_client=True)
 
         # keepalive pings are framed too: B recognises A's pings only after unframing them
         a.request(api.SetPeer(7, keepalive_interval=1, keepalive_timeout=30))
@@ -150,12 +156,7 @@ def test_framing_tcp(rig: Rig) -> None:
     try:
         a.request(api.NewPeer(1, conn_a.fileno(), api.Transport.TCP, framing=api.Framing.SWAP))
         b.request(api.NewPeer(1, conn_b.fileno(), api.Transport.TCP, framing=api.Framing.SWAP))
-        key0 = os.urandom(256)
-        install_key(a, 1, api.KeySlot.PRIMARY, 0, key0, client=False)
-        install_key(b, 1, api.KeySlot.PRIMARY, 0, key0, client=True)
-        assert a.run(ping(nslab.TUN_B, 3, size=1200)) == 3
-        assert b.run(ping(nslab.TUN_A, 3)) == 3
-        tcp_bulk(a, b, 2 << 20)
+        _key_and_carry_traffic(a, b, 1, a_is_client=False)
     finally:
         for s in (conn_a, conn_b, listener):
             s.close()
