@@ -438,6 +438,21 @@ class Netns(_Namespaces):
     def a(self) -> str:
         return self.names["a"]
 
+    def start_server(
+        self,
+        impl: Impl,
+        config: str | os.PathLike[str],
+        *,
+        proto: Proto = "udp",
+        port: int = DEFAULT_PORT,
+        name: str | None = None,
+        timeout: float = 10.0,
+    ) -> Proc:
+        """Start ``impl`` on ``config`` in namespace b; return once it has its port open."""
+        server = self.spawn("b", vpn_argv(impl, config), name or f"server-{impl}")
+        wait_listening(self.b, proto, port, timeout=timeout, proc=server)
+        return server
+
     @property
     def b(self) -> str:
         return self.names["b"]
@@ -610,6 +625,12 @@ class Star(_Namespaces):
         self.procs.append(p)
         return p
 
+    def start_server(self, impl: Impl, config: str | os.PathLike[str], *, port: int = DEFAULT_PORT) -> Proc:
+        """Start ``impl`` on ``config`` in the server namespace; return once its UDP port is bound."""
+        server = self.spawn(self.server, vpn_argv(impl, config), f"server-{impl}")
+        wait_listening(self.server, "udp", port, proc=server)
+        return server
+
 
 def wait_listening(ns: str, proto: Proto, port: int, timeout: float = 10.0, proc: Proc | None = None) -> None:
     """Poll ``ss`` in ``ns`` until something listens on ``port`` (TCP) or has it bound (UDP).
@@ -781,6 +802,13 @@ def client_config(spec: TunnelSpec, pki: Pki, *, impl: Impl, remote: str, dev: s
     return "\n".join(lines) + "\n"
 
 
+def write_script(path: Path, text: str) -> Path:
+    """A shell script the VPN under test runs (script-security 2): written and made executable."""
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
 def vpn_argv(impl: Impl, config: str | os.PathLike[str]) -> list[str]:
     """How to run an implementation on a config file."""
     if impl == "openvpn":
@@ -832,11 +860,13 @@ def spawn_tunnel(
     *,
     server_extra: str = "",
     client_extra: str = "",
+    init_timeout: float | None = None,
 ) -> tuple[Proc, Proc]:
     """Write s.conf/c.conf (plus extra lines), start the server in ns b, then the client in ns a.
 
-    Unlike :func:`start_tunnel` it does not wait for the init lines: the caller decides what
-    to wait for (a refused login, a privilege drop, ...).
+    Unlike :func:`start_tunnel` it waits for the init lines only when given ``init_timeout``
+    (then up to that many seconds for both); otherwise the caller decides what to wait for (a
+    refused login, a privilege drop, ...).
     """
     (net.workdir / "s.conf").write_text(
         server_config(spec, pki, impl=server_impl, local=net.outer("b", spec.family)) + server_extra
@@ -844,9 +874,10 @@ def spawn_tunnel(
     (net.workdir / "c.conf").write_text(
         client_config(spec, pki, impl=client_impl, remote=net.outer("b", spec.family)) + client_extra
     )
-    server = net.spawn("b", vpn_argv(server_impl, net.workdir / "s.conf"), f"server-{server_impl}")
-    wait_listening(net.b, spec.proto, spec.port, proc=server)
+    server = net.start_server(server_impl, net.workdir / "s.conf", proto=spec.proto, port=spec.port)
     client = net.spawn("a", vpn_argv(client_impl, net.workdir / "c.conf"), f"client-{client_impl}")
+    if init_timeout is not None:
+        wait_for_lines([server, client], INIT_LINE, init_timeout)
     return server, client
 
 

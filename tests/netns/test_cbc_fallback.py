@@ -6,22 +6,16 @@ from __future__ import annotations
 import pytest
 
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import INIT_LINE, Netns, TunnelSpec, inner_addrs, ping, spawn_tunnel, wait_for_lines
+from tests.netns.harness import Netns, TunnelSpec, inner_addrs, ping, spawn_tunnel
 
 pytestmark = pytest.mark.netns
 
 
 def test_cbc_cipher_line_negotiates_aead_with_stock_server(net: Netns, pki: Pki) -> None:
     spec = TunnelSpec(role="server")
-    server, client = spawn_tunnel(
-        net,
-        pki,
-        spec,
-        "openvpn",
-        "pyovpn",
-        server_extra="cipher AES-256-CBC\n",
-        client_extra="cipher AES-256-CBC\n",
+    cbc = "cipher AES-256-CBC\n"
+    _server, client = spawn_tunnel(
+        net, pki, spec, "openvpn", "pyovpn", server_extra=cbc, client_extra=cbc, init_timeout=40
     )
-    wait_for_lines([server, client], INIT_LINE, 40)
     assert ping(net.a, inner_addrs(spec).server4).ok
     assert "Data Channel: cipher 'AES-256-GCM'" in client.text(), client.tail()

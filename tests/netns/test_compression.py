@@ -10,15 +10,15 @@ import pytest
 
 from pyovpn.tools.pki import Pki
 from tests.netns.harness import (
-    INIT_LINE,
+    Impl,
     Netns,
+    Proc,
     TunnelSpec,
     inner_addrs,
     iperf3_transfer,
     netns_exec,
     ping,
     spawn_tunnel,
-    wait_for_lines,
 )
 
 pytestmark = pytest.mark.netns
@@ -38,32 +38,44 @@ def _traffic_both_ways(net: Netns, spec: TunnelSpec) -> None:
     assert down["bytes"] >= NBYTES
 
 
+def _assert_well_framed(stock: Proc) -> None:
+    """The stock end saw only well-framed packets."""
+    assert not re.search(r"Bad .*decompression header", stock.text()), stock.tail()
+
+
+def _same_option_both_ends(
+    net: Netns, pki: Pki, spec: TunnelSpec, server_impl: Impl, client_impl: Impl, option: str
+) -> tuple[Proc, Proc]:
+    """Both ends configured with the same compression line: traffic both ways, well framed."""
+    extra = f"{option}\n"
+    server, client = spawn_tunnel(
+        net, pki, spec, server_impl, client_impl, server_extra=extra, client_extra=extra, init_timeout=40
+    )
+    _traffic_both_ways(net, spec)
+    _assert_well_framed(server if server_impl == "openvpn" else client)
+    return server, client
+
+
 def test_stock_server_pushing_comp_lzo_no(net: Netns, pki: Pki) -> None:
     """docker-openvpn's default: `comp-lzo no` on the server and pushed; pyovpn (dco auto) frames."""
     spec = TunnelSpec(role="server", dco=None)
     server, client = spawn_tunnel(
-        net, pki, spec, "openvpn", "pyovpn", server_extra='comp-lzo no\npush "comp-lzo no"\n'
+        net, pki, spec, "openvpn", "pyovpn", server_extra='comp-lzo no\npush "comp-lzo no"\n', init_timeout=40
     )
-    wait_for_lines([server, client], INIT_LINE, 40)
     _traffic_both_ways(net, spec)
     log = client.text()
     assert len(re.findall(r"kernel data channel not used: .*comp-lzo no", log)) == 1, client.tail()
     # the stock server saw only well-framed packets
-    assert not re.search(r"Bad .*decompression header", server.text()), server.tail()
+    _assert_well_framed(server)
 
 
 @pytest.mark.parametrize("option", ["compress stub-v2", "compress lz4-v2", "comp-lzo", "compress"])
 def test_pyovpn_server_with_compression_and_stock_client(net: Netns, pki: Pki, option: str) -> None:
     """A framing pyovpn server and a stock client with the same setting: traffic both ways."""
     spec = TunnelSpec(role="server", dco=None)
-    server, client = spawn_tunnel(
-        net, pki, spec, "pyovpn", "openvpn", server_extra=f"{option}\n", client_extra=f"{option}\n"
-    )
-    wait_for_lines([server, client], INIT_LINE, 40)
-    _traffic_both_ways(net, spec)
+    server, _ = _same_option_both_ends(net, pki, spec, "pyovpn", "openvpn", option)
     # stub-v2 adds nothing to IP packets: like OpenVPN's DCO it does not rule the kernel out
     assert ("kernel data channel not used" in server.text()) == (option != "compress stub-v2")
-    assert not re.search(r"Bad .*decompression header", client.text()), client.tail()
 
 
 def test_stock_server_that_compresses(net: Netns, pki: Pki) -> None:
@@ -73,15 +85,10 @@ def test_stock_server_that_compresses(net: Netns, pki: Pki) -> None:
     100-byte threshold) come back only if pyovpn decompressed the echo requests exactly.
     """
     spec = TunnelSpec(role="server", dco=None)
+    server_extra = 'compress lz4-v2\nallow-compression yes\npush "compress lz4-v2"\nverb 9\n'
     server, client = spawn_tunnel(
-        net,
-        pki,
-        spec,
-        "openvpn",
-        "pyovpn",
-        server_extra='compress lz4-v2\nallow-compression yes\npush "compress lz4-v2"\nverb 9\n',
+        net, pki, spec, "openvpn", "pyovpn", server_extra=server_extra, init_timeout=40
     )
-    wait_for_lines([server, client], INIT_LINE, 40)
     addrs = inner_addrs(spec)
     argv = [*netns_exec(net.b), "ping", "-n", "-c", "5", "-i", "0.2", "-w", "15", "-s", "1200", "-p", "00"]
     res = subprocess.run([*argv, addrs.client4], capture_output=True, text=True, timeout=30, check=False)
@@ -96,22 +103,16 @@ def test_stock_server_that_compresses(net: Netns, pki: Pki) -> None:
 def test_p2p_pyovpn_client_and_stock_server_with_compression(net: Netns, pki: Pki, option: str) -> None:
     """P2P (no pull): the framing comes from each side's own config; pyovpn runs it on the engine."""
     spec = TunnelSpec(role="p2p", dco=None)
-    server, client = spawn_tunnel(
-        net, pki, spec, "openvpn", "pyovpn", server_extra=f"{option}\n", client_extra=f"{option}\n"
-    )
-    wait_for_lines([server, client], INIT_LINE, 40)
-    _traffic_both_ways(net, spec)
+    _, client = _same_option_both_ends(net, pki, spec, "openvpn", "pyovpn", option)
     assert "kernel data channel not used" in client.text()
-    assert not re.search(r"Bad .*decompression header", server.text()), server.tail()
 
 
 def test_pyovpn_server_pushing_comp_lzo_no_to_pyovpn_client(net: Netns, pki: Pki) -> None:
     """Both ends pyovpn: the server frames all clients and pushes `comp-lzo no`; the client follows."""
     spec = TunnelSpec(role="server", dco=None)
-    server, client = spawn_tunnel(
-        net, pki, spec, "pyovpn", "pyovpn", server_extra='comp-lzo no\npush "comp-lzo no"\n'
+    _server, client = spawn_tunnel(
+        net, pki, spec, "pyovpn", "pyovpn", server_extra='comp-lzo no\npush "comp-lzo no"\n', init_timeout=40
     )
-    wait_for_lines([server, client], INIT_LINE, 40)
     _traffic_both_ways(net, spec)
     assert "the server pushed `comp-lzo no`" in client.text()
 
@@ -119,6 +120,7 @@ def test_pyovpn_server_pushing_comp_lzo_no_to_pyovpn_client(net: Netns, pki: Pki
 def test_stock_server_framing_without_push_is_reported(net: Netns, pki: Pki) -> None:
     """`comp-lzo no` on the server but not pushed: pyovpn cannot know, but says what is wrong."""
     spec = TunnelSpec(role="server", dco=None)
-    server, client = spawn_tunnel(net, pki, spec, "openvpn", "pyovpn", server_extra="comp-lzo no\n")
-    wait_for_lines([server, client], INIT_LINE, 40)
+    _server, client = spawn_tunnel(
+        net, pki, spec, "openvpn", "pyovpn", server_extra="comp-lzo no\n", init_timeout=40
+    )
     assert "its options string says comp-lzo" in client.text(), client.tail()

@@ -6,7 +6,6 @@ import pytest
 
 from pyovpn.tools.pki import Pki
 from tests.netns.harness import (
-    INIT_LINE,
     Impl,
     Netns,
     TunnelSpec,
@@ -14,7 +13,6 @@ from tests.netns.harness import (
     ping,
     spawn_tunnel,
     vpn_argv,
-    wait_for_lines,
 )
 
 pytestmark = pytest.mark.netns
@@ -26,15 +24,10 @@ def test_tls_1_2_with_ekm(net: Netns, pki: Pki, pyovpn_side: str) -> None:
     spec = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-auth", proto="udp", family=4)
     impls: tuple[Impl, Impl] = ("openvpn", "pyovpn") if pyovpn_side == "client" else ("pyovpn", "openvpn")
     cap = "tls-version-max 1.2\n"
+    server_extra, client_extra = (cap if impl == "openvpn" else "" for impl in impls)
     server, client = spawn_tunnel(
-        net,
-        pki,
-        spec,
-        *impls,
-        server_extra=cap if impls[0] == "openvpn" else "",
-        client_extra=cap if impls[1] == "openvpn" else "",
+        net, pki, spec, *impls, server_extra=server_extra, client_extra=client_extra, init_timeout=30
     )
-    wait_for_lines([server, client], INIT_LINE, 30)
     py = client if pyovpn_side == "client" else server
     assert "TLSv1.2" in py.text()
     assert ping(net.a, inner_addrs(spec).server4).ok
@@ -47,19 +40,13 @@ def test_username_password_accepted_and_rejected(net: Netns, pki: Pki) -> None:
     script.write_text('#!/bin/sh\n[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = s3cret ]\n')
     script.chmod(0o755)
     spec = TunnelSpec(role="server", cipher="AES-128-GCM", wrap="tls-crypt", proto="udp", family=4)
-    server_extra = f"script-security 2\nauth-user-pass-verify {script} via-file\n"
+    verify = f"script-security 2\nauth-user-pass-verify {script} via-file\n"
     creds = net.workdir / "creds.txt"
     creds.write_text("alice\ns3cret\n")
-    server, client = spawn_tunnel(
-        net,
-        pki,
-        spec,
-        "openvpn",
-        "pyovpn",
-        server_extra=server_extra,
-        client_extra=f"auth-user-pass {creds}\n",
+    login = f"auth-user-pass {creds}\n"
+    _server, client = spawn_tunnel(
+        net, pki, spec, "openvpn", "pyovpn", server_extra=verify, client_extra=login, init_timeout=30
     )
-    wait_for_lines([server, client], INIT_LINE, 30)
     assert ping(net.a, inner_addrs(spec).server4).ok
     assert client.stop() == 0
 

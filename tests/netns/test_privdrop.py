@@ -9,7 +9,7 @@ import pytest
 
 from pyovpn.privdrop import CAP_NET_ADMIN, effective_capabilities
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import INIT_LINE, Netns, TunnelSpec, ping, spawn_tunnel, wait_for_lines
+from tests.netns.harness import Netns, TunnelSpec, ping, spawn_tunnel
 
 pytestmark = pytest.mark.netns
 
@@ -19,10 +19,9 @@ def test_user_nobody_keeps_only_cap_net_admin_and_rekeys(
 ) -> None:
     spec = TunnelSpec(role="p2p", wrap="tls-crypt", reneg_sec=5, dco=dco, openvpn_dco=dco == "kernel")
     # the unprivileged process must still be able to read nothing else: certs are loaded before the drop
-    server, client = spawn_tunnel(
-        net, pki, spec, "openvpn", "pyovpn", client_extra="user nobody\ngroup nogroup\n"
+    _server, client = spawn_tunnel(
+        net, pki, spec, "openvpn", "pyovpn", client_extra="user nobody\ngroup nogroup\n", init_timeout=30
     )
-    wait_for_lines([server, client], INIT_LINE, 30)
     client.wait_for_line("privileges dropped", 10)
     status = Path(f"/proc/{client.pid}/status").read_text()
     uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))

@@ -24,7 +24,14 @@ from pathlib import Path
 import pytest
 
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import INIT_LINE, Netns, Proc, TunnelSpec, spawn_tunnel, wait_for_lines
+from tests.netns.harness import (
+    Impl,
+    Netns,
+    Proc,
+    TunnelSpec,
+    spawn_tunnel,
+    wait_for_lines,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -108,55 +115,39 @@ def _pyovpn_extra(net: Netns, mgmt_path: str) -> str:
     )
 
 
-def _renegotiate_once(procs: list[Proc]) -> None:
-    marks = {p: p.mark() for p in procs}
-    wait_for_lines(procs, r"renegotiated data channel key_id", 40, since=marks)
-
-
-def test_pyovpn_client_says_no_secret(net: Netns, pki: Pki) -> None:
+def _pyovpn_end_after_a_rekey(net: Netns, pki: Pki, pyovpn_side: str) -> tuple[dict[str, str], str]:
+    """A pyovpn end (verb 11, status, events, management) and a stock one, with a password login
+    (a fresh password for alice) and auth-tokens, connected and rekeyed once. Returns everything the
+    pyovpn end said and the password."""
     password = "pw-" + secrets.token_hex(12)
     creds = net.workdir / "creds.txt"
     creds.write_text(f"alice\n{password}\n")
+    script = _verify_script(net, password)
+    verify = f"script-security 2\nauth-user-pass-verify {script} via-file\nauth-gen-token 0\n"
+    login = f"auth-user-pass {creds}\n"
     mgmt_path = str(net.workdir / "mgmt.sock")
-    server_extra = (
-        f"script-security 2\nauth-user-pass-verify {_verify_script(net, password)} via-file\n"
-        "auth-gen-token 0\n"
-    )
-    client_extra = f"auth-user-pass {creds}\nreneg-sec 8\n" + _pyovpn_extra(net, mgmt_path)
+    ours = "reneg-sec 8\n" + _pyovpn_extra(net, mgmt_path)
+    impls: tuple[Impl, Impl] = ("openvpn", "pyovpn") if pyovpn_side == "client" else ("pyovpn", "openvpn")
+    server_extra, client_extra = (verify, login + ours) if pyovpn_side == "client" else (verify + ours, login)
     server, client = spawn_tunnel(
-        net, pki, SPEC, "openvpn", "pyovpn", server_extra=server_extra, client_extra=client_extra
+        net, pki, SPEC, *impls, server_extra=server_extra, client_extra=client_extra, init_timeout=30
     )
-    wait_for_lines([server, client], INIT_LINE, 30)
-    _renegotiate_once([client])
+    py = client if pyovpn_side == "client" else server
+    marks = {py: py.mark()}
+    wait_for_lines([py], r"renegotiated data channel key_id", 40, since=marks)
     time.sleep(1)
-    said = _everything_pyovpn_said(client, net.workdir, mgmt_path)
-    assert "auth-token received" in said["log"], "the server's token must have arrived (to be kept secret)"
+    said = _everything_pyovpn_said(py, net.workdir, mgmt_path)
     assert said["management"].count("END") >= 3, said["management"]
+    return said, password
+
+
+def test_pyovpn_client_says_no_secret(net: Netns, pki: Pki) -> None:
+    said, password = _pyovpn_end_after_a_rekey(net, pki, "client")
+    assert "auth-token received" in said["log"], "the server's token must have arrived (to be kept secret)"
     assert _leaks(said, _secrets(pki, password, pki.client_key)) == []
 
 
 def test_pyovpn_server_says_no_secret(net: Netns, pki: Pki) -> None:
-    password = "pw-" + secrets.token_hex(12)
-    creds = net.workdir / "creds.txt"
-    creds.write_text(f"alice\n{password}\n")
-    mgmt_path = str(net.workdir / "mgmt.sock")
-    server_extra = (
-        f"script-security 2\nauth-user-pass-verify {_verify_script(net, password)} via-file\n"
-        "auth-gen-token 0\nreneg-sec 8\n" + _pyovpn_extra(net, mgmt_path)
-    )
-    server, client = spawn_tunnel(
-        net,
-        pki,
-        SPEC,
-        "pyovpn",
-        "openvpn",
-        server_extra=server_extra,
-        client_extra=f"auth-user-pass {creds}\n",
-    )
-    wait_for_lines([server, client], INIT_LINE, 30)
-    _renegotiate_once([server])
-    time.sleep(1)
-    said = _everything_pyovpn_said(server, net.workdir, mgmt_path)
+    said, password = _pyovpn_end_after_a_rekey(net, pki, "server")
     assert "alice" in said["status.log"], "the client must be listed (with its username) in the status file"
-    assert said["management"].count("END") >= 3, said["management"]
     assert _leaks(said, _secrets(pki, password, pki.server_key)) == []
