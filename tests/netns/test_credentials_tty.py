@@ -15,16 +15,7 @@ from pathlib import Path
 import pytest
 
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import (
-    INIT_LINE,
-    Netns,
-    TunnelSpec,
-    client_config,
-    inner_addrs,
-    ping,
-    server_config,
-    wait_listening,
-)
+from tests.netns import harness as h
 
 pytestmark = pytest.mark.netns
 
@@ -63,7 +54,7 @@ class Tmux:
 
 
 @pytest.fixture
-def tmux(net: Netns) -> Iterator[Tmux]:
+def tmux(net: h.Netns) -> Iterator[Tmux]:
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (scripts/setup.sh installs it)")
     t = Tmux(net.workdir / "tmux.sock")
@@ -83,47 +74,63 @@ def _wait_file_count(path: Path, text: str, count: int, timeout: float) -> str:
     raise AssertionError(f"{text!r} (x{count}) not in {path} after {timeout} s:\n{body[-3000:]}")
 
 
-def test_prompted_password_then_token_reconnect(net: Netns, pki: Pki, tmux: Tmux) -> None:
-    calls = net.workdir / "verify-calls.txt"
-    script = net.workdir / "verify.sh"
-    # records every call (username and password) and accepts only alice with the right password
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$(sed -n 1p "$1") $(sed -n 2p "$1")" >> {calls}\n'
-        f'[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = {PASSWORD} ]\n'
-    )
-    script.chmod(0o755)
-    spec = TunnelSpec(role="server", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
+SPEC = h.TunnelSpec(role="server", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
+
+
+def _start_server(net: h.Netns, pki: Pki, impl: h.Impl, extra: str, *, calls: Path | None = None) -> h.Proc:
+    """A server whose script accepts only alice with PASSWORD (recording each call's username and
+    password in ``calls`` if given); ``extra`` follows its auth-user-pass-verify line."""
+    record = f'echo "$(sed -n 1p "$1") $(sed -n 2p "$1")" >> {calls}\n' if calls is not None else ""
+    check = f'[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = {PASSWORD} ]\n'
+    script = h.write_script(net.workdir / "verify.sh", "#!/bin/sh\n" + record + check)
     server_conf = net.workdir / "s.conf"
     server_conf.write_text(
-        server_config(spec, pki, impl="openvpn", local=net.outer("b", 4))
-        + f"script-security 2\nauth-user-pass-verify {script} via-file\nauth-gen-token 3600\n"
+        h.server_config(SPEC, pki, impl=impl, local=net.outer("b", 4))
+        + f"script-security 2\nauth-user-pass-verify {script} via-file\n"
+        + extra
     )
-    client_conf = net.workdir / "c.conf"
-    pidfile = net.workdir / "client.pid"
-    client_conf.write_text(
-        client_config(spec, pki, impl="pyovpn", remote=net.outer("b", 4))
-        + f"auth-user-pass\nauth-nocache\nwritepid {pidfile}\n"
-    )
-    server = net.spawn("b", ["openvpn", "--config", str(server_conf)], "server-openvpn")
-    wait_listening(net.b, spec.proto, spec.port, proc=server)
+    return net.start_server(impl, server_conf, proto=SPEC.proto, port=SPEC.port)
 
+
+def _client_conf(net: h.Netns, pki: Pki, impl: h.Impl, extra: str) -> Path:
+    client_conf = net.workdir / "c.conf"
+    client_conf.write_text(h.client_config(SPEC, pki, impl=impl, remote=net.outer("b", 4)) + extra)
+    return client_conf
+
+
+def _pyovpn_on_the_terminal(net: h.Netns, tmux: Tmux, client_conf: Path) -> Path:
+    """Start a pyovpn client in namespace a inside the tmux window; returns its log (tee'd)."""
     log = net.workdir / "client.log"
     env = f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}"
     run = f"ip netns exec {net.a} env {env} {sys.executable} -m pyovpn --config {client_conf}"
     tmux.start(f"{run} 2>&1 | tee {log}; sleep 600")  # the pane outlives the client for capture-pane
-    tmux.wait_for("Enter Auth Username:", 30)
+    return log
+
+
+def _type_login(tmux: Tmux, password: str, *, count: int = 1) -> None:
+    """Answer the ``count``-th username and password prompts."""
+    tmux.wait_for("Enter Auth Username:", 30, count=count)
     tmux.send("alice", "Enter")
-    tmux.wait_for("Enter Auth Password:", 10)
-    tmux.send(PASSWORD, "Enter")
-    _wait_file_count(log, INIT_LINE, 1, 40)
-    assert ping(net.a, inner_addrs(spec).server4).ok
+    tmux.wait_for("Enter Auth Password:", 10, count=count)
+    tmux.send(password, "Enter")
+
+
+def test_prompted_password_then_token_reconnect(net: h.Netns, pki: Pki, tmux: Tmux) -> None:
+    calls = net.workdir / "verify-calls.txt"
+    # records every call (username and password) and accepts only alice with the right password
+    _start_server(net, pki, "openvpn", "auth-gen-token 3600\n", calls=calls)
+    pidfile = net.workdir / "client.pid"
+    client_conf = _client_conf(net, pki, "pyovpn", f"auth-user-pass\nauth-nocache\nwritepid {pidfile}\n")
+    log = _pyovpn_on_the_terminal(net, tmux, client_conf)
+    _type_login(tmux, PASSWORD)
+    _wait_file_count(log, h.INIT_LINE, 1, 40)
+    assert h.ping(net.a, h.inner_addrs(SPEC).server4).ok
     assert calls.read_text().splitlines() == [f"alice {PASSWORD}"]
 
     # SIGUSR1: reconnect with the server's token, no prompt although the password was not cached
     os.kill(int(pidfile.read_text().strip()), signal.SIGUSR1)
-    _wait_file_count(log, INIT_LINE, 2, 40)
-    assert ping(net.a, inner_addrs(spec).server4).ok
+    _wait_file_count(log, h.INIT_LINE, 2, 40)
+    assert h.ping(net.a, h.inner_addrs(SPEC).server4).ok
     screen = tmux.screen()
     assert screen.count("Enter Auth Password:") == 1, screen
     assert "auth-token received" in log.read_text()
@@ -133,79 +140,40 @@ def test_prompted_password_then_token_reconnect(net: Netns, pki: Pki, tmux: Tmux
     assert PASSWORD not in log.read_text()
 
 
-def test_pyovpn_server_token_accepted_on_stock_client_reconnect(net: Netns, pki: Pki) -> None:
+def test_pyovpn_server_token_accepted_on_stock_client_reconnect(net: h.Netns, pki: Pki) -> None:
     """pyovpn server with auth-gen-token: a stock client reconnecting after SIGUSR1 sends the token,
     and the server takes it without running the password script again."""
     calls = net.workdir / "verify-calls.txt"
-    script = net.workdir / "verify.sh"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$(sed -n 1p "$1") $(sed -n 2p "$1")" >> {calls}\n'
-        f'[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = {PASSWORD} ]\n'
-    )
-    script.chmod(0o755)
     creds = net.workdir / "up.txt"
     creds.write_text(f"alice\n{PASSWORD}\n")
-    spec = TunnelSpec(role="server", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
-    server_conf = net.workdir / "s.conf"
-    server_conf.write_text(
-        server_config(spec, pki, impl="pyovpn", local=net.outer("b", 4))
-        + f"script-security 2\nauth-user-pass-verify {script} via-file\nauth-gen-token 3600\n"
-    )
+    server = _start_server(net, pki, "pyovpn", "auth-gen-token 3600\n", calls=calls)
     pidfile = net.workdir / "client.pid"
-    client_conf = net.workdir / "c.conf"
-    client_conf.write_text(
-        client_config(spec, pki, impl="openvpn", remote=net.outer("b", 4))
-        + f"auth-user-pass {creds}\nauth-nocache\nwritepid {pidfile}\nverb 4\n"
+    client_conf = _client_conf(
+        net, pki, "openvpn", f"auth-user-pass {creds}\nauth-nocache\nwritepid {pidfile}\nverb 4\n"
     )
-    server = net.spawn("b", [sys.executable, "-m", "pyovpn", "--config", str(server_conf)], "server-pyovpn")
-    wait_listening(net.b, spec.proto, spec.port, proc=server)
-    client = net.spawn("a", ["openvpn", "--config", str(client_conf)], "client-openvpn")
-    client.wait_for_line(INIT_LINE, 40)
-    assert ping(net.a, inner_addrs(spec).server4).ok
+    client = net.spawn("a", h.vpn_argv("openvpn", client_conf), "client-openvpn")
+    client.wait_for_line(h.INIT_LINE, 40)
+    assert h.ping(net.a, h.inner_addrs(SPEC).server4).ok
     assert calls.read_text().splitlines() == [f"alice {PASSWORD}"]
 
     mark = client.mark()
     os.kill(int(pidfile.read_text().strip()), signal.SIGUSR1)
-    client.wait_for_line(INIT_LINE, 40, since=mark)
-    assert ping(net.a, inner_addrs(spec).server4).ok
+    client.wait_for_line(h.INIT_LINE, 40, since=mark)
+    assert h.ping(net.a, h.inner_addrs(SPEC).server4).ok
     # the second login was the token: the script ran once in all
     assert calls.read_text().splitlines() == [f"alice {PASSWORD}"], server.tail()
     assert "auth-token" in client.text()
 
 
-def test_auth_retry_interact_asks_again_after_auth_failed(net: Netns, pki: Pki, tmux: Tmux) -> None:
+def test_auth_retry_interact_asks_again_after_auth_failed(net: h.Netns, pki: Pki, tmux: Tmux) -> None:
     """A mistyped password: AUTH_FAILED from the stock server, then (auth-retry interact) new prompts."""
-    script = net.workdir / "verify.sh"
-    script.write_text(f'#!/bin/sh\n[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = {PASSWORD} ]\n')
-    script.chmod(0o755)
-    spec = TunnelSpec(role="server", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
-    server_conf = net.workdir / "s.conf"
-    server_conf.write_text(
-        server_config(spec, pki, impl="openvpn", local=net.outer("b", 4))
-        + f"script-security 2\nauth-user-pass-verify {script} via-file\n"
-    )
-    client_conf = net.workdir / "c.conf"
-    client_conf.write_text(
-        client_config(spec, pki, impl="pyovpn", remote=net.outer("b", 4))
-        + "auth-user-pass\nauth-retry interact\n"
-    )
-    server = net.spawn("b", ["openvpn", "--config", str(server_conf)], "server-openvpn")
-    wait_listening(net.b, spec.proto, spec.port, proc=server)
-    log = net.workdir / "client.log"
-    env = f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}"
-    run = f"ip netns exec {net.a} env {env} {sys.executable} -m pyovpn --config {client_conf}"
-    tmux.start(f"{run} 2>&1 | tee {log}; sleep 600")
-    tmux.wait_for("Enter Auth Username:", 30)
-    tmux.send("alice", "Enter")
-    tmux.wait_for("Enter Auth Password:", 10)
-    tmux.send("wrong-password", "Enter")
+    _start_server(net, pki, "openvpn", "")
+    client_conf = _client_conf(net, pki, "pyovpn", "auth-user-pass\nauth-retry interact\n")
+    log = _pyovpn_on_the_terminal(net, tmux, client_conf)
+    _type_login(tmux, "wrong-password")
     _wait_file_count(log, "AUTH_FAILED", 1, 40)
-    tmux.wait_for("Enter Auth Username:", 30, count=2)
-    tmux.send("alice", "Enter")
-    tmux.wait_for("Enter Auth Password:", 10, count=2)
-    tmux.send(PASSWORD, "Enter")
-    _wait_file_count(log, INIT_LINE, 1, 40)
-    assert ping(net.a, inner_addrs(spec).server4).ok
+    _type_login(tmux, PASSWORD, count=2)
+    _wait_file_count(log, h.INIT_LINE, 1, 40)
+    assert h.ping(net.a, h.inner_addrs(SPEC).server4).ok
     screen = tmux.screen()
     assert PASSWORD not in screen and "wrong-password" not in screen

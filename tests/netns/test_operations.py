@@ -18,20 +18,7 @@ from pathlib import Path
 import pytest
 
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import (
-    INIT_LINE,
-    Netns,
-    TunnelSpec,
-    client_config,
-    inner_addrs,
-    p2mp_client_config,
-    p2mp_server_config,
-    ping,
-    server_config,
-    vpn_argv,
-    wait_for_lines,
-    wait_listening,
-)
+from tests.netns import harness as h
 
 pytestmark = pytest.mark.netns
 
@@ -83,11 +70,11 @@ def _wait_status(path: Path, ready: re.Pattern[str], timeout: float = 20.0) -> s
 def test_server_status_file_matches_stock_openvpn(tmp_path: Path, pki: Pki, version: int) -> None:
     files: dict[str, str] = {}
     for impl in ("openvpn", "pyovpn"):
-        with Netns(tmp_path / impl) as net:
+        with h.Netns(tmp_path / impl) as net:
             status = net.workdir / "status.log"
             conf = net.workdir / "s.conf"
             conf.write_text(
-                p2mp_server_config(
+                h.p2mp_server_config(
                     pki,
                     "10.79.0.0",
                     "server-ipv6 fd00:79::/64",
@@ -96,13 +83,12 @@ def test_server_status_file_matches_stock_openvpn(tmp_path: Path, pki: Pki, vers
                     "data-ciphers AES-256-GCM",
                 )
             )
-            server = net.spawn("b", vpn_argv(impl, conf), f"server-{impl}")
-            wait_listening(net.b, "udp", 1194, proc=server)
+            server = net.start_server(impl, conf)
             cconf = net.workdir / "c.conf"
-            cconf.write_text(p2mp_client_config(pki, net.outer("b", 4), pki.client_crt, pki.client_key))
-            client = net.spawn("a", vpn_argv("openvpn", cconf), "client-openvpn")
-            wait_for_lines([server, client], INIT_LINE, 30)
-            assert ping(net.a, "10.79.0.1").ok
+            cconf.write_text(h.p2mp_client_config(pki, net.outer("b", 4), pki.client_crt, pki.client_key))
+            client = net.spawn("a", h.vpn_argv("openvpn", cconf), "client-openvpn")
+            h.wait_for_lines([server, client], h.INIT_LINE, 30)
+            assert h.ping(net.a, "10.79.0.1").ok
             row = r"^CLIENT_LIST[,\t]client[,\t]" if version > 1 else r"^client,"
             files[impl] = _wait_status(status, re.compile(row, re.M))
             assert (status.stat().st_mode & 0o777) == 0o600 or impl == "openvpn"
@@ -111,45 +97,37 @@ def test_server_status_file_matches_stock_openvpn(tmp_path: Path, pki: Pki, vers
 
 
 def test_client_status_file_matches_stock_openvpn(tmp_path: Path, pki: Pki) -> None:
-    spec = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
+    spec = h.TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
     files: dict[str, str] = {}
     for impl in ("openvpn", "pyovpn"):
-        with Netns(tmp_path / impl) as net:
+        with h.Netns(tmp_path / impl) as net:
             status = net.workdir / "status.log"
-            (net.workdir / "s.conf").write_text(
-                server_config(spec, pki, impl="openvpn", local=net.outer("b", 4))
-            )
-            (net.workdir / "c.conf").write_text(
-                client_config(spec, pki, impl=impl, remote=net.outer("b", 4)) + f"status {status} 1\n"
-            )
-            server = net.spawn("b", vpn_argv("openvpn", net.workdir / "s.conf"), "server-openvpn")
-            wait_listening(net.b, "udp", spec.port, proc=server)
-            client = net.spawn("a", vpn_argv(impl, net.workdir / "c.conf"), f"client-{impl}")
-            wait_for_lines([server, client], INIT_LINE, 30)
-            assert ping(net.a, inner_addrs(spec).server4).ok
+            status_line = f"status {status} 1\n"
+            h.spawn_tunnel(net, pki, spec, "openvpn", impl, client_extra=status_line, init_timeout=30)
+            assert h.ping(net.a, h.inner_addrs(spec).server4).ok
             files[impl] = _wait_status(status, re.compile(r"^TUN/TAP write bytes,[1-9]", re.M))
     assert shape(files["pyovpn"]) == shape(files["openvpn"]), files
 
 
-def test_sd_notify_ready_only_when_traffic_flows(net: Netns, pki: Pki, tmp_path: Path) -> None:
+def test_sd_notify_ready_only_when_traffic_flows(net: h.Netns, pki: Pki, tmp_path: Path) -> None:
     """READY=1 comes after the tunnel is up (a ping through it works at once), STOPPING=1 at exit."""
-    spec = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
+    spec = h.TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
     notify_path = str(tmp_path / "notify.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(notify_path)
     listener.settimeout(40)
     try:
-        (net.workdir / "s.conf").write_text(server_config(spec, pki, impl="openvpn", local=net.outer("b", 4)))
-        (net.workdir / "c.conf").write_text(client_config(spec, pki, impl="pyovpn", remote=net.outer("b", 4)))
-        server = net.spawn("b", vpn_argv("openvpn", net.workdir / "s.conf"), "server-openvpn")
-        wait_listening(net.b, "udp", spec.port, proc=server)
-        argv = ["env", f"NOTIFY_SOCKET={notify_path}", *vpn_argv("pyovpn", net.workdir / "c.conf")]
+        server_at = net.outer("b", 4)
+        (net.workdir / "s.conf").write_text(h.server_config(spec, pki, impl="openvpn", local=server_at))
+        (net.workdir / "c.conf").write_text(h.client_config(spec, pki, impl="pyovpn", remote=server_at))
+        net.start_server("openvpn", net.workdir / "s.conf", port=spec.port)
+        argv = ["env", f"NOTIFY_SOCKET={notify_path}", *h.vpn_argv("pyovpn", net.workdir / "c.conf")]
         client = net.spawn("a", argv, "client-pyovpn")
         first = listener.recv(4096).decode()
         assert first.startswith("READY=1\n"), first
-        assert INIT_LINE in client.text()
+        assert h.INIT_LINE in client.text()
         # at READY the tunnel already carries traffic: the first ping gets its answer
-        assert ping(net.a, inner_addrs(spec).server4, count=1, timeout=3).ok
+        assert h.ping(net.a, h.inner_addrs(spec).server4, count=1, timeout=3).ok
         os.kill(client.pid, signal.SIGTERM)
         states = []
         while not any(s.startswith("STOPPING=1") for s in states):

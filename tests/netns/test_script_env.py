@@ -11,24 +11,13 @@ addresses, routes) must be equal.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from pathlib import Path
 
 import pytest
 
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import (
-    INIT_LINE,
-    Impl,
-    Netns,
-    TunnelSpec,
-    client_config,
-    server_config,
-    vpn_argv,
-    wait_for_lines,
-    wait_listening,
-)
+from tests.netns import harness as h
 
 pytestmark = pytest.mark.netns
 
@@ -96,35 +85,32 @@ def _dump(path: Path, timeout: float = 20.0) -> dict[str, str]:
     return out
 
 
-def test_up_env_names_match_stock_openvpn(net: Netns, pki: Pki) -> None:
+def test_up_env_names_match_stock_openvpn(net: h.Netns, pki: Pki) -> None:
     work = net.workdir
-    script = work / "dump.sh"
-    script.write_text(DUMP)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    spec = TunnelSpec(role="server", wrap="tls-crypt", verb=3)
+    script = h.write_script(work / "dump.sh", DUMP)
+    spec = h.TunnelSpec(role="server", wrap="tls-crypt", verb=3)
     server_cfg = work / "server.conf"
     server_cfg.write_text(
-        server_config(spec, pki, impl="openvpn", local=net.outer("b", 4))
+        h.server_config(spec, pki, impl="openvpn", local=net.outer("b", 4))
         + 'push "route 10.99.0.0 255.255.0.0"\npush "route-ipv6 fd00:99::/48"\n'
         + 'push "dhcp-option DNS 10.77.0.1"\npush "dhcp-option DOMAIN example.test"\n'
         + 'push "dhcp-option DOMAIN-SEARCH other.test"\n'
         + 'push "dns server 0 address 10.77.0.1"\npush "dns search-domains dns.test"\n'
     )
-    server = net.spawn("b", vpn_argv("openvpn", server_cfg), "server")
-    wait_listening(net.b, "udp", spec.port, timeout=20, proc=server)
+    server = net.start_server("openvpn", server_cfg, port=spec.port, name="server", timeout=20)
 
-    dumps: dict[tuple[Impl, str], dict[str, str]] = {}
+    dumps: dict[tuple[h.Impl, str], dict[str, str]] = {}
     for impl in ("openvpn", "pyovpn"):
         cfg = work / f"{impl}-client.conf"
         extra = "pyovpn-dns off\n" if impl == "pyovpn" else ""
         out = work / f"{impl}.env"
         cfg.write_text(
-            client_config(spec, pki, impl=impl, remote=net.outer("b", 4))
+            h.client_config(spec, pki, impl=impl, remote=net.outer("b", 4))
             + f'script-security 2\nup "{script} {out}"\ndown "{script} {out}"\nroute-up "{script} {out}"\n'
             + extra
         )
-        client = net.spawn("a", vpn_argv(impl, cfg), f"{impl}-client")
-        wait_for_lines([server, client], INIT_LINE, 40)
+        client = net.spawn("a", h.vpn_argv(impl, cfg), f"{impl}-client")
+        h.wait_for_lines([server, client], h.INIT_LINE, 40)
         dumps[impl, "up"] = _dump(out.with_name(out.name + ".up"))
         dumps[impl, "route-up"] = _dump(out.with_name(out.name + ".route-up"))
         client.stop(timeout=15)

@@ -7,22 +7,12 @@ after the device is gone, with the same arguments.
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 
 import pytest
 
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import (
-    INIT_LINE,
-    Netns,
-    TunnelSpec,
-    client_config,
-    server_config,
-    vpn_argv,
-    wait_for_lines,
-    wait_listening,
-)
+from tests.netns import harness as h
 
 pytestmark = pytest.mark.netns
 
@@ -64,12 +54,10 @@ def _wait_file(path: Path, timeout: float = 15.0) -> dict[str, str]:
     return _record(path)
 
 
-def test_up_and_down_scripts_server_and_client(net: Netns, pki: Pki) -> None:
+def test_up_and_down_scripts_server_and_client(net: h.Netns, pki: Pki) -> None:
     work = net.workdir
-    script = work / "record.sh"
-    script.write_text(RECORDER)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    spec = TunnelSpec(role="server", wrap="tls-crypt", verb=3)
+    script = h.write_script(work / "record.sh", RECORDER)
+    spec = h.TunnelSpec(role="server", wrap="tls-crypt", verb=3)
 
     def scripts(side: str) -> str:
         up, down = work / f"{side}-up", work / f"{side}-down"
@@ -78,13 +66,12 @@ def test_up_and_down_scripts_server_and_client(net: Netns, pki: Pki) -> None:
     server_cfg = work / "server.conf"
     client_cfg = work / "client.conf"
     server_cfg.write_text(
-        server_config(spec, pki, impl="pyovpn", local=net.outer("b", 4)) + scripts("server")
+        h.server_config(spec, pki, impl="pyovpn", local=net.outer("b", 4)) + scripts("server")
     )
     client_cfg.write_text(
-        client_config(spec, pki, impl="pyovpn", remote=net.outer("b", 4)) + scripts("client")
+        h.client_config(spec, pki, impl="pyovpn", remote=net.outer("b", 4)) + scripts("client")
     )
-    server = net.spawn("b", vpn_argv("pyovpn", server_cfg), "server")
-    wait_listening(net.b, "udp", spec.port, timeout=20, proc=server)
+    server = net.start_server("pyovpn", server_cfg, port=spec.port, name="server", timeout=20)
     # the server binds its port (so a port in use fails early) before it runs the up script:
     # the port can be seen before the record is written
     up = _wait_file(work / "server-up")
@@ -95,8 +82,8 @@ def test_up_and_down_scripts_server_and_client(net: Netns, pki: Pki) -> None:
     assert (up["ifconfig_ipv6_local"], up["ifconfig_ipv6_netbits"]) == ("fd00:77::1", "64")
     assert up["DEVICE"] == "present 10.77.0.1/24", "up must run after the device is configured"
 
-    client = net.spawn("a", vpn_argv("pyovpn", client_cfg), "client")
-    wait_for_lines([server, client], INIT_LINE, 30)
+    client = net.spawn("a", h.vpn_argv("pyovpn", client_cfg), "client")
+    h.wait_for_lines([server, client], h.INIT_LINE, 30)
     cup = _wait_file(work / "client-up")
     assert cup["ARGS"] == "tun0 1500 0 10.77.0.2 255.255.255.0 init"
     assert cup["ifconfig_local"] == "10.77.0.2" and cup["ifconfig_ipv6_local"] == "fd00:77::1000"
@@ -118,11 +105,11 @@ def test_up_and_down_scripts_server_and_client(net: Netns, pki: Pki) -> None:
     assert log.index("Closing TUN/TAP interface tun0") < log.index(f"{script} {work / 'server-down'} tun0")
 
 
-def test_failing_up_script_is_fatal(net: Netns, pki: Pki) -> None:
-    spec = TunnelSpec(role="server", wrap="tls-crypt", verb=3)
+def test_failing_up_script_is_fatal(net: h.Netns, pki: Pki) -> None:
+    spec = h.TunnelSpec(role="server", wrap="tls-crypt", verb=3)
     cfg = net.workdir / "server.conf"
-    text = server_config(spec, pki, impl="pyovpn", local=net.outer("b", 4))
+    text = h.server_config(spec, pki, impl="pyovpn", local=net.outer("b", 4))
     cfg.write_text(text + "script-security 2\nup /bin/false\n")
-    server = net.spawn("b", vpn_argv("pyovpn", cfg), "server")
+    server = net.spawn("b", h.vpn_argv("pyovpn", cfg), "server")
     assert server.wait(timeout=20) == 1
     assert "up script /bin/false failed (exit status 1)" in server.text()
