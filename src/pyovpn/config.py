@@ -261,6 +261,9 @@ class Options:
     management_client_group: str | None = None
     #: `management-client-auth`: a management client accepts or denies each connecting client.
     management_client_auth: bool = False
+    #: `management-query-passwords`: the username/password `auth-user-pass` lacks are asked over
+    #: the management interface (`>PASSWORD:Need 'Auth' username/password`), not on the terminal.
+    management_query_passwords: bool = False
     #: `pyovpn-metrics [HOST:]PORT`: a Prometheus endpoint (prometheus-client), default host 127.0.0.1.
     metrics: tuple[str, int] | None = None
     #: `pyovpn-events FILE`: connect/disconnect/rekey events appended as JSON lines.
@@ -2059,6 +2062,11 @@ def _opt_management_client_auth(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, management_client_auth=True)
 
 
+@_option("management-query-passwords", args=(0, 0), usage="management-query-passwords")
+def _opt_management_query_passwords(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_query_passwords=True)
+
+
 @_option("management-client-user", args=(1, 1), usage="management-client-user USER")
 def _opt_management_client_user(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, management_client_user=d.args[0])
@@ -2070,7 +2078,6 @@ def _opt_management_client_group(b: _Builder, d: Directive) -> None:
 
 
 _MANAGEMENT_NOT_YET = {
-    "management-query-passwords": "password prompts over the management interface",
     "management-client": "connecting out to a management client",
     "management-external-key": "private keys held by the management client",
     "management-external-cert": "certificates held by the management client",
@@ -2419,6 +2426,13 @@ def _validate(b: _Builder) -> Options:
         dev_type = "tap" if o.dev.startswith("tap") else "null" if o.dev.startswith("null") else "tun"
     if dev_type != "tun":
         raise fail(_layer2_message(f"dev {o.dev}"), "dev")
+
+    if o.management_query_passwords and o.management is None and o.management_unix is None:
+        raise fail(
+            "`management-query-passwords` needs a management interface (`management IP PORT` or "
+            "`management PATH unix`) to ask the passwords on; add one or remove the option",
+            "management-query-passwords",
+        )
 
     tls_server = b.tls_server
     if server:

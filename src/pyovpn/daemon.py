@@ -178,6 +178,7 @@ class Daemon:
         self.mgmt: ManagementServer | None = None
         self._mgmt_log: logging.Handler = logging.NullHandler()
         self._verb: int | None = None
+        self._auth_retry = opts.auth_retry  # the `auth-retry` command changes it
         self._control: ManagementServer | None = None
         self.events: EventStream | None = EventStream(opts.events_file) if opts.events_file else None
         self._metrics: Any = None
@@ -229,6 +230,8 @@ class Daemon:
         """Open the P2P device once; configure it, and run `up`, whenever the pulled options change."""
         if pushed is not None and self.credentials is not None:
             self.credentials.token_received(pushed.auth_token, pushed.auth_token_user)
+            if self.mgmt is not None and pushed.auth_token is not None:
+                self.mgmt.auth_token(pushed.auth_token)
         opts = self.opts
         mtu = (pushed.tun_mtu if pushed and pushed.tun_mtu else None) or opts.tun_mtu
         if self.iface is None:
@@ -294,11 +297,14 @@ class Daemon:
             return
         for line in settings.windows_only:
             log.info("%r has no effect on Linux (a Windows DHCP setting); ignored", line)
-        if self.opts.pyovpn_dns == "off":
+        if self.opts.pyovpn_dns == "off" or self.opts.route_noexec:
+            # route-noexec: whoever configures the routes (NetworkManager through its up helper, a
+            # script) configures DNS too, as with OpenVPN, which never touches the resolver itself
             if not settings.is_empty():
                 log.info(
-                    "DNS %s not applied: `pyovpn-dns off`; up/down scripts get it as foreign_option_N",
+                    "DNS %s not applied: `%s`; up/down scripts get it as foreign_option_N",
                     ", ".join(settings.servers + settings.domains),
+                    "pyovpn-dns off" if self.opts.pyovpn_dns == "off" else "route-noexec",
                 )
             return
         self.dns.apply(self.iface, settings)
@@ -448,6 +454,8 @@ class Daemon:
                     self._exit_signal = stop.signal
                     exit_code = 0
                     break
+                if stop.auth_failed and self.mgmt is not None:
+                    self.mgmt.auth_failure(mgmt_protocol.AUTH, _auth_failed_reason(stop.message))
                 if stop.auth_failed and self.credentials is not None and self.credentials.auth_failed():
                     log.warning("%s; auth-retry %s: trying again", stop.message, self.credentials.retry)
                     stop = Stop.restart(stop.message)
@@ -649,6 +657,38 @@ class Daemon:
             tun6=tun6,
         )
 
+    # management-query-passwords and the password commands (username/password go to the query)
+
+    async def _ask_management(self, signals: asyncio.Future[str]) -> Stop | None:
+        """This connection's username/password from a management client; a Stop if a signal came first."""
+        assert self.mgmt is not None and self.credentials is not None
+        sc = self.credentials.challenge
+        query = mgmt_protocol.PasswordQuery(challenge=(sc.text, sc.echo) if sc is not None else None)
+        asking = asyncio.ensure_future(self.mgmt.query_password(query))
+        await asyncio.wait((asking, signals), return_when=asyncio.FIRST_COMPLETED)
+        if not asking.done():
+            asking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asking
+            return Stop.by_signal(signals.result())
+        answered = asking.result()
+        self.credentials.supply(answered.username, answered.password or "")
+        return None
+
+    @property
+    def auth_retry(self) -> str:
+        return self.credentials.retry if self.credentials is not None else self._auth_retry
+
+    def set_auth_retry(self, mode: str) -> None:
+        self._auth_retry = mode
+        if self.credentials is not None:
+            self.credentials.retry = mode
+
+    def forget_passwords(self) -> None:
+        if self.credentials is not None:
+            self.credentials.forget()
+        log.info("MANAGEMENT: passwords forgotten")
+
     @property
     def status_version(self) -> int:
         return self.opts.status_version
@@ -805,6 +845,11 @@ class Daemon:
     ) -> Stop:
         """One connection (or server instance) until it ends or a signal ends it."""
         if self.credentials is not None and self.opts.mode != "server":
+            asked = self.mgmt is not None and self.opts.management_query_passwords
+            if asked and self.credentials.needs_answers():
+                stopped = await self._ask_management(signals)
+                if stopped is not None:
+                    return stopped
             try:
                 user, password = await asyncio.to_thread(self.credentials.for_connection)
             except ConfigError as exc:
@@ -907,6 +952,14 @@ def _credentials(opts: Options) -> Credentials | None:
     user, password = opts.auth_user_pass
     challenge = StaticChallenge(*opts.static_challenge) if opts.static_challenge else None
     return Credentials(user, password, nocache=opts.auth_nocache, retry=opts.auth_retry, challenge=challenge)
+
+
+def _auth_failed_reason(message: str) -> str | None:
+    """The reason of a server's `AUTH_FAILED,reason` (None for a bare AUTH_FAILED), from a Stop's text."""
+    _, found, rest = message.partition("AUTH_FAILED,")
+    if not found:
+        return None
+    return rest.split(": check auth-user-pass", 1)[0] or None
 
 
 def _restart_detail(message: str) -> str:

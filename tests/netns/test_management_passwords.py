@@ -1,0 +1,278 @@
+"""management-query-passwords against stock OpenVPN 2.6: the `>PASSWORD` dialogue, and the command
+line NetworkManager-openvpn starts the VPN with.
+
+NetworkManager-openvpn (src/nm-openvpn-service.c, 1.10 as in Debian 12) runs openvpn with a unix
+management socket, `--management-query-passwords --auth-retry interact`, `--route-noexec
+--ifconfig-noexec` and an `up` helper that hands the connection's settings (from its environment)
+to NetworkManager, which configures the device. Here the helper is a script that records its
+arguments and environment and configures the device itself; a test client plays NetworkManager
+on the socket: it answers `>PASSWORD:Need 'Auth' username/password` with `username`/`password`
+quoted the way NetworkManager quotes them, first with a wrong password (the server says
+AUTH_FAILED, the daemon reports `>PASSWORD:Verification Failed: 'Auth'` and asks again), then
+with the right one. Stock `openvpn` and pyovpn get the same command line, in turn, against the
+same stock server; the transcripts on the socket and the helper's environments are compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pyovpn.tools.pki import Pki
+from tests.netns import harness
+from tests.netns.harness import Impl, Netns, Proc, inner_addrs
+from tests.netns.test_management import Mgmt
+
+pytestmark = pytest.mark.netns
+
+SPEC = harness.TunnelSpec(role="server", cipher="AES-256-GCM", wrap="none", proto="udp", family=4)
+# space, quote and backslash: the characters NetworkManager escapes before sending a secret
+PASSWORD = 'c0rrect "horse" b\\attery'
+WRONG = "Tr0ub4dor&3"
+
+# Records argv and environment as JSON, then configures the device from that environment: what
+# NetworkManager does with what its helper reports (the daemon itself configures nothing here).
+HELPER = """#!{python}
+import ipaddress, json, os, subprocess, sys
+with open({out!r} + ".tmp", "w") as f:
+    json.dump({{"argv": sys.argv[1:], "env": dict(os.environ)}}, f)
+os.rename({out!r} + ".tmp", {out!r})
+e = os.environ
+bits = ipaddress.IPv4Network("0.0.0.0/" + e["ifconfig_netmask"]).prefixlen
+subprocess.run(["ip", "addr", "add", e["ifconfig_local"] + "/" + str(bits), "dev", e["dev"]], check=True)
+subprocess.run(["ip", "link", "set", "dev", e["dev"], "mtu", e["tun_mtu"], "up"], check=True)
+i = 1
+while "route_network_%d" % i in e:
+    net = ipaddress.IPv4Network(e["route_network_%d" % i] + "/" + e["route_netmask_%d" % i])
+    subprocess.run(["ip", "route", "add", str(net), "via", e["route_gateway_%d" % i]], check=True)
+    i += 1
+"""
+
+# Set by the shell, the test runner or the helper's interpreter, not by either VPN.
+INHERITED = {"PWD", "SHLVL", "_", "OLDPWD", "LC_CTYPE"}
+SAME_VALUE = (
+    "dev",
+    "dev_type",
+    "script_type",
+    "script_context",
+    "tun_mtu",
+    "ifconfig_local",
+    "ifconfig_netmask",
+    "ifconfig_ipv6_local",
+    "ifconfig_ipv6_netbits",
+    "route_vpn_gateway",
+    "route_network_1",
+    "route_netmask_1",
+    "route_gateway_1",
+    "route_ipv6_network_1",
+    "foreign_option_1",
+    "foreign_option_2",
+    "remote_1",
+    "remote_port_1",
+    "proto_1",
+    "common_name",
+    "X509_0_CN",
+    "redirect_gateway",
+    "daemon",
+    "daemon_log_redirect",
+)
+
+
+def nm_quote(text: str) -> str:
+    """NetworkManager-openvpn's ovpn_quote_string: a backslash before space, backslash and quote."""
+    return "".join("\\" + ch if ch in ' \\"' else ch for ch in text)
+
+
+def nm_answer(username: str, password: str) -> bytes:
+    """What NetworkManager writes (one write) to answer `>PASSWORD:Need 'Auth' username/password`."""
+    return f'username "Auth" "{nm_quote(username)}"\npassword "Auth" "{nm_quote(password)}"\n'.encode()
+
+
+def nm_argv(impl: Impl, net: Netns, pki: Pki, *, mgmt: Path, helper: Path) -> list[str]:
+    """NetworkManager-openvpn's command line for a "password with certificates" connection with
+    default settings. Its `--user nm-openvpn --group nm-openvpn` become nobody/nogroup (no such user
+    here); `--chroot` is left out, as NetworkManager itself does when its chroot directory is unusable."""
+    binary = ["openvpn"] if impl == "openvpn" else [sys.executable, "-m", "pyovpn"]
+    bus = "org.freedesktop.NetworkManager.openvpn.Connection_7"
+    up = f"{helper} --debug 0 {os.getpid()} --bus-name {bus} --tun --"
+    argv = [
+        *binary,
+        "--remote", net.outer("b", 4), str(SPEC.port), "udp",
+        "--explicit-exit-notify",
+        "--nobind",
+        "--dev", "tun",
+        "--auth-nocache",
+        "--syslog", "nm-openvpn",
+        "--script-security", "2",
+        "--up", up,
+        "--up-restart",
+        "--persist-key",
+        "--persist-tun",
+        "--management", str(mgmt), "unix",
+        "--management-client-user", "root",
+        "--management-client-group", "root",
+        "--management-query-passwords",
+        "--auth-retry", "interact",
+        "--route-noexec",
+        "--ifconfig-noexec",
+        "--client",
+        "--ca", str(pki.ca_crt),
+        "--cert", str(pki.client_crt),
+        "--key", str(pki.client_key),
+        "--auth-user-pass",
+        "--user", "nobody",
+        "--group", "nogroup",
+    ]  # fmt: skip
+    # the harness's rule: stock openvpn never uses whatever kernel DCO module happens to be loaded
+    return [*argv, "--disable-dco"] if impl == "openvpn" else argv
+
+
+def _read_json(path: Path, proc: Proc, timeout: float = 40.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.running(), f"{proc.name} exited before its up helper ran:\n{proc.tail()}"
+        assert time.monotonic() < deadline, f"the up helper never ran:\n{proc.tail()}"
+        time.sleep(0.2)
+    data: dict[str, object] = json.loads(path.read_text())
+    return data
+
+
+def _reply(m: Mgmt, command: str) -> list[str]:
+    """Send one command; the lines up to its SUCCESS/ERROR line (a notification may precede it)."""
+    m.sock.sendall(command.encode() + b"\n")
+    return m.until(r"^(SUCCESS|ERROR):")
+
+
+DIALOGUE = [
+    "needok x ok",
+    "needstr",
+    "auth-retry",
+    "auth-retry bogus",
+    "auth-retry interact",
+    "username Wrong x",
+    'password "Auth"',
+    'username "Auth" "al\\ ice"',
+    'password "Auth" "p\\"w"',
+    'password "Auth" again',
+    'username "Auth" z',
+    "forget-passwords",
+]
+
+
+def test_password_commands_answer_like_stock_openvpn(net: Netns, pki: Pki) -> None:
+    """The dialogue's replies, errors included, byte for byte as stock OpenVPN gives them (no server:
+    the answers are never verified, only taken)."""
+    transcripts: dict[str, list[str]] = {}
+    for impl in ("openvpn", "pyovpn"):
+        sock = net.workdir / f"{impl}.sock"
+        proc = net.spawn(
+            "a", nm_argv(impl, net, pki, mgmt=sock, helper=Path("/bin/true")), f"dialogue-{impl}"
+        )
+        m = Mgmt(str(sock))
+        try:
+            seen = [m.line(), m.line()]
+            for command in DIALOGUE:
+                seen += [f"< {command}", *_reply(m, command)]
+            transcripts[impl] = seen
+        finally:
+            m.close()
+            proc.stop(timeout=15)
+    assert transcripts["openvpn"][1] == ">PASSWORD:Need 'Auth' username/password"
+    assert transcripts["pyovpn"] == transcripts["openvpn"]
+
+
+def _connect_as_networkmanager(
+    net: Netns, impl: Impl, pki: Pki, verify_log: Path
+) -> tuple[list[str], dict[str, object]]:
+    """Start `impl` with NetworkManager's command line, answer wrong then right; the >PASSWORD
+    transcript and what the up helper recorded (once the tunnel carries a ping)."""
+    work = net.workdir
+    dump = work / f"{impl}-up.json"
+    helper = work / f"{impl}-helper"
+    helper.write_text(HELPER.format(python=sys.executable, out=str(dump)))
+    helper.chmod(0o755)
+    sock = work / f"nm-openvpn-{uuid.uuid4()}"
+    client = net.spawn("a", nm_argv(impl, net, pki, mgmt=sock, helper=helper), f"client-{impl}")
+    m = Mgmt(str(sock))
+    seen: list[str] = []
+    try:
+        seen += m.until(r"^>PASSWORD:Need 'Auth' username/password$")
+        m.sock.sendall(nm_answer("alice", WRONG))
+        seen += [m.line(), m.line()]
+        seen += m.until(r"^>PASSWORD:Verification Failed")
+        seen += m.until(r"^>PASSWORD:Need 'Auth' username/password$")
+        m.sock.sendall(nm_answer("alice", PASSWORD))
+        seen += [m.line(), m.line()]
+        recorded = _read_json(dump, client)
+        assert harness.ping(net.a, inner_addrs(SPEC).server4).ok, client.tail()
+        # the server ran its check twice: the wrong password, then the right one (spaces and all)
+        assert verify_log.read_text().splitlines()[-2:] == [f"alice {WRONG}", f"alice {PASSWORD}"]
+        assert sock.stat().st_mode & 0o777 == 0o600 or impl == "openvpn"
+    finally:
+        m.close()
+        client.stop(timeout=15)
+    time.sleep(1)  # the server notices the exit before the next client takes the same address
+    return [x for x in seen if x.startswith(">PASSWORD") or x.startswith(("SUCCESS", "ERROR"))], recorded
+
+
+def test_networkmanager_command_line_and_password_dialogue(net: Netns, pki: Pki) -> None:
+    work = net.workdir
+    verify_log = work / "verify.log"
+    expected = work / "expected-password"
+    expected.write_text(PASSWORD + "\n")
+    verify = work / "verify.sh"
+    verify.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s %s\\n" "$(sed -n 1p "$1")" "$(sed -n 2p "$1")" >> {verify_log}\n'
+        f'[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = "$(cat {expected})" ]\n'
+    )
+    verify.chmod(0o755)
+    server_conf = work / "server.conf"
+    server_conf.write_text(
+        harness.server_config(SPEC, pki, impl="openvpn", local=net.outer("b", 4))
+        + f"script-security 2\nauth-user-pass-verify {verify} via-file\n"
+        + 'push "route 10.99.0.0 255.255.0.0"\npush "dhcp-option DNS 10.77.0.1"\n'
+        + 'push "dhcp-option DOMAIN example.test"\n'
+    )
+    server = net.spawn("b", ["openvpn", "--config", str(server_conf)], "server-openvpn")
+    harness.wait_listening(net.b, SPEC.proto, SPEC.port, proc=server)
+
+    transcripts: dict[str, list[str]] = {}
+    recorded: dict[str, dict[str, object]] = {}
+    for impl in ("openvpn", "pyovpn"):
+        transcripts[impl], recorded[impl] = _connect_as_networkmanager(net, impl, pki, verify_log)
+
+    assert transcripts["openvpn"] == [
+        ">PASSWORD:Need 'Auth' username/password",
+        "SUCCESS: 'Auth' username entered, but not yet verified",
+        "SUCCESS: 'Auth' password entered, but not yet verified",
+        ">PASSWORD:Verification Failed: 'Auth'",
+        ">PASSWORD:Need 'Auth' username/password",
+        "SUCCESS: 'Auth' username entered, but not yet verified",
+        "SUCCESS: 'Auth' password entered, but not yet verified",
+    ], transcripts["openvpn"]
+    assert transcripts["pyovpn"] == transcripts["openvpn"]
+
+    stock_env, ours_env = (recorded[i]["env"] for i in ("openvpn", "pyovpn"))
+    assert isinstance(stock_env, dict) and isinstance(ours_env, dict)
+    inherited = set(os.environ) | INHERITED
+    stock = {n for n in stock_env if n not in inherited}
+    ours = {n for n in ours_env if n not in inherited}
+    print(f"stock-only: {sorted(stock - ours)}; pyovpn-only: {sorted(ours - stock)}")
+    assert stock == ours
+    for name in SAME_VALUE:
+        assert ours_env.get(name) == stock_env.get(name), (name, stock_env.get(name), ours_env.get(name))
+    assert ours_env["ifconfig_local"] == inner_addrs(SPEC).client4
+    assert ours_env["route_network_1"] == "10.99.0.0"
+    assert ours_env["foreign_option_1"] == "dhcp-option DNS 10.77.0.1"
+    # the helper's own arguments, then dev, tun_mtu, 0, local address, netmask, init
+    stock_argv, ours_argv = recorded["openvpn"]["argv"], recorded["pyovpn"]["argv"]
+    assert isinstance(ours_argv, list) and ours_argv == stock_argv, (stock_argv, ours_argv)
+    assert re.fullmatch(r"tun\d+", str(ours_argv[-6])) and ours_argv[-1] == "init"

@@ -1,0 +1,121 @@
+"""management-query-passwords without sockets: the `>PASSWORD` dialogue's state and texts
+(mgmt/protocol.py), how answers are lexed, and the credentials the answers feed (edge/credentials.py).
+
+The texts are those OpenVPN 2.6's manage.c prints; tests/netns/test_management_passwords.py
+checks them against the real `openvpn` binary."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyovpn.config import split_words
+from pyovpn.daemon import _auth_failed_reason
+from pyovpn.edge.credentials import Credentials, StaticChallenge
+from pyovpn.mgmt import protocol as p
+
+
+def nm_quote(text: str) -> str:
+    """How NetworkManager-openvpn quotes a secret before sending it (space, backslash, quote escaped)."""
+    return "".join("\\" + ch if ch in ' \\"' else ch for ch in text)
+
+
+def test_prompts() -> None:
+    assert p.PasswordQuery().prompt() == ">PASSWORD:Need 'Auth' username/password"
+    assert (
+        p.PasswordQuery(p.PRIVATE_KEY, password_only=True).prompt() == ">PASSWORD:Need 'Private Key' password"
+    )
+    sc = p.PasswordQuery(challenge=("Enter PIN", True))
+    assert sc.prompt() == ">PASSWORD:Need 'Auth' username/password SC:1,Enter PIN"
+    assert p.verification_failed(p.AUTH) == ">PASSWORD:Verification Failed: 'Auth'"
+    assert p.verification_failed(p.AUTH, "expired") == ">PASSWORD:Verification Failed: 'Auth' ['expired']"
+    assert p.auth_token("tok") == ">PASSWORD:Auth-Token:tok"
+
+
+def test_dialogue_needs_username_and_password_of_the_asked_type() -> None:
+    q = p.PasswordQuery()
+    assert q.answer("password", ["Auth"]) == "ERROR: the 'password' command requires 2 parameters"
+    assert q.answer("username", ["HTTP Proxy", "u"]) == (
+        "ERROR: username of type 'HTTP Proxy' entered, but we need one of type 'Auth'"
+    )
+    assert (
+        q.answer("password", ["Auth", "secret"]) == "SUCCESS: 'Auth' password entered, but not yet verified"
+    )
+    assert not q.complete  # a password alone does not answer a username/password question
+    assert q.answer("username", ["Auth", ""]) == "SUCCESS: 'Auth' username entered, but not yet verified"
+    assert not q.complete  # nor does an empty username
+    q.answer("username", ["Auth", "alice"])
+    assert q.complete and (q.username, q.password) == ("alice", "secret")
+
+
+def test_blank_password_completes_and_password_only_refuses_a_username() -> None:
+    q = p.PasswordQuery()
+    q.answer("username", ["Auth", "alice"])
+    q.answer("password", ["Auth", ""])
+    assert q.complete and q.password == ""
+    k = p.PasswordQuery(p.PRIVATE_KEY, password_only=True)
+    assert k.answer("username", ["Private Key", "x"]) == p.not_needed("username")
+    assert k.answer("password", ["Private Key", "pw"]).startswith("SUCCESS: 'Private Key' password")
+    assert k.complete
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40))
+def test_networkmanager_quoting_round_trips(secret: str) -> None:
+    line = f'password "Auth" "{nm_quote(secret)}"'
+    words = split_words(line)
+    q = p.PasswordQuery()
+    q.answer("username", ["Auth", "u"])
+    assert q.answer(words[0], words[1:]).startswith("SUCCESS")
+    assert q.password == secret
+
+
+def test_openvpn_escapes_and_unquoted_words() -> None:
+    assert split_words(r'username "Auth" "al\ ice"') == ["username", "Auth", "al ice"]
+    assert split_words(r"password Auth p\\w\"x") == ["password", "Auth", 'p\\w"x']
+    assert split_words("password 'Auth' 'a b\\c'") == ["password", "Auth", "a b\\c"]  # no escapes in '…'
+
+
+def test_credentials_take_management_answers_once_with_nocache() -> None:
+    c = Credentials(None, None, nocache=True, retry="interact", ask=_never)
+    assert c.needs_answers()
+    c.supply("alice", "pw1")
+    assert not c.needs_answers()
+    assert c.for_connection() == ("alice", "pw1")
+    assert c.needs_answers()  # auth-nocache: asked again for the next connection
+    c.token_received("tok")
+    assert not c.needs_answers() and c.for_connection() == ("alice", "tok")
+
+
+def test_credentials_cached_answers_retry_and_forget() -> None:
+    c = Credentials("fromfile", None, retry="interact", ask=_never)
+    c.supply("alice", "pw1")
+    assert c.for_connection() == ("alice", "pw1")
+    assert not c.needs_answers()  # cached: reconnects reuse it
+    assert c.auth_failed() and c.needs_answers()  # interact: a rejected password is asked again
+    c.supply("alice", "pw2")
+    c.for_connection()
+    c.token_received("tok")
+    c.forget()  # `forget-passwords`: back to what the config gave, token gone
+    assert c.needs_answers()
+    nointeract = Credentials(None, None, retry="nointeract", ask=_never)
+    nointeract.supply("bob", "pw")
+    nointeract.for_connection()
+    assert nointeract.auth_failed() and not nointeract.needs_answers()  # the same answers again
+
+
+def test_static_challenge_is_asked_every_time_and_sent_as_given() -> None:
+    c = Credentials(None, None, challenge=StaticChallenge("PIN", False), ask=_never)
+    c.supply("alice", "SCRV1:cHc=:MTIz")
+    assert c.for_connection() == ("alice", "SCRV1:cHc=:MTIz")
+    assert c.needs_answers()
+
+
+def test_auth_failed_reason_from_the_stop_message() -> None:
+    msg = "server said AUTH_FAILED,session expired: check auth-user-pass credentials / client certificate"
+    assert _auth_failed_reason(msg) == "session expired"
+    assert _auth_failed_reason("server said AUTH_FAILED: check auth-user-pass credentials") is None
+
+
+def _never(prompt: str, echo: bool) -> str:
+    raise AssertionError(f"asked {prompt!r} on the terminal although the management interface answers")
