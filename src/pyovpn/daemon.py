@@ -39,7 +39,7 @@ from pyovpn.datachannel.api import (
 from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
 from pyovpn.edge.clientroutes import ClientRoutes
-from pyovpn.edge.credentials import Credentials, StaticChallenge
+from pyovpn.edge.credentials import AnswerLater, Asker, Credentials, StaticChallenge, answer_later, ask_user
 from pyovpn.edge.crl import revocation_check
 from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
 from pyovpn.edge.keymaterial import tls_material
@@ -68,10 +68,11 @@ log = logging.getLogger("pyovpn")
 RESTART_DELAY = 2.0
 
 
-def session_config(opts: Options) -> SessionConfig:
-    """The sans-I/O session's settings from the options (the TLS context built once, here)."""
+def session_config(opts: Options, ask: Asker = ask_user) -> SessionConfig:
+    """The sans-I/O session's settings from the options (the TLS context built once, here);
+    ``ask`` asks a private key's passphrase when no `askpass` file gives it."""
     is_server = opts.tls_role == "server"
-    material = tls_material(opts)
+    material = tls_material(opts, ask)
     if material.ca is None:
         raise ConfigError("a CA certificate is required: add `ca FILE` or an inline <ca> block")
     peer_cert = opts.verify_client_cert if is_server else "require"
@@ -159,7 +160,14 @@ class Daemon:
         route_journal_dir: Path | None = None,
     ) -> None:
         self.opts = opts
-        self.session_cfg = session_config(opts)
+        # management-query-passwords: an encrypted key's passphrase is asked over the management
+        # interface once it runs (_run_one); until then there is no session configuration
+        self._key_from_management = False
+        try:
+            ask = answer_later if opts.management_query_passwords else ask_user
+            self.session_cfg = session_config(opts, ask)
+        except AnswerLater:
+            self._key_from_management = True
         self.credentials = _credentials(opts)
         self.net: HostNetwork = net if net is not None else SystemNetwork()
         self._backend = backend
@@ -659,11 +667,11 @@ class Daemon:
 
     # management-query-passwords and the password commands (username/password go to the query)
 
-    async def _ask_management(self, signals: asyncio.Future[str]) -> Stop | None:
-        """This connection's username/password from a management client; a Stop if a signal came first."""
-        assert self.mgmt is not None and self.credentials is not None
-        sc = self.credentials.challenge
-        query = mgmt_protocol.PasswordQuery(challenge=(sc.text, sc.echo) if sc is not None else None)
+    async def _ask_management(
+        self, query: mgmt_protocol.PasswordQuery, signals: asyncio.Future[str]
+    ) -> mgmt_protocol.PasswordQuery | Stop:
+        """The management client's answers to ``query``; the Stop of a signal that came first."""
+        assert self.mgmt is not None
         asking = asyncio.ensure_future(self.mgmt.query_password(query))
         await asyncio.wait((asking, signals), return_when=asyncio.FIRST_COMPLETED)
         if not asking.done():
@@ -671,8 +679,28 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await asking
             return Stop.by_signal(signals.result())
-        answered = asking.result()
-        self.credentials.supply(answered.username, answered.password or "")
+        return asking.result()
+
+    async def _key_passphrase_from_management(self, signals: asyncio.Future[str]) -> Stop | None:
+        """`>PASSWORD:Need 'Private Key' password`; a wrong one is reported and, as OpenVPN does,
+        asked again after a restart unless `auth-retry none` makes it fatal."""
+        if self.mgmt is None:
+            return Stop.fatal("the private key's passphrase was to come from the management interface")
+        kind = mgmt_protocol.PRIVATE_KEY
+        answered = await self._ask_management(mgmt_protocol.PasswordQuery(kind, password_only=True), signals)
+        if isinstance(answered, Stop):
+            return answered
+        passphrase = answered.password or ""
+        try:
+            self.session_cfg = session_config(self.opts, lambda prompt, echo: passphrase)
+        except ConfigError as exc:
+            self.mgmt.auth_failure(kind)
+            if self.auth_retry == "none":
+                return Stop.fatal(f"private key password verification failed: {exc}")
+            if self.auth_retry == "interact" and self.credentials is not None:
+                self.credentials.forget()  # OpenVPN asks everything again
+            return Stop.restart(f"private-key-password-failure: {exc}")
+        self._key_from_management = False
         return None
 
     @property
@@ -844,12 +872,21 @@ class Daemon:
         self, signals: asyncio.Future[str], first_packet: tuple[bytes, tuple[str, int] | None] | None = None
     ) -> Stop:
         """One connection (or server instance) until it ends or a signal ends it."""
+        # as OpenVPN orders them: the 'Auth' credentials, then the 'Private Key' passphrase
         if self.credentials is not None and self.opts.mode != "server":
             asked = self.mgmt is not None and self.opts.management_query_passwords
             if asked and self.credentials.needs_answers():
-                stopped = await self._ask_management(signals)
-                if stopped is not None:
-                    return stopped
+                sc = self.credentials.challenge
+                query = mgmt_protocol.PasswordQuery(challenge=(sc.text, sc.echo) if sc is not None else None)
+                answered = await self._ask_management(query, signals)
+                if isinstance(answered, Stop):
+                    return answered
+                self.credentials.supply(answered.username, answered.password or "")
+        if self._key_from_management:
+            stopped = await self._key_passphrase_from_management(signals)
+            if stopped is not None:
+                return stopped
+        if self.credentials is not None and self.opts.mode != "server":
             try:
                 user, password = await asyncio.to_thread(self.credentials.for_connection)
             except ConfigError as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 import uuid
@@ -95,10 +96,13 @@ def nm_answer(username: str, password: str) -> bytes:
     return f'username "Auth" "{nm_quote(username)}"\npassword "Auth" "{nm_quote(password)}"\n'.encode()
 
 
-def nm_argv(impl: Impl, net: Netns, pki: Pki, *, mgmt: Path, helper: Path) -> list[str]:
-    """NetworkManager-openvpn's command line for a "password with certificates" connection with
-    default settings. Its `--user nm-openvpn --group nm-openvpn` become nobody/nogroup (no such user
-    here); `--chroot` is left out, as NetworkManager itself does when its chroot directory is unusable."""
+def nm_argv(
+    impl: Impl, net: Netns, pki: Pki, *, mgmt: Path, helper: Path, key: Path | None = None, auth: bool = True
+) -> list[str]:
+    """NetworkManager-openvpn's command line for a "password with certificates" connection (with
+    ``auth=False``: a "certificates (TLS)" one) with default settings. Its `--user nm-openvpn
+    --group nm-openvpn` become nobody/nogroup (no such user here); `--chroot` is left out, as
+    NetworkManager itself does when its chroot directory is unusable."""
     binary = ["openvpn"] if impl == "openvpn" else [sys.executable, "-m", "pyovpn"]
     bus = "org.freedesktop.NetworkManager.openvpn.Connection_7"
     up = f"{helper} --debug 0 {os.getpid()} --bus-name {bus} --tun --"
@@ -125,8 +129,8 @@ def nm_argv(impl: Impl, net: Netns, pki: Pki, *, mgmt: Path, helper: Path) -> li
         "--client",
         "--ca", str(pki.ca_crt),
         "--cert", str(pki.client_crt),
-        "--key", str(pki.client_key),
-        "--auth-user-pass",
+        "--key", str(key or pki.client_key),
+        *(["--auth-user-pass"] if auth else []),
         "--user", "nobody",
         "--group", "nogroup",
     ]  # fmt: skip
@@ -276,3 +280,60 @@ def test_networkmanager_command_line_and_password_dialogue(net: Netns, pki: Pki)
     stock_argv, ours_argv = recorded["openvpn"]["argv"], recorded["pyovpn"]["argv"]
     assert isinstance(ours_argv, list) and ours_argv == stock_argv, (stock_argv, ours_argv)
     assert re.fullmatch(r"tun\d+", str(ours_argv[-6])) and ours_argv[-1] == "init"
+
+
+def test_encrypted_key_passphrase_over_management(net: Netns, pki: Pki) -> None:
+    """A "certificates (TLS)" connection whose key is encrypted: `>PASSWORD:Need 'Private Key'
+    password`, a wrong passphrase is reported and asked again, the right one brings the tunnel up;
+    the same transcript as stock OpenVPN's."""
+    work = net.workdir
+    key = work / "client-encrypted.key"
+    passphrase = "open sesame"
+    subprocess.run(
+        [
+            "openssl",
+            "pkey",
+            "-in",
+            str(pki.client_key),
+            "-aes256",
+            "-passout",
+            f"pass:{passphrase}",
+            "-out",
+            str(key),
+        ],
+        check=True,
+    )
+    server_conf = work / "server.conf"
+    server_conf.write_text(harness.server_config(SPEC, pki, impl="openvpn", local=net.outer("b", 4)))
+    server = net.spawn("b", ["openvpn", "--config", str(server_conf)], "server-openvpn")
+    harness.wait_listening(net.b, SPEC.proto, SPEC.port, proc=server)
+    transcripts: dict[str, list[str]] = {}
+    for impl in ("openvpn", "pyovpn"):
+        sock = work / f"{impl}-key.sock"
+        dump = work / f"{impl}-key-up.json"
+        helper = work / f"{impl}-key-helper"
+        helper.write_text(HELPER.format(python=sys.executable, out=str(dump)))
+        helper.chmod(0o755)
+        argv = nm_argv(impl, net, pki, mgmt=sock, helper=helper, key=key, auth=False)
+        client = net.spawn("a", argv, f"client-key-{impl}")
+        m = Mgmt(str(sock))
+        seen: list[str] = []
+        try:
+            need = r"^>PASSWORD:Need 'Private Key' password$"
+            seen += m.until(need)
+            m.sock.sendall(b'password "Private Key" "wrong\\ one"\n')
+            seen += m.until(r"^>PASSWORD:Verification Failed")
+            seen += m.until(need)
+            m.sock.sendall(f'password "Private Key" "{nm_quote(passphrase)}"\n'.encode())
+            seen.append(m.line())
+            _read_json(dump, client)
+            assert harness.ping(net.a, inner_addrs(SPEC).server4).ok, client.tail()
+        finally:
+            m.close()
+            client.stop(timeout=15)
+        time.sleep(1)
+        transcripts[impl] = [x for x in seen if x.startswith((">PASSWORD", "SUCCESS", "ERROR"))]
+    print(transcripts["openvpn"])
+    assert transcripts["openvpn"][-1] == "SUCCESS: 'Private Key' password entered, but not yet verified"
+    assert ">PASSWORD:Verification Failed: 'Private Key'" in transcripts["openvpn"]
+    assert transcripts["pyovpn"] == transcripts["openvpn"]

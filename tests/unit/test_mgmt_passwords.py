@@ -6,13 +6,18 @@ checks them against the real `openvpn` binary."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyovpn.config import split_words
-from pyovpn.daemon import _auth_failed_reason
-from pyovpn.edge.credentials import Credentials, StaticChallenge
+from pyovpn.config import parse_config_text, split_words
+from pyovpn.daemon import _auth_failed_reason, session_config
+from pyovpn.edge.credentials import AnswerLater, Credentials, StaticChallenge, answer_later
 from pyovpn.mgmt import protocol as p
+from pyovpn.tools.pki import Pki, make_pki
+from tests.unit.test_keymaterial import _encrypted_key
 
 
 def nm_quote(text: str) -> str:
@@ -119,3 +124,26 @@ def test_auth_failed_reason_from_the_stop_message() -> None:
 
 def _never(prompt: str, echo: bool) -> str:
     raise AssertionError(f"asked {prompt!r} on the terminal although the management interface answers")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_encrypted_key_waits_for_the_management_interface(pki: Pki, tmp_path: Path) -> None:
+    """management-query-passwords: the passphrase is not asked on the terminal at start-up but left
+    for the management interface; an askpass file still wins, and a plain key needs no question."""
+    key = tmp_path / "enc.key"
+    key.write_bytes(_encrypted_key(pki, b"sesame"))
+    base = f"client\ndev tun\nremote 192.0.2.1 1194\nca {pki.ca_crt}\ncert {pki.client_crt}\n"
+    with pytest.raises(AnswerLater):
+        session_config(parse_config_text(base + f"key {key}\n"), answer_later)
+    askpass = tmp_path / "pass"
+    askpass.write_text("sesame\n")
+    assert session_config(
+        parse_config_text(base + f"key {key}\naskpass {askpass}\n"), answer_later
+    ).tls_context
+    assert session_config(parse_config_text(base + f"key {pki.client_key}\n"), answer_later).tls_context
+    answered = session_config(parse_config_text(base + f"key {key}\n"), lambda prompt, echo: "sesame")
+    assert answered.tls_context is not None

@@ -27,6 +27,15 @@ PASSWORD_PROMPT = "Enter Auth Password:"
 Asker = Callable[[str, bool], str]
 
 
+class AnswerLater(Exception):
+    """Raised by :func:`answer_later`: the question goes to the management interface once it runs."""
+
+
+def answer_later(prompt: str, echo: bool) -> str:
+    """The asker while the management interface is not up yet (management-query-passwords)."""
+    raise AnswerLater(prompt)
+
+
 def static_challenge_password(password: str, response: str) -> str:
     """The password field OpenVPN sends for `static-challenge`: both parts base64, SCRV1-tagged."""
     b64 = base64.b64encode
