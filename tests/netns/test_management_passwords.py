@@ -216,6 +216,7 @@ def _connect_as_networkmanager(
         seen += [m.line(), m.line()]
         recorded = _read_json(dump, client)
         assert harness.ping(net.a, inner_addrs(SPEC).server4).ok, client.tail()
+        seen += m.until(r"^>PASSWORD:Auth-Token:")  # the server's auth-token, passed on
         # the server ran its check twice: the wrong password, then the right one (spaces and all)
         assert verify_log.read_text().splitlines()[-2:] == [f"alice {WRONG}", f"alice {PASSWORD}"]
         assert sock.stat().st_mode & 0o777 == 0o600 or impl == "openvpn"
@@ -223,7 +224,9 @@ def _connect_as_networkmanager(
         m.close()
         client.stop(timeout=15)
     time.sleep(1)  # the server notices the exit before the next client takes the same address
-    return [x for x in seen if x.startswith(">PASSWORD") or x.startswith(("SUCCESS", "ERROR"))], recorded
+    dialogue = [x for x in seen if x.startswith((">PASSWORD", "SUCCESS", "ERROR"))]
+    token = re.compile(r"(>PASSWORD:Auth-Token:)\S{20,}$")  # the token itself differs per login
+    return [token.sub(r"\1<token>", x) for x in dialogue], recorded
 
 
 def test_networkmanager_command_line_and_password_dialogue(net: Netns, pki: Pki) -> None:
@@ -241,7 +244,7 @@ def test_networkmanager_command_line_and_password_dialogue(net: Netns, pki: Pki)
     server_conf = work / "server.conf"
     server_conf.write_text(
         harness.server_config(SPEC, pki, impl="openvpn", local=net.outer("b", 4))
-        + f"script-security 2\nauth-user-pass-verify {verify} via-file\n"
+        + f"script-security 2\nauth-user-pass-verify {verify} via-file\nauth-gen-token 3600\n"
         + 'push "route 10.99.0.0 255.255.0.0"\npush "dhcp-option DNS 10.77.0.1"\n'
         + 'push "dhcp-option DOMAIN example.test"\n'
     )
@@ -261,6 +264,7 @@ def test_networkmanager_command_line_and_password_dialogue(net: Netns, pki: Pki)
         ">PASSWORD:Need 'Auth' username/password",
         "SUCCESS: 'Auth' username entered, but not yet verified",
         "SUCCESS: 'Auth' password entered, but not yet verified",
+        ">PASSWORD:Auth-Token:<token>",
     ], transcripts["openvpn"]
     assert transcripts["pyovpn"] == transcripts["openvpn"]
 
