@@ -246,6 +246,9 @@ class Options:
     daemon: bool = False
     #: `cd DIR`: the working directory (relative files after it, scripts, the status file).
     cd: str | None = None
+    #: `chroot DIR`: the process's root after the first tunnel is up (files and scripts used later,
+    #: e.g. `up` with `up-restart`, are looked up inside it, as with OpenVPN).
+    chroot: str | None = None
     #: `up-restart`: run `up`/`down` again on every restart, not only when the pulled options change.
     up_restart: bool = False
     #: `management IP PORT [pw-file]` -> ("IP", PORT); `management PATH unix [pw-file]` -> unix path.
@@ -2014,6 +2017,14 @@ def _opt_cd(b: _Builder, d: Directive) -> None:
     # as OpenVPN's chdir: files named after this option are relative to it
     b.cwd = os.path.abspath(target)
     b.opts = replace(b.opts, cd=b.cwd)
+
+
+@_option("chroot", args=(1, 1), usage="chroot DIR")
+def _opt_chroot(b: _Builder, d: Directive) -> None:
+    target = d.args[0] if os.path.isabs(d.args[0]) else os.path.join(b.cwd, d.args[0])
+    if not os.path.isdir(target):
+        raise _error(d, f"chroot: '{d.args[0]}' is not a directory; give an existing directory")
+    b.opts = replace(b.opts, chroot=os.path.abspath(target))
 
 
 @_option("up-restart", args=(0, 0), usage="up-restart")

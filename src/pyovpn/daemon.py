@@ -216,13 +216,13 @@ class Daemon:
             self.events.emit(
                 "connect", real_address=remote, cipher=conn.tunnel.cipher.value if conn.tunnel else ""
             )
-        if self._dropped or (self.opts.user is None and self.opts.group is None):
+        if self._dropped or (self.opts.user is None and self.opts.group is None and self.opts.chroot is None):
             return
         self._dropped = True
         try:
-            privdrop.drop_privileges(self.opts.user, self.opts.group)
+            privdrop.drop_privileges(self.opts.user, self.opts.group, chroot_dir=self.opts.chroot)
         except (PyovpnError, OSError) as exc:
-            raise BackendError(f"cannot drop privileges to user/group: {exc}") from None
+            raise BackendError(f"cannot chroot or drop privileges to user/group: {exc}") from None
 
     async def clean_stale_link(self, name: str) -> None:
         await iface.clean_stale_link(self.dc, name)

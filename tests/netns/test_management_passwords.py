@@ -101,8 +101,8 @@ def nm_argv(
 ) -> list[str]:
     """NetworkManager-openvpn's command line for a "password with certificates" connection (with
     ``auth=False``: a "certificates (TLS)" one) with default settings. Its `--user nm-openvpn
-    --group nm-openvpn` become nobody/nogroup (no such user here); `--chroot` is left out, as
-    NetworkManager itself does when its chroot directory is unusable."""
+    --group nm-openvpn` become nobody/nogroup (no such user here); its `--chroot
+    /var/lib/openvpn/chroot` (a directory with a `tmp` in it) is one in the test's directory."""
     binary = ["openvpn"] if impl == "openvpn" else [sys.executable, "-m", "pyovpn"]
     bus = "org.freedesktop.NetworkManager.openvpn.Connection_7"
     up = f"{helper} --debug 0 {os.getpid()} --bus-name {bus} --tun --"
@@ -133,9 +133,17 @@ def nm_argv(
         *(["--auth-user-pass"] if auth else []),
         "--user", "nobody",
         "--group", "nogroup",
+        "--chroot", str(chroot_dir(net)),
     ]  # fmt: skip
     # the harness's rule: stock openvpn never uses whatever kernel DCO module happens to be loaded
     return [*argv, "--disable-dco"] if impl == "openvpn" else argv
+
+
+def chroot_dir(net: Netns) -> Path:
+    """Where NetworkManager's command line chroots to: a directory with a `tmp` (what it checks for)."""
+    path = net.workdir / "chroot"
+    (path / "tmp").mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _read_json(path: Path, proc: Proc, timeout: float = 40.0) -> dict[str, object]:
@@ -217,6 +225,7 @@ def _connect_as_networkmanager(
         recorded = _read_json(dump, client)
         assert harness.ping(net.a, inner_addrs(SPEC).server4).ok, client.tail()
         seen += m.until(r"^>PASSWORD:Auth-Token:")  # the server's auth-token, passed on
+        assert os.readlink(f"/proc/{client.pid}/root") == str(chroot_dir(net))  # chrooted once up
         # the server ran its check twice: the wrong password, then the right one (spaces and all)
         assert verify_log.read_text().splitlines()[-2:] == [f"alice {WRONG}", f"alice {PASSWORD}"]
         assert sock.stat().st_mode & 0o777 == 0o600 or impl == "openvpn"
