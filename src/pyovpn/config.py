@@ -2128,6 +2128,7 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "keysize": (1, 1),
     "ecdh-curve": (1, 1),
     "tun-ipv6": (0, 0),
+    "max-routes": (0, 1),
     # OpenVPN applies it to TAP devices only; pyovpn is layer 3 (tun), where OpenVPN ignores it too
     "tun-mtu-extra": (1, 1),
 }
@@ -2287,6 +2288,7 @@ _NO_EFFECT_WHY: dict[str, str] = {
     "Filtering Platform)",
     "route-method": "it chooses how routes are set on Windows",
     "tun-ipv6": "a tun device carries IPv6 anyway (OpenVPN >= 2.4 ignores it too)",
+    "max-routes": "the number of pulled routes is not limited (OpenVPN >= 2.4 ignores it too)",
     "ecdh-curve": "with OpenSSL 3 the curve is negotiated (OpenVPN 2.6 ignores it too); restrict "
     "curves with `tls-groups`",
     "fast-io": "it speeds up OpenVPN's own UDP write loop, which pyovpn's data channel does not use",

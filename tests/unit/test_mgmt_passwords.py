@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyovpn.config import parse_config_text, split_words
+from pyovpn.config import no_effect_reason, parse_args, parse_config_text, split_words
 from pyovpn.daemon import _auth_failed_reason, session_config
 from pyovpn.edge.credentials import AnswerLater, Credentials, StaticChallenge, answer_later
 from pyovpn.mgmt import protocol as p
@@ -147,3 +147,29 @@ def test_encrypted_key_waits_for_the_management_interface(pki: Pki, tmp_path: Pa
     assert session_config(parse_config_text(base + f"key {pki.client_key}\n"), answer_later).tls_context
     answered = session_config(parse_config_text(base + f"key {key}\n"), lambda prompt, echo: "sesame")
     assert answered.tls_context is not None
+
+
+def test_networkmanager_command_line_parses(pki: Pki, tmp_path: Path) -> None:
+    """NetworkManager-openvpn 1.10's command line for a "password with certificates" connection, and
+    its optional `--max-routes` (which OpenVPN 2.6 ignores with a warning, as pyovpn does)."""
+    jail = tmp_path / "chroot"
+    (jail / "tmp").mkdir(parents=True)
+    helper = "/usr/libexec/nm-openvpn-service-openvpn-helper --debug 0 4242 --bus-name org.x.C_1 --tun --"
+    argv = [
+        "--remote", "192.0.2.1", "1194", "udp", "--explicit-exit-notify", "--nobind", "--dev", "tun",
+        "--auth-nocache", "--syslog", "nm-openvpn", "--script-security", "2", "--up", helper,
+        "--up-restart", "--persist-key", "--persist-tun",
+        "--management", "/var/run/NetworkManager/nm-openvpn-0ad4", "unix",
+        "--management-client-user", "root", "--management-client-group", "root",
+        "--management-query-passwords", "--auth-retry", "interact", "--route-noexec", "--ifconfig-noexec",
+        "--client", "--ca", str(pki.ca_crt), "--cert", str(pki.client_crt), "--key", str(pki.client_key),
+        "--auth-user-pass", "--user", "nobody", "--group", "nogroup", "--chroot", str(jail),
+        "--max-routes", "200",
+    ]  # fmt: skip
+    o = parse_args(argv, cwd=str(tmp_path))
+    assert o.management_unix == "/var/run/NetworkManager/nm-openvpn-0ad4" and o.management_query_passwords
+    assert (o.management_client_user, o.management_client_group) == ("root", "root")
+    assert o.auth_retry == "interact" and o.auth_nocache and o.auth_user_pass == (None, None)
+    assert o.route_noexec and o.ifconfig_noexec and o.up_restart and o.chroot == str(jail)
+    assert o.up == helper and (o.user, o.group) == ("nobody", "nogroup")
+    assert [name for name, _, _ in o.ignored] == ["max-routes"] and no_effect_reason("max-routes")
