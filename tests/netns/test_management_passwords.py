@@ -180,23 +180,31 @@ DIALOGUE = [
 
 def test_password_commands_answer_like_stock_openvpn(net: Netns, pki: Pki) -> None:
     """The dialogue's replies, errors included, byte for byte as stock OpenVPN gives them (no server:
-    the answers are never verified, only taken)."""
+    the answers are never verified, only taken), with a static challenge in the question."""
     transcripts: dict[str, list[str]] = {}
     for impl in ("openvpn", "pyovpn"):
         sock = net.workdir / f"{impl}.sock"
-        proc = net.spawn(
-            "a", nm_argv(impl, net, pki, mgmt=sock, helper=Path("/bin/true")), f"dialogue-{impl}"
-        )
+        argv = [
+            *nm_argv(impl, net, pki, mgmt=sock, helper=Path("/bin/true")),
+            "--static-challenge",
+            "PIN?",
+            "1",
+        ]
+        proc = net.spawn("a", argv, f"dialogue-{impl}")
         m = Mgmt(str(sock))
         try:
             seen = [m.line(), m.line()]
+            if impl == "pyovpn":  # OpenVPN serves one client at a time; pyovpn asks a late one too
+                late = Mgmt(str(sock))
+                assert [late.line(), late.line()] == seen
+                late.close()
             for command in DIALOGUE:
                 seen += [f"< {command}", *_reply(m, command)]
             transcripts[impl] = seen
         finally:
             m.close()
             proc.stop(timeout=15)
-    assert transcripts["openvpn"][1] == ">PASSWORD:Need 'Auth' username/password"
+    assert transcripts["openvpn"][1] == ">PASSWORD:Need 'Auth' username/password SC:1,PIN?"
     assert transcripts["pyovpn"] == transcripts["openvpn"]
 
 
