@@ -27,11 +27,11 @@ MAX_LINE = 4096  # a longer command line is refused (OpenVPN's own buffer is sma
 HELP = """\
 Management Interface for pyovpn (OpenVPN 2.6 management version 5 subset)
 Commands:
-auth-retry t           : Auth failure retry mode (none,interact,nointeract).
+auth-retry [mode]      : Show or set what a refused login does (none|nointeract|interact).
 bytecount n            : Show bytes in/out, update every n secs (0=off).
 echo [on|off] [N|all]  : Like log, but only show messages in echo buffer.
 exit|quit              : Close management session.
-forget-passwords       : Forget passwords entered so far.
+forget-passwords       : Drop the answers given so far and any auth-token.
 help                   : Print this message.
 hold [on|off|release]  : Set/show hold flag to on/off state, or
                          release current hold and start tunnel.
@@ -42,17 +42,15 @@ load-stats             : Show global server load stats.
 log [on|off] [N|all]   : Turn on/off realtime log display
                          + show last N lines or 'all' for entire history.
 mute [n]               : Set log mute level to n, or show level if n is absent.
-needok type action     : Enter confirmation for NEED-OK request of 'type',
-                         where action = 'ok' or 'cancel'.
-needstr type action    : Enter confirmation for NEED-STR request of 'type',
-                         where action is reply string.
-password type p        : Enter password p for a queried OpenVPN password.
+needok type action     : Answer a >NEED-OK question (pyovpn asks none).
+needstr type action    : Answer a >NEED-STR question (pyovpn asks none).
+password type p        : Answer the outstanding >PASSWORD question of that type.
 pid                    : Show process ID of the current OpenVPN process.
 signal s               : Send signal s to daemon,
                          s = SIGHUP|SIGTERM|SIGUSR1|SIGUSR2.
 state [on|off] [N|all] : Like log, but show state history.
 status [n]             : Show current daemon status info using format #n.
-username type u        : Enter username u for a queried OpenVPN username.
+username type u        : Give the username the outstanding >PASSWORD question needs.
 verb [n]               : Set log verbosity level to n, or show if n is absent.
 version                : Show current version number.
 END"""
