@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import uuid
@@ -30,6 +29,7 @@ from pyovpn.tools.pki import Pki
 from tests.netns import harness
 from tests.netns.harness import Impl, Netns, Proc, inner_addrs
 from tests.netns.test_management import Mgmt
+from tests.unit.test_keymaterial import _encrypted_key
 
 pytestmark = pytest.mark.netns
 
@@ -310,20 +310,7 @@ def test_encrypted_key_passphrase_over_management(net: Netns, pki: Pki) -> None:
     work = net.workdir
     key = work / "client-encrypted.key"
     passphrase = "open sesame"
-    subprocess.run(
-        [
-            "openssl",
-            "pkey",
-            "-in",
-            str(pki.client_key),
-            "-aes256",
-            "-passout",
-            f"pass:{passphrase}",
-            "-out",
-            str(key),
-        ],
-        check=True,
-    )
+    key.write_bytes(_encrypted_key(pki, passphrase.encode()))  # PKCS#8, AES-256: both read it
     server_conf = work / "server.conf"
     server_conf.write_text(harness.server_config(SPEC, pki, impl="openvpn", local=net.outer("b", 4)))
     server = net.spawn("b", ["openvpn", "--config", str(server_conf)], "server-openvpn")
