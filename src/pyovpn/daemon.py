@@ -238,8 +238,6 @@ class Daemon:
         """Open the P2P device once; configure it, and run `up`, whenever the pulled options change."""
         if pushed is not None and self.credentials is not None:
             self.credentials.token_received(pushed.auth_token, pushed.auth_token_user)
-            if self.mgmt is not None and pushed.auth_token is not None:
-                self.mgmt.auth_token(pushed.auth_token)
         opts = self.opts
         mtu = (pushed.tun_mtu if pushed and pushed.tun_mtu else None) or opts.tun_mtu
         if self.iface is None:
@@ -702,6 +700,14 @@ class Daemon:
             return Stop.restart(f"private-key-password-failure: {exc}")
         self._key_from_management = False
         return None
+
+    def auth_token_pushed(self, token: str) -> None:
+        """Reconnects use it at once (not only from the next connection on); management clients
+        hear of it each time, as from OpenVPN."""
+        if self.credentials is not None:
+            self.credentials.token_received(token)
+        if self.mgmt is not None:
+            self.mgmt.auth_token(token)
 
     @property
     def auth_retry(self) -> str:
