@@ -9,8 +9,11 @@ arguments and environment and configures the device itself; a test client plays 
 on the socket: it answers `>PASSWORD:Need 'Auth' username/password` with `username`/`password`
 quoted the way NetworkManager quotes them, first with a wrong password (the server says
 AUTH_FAILED, the daemon reports `>PASSWORD:Verification Failed: 'Auth'` and asks again), then
-with the right one. Stock `openvpn` and pyovpn get the same command line, in turn, against the
-same stock server; the transcripts on the socket and the helper's environments are compared.
+with the right one; the server's auth-token is passed on as `>PASSWORD:Auth-Token:`, and once
+up the process runs chrooted. Stock `openvpn` and pyovpn get the same command line, in turn,
+against the same stock server; the transcripts on the socket and the helper's arguments and
+environments are compared. Two more tests compare the dialogue's error replies (and a static
+challenge's question) and an encrypted key's `>PASSWORD:Need 'Private Key' password`.
 """
 
 from __future__ import annotations
