@@ -267,6 +267,9 @@ class Options:
     #: `management-query-passwords`: the username/password `auth-user-pass` lacks are asked over
     #: the management interface (`>PASSWORD:Need 'Auth' username/password`), not on the terminal.
     management_query_passwords: bool = False
+    #: `management-forget-disconnect`: a management client leaving makes pyovpn forget the
+    #: passwords and auth-token it was given (the next connection asks again).
+    management_forget_disconnect: bool = False
     #: `pyovpn-metrics [HOST:]PORT`: a Prometheus endpoint (prometheus-client), default host 127.0.0.1.
     metrics: tuple[str, int] | None = None
     #: `pyovpn-events FILE`: connect/disconnect/rekey events appended as JSON lines.
@@ -2078,6 +2081,11 @@ def _opt_management_query_passwords(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, management_query_passwords=True)
 
 
+@_option("management-forget-disconnect", args=(0, 0), usage="management-forget-disconnect")
+def _opt_management_forget_disconnect(b: _Builder, d: Directive) -> None:
+    b.opts = replace(b.opts, management_forget_disconnect=True)
+
+
 @_option("management-client-user", args=(1, 1), usage="management-client-user USER")
 def _opt_management_client_user(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, management_client_user=d.args[0])
@@ -2440,12 +2448,16 @@ def _validate(b: _Builder) -> Options:
     if dev_type != "tun":
         raise fail(_layer2_message(f"dev {o.dev}"), "dev")
 
-    if o.management_query_passwords and o.management is None and o.management_unix is None:
-        raise fail(
-            "`management-query-passwords` needs a management interface (`management IP PORT` or "
-            "`management PATH unix`) to ask the passwords on; add one or remove the option",
-            "management-query-passwords",
-        )
+    for name, used in (
+        ("management-query-passwords", o.management_query_passwords),
+        ("management-forget-disconnect", o.management_forget_disconnect),
+    ):
+        if used and o.management is None and o.management_unix is None:
+            raise fail(
+                f"`{name}` needs a management interface (`management IP PORT` or "
+                "`management PATH unix`) for the passwords; add one or remove the option",
+                name,
+            )
 
     tls_server = b.tls_server
     if server:

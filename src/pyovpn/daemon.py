@@ -622,6 +622,7 @@ class Daemon:
             password=password,
             hold=o.management_hold,
             log_cache=o.management_log_cache,
+            forget_on_disconnect=o.management_forget_disconnect,
         )
         await self.mgmt.start()
         if o.management_unix and (o.management_client_user or o.management_client_group):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 import uuid
@@ -249,7 +250,8 @@ def _connect_as_networkmanager(
     return [token.sub(r"\1<token>", x) for x in dialogue], recorded
 
 
-def test_networkmanager_command_line_and_password_dialogue(net: Netns, pki: Pki) -> None:
+def _password_server(net: Netns, pki: Pki, extra: str = "") -> Path:
+    """A stock OpenVPN server that takes alice with PASSWORD (its script logs every try); the log."""
     work = net.workdir
     verify_log = work / "verify.log"
     expected = work / "expected-password"
@@ -264,12 +266,21 @@ def test_networkmanager_command_line_and_password_dialogue(net: Netns, pki: Pki)
     server_conf = work / "server.conf"
     server_conf.write_text(
         harness.server_config(SPEC, pki, impl="openvpn", local=net.outer("b", 4))
-        + f"script-security 2\nauth-user-pass-verify {verify} via-file\nauth-gen-token 3600\n"
-        + 'push "route 10.99.0.0 255.255.0.0"\npush "dhcp-option DNS 10.77.0.1"\n'
-        + 'push "dhcp-option DOMAIN example.test"\n'
+        + f"script-security 2\nauth-user-pass-verify {verify} via-file\n{extra}"
     )
     server = net.spawn("b", ["openvpn", "--config", str(server_conf)], "server-openvpn")
     harness.wait_listening(net.b, SPEC.proto, SPEC.port, proc=server)
+    return verify_log
+
+
+def test_networkmanager_command_line_and_password_dialogue(net: Netns, pki: Pki) -> None:
+    verify_log = _password_server(
+        net,
+        pki,
+        "auth-gen-token 3600\n"
+        'push "route 10.99.0.0 255.255.0.0"\npush "dhcp-option DNS 10.77.0.1"\n'
+        'push "dhcp-option DOMAIN example.test"\n',
+    )
 
     transcripts: dict[str, list[str]] = {}
     recorded: dict[str, dict[str, object]] = {}
@@ -347,4 +358,44 @@ def test_encrypted_key_passphrase_over_management(net: Netns, pki: Pki) -> None:
     print(transcripts["openvpn"])
     assert transcripts["openvpn"][-1] == "SUCCESS: 'Private Key' password entered, but not yet verified"
     assert ">PASSWORD:Verification Failed: 'Private Key'" in transcripts["openvpn"]
+    assert transcripts["pyovpn"] == transcripts["openvpn"]
+
+
+def test_forget_disconnect_asks_again_after_the_client_left(net: Netns, pki: Pki) -> None:
+    """`management-forget-disconnect`: once the management client that answered leaves, the
+    credentials are forgotten, so a restart (SIGUSR1) asks the next client again, as with OpenVPN;
+    without it the cached password would be used silently."""
+    _password_server(net, pki)
+    transcripts: dict[str, list[str]] = {}
+    for impl in ("openvpn", "pyovpn"):
+        sock = net.workdir / f"{impl}-forget.sock"
+        conf = net.workdir / f"{impl}-forget.conf"
+        conf.write_text(
+            harness.client_config(SPEC, pki, impl=impl, remote=net.outer("b", 4))
+            + f"auth-user-pass\nmanagement {sock} unix\nmanagement-query-passwords\n"
+            + "management-forget-disconnect\n"
+        )
+        client = net.spawn("a", harness.vpn_argv(impl, conf), f"client-forget-{impl}")
+        first = Mgmt(str(sock))
+        try:
+            first.until(r"^>PASSWORD:Need 'Auth'")
+            first.sock.sendall(nm_answer("alice", PASSWORD))
+            client.wait_for_line(harness.INIT_LINE, 40)
+        finally:
+            first.close()
+        time.sleep(1)  # the daemon notices the client is gone
+        mark = client.mark()
+        os.kill(client.pid, signal.SIGUSR1)
+        second = Mgmt(str(sock))
+        try:
+            seen = [second.line(), *second.until(r"^>PASSWORD:Need 'Auth'")]
+            second.sock.sendall(nm_answer("alice", PASSWORD))
+            client.wait_for_line(harness.INIT_LINE, 40, since=mark)
+            assert harness.ping(net.a, inner_addrs(SPEC).server4).ok, client.tail()
+        finally:
+            second.close()
+            client.stop(timeout=15)
+        time.sleep(1)
+        transcripts[impl] = seen
+    assert transcripts["openvpn"][-1] == ">PASSWORD:Need 'Auth' username/password"
     assert transcripts["pyovpn"] == transcripts["openvpn"]

@@ -96,6 +96,7 @@ class ManagementServer:
         password: str | None = None,
         hold: bool = False,
         log_cache: int = 1000,
+        forget_on_disconnect: bool = False,
     ) -> None:
         if (address is None) == (unix_path is None):
             raise ValueError("give a TCP address or a unix socket path")
@@ -119,6 +120,7 @@ class ManagementServer:
         # management-query-passwords: the question outstanding and who waits for its answers
         self._query: p.PasswordQuery | None = None
         self._query_answered: asyncio.Future[None] | None = None
+        self._forget_on_disconnect = forget_on_disconnect  # management-forget-disconnect
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -240,6 +242,7 @@ class ManagementServer:
         finally:
             if client in self.clients:
                 self.clients.remove(client)
+                self._client_left()
             if client.bytecount is not None:
                 client.bytecount.cancel()
             writer.close()
@@ -509,6 +512,10 @@ class ManagementServer:
         finally:
             self._query = self._query_answered = None
         return query
+
+    def _client_left(self) -> None:
+        if self._forget_on_disconnect and self._server is not None:  # not when the daemon exits
+            self.host.forget_passwords()
 
     def auth_failure(self, kind: str, reason: str | None = None) -> None:
         self._broadcast_all(p.verification_failed(kind, reason))
