@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -222,9 +224,16 @@ def _connect_as_networkmanager(
     helper = work / f"{impl}-helper"
     helper.write_text(HELPER.format(python=sys.executable, out=str(dump)))
     helper.chmod(0o755)
-    sock = work / f"nm-openvpn-{uuid.uuid4()}"
+    # NetworkManager's socket name, in a short directory: a unix socket path has at most 107 bytes
+    sock_dir = Path(tempfile.mkdtemp(prefix="nm-"))
+    sock = sock_dir / f"nm-openvpn-{uuid.uuid4()}"
     client = net.spawn("a", nm_argv(impl, net, pki, mgmt=sock, helper=helper), f"client-{impl}")
-    m = Mgmt(str(sock))
+    try:
+        m = Mgmt(str(sock))
+    except BaseException:
+        client.stop(timeout=15)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        raise
     seen: list[str] = []
     try:
         seen += m.until(r"^>PASSWORD:Need 'Auth' username/password$")
@@ -244,6 +253,7 @@ def _connect_as_networkmanager(
     finally:
         m.close()
         client.stop(timeout=15)
+        shutil.rmtree(sock_dir, ignore_errors=True)
     time.sleep(1)  # the server notices the exit before the next client takes the same address
     dialogue = [x for x in seen if x.startswith((">PASSWORD", "SUCCESS", "ERROR"))]
     token = re.compile(r"(>PASSWORD:Auth-Token:)\S{20,}$")  # the token itself differs per login
