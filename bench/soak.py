@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Soak a pyovpn P2MP server: does its memory, or its count of descriptors or threads, grow?
 
-Needs root (network namespaces). A pyovpn server (``--backend``) in one namespace, two stock
+Needs root (network namespaces). A pyovpn P2MP server (which runs on the in-process userspace
+backend: the engine does not do multipoint yet) in one namespace, two stock
 OpenVPN 2.6 clients in two others, for ``--minutes``:
 - the steady client carries an iperf3 UDP stream at ``--rate`` to the server, in 30 s runs;
 - the churning client connects, pings once, and is killed (SIGKILL, so the server has to time
@@ -88,7 +89,6 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=3)
     ap.add_argument("--rate", default="20M")
     ap.add_argument("--reneg", type=int, default=20)
-    ap.add_argument("--backend", default="multiprocess", choices=["multiprocess", "inprocess"])
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
@@ -97,11 +97,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as td, Star(Path(td), 2, base=90) as star:
         pki = make_pki(Path(td) / "pki")
         server_conf = Path(td) / "server.conf"
-        server_conf.write_text(
-            p2mp_server_config(
-                pki, "10.79.0.0", "verb 3", f"reneg-sec {args.reneg}", f"userspace-engine {args.backend}"
-            )
-        )
+        server_conf.write_text(p2mp_server_config(pki, "10.79.0.0", "verb 3", f"reneg-sec {args.reneg}"))
         server = star.spawn(
             star.server, [sys.executable, "-m", "pyovpn", "--config", str(server_conf)], "server"
         )
@@ -167,7 +163,7 @@ def main() -> int:
     kept = [r for r in rows if r[0] >= args.warmup * 60]
     ts = [r[0] for r in kept]
     print(
-        f"\npyovpn server ({args.backend}), {args.minutes:.0f} min, "
+        f"\npyovpn P2MP server (in-process backend), {args.minutes:.0f} min, "
         f"slopes after {args.warmup:.0f} min warm-up,"
     )
     print(
