@@ -246,6 +246,9 @@ class Options:
     daemon: bool = False
     #: `cd DIR`: the working directory (relative files after it, scripts, the status file).
     cd: str | None = None
+    #: `chroot DIR`: the process's root after the first tunnel is up (files and scripts used later,
+    #: e.g. `up` with `up-restart`, are looked up inside it, as with OpenVPN).
+    chroot: str | None = None
     #: `up-restart`: run `up`/`down` again on every restart, not only when the pulled options change.
     up_restart: bool = False
     #: `management IP PORT [pw-file]` -> ("IP", PORT); `management PATH unix [pw-file]` -> unix path.
@@ -261,6 +264,12 @@ class Options:
     management_client_group: str | None = None
     #: `management-client-auth`: a management client accepts or denies each connecting client.
     management_client_auth: bool = False
+    #: `management-query-passwords`: the username/password `auth-user-pass` lacks are asked over
+    #: the management interface (`>PASSWORD:Need 'Auth' username/password`), not on the terminal.
+    management_query_passwords: bool = False
+    #: `management-forget-disconnect`: a management client leaving makes pyovpn forget the
+    #: passwords and auth-token it was given (the next connection asks again).
+    management_forget_disconnect: bool = False
     #: `pyovpn-metrics [HOST:]PORT`: a Prometheus endpoint (prometheus-client), default host 127.0.0.1.
     metrics: tuple[str, int] | None = None
     #: `pyovpn-events FILE`: connect/disconnect/rekey events appended as JSON lines.
@@ -1679,6 +1688,8 @@ _FLAGS: dict[str, Switch] = {
     "up-restart": lambda o: replace(o, up_restart=True),
     "management-hold": lambda o: replace(o, management_hold=True),
     "management-client-auth": lambda o: replace(o, management_client_auth=True),
+    "management-query-passwords": lambda o: replace(o, management_query_passwords=True),
+    "management-forget-disconnect": lambda o: replace(o, management_forget_disconnect=True),
     "down-pre": lambda o: replace(o, down_pre=True),
 }
 
@@ -1969,6 +1980,14 @@ def _opt_cd(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, cd=b.cwd)
 
 
+@_option("chroot", args=(1, 1), usage="chroot DIR")
+def _opt_chroot(b: _Builder, d: Directive) -> None:
+    target = d.args[0] if os.path.isabs(d.args[0]) else os.path.join(b.cwd, d.args[0])
+    if not os.path.isdir(target):
+        raise _error(d, f"chroot: '{d.args[0]}' is not a directory; give an existing directory")
+    b.opts = replace(b.opts, chroot=os.path.abspath(target))
+
+
 # -- the management interface ---------------------------------------------------------------
 
 
@@ -1991,7 +2010,6 @@ def _opt_pyovpn_metrics(b: _Builder, d: Directive) -> None:
 
 
 _MANAGEMENT_NOT_YET = {
-    "management-query-passwords": "password prompts over the management interface",
     "management-client": "connecting out to a management client",
     "management-external-key": "private keys held by the management client",
     "management-external-cert": "certificates held by the management client",
@@ -2031,6 +2049,7 @@ _IGNORED: dict[str, tuple[int, int | None]] = {
     "keysize": (1, 1),
     "ecdh-curve": (1, 1),
     "tun-ipv6": (0, 0),
+    "max-routes": (0, 1),
     # OpenVPN applies it to TAP devices only; pyovpn is layer 3 (tun), where OpenVPN ignores it too
     "tun-mtu-extra": (1, 1),
 }
@@ -2190,6 +2209,7 @@ _NO_EFFECT_WHY: dict[str, str] = {
     "Filtering Platform)",
     "route-method": "it chooses how routes are set on Windows",
     "tun-ipv6": "a tun device carries IPv6 anyway (OpenVPN >= 2.4 ignores it too)",
+    "max-routes": "the number of pulled routes is not limited (OpenVPN >= 2.4 ignores it too)",
     "ecdh-curve": "with OpenSSL 3 the curve is negotiated (OpenVPN 2.6 ignores it too); restrict "
     "curves with `tls-groups`",
     "fast-io": "it speeds up OpenVPN's own UDP write loop, which pyovpn's data channel does not use",
@@ -2310,6 +2330,17 @@ def _validate(b: _Builder) -> Options:
         dev_type = "tap" if o.dev.startswith("tap") else "null" if o.dev.startswith("null") else "tun"
     if dev_type != "tun":
         raise fail(_layer2_message(f"dev {o.dev}"), "dev")
+
+    for name, used in (
+        ("management-query-passwords", o.management_query_passwords),
+        ("management-forget-disconnect", o.management_forget_disconnect),
+    ):
+        if used and o.management is None and o.management_unix is None:
+            raise fail(
+                f"`{name}` needs a management interface (`management IP PORT` or "
+                "`management PATH unix`) for the passwords; add one or remove the option",
+                name,
+            )
 
     tls_server = b.tls_server
     if server:

@@ -39,7 +39,7 @@ from pyovpn.datachannel.api import (
 from pyovpn.edge import compression, iface
 from pyovpn.edge import status as status_file
 from pyovpn.edge.clientroutes import ClientRoutes
-from pyovpn.edge.credentials import Credentials, StaticChallenge
+from pyovpn.edge.credentials import AnswerLater, Asker, Credentials, StaticChallenge, answer_later, ask_user
 from pyovpn.edge.crl import revocation_check
 from pyovpn.edge.host import ExternalAuth, HostNetwork, SystemNetwork
 from pyovpn.edge.keymaterial import tls_material
@@ -68,10 +68,11 @@ log = logging.getLogger("pyovpn")
 RESTART_DELAY = 2.0
 
 
-def session_config(opts: Options) -> SessionConfig:
-    """The sans-I/O session's settings from the options (the TLS context built once, here)."""
+def session_config(opts: Options, ask: Asker = ask_user) -> SessionConfig:
+    """The sans-I/O session's settings from the options (the TLS context built once, here);
+    ``ask`` asks a private key's passphrase when no `askpass` file gives it."""
     is_server = opts.tls_role == "server"
-    material = tls_material(opts)
+    material = tls_material(opts, ask)
     if material.ca is None:
         raise ConfigError("a CA certificate is required: add `ca FILE` or an inline <ca> block")
     peer_cert = opts.verify_client_cert if is_server else "require"
@@ -159,7 +160,14 @@ class Daemon:
         route_journal_dir: Path | None = None,
     ) -> None:
         self.opts = opts
-        self.session_cfg = session_config(opts)
+        # management-query-passwords: an encrypted key's passphrase is asked over the management
+        # interface once it runs (_run_one); until then there is no session configuration
+        self._key_from_management = False
+        try:
+            ask = answer_later if opts.management_query_passwords else ask_user
+            self.session_cfg = session_config(opts, ask)
+        except AnswerLater:
+            self._key_from_management = True
         self.credentials = _credentials(opts)
         self.net: HostNetwork = net if net is not None else SystemNetwork()
         self._backend = backend
@@ -178,6 +186,7 @@ class Daemon:
         self.mgmt: ManagementServer | None = None
         self._mgmt_log: logging.Handler = logging.NullHandler()
         self._verb: int | None = None
+        self._auth_retry = opts.auth_retry  # the `auth-retry` command changes it
         self._control: ManagementServer | None = None
         self.events: EventStream | None = EventStream(opts.events_file) if opts.events_file else None
         self._metrics: Any = None
@@ -207,13 +216,13 @@ class Daemon:
             self.events.emit(
                 "connect", real_address=remote, cipher=conn.tunnel.cipher.value if conn.tunnel else ""
             )
-        if self._dropped or (self.opts.user is None and self.opts.group is None):
+        if self._dropped or (self.opts.user is None and self.opts.group is None and self.opts.chroot is None):
             return
         self._dropped = True
         try:
-            privdrop.drop_privileges(self.opts.user, self.opts.group)
+            privdrop.drop_privileges(self.opts.user, self.opts.group, chroot_dir=self.opts.chroot)
         except (PyovpnError, OSError) as exc:
-            raise BackendError(f"cannot drop privileges to user/group: {exc}") from None
+            raise BackendError(f"cannot chroot or drop privileges to user/group: {exc}") from None
 
     async def clean_stale_link(self, name: str) -> None:
         await iface.clean_stale_link(self.dc, name)
@@ -288,11 +297,14 @@ class Daemon:
             return
         for line in settings.windows_only:
             log.info("%r has no effect on Linux (a Windows DHCP setting); ignored", line)
-        if self.opts.pyovpn_dns == "off":
+        if self.opts.pyovpn_dns == "off" or self.opts.route_noexec:
+            # route-noexec: whoever configures the routes (NetworkManager through its up helper, a
+            # script) configures DNS too, as with OpenVPN, which never touches the resolver itself
             if not settings.is_empty():
                 log.info(
-                    "DNS %s not applied: `pyovpn-dns off`; up/down scripts get it as foreign_option_N",
+                    "DNS %s not applied: `%s`; up/down scripts get it as foreign_option_N",
                     ", ".join(settings.servers + settings.domains),
+                    "pyovpn-dns off" if self.opts.pyovpn_dns == "off" else "route-noexec",
                 )
             return
         self.dns.apply(self.iface, settings)
@@ -442,6 +454,8 @@ class Daemon:
                     self._exit_signal = stop.signal
                     exit_code = 0
                     break
+                if stop.auth_failed and self.mgmt is not None:
+                    self.mgmt.auth_failure(mgmt_protocol.AUTH, _auth_failed_reason(stop.message))
                 if stop.auth_failed and self.credentials is not None and self.credentials.auth_failed():
                     log.warning("%s; auth-retry %s: trying again", stop.message, self.credentials.retry)
                     stop = Stop.restart(stop.message)
@@ -602,6 +616,7 @@ class Daemon:
             password=password,
             hold=o.management_hold,
             log_cache=o.management_log_cache,
+            forget_on_disconnect=o.management_forget_disconnect,
         )
         await self.mgmt.start()
         if o.management_unix and (o.management_client_user or o.management_client_group):
@@ -642,6 +657,66 @@ class Daemon:
             local_port=local_port,
             tun6=tun6,
         )
+
+    # management-query-passwords and the password commands (username/password go to the query)
+
+    async def _ask_management(
+        self, query: mgmt_protocol.PasswordQuery, signals: asyncio.Future[str]
+    ) -> mgmt_protocol.PasswordQuery | Stop:
+        """The management client's answers to ``query``; the Stop of a signal that came first."""
+        assert self.mgmt is not None
+        asking = asyncio.ensure_future(self.mgmt.query_password(query))
+        await asyncio.wait((asking, signals), return_when=asyncio.FIRST_COMPLETED)
+        if not asking.done():
+            asking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asking
+            return Stop.by_signal(signals.result())
+        return asking.result()
+
+    async def _key_passphrase_from_management(self, signals: asyncio.Future[str]) -> Stop | None:
+        """`>PASSWORD:Need 'Private Key' password`; a wrong one is reported and, as OpenVPN does,
+        asked again after a restart unless `auth-retry none` makes it fatal."""
+        if self.mgmt is None:
+            return Stop.fatal("the private key's passphrase was to come from the management interface")
+        kind = mgmt_protocol.PRIVATE_KEY
+        answered = await self._ask_management(mgmt_protocol.PasswordQuery(kind, password_only=True), signals)
+        if isinstance(answered, Stop):
+            return answered
+        passphrase = answered.password or ""
+        try:
+            self.session_cfg = session_config(self.opts, lambda prompt, echo: passphrase)
+        except ConfigError as exc:
+            self.mgmt.auth_failure(kind)
+            if self.auth_retry == "none":
+                return Stop.fatal(f"private key password verification failed: {exc}")
+            if self.auth_retry == "interact" and self.credentials is not None:
+                self.credentials.forget()  # OpenVPN asks everything again
+            return Stop.restart(f"private-key-password-failure: {exc}")
+        self._key_from_management = False
+        return None
+
+    def auth_token_pushed(self, token: str) -> None:
+        """Reconnects use it at once (not only from the next connection on); management clients
+        hear of it each time, as from OpenVPN."""
+        if self.credentials is not None:
+            self.credentials.token_received(token)
+        if self.mgmt is not None:
+            self.mgmt.auth_token(token)
+
+    @property
+    def auth_retry(self) -> str:
+        return self.credentials.retry if self.credentials is not None else self._auth_retry
+
+    def set_auth_retry(self, mode: str) -> None:
+        self._auth_retry = mode
+        if self.credentials is not None:
+            self.credentials.retry = mode
+
+    def forget_passwords(self) -> None:
+        if self.credentials is not None:
+            self.credentials.forget()
+        log.info("MANAGEMENT: passwords forgotten")
 
     @property
     def status_version(self) -> int:
@@ -798,6 +873,20 @@ class Daemon:
         self, signals: asyncio.Future[str], first_packet: tuple[bytes, tuple[str, int] | None] | None = None
     ) -> Stop:
         """One connection (or server instance) until it ends or a signal ends it."""
+        # as OpenVPN orders them: the 'Auth' credentials, then the 'Private Key' passphrase
+        if self.credentials is not None and self.opts.mode != "server":
+            asked = self.mgmt is not None and self.opts.management_query_passwords
+            if asked and self.credentials.needs_answers():
+                sc = self.credentials.challenge
+                query = mgmt_protocol.PasswordQuery(challenge=(sc.text, sc.echo) if sc is not None else None)
+                answered = await self._ask_management(query, signals)
+                if isinstance(answered, Stop):
+                    return answered
+                self.credentials.supply(answered.username, answered.password or "")
+        if self._key_from_management:
+            stopped = await self._key_passphrase_from_management(signals)
+            if stopped is not None:
+                return stopped
         if self.credentials is not None and self.opts.mode != "server":
             try:
                 user, password = await asyncio.to_thread(self.credentials.for_connection)
@@ -901,6 +990,14 @@ def _credentials(opts: Options) -> Credentials | None:
     user, password = opts.auth_user_pass
     challenge = StaticChallenge(*opts.static_challenge) if opts.static_challenge else None
     return Credentials(user, password, nocache=opts.auth_nocache, retry=opts.auth_retry, challenge=challenge)
+
+
+def _auth_failed_reason(message: str) -> str | None:
+    """The reason of a server's `AUTH_FAILED,reason` (None for a bare AUTH_FAILED), from a Stop's text."""
+    _, found, rest = message.partition("AUTH_FAILED,")
+    if not found:
+        return None
+    return rest.split(": check auth-user-pass", 1)[0] or None
 
 
 def _restart_detail(message: str) -> str:

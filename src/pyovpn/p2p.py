@@ -70,6 +70,7 @@ class Connection(Instance[Command]):
         self.tunnel: TunnelUp | None = None
         self.connected_since = 0.0
         self.rekeys = 0
+        self._auth_token: str | None = None  # the last auth-token the server pushed or renewed
         self.first_packet = first_packet
         self._last_source: tuple[str, int] | None = None
         self.framer = StreamFramer()
@@ -285,6 +286,9 @@ class Connection(Instance[Command]):
                     # between stays queued in the socket for the data channel instead of being lost.
                     self._stop_reading()
                 self._cmds.put_nowait(ev)
+        if sess.auth_token is not None and sess.auth_token != self._auth_token:
+            self._auth_token = sess.auth_token  # pushed with the options, or renewed at a rekey
+            self.host.auth_token_pushed(sess.auth_token)
         if self._timer:
             self._timer.cancel()
             self._timer = None

@@ -1,4 +1,4 @@
-"""Dropping root after setup: become ``user``/``group`` while keeping only CAP_NET_ADMIN.
+"""Dropping root after setup: `chroot DIR`, then become ``user``/``group`` keeping only CAP_NET_ADMIN.
 
 OpenVPN 2.6/2.7 need CAP_SETPCAP for this (libcap-ng) and otherwise silently turn DCO off.
 pyovpn needs nothing extra: PR_SET_KEEPCAPS keeps the permitted set across setuid(), then
@@ -8,8 +8,10 @@ channel command (netlink to the kernel ``ovpn`` driver, routes, addresses) needs
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import grp
+import importlib
 import logging
 import os
 import pwd
@@ -65,9 +67,28 @@ def resolve(user: str | None, group: str | None) -> tuple[int | None, int | None
     return uid, gid
 
 
-def drop_privileges(user: str | None, group: str | None) -> None:
-    """Switch to user/group, keeping CAP_NET_ADMIN only (effective and permitted)."""
+# Modules Python imports on first use that a running daemon may still need once the files are out
+# of reach: the IDNA codec (resolving a remote's name), the default executor (asyncio.to_thread),
+# the LZ4 decompressor (the first compressed packet).
+_IMPORT_BEFORE_CHROOT = ("encodings.idna", "concurrent.futures.thread", "lz4.block")
+
+
+def chroot(directory: str) -> None:
+    """`chroot DIR`: make DIR the root and / the working directory (OpenVPN's platform_chroot)."""
+    for name in _IMPORT_BEFORE_CHROOT:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    os.chroot(directory)
+    os.chdir("/")
+    log.info("chroot to '%s' and cd to '/' succeeded", directory)
+
+
+def drop_privileges(user: str | None, group: str | None, *, chroot_dir: str | None = None) -> None:
+    """`chroot DIR` if given, then switch to user/group, keeping CAP_NET_ADMIN only (effective and
+    permitted). The names are looked up first: inside the new root there is no user database."""
     uid, gid = resolve(user, group)
+    if chroot_dir is not None:
+        chroot(chroot_dir)
     if uid is None and gid is None:
         return
     if os.geteuid() != 0:

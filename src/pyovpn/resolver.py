@@ -183,6 +183,10 @@ def _undo_state(path: Path) -> None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return
+    except PermissionError as exc:
+        # after `user nobody` (/run/pyovpn is root's): the next start as root undoes it
+        log.warning("DNS settings not undone: state %s out of reach (%s); the next start retries", path, exc)
+        return
     except (OSError, ValueError) as exc:
         log.warning("DNS state %s unreadable (%s); removing it", path, exc)
         path.unlink(missing_ok=True)

@@ -24,14 +24,7 @@ from pathlib import Path
 import pytest
 
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import (
-    Impl,
-    Netns,
-    Proc,
-    TunnelSpec,
-    spawn_tunnel,
-    wait_for_lines,
-)
+from tests.netns.harness import INIT_LINE, Netns, Proc, TunnelSpec, spawn_tunnel, wait_for_lines
 
 pytestmark = pytest.mark.netns
 
@@ -101,53 +94,43 @@ def _leaks(said: dict[str, str], secret_values: dict[str, str]) -> list[str]:
     return leaks
 
 
-def _verify_script(net: Netns, password: str) -> Path:
-    script = net.workdir / "verify.sh"
-    script.write_text(f'#!/bin/sh\n[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = {password} ]\n')
-    script.chmod(0o755)
-    return script
-
-
-def _pyovpn_extra(net: Netns, mgmt_path: str) -> str:
-    return (
-        f"verb 11\nstatus {net.workdir / 'status.log'} 1\nstatus-version 2\n"
-        f"pyovpn-events {net.workdir / 'events.jsonl'}\nmanagement {mgmt_path} unix\n"
-    )
-
-
-def _pyovpn_end_after_a_rekey(net: Netns, pki: Pki, pyovpn_side: str) -> tuple[dict[str, str], str]:
-    """A pyovpn end (verb 11, status, events, management) and a stock one, with a password login
-    (a fresh password for alice) and auth-tokens, connected and rekeyed once. Returns everything the
-    pyovpn end said and the password."""
+@pytest.mark.parametrize("pyovpn_side", ["client", "server"])
+def test_pyovpn_says_no_secret(net: Netns, pki: Pki, pyovpn_side: str) -> None:
     password = "pw-" + secrets.token_hex(12)
     creds = net.workdir / "creds.txt"
     creds.write_text(f"alice\n{password}\n")
-    script = _verify_script(net, password)
-    verify = f"script-security 2\nauth-user-pass-verify {script} via-file\nauth-gen-token 0\n"
-    login = f"auth-user-pass {creds}\n"
+    verify = net.workdir / "verify.sh"
+    verify.write_text(f'#!/bin/sh\n[ "$(sed -n 1p "$1")" = alice ] && [ "$(sed -n 2p "$1")" = {password} ]\n')
+    verify.chmod(0o755)
     mgmt_path = str(net.workdir / "mgmt.sock")
-    ours = "reneg-sec 8\n" + _pyovpn_extra(net, mgmt_path)
-    impls: tuple[Impl, Impl] = ("openvpn", "pyovpn") if pyovpn_side == "client" else ("pyovpn", "openvpn")
-    server_extra, client_extra = (verify, login + ours) if pyovpn_side == "client" else (verify + ours, login)
-    server, client = spawn_tunnel(
-        net, pki, SPEC, *impls, server_extra=server_extra, client_extra=client_extra, init_timeout=30
+    # everything that carries a secret, at the highest verbosity; the pyovpn side rekeys
+    watched = (
+        f"verb 11\nreneg-sec 8\nstatus {net.workdir / 'status.log'} 1\nstatus-version 2\n"
+        f"pyovpn-events {net.workdir / 'events.jsonl'}\nmanagement {mgmt_path} unix\n"
     )
+    server_extra = f"script-security 2\nauth-user-pass-verify {verify} via-file\nauth-gen-token 0\n"
+    client_extra = f"auth-user-pass {creds}\n"
+    if pyovpn_side == "client":
+        client_extra += watched
+    else:
+        server_extra += watched
+    impls = ("openvpn", "pyovpn") if pyovpn_side == "client" else ("pyovpn", "openvpn")
+    server, client = spawn_tunnel(
+        net, pki, SPEC, *impls, server_extra=server_extra, client_extra=client_extra
+    )
+    wait_for_lines([server, client], INIT_LINE, 30)
     py = client if pyovpn_side == "client" else server
-    marks = {py: py.mark()}
-    wait_for_lines([py], r"renegotiated data channel key_id", 40, since=marks)
+    wait_for_lines([py], r"renegotiated data channel key_id", 40, since={py: py.mark()})
     time.sleep(1)
     said = _everything_pyovpn_said(py, net.workdir, mgmt_path)
     assert said["management"].count("END") >= 3, said["management"]
-    return said, password
-
-
-def test_pyovpn_client_says_no_secret(net: Netns, pki: Pki) -> None:
-    said, password = _pyovpn_end_after_a_rekey(net, pki, "client")
-    assert "auth-token received" in said["log"], "the server's token must have arrived (to be kept secret)"
-    assert _leaks(said, _secrets(pki, password, pki.client_key)) == []
-
-
-def test_pyovpn_server_says_no_secret(net: Netns, pki: Pki) -> None:
-    said, password = _pyovpn_end_after_a_rekey(net, pki, "server")
-    assert "alice" in said["status.log"], "the client must be listed (with its username) in the status file"
-    assert _leaks(said, _secrets(pki, password, pki.server_key)) == []
+    if pyovpn_side == "client":
+        assert "auth-token received" in said["log"], (
+            "the server's token must have arrived (to be kept secret)"
+        )
+    else:
+        assert "alice" in said["status.log"], (
+            "the client must be listed (with its username) in the status file"
+        )
+    key = pki.client_key if pyovpn_side == "client" else pki.server_key
+    assert _leaks(said, _secrets(pki, password, key)) == []

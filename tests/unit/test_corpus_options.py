@@ -19,6 +19,7 @@ from pyovpn.config import parse_config_text
 from pyovpn.datachannel import api
 from pyovpn.errors import ConfigError
 from pyovpn.tools.pki import Pki, make_pki
+from tests.unit.configtext import INLINE_CREDENTIALS
 from tests.unit.edgefakes import RunningDaemon, free_port, wait_until
 from tests.unit.test_edge_p2p import p2p_configs
 
@@ -373,3 +374,12 @@ def test_cd_moves_where_later_files_are_found(tmp_path: Path) -> None:
         parse_config_text(text.replace("cd keys\n", "") + "cd keys\n", cwd=str(tmp_path))
     with pytest.raises(ConfigError, match="cd: 'nowhere' is not a directory"):
         parse_config_text("cd nowhere\n" + text, cwd=str(tmp_path))
+
+
+def test_chroot_names_an_existing_directory_relative_to_cd(tmp_path: Path) -> None:
+    (tmp_path / "jail").mkdir()
+    client = "client\ndev tun\nremote 192.0.2.1\n" + INLINE_CREDENTIALS
+    o = parse_config_text(f"{client}cd {tmp_path}\nchroot jail\n")
+    assert o.chroot == str(tmp_path / "jail")
+    with pytest.raises(ConfigError, match="chroot: 'nowhere' is not a directory"):
+        parse_config_text(f"{client}chroot nowhere\n", cwd=str(tmp_path))

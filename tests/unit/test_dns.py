@@ -233,13 +233,19 @@ def test_peer_env() -> None:
     assert peer_env(None, "") == {}
 
 
-def test_failed_undo_keeps_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _applied_to_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, ResolverSetup]:
+    """DNS applied by rewriting a resolv.conf (nameserver 192.0.2.53 before, 10.8.0.1 after)."""
     _file_method(monkeypatch)
     conf = tmp_path / "resolv.conf"
     conf.write_text("nameserver 192.0.2.53\n")
     state = tmp_path / "state"
     r = ResolverSetup(state, conf)
     r.apply("tun9", parse_dns_lines(["dhcp-option DNS 10.8.0.1"]))
+    return conf, state, r
+
+
+def test_failed_undo_keeps_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf, state, r = _applied_to_file(tmp_path, monkeypatch)
     conf.unlink()
     conf.mkdir()  # cannot be read or written as a file: the undo fails
     r.restore()
@@ -249,6 +255,30 @@ def test_failed_undo_keeps_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ResolverSetup(state, conf).restore_stale()  # own pid counts as gone: a new process retries
     assert conf.read_text() == "something else\n"  # changed by someone else: left alone
     assert not (state / "dns-tun9.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody in a child process")
+def test_restore_after_privdrop_keeps_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After `user nobody` the state (in a root-only directory) is out of reach: the restore says so
+    and leaves everything for the next start as root instead of failing at exit."""
+    conf, state, r = _applied_to_file(tmp_path, monkeypatch)
+    state.chmod(0o700)
+    tmp_path.chmod(0o755)
+    pid = os.fork()
+    if pid == 0:  # the child: unprivileged, as the daemon after its privilege drop
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            r.restore()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (state / "dns-tun9.json").exists() and "10.8.0.1" in conf.read_text()
+    ResolverSetup(state, conf).restore_stale()  # the next start, as root, undoes it
+    assert conf.read_text() == "nameserver 192.0.2.53\n"
 
 
 def test_certificate_env_formats() -> None:

@@ -56,7 +56,13 @@ def test_management_options() -> None:
     assert o.management_hold and o.management_log_cache == 50
     u = parse_config_text(CLIENT + "management /run/x.sock unix\n")
     assert u.management_unix == "/run/x.sock" and u.management is None
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        parse_config_text(CLIENT + "management /run/x.sock unix\nmanagement-query-passwords\n")
+    q = parse_config_text(CLIENT + "management /run/x.sock unix\nmanagement-query-passwords\n")
+    assert q.management_query_passwords
+    with pytest.raises(ConfigError, match="needs a management interface"):
+        parse_config_text(CLIENT + "management-query-passwords\n")
+    f = parse_config_text(CLIENT + "management /run/x.sock unix\nmanagement-forget-disconnect\n")
+    assert f.management_forget_disconnect
+    with pytest.raises(ConfigError, match="`management-forget-disconnect` needs a management interface"):
+        parse_config_text(CLIENT + "management-forget-disconnect\n")
     with pytest.raises(ConfigError, match="stdin"):
         parse_config_text(CLIENT + "management 127.0.0.1 7505 stdin\n")

@@ -1,6 +1,7 @@
 """A client's username/password across connections: asking the user for what the config lacks
-(terminal or systemd-ask-password), auth-nocache, auth-retry, static-challenge and the server's
-auth-token, which stands in for the password on every reconnect.
+(terminal or systemd-ask-password, or a management client with management-query-passwords),
+auth-nocache, auth-retry, static-challenge and the server's auth-token, which stands in for the
+password on every reconnect.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ PASSWORD_PROMPT = "Enter Auth Password:"
 
 #: asks the user one question: (prompt, echo the answer) -> answer
 Asker = Callable[[str, bool], str]
+
+
+class AnswerLater(Exception):
+    """Raised by :func:`answer_later`: the question goes to the management interface once it runs."""
+
+
+def answer_later(prompt: str, echo: bool) -> str:
+    """The asker while the management interface is not up yet (management-query-passwords)."""
+    raise AnswerLater(prompt)
 
 
 def static_challenge_password(password: str, response: str) -> str:
@@ -118,11 +128,43 @@ class Credentials:
         self._ask = ask
         self._token: str | None = None
         self._token_user: str | None = None
+        self._given = (username, password)  # what the config said: `forget-passwords` keeps it
+        self._supplied: tuple[str, str] | None = None  # answers a management client gave
+
+    def needs_answers(self) -> bool:
+        """With management-query-passwords: must this connection's credentials be asked for?
+
+        A static challenge's response is asked every time, as OpenVPN does; an auth-token
+        stands in for everything."""
+        if self._token is not None or self._supplied is not None:
+            return False
+        return self._password is None or self._challenge is not None
+
+    @property
+    def challenge(self) -> StaticChallenge | None:
+        return self._challenge
+
+    def supply(self, username: str, password: str) -> None:
+        """A management client's answers, used by the next :meth:`for_connection` (its password is
+        already in final form: with a static challenge the client builds the SCRV1 string)."""
+        self._supplied = (username, password)
+
+    def forget(self) -> None:
+        """`forget-passwords`: drop what was asked for and the auth-token; keep the config's part."""
+        self._username, self._password = self._given
+        self._supplied = None
+        self._token = self._token_user = None
 
     def for_connection(self) -> tuple[str, str]:
         """The (username, password) for the next connection, asking only for what is missing."""
         if self._token is not None:
             return self._token_user or self._username or "", self._token
+        if self._supplied is not None:
+            supplied, self._supplied = self._supplied, None
+            self._username = supplied[0]
+            if not self._nocache and self._challenge is None:
+                self._password = supplied[1]
+            return supplied
         if self._username is None:
             self._username = self._ask(USERNAME_PROMPT, True)
         password = self._password

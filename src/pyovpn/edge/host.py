@@ -136,6 +136,10 @@ class PeerHost(_Host, Protocol):
         """
         ...
 
+    def auth_token_pushed(self, token: str) -> None:
+        """The server pushed an auth-token (or renewed it): later logins send it."""
+        ...
+
 
 class ServerHost(_Host, Protocol):
     """What the P2MP :class:`pyovpn.server.multi.MultiServer` uses of the daemon running it."""

@@ -28,9 +28,11 @@ MAX_LINE = 4096  # a longer command line is refused (OpenVPN's own buffer is sma
 HELP = """\
 Management Interface for pyovpn (OpenVPN 2.6 management version 5 subset)
 Commands:
+auth-retry [mode]      : Show or set what a refused login does (none|nointeract|interact).
 bytecount n            : Show bytes in/out, update every n secs (0=off).
 echo [on|off] [N|all]  : Like log, but only show messages in echo buffer.
 exit|quit              : Close management session.
+forget-passwords       : Drop the answers given so far and any auth-token.
 help                   : Print this message.
 hold [on|off|release]  : Set/show hold flag to on/off state, or
                          release current hold and start tunnel.
@@ -41,11 +43,15 @@ load-stats             : Show global server load stats.
 log [on|off] [N|all]   : Turn on/off realtime log display
                          + show last N lines or 'all' for entire history.
 mute [n]               : Set log mute level to n, or show level if n is absent.
+needok type action     : Answer a >NEED-OK question (pyovpn asks none).
+needstr type action    : Answer a >NEED-STR question (pyovpn asks none).
+password type p        : Answer the outstanding >PASSWORD question of that type.
 pid                    : Show process ID of the current OpenVPN process.
 signal s               : Send signal s to daemon,
                          s = SIGHUP|SIGTERM|SIGUSR1|SIGUSR2.
 state [on|off] [N|all] : Like log, but show state history.
 status [n]             : Show current daemon status info using format #n.
+username type u        : Give the username the outstanding >PASSWORD question needs.
 verb [n]               : Set log verbosity level to n, or show if n is absent.
 version                : Show current version number.
 END"""
@@ -155,3 +161,77 @@ class LineSplitter:
 
 def now() -> int:
     return int(time.time())
+
+
+# ---------------------------------------------------------------------------- the password dialogue
+# `management-query-passwords`: the daemon announces what it needs with `>PASSWORD:Need …` and a
+# management client answers with `username TYPE VALUE` / `password TYPE VALUE` (quoted and
+# backslash-escaped like config lines, e.g. NetworkManager's `password "Auth" "pa\ ss"`). The reply
+# texts and the rules (which answer is needed, what counts as complete) follow OpenVPN 2.6's
+# manage.c so that clients written for it get the same lines.
+
+#: OpenVPN's query types: the auth-user-pass credentials and a private key's passphrase.
+AUTH = "Auth"
+PRIVATE_KEY = "Private Key"
+AUTH_RETRY_MODES = ("none", "nointeract", "interact")
+
+
+def missing_parameters(command: str, n: int) -> str:
+    return f"ERROR: the '{command}' command requires {n} parameter{'s' if n > 1 else ''}"
+
+
+def not_needed(what: str) -> str:
+    """The reply to an answer nothing asked for (`what`: username, password, needok-confirmation …)."""
+    return f"ERROR: no {what} is currently needed at this time"
+
+
+def verification_failed(kind: str, reason: str | None = None) -> str:
+    """`>PASSWORD:Verification Failed: 'Auth'`, with the server's AUTH_FAILED reason when it gave one."""
+    text = f">PASSWORD:Verification Failed: '{kind}'"
+    return f"{text} ['{reason}']" if reason else text
+
+
+def auth_token(token: str) -> str:
+    """What OpenVPN tells management clients whenever the server pushes an auth-token."""
+    return f">PASSWORD:Auth-Token:{token}"
+
+
+@dataclass
+class PasswordQuery:
+    """One outstanding `>PASSWORD:Need …` question and the answers given to it so far.
+
+    ``challenge``: a static challenge (its text and whether the answer is echoed); the
+    management client then sends the whole ``SCRV1:…`` password itself, as with OpenVPN.
+    """
+
+    kind: str = AUTH
+    password_only: bool = False
+    challenge: tuple[str, bool] | None = None
+    username: str = ""
+    password: str | None = None
+
+    def prompt(self) -> str:
+        text = f">PASSWORD:Need '{self.kind}' {'password' if self.password_only else 'username/password'}"
+        if self.challenge is not None and not self.password_only:
+            text += f" SC:{int(self.challenge[1])},{self.challenge[0]}"
+        return text
+
+    @property
+    def complete(self) -> bool:
+        """Everything asked for is in: a non-empty username (unless password only) and a password."""
+        return self.password is not None and (self.password_only or self.username != "")
+
+    def answer(self, what: str, args: list[str]) -> str:
+        """Take a ``username``/``password`` command's words (after the command); the reply line."""
+        if len(args) < 2:
+            return missing_parameters(what, 2)
+        kind, value = args[0], args[1]
+        if what == "username" and self.password_only:
+            return not_needed(what)
+        if kind != self.kind:
+            return f"ERROR: {what} of type '{kind}' entered, but we need one of type '{self.kind}'"
+        if what == "username":
+            self.username = value
+        else:
+            self.password = value  # "" is a blank password, which OpenVPN passes on as such
+        return f"SUCCESS: '{kind}' {what} entered, but not yet verified"

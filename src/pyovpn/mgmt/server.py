@@ -52,6 +52,13 @@ class ManagementHost(Protocol):
 
     def info(self) -> Awaitable[dict[str, object]]: ...  # `pyovpn-info` (pyovpn show), JSON-able
 
+    @property
+    def auth_retry(self) -> str: ...  # none | nointeract | interact
+
+    def set_auth_retry(self, mode: str) -> None: ...
+
+    def forget_passwords(self) -> None: ...  # `forget-passwords`: credentials and auth-token
+
 
 @dataclass
 class _Collecting:
@@ -89,6 +96,7 @@ class ManagementServer:
         password: str | None = None,
         hold: bool = False,
         log_cache: int = 1000,
+        forget_on_disconnect: bool = False,
     ) -> None:
         if (address is None) == (unix_path is None):
             raise ValueError("give a TCP address or a unix socket path")
@@ -109,6 +117,10 @@ class ManagementServer:
         # management-client-auth: verdicts awaited per (CID, KID)
         self._auth: dict[tuple[int, int], asyncio.Future[ExternalAuth]] = {}
         self._pending_extended: dict[tuple[int, int], bool] = {}  # client-pending-auth seen
+        # management-query-passwords: the question outstanding and who waits for its answers
+        self._query: p.PasswordQuery | None = None
+        self._query_answered: asyncio.Future[None] | None = None
+        self._forget_on_disconnect = forget_on_disconnect  # management-forget-disconnect
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -210,6 +222,8 @@ class ManagementServer:
             client.send(p.line(p.GREETING))
             if not self._released.is_set():
                 client.send(p.line(">HOLD:Waiting for hold release:0"))
+            if self._query is not None:
+                client.send(p.line(self._query.prompt()))  # a late client still sees the question
             splitter = p.LineSplitter()
             while True:
                 data = await reader.read(65536)
@@ -228,6 +242,7 @@ class ManagementServer:
         finally:
             if client in self.clients:
                 self.clients.remove(client)
+                self._client_left()
             if client.bytecount is not None:
                 client.bytecount.cancel()
             writer.close()
@@ -296,6 +311,12 @@ class ManagementServer:
             "client-auth-nt": self._client_auth_nt,
             "client-deny": self._client_deny,
             "client-pending-auth": self._client_pending_auth,
+            "username": self._username,
+            "password": self._password,
+            "forget-passwords": self._forget_passwords,
+            "auth-retry": self._auth_retry,
+            "needok": self._needok,
+            "needstr": self._needstr,
             "exit": self._help,
             "quit": self._help,
         }
@@ -475,6 +496,73 @@ class ManagementServer:
             return p.line("ERROR: mute level must be a number")
         self._mute = int(args[0])
         return p.line(f"SUCCESS: mute level changed to {args[0]}")
+
+
+    # ------------------------------------------------------------------ the password dialogue
+
+    async def query_password(self, query: p.PasswordQuery) -> p.PasswordQuery:
+        """`>PASSWORD:Need …` to every management client (and to any that connects later); the
+        answers once a client has given all of them. Cancelling (a signal) withdraws the question."""
+        log.info("MANAGEMENT: Need password(s) from management interface, waiting...")
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._query, self._query_answered = query, answered
+        self._broadcast_all(query.prompt())
+        try:
+            await answered
+        finally:
+            self._query = self._query_answered = None
+        return query
+
+    def _client_left(self) -> None:
+        if self._forget_on_disconnect and self._server is not None:  # not when the daemon exits
+            self.host.forget_passwords()
+
+    def auth_failure(self, kind: str, reason: str | None = None) -> None:
+        self._broadcast_all(p.verification_failed(kind, reason))
+
+    def auth_token(self, token: str) -> None:
+        self._broadcast_all(p.auth_token(token))
+
+    def _answer(self, what: str, args: list[str]) -> bytes:
+        query, answered = self._query, self._query_answered
+        if query is None or answered is None or answered.done():
+            return self._unasked(what, args, what)
+        reply = query.answer(what, args)
+        if query.complete:
+            answered.set_result(None)
+        return p.line(reply)
+
+    async def _username(self, c: _Client, args: list[str]) -> bytes:
+        return self._answer("username", args)
+
+    async def _password(self, c: _Client, args: list[str]) -> bytes:
+        return self._answer("password", args)
+
+    async def _forget_passwords(self, c: _Client, args: list[str]) -> bytes:
+        self.host.forget_passwords()
+        return p.line("SUCCESS: Passwords were forgotten")
+
+    async def _auth_retry(self, c: _Client, args: list[str]) -> bytes:
+        if not args:
+            return p.line(f"SUCCESS: auth-retry={self.host.auth_retry}")
+        if args[0] not in p.AUTH_RETRY_MODES:
+            # OpenVPN prints the option parser's complaint to the client before the ERROR line
+            complaint = "--auth-retry method must be 'interact', 'nointeract', or 'none'"
+            return p.lines([complaint, "ERROR: bad auth-retry parameter"])
+        self.host.set_auth_retry(args[0])
+        return p.line("SUCCESS: auth-retry parameter changed")
+
+    @staticmethod
+    def _unasked(command: str, args: list[str], what: str) -> bytes:
+        """An answer (`command TYPE VALUE`) to a question that is not outstanding: OpenVPN's error."""
+        return p.line(p.missing_parameters(command, 2) if len(args) < 2 else p.not_needed(what))
+
+    async def _needok(self, c: _Client, args: list[str]) -> bytes:
+        # pyovpn never asks a NEED-OK/NEED-STR question, so an answer is never needed (OpenVPN's reply)
+        return self._unasked("needok", args, "needok-confirmation")
+
+    async def _needstr(self, c: _Client, args: list[str]) -> bytes:
+        return self._unasked("needstr", args, "needstr-string")
 
 
 class ManagementLogHandler(logging.Handler):
