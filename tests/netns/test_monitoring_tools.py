@@ -18,16 +18,7 @@ from pathlib import Path
 import pytest
 
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import (
-    INIT_LINE,
-    Star,
-    netns_exec,
-    p2mp_client_config,
-    p2mp_server_config,
-    ping,
-    wait_for_lines,
-    wait_listening,
-)
+from tests.netns import harness as h
 
 pytestmark = pytest.mark.netns
 
@@ -41,28 +32,22 @@ def _have_tools() -> str | None:
     return f"missing {missing}: run scripts/setup.sh (it installs the monitoring tools)" if missing else None
 
 
-def _view(tmp_path: Path, pki: Pki, impl: str) -> dict[str, object]:
+def _view(tmp_path: Path, pki: Pki, impl: h.Impl) -> dict[str, object]:
     (tmp_path / impl).mkdir()
-    with Star(tmp_path / impl, 1, base=230) as star:
+    with h.Star(tmp_path / impl, 1, base=230) as star:
         status = star.workdir / "status.log"
         conf = star.workdir / "server.conf"
         conf.write_text(
-            p2mp_server_config(
+            h.p2mp_server_config(
                 pki, "10.81.0.0", "management 127.0.0.1 7505", f"status {status} 1", "status-version 1"
             )
         )
-        argv = (
-            ["openvpn", "--config", str(conf)]
-            if impl == "openvpn"
-            else [sys.executable, "-m", "pyovpn", "--config", str(conf)]
-        )
-        server = star.spawn(star.server, argv, f"server-{impl}")
-        wait_listening(star.server, "udp", 1194, proc=server)
+        server = star.start_server(impl, conf)
         cconf = star.workdir / "client.conf"
-        cconf.write_text(p2mp_client_config(pki, star.server_addr(0), pki.client_crt, pki.client_key))
-        client = star.spawn(star.peers[0], ["openvpn", "--config", str(cconf)], "client-openvpn")
-        wait_for_lines([server, client], INIT_LINE, 40)
-        assert ping(star.peers[0], "10.81.0.1").ok
+        cconf.write_text(h.p2mp_client_config(pki, star.server_addr(0), pki.client_crt, pki.client_key))
+        client = star.spawn(star.peers[0], h.vpn_argv("openvpn", cconf), "client-openvpn")
+        h.wait_for_lines([server, client], h.INIT_LINE, 40)
+        assert h.ping(star.peers[0], "10.81.0.1").ok
         deadline = time.monotonic() + 15
         while (
             "client," not in (status.read_text() if status.exists() else "") and time.monotonic() < deadline
@@ -70,7 +55,7 @@ def _view(tmp_path: Path, pki: Pki, impl: str) -> dict[str, object]:
             time.sleep(0.3)
         probe = Path(__file__).with_name("monitor_probe.py")
         res = subprocess.run(
-            [*netns_exec(star.server), sys.executable, str(probe), "7505", str(status)],
+            [*h.netns_exec(star.server), sys.executable, str(probe), "7505", str(status)],
             capture_output=True,
             text=True,
             timeout=60,
