@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyovpn.edge.pidcheck import pid_alive
 from pyovpn.proto.dnsopts import DnsSettings, resolv_conf_fragment
 
 log = logging.getLogger("pyovpn.dns")
@@ -220,22 +221,10 @@ class ResolverSetup:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
-            if data.get("netns") != here or _alive(int(data.get("pid", 0))):
+            if data.get("netns") != here or pid_alive(int(data.get("pid", 0))):
                 continue
             log.warning("undoing the DNS settings a previous pyovpn left for %s (%s)", data.get("dev"), path)
             _undo_state(path)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run(cmd: Sequence[str], stdin: str | None = None) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,6 +200,27 @@ def test_named_netns_is_none_outside_any_named_namespace(tmp_path: Path) -> None
     (run_dir / "other").write_text("")  # not a namespace file: no match
     assert named_netns(run_dir) is None
     assert named_netns(tmp_path / "missing") is None
+
+
+def test_state_of_a_killed_process_not_yet_reaped_is_undone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # after kill -9 the parent (a supervisor, a test harness) may not have reaped the process yet:
+    # its pid still answers kill(0), but it is a zombie and what it left must be undone
+    _file_method(monkeypatch)
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 192.0.2.53\n")
+    state = tmp_path / "state"
+    ResolverSetup(state, conf).apply("tun9", parse_dns_lines(["dhcp-option DNS 10.8.0.1"]))
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, left unreaped
+        data = json.loads((state / _state_name("tun9")).read_text())
+        (state / _state_name("tun9")).write_text(json.dumps(data | {"pid": child.pid}))
+        ResolverSetup(state, conf).restore_stale()
+    finally:
+        child.wait()
+    assert conf.read_text() == "nameserver 192.0.2.53\n" and not list(state.iterdir())
 
 
 def test_restore_leaves_a_file_someone_else_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

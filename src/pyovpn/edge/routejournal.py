@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from pyovpn.edge.fulltunnel import HostRoute, RouteChange
 from pyovpn.edge.host import HostNetwork
+from pyovpn.edge.pidcheck import pid_alive
 from pyovpn.errors import BackendError
 
 log = logging.getLogger("pyovpn")
@@ -81,23 +82,6 @@ def _apply(net: HostNetwork, change: RouteChange) -> None:
         net.del_route_exact(r.ifname, r.network, r.prefixlen, r.gateway, r.metric)
     else:
         net.del_route(r.ifname, r.network, r.prefixlen, r.gateway, r.metric)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        # a killed process its parent has not reaped yet is gone for our purposes
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 class RouteJournal:
@@ -203,7 +187,7 @@ def replay_stale(net: HostNetwork, path: Path) -> int:
     pending: RouteChange | None = None
     try:
         header = json.loads(lines[0]) if lines else {}
-        if _pid_alive(int(header.get("pid", 0))):
+        if pid_alive(int(header.get("pid", 0))):
             log.warning("route journal %s belongs to running process %s; left alone", path, header.get("pid"))
             return 0
         for line in lines[1:]:
