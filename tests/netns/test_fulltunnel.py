@@ -13,6 +13,7 @@ server, which routes it (no NAT), so beyond sees the client's VPN address as the
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -497,4 +498,49 @@ def test_installer_server_full_tunnel_and_dns_restored_after_every_exit(pki: Pki
     finally:
         if resolv_dir is not None:
             shutil.rmtree(resolv_dir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_docker_openvpn_server_pushing_comp_lzo_no_with_a_pyovpn_client(pki: Pki) -> None:
+    """Stock OpenVPN running docker-openvpn's generated server config (net30, `comp-lzo no` pushed)
+    and pyovpn running the client config its ovpn_getclient writes: traffic both ways through the
+    framing userspace data plane, one log line saying why the kernel's is not used, and the stock
+    server never sees a packet it cannot parse."""
+    workdir = Path(tempfile.mkdtemp(prefix="pyovpn-docker-"))
+    workdir.chmod(0o711)
+    try:
+        with ThreeNamespaces(workdir / "net") as net:
+            server_conf = lay_out(pki, workdir, "docker-openvpn", SERVER)
+            # the one absolute path (the container's /tmp) kept inside the test's directory
+            text = server_conf.read_text().replace("/tmp/openvpn-status.log", "openvpn-status.log")
+            server_conf.write_text(text + "disable-dco\n")
+            echo = net.spawn(net.beyond, [sys.executable, "-c", ECHO_PEER, BEYOND], "beyond-echo")
+            echo.wait_for_line("listening", 10)
+            client_conf = workdir / "docker-client.conf"
+            client_conf.write_text(
+                "client\nnobind\ndev tun\nremote-cert-tls server\n\n"
+                f"remote {SERVER} 1194 udp\n"
+                f"ca {pki.ca_crt}\ncert {pki.client_crt}\nkey {pki.client_key}\n"
+                f"key-direction 1\ntls-auth {pki.ta_key}\nredirect-gateway def1\n"
+            )
+            server = net.spawn("b", ["openvpn", "--config", str(server_conf)], "server-openvpn", cwd=workdir)
+            wait_listening(net.b, "udp", 1194, proc=server)
+            client = net.spawn("a", vpn_argv("pyovpn", client_conf), "client-pyovpn")
+            client.wait_for_line(INIT_LINE, 40)
+            server.wait_for_line(r"MULTI: primary virtual IP for \S+: 192\.168\.255\.6", 20)
+            for ns, address in ((net.a, "192.168.255.1"), (net.b, "192.168.255.6")):
+                res = subprocess.run(
+                    [*netns_exec(ns), "ping", "-n", "-c", "5", "-i", "0.2", "-W", "2", "-s", "1000", address],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                )
+                assert res.returncode == 0 and " 0% packet loss" in res.stdout, res.stdout + client.tail()
+            assert peer_seen_beyond(net.a) == "192.168.255.6"  # redirect-gateway def1: beyond via the VPN
+            log = client.text()
+            assert len(re.findall(r"kernel data channel not used: .*comp-lzo no", log)) == 1, client.tail()
+            assert not re.search(r"Bad .*decompression header|bad compression", server.text()), server.tail()
+            assert client.stop(15) == 0
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
