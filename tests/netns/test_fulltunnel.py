@@ -1,6 +1,8 @@
 """Full tunnel against stock OpenVPN 2.6: a pushed `redirect-gateway def1 bypass-dhcp` really sends
 the client's traffic through the tunnel, and the client's routes are exactly as before after
-SIGTERM, after SIGUSR1 and reconnect, and after kill -9 followed by the next start.
+SIGTERM, after SIGUSR1 and reconnect, and after kill -9 followed by the next start. The same
+against stock servers running the installers' configs unchanged (Nyr with and without IPv6,
+angristan, docker-openvpn), with the pushed DNS in a namespace-private resolv.conf.
 
 Three namespaces this test creates: the client (a), the server (b), and "beyond" (c) behind the
 server, which routes it (no NAT), so beyond sees the client's VPN address as the source.
@@ -297,6 +299,7 @@ def normalized(lines: list[str], vpn_gateway: str) -> list[str]:
             'pull-filter accept "route 10.200"\npull-filter ignore "route "\n',
         ),
         ('push "redirect-gateway def1"\npush "route 10.200.0.0 255.255.0.0"\n', "route-nopull\n"),
+        ('push "redirect-gateway def1 bypass-dhcp"\npush "block-ipv6"\n', ""),
     ],
     ids=[
         "pushed-def1",
@@ -310,6 +313,7 @@ def normalized(lines: list[str], vpn_gateway: str) -> list[str]:
         "redirect-private",
         "pull-filter",
         "route-nopull",
+        "angristan-block-ipv6",
     ],
 )
 def test_routes_match_stock_openvpn_client(
@@ -355,10 +359,11 @@ def test_pull_filter_reject_restarts_without_touching_routes(pki: Pki, tmp_path:
         assert routes(net.a) == original
 
 
-# Nyr's pushes: `redirect-gateway def1 bypass-dhcp` (with `ipv6` when it has an IPv6 address) and
-# DNS 1.1.1.1, 1.0.0.1. Here 1.1.1.1 is an address of the beyond namespace, so the pushed resolver
-# is reached only through the tunnel; a namespace-private resolv.conf points nowhere before.
-PUSHED_DNS = "1.1.1.1"
+# The installers push `redirect-gateway def1 bypass-dhcp` (Nyr adds `ipv6` when it has an IPv6
+# address) and DNS 1.1.1.1 and 1.0.0.1. Here those are addresses of the beyond namespace, so the
+# pushed resolvers are reached only through the tunnel; the namespace-private resolv.conf that
+# the client namespace starts with points nowhere.
+PUSHED_DNS = ("1.1.1.1", "1.0.0.1")
 NAME, ANSWER = "www.example.test", "10.77.0.99"
 MARKER = "pyovpn-plaintext-marker"
 RESOLV_BEFORE = (
@@ -388,14 +393,14 @@ def leftovers(ns: str) -> list[str]:
     return sorted(p.name for p in run_dir.glob(f"*-{ino}-*")) if run_dir.is_dir() else []
 
 
-@pytest.mark.parametrize("installer", ["nyr", "nyr-ipv6"])
+@pytest.mark.parametrize("installer", ["nyr", "nyr-ipv6", "angristan"])
 def test_installer_server_full_tunnel_and_dns_restored_after_every_exit(pki: Pki, installer: str) -> None:
-    """Stock OpenVPN 2.6 running Nyr's server config unchanged; pyovpn runs Nyr's client config.
+    """Stock OpenVPN 2.6 running an installer's server config unchanged; pyovpn runs its client config.
     Traffic beyond the server and the pushed resolver go through the tunnel (the outer link carries
     only VPN packets, none with readable payload); SIGUSR1 keeps, SIGTERM and kill -9 + next start
     restore routes and resolv.conf exactly; nothing stays in /run/pyovpn for the namespace."""
     # like the installer's /etc/openvpn/server (chmod o+x): the server as `user nobody` rereads crl.pem
-    workdir = Path(tempfile.mkdtemp(prefix="pyovpn-nyr-"))
+    workdir = Path(tempfile.mkdtemp(prefix="pyovpn-installer-"))
     workdir.chmod(0o711)
     resolv_dir: Path | None = None
     try:
@@ -404,12 +409,13 @@ def test_installer_server_full_tunnel_and_dns_restored_after_every_exit(pki: Pki
             resolv_dir.mkdir(parents=True, exist_ok=False)
             resolv = resolv_dir / "resolv.conf"
             resolv.write_text(RESOLV_BEFORE)
-            run(["ip", "-n", net.beyond, "addr", "add", f"{PUSHED_DNS}/32", "dev", "lo"])
-            run(["ip", "-n", net.b, "route", "add", f"{PUSHED_DNS}/32", "via", BEYOND])
             responder = Path(__file__).with_name("dns_responder.py")
-            answerer = [sys.executable, str(responder), PUSHED_DNS, "example.test", ANSWER]
-            dns = net.spawn(net.beyond, answerer, "dns")
-            dns.wait_for_line("answering", 10)
+            for address in PUSHED_DNS:
+                run(["ip", "-n", net.beyond, "addr", "add", f"{address}/32", "dev", "lo"])
+                run(["ip", "-n", net.b, "route", "add", f"{address}/32", "via", BEYOND])
+                answerer = [sys.executable, str(responder), address, "example.test", ANSWER]
+                dns = net.spawn(net.beyond, answerer, f"dns-{address}")
+                dns.wait_for_line("answering", 10)
             for address in (BEYOND, BEYOND6):
                 echo = net.spawn(net.beyond, [sys.executable, "-c", ECHO_PEER, address], f"echo-{address}")
                 echo.wait_for_line("listening", 10)
@@ -417,9 +423,10 @@ def test_installer_server_full_tunnel_and_dns_restored_after_every_exit(pki: Pki
             server_conf = lay_out(pki, workdir, installer, SERVER)
             # as the harness does for every stock server: the kernel's DCO module is not under test
             server_conf.write_text(server_conf.read_text() + "disable-dco\n")
-            client_conf = workdir / "nyr-client.conf"
+            client_conf = workdir / "client.conf"
+            template = TEMPLATES / f"{installer.removesuffix('-ipv6')}-client.conf"
             client_conf.write_text(
-                (TEMPLATES / "nyr-client.conf").read_text().replace("SERVER_IP", SERVER)
+                template.read_text().replace("SERVER_IP", SERVER)
                 + f"ca {pki.ca_crt}\ncert {pki.client_crt}\nkey {pki.client_key}\ntls-crypt {pki.tc_key}\n"
             )
             original = routes(net.a)
@@ -453,7 +460,7 @@ def test_installer_server_full_tunnel_and_dns_restored_after_every_exit(pki: Pki
                 assert int(seen.group(1)) >= 10 and seen.group(2) == seen.group(3) == "0", capture.text()
 
             client = start("client-1")
-            wait_equal(lambda: PUSHED_DNS in resolv.read_text(), True, "pushed DNS in resolv.conf")
+            wait_equal(lambda: "nameserver 1.0.0.1" in resolv.read_text(), True, "pushed DNS in resolv.conf")
             tunnel_routes, tunnel_resolv = routes(net.a), resolv.read_text()
             assert any(r.startswith("0.0.0.0/1 dev tun0") for r in tunnel_routes), tunnel_routes
             assert any(r.startswith("128.0.0.0/1 dev tun0") for r in tunnel_routes), tunnel_routes
@@ -461,7 +468,10 @@ def test_installer_server_full_tunnel_and_dns_restored_after_every_exit(pki: Pki
             v6_halves = {"::/3 dev tun0", "2000::/4 dev tun0", "3000::/4 dev tun0", "fc00::/7 dev tun0"}
             v6_routed = v6_halves <= {" ".join(r.split()[:3]) for r in tunnel_routes}
             assert v6_routed == (installer == "nyr-ipv6"), tunnel_routes
-            assert "nameserver 1.1.1.1\nnameserver 1.0.0.1\n" in tunnel_resolv, tunnel_resolv
+            # the pushed servers, in the order pushed, in place of the namespace's own
+            pushed = re.findall(r'push "dhcp-option DNS (\S+)"', server_conf.read_text())
+            assert sorted(pushed) == sorted(PUSHED_DNS)
+            assert re.findall(r"^nameserver (\S+)$", tunnel_resolv, re.M) == pushed, tunnel_resolv
             assert "192.0.2.53" not in tunnel_resolv
             tunneled()
 
