@@ -515,10 +515,12 @@ def test_docker_openvpn_server_pushing_comp_lzo_no_with_a_pyovpn_client(pki: Pki
     """Stock OpenVPN running docker-openvpn's generated server config (net30, `comp-lzo no` pushed)
     and pyovpn running the client config its ovpn_getclient writes: traffic both ways through the
     framing userspace data plane, one log line saying why the kernel's is not used, and the stock
-    server never sees a packet it cannot parse."""
+    server never sees a packet it cannot parse. The client namespace has no resolv.conf of its own:
+    the pushed DNS must not reach the host's."""
     workdir = Path(tempfile.mkdtemp(prefix="pyovpn-docker-"))
     workdir.chmod(0o711)
     try:
+        host_resolv = Path("/etc/resolv.conf").read_bytes()
         with ThreeNamespaces(workdir / "net") as net:
             server_conf = lay_out(pki, workdir, "docker-openvpn", SERVER)
             # the one absolute path (the container's /tmp) kept inside the test's directory
@@ -551,6 +553,9 @@ def test_docker_openvpn_server_pushing_comp_lzo_no_with_a_pyovpn_client(pki: Pki
             log = client.text()
             assert len(re.findall(r"kernel data channel not used: .*comp-lzo no", log)) == 1, client.tail()
             assert not re.search(r"Bad .*decompression header|bad compression", server.text()), server.tail()
+            # its pushed DNS: this namespace has no resolver file of its own, so the host's stays as it is
+            assert f"DNS 8.8.8.8, 8.8.4.4 not applied: network namespace {net.a} has no resolver file" in log
+            assert Path("/etc/resolv.conf").read_bytes() == host_resolv
             assert client.stop(15) == 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
