@@ -352,7 +352,7 @@ def test_restore_after_privdrop_keeps_state(tmp_path: Path, monkeypatch: pytest.
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert (state / "dns-tun9.json").exists() and "10.8.0.1" in conf.read_text()
+    assert list(state.glob("dns-*-tun9.json")) and "10.8.0.1" in conf.read_text()
     ResolverSetup(state, conf).restore_stale()  # the next start, as root, undoes it
     assert conf.read_text() == "nameserver 192.0.2.53\n"
 
