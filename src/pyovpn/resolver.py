@@ -10,9 +10,16 @@ Stock OpenVPN leaves DNS to scripts on Linux; pyovpn applies pushed or configure
 * neither: /etc/resolv.conf rewritten in place (in place, because it may be a bind mount, e.g.
   under ``ip netns exec``), the original restored on exit.
 
+Inside a named network namespace (`ip netns add NAME`) only the namespace's own resolver file
+is touched: `ip netns exec NAME` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf,
+and that file is rewritten in place. systemd-resolved and resolvconf belong to the host (they
+would apply a namespace's settings to a host link, or to the host's resolv.conf), and without a
+private file the namespace shares the host's, so then DNS is left alone with a warning.
+
 Before anything changes, a state file under /run/pyovpn records what is about to be changed
 (and for /etc/resolv.conf its original text), so the next start undoes what a killed process left.
-The state names the network namespace it belongs to, so a start elsewhere leaves it alone.
+The state file is named after the network namespace and device (/run is shared between
+namespaces, where every client's device may be tun0), so a start elsewhere leaves it alone.
 """
 
 from __future__ import annotations
@@ -27,15 +34,42 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyovpn.proto.dnsopts import DnsSettings, resolv_conf_fragment
-from pyovpn.rundir import RUN_DIR, netns_id, pid_alive
+from pyovpn.rundir import RUN_DIR, netns_id, netns_inode, pid_alive
 
 log = logging.getLogger("pyovpn.dns")
 
 STATE_DIR = RUN_DIR
+NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add` pins named namespaces
+NETNS_ETC_DIR = Path("/etc/netns")  # where `ip netns exec` finds a namespace's own resolv.conf
 RESOLV_CONF = Path("/etc/resolv.conf")
 RESOLVED_SOCKET = Path("/run/systemd/resolve/io.systemd.Resolve")
 TURN_OFF_HINT = "add `pyovpn-dns off` to the config to leave DNS to your up/down scripts"
 _COMMAND_TIMEOUT = 10.0
+
+
+def named_netns(run_dir: Path = NETNS_RUN_DIR) -> str | None:
+    """The `ip netns` name of this process's network namespace; None if it has none (the host's)."""
+    try:
+        own = os.stat("/proc/self/ns/net")
+        entries = sorted(run_dir.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            st = entry.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            return entry.name
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def resolvectl_commands(dev: str, s: DnsSettings) -> list[list[str]]:
@@ -74,13 +108,35 @@ class _Applied:
 class ResolverSetup:
     """DNS for one tunnel device: :meth:`apply` once up, :meth:`restore` when it closes."""
 
-    def __init__(self, state_dir: Path = STATE_DIR, resolv_conf: Path = RESOLV_CONF) -> None:
+    def __init__(
+        self,
+        state_dir: Path = STATE_DIR,
+        resolv_conf: Path = RESOLV_CONF,
+        netns_dirs: tuple[Path, Path] = (NETNS_RUN_DIR, NETNS_ETC_DIR),
+    ) -> None:
         self.state_dir = state_dir
         self.resolv_conf = resolv_conf
+        self.netns_run_dir, self.netns_etc_dir = netns_dirs
         self._applied: _Applied | None = None
 
     def _state_path(self, dev: str) -> Path:
-        return self.state_dir / f"dns-{dev}.json"
+        return self.state_dir / f"dns-{netns_inode()}-{dev}.json"
+
+    def _method(self) -> tuple[str | None, str]:
+        """How DNS is applied here, and when it is not, why and what to do."""
+        writable = os.access(self.resolv_conf, os.W_OK)
+        name = named_netns(self.netns_run_dir)
+        if name is None:
+            why = f"no systemd-resolved, no resolvconf and {self.resolv_conf} is not writable; "
+            return self.pick_method(writable), why + "install resolvconf or run as root"
+        private = self.netns_etc_dir / name / "resolv.conf"
+        if not _same_file(private, self.resolv_conf):
+            return None, (
+                f"network namespace {name} has no resolver file of its own ({self.resolv_conf} is the "
+                f"host's, and the host's resolver manager cannot see this namespace's links); create "
+                f"{private}, which `ip netns exec {name}` mounts over {self.resolv_conf}"
+            )
+        return ("file" if writable else None), f"{private} is not writable; run as root"
 
     def _save_state(self, a: _Applied) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +168,7 @@ class ResolverSetup:
         self.restore()
         if s.is_empty():
             return
-        method = self.pick_method(os.access(self.resolv_conf, os.W_OK))
+        method, why_not = self._method()
         servers = ", ".join(s.servers) or "no servers"
         domains = f" (domains {', '.join(s.domains)})" if s.domains else ""
         try:
@@ -130,15 +186,9 @@ class ResolverSetup:
                 written = merged_resolv_conf(original, s, dev)
                 self._save_state(_Applied("file", dev, written, original))
                 self.resolv_conf.write_text(written, encoding="utf-8")
-                where = f"{self.resolv_conf} (no resolver manager runs here)"
+                where = f"{self.resolv_conf} (no resolver manager for this network namespace)"
             else:
-                log.warning(
-                    "DNS %s%s not applied: no systemd-resolved, no resolvconf and %s is not writable; "
-                    "install resolvconf or run as root",
-                    servers,
-                    domains,
-                    self.resolv_conf,
-                )
+                log.warning("DNS %s%s not applied: %s", servers, domains, why_not)
                 return
         except (OSError, subprocess.SubprocessError) as exc:
             log.error("DNS %s%s could not be applied: %s; %s", servers, domains, exc, TURN_OFF_HINT)

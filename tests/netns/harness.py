@@ -370,6 +370,28 @@ def sweep_stale_namespaces() -> list[str]:
     return removed
 
 
+PYOVPN_RUN_DIR = Path("/run/pyovpn")
+
+
+def _ns_inode(ns: str) -> int | None:
+    try:
+        return os.stat(f"/run/netns/{ns}").st_ino
+    except OSError:
+        return None
+
+
+def _sweep_namespace_state(inodes: Iterable[int]) -> None:
+    """Remove what pyovpn keeps per network namespace under /run (route journals, DNS state,
+    named ``*-<netns inode>-<dev>.*``) for namespaces just deleted: a test killed with -9 leaves
+    them, and no later start can undo anything in a namespace that is gone."""
+    # an inode number a new namespace (a parallel run's) has taken meanwhile is that one's
+    live = {_ns_inode(entry.name) for entry in Path("/run/netns").glob("*")}
+    for ino in set(inodes) - live:
+        for path in PYOVPN_RUN_DIR.glob(f"*-{ino}-*"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 class _Namespaces:
     """What Netns and Star share: a context manager that creates its namespaces on entry
     (deleting them again if that fails) and on exit stops its processes, kills anything else
@@ -410,8 +432,10 @@ class _Namespaces:
         """Stop our processes, kill anything else inside, delete the namespaces. Idempotent."""
         if not self._open:
             return
+        inodes = [ino for ino in map(_ns_inode, self.namespaces()) if ino is not None]
         try:
             _stop_and_delete(self.procs, self.namespaces(), proc_timeout=self.PROC_TIMEOUT)
+            _sweep_namespace_state(inodes)
         finally:
             self._open = False
             _unregister(self)

@@ -11,9 +11,12 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from pyovpn.tools.pki import Pki
 from tests.netns.harness import (
@@ -32,6 +35,7 @@ SERVER_NAME = "vpn.failover.test"
 DEAD_PORT = 1199  # nothing listens there: a silent UDP server, a refused TCP connect
 POLL = 3  # server-poll-timeout of the silent entry
 SPEC = TunnelSpec(role="server")
+BLACKHOLED = "198.51.100.7"  # TEST-NET-2, routed to a blackhole inside the test's namespace b
 
 
 @contextlib.contextmanager
@@ -63,21 +67,39 @@ def start_client(net: Netns, pki: Pki, connection_lines: str) -> Proc:
     return net.spawn("a", vpn_argv("pyovpn", cfg), "client-pyovpn")
 
 
-def test_silent_first_remote_fails_over_to_a_named_second(net: Netns, pki: Pki) -> None:
+def blackhole(net: Netns) -> str:
+    """An address whose packets namespace b (the client's router to it) drops without a word:
+    no ICMP error comes back, as with a server behind a firewall that drops."""
+    run(["ip", "-n", net.a, "route", "add", f"{BLACKHOLED}/32", "via", net.outer("b", 4)])
+    run(["ip", "netns", "exec", net.b, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    run(["ip", "-n", net.b, "route", "add", "blackhole", f"{BLACKHOLED}/32"])
+    return BLACKHOLED
+
+
+def run(argv: list[str]) -> None:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, f"{' '.join(argv)}: {res.stderr}"
+
+
+@pytest.mark.parametrize("first", ["closed-port", "blackholed"])
+def test_silent_first_remote_fails_over_to_a_named_second(net: Netns, pki: Pki, first: str) -> None:
     server = start_stock_server(net, pki)
+    dead = f"{net.outer('b', 4)} {DEAD_PORT}" if first == "closed-port" else f"{blackhole(net)} {SPEC.port}"
     with hosts_file(net, f"{net.outer('b', 4)} {SERVER_NAME}"):
         started = time.monotonic()
         client = start_client(
             net,
             pki,
             f"proto udp\nserver-poll-timeout {POLL}\nconnect-retry 1\n"
-            f"remote {net.outer('b', 4)} {DEAD_PORT}\nremote {SERVER_NAME} {SPEC.port}\n",
+            f"remote {dead}\nremote {SERVER_NAME} {SPEC.port}\n",
         )
         wait_for_lines([client, server], INIT_LINE, POLL + 40)
         took = time.monotonic() - started
     log = client.text()
     assert "Connection entry 1/2" in log and "Server poll timeout" in log
     assert f"Connection entry 2/2: {SERVER_NAME}:{SPEC.port} (udp)" in log
+    # the named entry connected within its own server-poll-timeout: it never timed out
+    assert log.count("Server poll timeout") == 1, log
     # at least the poll timeout of the silent entry, and not much more (generous: shared CPU)
     assert POLL <= took < POLL + 40
 

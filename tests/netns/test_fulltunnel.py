@@ -1,6 +1,8 @@
 """Full tunnel against stock OpenVPN 2.6: a pushed `redirect-gateway def1 bypass-dhcp` really sends
 the client's traffic through the tunnel, and the client's routes are exactly as before after
-SIGTERM, after SIGUSR1 and reconnect, and after kill -9 followed by the next start.
+SIGTERM, after SIGUSR1 and reconnect, and after kill -9 followed by the next start. The same
+against stock servers running the installers' configs unchanged (Nyr with and without IPv6,
+angristan, docker-openvpn), with the pushed DNS in a namespace-private resolv.conf.
 
 Three namespaces this test creates: the client (a), the server (b), and "beyond" (c) behind the
 server, which routes it (no NAT), so beyond sees the client's VPN address as the source.
@@ -13,11 +15,15 @@ server, which routes it (no NAT), so beyond sees the client's VPN address as the
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -37,6 +43,7 @@ from tests.netns.harness import (
     vpn_argv,
     wait_listening,
 )
+from tests.netns.installers import TEMPLATES, lay_out
 
 BEYOND = "198.18.0.2"
 BEYOND6 = "fd00:c6:12::2"
@@ -63,14 +70,17 @@ ECHO_PEER = textwrap.dedent(
 
 # Counts what crosses veth0 for a few seconds: VPN UDP to/from the server, and anything else
 # at the IP level (link-layer housekeeping such as ARP and IPv6 link-local is not traffic).
+# argv: seconds [VPN port [marker ...]]; plain= counts frames in which any marker is readable.
 CAPTURE = textwrap.dedent(
     f"""
     import socket, struct, sys, time
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
     s.bind(("veth0", 0))
     s.settimeout(0.2)
+    port = int(sys.argv[2]) if len(sys.argv) > 2 else {SPEC.port}
+    markers = [m.encode() for m in sys.argv[3:]]
     print("capturing", flush=True)
-    vpn = other = 0
+    vpn = other = plain = 0
     others = []
     end = time.monotonic() + float(sys.argv[1])
     while time.monotonic() < end:
@@ -78,6 +88,7 @@ CAPTURE = textwrap.dedent(
             frame = s.recv(65535)
         except TimeoutError:
             continue
+        plain += any(m in frame for m in markers)
         ethertype = struct.unpack("!H", frame[12:14])[0]
         if ethertype != 0x0800:
             if ethertype == 0x86DD and frame[22] == 0xFE and frame[23] & 0xC0 == 0x80:
@@ -101,12 +112,12 @@ CAPTURE = textwrap.dedent(
         proto = ip[9]
         src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
         sport, dport = struct.unpack("!HH", ip[ihl:ihl + 4]) if proto in (6, 17) else (0, 0)
-        if proto == 17 and {{src, dst}} == {{"172.31.254.1", "{SERVER}"}} and {SPEC.port} in (sport, dport):
+        if proto == 17 and {{src, dst}} == {{"172.31.254.1", "{SERVER}"}} and port in (sport, dport):
             vpn += 1
         else:
             other += 1
             others.append(f"{{proto}} {{src}}:{{sport}}->{{dst}}:{{dport}}")
-    print(f"vpn={{vpn}} other={{other}} {{others[:5]}}", flush=True)
+    print(f"vpn={{vpn}} other={{other}} plain={{plain}} {{others[:5]}}", flush=True)
     """
 )
 
@@ -171,11 +182,12 @@ def routes(ns: str) -> list[str]:
     return sorted(line.strip() for line in lines)
 
 
-def peer_seen_beyond(ns: str, beyond: str = BEYOND) -> str:
-    """Connect from ``ns`` to the beyond server; the source address it saw."""
+def peer_seen_beyond(ns: str, beyond: str = BEYOND, say: str = "") -> str:
+    """Connect from ``ns`` to the beyond server; the source address it saw. ``say`` is sent after
+    the answer (the server has closed by then, but the bytes still cross the wire)."""
     code = (
         "import socket; s = socket.create_connection(("
-        f"'{beyond}', {BEYOND_PORT}), timeout=5); print(s.recv(100).decode())"
+        f"'{beyond}', {BEYOND_PORT}), timeout=5); print(s.recv(100).decode()); s.sendall({say.encode()!r})"
     )
     return run([*netns_exec(ns), sys.executable, "-c", code]).strip()
 
@@ -287,6 +299,7 @@ def normalized(lines: list[str], vpn_gateway: str) -> list[str]:
             'pull-filter accept "route 10.200"\npull-filter ignore "route "\n',
         ),
         ('push "redirect-gateway def1"\npush "route 10.200.0.0 255.255.0.0"\n', "route-nopull\n"),
+        ('push "redirect-gateway def1 bypass-dhcp"\npush "block-ipv6"\n', ""),
     ],
     ids=[
         "pushed-def1",
@@ -300,6 +313,7 @@ def normalized(lines: list[str], vpn_gateway: str) -> list[str]:
         "redirect-private",
         "pull-filter",
         "route-nopull",
+        "angristan-block-ipv6",
     ],
 )
 def test_routes_match_stock_openvpn_client(
@@ -343,3 +357,205 @@ def test_pull_filter_reject_restarts_without_touching_routes(pki: Pki, tmp_path:
         client.wait_for_line(r"restarting", 10)
         assert INIT_LINE not in client.text()
         assert routes(net.a) == original
+
+
+# The installers push `redirect-gateway def1 bypass-dhcp` (Nyr adds `ipv6` when it has an IPv6
+# address) and DNS 1.1.1.1 and 1.0.0.1. Here those are addresses of the beyond namespace, so the
+# pushed resolvers are reached only through the tunnel; the namespace-private resolv.conf that
+# the client namespace starts with points nowhere.
+PUSHED_DNS = ("1.1.1.1", "1.0.0.1")
+NAME, ANSWER = "www.example.test", "10.77.0.99"
+MARKER = "pyovpn-plaintext-marker"
+RESOLV_BEFORE = (
+    "# namespace-private resolver for a pyovpn test\nnameserver 192.0.2.53\noptions timeout:1 attempts:1\n"
+)
+
+
+def resolves(ns: str) -> str:
+    """The address ``NAME`` resolves to in ``ns`` ("" if it does not)."""
+    res = subprocess.run(
+        [*netns_exec(ns), "getent", "ahostsv4", NAME], capture_output=True, text=True, timeout=20, check=False
+    )
+    return res.stdout.split()[0] if res.returncode == 0 and res.stdout else ""
+
+
+def wait_equal(read: Callable[[], object], want: object, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while read() != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert read() == want, f"{what}: {read()!r} != {want!r}"
+
+
+def leftovers(ns: str) -> list[str]:
+    """What pyovpn keeps for namespace ``ns`` under /run/pyovpn (route journals, DNS state)."""
+    ino = os.stat(f"/run/netns/{ns}").st_ino
+    run_dir = Path("/run/pyovpn")
+    return sorted(p.name for p in run_dir.glob(f"*-{ino}-*")) if run_dir.is_dir() else []
+
+
+@pytest.mark.parametrize("installer", ["nyr", "nyr-ipv6", "angristan"])
+def test_installer_server_full_tunnel_and_dns_restored_after_every_exit(pki: Pki, installer: str) -> None:
+    """Stock OpenVPN 2.6 running an installer's server config unchanged; pyovpn runs its client config.
+    Traffic beyond the server and the pushed resolver go through the tunnel (the outer link carries
+    only VPN packets, none with readable payload); SIGUSR1 keeps, SIGTERM and kill -9 + next start
+    restore routes and resolv.conf exactly; nothing stays in /run/pyovpn for the namespace."""
+    # like the installer's /etc/openvpn/server (chmod o+x): the server as `user nobody` rereads crl.pem
+    workdir = Path(tempfile.mkdtemp(prefix="pyovpn-installer-"))
+    workdir.chmod(0o711)
+    resolv_dir: Path | None = None
+    try:
+        with ThreeNamespaces(workdir / "net") as net:
+            resolv_dir = Path("/etc/netns") / net.a
+            resolv_dir.mkdir(parents=True, exist_ok=False)
+            resolv = resolv_dir / "resolv.conf"
+            resolv.write_text(RESOLV_BEFORE)
+            responder = Path(__file__).with_name("dns_responder.py")
+            for address in PUSHED_DNS:
+                run(["ip", "-n", net.beyond, "addr", "add", f"{address}/32", "dev", "lo"])
+                run(["ip", "-n", net.b, "route", "add", f"{address}/32", "via", BEYOND])
+                answerer = [sys.executable, str(responder), address, "example.test", ANSWER]
+                dns = net.spawn(net.beyond, answerer, f"dns-{address}")
+                dns.wait_for_line("answering", 10)
+            for address in (BEYOND, BEYOND6):
+                echo = net.spawn(net.beyond, [sys.executable, "-c", ECHO_PEER, address], f"echo-{address}")
+                echo.wait_for_line("listening", 10)
+
+            server_conf = lay_out(pki, workdir, installer, SERVER)
+            # as the harness does for every stock server: the kernel's DCO module is not under test
+            server_conf.write_text(server_conf.read_text() + "disable-dco\n")
+            client_conf = workdir / "client.conf"
+            template = TEMPLATES / f"{installer.removesuffix('-ipv6')}-client.conf"
+            client_conf.write_text(
+                template.read_text().replace("SERVER_IP", SERVER)
+                + f"ca {pki.ca_crt}\ncert {pki.client_crt}\nkey {pki.client_key}\ntls-crypt {pki.tc_key}\n"
+            )
+            original = routes(net.a)
+            # the capture sees a marker sent in the clear (so it would see one that leaked)
+            argv = [sys.executable, "-c", CAPTURE, "3", "1194", MARKER]
+            capture = net.spawn("a", argv, "capture-clear")
+            capture.wait_for_line("capturing", 10)
+            assert peer_seen_beyond(net.a, say=MARKER) == "172.31.254.1" and resolves(net.a) == ""
+            seen = capture.wait_for_line(r"vpn=(\d+) other=(\d+) plain=(\d+)", 15)
+            assert int(seen.group(2)) > 0 and int(seen.group(3)) > 0, capture.text()
+
+            server = net.spawn("b", ["openvpn", "--config", str(server_conf)], "server-openvpn", cwd=workdir)
+            wait_listening(net.b, "udp", 1194, proc=server)
+
+            def start(name: str) -> Proc:
+                client = net.spawn("a", vpn_argv("pyovpn", client_conf), name)
+                client.wait_for_line(INIT_LINE, 40)
+                return client
+
+            def tunneled() -> None:
+                """Beyond sees the VPN addresses; the pushed resolver answers; nothing readable outside."""
+                argv = [sys.executable, "-c", CAPTURE, "5", "1194", MARKER, "example"]
+                capture = net.spawn("a", argv, "capture")
+                capture.wait_for_line("capturing", 10)
+                for _ in range(3):
+                    assert peer_seen_beyond(net.a, say=MARKER).startswith("10.8.0.")
+                if installer == "nyr-ipv6":
+                    assert peer_seen_beyond(net.a, BEYOND6, say=MARKER).startswith("fddd:1194:1194:1194:")
+                assert resolves(net.a) == ANSWER
+                seen = capture.wait_for_line(r"vpn=(\d+) other=(\d+) plain=(\d+)", 15)
+                assert int(seen.group(1)) >= 10 and seen.group(2) == seen.group(3) == "0", capture.text()
+
+            client = start("client-1")
+            wait_equal(lambda: "nameserver 1.0.0.1" in resolv.read_text(), True, "pushed DNS in resolv.conf")
+            tunnel_routes, tunnel_resolv = routes(net.a), resolv.read_text()
+            assert any(r.startswith("0.0.0.0/1 dev tun0") for r in tunnel_routes), tunnel_routes
+            assert any(r.startswith("128.0.0.0/1 dev tun0") for r in tunnel_routes), tunnel_routes
+            assert any(r.startswith(f"{SERVER} via {SERVER} dev veth0") for r in tunnel_routes), tunnel_routes
+            v6_halves = {"::/3 dev tun0", "2000::/4 dev tun0", "3000::/4 dev tun0", "fc00::/7 dev tun0"}
+            v6_routed = v6_halves <= {" ".join(r.split()[:3]) for r in tunnel_routes}
+            assert v6_routed == (installer == "nyr-ipv6"), tunnel_routes
+            # the pushed servers, in the order pushed, in place of the namespace's own
+            pushed = re.findall(r'push "dhcp-option DNS (\S+)"', server_conf.read_text())
+            assert sorted(pushed) == sorted(PUSHED_DNS)
+            assert re.findall(r"^nameserver (\S+)$", tunnel_resolv, re.M) == pushed, tunnel_resolv
+            assert "192.0.2.53" not in tunnel_resolv
+            tunneled()
+
+            # SIGUSR1: reconnects to the same state
+            mark = client.mark()
+            os.kill(client.pid, signal.SIGUSR1)
+            client.wait_for_line(INIT_LINE, 40, since=mark)
+            wait_equal(lambda: routes(net.a), tunnel_routes, "routes after SIGUSR1")
+            wait_equal(resolv.read_text, tunnel_resolv, "resolv.conf after SIGUSR1")
+            tunneled()
+
+            # SIGTERM: everything as before
+            assert client.stop(15) == 0
+            assert routes(net.a) == original and resolv.read_text() == RESOLV_BEFORE
+            assert peer_seen_beyond(net.a) == "172.31.254.1" and resolves(net.a) == ""
+            assert leftovers(net.a) == []
+
+            # kill -9 leaves both changed; the next start undoes that first, then sets up again
+            crashed = start("client-2")
+            wait_equal(resolv.read_text, tunnel_resolv, "resolv.conf of the second run")
+            os.kill(crashed.pid, signal.SIGKILL)
+            crashed.wait(10)
+            assert resolv.read_text() == tunnel_resolv and routes(net.a) != original
+            again = start("client-3")
+            assert "left by a pyovpn process that did not exit cleanly" in again.text(), again.tail()
+            assert "undoing the DNS settings a previous pyovpn left" in again.text(), again.tail()
+            wait_equal(lambda: routes(net.a), tunnel_routes, "routes after the restart")
+            wait_equal(resolv.read_text, tunnel_resolv, "resolv.conf after the restart")
+            tunneled()
+            assert again.stop(15) == 0
+            assert routes(net.a) == original and resolv.read_text() == RESOLV_BEFORE
+            assert leftovers(net.a) == []
+            assert server.running(), server.tail()
+    finally:
+        if resolv_dir is not None:
+            shutil.rmtree(resolv_dir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_docker_openvpn_server_pushing_comp_lzo_no_with_a_pyovpn_client(pki: Pki) -> None:
+    """Stock OpenVPN running docker-openvpn's generated server config (net30, `comp-lzo no` pushed)
+    and pyovpn running the client config its ovpn_getclient writes: traffic both ways through the
+    framing userspace data plane, one log line saying why the kernel's is not used, and the stock
+    server never sees a packet it cannot parse. The client namespace has no resolv.conf of its own:
+    the pushed DNS must not reach the host's."""
+    workdir = Path(tempfile.mkdtemp(prefix="pyovpn-docker-"))
+    workdir.chmod(0o711)
+    try:
+        host_resolv = Path("/etc/resolv.conf").read_bytes()
+        with ThreeNamespaces(workdir / "net") as net:
+            server_conf = lay_out(pki, workdir, "docker-openvpn", SERVER)
+            # the one absolute path (the container's /tmp) kept inside the test's directory
+            text = server_conf.read_text().replace("/tmp/openvpn-status.log", "openvpn-status.log")
+            server_conf.write_text(text + "disable-dco\n")
+            echo = net.spawn(net.beyond, [sys.executable, "-c", ECHO_PEER, BEYOND], "beyond-echo")
+            echo.wait_for_line("listening", 10)
+            client_conf = workdir / "docker-client.conf"
+            client_conf.write_text(
+                "client\nnobind\ndev tun\nremote-cert-tls server\n\n"
+                f"remote {SERVER} 1194 udp\n"
+                f"ca {pki.ca_crt}\ncert {pki.client_crt}\nkey {pki.client_key}\n"
+                f"key-direction 1\ntls-auth {pki.ta_key}\nredirect-gateway def1\n"
+            )
+            server = net.spawn("b", ["openvpn", "--config", str(server_conf)], "server-openvpn", cwd=workdir)
+            wait_listening(net.b, "udp", 1194, proc=server)
+            client = net.spawn("a", vpn_argv("pyovpn", client_conf), "client-pyovpn")
+            client.wait_for_line(INIT_LINE, 40)
+            server.wait_for_line(r"MULTI: primary virtual IP for \S+: 192\.168\.255\.6", 20)
+            for ns, address in ((net.a, "192.168.255.1"), (net.b, "192.168.255.6")):
+                res = subprocess.run(
+                    [*netns_exec(ns), "ping", "-n", "-c", "5", "-i", "0.2", "-W", "2", "-s", "1000", address],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                )
+                assert res.returncode == 0 and " 0% packet loss" in res.stdout, res.stdout + client.tail()
+            assert peer_seen_beyond(net.a) == "192.168.255.6"  # redirect-gateway def1: beyond via the VPN
+            log = client.text()
+            assert len(re.findall(r"kernel data channel not used: .*comp-lzo no", log)) == 1, client.tail()
+            assert not re.search(r"Bad .*decompression header|bad compression", server.text()), server.tail()
+            # its pushed DNS: this namespace has no resolver file of its own, so the host's stays as it is
+            assert f"DNS 8.8.8.8, 8.8.4.4 not applied: network namespace {net.a} has no resolver file" in log
+            assert Path("/etc/resolv.conf").read_bytes() == host_resolv
+            assert client.stop(15) == 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

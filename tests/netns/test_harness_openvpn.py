@@ -6,7 +6,10 @@ test_interop.py only means something while these pass.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,6 +113,24 @@ def test_stale_namespaces_of_dead_runs_are_swept() -> None:
     # Our own (live) namespaces are never swept.
     with Netns() as n:
         assert not set(n.names.values()) & set(sweep_stale_namespaces())
+
+
+def test_teardown_removes_pyovpn_state_of_its_namespaces() -> None:
+    """What a pyovpn killed with -9 keeps for its namespace in /run/pyovpn (named by the
+    namespace's inode, as pyovpn names it) goes with the namespace; nothing stays behind."""
+    code = (
+        "from pyovpn.edge.routejournal import RUN_DIR, journal_path\n"
+        "p = journal_path(RUN_DIR, 'tun7')\n"
+        "p.parent.mkdir(parents=True, exist_ok=True)\n"
+        "p.write_text('{\"pid\": 1}\\n')\n"
+        "print(p, flush=True)\n"
+    )
+    with Netns() as n:
+        writer = n.spawn("a", [sys.executable, "-c", code], "writer")
+        assert writer.wait(20) == 0, writer.tail()
+        left = Path(writer.text().strip().splitlines()[-1])
+        assert left.exists() and left.name == f"routes-{os.stat(f'/run/netns/{n.a}').st_ino}-tun7.journal"
+    assert not left.exists()
 
 
 def test_count_rekeys_and_stall_parsing() -> None:

@@ -17,15 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from pyovpn.tools.pki import Pki, issue_client, write_crl
+from pyovpn.tools.pki import Pki, write_crl
 from tests.netns.harness import INIT_LINE, Proc, Star, ping, wait_for_lines, wait_listening
+from tests.netns.installers import TEMPLATES, issue, lay_out
 
 pytestmark = pytest.mark.netns
 
-TEMPLATES = Path(__file__).parent / "installer_servers"
 SERVER_VPN_IP = "10.8.0.1"
-# the files each server config names, relative to its directory, as the installers lay them out
-KEY_FILES = {"tc.key": "tc_key", "tls-crypt.key": "tc_key", "ta.key": "ta_key"}
 
 
 @pytest.fixture
@@ -40,32 +38,10 @@ def star() -> Iterator[Star]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _lay_out(pki: Pki, workdir: Path, installer: str, server_ip: str) -> Path:
-    """The installer's server config and the files it names, test PKI in place of its keys."""
-    shutil.copy(pki.ca_crt, workdir / "ca.crt")
-    shutil.copy(pki.server_crt, workdir / "server.crt")
-    shutil.copy(pki.server_key, workdir / "server.key")
-    for name, attr in KEY_FILES.items():
-        shutil.copy(getattr(pki, attr), workdir / name)
-    shutil.copy(TEMPLATES / "ffdhe2048.pem", workdir / "dh.pem")
-    write_crl(pki, workdir / "crl.pem")
-    (workdir / "ccd").mkdir(exist_ok=True)
-    conf = workdir / f"{installer}-server.conf"
-    conf.write_text((TEMPLATES / f"{installer}-server.conf").read_text().replace("SERVER_IP", server_ip))
-    return conf
-
-
-def _issue(pki: Pki, workdir: Path, cn: str) -> Path:
-    """A client certificate kept in the workdir, so revoking it and connecting with it agree."""
-    crt, key = issue_client(pki, cn)
-    shutil.copy(key, workdir / f"{cn}.key")
-    return Path(shutil.copy(crt, workdir / f"{cn}.crt"))
-
-
 def _client(pki: Pki, workdir: Path, installer: str, cn: str, server_ip: str) -> Path:
     crt, key = workdir / f"{cn}.crt", workdir / f"{cn}.key"
     if not crt.exists():
-        _issue(pki, workdir, cn)
+        issue(pki, workdir, cn)
     control = {
         "nyr": f"tls-crypt {pki.tc_key}",
         "angristan": f"tls-crypt {pki.tc_key}",
@@ -92,7 +68,7 @@ def _connect(star: Star, pki: Pki, installer: str, cn: str, i: int) -> Proc:
 
 @pytest.mark.parametrize("installer", ["nyr", "angristan", "pivpn"])
 def test_installer_default_server_with_its_stock_client(star: Star, pki: Pki, installer: str) -> None:
-    conf = _lay_out(pki, star.workdir, installer, star.server_addr(0))
+    conf = lay_out(pki, star.workdir, installer, star.server_addr(0))
     server = _start_server(star, conf)
     client = _connect(star, pki, installer, f"{installer}-user", 0)
     wait_for_lines([client], INIT_LINE, 60)
@@ -102,13 +78,13 @@ def test_installer_default_server_with_its_stock_client(star: Star, pki: Pki, in
 
 def test_crl_replaced_while_running_refuses_the_revoked_client(star: Star, pki: Pki) -> None:
     # angristan's config: no `local`, so clients reach it on each of the star's links
-    conf = _lay_out(pki, star.workdir, "angristan", star.server_addr(0))
+    conf = lay_out(pki, star.workdir, "angristan", star.server_addr(0))
     server = _start_server(star, conf)
     alice = _connect(star, pki, "angristan", "alice", 0)
     wait_for_lines([alice], INIT_LINE, 60)
 
     # what `easyrsa revoke bob && easyrsa gen-crl && cp crl.pem ...` does, with no server restart
-    bob_crt = _issue(pki, star.workdir, "bob")
+    bob_crt = issue(pki, star.workdir, "bob")
     mark = server.mark()
     write_crl(pki, star.workdir / "crl.pem", revoked=[bob_crt])
     bob = _connect(star, pki, "angristan", "bob", 1)
@@ -122,7 +98,7 @@ def test_crl_replaced_while_running_refuses_the_revoked_client(star: Star, pki: 
 
 def test_pool_persist_written_under_user_nobody_and_kept_across_restart(star: Star, pki: Pki) -> None:
     # angristan's config: no `local`, so clients reach it on each of the star's links
-    conf = _lay_out(pki, star.workdir, "angristan", star.server_addr(0))
+    conf = lay_out(pki, star.workdir, "angristan", star.server_addr(0))
     ipp = star.workdir / "ipp.txt"
     server = _start_server(star, conf)
     erin = _connect(star, pki, "angristan", "erin", 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from pyovpn.edge.iface import tun_params
 from pyovpn.errors import ConfigError, ProtocolError
 from pyovpn.proto.dnsopts import parse_dns_lines, resolv_conf_fragment
 from pyovpn.proto.push import parse_pushed_options
-from pyovpn.resolver import ResolverSetup, merged_resolv_conf, resolvectl_commands
+from pyovpn.resolver import ResolverSetup, merged_resolv_conf, named_netns, resolvectl_commands
 from pyovpn.script_env import default_gateway, peer_env, session_env
 from pyovpn.scripts import up_down_env
 
@@ -119,6 +121,11 @@ def _file_method(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ResolverSetup, "pick_method", staticmethod(lambda writable=True: "file"))
 
 
+def _state_name(dev: str) -> str:
+    """The state file of ``dev`` in this process's network namespace."""
+    return f"dns-{os.stat('/proc/self/ns/net').st_ino}-{dev}.json"
+
+
 def test_file_apply_restore_and_stale_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _file_method(monkeypatch)
     conf = tmp_path / "resolv.conf"
@@ -129,22 +136,91 @@ def test_file_apply_restore_and_stale_state(tmp_path: Path, monkeypatch: pytest.
     r = ResolverSetup(state, conf)
     r.apply("tun9", s)
     assert "nameserver 10.8.0.1" in conf.read_text() and "192.0.2.53" not in conf.read_text()
-    recorded = json.loads((state / "dns-tun9.json").read_text())
+    recorded = json.loads((state / _state_name("tun9")).read_text())
     assert recorded["original"] == original and recorded["pid"] == os.getpid()
     r.restore()
     assert conf.read_text() == original and not list(state.iterdir())
 
     # a killed process: its state stays; the next start in this namespace undoes it
     ResolverSetup(state, conf).apply("tun9", s)
-    data = json.loads((state / "dns-tun9.json").read_text())
+    data = json.loads((state / _state_name("tun9")).read_text())
     data["pid"] = 2**22 + 1  # above pid_max's default: no such process
-    (state / "dns-tun9.json").write_text(json.dumps(data))
+    (state / _state_name("tun9")).write_text(json.dumps(data))
     other_ns = tmp_path / "other.json"
     other_ns.write_text(json.dumps(data | {"netns": "0:0"}))
-    (state / "dns-tun8.json").write_text(other_ns.read_text())
+    (state / "dns-1-tun8.json").write_text(other_ns.read_text())
     ResolverSetup(state, conf).restore_stale()
     assert conf.read_text() == original
-    assert [p.name for p in state.iterdir()] == ["dns-tun8.json"]  # another namespace's: left alone
+    assert [p.name for p in state.iterdir()] == ["dns-1-tun8.json"]  # another namespace's: left alone
+
+
+def _named_here(tmp_path: Path) -> tuple[Path, Path]:
+    """A /run/netns-like directory naming this process's own network namespace "ns-x"."""
+    run_dir, etc_dir = tmp_path / "run-netns", tmp_path / "etc-netns"
+    run_dir.mkdir()
+    (etc_dir / "ns-x").mkdir(parents=True)
+    (run_dir / "ns-x").symlink_to("/proc/self/ns/net")
+    return run_dir, etc_dir
+
+
+def test_named_namespace_uses_its_private_file_not_the_host_manager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a host where systemd-resolved runs: a tunnel in a named namespace must still not reach it
+    monkeypatch.setattr(ResolverSetup, "pick_method", staticmethod(lambda writable=True: "resolved"))
+    run_dir, etc_dir = _named_here(tmp_path)
+    private = etc_dir / "ns-x" / "resolv.conf"
+    private.write_text("nameserver 192.0.2.53\n")
+    r = ResolverSetup(tmp_path / "state", private, (run_dir, etc_dir))
+    r.apply("tun0", parse_dns_lines(["dhcp-option DNS 10.8.0.1"]))
+    assert "nameserver 10.8.0.1" in private.read_text()
+    r.restore()
+    assert private.read_text() == "nameserver 192.0.2.53\n"
+
+
+def test_named_namespace_without_private_file_leaves_the_host_resolver_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _file_method(monkeypatch)
+    run_dir, etc_dir = _named_here(tmp_path)
+    host_conf = tmp_path / "resolv.conf"  # stands for the host's /etc/resolv.conf
+    host_conf.write_text("nameserver 192.0.2.53\n")
+    r = ResolverSetup(tmp_path / "state", host_conf, (run_dir, etc_dir))
+    with caplog.at_level("WARNING", logger="pyovpn.dns"):
+        r.apply("tun0", parse_dns_lines(["dhcp-option DNS 10.8.0.1"]))
+    assert host_conf.read_text() == "nameserver 192.0.2.53\n"
+    assert not (tmp_path / "state").exists()
+    assert f"create {etc_dir / 'ns-x' / 'resolv.conf'}, which `ip netns exec ns-x` mounts" in caplog.text
+
+
+def test_named_netns_is_none_outside_any_named_namespace(tmp_path: Path) -> None:
+    run_dir, _ = _named_here(tmp_path)
+    assert named_netns(run_dir) == "ns-x"
+    (run_dir / "ns-x").unlink()
+    (run_dir / "other").write_text("")  # not a namespace file: no match
+    assert named_netns(run_dir) is None
+    assert named_netns(tmp_path / "missing") is None
+
+
+def test_state_of_a_killed_process_not_yet_reaped_is_undone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # after kill -9 the parent (a supervisor, a test harness) may not have reaped the process yet:
+    # its pid still answers kill(0), but it is a zombie and what it left must be undone
+    _file_method(monkeypatch)
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 192.0.2.53\n")
+    state = tmp_path / "state"
+    ResolverSetup(state, conf).apply("tun9", parse_dns_lines(["dhcp-option DNS 10.8.0.1"]))
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, left unreaped
+        data = json.loads((state / _state_name("tun9")).read_text())
+        (state / _state_name("tun9")).write_text(json.dumps(data | {"pid": child.pid}))
+        ResolverSetup(state, conf).restore_stale()
+    finally:
+        child.wait()
+    assert conf.read_text() == "nameserver 192.0.2.53\n" and not list(state.iterdir())
 
 
 def test_restore_leaves_a_file_someone_else_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,12 +325,12 @@ def test_failed_undo_keeps_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     conf.unlink()
     conf.mkdir()  # cannot be read or written as a file: the undo fails
     r.restore()
-    assert (state / "dns-tun9.json").exists()
+    assert (state / _state_name("tun9")).exists()
     conf.rmdir()
     conf.write_text("something else\n")
     ResolverSetup(state, conf).restore_stale()  # own pid counts as gone: a new process retries
     assert conf.read_text() == "something else\n"  # changed by someone else: left alone
-    assert not (state / "dns-tun9.json").exists()
+    assert not (state / _state_name("tun9")).exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody in a child process")
@@ -276,7 +352,7 @@ def test_restore_after_privdrop_keeps_state(tmp_path: Path, monkeypatch: pytest.
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert (state / "dns-tun9.json").exists() and "10.8.0.1" in conf.read_text()
+    assert list(state.glob("dns-*-tun9.json")) and "10.8.0.1" in conf.read_text()
     ResolverSetup(state, conf).restore_stale()  # the next start, as root, undoes it
     assert conf.read_text() == "nameserver 192.0.2.53\n"
 

@@ -285,6 +285,13 @@ def test_journal_is_written_before_each_change_and_undo_restores_the_host(tmp_pa
     assert not path.exists()
 
 
+def test_no_changes_leave_no_journal_behind(tmp_path: Path) -> None:
+    # a tunnel without routes that is killed must not leave a journal file in /run/pyovpn
+    path = journal_path(tmp_path, TUN)
+    assert RouteJournal(lan_host(), path).apply([]) == []
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
 def test_a_failed_change_is_not_undone(tmp_path: Path) -> None:
     net = lan_host()
     net.add_route("eth0", "10.9.0.0", 16)  # someone else's route, which our add collides with

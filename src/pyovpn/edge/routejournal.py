@@ -127,6 +127,8 @@ class RouteJournal:
     def apply(self, changes: Sequence[RouteChange]) -> list[str]:
         """Make the changes in order, journaled; failures are logged (as OpenVPN does) and returned."""
         failures: list[str] = []
+        if not changes:
+            return failures  # no journal file: a crash would leave one with nothing to undo behind
         self._open()
         for change in changes:
             index = self._entries
