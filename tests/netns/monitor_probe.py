@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 
@@ -45,11 +44,13 @@ def monitor(port: int) -> dict[str, Any]:
     }
 
 
-def _library_view(v: Any, state_of: Callable[[Any], Any]) -> dict[str, Any]:
-    """openvpn-management-api is a fork of openvpn-api: the same VPN class but for how it gives the state."""
+def openvpn_api_view(port: int) -> dict[str, Any]:
+    import openvpn_api
+
+    v = openvpn_api.VPN("127.0.0.1", port)
     v.connect()
     try:
-        state = state_of(v)
+        state = v.state
         stats = v.get_stats()
         return {
             "release_word": str(v.release).split(" ")[0],
@@ -60,16 +61,21 @@ def _library_view(v: Any, state_of: Callable[[Any], Any]) -> dict[str, Any]:
         v.disconnect()
 
 
-def openvpn_api_view(port: int) -> dict[str, Any]:
-    import openvpn_api
-
-    return _library_view(openvpn_api.VPN("127.0.0.1", port), lambda v: v.state)
-
-
 def management_api_view(port: int) -> dict[str, Any]:
     import openvpn_management_api
 
-    return _library_view(openvpn_management_api.VPN("127.0.0.1", port), lambda v: v.get_state())
+    v = openvpn_management_api.VPN("127.0.0.1", port)
+    v.connect()
+    try:
+        state = v.get_state()
+        stats = v.get_stats()
+        return {
+            "release_word": str(v.release).split(" ")[0],
+            "state": str(state.state_name) if state is not None else None,
+            "clients": getattr(stats, "client_count", None),
+        }
+    finally:
+        v.disconnect()
 
 
 def status_reader_view(path: str) -> dict[str, Any]:
