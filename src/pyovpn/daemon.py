@@ -726,7 +726,9 @@ class Daemon:
         if not found:
             return f"ERROR: client-kill command failed: client {cid} not found"
         for c in found:
-            await conn.kill_client(c, message or "killed by the management interface")
+            # OpenVPN sends the message as given (HALT,... makes the client exit), RESTART by default
+            text = message or "RESTART"
+            await conn.kill_client(c, f"killed by the management interface ({text})", text)
         return "SUCCESS: client-kill command succeeded"
 
     # ------------------------------------------------------------------ the status file

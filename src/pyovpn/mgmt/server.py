@@ -374,7 +374,8 @@ class ManagementServer:
 
     async def _client_kill(self, c: _Client, args: list[str]) -> bytes:
         if not args or not args[0].isdigit():
-            return p.line("ERROR: client-kill needs a client id (CID)")
+            # OpenVPN's words first (tools match them), then what to do
+            return p.line("ERROR: cannot parse CID: give the number in the Client ID column of 'status 2'")
         return p.line(await self.host.client_kill(int(args[0]), " ".join(args[1:])))
 
     async def _hold(self, c: _Client, args: list[str]) -> bytes:
