@@ -177,3 +177,48 @@ def test_kill_client_kill_and_signal_act_as_in_openvpn(tmp_path: Path, pki: Pki)
             assert len(ours[key]) == 1 and str(ours[key][0]).startswith(seen[0]), (key, seen, ours[key])  # type: ignore[index,arg-type]
         else:
             assert ours[key] == seen, (key, seen, ours[key])
+
+
+def test_three_management_clients_all_get_client_and_state_notifications(tmp_path: Path, pki: Pki) -> None:
+    """OpenVPN serves one management client at a time; pyovpn serves three, and tells each everything."""
+    with Star(tmp_path, 1, base=239) as star:
+        sock = str(star.workdir / "mgmt.sock")
+        conf = star.workdir / "server.conf"
+        conf.write_text(
+            p2mp_server_config(pki, "10.84.0.0", f"management {sock} unix", "management-client-auth")
+        )
+        server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server")
+        wait_listening(star.server, "udp", 1194, proc=server)
+        ms = [Mgmt(sock) for _ in range(3)]
+        try:
+            for m in ms:
+                m.sock.settimeout(40)
+                assert m.line().startswith(">INFO:OpenVPN Management Interface Version 5")
+                assert m.command("state on") == ["SUCCESS: real-time state notification set to ON"]
+            crt, key = issue_client(pki, "dave")
+            cconf = star.workdir / "dave.conf"
+            cconf.write_text(p2mp_client_config(pki, star.server_addr(0), crt, key, "explicit-exit-notify 1"))
+            client = star.spawn(star.peers[0], ["openvpn", "--config", str(cconf)], "client-dave")
+            connects = [m.until(r"^>CLIENT:CONNECT,")[-1] for m in ms]
+            assert len(set(connects)) == 1, connects  # the same CID and KID for all three
+            cid, kid = connects[0].split(",")[1:3]
+            for m in ms:  # each gets the environment too, ending in ENV,END
+                env = m.until(r"^>CLIENT:ENV,END$")
+                assert ">CLIENT:ENV,common_name=dave" in env, env
+            # any one of them may decide; the others see the outcome
+            ms[1].sock.sendall(f"client-auth-nt {cid} {kid}\n".encode())
+            for m in ms:
+                m.until(rf"^>CLIENT:ESTABLISHED,{cid}$")
+            client.wait_for_line(INIT_LINE, 40)
+            client.stop()  # explicit-exit-notify: the server hears of it at once
+            for m in ms:
+                m.until(rf"^>CLIENT:DISCONNECT,{cid}$")
+            ms[2].sock.sendall(b"signal SIGUSR1\n")
+            for m in ms:
+                seen = m.until(r"^>STATE:\d+,CONNECTED,SUCCESS,")
+                assert any(re.match(r"^>STATE:\d+,RECONNECTING,SIGUSR1,", s) for s in seen), seen
+                assert len(seen[-1].split(",")) >= 8, seen[-1]
+            assert server.running()
+        finally:
+            for m in ms:
+                m.close()
