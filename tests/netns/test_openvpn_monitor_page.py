@@ -15,15 +15,7 @@ from pathlib import Path
 import pytest
 
 from pyovpn.tools.pki import Pki, issue_client
-from tests.netns.harness import (
-    INIT_LINE,
-    Star,
-    p2mp_client_config,
-    p2mp_server_config,
-    ping,
-    wait_for_lines,
-    wait_listening,
-)
+from tests.netns import harness as h
 from tests.netns.monitor_web import MonitorPage, session_rows
 from tests.netns.test_management import Mgmt
 
@@ -32,23 +24,23 @@ pytestmark = pytest.mark.netns
 NAMES = ("alice", "bob")
 
 
-def start_server_and_clients(star: Star, pki: Pki, impl: str) -> str:
+def start_server_and_clients(star: h.Star, pki: Pki, impl: str) -> str:
     """A server (stock or pyovpn) with a unix management socket and the stock clients of NAMES, up."""
     sock = str(star.workdir / "mgmt.sock")
     conf = star.workdir / "server.conf"
-    conf.write_text(p2mp_server_config(pki, "10.85.0.0", f"management {sock} unix"))
+    conf.write_text(h.p2mp_server_config(pki, "10.85.0.0", f"management {sock} unix"))
     argv = ["openvpn"] if impl == "openvpn" else [sys.executable, "-m", "pyovpn"]
     server = star.spawn(star.server, [*argv, "--config", str(conf)], f"server-{impl}")
-    wait_listening(star.server, "udp", 1194, proc=server)
+    h.wait_listening(star.server, "udp", 1194, proc=server)
     clients = []
     for i, cn in enumerate(NAMES):
         crt, key = issue_client(pki, cn)
         cconf = star.workdir / f"{cn}.conf"
-        cconf.write_text(p2mp_client_config(pki, star.server_addr(i), crt, key))
+        cconf.write_text(h.p2mp_client_config(pki, star.server_addr(i), crt, key))
         clients.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
-    wait_for_lines([server, *clients], INIT_LINE, 60)
+    h.wait_for_lines([server, *clients], h.INIT_LINE, 60)
     for i in range(len(NAMES)):
-        assert ping(star.peers[i], "10.85.0.1", count=3).ok
+        assert h.ping(star.peers[i], "10.85.0.1", count=3).ok
     return sock
 
 
@@ -65,7 +57,7 @@ def _status_rows(sock: str) -> dict[str, list[str]]:
 
 def _page_view(tmp_path: Path, pki: Pki, impl: str) -> list[tuple[str, str, str]]:
     (tmp_path / impl).mkdir()
-    with Star(tmp_path / impl, len(NAMES), base=241) as star:
+    with h.Star(tmp_path / impl, len(NAMES), base=241) as star:
         sock = start_server_and_clients(star, pki, impl)
         truth = _status_rows(sock)
         with MonitorPage(star.workdir, sock, f"{impl} server") as monitor:
