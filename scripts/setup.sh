@@ -39,8 +39,10 @@ install_into() {
     # $1: python interpreter; pip output is kept quiet unless it fails.
     "$1" -m pip install --quiet --disable-pip-version-check -e '.[test]'
     # The monitoring tools users run against OpenVPN, for tests/netns/test_monitoring_tools.py.
-    # openvpn-monitor pins old versions of its web stack; its data collector needs only these.
-    "$1" -m pip install --quiet --disable-pip-version-check openvpn-api openvpn-management-api jc semver geoip2 humanize
+    # openvpn-monitor pins exact versions of its dependencies; it runs with these current ones
+    # (flask and flask-wtf serve its page, tests/netns/test_openvpn_monitor_page.py).
+    "$1" -m pip install --quiet --disable-pip-version-check openvpn-api openvpn-management-api jc semver geoip2 humanize \
+        flask flask-wtf
     "$1" -m pip install --quiet --disable-pip-version-check --no-deps openvpn-monitor
     # openvpn-api pulls the old openvpn-status (same module name, cannot read 2.6 dates);
     # openvpn-status-reader is the maintained one

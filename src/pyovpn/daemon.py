@@ -753,7 +753,7 @@ class Daemon:
     async def kill(self, target: str) -> str:
         conn = self.current
         if not isinstance(conn, MultiServer):
-            return "ERROR: kill works in server mode only"
+            return _NOT_IN_THIS_MODE.format("kill")
         if ":" in target and target.rsplit(":", 1)[1].isdigit():
             host, port = target.rsplit(":", 1)
             found = [c for c in conn.clients.values() if c.addr[0] == host and c.addr[1] == int(port)]
@@ -790,12 +790,14 @@ class Daemon:
     async def client_kill(self, cid: int, message: str) -> str:
         conn = self.current
         if not isinstance(conn, MultiServer):
-            return "ERROR: client-kill works in server mode only"
+            return _NOT_IN_THIS_MODE.format("client-kill")
         found = [c for c in conn.clients.values() if c.in_backend and c.client_id == cid]
         if not found:
             return f"ERROR: client-kill command failed: client {cid} not found"
         for c in found:
-            await conn.kill_client(c, message or "killed by the management interface")
+            # OpenVPN sends the message as given (HALT,... makes the client exit), RESTART by default
+            text = message or "RESTART"
+            await conn.kill_client(c, f"killed by the management interface ({text})", text)
         return "SUCCESS: client-kill command succeeded"
 
     # ------------------------------------------------------------------ the status file
@@ -935,6 +937,10 @@ class Daemon:
         if self._backend is not None:
             with contextlib.suppress(Exception):
                 await self._backend.close()
+
+
+# OpenVPN's reply to a server-only management command, then what would make it work
+_NOT_IN_THIS_MODE = "ERROR: The '{}' command is not supported by the current daemon mode (a server's only)"
 
 
 def _sweep_dead_sockets(directory: str) -> None:

@@ -89,11 +89,11 @@ class Mgmt:
         self.sock.close()
 
 
-def _start(net: Netns, pki: Pki, impl: str, sock_path: str, extra: str = "") -> Proc:
+def _start(net: Netns, pki: Pki, impl: str, sock_path: str, extra: str = "", pw_file: str = "") -> Proc:
     (net.workdir / "s.conf").write_text(server_config(SPEC, pki, impl="openvpn", local=net.outer("b", 4)))
     (net.workdir / "c.conf").write_text(
         client_config(SPEC, pki, impl=impl, remote=net.outer("b", 4))  # type: ignore[arg-type]
-        + f"management {sock_path} unix\n{extra}"
+        + f"management {sock_path} unix {pw_file}\n{extra}"
     )
     server = net.spawn("b", vpn_argv("openvpn", net.workdir / "s.conf"), "server-openvpn")
     wait_listening(net.b, "udp", SPEC.port, proc=server)

@@ -25,6 +25,19 @@ from pyovpn.mgmt import protocol as p
 log = logging.getLogger("pyovpn")
 
 _SIGNALS = ("SIGHUP", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+# parameters a command must have (number, "at least"), checked first with OpenVPN's own reply
+_NEEDS = {
+    "signal": (1, False),
+    "kill": (1, False),
+    "log": (1, True),
+    "echo": (1, True),
+    "bytecount": (1, False),
+    "client-kill": (1, True),
+    "client-deny": (3, True),
+    "client-auth-nt": (2, False),
+    "client-auth": (2, False),
+    "client-pending-auth": (4, False),
+}
 
 
 class ManagementHost(Protocol):
@@ -280,6 +293,11 @@ class ManagementServer:
             return True
         if cmd in ("exit", "quit"):
             return False
+        need, at_least = _NEEDS.get(cmd, (0, False))
+        if len(args) < need:
+            many = f"{'at least ' if at_least else ''}{need} parameter{'s' if need > 1 else ''}"
+            c.send(p.line(f"ERROR: the '{cmd}' command requires {many}; 'help' shows its form"))
+            return True
         try:
             reply = await handler(c, args)
         except Exception as e:  # a command never takes the daemon down
@@ -347,7 +365,7 @@ class ManagementServer:
             return p.lines([*history.last(None), "END"])
         if word.isdigit():
             return p.lines([*history.last(int(word)), "END"])
-        return p.line(f"ERROR: {what} parameter must be 'on', 'off', 'all' or a number")
+        return p.line(f"ERROR: {what} parameter must be 'on' or 'off' or some number n or 'all'")
 
     async def _state(self, c: _Client, args: list[str]) -> bytes:
         return self._history_cmd(c, args, "state", self.states, "state_on")
@@ -395,7 +413,8 @@ class ManagementServer:
 
     async def _client_kill(self, c: _Client, args: list[str]) -> bytes:
         if not args or not args[0].isdigit():
-            return p.line("ERROR: client-kill needs a client id (CID)")
+            # OpenVPN's words first (tools match them), then what to do
+            return p.line("ERROR: cannot parse CID: give the number in the Client ID column of 'status 2'")
         return p.line(await self.host.client_kill(int(args[0]), " ".join(args[1:])))
 
     async def _hold(self, c: _Client, args: list[str]) -> bytes:
@@ -408,7 +427,7 @@ class ManagementServer:
         if word == "release":
             self._released.set()
             return p.line("SUCCESS: hold release succeeded")
-        return p.line("ERROR: hold parameter must be 'on', 'off' or 'release'")
+        return p.line("ERROR: bad hold command parameter: use 'on', 'off' or 'release'")
 
     async def _signal(self, c: _Client, args: list[str]) -> bytes:
         name = args[0].upper() if args else ""

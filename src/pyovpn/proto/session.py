@@ -400,6 +400,8 @@ class Session:
         if ks.state >= KS.ACTIVE:
             ks.tls.send(message.encode() + b"\x00")
             self._tls_dirty = True
+            # a message sent on its own (management client-kill) must not wait for the next input
+            self._flush_due = True
         else:
             ks.pending_text.append(message)
 

@@ -139,6 +139,13 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         sock.setblocking(False)
         self.sock = sock
         name = o.dev if o.dev not in ("tun", "") else "tun0"
+        if self.host.iface is not None:
+            # a restart (SIGUSR1/SIGHUP): like OpenVPN without persist-tun, the device the last
+            # instance opened is closed and opened again (the backend drives one at a time)
+            with contextlib.suppress(PyovpnError):
+                await self.host.dc.request(api.DelIface(self.host.iface))
+            log.info("Closing TUN/TAP interface %s", self.host.iface)
+            self.host.iface = None
         await self.host.clean_stale_link(name)
         await self.host.dc.request(api.NewIface(name, IfaceMode.MP, o.tun_mtu))
         self.host.iface = name
@@ -611,11 +618,16 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         v4 = [(net, plen, client.vpn_ip) for net, plen in client.iroutes]
         return v4 + [(net, plen, client.vpn_ip6_address) for net, plen in client.iroutes6]
 
-    async def kill_client(self, client: Client, reason: str) -> None:
-        """Management `kill`/`client-kill`: tell the client to reconnect (RESTART), then drop it."""
-        client.session.send_text("RESTART")
-        self._pump(client)
-        await asyncio.sleep(0.2)  # the RESTART message leaves before the peer is deleted
+    async def kill_client(self, client: Client, reason: str, message: str | None = None) -> None:
+        """Management `kill`/`client-kill`: drop the client, first sending it ``message``.
+
+        As in OpenVPN 2.6, `client-kill` sends a message (RESTART: reconnect, HALT: exit) and
+        `kill` sends none: that client finds out at its ping-restart.
+        """
+        if message is not None:
+            client.session.send_text(message)
+            self._pump(client)
+            await asyncio.sleep(0.2)  # the message leaves before the peer is deleted
         await self._remove_client(client, reason, notify_backend=True)
 
     async def _remove_client(self, client: Client, reason: str, *, notify_backend: bool) -> None:
