@@ -204,6 +204,8 @@ class Options:
     #: `comp-lzo [ARG]` / `compress [ALG]` as (option, argument or ""): the compression framing
     #: the data channel applies (pyovpn never compresses; it decompresses what it receives).
     compression: tuple[str, str] | None = None
+    #: `passtos`: each outgoing packet's TOS/DSCP is copied to the outer packet (userspace data plane)
+    passtos: bool = False
     #: `allow-compression no|asym|yes` as given ("" when absent).
     allow_compression: str = ""
     reneg_sec: int = 3600
@@ -1005,18 +1007,18 @@ def _opt_dev(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, dev=d.args[0])
 
 
-@_option("dev-type", args=(1, 1), usage="dev-type tun")
+@_option("dev-type", args=(1, 1), usage="dev-type tun|null")
 def _opt_dev_type(b: _Builder, d: Directive) -> None:
-    if d.args[0] != "tun":
+    if d.args[0] not in ("tun", "null"):
         raise _error(d, _layer2_message(f"dev-type {d.args[0]}"))
-    b.opts = replace(b.opts, dev_type="tun")
+    b.opts = replace(b.opts, dev_type=d.args[0])
 
 
 def _layer2_message(what: str) -> str:
     return (
         f"`{what}` is not supported: pyovpn's offloaded data channel carries only routed IP "
-        "packets (layer 3, tun), not Ethernet frames (tap) or a null device; use `dev tun` here "
-        "and on the server"
+        "packets (layer 3, tun, or OpenVPN's `dev null`), not Ethernet frames (tap); use `dev tun` "
+        "here and on the server"
     )
 
 
@@ -2384,13 +2386,11 @@ def _opt_reneg_volume(b: _Builder, d: Directive) -> None:
         )
 
 
-_option("passtos", args=(0, 0))(
-    _make_refusal(
-        "`passtos` is not supported: the offloaded data channel does not copy the inner packets' "
-        "TOS/DSCP bits to the outer packets. Remove it (and mark traffic with iptables DSCP rules "
-        "on the tunnel's outer socket if you need QoS)"
-    )
-)
+@_option("passtos")
+def _opt_passtos(b: _Builder, d: Directive) -> None:
+    # carried out on the userspace data plane (the kernel ovpn driver sends every packet with the
+    # socket's TOS); see edge/backendfit.py and datachannel/tos.py
+    b.opts = replace(b.opts, passtos=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2417,8 +2417,15 @@ def _validate(b: _Builder) -> Options:
     dev_type = o.dev_type
     if "dev-type" not in b.where:
         dev_type = "tap" if o.dev.startswith("tap") else "null" if o.dev.startswith("null") else "tun"
-    if dev_type != "tun":
+    if dev_type not in ("tun", "null"):
         raise fail(_layer2_message(f"dev {o.dev}"), "dev")
+    if dev_type == "null" and server:
+        raise fail(
+            "`dev null` on a P2MP server is not supported: a server routes its clients' packets "
+            "through its device; use `dev tun`",
+            "dev",
+            "dev-type",
+        )
 
     tls_server = b.tls_server
     if server:

@@ -363,6 +363,7 @@ class Connection(Instance[Command]):
                         keepalive_timeout=up.keepalive_timeout,
                         tcp_backlog=backlog,
                         framing=framing,
+                        passtos=self.opts.passtos,
                     )
                 )
             except BaseException:

@@ -581,7 +581,7 @@ def test_allow_compression_no_is_fine() -> None:
     assert parse_config_text(CLIENT + "allow-compression no\n").ignored == ()
 
 
-@pytest.mark.parametrize("dev", ["tap", "tap0", "null"])
+@pytest.mark.parametrize("dev", ["tap", "tap0"])
 def test_dev_tap_refused_at_its_line(dev: str) -> None:
     err = config_error(f"dev {dev}\n" + CLIENT, source="d.conf")
     assert err.line == 1
@@ -591,6 +591,14 @@ def test_dev_tap_refused_at_its_line(dev: str) -> None:
 def test_dev_named_tap_but_typed_tun_is_fine() -> None:
     o = parse_config_text("dev tap9\ndev-type tun\n" + CLIENT)
     assert (o.dev, o.dev_type) == ("tap9", "tun")
+
+
+@pytest.mark.parametrize("lines", ["dev null\n", "dev nothing\ndev-type null\n"])
+def test_dev_null_is_a_null_device(lines: str) -> None:
+    """OpenVPN's null device (the loopback samples): accepted, run on the userspace data plane."""
+    o = parse_config_text(lines + CLIENT)
+    assert o.dev_type == "null"
+    assert not o.ignored
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Options the corpus of published configs uses that pyovpn now carries out (tests/corpus/README.md):
-`mute`, `down-pre`, `reneg-bytes 0`/`reneg-pkts 0`, and the clear refusal of `passtos`."""
+`mute`, `down-pre`, `reneg-bytes 0`/`reneg-pkts 0`, `passtos` and `dev null` (which rule the kernel
+data channel out, with the reason; tests/netns/test_passtos_devnull.py runs them)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from OpenSSL import SSL
 from pyovpn import daemon as daemon_module
 from pyovpn import logsinks, scripts
 from pyovpn.config import parse_config_text
-from pyovpn.datachannel import api
-from pyovpn.errors import ConfigError
+from pyovpn.datachannel import api, tos, validate
+from pyovpn.edge import backendfit
+from pyovpn.errors import BackendError, ConfigError
 from pyovpn.tools.pki import Pki, make_pki
 from tests.unit.edgefakes import RunningDaemon, free_port, wait_until
 from tests.unit.test_edge_p2p import p2p_configs
@@ -66,9 +68,68 @@ def test_reneg_volume_zero_is_the_default_and_nonzero_is_refused(option: str, tm
         parse(f"{option} 64000\n", tmp_path)
 
 
-def test_passtos_is_refused_with_a_reason(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"t\.conf:7: `passtos` is not supported: .*TOS"):
-        parse("passtos\n", tmp_path)
+def test_passtos_runs_on_the_userspace_data_plane(tmp_path: Path) -> None:
+    """Carried out (datachannel/tos.py), so the kernel is ruled out with the reason, and the engine kept."""
+    opts = _opts("passtos\n", tmp_path)
+    assert opts.passtos and not opts.ignored
+    assert "`passtos`" in (backendfit.kernel_refusal(opts) or "")
+    assert backendfit.userspace_engine(opts) == "multiprocess"
+    plain = _opts("", tmp_path)
+    assert not plain.passtos and backendfit.kernel_refusal(plain) is None
+
+
+def test_dev_null_runs_in_process(tmp_path: Path) -> None:
+    opts = _opts("dev null\n", tmp_path)
+    assert "`dev null`" in (backendfit.kernel_refusal(opts) or "")
+    assert backendfit.userspace_engine(opts) == "inprocess"  # the engine's workers poll a TUN
+
+
+def test_dev_null_on_a_p2mp_server_is_refused_with_a_reason(tmp_path: Path) -> None:
+    for name in ("ca.crt", "s.crt", "s.key"):
+        (tmp_path / name).write_text("placeholder\n")
+    text = "dev null\nca ca.crt\ncert s.crt\nkey s.key\ndh none\n"
+    text += "topology subnet\nserver 10.8.0.0 255.255.255.0\n"
+    with pytest.raises(ConfigError, match=r"t\.conf:1: `dev null` on a P2MP server .*dev tun"):
+        parse_config_text(text, source="t.conf", cwd=str(tmp_path))
+
+
+def test_backends_without_passtos_or_null_devices_refuse_them() -> None:
+    """What the kernel backend (and the engine, for `dev null`) answer instead of ignoring the option."""
+    peer = api.NewPeer(
+        peer_id=1, socket_fd=0, transport=api.Transport.UDP, remote=("192.0.2.1", 1194), passtos=True
+    )
+    with pytest.raises(BackendError, match=r"kernel data channel cannot copy .*passtos.*--dco userspace"):
+        validate.check_no_passtos(peer, "kernel")
+    validate.check_no_passtos(api.NewPeer(peer_id=1, socket_fd=0, transport=api.Transport.UDP), "kernel")
+    with pytest.raises(BackendError, match=r"needs a real device, not `dev null`"):
+        validate.check_no_null_dev(api.NewIface("null", null=True), "kernel")
+    validate.check_no_null_dev(api.NewIface("tun0"), "kernel")
+
+
+def _ip4(tos: int) -> bytes:
+    return bytes([0x45, tos]) + bytes(18)
+
+
+def _ip6(tclass: int) -> bytes:
+    return bytes([0x60 | tclass >> 4, (tclass & 0x0F) << 4]) + bytes(38)
+
+
+@pytest.mark.parametrize("value", [0x00, 0x88, 0xB8, 0x03, 0xFF])
+def test_inner_tos_reads_ipv4_tos_and_ipv6_traffic_class(value: int) -> None:
+    assert tos.inner_tos(_ip4(value)) == value
+    assert tos.inner_tos(_ip6(value)) == value
+    assert tos.inner_tos(b"\x00\x00" + _ip6(value), 2) == value  # at an offset (a vnet header before)
+    assert tos.inner_tos(bytes([0x10, value])) == 0  # not IP: unmarked
+
+
+@pytest.mark.parametrize(("family", "addr"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_set_outer_tos_marks_the_socket(family: socket.AddressFamily, addr: str) -> None:
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        tos.set_outer_tos(sock, 0x88)
+        if family == socket.AF_INET:
+            assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == 0x88
+        else:
+            assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS) == 0x88
 
 
 # -- mute -----------------------------------------------------------------------------------------

@@ -579,6 +579,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
                 keepalive_interval=o.ping,
                 keepalive_timeout=o.ping_restart,
                 framing=self.framing,
+                passtos=o.passtos,
             )
         )
         client.in_backend = True

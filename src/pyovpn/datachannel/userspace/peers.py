@@ -57,6 +57,7 @@ class Peer:
         "last_rx",
         "last_tx",
         "orig_blocking",
+        "passtos",
         "peer_id",
         "raw_ip",
         "raw_port",
@@ -68,6 +69,7 @@ class Peer:
         "tcp_rx",
         "tcp_tx",
         "tcp_writer",
+        "tos",
         "transport",
         "tx_peer_id",
     )
@@ -100,6 +102,8 @@ class Peer:
         self.tcp_writer = False
         self.shared: SharedUdp | None = None  # MP UDP: the socket this peer shares
         self.framing = api.Framing.NONE
+        self.passtos = False  # `passtos`: copy each packet's TOS to the outer packet (datachannel/tos.py)
+        self.tos = -1  # the TOS last set on the socket for passtos (-1: never set)
 
 
 class SharedUdp:

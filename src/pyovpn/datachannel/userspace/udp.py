@@ -25,6 +25,7 @@ from pyovpn.datachannel.datapath import (
     gso_train_refused,
 )
 from pyovpn.datachannel.framing import FramingError, frame_payload, note_framing_error, unframe_bytes
+from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.datachannel.userspace.peers import RX_BATCH, Iface, Peer, PeerTable
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net.sockets import SOL_UDP, TRANSIENT_SEND_ERRNOS, UDP_SEGMENT
@@ -173,6 +174,7 @@ class UdpPath(PeerTable):
         ks = peer.keys[0] if peer is not None else None
         tx_id = peer.tx_peer_id if peer is not None else 0
         framing = peer.framing if peer is not None and peer.framing is not Framing.NONE else None
+        passtos = peer is not None and peer.passtos
         out: list[bytes] = []
         vpn_bytes = 0
         dropped = 0
@@ -187,6 +189,13 @@ class UdpPath(PeerTable):
             if ks is None:
                 dropped += 1
                 continue
+            if passtos and n and (tos := inner_tos(mv)) != peer.tos:  # type: ignore[union-attr]
+                assert peer is not None  # passtos is a peer's
+                if out:  # what was read before goes out with the TOS it was read under
+                    self._tx_out(peer, out, vpn_bytes)
+                    out, vpn_bytes = [], 0
+                set_outer_tos(peer.sock, tos)
+                peer.tos = tos
             try:
                 if framing is None:
                     out.append(ks.encrypt(mv[:n], tx_id))
@@ -202,11 +211,16 @@ class UdpPath(PeerTable):
         if dropped:
             count(peer.stats if peer is not None else self.iface_stats, "tx_dropped_no_key", dropped)
         if out:
-            assert peer is not None and self._loop is not None
-            st = peer.stats
-            st.vpn_tx_packets += len(out)
-            st.vpn_tx_bytes += vpn_bytes
-            self._send_data(peer, out, self._loop.time())
+            assert peer is not None
+            self._tx_out(peer, out, vpn_bytes)
+
+    def _tx_out(self, peer: Peer, out: list[bytes], vpn_bytes: int) -> None:
+        """Count and send sealed packets read from the TUN (``vpn_bytes``: their plaintext size)."""
+        assert self._loop is not None
+        st = peer.stats
+        st.vpn_tx_packets += len(out)
+        st.vpn_tx_bytes += vpn_bytes
+        self._send_data(peer, out, self._loop.time())
 
     def _send_data(self, peer: Peer, packets: list[bytes], now: float) -> None:
         if peer.transport is Transport.TCP:
