@@ -2573,7 +2573,19 @@ def _validate(b: _Builder) -> Options:
         # OpenVPN starts the pool at +0x1000, or at +2 in networks too small to reach that far.
         pool6 = f"{base6 + (0x1000 if bits6 < 112 else 2)}/{bits6}"
         push.append("tun-ipv6")
-    if o.server_network is not None:
+    if o.server_network is not None and topology == "net30":
+        # OpenVPN's net30 helper: the server is .1 with the point-to-point peer .2, each client a /30
+        # from .4 on (client .6 with peer .5, ...); the clients get a route to the server's address
+        network, netmask = o.server_network
+        net = ipaddress.IPv4Network(f"{network}/{netmask}")
+        ifconfig = (str(net.network_address + 1), str(net.network_address + 2))
+        if not o.server_nopool:
+            pool = (str(net.network_address + 4), str(net.broadcast_address - 4), "")
+        server_route = (
+            f"route {network} {netmask}" if o.client_to_client else f"route {net.network_address + 1}"
+        )
+        push.append(server_route)
+    elif o.server_network is not None:
         network, netmask = o.server_network
         net = ipaddress.IPv4Network(f"{network}/{netmask}")
         ifconfig = (str(net.network_address + 1), netmask)
@@ -2649,14 +2661,11 @@ def _check_scripts(b: _Builder, fail: _Fail) -> None:
 def _check_server(b: _Builder, fail: _Fail) -> None:
     """The checks OpenVPN makes for `mode server`, plus what an offloaded data channel needs."""
     o = b.opts
-    if o.topology != "subnet":
+    if o.topology == "p2p":
         raise fail(
-            "P2MP server needs `topology subnet` (net30/p2p are not supported with an offloaded data "
-            "channel, as with OpenVPN DCO); add `topology subnet`",
+            "a P2MP server with `topology p2p` is not supported: use `topology subnet` (recommended) "
+            "or `topology net30`",
             "topology",
-            "server",
-            "server-ipv6",
-            "mode",
         )
     if b.proto_word == "tcp-client":
         raise fail(

@@ -1,8 +1,8 @@
 """Whether a configuration can run on the kernel data channel, and which userspace engine it needs.
 
 The kernel ovpn driver is used whenever the connection allows; what it cannot do (compression
-framing, `passtos`, `dev null`) sends the connection to pyovpn's userspace data plane, and the
-reasons go into the one log line that says so (``datachannel/choice.py``).
+framing, `passtos`, `dev null`, a net30 P2MP server) sends the connection to pyovpn's userspace
+data plane, and the reasons go into the one log line that says so (``datachannel/choice.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ def kernel_refusal(opts: Options) -> str | None:
     if opts.dev_type == "null":
         # as OpenVPN 2.6 ("null tun type selected, disabling data channel offload")
         reasons.append("`dev null` has no device for the kernel ovpn driver to deliver packets to")
+    if opts.mode == "server" and opts.topology == "net30":
+        # as OpenVPN 2.6 ("NOT using '--topology subnet' disables data channel offload")
+        reasons.append(
+            "`topology net30` on a P2MP server routes every client through one point-to-point "
+            "address, which the kernel ovpn driver cannot map to its peers"
+        )
     return "; ".join(reasons) if reasons else None
 
 
