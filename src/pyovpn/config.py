@@ -1000,7 +1000,7 @@ def _opt_tls_server(b: _Builder, d: Directive) -> None:
     b.tls_server = True
 
 
-@_option("dev", args=(1, 1), usage="dev tun|tunN|NAME")
+@_option("dev", args=(1, 1), usage="dev tun|tunN|null|NAME")
 def _opt_dev(b: _Builder, d: Directive) -> None:
     if not d.args[0]:
         raise _error(d, "dev: the device name is empty; use `dev tun`")

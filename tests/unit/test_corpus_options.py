@@ -16,7 +16,7 @@ from pyovpn import daemon as daemon_module
 from pyovpn import logsinks, scripts
 from pyovpn.config import parse_config_text
 from pyovpn.datachannel import api, tos, validate
-from pyovpn.edge import backendfit
+from pyovpn.edge import backendfit, iface
 from pyovpn.errors import BackendError, ConfigError
 from pyovpn.tools.pki import Pki, make_pki
 from tests.unit.edgefakes import RunningDaemon, free_port, wait_until
@@ -82,6 +82,9 @@ def test_dev_null_runs_in_process(tmp_path: Path) -> None:
     opts = _opts("dev null\n", tmp_path)
     assert "`dev null`" in (backendfit.kernel_refusal(opts) or "")
     assert backendfit.userspace_engine(opts) == "inprocess"  # the engine's workers poll a TUN
+    # the up/down scripts are told dev_type=null, as OpenVPN does
+    env = scripts.up_down_env(iface.tun_params("null", 1500, opts, None), "init")
+    assert (env["dev"], env["dev_type"]) == ("null", "null")
 
 
 def test_dev_null_on_a_p2mp_server_is_refused_with_a_reason(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ def tun_params(ifname: str, mtu: int, opts: Options, pushed: PushedOptions | Non
         ifconfig_ipv6=v6[0] if v6 else None,
         ifconfig_ipv6_remote=v6[1] if v6 else None,
         session_env=tuple(env.items()),
+        dev_type=opts.dev_type,
     )
 
 
