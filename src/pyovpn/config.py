@@ -13,8 +13,8 @@ The pipeline has three stages:
 Per-client files of a P2MP server's `client-config-dir` are read separately by `parse_ccd`.
 
 Every problem is reported as `pyovpn.errors.ConfigError` naming the option, where it came from and
-what to do about it. Anything pyovpn cannot do (sending compressed packets, fragmentation, tap,
-non-AEAD ciphers, static-key mode, proxies, ...) is refused loudly rather than silently ignored.
+what to do about it. Anything pyovpn cannot do (sending compressed packets, tap, non-AEAD
+ciphers, static-key mode, proxies, ...) is refused loudly rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -206,6 +206,8 @@ class Options:
     compression: tuple[str, str] | None = None
     #: `passtos`: each outgoing packet's TOS/DSCP is copied to the outer packet (userspace data plane)
     passtos: bool = False
+    #: `fragment MAX [mtu]`: the largest UDP payload OpenVPN's own fragmentation lets out (0: off)
+    fragment: int = 0
     #: `allow-compression no|asym|yes` as given ("" when absent).
     allow_compression: str = ""
     reneg_sec: int = 3600
@@ -2129,11 +2131,6 @@ del _name, _count
 # -- refused: things an offloaded, AEAD-only, layer-3 data channel cannot do ------------------
 
 _REFUSED: dict[str, str] = {
-    "fragment": (
-        "`fragment` is not supported: OpenVPN's internal fragmentation cannot be offloaded to the "
-        "kernel data channel. Remove it here and on the server, and use `mssfix` or a smaller "
-        "`tun-mtu` to keep packets from being fragmented"
-    ),
     "secret": (
         "static-key mode (`secret`) is not supported: it has no forward secrecy or key renegotiation "
         "and OpenVPN itself deprecates it. Use TLS instead: `tls-server`/`tls-client` with ca/cert/key "
@@ -2386,6 +2383,17 @@ def _opt_reneg_volume(b: _Builder, d: Directive) -> None:
         )
 
 
+@_option("fragment", args=(1, 2), usage="fragment MAX [mtu]")
+def _opt_fragment(b: _Builder, d: Directive) -> None:
+    # carried out on the in-process userspace plane (datachannel/fragment.py)
+    size = _int(d, d.args[0], "fragment", 100, 65535)
+    if len(d.args) == 2:
+        if d.args[1] != "mtu":
+            raise _error(d, f"fragment: bad second argument '{d.args[1]}'; only `mtu` may follow the size")
+        size -= 48  # MAX counts the IP and UDP headers: leave room for IPv6's, the larger
+    b.opts = replace(b.opts, fragment=size)
+
+
 @_option("passtos")
 def _opt_passtos(b: _Builder, d: Directive) -> None:
     # carried out on the userspace data plane (the kernel ovpn driver sends every packet with the
@@ -2419,6 +2427,12 @@ def _validate(b: _Builder) -> Options:
         dev_type = "tap" if o.dev.startswith("tap") else "null" if o.dev.startswith("null") else "tun"
     if dev_type not in ("tun", "null"):
         raise fail(_layer2_message(f"dev {o.dev}"), "dev")
+    if o.fragment and server:
+        raise fail(
+            "`fragment` on a P2MP server is not supported: fragmentation runs per connection on "
+            "pyovpn's in-process data plane, which does it for P2P only; use `mssfix` instead",
+            "fragment",
+        )
     if dev_type == "null" and server:
         raise fail(
             "`dev null` on a P2MP server is not supported: a server routes its clients' packets "
@@ -2559,6 +2573,10 @@ def _validate(b: _Builder) -> Options:
             Remote(host, port, side(proto) if proto else None, family, retry, retry_max, poll)
             for (host, port, proto, family), retry, retry_max, poll in b.connection_blocks
         )
+
+    protos = [r.proto or b.proto_word or "udp" for r in remotes] or [b.proto_word or "udp"]
+    if o.fragment and any(p.startswith("tcp") for p in protos):
+        raise fail("`fragment` can only be used with `proto udp` (as in OpenVPN); remove it", "fragment")
 
     # Helper expansion (OpenVPN's helper_client_server / helper_keepalive), in OpenVPN's push order.
     ping, ping_restart = o.ping, o.ping_restart

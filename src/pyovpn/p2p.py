@@ -364,6 +364,7 @@ class Connection(Instance[Command]):
                         tcp_backlog=backlog,
                         framing=framing,
                         passtos=self.opts.passtos,
+                        fragment=self.opts.fragment if self.transport is Transport.UDP else 0,
                     )
                 )
             except BaseException:

@@ -13,8 +13,6 @@ without a ping-restart shows pings flowing both ways, and a second key negotiati
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import time
 
 import pytest
@@ -22,44 +20,14 @@ import pytest
 from pyovpn.tools.pki import Pki
 from tests.netns import harness as h
 from tests.netns.harness import Impl, Netns, TunnelSpec
+from tests.netns.outer_counters import count_outer, outer_counts, pings_pass
 
 pytestmark = pytest.mark.netns
 
 AF41, EF = 0x88, 0xB8  # TOS bytes: DSCP AF41 / EF with ECN 0
 PINGS = 5
+MARKS = {"af41": "ip dscp af41", "ef": "ip dscp ef"}  # counters of outer packets by DSCP
 KERNEL_NOT_USED = "kernel data channel not used: `passtos`"
-
-
-def _counters(ns: str, direction: str) -> None:
-    """Count outer tunnel packets arriving in ``ns`` (``direction``: dport or sport), by DSCP."""
-    if shutil.which("nft") is None:
-        pytest.skip("passtos test skipped: nft (nftables) is missing; scripts/setup.sh installs it")
-    rules = f"""table ip passtos {{
-  chain pre {{
-    type filter hook prerouting priority -300; policy accept;
-    udp {direction} {h.DEFAULT_PORT} ip dscp af41 counter comment "af41"
-    udp {direction} {h.DEFAULT_PORT} ip dscp ef counter comment "ef"
-    udp {direction} {h.DEFAULT_PORT} counter comment "all"
-  }}
-}}
-"""
-    subprocess.run([*h.netns_exec(ns), "nft", "-f", "-"], input=rules, text=True, check=True)
-
-
-def _read_counters(ns: str) -> dict[str, int]:
-    out = subprocess.run(
-        [*h.netns_exec(ns), "nft", "list", "table", "ip", "passtos"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return {name: int(n) for n, name in re.findall(r'counter packets (\d+) bytes \d+ comment "(\w+)"', out)}
-
-
-def _marked_pings(ns: str, addr: str, tos: int) -> None:
-    argv = [*h.netns_exec(ns), "ping", "-n", "-c", str(PINGS), "-i", "0.2", "-w", "15", "-Q", hex(tos), addr]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    assert res.returncode == 0 and " 0% packet loss" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.mark.parametrize(
@@ -74,16 +42,16 @@ def _marked_pings(ns: str, addr: str, tos: int) -> None:
 def test_p2p_client_copies_the_tos(net: Netns, pki: Pki, impl: Impl, engine: str, passtos: bool) -> None:
     """A P2P client's outer packets carry its inner packets' DSCP with `passtos`, and only then."""
     spec = TunnelSpec(role="p2p", dco=None, pyovpn_extra=(f"userspace-engine {engine}",) if engine else ())
-    _counters(net.b, "dport")
+    count_outer(net.b, "dport", MARKS, "passtos")
     server, client = h.spawn_tunnel(
         net, pki, spec, "openvpn", impl, client_extra="passtos\n" if passtos else ""
     )
     h.wait_for_lines([server, client], h.INIT_LINE, 40)
     addrs = h.inner_addrs(spec)
-    _marked_pings(net.a, addrs.server4, AF41)
+    pings_pass(net.a, addrs.server4, PINGS, "-Q", hex(AF41))
     if impl == "pyovpn":
-        _marked_pings(net.a, addrs.server6, EF)  # pyovpn copies IPv6 traffic classes too
-    seen = _read_counters(net.b)
+        pings_pass(net.a, addrs.server6, PINGS, "-Q", hex(EF))  # pyovpn copies IPv6 traffic classes too
+    seen = outer_counts(net.b)
     assert seen["all"] >= PINGS, seen
     if passtos:
         assert seen["af41"] >= PINGS, seen
@@ -98,12 +66,12 @@ def test_p2p_client_copies_the_tos(net: Netns, pki: Pki, impl: Impl, engine: str
 def test_p2mp_server_copies_the_tos(net: Netns, pki: Pki) -> None:
     """A pyovpn P2MP server with `passtos`: packets to a stock client carry the inner DSCP."""
     spec = TunnelSpec(role="server", dco=None)
-    _counters(net.a, "sport")
+    count_outer(net.a, "sport", MARKS, "passtos")
     server, client = h.spawn_tunnel(net, pki, spec, "pyovpn", "openvpn", server_extra="passtos\n")
     h.wait_for_lines([server, client], h.INIT_LINE, 40)
     addrs = h.inner_addrs(spec)
-    _marked_pings(net.b, addrs.client4, AF41)
-    seen = _read_counters(net.a)
+    pings_pass(net.b, addrs.client4, PINGS, "-Q", hex(AF41))
+    seen = outer_counts(net.a)
     assert seen["af41"] >= PINGS, seen
     assert server.text().count(KERNEL_NOT_USED) == 1, server.tail()
 

@@ -548,7 +548,7 @@ def test_bad_arguments_name_the_option(line: str, needle: str) -> None:
         ("comp-lzo maybe", ["comp-lzo", "bad argument", "adaptive"]),
         ("compress snappy", ["compress", "bad argument", "lz4-v2"]),
         ("allow-compression sometimes", ["allow-compression", "asym"]),
-        ("fragment 1300", ["fragment", "mssfix"]),
+        ("fragment 1300 bytes", ["fragment", "mtu"]),
         ("dev-type tap", ["dev-type tap", "dev tun"]),
         ("cipher none", ["none", "AEAD"]),
         ("cipher AES-256-CFB", ["AES-256-CFB", "AEAD"]),

@@ -15,7 +15,7 @@ from OpenSSL import SSL
 from pyovpn import daemon as daemon_module
 from pyovpn import logsinks, scripts
 from pyovpn.config import parse_config_text
-from pyovpn.datachannel import api, tos, validate
+from pyovpn.datachannel import api, fragment, tos, validate
 from pyovpn.edge import backendfit, iface
 from pyovpn.errors import BackendError, ConfigError
 from pyovpn.tools.pki import Pki, make_pki
@@ -437,3 +437,47 @@ def test_cd_moves_where_later_files_are_found(tmp_path: Path) -> None:
         parse_config_text(text.replace("cd keys\n", "") + "cd keys\n", cwd=str(tmp_path))
     with pytest.raises(ConfigError, match="cd: 'nowhere' is not a directory"):
         parse_config_text("cd nowhere\n" + text, cwd=str(tmp_path))
+
+
+# -- fragment -------------------------------------------------------------------------------------
+
+
+def test_fragment_runs_in_process_over_udp_only(tmp_path: Path) -> None:
+    opts = _opts("fragment 1300\n", tmp_path)
+    assert opts.fragment == 1300 and not opts.ignored
+    assert "`fragment`" in (backendfit.kernel_refusal(opts) or "")
+    assert backendfit.userspace_engine(opts) == "inprocess"  # the engine encrypts whole packets only
+    assert _opts("fragment 1300 mtu\n", tmp_path).fragment == 1300 - 48  # room for IPv6 + UDP headers
+    with pytest.raises(ConfigError, match=r"`fragment` can only be used with `proto udp`"):
+        parse("proto tcp-client\nfragment 1300\n", tmp_path)
+
+
+def test_fragments_have_openvpns_header_and_come_back_whole() -> None:
+    frag = fragment.Fragmenter(1000)
+    assert frag.size == 972  # 1000 - 28 (DATA_V2 4, packet id 4, tag 16, fragment header 4), a multiple of 4
+    small = bytes(range(200))
+    assert frag.split(small) == [b"\x00\x00\x00\x00" + small]  # FRAG_WHOLE
+    big = bytes(i % 251 for i in range(2500))
+    pieces = frag.split(big)
+    assert [len(p) for p in pieces] == [976, 976, 4 + 2500 - 2 * 972]
+    words = [int.from_bytes(p[:4], "big") for p in pieces]
+    assert [w & 3 for w in words] == [1, 1, 2]  # NOT_LAST, NOT_LAST, LAST
+    assert [(w >> 10) & 0x1F for w in words] == [0, 1, 2]  # fragment index
+    assert {(w >> 2) & 0xFF for w in words} == {0}  # one sequence id for the packet
+    assert (words[2] >> 15) & 0x3FFF == 972 >> 2  # the last one carries the others' size / 4
+    assert int.from_bytes(frag.split(big)[0][:4], "big") >> 2 & 0xFF == 1  # the next packet: seq id 1
+    reasm = fragment.Reassembler()
+    # out of order, with a duplicate: still the one packet once
+    assert reasm.add(pieces[2], 0.0) is None
+    assert reasm.add(pieces[0], 0.0) is None
+    assert reasm.add(pieces[0], 0.1) is None
+    assert reasm.add(pieces[1], 0.2) == big
+    assert reasm.add(b"\x00\x00\x00\x00" + small, 0.3) == small
+    # a packet whose fragments straggle past 10 s is started over, not glued to stale pieces
+    assert reasm.add(pieces[0], 1.0) is None
+    assert reasm.add(pieces[1], 20.0) is None
+    assert reasm.add(pieces[2], 20.0) is None
+    with pytest.raises(fragment.FragmentError):
+        reasm.add(b"\x00\x00", 0.0)
+    with pytest.raises(fragment.FragmentError):
+        frag.split(bytes(33 * 972))  # more than 32 fragments

@@ -146,6 +146,8 @@ class NewPeer:
     framing: Framing = Framing.NONE  # compression framing (userspace backends only, see Capabilities)
     # `passtos`: each outgoing packet's outer TOS/traffic class is the inner packet's (Capabilities.passtos)
     passtos: bool = False
+    # `fragment MAX`: OpenVPN's own fragmentation, no datagram above MAX bytes (0: off; Capabilities.fragment)
+    fragment: int = 0
 
 
 @dataclass(frozen=True)
@@ -363,6 +365,7 @@ class Capabilities:
     framing: bool = False  # NewPeer.framing other than NONE (OpenVPN's compression framing)
     passtos: bool = False  # NewPeer.passtos (the inner packet's TOS/DSCP+ECN on the outer packet)
     null_dev: bool = False  # NewIface.null (OpenVPN's `dev null`)
+    fragment: bool = False  # NewPeer.fragment (OpenVPN's fragmentation, P2P over UDP)
 
 
 class DataChannel(Protocol):

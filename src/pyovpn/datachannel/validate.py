@@ -18,6 +18,7 @@ __all__ = [
     "check_keepalive",
     "check_new_key",
     "check_new_peer_transport",
+    "check_no_fragment",
     "check_no_framing",
     "check_no_null_dev",
     "check_no_passtos",
@@ -84,6 +85,15 @@ def check_no_passtos(cmd: NewPeer, backend: str) -> None:
         raise BackendError(
             f"NewPeer: the {backend} data channel cannot copy each packet's TOS/DSCP to the outer "
             "packet (`passtos`); run this connection with --dco userspace, or remove passtos"
+        )
+
+
+def check_no_fragment(cmd: NewPeer, backend: str) -> None:
+    """For a backend without ``Capabilities.fragment``: whole packets only."""
+    if cmd.fragment:
+        raise BackendError(
+            f"NewPeer: the {backend} data channel cannot apply OpenVPN's `fragment`; run with "
+            "--dco userspace and `userspace-engine inprocess`, or remove fragment here and on the peer"
         )
 
 

@@ -1,7 +1,7 @@
 """Whether a configuration can run on the kernel data channel, and which userspace engine it needs.
 
 The kernel ovpn driver is used whenever the connection allows; what it cannot do (compression
-framing, `passtos`, `dev null`, a net30 P2MP server) sends the connection to pyovpn's userspace
+framing, `passtos`, `dev null`, `fragment`, a net30 P2MP server) sends the connection to pyovpn's userspace
 data plane, and the reasons go into the one log line that says so (``datachannel/choice.py``).
 """
 
@@ -26,6 +26,9 @@ def kernel_refusal(opts: Options) -> str | None:
     if opts.dev_type == "null":
         # as OpenVPN 2.6 ("null tun type selected, disabling data channel offload")
         reasons.append("`dev null` has no device for the kernel ovpn driver to deliver packets to")
+    if opts.fragment:
+        # as OpenVPN 2.6 ("--fragment disables data channel offload")
+        reasons.append("`fragment` is OpenVPN's own fragmentation, which the kernel ovpn driver lacks")
     if opts.mode == "server" and opts.topology == "net30":
         # as OpenVPN 2.6 ("NOT using '--topology subnet' disables data channel offload")
         reasons.append(
@@ -36,5 +39,6 @@ def kernel_refusal(opts: Options) -> str | None:
 
 
 def userspace_engine(opts: Options) -> str:
-    """The `userspace-engine` to use: `dev null` runs in-process (the engine's workers poll a TUN)."""
-    return "inprocess" if opts.dev_type == "null" else opts.userspace_engine
+    """The `userspace-engine` to use: `dev null` runs in-process (the engine's workers poll a TUN),
+    and so does `fragment` (the engine encrypts whole packets only)."""
+    return "inprocess" if opts.dev_type == "null" or opts.fragment else opts.userspace_engine

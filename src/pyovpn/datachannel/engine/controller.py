@@ -68,6 +68,7 @@ from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import Kind, Message
 from pyovpn.datachannel.validate import (
     check_new_key,
+    check_no_fragment,
     check_no_null_dev,
     check_set_peer_keepalive,
     check_slot,
@@ -414,6 +415,7 @@ class Controller:
 
     async def _new_peer(self, cmd: NewPeer, fd: int) -> None:
         what = "NewPeer"
+        check_no_fragment(cmd, "multi-process engine's")
         sock = peer_socket.adopt_socket(what, cmd, fd)
         try:
             peer = self._check_new_peer(cmd, sock)

@@ -68,6 +68,7 @@ from pyovpn.datachannel.datapath import (
 from pyovpn.datachannel.engine import gso, wire
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import Kind
+from pyovpn.datachannel.fragment import Fragmenter
 from pyovpn.datachannel.framing import FramingError, frame_slots, note_framing_error, unframe
 from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
@@ -127,6 +128,7 @@ class _Peer:
         self.framing = Framing(m.get("framing", Framing.NONE.value))
         self.passtos: bool = m.get("passtos", False)  # see datachannel/tos.py
         self.tos = -1  # the TOS last set on the socket for passtos
+        self.frag: Fragmenter | None = None  # `fragment` is the in-process plane's (pings check it)
         self.ka_interval = 0
         self.ka_timeout = 0
         self.last_rx = self.last_tx = time.monotonic()

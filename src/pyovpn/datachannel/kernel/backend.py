@@ -35,6 +35,7 @@ from pyovpn.datachannel.validate import (
     check_keepalive,
     check_new_key,
     check_new_peer_transport,
+    check_no_fragment,
     check_no_framing,
     check_no_null_dev,
     check_no_passtos,
@@ -278,6 +279,7 @@ class KernelDataChannel:
         tx_id = cmd.peer_id if cmd.tx_peer_id is None else cmd.tx_peer_id
         check_no_framing(cmd)
         check_no_passtos(cmd, "kernel")
+        check_no_fragment(cmd, "kernel")
         if iface.mode is api.IfaceMode.P2P and (cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None):
             raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
         check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)

@@ -77,6 +77,7 @@ from typing import Any
 from pyovpn.datachannel import api, peer_socket
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW, KeyState
 from pyovpn.datachannel.datapath import FRAME_LEN, TCP_TX_HIGH_WATER, count, debug_hook
+from pyovpn.datachannel.fragment import Fragmenter, FragmentError, Reassembler
 from pyovpn.datachannel.userspace.keepalive import Keepalive
 from pyovpn.datachannel.userspace.lane import open_lane
 from pyovpn.datachannel.userspace.multipoint import Multipoint
@@ -109,6 +110,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         framing=True,
         passtos=True,
         null_dev=True,
+        fragment=True,
     )
 
     def __init__(
@@ -356,6 +358,14 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         peer = Peer(cmd.peer_id, tx_id, sock, cmd.transport, iface)
         peer.framing = cmd.framing
         peer.passtos = cmd.passtos
+        if cmd.fragment:
+            if cmd.transport is not api.Transport.UDP or iface.router is not None:
+                raise BackendError(f"{what}: `fragment` is for one peer (P2P) over UDP, as in OpenVPN")
+            try:
+                peer.frag = Fragmenter(cmd.fragment)
+            except FragmentError as e:
+                raise BackendError(f"{what}: {e}") from None
+            peer.reasm = Reassembler()
         peer_socket.check_socket(what, cmd, peer)
         return peer
 
