@@ -2,8 +2,9 @@
 # Installs what pyovpn's test suite needs on a fresh Debian 12, as root; safe to re-run.
 #
 # Debian packages: the stock openvpn (interop peer), iperf3, iproute2 (ip netns, ss),
-# iputils-ping, procps (sysctl), python3-venv, tcpdump (debugging captures) and tmux (a
-# terminal for the password-prompt test), nftables (packet loss for the fault tests).
+# iputils-ping, nftables (packet counters by DSCP; packet loss for bench/lossy.py), procps
+# (sysctl), python3-venv, tcpdump (debugging captures) and tmux (a terminal for the
+# password-prompt test).
 # Python: pyovpn editable with its [test] extra, into the first of
 #   1. ./.venv, if it already exists;
 #   2. the current python3, if its pip accepts the install;
@@ -13,7 +14,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PACKAGES=(openvpn iperf3 iproute2 iputils-ping procps python3-venv tcpdump tmux nftables)
+PACKAGES=(openvpn iperf3 iproute2 iputils-ping nftables procps python3-venv tcpdump tmux)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: must run as root (apt-get, and the netns tests need it anyway)" >&2

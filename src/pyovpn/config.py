@@ -13,8 +13,8 @@ The pipeline has three stages:
 Per-client files of a P2MP server's `client-config-dir` are read separately by `parse_ccd`.
 
 Every problem is reported as `pyovpn.errors.ConfigError` naming the option, where it came from and
-what to do about it. Anything pyovpn cannot do (sending compressed packets, fragmentation, tap,
-non-AEAD ciphers, static-key mode, proxies, ...) is refused loudly rather than silently ignored.
+what to do about it. Anything pyovpn cannot do (sending compressed packets, tap, non-AEAD
+ciphers, static-key mode, proxies, ...) is refused loudly rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -204,6 +204,10 @@ class Options:
     #: `comp-lzo [ARG]` / `compress [ALG]` as (option, argument or ""): the compression framing
     #: the data channel applies (pyovpn never compresses; it decompresses what it receives).
     compression: tuple[str, str] | None = None
+    #: `passtos`: each outgoing packet's TOS/DSCP is copied to the outer packet (userspace data plane)
+    passtos: bool = False
+    #: `fragment MAX [mtu]`: the largest UDP payload OpenVPN's own fragmentation lets out (0: off)
+    fragment: int = 0
     #: `allow-compression no|asym|yes` as given ("" when absent).
     allow_compression: str = ""
     reneg_sec: int = 3600
@@ -1002,25 +1006,25 @@ def _opt_tls_server(b: _Builder, d: Directive) -> None:
     b.tls_server = True
 
 
-@_option("dev", args=(1, 1), usage="dev tun|tunN|NAME")
+@_option("dev", args=(1, 1), usage="dev tun|tunN|null|NAME")
 def _opt_dev(b: _Builder, d: Directive) -> None:
     if not d.args[0]:
         raise _error(d, "dev: the device name is empty; use `dev tun`")
     b.opts = replace(b.opts, dev=d.args[0])
 
 
-@_option("dev-type", args=(1, 1), usage="dev-type tun")
+@_option("dev-type", args=(1, 1), usage="dev-type tun|null")
 def _opt_dev_type(b: _Builder, d: Directive) -> None:
-    if d.args[0] != "tun":
+    if d.args[0] not in ("tun", "null"):
         raise _error(d, _layer2_message(f"dev-type {d.args[0]}"))
-    b.opts = replace(b.opts, dev_type="tun")
+    b.opts = replace(b.opts, dev_type=d.args[0])
 
 
 def _layer2_message(what: str) -> str:
     return (
         f"`{what}` is not supported: pyovpn's offloaded data channel carries only routed IP "
-        "packets (layer 3, tun), not Ethernet frames (tap) or a null device; use `dev tun` here "
-        "and on the server"
+        "packets (layer 3, tun, or OpenVPN's `dev null`), not Ethernet frames (tap); use `dev tun` "
+        "here and on the server"
     )
 
 
@@ -2067,11 +2071,6 @@ del _name, _count
 # -- refused: things an offloaded, AEAD-only, layer-3 data channel cannot do ------------------
 
 _REFUSED: dict[str, str] = {
-    "fragment": (
-        "`fragment` is not supported: OpenVPN's internal fragmentation cannot be offloaded to the "
-        "kernel data channel. Remove it here and on the server, and use `mssfix` or a smaller "
-        "`tun-mtu` to keep packets from being fragmented"
-    ),
     "secret": (
         "static-key mode (`secret`) is not supported: it has no forward secrecy or key renegotiation "
         "and OpenVPN itself deprecates it. Use TLS instead: `tls-server`/`tls-client` with ca/cert/key "
@@ -2295,13 +2294,22 @@ def _opt_reneg_volume(b: _Builder, d: Directive) -> None:
         )
 
 
-_option("passtos", args=(0, 0))(
-    _make_refusal(
-        "`passtos` is not supported: the offloaded data channel does not copy the inner packets' "
-        "TOS/DSCP bits to the outer packets. Remove it (and mark traffic with iptables DSCP rules "
-        "on the tunnel's outer socket if you need QoS)"
-    )
-)
+@_option("fragment", args=(1, 2), usage="fragment MAX [mtu]")
+def _opt_fragment(b: _Builder, d: Directive) -> None:
+    # carried out on the in-process userspace plane (datachannel/fragment.py)
+    size = _int(d, d.args[0], "fragment", 100, 65535)
+    if len(d.args) == 2:
+        if d.args[1] != "mtu":
+            raise _error(d, f"fragment: bad second argument '{d.args[1]}'; only `mtu` may follow the size")
+        size -= 48  # MAX counts the IP and UDP headers: leave room for IPv6's, the larger
+    b.opts = replace(b.opts, fragment=size)
+
+
+@_option("passtos")
+def _opt_passtos(b: _Builder, d: Directive) -> None:
+    # carried out on the userspace data plane (the kernel ovpn driver sends every packet with the
+    # socket's TOS); see edge/backendfit.py and datachannel/tos.py
+    b.opts = replace(b.opts, passtos=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2328,8 +2336,21 @@ def _validate(b: _Builder) -> Options:
     dev_type = o.dev_type
     if "dev-type" not in b.where:
         dev_type = "tap" if o.dev.startswith("tap") else "null" if o.dev.startswith("null") else "tun"
-    if dev_type != "tun":
+    if dev_type not in ("tun", "null"):
         raise fail(_layer2_message(f"dev {o.dev}"), "dev")
+    if o.fragment and server:
+        raise fail(
+            "`fragment` on a P2MP server is not supported: fragmentation runs per connection on "
+            "pyovpn's in-process data plane, which does it for P2P only; use `mssfix` instead",
+            "fragment",
+        )
+    if dev_type == "null" and server:
+        raise fail(
+            "`dev null` on a P2MP server is not supported: a server routes its clients' packets "
+            "through its device; use `dev tun`",
+            "dev",
+            "dev-type",
+        )
 
     for name, used in (
         ("management-query-passwords", o.management_query_passwords),
@@ -2475,6 +2496,10 @@ def _validate(b: _Builder) -> Options:
             for (host, port, proto, family), retry, retry_max, poll in b.connection_blocks
         )
 
+    protos = [r.proto or b.proto_word or "udp" for r in remotes] or [b.proto_word or "udp"]
+    if o.fragment and any(p.startswith("tcp") for p in protos):
+        raise fail("`fragment` can only be used with `proto udp` (as in OpenVPN); remove it", "fragment")
+
     # Helper expansion (OpenVPN's helper_client_server / helper_keepalive), in OpenVPN's push order.
     ping, ping_restart = o.ping, o.ping_restart
     ifconfig, ifconfig_ipv6 = o.ifconfig, o.ifconfig_ipv6
@@ -2488,7 +2513,19 @@ def _validate(b: _Builder) -> Options:
         # OpenVPN starts the pool at +0x1000, or at +2 in networks too small to reach that far.
         pool6 = f"{base6 + (0x1000 if bits6 < 112 else 2)}/{bits6}"
         push.append("tun-ipv6")
-    if o.server_network is not None:
+    if o.server_network is not None and topology == "net30":
+        # OpenVPN's net30 helper: the server is .1 with the point-to-point peer .2, each client a /30
+        # from .4 on (client .6 with peer .5, ...); the clients get a route to the server's address
+        network, netmask = o.server_network
+        net = ipaddress.IPv4Network(f"{network}/{netmask}")
+        ifconfig = (str(net.network_address + 1), str(net.network_address + 2))
+        if not o.server_nopool:
+            pool = (str(net.network_address + 4), str(net.broadcast_address - 4), "")
+        server_route = (
+            f"route {network} {netmask}" if o.client_to_client else f"route {net.network_address + 1}"
+        )
+        push.append(server_route)
+    elif o.server_network is not None:
         network, netmask = o.server_network
         net = ipaddress.IPv4Network(f"{network}/{netmask}")
         ifconfig = (str(net.network_address + 1), netmask)
@@ -2564,14 +2601,11 @@ def _check_scripts(b: _Builder, fail: _Fail) -> None:
 def _check_server(b: _Builder, fail: _Fail) -> None:
     """The checks OpenVPN makes for `mode server`, plus what an offloaded data channel needs."""
     o = b.opts
-    if o.topology != "subnet":
+    if o.topology == "p2p":
         raise fail(
-            "P2MP server needs `topology subnet` (net30/p2p are not supported with an offloaded data "
-            "channel, as with OpenVPN DCO); add `topology subnet`",
+            "a P2MP server with `topology p2p` is not supported: use `topology subnet` (recommended) "
+            "or `topology net30`",
             "topology",
-            "server",
-            "server-ipv6",
-            "mode",
         )
     if b.proto_word == "tcp-client":
         raise fail(

@@ -36,7 +36,7 @@ from pyovpn.datachannel.api import (
     Notification,
     PeerInfo,
 )
-from pyovpn.edge import compression, iface
+from pyovpn.edge import backendfit, compression, iface
 from pyovpn.edge import status as status_file
 from pyovpn.edge.clientroutes import ClientRoutes
 from pyovpn.edge.credentials import AnswerLater, Asker, Credentials, StaticChallenge, answer_later, ask_user
@@ -234,6 +234,11 @@ class Daemon:
             self.credentials.token_received(pushed.auth_token, pushed.auth_token_user)
         opts = self.opts
         mtu = (pushed.tun_mtu if pushed and pushed.tun_mtu else None) or opts.tun_mtu
+        null = opts.dev_type == "null"
+        if self.iface is None and null:
+            await self.dc.request(NewIface(opts.dev, IfaceMode.P2P, mtu, null=True))
+            self.iface = opts.dev
+            log.info("null device opened: packets from the peer are discarded, none are read (dev null)")
         if self.iface is None:
             name = opts.dev if opts.dev not in ("tun", "") else self.net.free_tun_name()
             await self.clean_stale_link(name)
@@ -241,6 +246,12 @@ class Daemon:
             await self.dc.request(NewIface(name, IfaceMode.P2P, mtu))
             self.iface = name
             log.info("TUN/TAP device %s opened (%s data channel)", self.iface, self.dc.name)
+        if null:
+            if self._iface_configured_for is None:
+                self._iface_configured_for = 1
+                self._null_device_pushed(pushed)
+                await self.run_up(iface.tun_params(self.iface, mtu, opts, pushed), "init")
+            return
         key = (
             (
                 pushed.ifconfig,
@@ -276,6 +287,23 @@ class Daemon:
         self._configure_routes(pushed, force=True)
         await self._run_route_up(params, context)
         self._apply_dns(pushed)
+
+    def _null_device_pushed(self, pushed: PushedOptions | None) -> None:
+        """`dev null` has no device: addresses, routes and DNS have nowhere to go; say which are skipped."""
+        opts = self.opts
+        unapplied = [
+            name
+            for name, given in (
+                ("ifconfig", opts.ifconfig or (pushed is not None and pushed.ifconfig)),
+                ("ifconfig-ipv6", opts.ifconfig_ipv6 or (pushed is not None and pushed.ifconfig_ipv6)),
+                ("route", opts.routes or (pushed is not None and pushed.routes)),
+                ("route-ipv6", opts.routes_ipv6 or (pushed is not None and pushed.routes_ipv6)),
+                ("DNS", opts.dns_lines or (pushed is not None and pushed.dns_lines)),
+            )
+            if given
+        ]
+        if unapplied:
+            log.warning("dev null: there is no device, so %s are not applied", ", ".join(unapplied))
 
     def _configure_routes(self, pushed: PushedOptions | None, *, force: bool) -> None:
         """Routes after `up`, as OpenVPN orders it; the server's address is the connection's."""
@@ -407,10 +435,10 @@ class Daemon:
             compression.log_configured(self.opts)
             self._backend = await choice.open_backend(
                 self.opts.dco,
-                kernel_refusal=compression.kernel_refusal(self.opts),
+                kernel_refusal=backendfit.kernel_refusal(self.opts),
                 mp=self.opts.mode == "server",
                 mssfix=self.opts.mssfix,
-                engine=self.opts.userspace_engine,
+                engine=backendfit.userspace_engine(self.opts),
                 workers=self.opts.engine_workers,
             )
         self.dc.subscribe(self._notify)

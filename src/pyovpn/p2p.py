@@ -362,6 +362,8 @@ class Connection(Instance[Command]):
                         keepalive_timeout=up.keepalive_timeout,
                         tcp_backlog=backlog,
                         framing=framing,
+                        passtos=self.opts.passtos,
+                        fragment=self.opts.fragment if self.transport is Transport.UDP else 0,
                     )
                 )
             except BaseException:

@@ -108,6 +108,7 @@ class TunParams:
     ifconfig_ipv6: str | None = None  # local address with prefix length, e.g. "fd00::1/64"
     ifconfig_ipv6_remote: str | None = None
     session_env: tuple[tuple[str, str], ...] = ()  # routes, foreign_option_N, ... (see script_env)
+    dev_type: str = "tun"  # "tun" | "null" (`dev null`)
 
 
 def up_down_args(p: TunParams, context: str) -> list[str]:
@@ -120,7 +121,7 @@ def up_down_env(p: TunParams, context: str, *, signal: str | None = None) -> dic
     """The environment variables of an up/down script, beyond ``script_type``."""
     # OpenVPN sets redirect_gateway only once it has handled the routes, after `up`
     env = {k: v for k, v in p.session_env if signal is not None or k != "redirect_gateway"}
-    env |= {"dev": p.dev, "dev_type": "tun", "tun_mtu": str(p.tun_mtu), "script_context": context}
+    env |= {"dev": p.dev, "dev_type": p.dev_type, "tun_mtu": str(p.tun_mtu), "script_context": context}
     if p.ifconfig:
         local, other = p.ifconfig
         env["ifconfig_local"] = local

@@ -253,27 +253,23 @@ def test_crl_verify_inline_and_ccd_relative_to_config(etc: Path, tmp_path: Path)
 # Server errors
 # --------------------------------------------------------------------------------------------------
 
-TOPOLOGY_MESSAGE = (
-    "P2MP server needs `topology subnet` (net30/p2p are not supported with an offloaded data channel, "
-    "as with OpenVPN DCO); add `topology subnet`"
-)
+
+def test_server_without_topology_is_net30_as_in_openvpn() -> None:
+    """OpenVPN's default topology: the server is .1 with peer .2, /30 blocks from .4, a route to .1."""
+    o = parse_config_text(BASE + "server 10.8.0.0 255.255.255.0\n")
+    assert o.topology == "net30"
+    assert o.ifconfig == ("10.8.0.1", "10.8.0.2")
+    assert o.ifconfig_pool == ("10.8.0.4", "10.8.0.251", "")
+    assert o.push == ("route 10.8.0.1",)
+    c2c = parse_config_text(BASE + "topology net30\nclient-to-client\nserver 10.8.0.0 255.255.255.0\n")
+    assert c2c.push == ("route 10.8.0.0 255.255.255.0",)  # every client reaches the others
 
 
-def test_server_without_topology_subnet() -> None:
-    text = BASE + "server 10.8.0.0 255.255.255.0\n"
+def test_server_with_p2p_topology_is_refused() -> None:
+    text = SERVER.replace("topology subnet", "topology p2p")
     err = server_error(text, source="s.conf")
-    assert TOPOLOGY_MESSAGE in str(err)
-    assert (err.source, err.line) == ("s.conf", line_of(text, "server"))
-
-
-@pytest.mark.parametrize("topology", ["net30", "p2p"])
-def test_server_with_net30_or_p2p(topology: str) -> None:
-    text = SERVER.replace("topology subnet", f"topology {topology}")
-    err = server_error(text, source="s.conf")
-    assert TOPOLOGY_MESSAGE in str(err)
+    assert "`topology p2p` is not supported" in str(err) and "topology net30" in str(err)
     assert err.line == line_of(text, "topology")
-    err = server_error(BASE + f"mode server\ntls-server\ntopology {topology}\n")
-    assert TOPOLOGY_MESSAGE in str(err)
 
 
 def test_push_with_a_comma() -> None:

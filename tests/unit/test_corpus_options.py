@@ -1,5 +1,6 @@
 """Options the corpus of published configs uses that pyovpn now carries out (tests/corpus/README.md):
-`mute`, `down-pre`, `reneg-bytes 0`/`reneg-pkts 0`, and the clear refusal of `passtos`."""
+`mute`, `down-pre`, `reneg-bytes 0`/`reneg-pkts 0`, `passtos` and `dev null` (which rule the kernel
+data channel out, with the reason; tests/netns/test_passtos_devnull.py runs them)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from OpenSSL import SSL
 from pyovpn import daemon as daemon_module
 from pyovpn import logsinks, scripts
 from pyovpn.config import parse_config_text
-from pyovpn.datachannel import api
-from pyovpn.errors import ConfigError
+from pyovpn.datachannel import api, fragment, tos, validate
+from pyovpn.edge import backendfit, iface
+from pyovpn.errors import BackendError, ConfigError
 from pyovpn.tools.pki import Pki, make_pki
 from tests.unit.configtext import INLINE_CREDENTIALS
 from tests.unit.edgefakes import RunningDaemon, free_port, wait_until
@@ -69,9 +71,71 @@ def test_reneg_volume_zero_is_the_default_and_nonzero_is_refused(option: str, tm
         parse(f"{option} 64000\n", tmp_path)
 
 
-def test_passtos_is_refused_with_a_reason(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"t\.conf:7: `passtos` is not supported: .*TOS"):
-        parse("passtos\n", tmp_path)
+def test_passtos_runs_on_the_userspace_data_plane(tmp_path: Path) -> None:
+    """Carried out (datachannel/tos.py), so the kernel is ruled out with the reason, and the engine kept."""
+    opts = _opts("passtos\n", tmp_path)
+    assert opts.passtos and not opts.ignored
+    assert "`passtos`" in (backendfit.kernel_refusal(opts) or "")
+    assert backendfit.userspace_engine(opts) == "multiprocess"
+    plain = _opts("", tmp_path)
+    assert not plain.passtos and backendfit.kernel_refusal(plain) is None
+
+
+def test_dev_null_runs_in_process(tmp_path: Path) -> None:
+    opts = _opts("dev null\n", tmp_path)
+    assert "`dev null`" in (backendfit.kernel_refusal(opts) or "")
+    assert backendfit.userspace_engine(opts) == "inprocess"  # the engine's workers poll a TUN
+    # the up/down scripts are told dev_type=null, as OpenVPN does
+    env = scripts.up_down_env(iface.tun_params("null", 1500, opts, None), "init")
+    assert (env["dev"], env["dev_type"]) == ("null", "null")
+
+
+def test_dev_null_on_a_p2mp_server_is_refused_with_a_reason(tmp_path: Path) -> None:
+    for name in ("ca.crt", "s.crt", "s.key"):
+        (tmp_path / name).write_text("placeholder\n")
+    text = "dev null\nca ca.crt\ncert s.crt\nkey s.key\ndh none\n"
+    text += "topology subnet\nserver 10.8.0.0 255.255.255.0\n"
+    with pytest.raises(ConfigError, match=r"t\.conf:1: `dev null` on a P2MP server .*dev tun"):
+        parse_config_text(text, source="t.conf", cwd=str(tmp_path))
+
+
+def test_backends_without_passtos_or_null_devices_refuse_them() -> None:
+    """What the kernel backend (and the engine, for `dev null`) answer instead of ignoring the option."""
+    peer = api.NewPeer(
+        peer_id=1, socket_fd=0, transport=api.Transport.UDP, remote=("192.0.2.1", 1194), passtos=True
+    )
+    with pytest.raises(BackendError, match=r"kernel data channel cannot copy .*passtos.*--dco userspace"):
+        validate.check_no_passtos(peer, "kernel")
+    validate.check_no_passtos(api.NewPeer(peer_id=1, socket_fd=0, transport=api.Transport.UDP), "kernel")
+    with pytest.raises(BackendError, match=r"needs a real device, not `dev null`"):
+        validate.check_no_null_dev(api.NewIface("null", null=True), "kernel")
+    validate.check_no_null_dev(api.NewIface("tun0"), "kernel")
+
+
+def _ip4(tos: int) -> bytes:
+    return bytes([0x45, tos]) + bytes(18)
+
+
+def _ip6(tclass: int) -> bytes:
+    return bytes([0x60 | tclass >> 4, (tclass & 0x0F) << 4]) + bytes(38)
+
+
+@pytest.mark.parametrize("value", [0x00, 0x88, 0xB8, 0x03, 0xFF])
+def test_inner_tos_reads_ipv4_tos_and_ipv6_traffic_class(value: int) -> None:
+    assert tos.inner_tos(_ip4(value)) == value
+    assert tos.inner_tos(_ip6(value)) == value
+    assert tos.inner_tos(b"\x00\x00" + _ip6(value), 2) == value  # at an offset (a vnet header before)
+    assert tos.inner_tos(bytes([0x10, value])) == 0  # not IP: unmarked
+
+
+@pytest.mark.parametrize(("family", "addr"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_set_outer_tos_marks_the_socket(family: socket.AddressFamily, addr: str) -> None:
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        tos.set_outer_tos(sock, 0x88)
+        if family == socket.AF_INET:
+            assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == 0x88
+        else:
+            assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS) == 0x88
 
 
 # -- mute -----------------------------------------------------------------------------------------
@@ -383,3 +447,47 @@ def test_chroot_names_an_existing_directory_relative_to_cd(tmp_path: Path) -> No
     assert o.chroot == str(tmp_path / "jail")
     with pytest.raises(ConfigError, match="chroot: 'nowhere' is not a directory"):
         parse_config_text(f"{client}chroot nowhere\n", cwd=str(tmp_path))
+
+
+# -- fragment -------------------------------------------------------------------------------------
+
+
+def test_fragment_runs_in_process_over_udp_only(tmp_path: Path) -> None:
+    opts = _opts("fragment 1300\n", tmp_path)
+    assert opts.fragment == 1300 and not opts.ignored
+    assert "`fragment`" in (backendfit.kernel_refusal(opts) or "")
+    assert backendfit.userspace_engine(opts) == "inprocess"  # the engine encrypts whole packets only
+    assert _opts("fragment 1300 mtu\n", tmp_path).fragment == 1300 - 48  # room for IPv6 + UDP headers
+    with pytest.raises(ConfigError, match=r"`fragment` can only be used with `proto udp`"):
+        parse("proto tcp-client\nfragment 1300\n", tmp_path)
+
+
+def test_fragments_have_openvpns_header_and_come_back_whole() -> None:
+    frag = fragment.Fragmenter(1000)
+    assert frag.size == 972  # 1000 - 28 (DATA_V2 4, packet id 4, tag 16, fragment header 4), a multiple of 4
+    small = bytes(range(200))
+    assert frag.split(small) == [b"\x00\x00\x00\x00" + small]  # FRAG_WHOLE
+    big = bytes(i % 251 for i in range(2500))
+    pieces = frag.split(big)
+    assert [len(p) for p in pieces] == [976, 976, 4 + 2500 - 2 * 972]
+    words = [int.from_bytes(p[:4], "big") for p in pieces]
+    assert [w & 3 for w in words] == [1, 1, 2]  # NOT_LAST, NOT_LAST, LAST
+    assert [(w >> 10) & 0x1F for w in words] == [0, 1, 2]  # fragment index
+    assert {(w >> 2) & 0xFF for w in words} == {0}  # one sequence id for the packet
+    assert (words[2] >> 15) & 0x3FFF == 972 >> 2  # the last one carries the others' size / 4
+    assert int.from_bytes(frag.split(big)[0][:4], "big") >> 2 & 0xFF == 1  # the next packet: seq id 1
+    reasm = fragment.Reassembler()
+    # out of order, with a duplicate: still the one packet once
+    assert reasm.add(pieces[2], 0.0) is None
+    assert reasm.add(pieces[0], 0.0) is None
+    assert reasm.add(pieces[0], 0.1) is None
+    assert reasm.add(pieces[1], 0.2) == big
+    assert reasm.add(b"\x00\x00\x00\x00" + small, 0.3) == small
+    # a packet whose fragments straggle past 10 s is started over, not glued to stale pieces
+    assert reasm.add(pieces[0], 1.0) is None
+    assert reasm.add(pieces[1], 20.0) is None
+    assert reasm.add(pieces[2], 20.0) is None
+    with pytest.raises(fragment.FragmentError):
+        reasm.add(b"\x00\x00", 0.0)
+    with pytest.raises(fragment.FragmentError):
+        frag.split(bytes(33 * 972))  # more than 32 fragments

@@ -62,10 +62,15 @@ def test_pivpn_default_server(etc: Path) -> None:
     assert {name for name, _, _ in o.ignored} == {"ecdh-curve"}
 
 
-def test_docker_openvpn_net30_default_is_refused_with_the_fix(etc: Path) -> None:
-    # docker-openvpn's `server` without `topology subnet` is net30, which pyovpn's server does not run yet
-    with pytest.raises(ConfigError, match="topology subnet"):
-        parse_args(_load(etc, "docker-openvpn"), cwd=str(etc))
+def test_docker_openvpn_net30_default_server(etc: Path) -> None:
+    # `server` without `topology subnet` is OpenVPN's net30: .1 with peer .2, clients' /30s from .4
+    # (run live by tests/netns/test_net30_server.py)
+    o = parse_args(_load(etc, "docker-openvpn"), cwd=str(etc))
+    assert o.topology == "net30"
+    assert o.ifconfig == ("192.168.255.1", "192.168.255.2")
+    assert o.ifconfig_pool == ("192.168.255.4", "192.168.255.251", "")
+    assert o.push[3:] == ("route 192.168.255.1", "ping 10", "ping-restart 60")  # the helpers' pushes
+    assert o.compression == ("comp-lzo", "no")
 
 
 SERVER = "dev tun\nca ca.crt\ncert server.crt\nkey server.key\ndh none\n"

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from pyovpn.errors import ConfigError
+from pyovpn.config import parse_config_text
+from pyovpn.errors import ConfigError, PyovpnError
 from pyovpn.server import pool as pool_module
+from pyovpn.server.ccd import place_client
 from pyovpn.server.pool import AddressPool
+from tests.unit.test_config_server import BASE
 
 
 def _pool(path: Path, seconds: int = 600, v6: str | None = None) -> AddressPool:
@@ -83,3 +86,31 @@ def test_remembered_addresses_are_kept_free_until_the_pool_runs_out(tmp_path: Pa
     assert f.read_text() == "lee,10.8.0.3,\nmax,10.8.0.2,\n"
     with pytest.raises(Exception, match="exhausted"):
         p.acquire("kim", exclusive_cn=True)
+
+
+def test_net30_hands_out_the_third_address_of_each_block(tmp_path: Path) -> None:
+    """`topology net30`: /30 blocks from .4 (client .6, peer .5) as in OpenVPN; the file has the client's."""
+    f = tmp_path / "ipp.txt"
+    p = AddressPool("10.8.0.4", "10.8.0.251", "", "fd00:8::1000/64", str(f), net30=True)
+    assert p.acquire("bob", exclusive_cn=True) == ("10.8.0.6", "fd00:8::1000/64")
+    assert p.acquire("alice", exclusive_cn=True) == ("10.8.0.10", "fd00:8::1001/64")
+    assert f.read_text() == "alice,10.8.0.10,fd00:8::1001\nbob,10.8.0.6,fd00:8::1000\n"
+    p.release("10.8.0.6")
+    assert p.acquire("carol", exclusive_cn=True)[0] == "10.8.0.14"  # bob's block is kept for bob
+    again = AddressPool("10.8.0.4", "10.8.0.251", "", None, str(f), net30=True)
+    assert again.acquire("bob", exclusive_cn=True)[0] == "10.8.0.6"  # read back from the file
+    tiny = AddressPool("10.8.0.5", "10.8.0.11", "", None, net30=True)  # only the block .8/30 is whole
+    assert tiny.acquire("x", exclusive_cn=True)[0] == "10.8.0.10"
+    with pytest.raises(PyovpnError, match="exhausted"):
+        tiny.acquire("y", exclusive_cn=True)
+
+
+def test_net30_placement_pushes_the_point_to_point_pair() -> None:
+    opts = parse_config_text(BASE + "server 10.8.0.0 255.255.255.0\n")
+    pool = AddressPool.from_options(opts)
+    assert pool is not None and pool.net30
+    placed = place_client(opts, None, pool, "bob", "10.8.0.1", None)
+    assert placed.vpn_ip == "10.8.0.6"
+    assert placed.push[:2] == ["topology net30", "ifconfig 10.8.0.6 10.8.0.5"]
+    assert "route 10.8.0.1" in placed.push
+    assert not [line for line in placed.push if line.startswith("route-gateway")]

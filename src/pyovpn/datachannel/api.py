@@ -115,6 +115,9 @@ class NewIface:
     name: str
     mode: IfaceMode = IfaceMode.P2P
     mtu: int = 1500
+    # OpenVPN's `dev null`: no device at all; packets from the peer are decrypted and discarded,
+    # nothing is sent but control packets and pings (userspace backends, see Capabilities.null_dev)
+    null: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,10 @@ class NewPeer:
     tx_peer_id: int | None = None  # defaults to peer_id
     tcp_backlog: bytes = b""
     framing: Framing = Framing.NONE  # compression framing (userspace backends only, see Capabilities)
+    # `passtos`: each outgoing packet's outer TOS/traffic class is the inner packet's (Capabilities.passtos)
+    passtos: bool = False
+    # `fragment MAX`: OpenVPN's own fragmentation, no datagram above MAX bytes (0: off; Capabilities.fragment)
+    fragment: int = 0
 
 
 @dataclass(frozen=True)
@@ -383,6 +390,9 @@ class Capabilities:
     # saves work under a flood. Without it every non-data packet is passed up.
     drops_strangers: bool = False
     framing: bool = False  # NewPeer.framing other than NONE (OpenVPN's compression framing)
+    passtos: bool = False  # NewPeer.passtos (the inner packet's TOS/DSCP+ECN on the outer packet)
+    null_dev: bool = False  # NewIface.null (OpenVPN's `dev null`)
+    fragment: bool = False  # NewPeer.fragment (OpenVPN's fragmentation, P2P over UDP)
 
 
 class DataChannel(Protocol):

@@ -20,6 +20,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 from pyovpn.datachannel.api import Framing, PeerDelReason, Stats
 from pyovpn.datachannel.crypto import PING_MAGIC, KeyState, PacketIdExhaustedError
+from pyovpn.datachannel.fragment import WHOLE_HEADER, Fragmenter
 from pyovpn.datachannel.framing import frame_payload
 from pyovpn.net.sockets import SOL_UDP, TCP_DISCONNECT_ERRNOS, UDP_GRO
 
@@ -65,6 +66,7 @@ class PingPeer(Protocol):
     tx_peer_id: int
     stats: Stats
     framing: Framing  # pings are framed like every other payload (OpenVPN frames before encrypting)
+    frag: Fragmenter | None  # with `fragment`, a ping carries the whole-packet header too
 
 
 _P = TypeVar("_P", bound=PingPeer)
@@ -115,6 +117,8 @@ def seal_ping(peer: _P, key_exhausted: Callable[[_P, KeyState], None]) -> bytes 
         return None
     try:
         payload = PING_MAGIC if peer.framing is Framing.NONE else frame_payload(peer.framing, PING_MAGIC)
+        if peer.frag is not None:
+            payload = WHOLE_HEADER + payload
         packet = ks.encrypt(payload, peer.tx_peer_id)
     except PacketIdExhaustedError:
         key_exhausted(peer, ks)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import os
 import socket
 
-from pyovpn.datachannel.api import Cipher, Framing, KeySlot, NewKey, NewPeer, SetPeer, Transport
+from pyovpn.datachannel.api import Cipher, Framing, KeySlot, NewIface, NewKey, NewPeer, SetPeer, Transport
 from pyovpn.errors import BackendError
 
 __all__ = [
     "check_keepalive",
     "check_new_key",
     "check_new_peer_transport",
+    "check_no_fragment",
     "check_no_framing",
+    "check_no_null_dev",
+    "check_no_passtos",
     "check_peer_socket",
     "check_set_peer_keepalive",
     "check_slot",
@@ -73,6 +76,33 @@ def check_no_framing(cmd: NewPeer) -> None:
             f"NewPeer: the kernel data channel cannot carry OpenVPN's compression framing "
             f"({cmd.framing.value}); run this connection with --dco userspace, or remove "
             "comp-lzo/compress here and on the peer"
+        )
+
+
+def check_no_passtos(cmd: NewPeer, backend: str) -> None:
+    """For a backend without ``Capabilities.passtos``: the outer packets keep the socket's TOS."""
+    if cmd.passtos:
+        raise BackendError(
+            f"NewPeer: the {backend} data channel cannot copy each packet's TOS/DSCP to the outer "
+            "packet (`passtos`); run this connection with --dco userspace, or remove passtos"
+        )
+
+
+def check_no_fragment(cmd: NewPeer, backend: str) -> None:
+    """For a backend without ``Capabilities.fragment``: whole packets only."""
+    if cmd.fragment:
+        raise BackendError(
+            f"NewPeer: the {backend} data channel cannot apply OpenVPN's `fragment`; run with "
+            "--dco userspace and `userspace-engine inprocess`, or remove fragment here and on the peer"
+        )
+
+
+def check_no_null_dev(cmd: NewIface, backend: str) -> None:
+    """For a backend without ``Capabilities.null_dev``: a real device only."""
+    if cmd.null:
+        raise BackendError(
+            f"NewIface: the {backend} data channel needs a real device, not `dev null`; run with "
+            "--dco userspace and `userspace-engine inprocess`, or use `dev tun`"
         )
 
 

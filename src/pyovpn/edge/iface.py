@@ -48,6 +48,7 @@ def tun_params(ifname: str, mtu: int, opts: Options, pushed: PushedOptions | Non
         ifconfig_ipv6=v6[0] if v6 else None,
         ifconfig_ipv6_remote=v6[1] if v6 else None,
         session_env=tuple(env.items()),
+        dev_type=opts.dev_type,
     )
 
 
@@ -77,8 +78,17 @@ def configure_addresses(net: HostNetwork, ifname: str, opts: Options, pushed: Pu
 
 
 def configure_server(net: HostNetwork, ifname: str, opts: Options) -> None:
-    """The P2MP server's device: its subnet addresses, its `route`s, client-to-client forwarding."""
-    if opts.ifconfig:
+    """The P2MP server's device: its addresses, its `route`s, client-to-client forwarding.
+
+    With `topology net30` the device is point-to-point (.1 with peer .2) and the whole `server`
+    network is routed through it, as OpenVPN's helper does.
+    """
+    if opts.ifconfig and opts.topology == "net30":
+        net.add_address(ifname, opts.ifconfig[0], 32, peer=opts.ifconfig[1])
+        if opts.server_network is not None:
+            n = ipaddress.IPv4Network("/".join(opts.server_network))
+            net.add_route(ifname, str(n.network_address), n.prefixlen, metric=SERVER_ROUTE_METRIC)
+    elif opts.ifconfig:
         prefix = ipaddress.IPv4Network(f"0.0.0.0/{opts.ifconfig[1]}").prefixlen
         net.add_address(ifname, opts.ifconfig[0], prefix)
     if opts.ifconfig_ipv6:

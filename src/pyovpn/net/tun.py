@@ -27,7 +27,7 @@ from pyroute2 import IPRoute, NetlinkError
 from pyovpn.errors import BackendError
 from pyovpn.net.blocking import call_outside_loop
 
-__all__ = ["add_address", "add_route", "configure_link", "del_link", "open_tun"]
+__all__ = ["add_address", "add_route", "configure_link", "del_link", "open_null", "open_tun"]
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -42,6 +42,15 @@ IFA_F_NODAD = 0x02
 _NEED_ROOT = "needs CAP_NET_ADMIN: run as root (or grant the capability)"
 
 T = TypeVar("T")
+
+
+def open_null() -> int:
+    """OpenVPN's `dev null`: a descriptor that takes the packets a tun would and discards them.
+
+    It is write-only and never readable, so the data plane watches nothing: no packet ever
+    comes from it (OpenVPN's null device reads nothing either).
+    """
+    return os.open(os.devnull, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
 def open_tun(name: str | None = None, *, multi_queue: bool = False) -> tuple[int, str]:

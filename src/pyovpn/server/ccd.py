@@ -70,6 +70,8 @@ def place_client(
         # like OpenVPN, a static IPv4 from the ccd still takes its IPv6 from the pool
         pool_ip, vpn_ip6 = pool.acquire(cn, exclusive_cn=not opts.duplicate_cn)
         vpn_ip, mask = pool_ip, pool.netmask
+        if pool.net30:  # the client's point-to-point peer: the address before its own in its /30
+            mask = str(ipaddress.IPv4Address(pool_ip) - 1)
     if fixed:
         vpn_ip, mask = fixed
     if vpn_ip is None:
@@ -78,9 +80,11 @@ def place_client(
         vpn_ip6 = fixed6[0]
     base = []
     named = {opt.split()[0] for opt in push if opt.split()}
+    net30 = opts.topology == "net30"
     if "topology" not in named:
-        base.append("topology subnet")
-    if server_ip and "route-gateway" not in named:
+        base.append(f"topology {'net30' if net30 else 'subnet'}")
+    if server_ip and "route-gateway" not in named and not net30:
+        # (net30 clients route through their point-to-point peer)
         base.append(f"route-gateway {server_ip}")
     base.append(f"ifconfig {vpn_ip} {mask}")
     if vpn_ip6 and server_ip6:

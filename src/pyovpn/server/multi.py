@@ -151,6 +151,11 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         self.host.iface = name
         await asyncio.to_thread(iface.configure_server, self.host.net, name, o)
         log.info("TUN/TAP device %s opened, MP mode (%s data channel)", name, self.host.dc.name)
+        if o.topology == "net30":
+            log.warning(
+                "topology net30 on a server: each client takes a /30 of the pool; OpenVPN 2.6 "
+                "deprecates it for servers, use `topology subnet` when the clients allow"
+            )
         await self.host.run_up(iface.server_tun_params(name, o), "init")
         log.info(
             "UDPv%s link local (bound): %s",
@@ -590,6 +595,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
                 keepalive_interval=o.ping,
                 keepalive_timeout=o.ping_restart,
                 framing=self.framing,
+                passtos=o.passtos,
             )
         )
         client.in_backend = True

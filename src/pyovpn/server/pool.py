@@ -1,4 +1,8 @@
-"""The server's address pool (``ifconfig-pool``, ``ifconfig-ipv6-pool``, ``ifconfig-pool-persist``)."""
+"""The server's address pool (``ifconfig-pool``, ``ifconfig-ipv6-pool``, ``ifconfig-pool-persist``).
+
+With `topology net30` each client takes a /30 of the pool, as in OpenVPN: the client's address is
+the block's third (``.6`` of ``.4/30``) and its point-to-point peer the second (``.5``).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,11 @@ log = logging.getLogger("pyovpn.server")
 
 
 class AddressPool:
-    """IPv4 (and optional IPv6) addresses for clients; sticky per common name like ifconfig-pool-persist."""
+    """IPv4 (and optional IPv6) addresses for clients; sticky per common name like ifconfig-pool-persist.
+
+    Internally an entry is its first address (a /30 block's network address with ``net30``); the
+    addresses handed out and taken back are the clients' own.
+    """
 
     def __init__(
         self,
@@ -27,14 +35,21 @@ class AddressPool:
         v6_base: str | None,
         persist_file: str | None = None,
         persist_seconds: int = 600,
+        *,
+        net30: bool = False,
     ) -> None:
         self.netmask = netmask
+        self.net30 = net30
+        self._step, self._offset = (4, 2) if net30 else (1, 0)
         start, end = int(ipaddress.IPv4Address(first)), int(ipaddress.IPv4Address(last))
+        if net30:
+            start = (start + 3) & ~3  # whole /30 blocks inside the range, as OpenVPN
+            end = ((end + 1) & ~3) - 1
         if end < start:
             raise ConfigError(f"ifconfig-pool {first} {last}: the end is before the start")
         # a heap, lowest address first; may hold taken addresses (a sticky one taken out of
         # order, or one pushed twice): _used is the truth and acquire() skips those
-        self._free = list(range(start, end + 1))
+        self._free = list(range(start, end + 1, self._step))
         self._start, self._end = start, end
         self._v6 = ipaddress.IPv6Interface(v6_base) if v6_base else None
         self._used: dict[int, str] = {}  # address -> common name
@@ -61,7 +76,7 @@ class AddressPool:
             parts = line.split(",")
             if len(parts) >= 2:
                 with contextlib.suppress(ValueError):
-                    self._sticky[parts[0]] = int(ipaddress.IPv4Address(parts[1]))
+                    self._sticky[parts[0]] = int(ipaddress.IPv4Address(parts[1])) - self._offset
 
     @classmethod
     def from_options(cls, opts: Options) -> AddressPool | None:
@@ -69,13 +84,15 @@ class AddressPool:
         if not opts.ifconfig_pool:
             return None
         first, last, mask = opts.ifconfig_pool
+        net30 = opts.topology == "net30"
         return cls(
             first,
             last,
-            mask or (opts.ifconfig[1] if opts.ifconfig else "255.255.255.0"),
+            "" if net30 else mask or (opts.ifconfig[1] if opts.ifconfig else "255.255.255.0"),
             opts.ifconfig_ipv6_pool,
             opts.ifconfig_pool_persist[0] if opts.ifconfig_pool_persist else None,
             opts.ifconfig_pool_persist[1] if opts.ifconfig_pool_persist else 600,
+            net30=net30,
         )
 
     @property
@@ -85,19 +102,24 @@ class AddressPool:
     def _v6_for(self, v4: int, start: int) -> str | None:
         if self._v6 is None:
             return None
-        addr = self._v6.ip + (v4 - start)
+        addr = self._v6.ip + (v4 - start) // self._step
         return f"{addr}/{self._v6.network.prefixlen}"
 
     def acquire(self, cn: str, *, exclusive_cn: bool) -> tuple[str, str | None]:
         want = self._sticky.get(cn) if exclusive_cn else None
-        if want is not None and self._start <= want <= self._end and want not in self._used:
+        if (
+            want is not None
+            and self._start <= want <= self._end
+            and (want - self._start) % self._step == 0
+            and want not in self._used
+        ):
             addr = want
         else:
             addr = self._take_free(cn)
         self._used[addr] = cn
         self._sticky[cn] = addr
         self._save()
-        return str(ipaddress.IPv4Address(addr)), self._v6_for(addr, self._start)
+        return str(ipaddress.IPv4Address(addr + self._offset)), self._v6_for(addr, self._start)
 
     def _take_free(self, cn: str) -> int:
         """The lowest free address not remembered for another common name (OpenVPN's order); when
@@ -125,7 +147,7 @@ class AddressPool:
         return addr
 
     def release(self, address: str) -> None:
-        addr = int(ipaddress.IPv4Address(address))
+        addr = int(ipaddress.IPv4Address(address)) - self._offset
         if self._used.pop(addr, None) is not None:
             heapq.heappush(self._free, addr)
 
@@ -134,7 +156,7 @@ class AddressPool:
         lines = []
         for cn, a in sorted(self._sticky.items()):
             v6 = self._v6_for(a, self._start)
-            lines.append(f"{cn},{ipaddress.IPv4Address(a)},{v6.split('/')[0] if v6 else ''}\n")
+            lines.append(f"{cn},{ipaddress.IPv4Address(a + self._offset)},{v6.split('/')[0] if v6 else ''}\n")
         return "".join(lines)
 
     def _save(self) -> None:

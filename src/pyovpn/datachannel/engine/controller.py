@@ -67,7 +67,14 @@ from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, KeyState
 from pyovpn.datachannel.engine import wire
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import Kind, Message
-from pyovpn.datachannel.validate import check_new_key, check_set_peer_keepalive, check_slot, no_key_in_slot
+from pyovpn.datachannel.validate import (
+    check_new_key,
+    check_no_fragment,
+    check_no_null_dev,
+    check_set_peer_keepalive,
+    check_slot,
+    no_key_in_slot,
+)
 from pyovpn.errors import BackendError, ProtocolError
 from pyovpn.net import tun
 from pyovpn.net.sockbuf import grow_buffers
@@ -364,6 +371,7 @@ class Controller:
             )
         if cmd.mode is IfaceMode.MP:
             raise BackendError("NewIface: multipoint (MP) mode is not implemented yet in the offload engine")
+        check_no_null_dev(cmd, "multi-process engine's")
         if not 68 <= cmd.mtu <= 65535:
             raise BackendError(f"NewIface: MTU {cmd.mtu} out of range 68..65535")
         try:
@@ -405,6 +413,7 @@ class Controller:
 
     async def _new_peer(self, cmd: NewPeer, fd: int) -> None:
         what = "NewPeer"
+        check_no_fragment(cmd, "multi-process engine's")
         sock = peer_socket.adopt_socket(what, cmd, fd)
         try:
             peer = self._check_new_peer(cmd, sock)
@@ -439,6 +448,7 @@ class Controller:
             "mss4": mss4,
             "mss6": mss6,
             "framing": cmd.framing.value,
+            "passtos": cmd.passtos,
         }
         tx_w, rx_w = peer.workers
         self.peers[peer.peer_id] = peer

@@ -84,6 +84,7 @@ class EngineDataChannel:
         hooks=True,
         drops_strangers=True,
         framing=True,
+        passtos=True,
     )
 
     def __init__(

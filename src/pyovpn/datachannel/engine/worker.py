@@ -68,7 +68,9 @@ from pyovpn.datachannel.datapath import (
 from pyovpn.datachannel.engine import gso, wire
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import Kind
+from pyovpn.datachannel.fragment import Fragmenter
 from pyovpn.datachannel.framing import FramingError, frame_slots, note_framing_error, unframe
+from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net.sockets import SOL_UDP, UDP_SEGMENT
 from pyovpn.net.sockets import TRANSIENT_SEND_ERRNOS as _TRANSIENT
@@ -124,6 +126,9 @@ class _Peer:
         self.mss4: int = m["mss4"]
         self.mss6: int = m["mss6"]
         self.framing = Framing(m.get("framing", Framing.NONE.value))
+        self.passtos: bool = m.get("passtos", False)  # see datachannel/tos.py
+        self.tos = -1  # the TOS last set on the socket for passtos
+        self.frag: Fragmenter | None = None  # `fragment` is the in-process plane's (pings check it)
         self.ka_interval = 0
         self.ka_timeout = 0
         self.last_rx = self.last_tx = time.monotonic()
@@ -574,6 +579,16 @@ class Worker:
             ln = n - hl
             if ln <= 0:
                 continue
+            if peer.passtos and (tos := inner_tos(tmv, hl)) != peer.tos:  # type: ignore[union-attr]
+                # what was read before goes out with the TOS it was read under; a super-packet's
+                # segments share their header's TOS
+                if offs:
+                    ks = self._tx_flush(peer, ks)  # type: ignore[arg-type]
+                    if ks is None:
+                        dropped += 1
+                        continue
+                set_outer_tos(peer.sock, tos)  # type: ignore[union-attr]
+                peer.tos = tos  # type: ignore[union-attr]
             pos = self.tx_pos
             if gtype == gso.GSO_NONE:
                 p = pos + reserve

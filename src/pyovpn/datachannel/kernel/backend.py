@@ -35,7 +35,10 @@ from pyovpn.datachannel.validate import (
     check_keepalive,
     check_new_key,
     check_new_peer_transport,
+    check_no_fragment,
     check_no_framing,
+    check_no_null_dev,
+    check_no_passtos,
     check_peer_socket,
     check_set_peer_keepalive,
     check_slot,
@@ -244,6 +247,7 @@ class KernelDataChannel:
             raise BackendError(f"{what}: unknown interface mode {cmd.mode!r} (P2P or MP)") from None
         if not 68 <= cmd.mtu <= 65535:
             raise BackendError(f"{what}: MTU {cmd.mtu} out of range 68..65535")
+        check_no_null_dev(cmd, "kernel")
         await self._ensure_channel(what)
         index, ifname = await asyncio.to_thread(create_link, cmd.name, mode, cmd.mtu)
         if self._closed:
@@ -272,6 +276,8 @@ class KernelDataChannel:
         iface = self._require_iface(what)
         tx_id = cmd.peer_id if cmd.tx_peer_id is None else cmd.tx_peer_id
         check_no_framing(cmd)
+        check_no_passtos(cmd, "kernel")
+        check_no_fragment(cmd, "kernel")
         if iface.mode is api.IfaceMode.P2P and (cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None):
             raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
         check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)

@@ -77,6 +77,7 @@ from typing import Any, cast
 from pyovpn.datachannel import api, peer_socket
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW, KeyState
 from pyovpn.datachannel.datapath import FRAME_LEN, TCP_TX_HIGH_WATER, count, debug_hook
+from pyovpn.datachannel.fragment import Fragmenter, FragmentError, Reassembler
 from pyovpn.datachannel.userspace.keepalive import Keepalive
 from pyovpn.datachannel.userspace.lane import open_lane
 from pyovpn.datachannel.userspace.multipoint import Multipoint
@@ -107,6 +108,9 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         hooks=True,
         drops_strangers=True,
         framing=True,
+        passtos=True,
+        null_dev=True,
+        fragment=True,
     )
 
     def __init__(
@@ -184,6 +188,9 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
             raise BackendError(f"NewIface: unknown interface mode {cmd.mode!r}")
         if not 68 <= cmd.mtu <= 65535:
             raise BackendError(f"NewIface: MTU {cmd.mtu} out of range 68..65535")
+        if cmd.null:
+            self._new_null_iface(cmd)
+            return
         try:
             fd, ifname = tun.open_tun(cmd.name or None)
         except BackendError as e:
@@ -214,6 +221,18 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         reader = self._on_mp_tun_readable if iface.router is not None else self._on_tun_readable
         self._loop.add_reader(fd, reader, iface)
         log.info("userspace data channel: created %s (%s, mtu %d)", ifname, cmd.mode.name, cmd.mtu)
+
+    def _new_null_iface(self, cmd: api.NewIface) -> None:
+        """`dev null`: no device; what the peer sends is decrypted and written to /dev/null."""
+        if cmd.mode is not api.IfaceMode.P2P:
+            raise BackendError("NewIface: `dev null` has one peer (P2P); a P2MP server needs `dev tun`")
+        try:
+            fd = tun.open_null()
+        except OSError as e:
+            raise BackendError(f"NewIface: cannot open {os.devnull}: {e.strerror or e}") from None
+        # no reader: nothing ever comes from a null device
+        self._iface = Iface(cmd.name or "null", cmd.name, fd, cmd.mode, cmd.mtu)
+        log.info("userspace data channel: null device (packets from the peer are discarded)")
 
     def _del_iface(self, cmd: api.DelIface) -> None:
         iface = self._iface
@@ -336,6 +355,15 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
     ) -> Peer:
         peer = Peer(cmd.peer_id, tx_id, sock, cmd.transport, iface)
         peer.framing = cmd.framing
+        peer.passtos = cmd.passtos
+        if cmd.fragment:
+            if cmd.transport is not api.Transport.UDP or iface.router is not None:
+                raise BackendError(f"{what}: `fragment` is for one peer (P2P) over UDP, as in OpenVPN")
+            try:
+                peer.frag = Fragmenter(cmd.fragment)
+            except FragmentError as e:
+                raise BackendError(f"{what}: {e}") from None
+            peer.reasm = Reassembler()
         peer_socket.check_socket(what, cmd, peer)
         return peer
 

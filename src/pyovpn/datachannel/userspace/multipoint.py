@@ -24,6 +24,7 @@ from pyovpn.datachannel.crypto import PacketIdExhaustedError
 from pyovpn.datachannel.datapath import GRO_CMSG_SPACE, count, gro_segment_size
 from pyovpn.datachannel.framing import frame_payload
 from pyovpn.datachannel.peer_socket import give_back
+from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.datachannel.userspace.lane import close_lane
 from pyovpn.datachannel.userspace.peers import RX_BATCH, Iface, Peer, PeerTable, SharedUdp
 from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
@@ -102,6 +103,12 @@ class Multipoint(PeerTable):
                 count(peer.stats, "tx_dropped_no_key")
                 continue
             peer.stats.vpn_tx_bytes += n
+            if peer.passtos:
+                # the socket is shared by all peers: mark it for this packet and send it now
+                set_outer_tos(peer.sock, inner_tos(pkt))
+                peer.stats.vpn_tx_packets += 1
+                self._send_data(peer, [sealed], self._loop.time())
+                continue
             batch = batches.get(peer)
             if batch is None:
                 batches[peer] = [sealed]

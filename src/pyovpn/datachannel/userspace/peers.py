@@ -17,6 +17,7 @@ from typing import Any
 
 from pyovpn.datachannel import api
 from pyovpn.datachannel.crypto import KeyState
+from pyovpn.datachannel.fragment import Fragmenter, Reassembler
 from pyovpn.datachannel.notify import Subscribers
 from pyovpn.datachannel.userspace.routing import PeerRouter, RouteMonitor
 from pyovpn.errors import BackendError
@@ -46,6 +47,7 @@ class Iface:
 class Peer:
     __slots__ = (
         "fd",
+        "frag",
         "framing",
         "gro",
         "gso_max",
@@ -57,9 +59,11 @@ class Peer:
         "last_rx",
         "last_tx",
         "orig_blocking",
+        "passtos",
         "peer_id",
         "raw_ip",
         "raw_port",
+        "reasm",
         "remote",
         "send_addr",
         "shared",
@@ -68,6 +72,7 @@ class Peer:
         "tcp_rx",
         "tcp_tx",
         "tcp_writer",
+        "tos",
         "transport",
         "tx_peer_id",
     )
@@ -100,6 +105,10 @@ class Peer:
         self.tcp_writer = False
         self.shared: SharedUdp | None = None  # MP UDP: the socket this peer shares
         self.framing = api.Framing.NONE
+        self.passtos = False  # `passtos`: copy each packet's TOS to the outer packet (datachannel/tos.py)
+        self.tos = -1  # the TOS last set on the socket for passtos (-1: never set)
+        self.frag: Fragmenter | None = None  # `fragment` (datachannel/fragment.py): outgoing ...
+        self.reasm: Reassembler | None = None  # ... and incoming
 
 
 class SharedUdp:

@@ -24,7 +24,9 @@ from pyovpn.datachannel.datapath import (
     gro_segment_size,
     gso_train_refused,
 )
+from pyovpn.datachannel.fragment import FragmentError
 from pyovpn.datachannel.framing import FramingError, frame_payload, note_framing_error, unframe_bytes
+from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.datachannel.userspace.peers import RX_BATCH, Iface, Peer, PeerTable
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net.sockets import SOL_UDP, TRANSIENT_SEND_ERRNOS, UDP_SEGMENT
@@ -131,6 +133,17 @@ class UdpPath(PeerTable):
             st.dropped_other += 1
             return False
         peer.last_rx = now
+        if peer.reasm is not None:
+            try:
+                whole = peer.reasm.add(plain, now)
+            except FragmentError as e:
+                st.dropped_other += 1
+                count(st, "rx_bad_fragment")
+                log.debug("userspace data channel: peer %d: %s", peer.peer_id, e)
+                return True
+            if whole is None:
+                return True  # more fragments to come
+            plain = whole
         if peer.framing is not Framing.NONE:
             try:
                 plain = unframe_bytes(peer.framing, plain)
@@ -173,6 +186,9 @@ class UdpPath(PeerTable):
         ks = peer.keys[0] if peer is not None else None
         tx_id = peer.tx_peer_id if peer is not None else 0
         framing = peer.framing if peer is not None and peer.framing is not Framing.NONE else None
+        passtos = peer is not None and peer.passtos
+        frag = peer.frag if peer is not None else None
+        dropped_big = 0
         out: list[bytes] = []
         vpn_bytes = 0
         dropped = 0
@@ -187,11 +203,22 @@ class UdpPath(PeerTable):
             if ks is None:
                 dropped += 1
                 continue
+            if passtos and n and (tos := inner_tos(mv)) != peer.tos:  # type: ignore[union-attr]
+                assert peer is not None  # passtos is a peer's
+                if out:  # what was read before goes out with the TOS it was read under
+                    self._tx_out(peer, out, vpn_bytes)
+                    out, vpn_bytes = [], 0
+                set_outer_tos(peer.sock, tos)
+                peer.tos = tos
             try:
-                if framing is None:
-                    out.append(ks.encrypt(mv[:n], tx_id))
+                payload = mv[:n] if framing is None else frame_payload(framing, mv[:n])
+                if frag is None:
+                    out.append(ks.encrypt(payload, tx_id))
                 else:
-                    out.append(ks.encrypt(frame_payload(framing, mv[:n]), tx_id))
+                    out.extend([ks.encrypt(piece, tx_id) for piece in frag.split(payload)])
+            except FragmentError:
+                dropped_big += 1
+                continue
             except PacketIdExhaustedError:
                 assert peer is not None
                 self._key_exhausted(peer, ks)
@@ -201,12 +228,19 @@ class UdpPath(PeerTable):
             vpn_bytes += n
         if dropped:
             count(peer.stats if peer is not None else self.iface_stats, "tx_dropped_no_key", dropped)
+        if dropped_big:
+            count(peer.stats if peer is not None else self.iface_stats, "tx_dropped_too_big", dropped_big)
         if out:
-            assert peer is not None and self._loop is not None
-            st = peer.stats
-            st.vpn_tx_packets += len(out)
-            st.vpn_tx_bytes += vpn_bytes
-            self._send_data(peer, out, self._loop.time())
+            assert peer is not None
+            self._tx_out(peer, out, vpn_bytes)
+
+    def _tx_out(self, peer: Peer, out: list[bytes], vpn_bytes: int) -> None:
+        """Count and send sealed packets read from the TUN (``vpn_bytes``: their plaintext size)."""
+        assert self._loop is not None
+        st = peer.stats
+        st.vpn_tx_packets += len(out)
+        st.vpn_tx_bytes += vpn_bytes
+        self._send_data(peer, out, self._loop.time())
 
     def _send_data(self, peer: Peer, packets: list[bytes], now: float) -> None:
         if peer.transport is Transport.TCP:

@@ -1,0 +1,44 @@
+"""Whether a configuration can run on the kernel data channel, and which userspace engine it needs.
+
+The kernel ovpn driver is used whenever the connection allows; what it cannot do (compression
+framing, `passtos`, `dev null`, `fragment`, a net30 P2MP server) sends the connection to pyovpn's userspace
+data plane, and the reasons go into the one log line that says so (``datachannel/choice.py``).
+"""
+
+from __future__ import annotations
+
+from pyovpn.config import Options
+from pyovpn.edge import compression
+
+
+def kernel_refusal(opts: Options) -> str | None:
+    """Why the configuration keeps the kernel data channel out (all reasons in one sentence), or None."""
+    reasons = []
+    framing = compression.kernel_refusal(opts)
+    if framing is not None:
+        reasons.append(framing)
+    if opts.passtos:
+        # OpenVPN 2.6 keeps DCO and then does not copy the TOS; pyovpn carries the option out
+        reasons.append(
+            "`passtos` copies each packet's TOS/DSCP to the outer packet, which the kernel ovpn driver "
+            "does not"
+        )
+    if opts.dev_type == "null":
+        # as OpenVPN 2.6 ("null tun type selected, disabling data channel offload")
+        reasons.append("`dev null` has no device for the kernel ovpn driver to deliver packets to")
+    if opts.fragment:
+        # as OpenVPN 2.6 ("--fragment disables data channel offload")
+        reasons.append("`fragment` is OpenVPN's own fragmentation, which the kernel ovpn driver lacks")
+    if opts.mode == "server" and opts.topology == "net30":
+        # as OpenVPN 2.6 ("NOT using '--topology subnet' disables data channel offload")
+        reasons.append(
+            "`topology net30` on a P2MP server routes every client through one point-to-point "
+            "address, which the kernel ovpn driver cannot map to its peers"
+        )
+    return "; ".join(reasons) if reasons else None
+
+
+def userspace_engine(opts: Options) -> str:
+    """The `userspace-engine` to use: `dev null` runs in-process (the engine's workers poll a TUN),
+    and so does `fragment` (the engine encrypts whole packets only)."""
+    return "inprocess" if opts.dev_type == "null" or opts.fragment else opts.userspace_engine
