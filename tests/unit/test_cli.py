@@ -37,7 +37,7 @@ def test_unknown_option_names_file_and_line(tmp_path: Path) -> None:
     ("line", "needle"),
     [
         ("compress migrate", "migrate"),
-        ("fragment 1300", "fragment"),
+        ("secret static.key", "static-key"),
         ("cipher AES-192-GCM", "AEAD"),
         ("dev tap0", "tap"),
     ],
