@@ -2019,6 +2019,7 @@ _MANAGEMENT_NOT_YET = {
     "management-external-cert": "certificates held by the management client",
     "management-query-remote": "choosing the remote over the management interface",
     "management-query-proxy": "choosing a proxy over the management interface",
+    "management-signal": "a restart (SIGUSR1) when the management client disconnects",
 }
 
 
