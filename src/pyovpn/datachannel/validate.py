@@ -69,41 +69,42 @@ def check_new_peer_transport(cmd: NewPeer) -> None:
         raise BackendError("NewPeer: a TCP peer must not have a remote; the socket is connected")
 
 
+def _cannot(command: str, backend: str, what: str, instead: str) -> BackendError:
+    return BackendError(f"{command}: the {backend} data channel {what}; {instead}")
+
+
 def check_no_framing(cmd: NewPeer) -> None:
     """For a backend without ``Capabilities.framing``: only unframed payloads."""
     if cmd.framing is not Framing.NONE:
-        raise BackendError(
-            f"NewPeer: the kernel data channel cannot carry OpenVPN's compression framing "
-            f"({cmd.framing.value}); run this connection with --dco userspace, or remove "
-            "comp-lzo/compress here and on the peer"
+        what = f"cannot carry OpenVPN's compression framing ({cmd.framing.value})"
+        raise _cannot(
+            "NewPeer",
+            "kernel",
+            what,
+            "run this connection with --dco userspace, or remove comp-lzo/compress here and on the peer",
         )
 
 
 def check_no_passtos(cmd: NewPeer, backend: str) -> None:
     """For a backend without ``Capabilities.passtos``: the outer packets keep the socket's TOS."""
     if cmd.passtos:
-        raise BackendError(
-            f"NewPeer: the {backend} data channel cannot copy each packet's TOS/DSCP to the outer "
-            "packet (`passtos`); run this connection with --dco userspace, or remove passtos"
-        )
+        what = "cannot copy each packet's TOS/DSCP to the outer packet (`passtos`)"
+        raise _cannot("NewPeer", backend, what, "run this connection with --dco userspace, or remove passtos")
 
 
 def check_no_fragment(cmd: NewPeer, backend: str) -> None:
     """For a backend without ``Capabilities.fragment``: whole packets only."""
     if cmd.fragment:
-        raise BackendError(
-            f"NewPeer: the {backend} data channel cannot apply OpenVPN's `fragment`; run with "
-            "--dco userspace and `userspace-engine inprocess`, or remove fragment here and on the peer"
-        )
+        instead = "run with --dco userspace and `userspace-engine inprocess`, or remove fragment here and on "
+        instead += "the peer"
+        raise _cannot("NewPeer", backend, "cannot apply OpenVPN's `fragment`", instead)
 
 
 def check_no_null_dev(cmd: NewIface, backend: str) -> None:
     """For a backend without ``Capabilities.null_dev``: a real device only."""
     if cmd.null:
-        raise BackendError(
-            f"NewIface: the {backend} data channel needs a real device, not `dev null`; run with "
-            "--dco userspace and `userspace-engine inprocess`, or use `dev tun`"
-        )
+        instead = "run with --dco userspace and `userspace-engine inprocess`, or use `dev tun`"
+        raise _cannot("NewIface", backend, "needs a real device, not `dev null`", instead)
 
 
 def check_socket_kind(what: str, transport: Transport, sock: socket.socket) -> None:
