@@ -34,7 +34,7 @@ def setup() -> None:
     if _state:
         return
     from pyovpn import config
-    from pyovpn.datachannel import framing
+    from pyovpn.datachannel import fragment, framing
     from pyovpn.datachannel.api import Cipher, Framing
     from pyovpn.datachannel.crypto import DataKey, KeyState
     from pyovpn.datachannel.engine import gso, wire
@@ -48,6 +48,7 @@ def setup() -> None:
     _state.update(
         config=config,
         framing=framing,
+        fragment=fragment,
         Framing=Framing,
         gso=gso,
         wire=wire,
@@ -215,6 +216,26 @@ def compression_framing(data: bytes) -> None:
             pass
 
 
+def fragment_reassembly(data: bytes) -> None:
+    """`fragment`: a peer's decrypted payloads, each a fragment header and a piece, put together.
+
+    However the fragments come, the reassembler keeps a bounded number of partial packets.
+    """
+    fragment = _state["fragment"]
+    reasm = fragment.Reassembler()
+    pos, now = 0, 0.0
+    while pos + 2 <= len(data):
+        n = data[pos] % 64
+        now += data[pos + 1] / 16
+        try:
+            reasm.add(data[pos + 2 : pos + 2 + n], now)
+        except fragment.FragmentError:
+            pass
+        pos += 2 + n
+    if len(reasm._partial) > 64:
+        raise AssertionError(f"{len(reasm._partial)} partial packets kept")
+
+
 def engine_wire(data: bytes) -> None:
     """A frame on the engine's IPC socket."""
     try:
@@ -293,6 +314,7 @@ TARGETS: dict[str, Target] = {
     "key_files": key_files,
     "data_packet": data_packet,
     "compression_framing": compression_framing,
+    "fragment_reassembly": fragment_reassembly,
     "engine_wire": engine_wire,
     "management_lines": management_lines,
     "config_text": config_text,
