@@ -119,7 +119,8 @@ def test_teardown_removes_pyovpn_state_of_its_namespaces() -> None:
     """What a pyovpn killed with -9 keeps for its namespace in /run/pyovpn (named by the
     namespace's inode, as pyovpn names it) goes with the namespace; nothing stays behind."""
     code = (
-        "from pyovpn.edge.routejournal import RUN_DIR, journal_path\n"
+        "from pyovpn.edge.routejournal import journal_path\n"
+        "from pyovpn.rundir import RUN_DIR\n"
         "p = journal_path(RUN_DIR, 'tun7')\n"
         "p.parent.mkdir(parents=True, exist_ok=True)\n"
         "p.write_text('{\"pid\": 1}\\n')\n"
