@@ -386,7 +386,7 @@ class Capabilities:
     hooks: bool = False  # debug() (see above)
     # P2P UDP: a non-data packet from an address other than the peer's is dropped in the backend
     # (counted as extra "rx_control_stranger") unless it is a client's hard reset
-    # (proto.packets.STRANGER_CONTROL_OPCODES); the edge drops such packets anyway, so this only
+    # (proto.packets.STRANGER_FIRST_BYTES); the edge drops such packets anyway, so this only
     # saves work under a flood. Without it every non-data packet is passed up.
     drops_strangers: bool = False
     framing: bool = False  # NewPeer.framing other than NONE (OpenVPN's compression framing)

@@ -16,6 +16,7 @@ import os
 import socket
 from typing import Any, Protocol
 
+from pyovpn.datachannel import strangers
 from pyovpn.datachannel.api import Address, NewPeer, Transport
 from pyovpn.datachannel.validate import check_keepalive, check_new_peer_transport, check_socket_kind
 from pyovpn.errors import BackendError
@@ -137,6 +138,7 @@ def give_back(sock: socket.socket, *, blocking: bool, gro: bool) -> None:
     """Undo :func:`take_over` on a socket that is still open (the caller closes it)."""
     if sock.fileno() < 0:
         return
+    strangers.unguard(sock)  # the control plane reads the socket again: it must see everyone
     if gro:
         with contextlib.suppress(OSError):
             sock.setsockopt(SOL_UDP, UDP_GRO, 0)

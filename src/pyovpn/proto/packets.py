@@ -46,14 +46,19 @@ DATA_OPCODES = frozenset({Opcode.DATA_V1, Opcode.DATA_V2})
 OPCODE_DATA_V1 = int(Opcode.DATA_V1)
 OPCODE_DATA_V2 = int(Opcode.DATA_V2)
 
+SESSION_ID_LEN = 8
+
 # What a P2P endpoint may still take from an address other than its peer's once the tunnel is
 # up: a (re)starting client's first packet (a new source port after a restart). Anything else
-# from a stranger is dropped where it arrives, as OpenVPN does without `float`.
+# from a stranger is dropped where it arrives, as OpenVPN does without `float`. Like OpenVPN's
+# checks of a packet from an untrusted source, a first packet has key id 0 and holds at least
+# the opcode byte, a session id, an empty ACK array and a packet id.
 STRANGER_CONTROL_OPCODES = frozenset(
     {int(Opcode.CONTROL_HARD_RESET_CLIENT_V2), int(Opcode.CONTROL_HARD_RESET_CLIENT_V3)}
 )
+STRANGER_FIRST_BYTES = frozenset(opcode << 3 for opcode in STRANGER_CONTROL_OPCODES)
+MIN_FIRST_PACKET_LEN = 1 + SESSION_ID_LEN + 1 + 4
 
-SESSION_ID_LEN = 8
 UNDEF_PEER_ID = 0xFFFFFF  # "no peer id": receivers look the peer up by address instead
 # Largest ACK array a receiver accepts; OpenVPN never sends more than RELIABLE_ACK_SIZE (8).
 MAX_ACKS = 8

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyovpn.datachannel import peer_socket
+from pyovpn.datachannel import peer_socket, strangers
 from pyovpn.datachannel.api import (
     Address,
     ControlPacket,
@@ -424,6 +424,7 @@ class Controller:
             if old is not None and self.peers.get(old.peer_id) is old:
                 await self._remove_peer(old, PeerDelReason.TEARDOWN)  # P2P: one peer at a time
         self._configure_socket(peer)
+        strangers.follow(peer)
         mss4 = mss6 = 0
         if self.mssfix:
             outer = (
@@ -510,6 +511,7 @@ class Controller:
             if peer.transport is Transport.TCP:
                 raise BackendError(f"{what}: a TCP peer's remote cannot change")
             peer_socket.set_remote(what, peer, cmd.remote)
+            strangers.follow(peer)
             assert peer.cell is not None and peer.send_addr is not None
             peer.cell.store(peer.send_addr)  # the workers pick it up before their next packet
         if keepalive:
@@ -609,6 +611,7 @@ class Controller:
             peer.raw_ip = addr[0]
             peer.raw_port = addr[1]
             peer.remote = _normalize(addr)  # the receiving worker already moved both sides
+            strangers.follow(peer)
             log.info("offload engine: peer %d floated to %s:%d", peer.peer_id, *peer.remote)
             if not msg.get("noted"):  # else the worker told the proxy, in order with its control packets
                 self._emit(PeerFloated(peer.peer_id, peer.remote))

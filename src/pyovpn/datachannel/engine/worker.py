@@ -75,9 +75,10 @@ from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net.sockets import SOL_UDP, UDP_SEGMENT
 from pyovpn.net.sockets import TRANSIENT_SEND_ERRNOS as _TRANSIENT
 from pyovpn.proto.packets import (
+    MIN_FIRST_PACKET_LEN,
     OPCODE_DATA_V1,
     OPCODE_DATA_V2,
-    STRANGER_CONTROL_OPCODES,
+    STRANGER_FIRST_BYTES,
     UNDEF_PEER_ID,
 )
 
@@ -927,7 +928,7 @@ class Worker:
                     if (
                         addr is not None
                         and (addr[0] != peer.raw_ip or addr[1] != peer.raw_port)
-                        and opcode not in STRANGER_CONTROL_OPCODES
+                        and (b0 not in STRANGER_FIRST_BYTES or sz < MIN_FIRST_PACKET_LEN)
                     ):
                         # not from our peer and not a (re)starting client: the edge would drop
                         # it too; here it costs no trip through two more processes

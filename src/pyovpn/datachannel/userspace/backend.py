@@ -74,7 +74,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, cast
 
-from pyovpn.datachannel import api, peer_socket
+from pyovpn.datachannel import api, peer_socket, strangers
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW, KeyState
 from pyovpn.datachannel.datapath import FRAME_LEN, TCP_TX_HIGH_WATER, count, debug_hook
 from pyovpn.datachannel.fragment import Fragmenter, FragmentError, Reassembler
@@ -265,6 +265,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
             if old is not None:
                 self._remove_peer(old, api.PeerDelReason.TEARDOWN)
         self._configure_socket(peer)
+        strangers.follow(peer)
         self._peers[cmd.peer_id] = peer
         iface.peer = peer
         assert self._loop is not None
@@ -393,6 +394,8 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
             peer_socket.set_remote(what, peer, cmd.remote)
             if peer.shared is not None:
                 peer.shared.move(peer, old)
+            else:
+                strangers.follow(peer)
         if keepalive:
             assert cmd.keepalive_interval is not None and cmd.keepalive_timeout is not None
             self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)

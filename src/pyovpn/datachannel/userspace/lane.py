@@ -21,11 +21,10 @@ Only sockets of the same user may join at all, and ours are created as root.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import socket
-import struct
 
+from pyovpn.net import cbpf
 from pyovpn.net.sockbuf import grow_buffers
 
 log = logging.getLogger(__name__)
@@ -36,28 +35,15 @@ PING_DATAGRAM_SIZE = 40  # DATA_V2 header 4 + packet id 4 + tag 16 + ping payloa
 _DATA_V2_HEADER = 9 << 3
 _LANE_RCVBUF = 4 << 20  # room for ~one second of pings from tens of thousands of clients
 
-# struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}; the program sees the UDP payload
-_BPF_LD_W_LEN = 0x80
-_BPF_LD_B_ABS = 0x30
-_BPF_AND_K = 0x54
-_BPF_JEQ_K = 0x15
-_BPF_RET_K = 0x06
-_PROGRAM = (
-    (_BPF_LD_W_LEN, 0, 0, 0),  # A = payload length
-    (_BPF_JEQ_K, 0, 4, PING_DATAGRAM_SIZE),  # not 40 bytes: main socket
-    (_BPF_LD_B_ABS, 0, 0, 0),  # A = first byte
-    (_BPF_AND_K, 0, 0, 0xF8),  # opcode bits
-    (_BPF_JEQ_K, 0, 1, _DATA_V2_HEADER),
-    (_BPF_RET_K, 0, 0, LANE_INDEX),
-    (_BPF_RET_K, 0, 0, 0),
+_PROGRAM = (  # the program sees the UDP payload
+    (cbpf.LD_W_LEN, 0, 0, 0),  # A = payload length
+    (cbpf.JEQ_K, 0, 4, PING_DATAGRAM_SIZE),  # not 40 bytes: main socket
+    (cbpf.LD_B_ABS, 0, 0, 0),  # A = first byte
+    (cbpf.ALU_AND_K, 0, 0, 0xF8),  # opcode bits
+    (cbpf.JEQ_K, 0, 1, _DATA_V2_HEADER),
+    (cbpf.RET_K, 0, 0, LANE_INDEX),
+    (cbpf.RET_K, 0, 0, 0),
 )
-
-
-def _fprog(program: tuple[tuple[int, int, int, int], ...]) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
-    """``struct sock_fprog`` for setsockopt, and the buffer it points at (keep it alive for the call)."""
-    code = b"".join(struct.pack("=HBBI", *insn) for insn in program)
-    buf = ctypes.create_string_buffer(code, len(code))
-    return struct.pack("=HxxxxxxQ", len(program), ctypes.addressof(buf)), buf
 
 
 def open_lane(main: socket.socket) -> socket.socket | None:
@@ -89,7 +75,7 @@ def open_lane(main: socket.socket) -> socket.socket | None:
             lane.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device)
         grow_buffers(lane, _LANE_RCVBUF, send=False)
         lane.bind(local)
-        fprog, _keep = _fprog(_PROGRAM)
+        fprog, _keep = cbpf.fprog(_PROGRAM)
         lane.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
         lane.setblocking(False)
     except OSError as exc:

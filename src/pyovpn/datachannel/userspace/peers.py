@@ -15,7 +15,7 @@ import logging
 import socket
 from typing import Any
 
-from pyovpn.datachannel import api
+from pyovpn.datachannel import api, strangers
 from pyovpn.datachannel.crypto import KeyState
 from pyovpn.datachannel.fragment import Fragmenter, Reassembler
 from pyovpn.datachannel.notify import Subscribers
@@ -232,6 +232,8 @@ class PeerTable:
         peer.raw_port = addr[1]
         peer.send_addr = addr
         peer.remote = api.normalize_address(addr)
+        if peer.shared is None:  # P2P: the kernel filter lets the new address through from now on
+            strangers.follow(peer)
         log.info("userspace data channel: peer %d floated to %s:%d", peer.peer_id, *peer.remote)
         self._emit(api.PeerFloated(peer.peer_id, peer.remote))
 

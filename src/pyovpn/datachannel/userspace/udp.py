@@ -30,7 +30,13 @@ from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.datachannel.userspace.peers import RX_BATCH, Iface, Peer, PeerTable
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net.sockets import SOL_UDP, TRANSIENT_SEND_ERRNOS, UDP_SEGMENT
-from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, STRANGER_CONTROL_OPCODES, UNDEF_PEER_ID
+from pyovpn.proto.packets import (
+    MIN_FIRST_PACKET_LEN,
+    OPCODE_DATA_V1,
+    OPCODE_DATA_V2,
+    STRANGER_FIRST_BYTES,
+    UNDEF_PEER_ID,
+)
 
 __all__ = ["UdpPath"]
 
@@ -91,7 +97,7 @@ class UdpPath(PeerTable):
         elif opcode != OPCODE_DATA_V1:
             if (
                 addr[0] != peer.raw_ip or addr[1] != peer.raw_port
-            ) and opcode not in STRANGER_CONTROL_OPCODES:
+            ) and (pkt[0] not in STRANGER_FIRST_BYTES or len(pkt) < MIN_FIRST_PACKET_LEN):
                 count(peer.stats, "rx_control_stranger")  # the edge would drop it (Capabilities)
                 return
             self._emit(ControlPacket(peer.peer_id, bytes(pkt), normalize_address(addr)))
