@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Garbage at a P2P server's port: how much of the tunnel survives, and what each datagram costs.
 
-Needs root (network namespaces). For stock OpenVPN 2.6 and pyovpn as the P2P UDP server (a stock
-client on the other end, tls-crypt), alternating over ``--rounds``: while a sender in the
-client's namespace fires ``--rate`` random datagrams per second (random bytes, 20-200 long,
-from a port that is not the client's) at the server's port for ``--seconds``, the client pings
-the server through the tunnel every 50 ms. Reports the ping loss with and without the flood
-and the server's CPU time (process and children) per garbage datagram, medians over rounds.
+Needs root (network namespaces). For stock OpenVPN 2.6 and pyovpn (its engine, and its
+in-process backend) as the P2P UDP server (a stock client on the other end, tls-crypt),
+alternating over ``--rounds``: while a sender in the client's namespace fires ``--rate`` random
+datagrams per second (random bytes, 20-200 long, from a port that is not the client's) at the
+server's port for ``--seconds``, the client pings the server through the tunnel every 50 ms.
+Reports the ping loss with and without the flood, the server's CPU time (process and children)
+per garbage datagram and its resident memory growth during the flood, medians over rounds.
 
     sudo python3 bench/garbage.py --rate 20000 --seconds 8 --rounds 3
 """
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.throughput import _tree_cpu  # noqa: E402
+from bench.throughput import _pids, _tree_cpu  # noqa: E402
 from tests.netns.harness import (  # noqa: E402
     INIT_LINE,
     Netns,
@@ -76,11 +77,35 @@ def ping_loss(ns: str, addr: str, seconds: float) -> float:
     return 100.0 * (tx - rx) / tx if tx else 100.0
 
 
-def one(impl: str, pki_dir: Path, rate: int, seconds: float) -> dict[str, float]:
+def _tree_rss_kib(pid: int) -> int:
+    """Resident memory of a process and its descendants, KiB."""
+    total = 0
+    for p in _pids(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        total += int(m.group(1)) if m else 0
+    return total
+
+
+# the variants: the implementation, and what its server config adds
+VARIANTS = {
+    "openvpn": ("openvpn", ""),
+    "pyovpn": ("pyovpn", ""),  # the multi-process engine, pyovpn's default for P2P
+    "pyovpn-inprocess": ("pyovpn", "userspace-engine inprocess\n"),
+}
+NAMES = {"openvpn": "OpenVPN 2.6", "pyovpn": "pyovpn (engine)", "pyovpn-inprocess": "pyovpn (in-process)"}
+
+
+def one(variant: str, pki_dir: Path, rate: int, seconds: float) -> dict[str, float]:
+    impl, extra = VARIANTS[variant]
     spec = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4, verb=1)
     pki = make_pki(pki_dir)
     with Netns() as net:
-        (net.workdir / "s.conf").write_text(server_config(spec, pki, impl=impl, local=net.outer("b", 4)))  # type: ignore[arg-type]
+        config = server_config(spec, pki, impl=impl, local=net.outer("b", 4))  # type: ignore[arg-type]
+        (net.workdir / "s.conf").write_text(config + extra)
         (net.workdir / "c.conf").write_text(
             client_config(spec, pki, impl="openvpn", remote=net.outer("b", 4))
         )
@@ -91,6 +116,7 @@ def one(impl: str, pki_dir: Path, rate: int, seconds: float) -> dict[str, float]
         target = inner_addrs(spec).server4
         quiet = ping_loss(net.a, target, 3)
         cpu0 = _tree_cpu(server.pid)
+        rss0 = _tree_rss_kib(server.pid)
         target_args = [net.outer("b", 4), str(spec.port), str(rate), str(seconds)]
         flood = subprocess.Popen(
             [*netns_exec(net.a), sys.executable, "-c", FLOOD, *target_args],
@@ -100,6 +126,7 @@ def one(impl: str, pki_dir: Path, rate: int, seconds: float) -> dict[str, float]
         loss = ping_loss(net.a, target, seconds - 1)
         sent = int((flood.communicate()[0] or "0").strip() or 0)
         cpu = _tree_cpu(server.pid) - cpu0
+        rss1 = _tree_rss_kib(server.pid)
         alive = server.running()
     return {
         "quiet_loss": quiet,
@@ -107,6 +134,7 @@ def one(impl: str, pki_dir: Path, rate: int, seconds: float) -> dict[str, float]
         "sent": sent,
         "us_per_dgram": 1e6 * cpu / sent if sent else float("nan"),
         "alive": 1.0 if alive else 0.0,
+        "rss_growth_kib": float(rss1 - rss0),
     }
 
 
@@ -115,26 +143,31 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=20000)
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
-    res: dict[str, list[dict[str, float]]] = {"openvpn": [], "pyovpn": []}
+    res: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory() as td:
         for r in range(args.rounds):
-            order = ["openvpn", "pyovpn"] if r % 2 == 0 else ["pyovpn", "openvpn"]
-            for impl in order:
-                x = one(impl, Path(td) / f"{impl}{r}", args.rate, args.seconds)
-                res[impl].append(x)
-                print(f"round {r + 1} {impl}: {x}", flush=True)
+            order = args.variants if r % 2 == 0 else args.variants[::-1]
+            for variant in order:
+                x = one(variant, Path(td) / f"{variant}{r}", args.rate, args.seconds)
+                res[variant].append(x)
+                print(f"round {r + 1} {variant}: {x}", flush=True)
     print(f"\n{args.rate} garbage datagrams/s for {args.seconds:.0f} s, medians of {args.rounds} rounds\n")
-    print("| server | ping loss, quiet | ping loss, flood | server CPU µs per garbage datagram | running |")
-    print("|---|---:|---:|---:|---:|")
-    for impl, rows in res.items():
+    print(
+        "| server | ping loss, quiet | ping loss, flood | server CPU µs per garbage datagram "
+        "(min-max) | RSS growth during the flood, KiB | running |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for variant, rows in res.items():
         med = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
-        name = "OpenVPN 2.6" if impl == "openvpn" else "pyovpn (engine)"
+        us = [x["us_per_dgram"] for x in rows]
         print(
-            f"| {name} | {med['quiet_loss']:.1f} % | {med['flood_loss']:.1f} % | "
-            f"{med['us_per_dgram']:.1f} | {sum(x['alive'] for x in rows):.0f}/{len(rows)} |"
+            f"| {NAMES[variant]} | {med['quiet_loss']:.1f} % | {med['flood_loss']:.1f} % | "
+            f"{med['us_per_dgram']:.1f} ({min(us):.1f}-{max(us):.1f}) | {med['rss_growth_kib']:+.0f} | "
+            f"{sum(x['alive'] for x in rows):.0f}/{len(rows)} |"
         )
     return 0
 
