@@ -94,14 +94,15 @@ def test_kernel_suite_passes_in_the_guest() -> None:
 
 @pytest.mark.guest
 def test_interop_matrix_on_the_kernel_backend_in_the_guest() -> None:
-    """One scenario suite, two backends: the interop matrix and the P2MP server tests again, pyovpn on the
-    kernel driver (the P2MP server's stock clients use OpenVPN 2.7.8's DCO too)."""
+    """One scenario suite, two backends: the interop matrix and the P2MP server tests (UDP and TCP) again,
+    pyovpn on the kernel driver (the P2MP server's stock clients use OpenVPN 2.7.8's DCO too)."""
     _guest_pytest(
         [
             "-p",
             "no:cacheprovider",
             "tests/netns/test_interop.py",
             "tests/netns/test_server.py",
+            "tests/netns/test_server_tcp.py",
             "-k",
             "not soak and not pairwise",
         ],

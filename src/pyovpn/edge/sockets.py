@@ -133,12 +133,18 @@ async def open_tcp_client(
     return sock, remote
 
 
-async def accept_tcp_peer(opts: Options) -> tuple[socket.socket, Addr]:
-    """Listen, take the first TCP connection and stop listening: OpenVPN's one-peer TCP server."""
+def listen_tcp(opts: Options, backlog: int) -> socket.socket:
+    """A non-blocking TCP socket listening where the options say; a failure to bind is fatal."""
     lsock = _bound(opts, listen_family(opts), socket.SOCK_STREAM, "TCP")
-    lsock.listen(1)
+    lsock.listen(backlog)
     lsock.setblocking(False)
     log.info("Listening for incoming TCP connection on %s", normalize_address(lsock.getsockname()[:2]))
+    return lsock
+
+
+async def accept_tcp_peer(opts: Options) -> tuple[socket.socket, Addr]:
+    """Listen, take the first TCP connection and stop listening: OpenVPN's one-peer TCP server."""
+    lsock = listen_tcp(opts, 1)
     try:
         sock, sa = await asyncio.get_running_loop().sock_accept(lsock)
     finally:

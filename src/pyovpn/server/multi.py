@@ -29,7 +29,7 @@ from pyovpn.edge.host import ServerHost
 from pyovpn.edge.iface import IROUTE_METRIC
 from pyovpn.edge.instance import Instance
 from pyovpn.edge.stop import Stop
-from pyovpn.errors import AuthenticationError, ProtocolError, PyovpnError
+from pyovpn.errors import AuthenticationError, BackendError, ProtocolError, PyovpnError
 from pyovpn.net.sockbuf import grow_buffers
 from pyovpn.proto.cookie import CookieJar
 from pyovpn.proto.packets import DATA_OPCODES, Opcode
@@ -40,6 +40,7 @@ from pyovpn.server import auth, authtoken
 from pyovpn.server.ccd import place_client, read_ccd
 from pyovpn.server.pool import AddressPool
 from pyovpn.server.ratelimit import CONNECT_FREQ_INITIAL, ResetLimiter
+from pyovpn.server.tcplinks import TcpLinks
 
 log = logging.getLogger("pyovpn.server")
 
@@ -48,7 +49,7 @@ SERVER_SOCKET_BUFFER = 4 << 20
 RECV_BATCH = 256
 SHUTDOWN_FLUSH_SECONDS = 0.2  # lets the EXIT notifications leave before the socket closes
 
-ClientCommand = TunnelUp | api.NewKey | api.SwapKeys | api.DelKey
+ClientCommand = TunnelUp | api.NewKey | api.SwapKeys | api.DelKey | api.SendControl
 
 
 @dataclass
@@ -104,6 +105,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         self.pool = AddressPool.from_options(self.opts)
         self.server_ip, self.netmask = self.opts.ifconfig or ("", "")
         self.server_ip6 = self.opts.ifconfig_ipv6[0].split("/")[0] if self.opts.ifconfig_ipv6 else None
+        self.tcp: TcpLinks | None = None  # proto tcp-server: the client streams (else the UDP socket)
 
     @property
     def ifname(self) -> str:
@@ -131,13 +133,20 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
 
     async def _setup(self) -> None:
         o = self.opts
-        if o.proto != "udp":
-            raise Stop.fatal("P2MP server over TCP is not implemented yet; use proto udp")
-        sock = sockets.open_server_udp(o)
-        # bursts of handshakes (and mass EXITs) overflow the default ~200 KiB receive buffer
-        grow_buffers(sock, SERVER_SOCKET_BUFFER)
-        sock.setblocking(False)
-        self.sock = sock
+        if o.proto == "tcp-server":
+            self.tcp = TcpLinks(
+                self.loop,
+                self._on_packet,
+                self._on_tcp_closed,
+                hand_window=o.hand_window,
+                is_up=lambda addr: (c := self.clients.get(addr)) is not None and c.in_backend,
+            )
+        else:
+            sock = sockets.open_server_udp(o)
+            # bursts of handshakes (and mass EXITs) overflow the default ~200 KiB receive buffer
+            grow_buffers(sock, SERVER_SOCKET_BUFFER)
+            sock.setblocking(False)
+            self.sock = sock
         name = o.dev if o.dev not in ("tun", "") else "tun0"
         if self.host.iface is not None:
             # a restart (SIGUSR1/SIGHUP): like OpenVPN without persist-tun, the device the last
@@ -157,10 +166,14 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
                 "deprecates it for servers, use `topology subnet` when the clients allow"
             )
         await self.host.run_up(iface.server_tun_params(name, o), "init")
+        if self.tcp is not None:
+            self.tcp.listen(o)  # clients connect once the interface is ready, as with OpenVPN
+            return
+        assert self.sock is not None
         log.info(
             "UDPv%s link local (bound): %s",
-            "6" if sock.family == socket.AF_INET6 else "4",
-            sock.getsockname()[:2],
+            "6" if self.sock.family == socket.AF_INET6 else "4",
+            self.sock.getsockname()[:2],
         )
         self._start_reading()
 
@@ -190,6 +203,8 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         for client in list(self.clients.values()):
             await self._remove_client(client, "server shutdown", notify_backend=True)
         await self._drain_worker()
+        if self.tcp is not None:
+            self.tcp.close_all()
         if self.sock is not None:
             self._stop_reading()
             self.sock.close()
@@ -222,6 +237,11 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
 
     def _new_client_packet(self, data: bytes, source: Addr, key: Addr, now: float) -> None:
         op = data[0] >> 3
+        if self.tcp is not None and op == Opcode.CONTROL_HARD_RESET_CLIENT_V2:
+            # the TCP connection proved the address: no cookie round trip (as in OpenVPN)
+            cfg, wrap = self.cfg, self._fresh_wrap()
+            self._admit(key, data, now, "TCP", lambda: Session(cfg, rng=os.urandom, now=now, wrap=wrap))
+            return
         if op == Opcode.CONTROL_HARD_RESET_CLIENT_V3 and not offers_early_negotiation(data):
             self._new_tls_crypt_v2_client(data, source, key, now)
             return
@@ -329,6 +349,9 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         )
 
     def _sendto(self, packet: bytes, dest: Addr) -> None:
+        if self.tcp is not None:
+            self._send_tcp(packet, dest)
+            return
         assert self.sock is not None
         host = dest[0]
         if self.sock.family == socket.AF_INET6 and "." in host and not host.startswith("::ffff:"):
@@ -337,6 +360,21 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
             self.sock.sendto(packet, (host, dest[1]))
         except OSError as exc:
             log.debug("sendto %s: %s", dest, exc)
+
+    def _send_tcp(self, packet: bytes, dest: Addr) -> None:
+        """On the stream while we own it; after the hand-over through the data channel, in order."""
+        assert self.tcp is not None
+        if self.tcp.send(dest, packet):
+            return
+        client = self.clients.get(dest)
+        if client is not None and client.peer_id is not None and dest in self.tcp.links:
+            # handed over (or being handed over: the queue keeps it behind NewPeer)
+            self._cmds.put_nowait((client, api.SendControl(client.peer_id, packet)))
+
+    def _on_tcp_closed(self, addr: Addr, reason: str) -> None:
+        client = self.clients.get(addr)
+        if client is not None:
+            self._spawn(self._remove_client(client, reason, notify_backend=True))
 
     def _send(self, client: Client, *, ack_only: bool = True) -> None:
         for pkt in client.session.packets_to_send(ack_only=ack_only):
@@ -580,16 +618,25 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
                 await self._remove_client(client, f"data channel error: {exc}", notify_backend=True)
 
     async def _client_up(self, client: Client, up: TunnelUp) -> None:
-        assert self.sock is not None
         vpn6 = client.vpn_ip6_address
         o = self.opts
+        if self.tcp is not None:
+            if not self.tcp.owns(client.addr):
+                raise BackendError("the client's TCP connection is gone")
+            # its own connection, positioned at a frame boundary; unframed bytes go along
+            fd, backlog = self.tcp.hand_over(client.addr)
+            transport, remote = Transport.TCP, None
+        else:
+            assert self.sock is not None
+            # the shared server socket: the data channel demultiplexes by peer address
+            fd, backlog, transport, remote = self.sock.fileno(), b"", Transport.UDP, client.addr
         await self.host.dc.request(
             api.NewPeer(
                 peer_id=up.peer_id,
-                transport=Transport.UDP,
-                remote=client.addr,
-                # the shared server socket: the data channel demultiplexes by peer address
-                socket_fd=self.sock.fileno(),
+                transport=transport,
+                remote=remote,
+                socket_fd=fd,
+                tcp_backlog=backlog,
                 vpn_ipv4=client.vpn_ip,
                 vpn_ipv6=vpn6,
                 keepalive_interval=o.ping,
@@ -651,6 +698,8 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         if client.in_backend and notify_backend and client.peer_id is not None:
             with contextlib.suppress(PyovpnError):
                 await self.host.dc.request(api.DelPeer(client.peer_id))
+        if self.tcp is not None:
+            self.tcp.close(client.addr)  # the data channel has given the connection back
         # both families: an iroute-ipv6 left behind would make the client's next connect fail (EEXIST)
         for net, plen, gateway in self._iroutes(client):
             with contextlib.suppress(PyovpnError):
@@ -671,6 +720,8 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         if isinstance(n, api.ControlPacket):
             if n.remote is not None:
                 self._on_packet(n.packet, n.remote)
+            elif (client := self.by_peer.get(n.peer_id)) is not None:  # TCP: the stream is the client
+                self._on_packet(n.packet, client.addr)
         elif isinstance(n, api.PeerDeleted):
             client = self.by_peer.get(n.peer_id)
             if client is None or n.reason is PeerDelReason.USERSPACE:
