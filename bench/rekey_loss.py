@@ -6,11 +6,13 @@ tls-crypt) carry an iperf3 UDP stream at ``--rate`` from client to server for ``
 Each variant runs twice, alternating: once with ``reneg-sec --reneg`` on the client (about
 seconds/reneg renegotiations) and once without renegotiation, so loss that the rekeys cause
 shows as the difference between the two. Variants: the stock client, and pyovpn's client on
-each userspace backend (the multi-process engine and the in-process plane). Reports the lost
-datagrams (iperf3's receiver count), the rekeys the client logged and the longest stretch with
-no data.
+each userspace backend (the multi-process engine and the in-process plane), and inside the
+kernel guest pyovpn's client on the kernel ovpn driver. Reports the lost datagrams (iperf3's
+receiver count), the rekeys the client logged and the longest stretch with no data.
 
     sudo python3 bench/rekey_loss.py --seconds 105 --reneg 5 --rate 100M
+    scripts/guest/run.sh -t 900 -- python3 bench/rekey_loss.py --seconds 60 --reneg 5 --rate 10M \
+        --variants "stock client" "pyovpn client, kernel"
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ VARIANTS = {
     "stock client": ("openvpn", ()),
     "pyovpn client, engine": ("pyovpn", ("userspace-engine multiprocess",)),
     "pyovpn client, in-process": ("pyovpn", ("userspace-engine inprocess",)),
+    # inside the guest of scripts/guest/run.sh (a kernel with the ovpn driver) only
+    "pyovpn client, kernel": ("pyovpn", ("dco kernel",)),
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if not v.endswith("kernel")]
 PYOVPN_REKEY = re.compile(r"renegotiated data channel key_id", re.M)
 
 
@@ -97,12 +102,19 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=105)
     ap.add_argument("--reneg", type=int, default=5, help="reneg-sec of the rekeying runs")
     ap.add_argument("--rate", default="100M", help="iperf3 UDP offered rate")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=DEFAULT_VARIANTS,
+        help="default: userspace ones",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
     rows = []
     with tempfile.TemporaryDirectory() as td:
-        for i, name in enumerate(VARIANTS):
+        for i, name in enumerate(args.variants):
             order = [args.reneg, 0] if i % 2 == 0 else [0, args.reneg]
             for reneg in order:
                 x = one(name, reneg, Path(td) / f"{i}-{reneg}", args.rate, args.seconds)

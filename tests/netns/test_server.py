@@ -162,7 +162,9 @@ def test_disconnected_client_address_is_reused_and_others_unaffected(star: Star,
     assert pushed_ip(alice.text()) == first  # the freed address went back to its owner
 
 
-def test_auth_user_pass_verify_rejects_one_client_only(star: Star, pki: Pki) -> None:
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_auth_user_pass_verify_rejects_one_client_only(star: Star, pki: Pki, proto: str) -> None:
+    """The rejected client gets AUTH_FAILED (over TCP too: the message leaves before the close)."""
     script = star.workdir / "verify.sh"
     script.write_text('#!/bin/sh\n[ "$(sed -n 2p "$1")" = good ]\n')
     script.chmod(0o755)
@@ -170,17 +172,16 @@ def test_auth_user_pass_verify_rejects_one_client_only(star: Star, pki: Pki) -> 
         pki,
         star.workdir,
         client_to_client=False,
-        extra=f"script-security 2\nauth-user-pass-verify {script} via-file",
+        extra=f"script-security 2\nauth-user-pass-verify {script} via-file\nproto {proto}",
     )
     server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
-    wait_listening(star.server, "udp", 1194, proc=server)
+    wait_listening(star.server, proto, 1194, proc=server)  # type: ignore[arg-type]
     procs = []
     for i, (cn, cipher) in enumerate(CLIENTS):
         creds = star.workdir / f"{cn}.pass"
         creds.write_text(f"{cn}\n{'bad' if cn == 'bob' else 'good'}\n")
-        cconf = client_conf(
-            pki, star.workdir, cn, star.server_addr(i), cipher, extra=f"auth-user-pass {creds}"
-        )
+        extra = f"auth-user-pass {creds}" + ("\nproto tcp-client" if proto == "tcp" else "")
+        cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher, extra=extra)
         procs.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
     wait_for_lines([procs[0], procs[2]], INIT_LINE, 40)
     deadline = time.monotonic() + 30
