@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""P2MP aggregate throughput: one server, several stock OpenVPN 2.6 clients transferring at once.
+
+Needs root (network namespaces). A ``harness.Star``: the server in its own namespace with one
+veth to each client namespace. For each server variant (stock OpenVPN 2.6 tuned as in
+bench/throughput.py, and pyovpn on its userspace data plane), alternating over ``--rounds``,
+every client runs one iperf3 TCP stream to the server's tunnel address for ``--seconds`` at
+the same time, first clients -> server, then server -> clients (``-R``). Reports the median
+aggregate (sum of the clients' rates) with its min-max, the ratio to stock OpenVPN, and the
+server's CPU seconds per GB moved. ``--proto tcp`` runs the tunnels over TCP instead of UDP.
+
+    sudo python3 bench/p2mp_throughput.py --clients 3 --seconds 8 --rounds 3
+    sudo python3 bench/p2mp_throughput.py --proto tcp --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from bench.throughput import OPENVPN_TUNED, _tree_cpu  # noqa: E402
+from tests.netns.harness import (  # noqa: E402
+    INIT_LINE,
+    Star,
+    netns_exec,
+    p2mp_client_config,
+    p2mp_server_config,
+    wait_for_lines,
+    wait_listening,
+)
+
+from pyovpn.tools.pki import Pki, issue_client, make_pki  # noqa: E402
+
+SERVER_IP = "10.79.0.1"
+IPERF_BASE_PORT = 5301
+VARIANTS = {"openvpn": "OpenVPN 2.6 server (tuned)", "pyovpn": "pyovpn server (userspace)"}
+
+
+def _server_conf(impl: str, pki: Pki, proto: str) -> str:
+    extra = [f"proto {proto}", "data-ciphers AES-256-GCM", "verb 1"]
+    if impl == "openvpn":
+        extra += ["disable-dco", *OPENVPN_TUNED]
+    else:
+        extra += ["dco userspace"]
+    return p2mp_server_config(pki, "10.79.0.0", *extra)
+
+
+def one(impl: str, pki_dir: Path, n: int, seconds: float, proto: str) -> dict[str, float]:
+    pki = make_pki(pki_dir)
+    with Star(pki_dir, n, base=230) as star:
+        conf = star.workdir / "server.conf"
+        conf.write_text(_server_conf(impl, pki, proto))
+        argv = (
+            ["openvpn", "--config", str(conf)]
+            if impl == "openvpn"
+            else [sys.executable, "-m", "pyovpn", "--config", str(conf)]
+        )
+        server = star.spawn(star.server, argv, f"server-{impl}")
+        wait_listening(star.server, "tcp" if proto == "tcp" else "udp", 1194, proc=server)
+        clients = []
+        for i in range(n):
+            crt, key = issue_client(pki, f"c{i}")
+            cconf = star.workdir / f"c{i}.conf"
+            cconf.write_text(
+                p2mp_client_config(
+                    pki,
+                    star.server_addr(i),
+                    crt,
+                    key,
+                    f"proto {'tcp-client' if proto == 'tcp' else 'udp'}",
+                    "data-ciphers AES-256-GCM",
+                    "disable-dco",
+                    "verb 1",
+                    *OPENVPN_TUNED,
+                )
+            )
+            clients.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{i}"))
+        wait_for_lines([server, *clients], INIT_LINE, 60)
+        iperf_servers = [
+            subprocess.Popen(
+                [*netns_exec(star.server), "iperf3", "-s", "-p", str(IPERF_BASE_PORT + i)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i in range(n)
+        ]
+        out: dict[str, float] = {}
+        try:
+            for direction, flag in (("up", []), ("down", ["-R"])):
+                time.sleep(1.0)  # an iperf3 server needs a moment between tests ("server is busy")
+                cpu0 = _tree_cpu(server.pid)
+                runs = [
+                    subprocess.Popen(
+                        [
+                            *netns_exec(star.peers[i]),
+                            "iperf3",
+                            "-c",
+                            SERVER_IP,
+                            "-p",
+                            str(IPERF_BASE_PORT + i),
+                            "-t",
+                            str(seconds),
+                            "-J",
+                            *flag,
+                        ],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL,
+                        text=True,
+                    )
+                    for i in range(n)
+                ]
+                total_bps = 0.0
+                total_bytes = 0.0
+                for r in runs:
+                    stdout, _ = r.communicate(timeout=seconds + 60)
+                    report = json.loads(stdout)
+                    if "error" in report:
+                        raise SystemExit(f"{impl}: iperf3 failed: {report['error']}\n{server.tail(20)}")
+                    end = report["end"]
+                    total_bps += end["sum_received"]["bits_per_second"]
+                    total_bytes += end["sum_received"]["bytes"]
+                cpu = _tree_cpu(server.pid) - cpu0
+                out[f"{direction}_gbps"] = total_bps / 1e9
+                out[f"{direction}_cpu_s_per_gb"] = cpu / (total_bytes / 1e9) if total_bytes else float("nan")
+        finally:
+            for p in iperf_servers:
+                p.kill()
+                p.wait()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--proto", choices=["udp", "tcp"], default="udp")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces)")
+    res: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as td:
+        for r in range(args.rounds):
+            order = list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]
+            for impl in order:
+                x = one(impl, Path(td) / f"{impl}{r}", args.clients, args.seconds, args.proto)
+                res[impl].append(x)
+                print(f"round {r + 1} {impl}: {x}", flush=True)
+    ref = {k: statistics.median(x[k] for x in res["openvpn"]) for k in res["openvpn"][0]}
+    print(
+        f"\n{args.clients} stock OpenVPN 2.6 clients, one TCP stream each at once, {args.seconds:.0f} s, "
+        f"tunnels over {args.proto.upper()}, medians of {args.rounds} rounds (min-max)\n"
+    )
+    print(
+        "| server | clients -> server, Gbit/s | ratio | server -> clients, Gbit/s | ratio "
+        "| server CPU s/GB up / down |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for impl, rows in res.items():
+        cells = []
+        for d in ("up", "down"):
+            vals = [x[f"{d}_gbps"] for x in rows]
+            med = statistics.median(vals)
+            cells.append(f"{med:.2f} ({min(vals):.2f}-{max(vals):.2f})")
+            cells.append(f"{med / ref[f'{d}_gbps']:.2f}x" if ref[f"{d}_gbps"] else "-")
+        cpu = [statistics.median(x[f"{d}_cpu_s_per_gb"] for x in rows) for d in ("up", "down")]
+        print(f"| {VARIANTS[impl]} | {' | '.join(cells)} | {cpu[0]:.1f} / {cpu[1]:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
