@@ -17,7 +17,9 @@ __all__ = ["inner_tos", "set_outer_tos"]
 
 
 def inner_tos(buf: bytes | bytearray | memoryview, off: int = 0) -> int:
-    """The DSCP+ECN byte of the IP packet at ``buf[off:]``: IPv4 TOS or IPv6 traffic class."""
+    """The DSCP+ECN byte of the IP packet at ``buf[off:]``: IPv4 TOS or IPv6 traffic class (0 if none)."""
+    if len(buf) < off + 2:
+        return 0
     first = buf[off]
     version = first >> 4
     if version == 4:

@@ -104,8 +104,12 @@ class Multipoint(PeerTable):
                 continue
             peer.stats.vpn_tx_bytes += n
             if peer.passtos:
-                # the socket is shared by all peers: mark it for this packet and send it now
-                set_outer_tos(peer.sock, inner_tos(pkt))
+                # the socket may be shared by all peers: mark it for this packet (when the mark
+                # changes) and send the packet now, before another peer's packet changes it again
+                marked = peer.shared if peer.shared is not None else peer
+                if (tos := inner_tos(pkt)) != marked.tos:
+                    set_outer_tos(peer.sock, tos)
+                    marked.tos = tos
                 peer.stats.vpn_tx_packets += 1
                 self._send_data(peer, [sealed], self._loop.time())
                 continue

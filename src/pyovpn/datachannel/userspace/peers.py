@@ -114,7 +114,19 @@ class Peer:
 class SharedUdp:
     """MP: our duplicate of the UDP socket the UDP peers share; one reader, closed with its last peer."""
 
-    __slots__ = ("by_addr", "fd", "gro", "gso", "key", "lane", "orig_blocking", "peers", "shadowed", "sock")
+    __slots__ = (
+        "by_addr",
+        "fd",
+        "gro",
+        "gso",
+        "key",
+        "lane",
+        "orig_blocking",
+        "peers",
+        "shadowed",
+        "sock",
+        "tos",
+    )
 
     def __init__(self, key: tuple[int, int], sock: socket.socket) -> None:
         self.key = key
@@ -124,6 +136,7 @@ class SharedUdp:
         self.gro = False
         self.gso = False
         self.orig_blocking = True
+        self.tos = -1  # passtos: the TOS last set on the shared socket
         self.peers: set[Peer] = set()
         self.by_addr: dict[tuple[str | None, int], Peer] = {}  # (raw_ip, raw_port) -> peer
         # rare: several peers at one address; the newest is indexed, the others wait here
