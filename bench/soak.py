@@ -89,6 +89,12 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=3)
     ap.add_argument("--rate", default="20M")
     ap.add_argument("--reneg", type=int, default=20)
+    ap.add_argument("--pause", type=float, default=2.0, help="seconds between churned connections")
+    ap.add_argument(
+        "--heapwatch",
+        metavar="OUT",
+        help="run the server under bench/heapwatch.py (tracemalloc), writing its heap growth to OUT",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
@@ -98,10 +104,17 @@ def main() -> int:
         pki = make_pki(Path(td) / "pki")
         server_conf = Path(td) / "server.conf"
         server_conf.write_text(p2mp_server_config(pki, "10.79.0.0", "verb 3", f"reneg-sec {args.reneg}"))
-        server = star.spawn(
-            star.server, [sys.executable, "-m", "pyovpn", "--config", str(server_conf)], "server"
-        )
-        wait_listening(star.server, "udp", 1194, proc=server)
+        argv = [sys.executable, "-m", "pyovpn", "--config", str(server_conf)]
+        if args.heapwatch:
+            watch = [
+                sys.executable,
+                str(ROOT / "bench" / "heapwatch.py"),
+                str(Path(args.heapwatch).resolve()),
+            ]
+            argv = [*watch, "60", "--", "--config", str(server_conf)]
+        server = star.spawn(star.server, argv, "server")
+        # tracemalloc makes the start (imports) several times slower
+        wait_listening(star.server, "udp", 1194, timeout=120 if args.heapwatch else 10, proc=server)
         confs = []
         for i, cn in enumerate(("steady", "churn")):
             cert, key = issue_client(pki, cn)
@@ -138,7 +151,7 @@ def main() -> int:
                 c.wait(10)
                 star.procs.remove(c)
                 n += 1
-                time.sleep(2)
+                time.sleep(args.pause)
 
         workers = [threading.Thread(target=traffic, daemon=True), threading.Thread(target=churn, daemon=True)]
         for w in workers:

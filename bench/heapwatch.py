@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Run pyovpn under tracemalloc and write what its Python heap gained, for leak hunts.
+
+    python3 bench/heapwatch.py OUT INTERVAL -- --config server.conf
+
+Starts ``tracemalloc`` (15 frames), then runs ``python -m pyovpn`` with the arguments after
+``--`` in this process. Every INTERVAL seconds a thread takes a snapshot: the first one (after
+one interval, past start-up) is the baseline; each later one rewrites OUT with the 25 call
+sites whose memory grew most since the baseline, and appends the total traced memory to
+OUT.totals (seconds since start, bytes), so a leak shows as a site that keeps growing and a
+total that keeps rising. ``bench/soak.py --heapwatch OUT`` runs the server this way.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+
+def _watch(out: Path, interval: float) -> None:
+    start = time.monotonic()
+    keep = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, __file__)]
+    base: tracemalloc.Snapshot | None = None
+    while True:
+        time.sleep(interval)
+        snap = tracemalloc.take_snapshot().filter_traces(keep)
+        total = sum(s.size for s in snap.statistics("filename"))
+        with open(f"{out}.totals", "a") as f:
+            f.write(f"{time.monotonic() - start:.0f} {total}\n")
+        if base is None:
+            base = snap
+            continue
+        lines = [f"after {time.monotonic() - start:.0f} s; traced {total} bytes\n"]
+        for stat in snap.compare_to(base, "traceback")[:25]:
+            lines.append(f"\n{stat.size_diff:+d} B in {stat.count_diff:+d} blocks (now {stat.size} B)\n")
+            lines += [f"    {line}\n" for line in stat.traceback.format()[-12:]]
+        out.write_text("".join(lines))
+
+
+def main() -> None:
+    if len(sys.argv) < 4 or sys.argv[3] != "--":
+        raise SystemExit("usage: heapwatch.py OUT INTERVAL -- PYOVPN-ARGS...")
+    out, interval = Path(sys.argv[1]), float(sys.argv[2])
+    tracemalloc.start(15)
+    threading.Thread(target=_watch, args=(out, interval), daemon=True, name="heapwatch").start()
+    sys.argv = ["pyovpn", *sys.argv[4:]]
+    runpy.run_module("pyovpn", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
