@@ -6,13 +6,19 @@
 Starts ``tracemalloc`` (15 frames), then runs ``python -m pyovpn`` with the arguments after
 ``--`` in this process. Every INTERVAL seconds a thread takes a snapshot: the first one (after
 one interval, past start-up) is the baseline; each later one rewrites OUT with the 25 call
-sites whose memory grew most since the baseline, and appends the total traced memory to
-OUT.totals (seconds since start, bytes), so a leak shows as a site that keeps growing and a
-total that keeps rising. ``bench/soak.py --heapwatch OUT`` runs the server this way.
+sites whose memory grew most since the baseline, and appends a line to OUT.totals: seconds
+since start, the bytes Python objects hold (tracemalloc), and glibc's own count of the bytes
+malloc has handed out and not got back (``mallinfo2().uordblks``, Python and native code such
+as OpenSSL alike) and of the heap it holds from the system (``arena`` + ``hblkhd``). A leak in
+Python shows as a call site that keeps growing; one in native code as malloc's in-use bytes
+rising while tracemalloc's stay flat; fragmentation as the held heap rising while both stay
+flat. ``bench/soak.py --heapwatch OUT`` runs the server this way.
 """
 
 from __future__ import annotations
 
+import ctypes
+import linecache
 import runpy
 import sys
 import threading
@@ -21,16 +27,47 @@ import tracemalloc
 from pathlib import Path
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _malloc_counts() -> tuple[int, int]:
+    """(bytes in use, bytes held from the system) by glibc's malloc; (0, 0) without glibc."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return 0, 0
+    fn.restype = _MallInfo2
+    info = fn()
+    return info.uordblks, info.arena + info.hblkhd
+
+
 def _watch(out: Path, interval: float) -> None:
     start = time.monotonic()
-    keep = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, __file__)]
+    # the watcher's own allocations (formatting tracebacks reads source lines) are not pyovpn's
+    keep = [tracemalloc.Filter(False, f) for f in (tracemalloc.__file__, __file__, linecache.__file__)]
     base: tracemalloc.Snapshot | None = None
     while True:
         time.sleep(interval)
         snap = tracemalloc.take_snapshot().filter_traces(keep)
         total = sum(s.size for s in snap.statistics("filename"))
+        in_use, held = _malloc_counts()
         with open(f"{out}.totals", "a") as f:
-            f.write(f"{time.monotonic() - start:.0f} {total}\n")
+            f.write(f"{time.monotonic() - start:.0f} {total} {in_use} {held}\n")
         if base is None:
             base = snap
             continue
