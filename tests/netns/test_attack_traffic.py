@@ -9,7 +9,8 @@ From the client's namespace, but from other source ports, an attacker sends:
 - a thousand half-open handshakes (hard resets from as many ports), which the server answers
   statelessly (HMAC cookie): none of them becomes a client session.
 Throughout, the client pings the server through the tunnel; afterwards the server still lists
-the one client at its real address.
+the one client at its real address. The same attack at a P2P server (both userspace planes), and
+a P2MP server at its `max-clients` limit under half-open handshakes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,19 @@ from pathlib import Path
 import pytest
 
 from pyovpn.tools.pki import Pki
-from tests.netns.harness import INIT_LINE, Netns, TunnelSpec, netns_exec, ping, spawn_tunnel, wait_for_lines
+from tests.netns.harness import (
+    INIT_LINE,
+    Netns,
+    Star,
+    TunnelSpec,
+    inner_addrs,
+    netns_exec,
+    ping,
+    spawn_tunnel,
+    wait_for_lines,
+    wait_listening,
+)
+from tests.netns.test_server import CLIENTS, SERVER4, client_conf, server_conf
 
 pytestmark = pytest.mark.netns
 
@@ -81,17 +94,8 @@ def _client_rows(status: str) -> list[str]:
     return [line for line in status.splitlines() if line.startswith("CLIENT_LIST,")]
 
 
-def test_replays_forgeries_and_half_open_handshakes_change_nothing(net: Netns, pki: Pki) -> None:
-    status = net.workdir / "status.log"
-    server, client = spawn_tunnel(
-        net, pki, SPEC, "pyovpn", "openvpn", server_extra=f"status {status} 1\nstatus-version 2\n"
-    )
-    wait_for_lines([server, client], INIT_LINE, 30)
-    server_addr = net.outer("b", 4)
-    inner = "10.77.0.1"
-    assert ping(net.a, inner).ok
-
-    # capture the client's data packets while it pings
+def _capture_replays(net: Netns, inner: str) -> Path:
+    """Capture the client's data packets while it pings, then start the attacker on them."""
     pcap = net.workdir / "client.pcap"
     dump = subprocess.Popen(
         [
@@ -117,6 +121,78 @@ def test_replays_forgeries_and_half_open_handshakes_change_nothing(net: Netns, p
     assert len(data_packets) >= 10, f"captured only {len(data_packets)} data packets"
     replay_file = net.workdir / "replays.bin"
     replay_file.write_bytes(b"".join(len(p).to_bytes(2, "big") + p for p in data_packets))
+    return replay_file
+
+
+@pytest.mark.parametrize("engine", ["multiprocess", "inprocess"])
+def test_p2p_server_under_replays_forgeries_and_resets_keeps_its_peer(
+    net: Netns, pki: Pki, engine: str
+) -> None:
+    """The same attack at a P2P server (either userspace plane): the peer stays where it is, the
+    tunnel keeps working, and the stranger filter drops most of it in the kernel."""
+    spec = TunnelSpec(
+        role="p2p",
+        cipher="AES-256-GCM",
+        wrap="tls-crypt",
+        proto="udp",
+        family=4,
+        verb=4,
+        pyovpn_extra=(f"userspace-engine {engine}",),
+    )
+    server, client = spawn_tunnel(net, pki, spec, "pyovpn", "openvpn", init_timeout=30)
+    inner = inner_addrs(spec).server4
+    assert ping(net.a, inner).ok
+    replay_file = _capture_replays(net, inner)
+    drops_before = _udp_socket_drops(net.b, spec.port)
+    mark = server.mark()
+    attacker = subprocess.Popen(
+        [
+            *netns_exec(net.a),
+            sys.executable,
+            "-c",
+            ATTACK,
+            net.outer("b", 4),
+            str(spec.port),
+            str(replay_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    during = ping(net.a, inner, count=30, timeout=40)
+    sent = int((attacker.communicate(timeout=120)[0] or "0").strip())
+    assert sent > 1000 + 20 * 200
+    assert during.ok and during.received >= 30, during.output
+    assert server.running() and client.running()
+    log = server.text()[mark:]
+    assert not re.search(r"(?i)floated", log), "a replayed or forged packet moved the peer"
+    assert not re.search(r"Initialization Sequence Completed", log), "a forged reset restarted the session"
+    # the forgeries with random peer ids and most of the resets never reached the process
+    assert _udp_socket_drops(net.b, spec.port) - drops_before > 1000
+    assert ping(net.a, inner, count=5).ok
+
+
+def _udp_socket_drops(ns: str, port: int) -> int:
+    """The kernel's drop count of the UDP socket bound to ``port`` in ``ns`` (/proc/net/udp)."""
+    rows = subprocess.run([*netns_exec(ns), "cat", "/proc/net/udp"], capture_output=True, text=True).stdout
+    total = 0
+    for row in rows.splitlines()[1:]:
+        fields = row.split()
+        if int(fields[1].split(":")[1], 16) == port:
+            total += int(fields[-1])
+    return total
+
+
+def test_replays_forgeries_and_half_open_handshakes_change_nothing(net: Netns, pki: Pki) -> None:
+    status = net.workdir / "status.log"
+    server, client = spawn_tunnel(
+        net, pki, SPEC, "pyovpn", "openvpn", server_extra=f"status {status} 1\nstatus-version 2\n"
+    )
+    wait_for_lines([server, client], INIT_LINE, 30)
+    server_addr = net.outer("b", 4)
+    inner = "10.77.0.1"
+    assert ping(net.a, inner).ok
+
+    replay_file = _capture_replays(net, inner)
 
     time.sleep(2)  # a status rewrite after the capture
     before = _client_rows(status.read_text())
@@ -143,3 +219,37 @@ def test_replays_forgeries_and_half_open_handshakes_change_nothing(net: Netns, p
     log = server.text()[mark:]
     assert not re.search(r"new client session", log), "a half-open handshake became a client session"
     assert not re.search(r"(?i)float", log), log[-3000:]
+
+
+def test_max_clients_reached_under_half_open_handshakes(tmp_path: Path, pki: Pki) -> None:
+    """max-clients 2: two stock clients get in, a third waits; a thousand half-open handshakes take
+    no slot; when one client leaves, the waiting one gets in and the others keep their tunnels."""
+    with Star(tmp_path, 3, base=240) as star:
+        conf = server_conf(pki, star.workdir, client_to_client=False, extra="max-clients 2")
+        server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server")
+        wait_listening(star.server, "udp", 1194, proc=server)
+        clients = []
+        for i, (cn, cipher) in enumerate(CLIENTS):
+            cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher)
+            clients.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
+            if i < 2:
+                wait_for_lines([clients[i]], INIT_LINE, 40)
+        server.wait_for_line("max-clients reached", 20)
+        resets = (
+            "import os, socket, sys\n"
+            "for _ in range(1000):\n"
+            "    h = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "    h.sendto(bytes([7 << 3]) + os.urandom(8) + bytes(1) + os.urandom(40), (sys.argv[1], 1194))\n"
+            "    h.close()\n"
+        )
+        subprocess.run(
+            [*netns_exec(star.peers[2]), sys.executable, "-c", resets, star.server_addr(2)], check=True
+        )
+        for i in range(2):
+            assert ping(star.peers[i], SERVER4, count=5).ok, f"client {i} lost its tunnel"
+        assert INIT_LINE not in clients[2].text(), "a third client got in past max-clients 2"
+        clients[0].stop()  # explicit-exit-notify: its slot is free at once
+        wait_for_lines([clients[2]], INIT_LINE, 60)
+        assert ping(star.peers[2], SERVER4, count=3).ok
+        assert ping(star.peers[1], SERVER4, count=3).ok
+        assert server.running()
