@@ -953,10 +953,15 @@ class Session:
         if p is None or self.peer_id is None:
             return
         if self._backend_slots[KeySlot.SECONDARY] == p.key_id and now >= self._swap_time(p):
-            self._emit(SwapKeys(self.peer_id))
-            s = self._backend_slots
-            s[KeySlot.PRIMARY], s[KeySlot.SECONDARY] = s[KeySlot.SECONDARY], s[KeySlot.PRIMARY]
-            log.info("data channel now sends with key_id=%d", p.key_id)
+            self._swap(p)
+
+    def _swap(self, ks: KeyState) -> None:
+        """The backend sends with ``ks`` (installed in the secondary slot) from now on."""
+        assert self.peer_id is not None
+        self._emit(SwapKeys(self.peer_id))
+        s = self._backend_slots
+        s[KeySlot.PRIMARY], s[KeySlot.SECONDARY] = s[KeySlot.SECONDARY], s[KeySlot.PRIMARY]
+        log.info("data channel now sends with key_id=%d", ks.key_id)
 
     def _swap_time(self, ks: KeyState) -> float:
         # The peer derives its key only once our last handshake packet is ACKed, which can take a
@@ -966,6 +971,11 @@ class Session:
     def _start_renegotiation(self, now: float, *, initiator: bool) -> None:
         old = self.primary
         assert old is not None
+        if self.peer_id is not None and self._backend_slots[KeySlot.SECONDARY] == old.key_id:
+            # The key negotiated last is still waiting for its swap (renegotiations come faster
+            # than the swap delay, e.g. reneg-sec 2). Send with it now: the peer keeps only the
+            # newest keys, and the key we still send with is about to be retired below.
+            self._swap(old)
         new = self._new_key_state(next_key_id(old.key_id), now)
         if self.lame_duck is not None and self.lame_duck.state is KS.GENERATED_KEYS:
             self._retire(self.lame_duck)

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Soak a pyovpn P2P tunnel: a compressed day of rekeys under traffic. Does anything grow?
+
+Needs root (network namespaces). A pyovpn P2P server (its default userspace engine, so the
+engine's controller and workers are sampled too) and a stock OpenVPN 2.6 client, tls-crypt.
+The server renegotiates every ``--reneg`` seconds while the client sends an iperf3 UDP stream
+at ``--rate`` through the tunnel in 30 s runs, for ``--minutes``. Every 5 s the server's
+process tree is sampled (RSS, open descriptors, threads, as bench/soak.py does); after
+``--warmup`` minutes a least-squares slope per minute is fitted with its 95 % interval. Also
+reports the renegotiations the server completed and the iperf3 loss.
+
+    sudo python3 bench/soak_p2p.py --minutes 30 --reneg 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from bench.soak import sample, slope  # noqa: E402
+from tests.netns.harness import (  # noqa: E402
+    HarnessError,
+    Netns,
+    TunnelSpec,
+    inner_addrs,
+    iperf3_transfer,
+    spawn_tunnel,
+)
+
+from pyovpn.tools.pki import make_pki  # noqa: E402
+
+REKEYED = re.compile(r"renegotiated data channel key_id")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30)
+    ap.add_argument("--warmup", type=float, default=3)
+    ap.add_argument("--rate", default="20M")
+    ap.add_argument("--reneg", type=int, default=2)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces)")
+    stop = threading.Event()
+    udp = {"packets": 0, "lost": 0, "runs": 0}
+    spec = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4, verb=3)
+    with tempfile.TemporaryDirectory() as td, Netns() as net:
+        pki = make_pki(Path(td) / "pki")
+        server, _client = spawn_tunnel(
+            net, pki, spec, "pyovpn", "openvpn", server_extra=f"reneg-sec {args.reneg}\n", init_timeout=30
+        )
+        target = inner_addrs(spec).server4
+
+        def traffic() -> None:
+            while not stop.is_set():
+                try:
+                    res = iperf3_transfer(net.a, net.b, target, seconds=30, udp_rate=args.rate, length=1300)
+                    udp["packets"] += res["udp"]["packets"]
+                    udp["lost"] += res["udp"]["lost_packets"]
+                    udp["runs"] += 1
+                except HarnessError as e:
+                    print(f"iperf3: {e}".splitlines()[0], flush=True)
+                    time.sleep(1)
+
+        worker = threading.Thread(target=traffic, daemon=True)
+        worker.start()
+        start = time.monotonic()
+        rows: list[tuple[float, float, int, int]] = []
+        while (elapsed := time.monotonic() - start) < args.minutes * 60:
+            if not server.running():
+                print(server.tail(), flush=True)
+                raise SystemExit("the pyovpn server exited during the soak")
+            rss, fds, threads = sample(server.pid)
+            rows.append((elapsed, rss, fds, threads))
+            if len(rows) % 12 == 1:
+                rekeys = len(REKEYED.findall(server.text()))
+                print(
+                    f"{elapsed / 60:5.1f} min: rss {rss:.1f} MiB, fds {fds}, threads {threads}, "
+                    f"rekeys {rekeys}"
+                )
+            time.sleep(5)
+        stop.set()
+        worker.join(60)
+        rekeys = len(REKEYED.findall(server.text()))
+    kept = [r for r in rows if r[0] >= args.warmup * 60]
+    ts = [r[0] for r in kept]
+    print(
+        f"\npyovpn P2P server (engine), {args.minutes:.0f} min, reneg-sec {args.reneg}, "
+        f"iperf3 UDP {args.rate}; "
+        f"slopes after {args.warmup:.0f} min warm-up"
+    )
+    loss = 100 * udp["lost"] / udp["packets"] if udp["packets"] else float("nan")
+    print(
+        f"{rekeys} renegotiations completed; "
+        f"{udp['lost']} of {udp['packets']} datagrams lost ({loss:.3f} %)\n"
+    )
+    print("| measure | first | last | slope per minute (95 % interval) |")
+    print("|---|---:|---:|---:|")
+    for i, name in ((1, "RSS, MiB"), (2, "open descriptors"), (3, "threads")):
+        ys = [float(r[i]) for r in kept]
+        b, half = slope(ts, ys)
+        print(f"| {name} | {ys[0]:.1f} | {ys[-1]:.1f} | {b:+.3f} ± {half:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
