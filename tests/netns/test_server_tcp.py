@@ -32,7 +32,7 @@ def _start(star: Star, pki: Pki) -> tuple[Proc, list[Proc], Path]:
     extra = f"proto tcp-server\nstatus {status} 1\nstatus-version 2"
     conf = server_conf(pki, star.workdir, client_to_client=True, extra=extra)
     server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
-    wait_listening(star.server, "tcp", 1194, proc=server)
+    wait_listening(star.server, "tcp", 1194, timeout=30, proc=server)  # the guest's emulated CPUs are slow
     clients = []
     for i, (cn, cipher) in enumerate(CLIENTS):
         cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher, extra="proto tcp-client")

@@ -45,6 +45,7 @@ async def serving(hand_window: float = 30.0) -> AsyncIterator[Server]:
     )
     # port 0: the kernel picks a free one (a config could not say so)
     lsock = links.listen(replace(Options(), proto="tcp-server", local="127.0.0.1", port=0))
+    links.accept()
     try:
         yield Server(links, lsock.getsockname()[1], packets, closed)
     finally:

@@ -141,6 +141,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
                 hand_window=o.hand_window,
                 is_up=lambda addr: (c := self.clients.get(addr)) is not None and c.in_backend,
             )
+            self.tcp.listen(o)  # bound at once, like the UDP socket: a port in use fails here
         else:
             sock = sockets.open_server_udp(o)
             # bursts of handshakes (and mass EXITs) overflow the default ~200 KiB receive buffer
@@ -167,7 +168,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
             )
         await self.host.run_up(iface.server_tun_params(name, o), "init")
         if self.tcp is not None:
-            self.tcp.listen(o)  # clients connect once the interface is ready, as with OpenVPN
+            self.tcp.accept()  # connections made meanwhile waited in the listen backlog
             return
         assert self.sock is not None
         log.info(

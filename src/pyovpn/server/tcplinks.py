@@ -70,10 +70,15 @@ class TcpLinks:
     # ------------------------------------------------------------------ listening
 
     def listen(self, opts: Options) -> socket.socket:
+        """Bind and listen now (a port in use fails at start); :meth:`accept` starts taking clients."""
         lsock = sockets.listen_tcp(opts, backlog=128)
         self.listener = lsock
-        self.loop.add_reader(lsock.fileno(), self._on_accept)
         return lsock
+
+    def accept(self) -> None:
+        """Take connections from now on (those that arrived since :meth:`listen` waited in the backlog)."""
+        assert self.listener is not None
+        self.loop.add_reader(self.listener.fileno(), self._on_accept)
 
     def _pending(self) -> int:
         return sum(1 for link in self.links.values() if not link.handed_over)
