@@ -2,6 +2,7 @@
 """Run pyovpn under tracemalloc and write what its Python heap gained, for leak hunts.
 
     python3 bench/heapwatch.py OUT INTERVAL -- --config server.conf
+    python3 bench/heapwatch.py --malloc-only OUT INTERVAL -- --config server.conf
 
 Starts ``tracemalloc`` (15 frames), then runs ``python -m pyovpn`` with the arguments after
 ``--`` in this process. Every INTERVAL seconds a thread takes a snapshot: the first one (after
@@ -12,7 +13,9 @@ malloc has handed out and not got back (``mallinfo2().uordblks``, Python and nat
 as OpenSSL alike) and of the heap it holds from the system (``arena`` + ``hblkhd``). A leak in
 Python shows as a call site that keeps growing; one in native code as malloc's in-use bytes
 rising while tracemalloc's stay flat; fragmentation as the held heap rising while both stay
-flat. ``bench/soak.py --heapwatch OUT`` runs the server this way.
+flat. tracemalloc's own tables live in malloc's heap and grow with every new traceback, so
+malloc's counts are only clean with ``--malloc-only`` (no tracemalloc; the traced column is 0).
+``bench/soak.py --heapwatch OUT`` (``--heapwatch-malloc OUT``) runs the server this way.
 """
 
 from __future__ import annotations
@@ -56,6 +59,15 @@ def _malloc_counts() -> tuple[int, int]:
     return info.uordblks, info.arena + info.hblkhd
 
 
+def _watch_malloc(out: Path, interval: float) -> None:
+    start = time.monotonic()
+    while True:
+        time.sleep(interval)
+        in_use, held = _malloc_counts()
+        with open(f"{out}.totals", "a") as f:
+            f.write(f"{time.monotonic() - start:.0f} 0 {in_use} {held}\n")
+
+
 def _watch(out: Path, interval: float) -> None:
     start = time.monotonic()
     # the watcher's own allocations (formatting tracebacks reads source lines) are not pyovpn's
@@ -79,12 +91,17 @@ def _watch(out: Path, interval: float) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 4 or sys.argv[3] != "--":
-        raise SystemExit("usage: heapwatch.py OUT INTERVAL -- PYOVPN-ARGS...")
-    out, interval = Path(sys.argv[1]), float(sys.argv[2])
-    tracemalloc.start(15)
-    threading.Thread(target=_watch, args=(out, interval), daemon=True, name="heapwatch").start()
-    sys.argv = ["pyovpn", *sys.argv[4:]]
+    args = sys.argv[1:]
+    malloc_only = bool(args) and args[0] == "--malloc-only"
+    args = args[1:] if malloc_only else args
+    if len(args) < 3 or args[2] != "--":
+        raise SystemExit("usage: heapwatch.py [--malloc-only] OUT INTERVAL -- PYOVPN-ARGS...")
+    out, interval = Path(args[0]), float(args[1])
+    if not malloc_only:
+        tracemalloc.start(15)
+    watch = _watch_malloc if malloc_only else _watch
+    threading.Thread(target=watch, args=(out, interval), daemon=True, name="heapwatch").start()
+    sys.argv = ["pyovpn", *args[3:]]
     runpy.run_module("pyovpn", run_name="__main__", alter_sys=True)
 
 

@@ -95,6 +95,11 @@ def main() -> int:
         metavar="OUT",
         help="run the server under bench/heapwatch.py (tracemalloc), writing its heap growth to OUT",
     )
+    ap.add_argument(
+        "--heapwatch-malloc",
+        metavar="OUT",
+        help="run the server under bench/heapwatch.py --malloc-only (glibc's counts, no tracemalloc)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
@@ -105,13 +110,11 @@ def main() -> int:
         server_conf = Path(td) / "server.conf"
         server_conf.write_text(p2mp_server_config(pki, "10.79.0.0", "verb 3", f"reneg-sec {args.reneg}"))
         argv = [sys.executable, "-m", "pyovpn", "--config", str(server_conf)]
-        if args.heapwatch:
-            watch = [
-                sys.executable,
-                str(ROOT / "bench" / "heapwatch.py"),
-                str(Path(args.heapwatch).resolve()),
-            ]
-            argv = [*watch, "60", "--", "--config", str(server_conf)]
+        watch_out = args.heapwatch or args.heapwatch_malloc
+        if watch_out:
+            watch = [sys.executable, str(ROOT / "bench" / "heapwatch.py")]
+            watch += [] if args.heapwatch else ["--malloc-only"]
+            argv = [*watch, str(Path(watch_out).resolve()), "60", "--", "--config", str(server_conf)]
         server = star.spawn(star.server, argv, "server")
         # tracemalloc makes the start (imports) several times slower
         wait_listening(star.server, "udp", 1194, timeout=120 if args.heapwatch else 10, proc=server)
