@@ -15,6 +15,10 @@ Python shows as a call site that keeps growing; one in native code as malloc's i
 rising while tracemalloc's stay flat; fragmentation as the held heap rising while both stay
 flat. tracemalloc's own tables live in malloc's heap and grow with every new traceback, so
 malloc's counts are only clean with ``--malloc-only`` (no tracemalloc; the traced column is 0).
+With ``--malloc-only`` each line also has CPython's small-object allocator's counts: arenas
+(1 MiB mappings), pools in use (16 KiB each), bytes in its used blocks and bytes free inside
+its used pools. Those arenas are mapped directly, not through malloc, and a pool first used
+stays resident until its whole arena is free.
 ``bench/soak.py --heapwatch OUT`` (``--heapwatch-malloc OUT``) runs the server this way.
 """
 
@@ -22,8 +26,11 @@ from __future__ import annotations
 
 import ctypes
 import linecache
+import os
+import re
 import runpy
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -59,13 +66,49 @@ def _malloc_counts() -> tuple[int, int]:
     return info.uordblks, info.arena + info.hblkhd
 
 
+_PYMALLOC_LINE = re.compile(
+    r"^# (arenas allocated current|bytes in allocated blocks|bytes in available blocks)\s*=\s*([\d,]+)"
+)
+_POOL_ROW = re.compile(r"^\s*\d+\s+\d+\s+(\d+)\s+\d+\s+\d+\s*$")
+
+
+def _pymalloc_counts() -> tuple[int, int, int, int]:
+    """CPython's small-object allocator: (arenas, pools in use, bytes in used blocks, bytes free in
+    used pools), read from ``sys._debugmallocstats()``.
+
+    That function writes to the C-level stderr, so descriptor 2 is pointed at a scratch file for
+    the call; a line the server writes to stderr in that millisecond ends up there too.
+    """
+    with tempfile.TemporaryFile() as scratch:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(scratch.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        scratch.seek(0)
+        text = scratch.read().decode(errors="replace")
+    lines = text.splitlines()
+    found = {m.group(1): int(m.group(2).replace(",", "")) for m in map(_PYMALLOC_LINE.match, lines) if m}
+    pools = sum(int(m.group(1)) for m in map(_POOL_ROW.match, lines) if m)
+    return (
+        found.get("arenas allocated current", 0),
+        pools,
+        found.get("bytes in allocated blocks", 0),
+        found.get("bytes in available blocks", 0),
+    )
+
+
 def _watch_malloc(out: Path, interval: float) -> None:
     start = time.monotonic()
     while True:
         time.sleep(interval)
         in_use, held = _malloc_counts()
+        arenas, pools, used, free = _pymalloc_counts()
         with open(f"{out}.totals", "a") as f:
-            f.write(f"{time.monotonic() - start:.0f} 0 {in_use} {held}\n")
+            f.write(f"{time.monotonic() - start:.0f} 0 {in_use} {held} {arenas} {pools} {used} {free}\n")
 
 
 def _watch(out: Path, interval: float) -> None:

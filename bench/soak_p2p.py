@@ -15,6 +15,7 @@ reports the renegotiations the server completed and the iperf3 loss.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.soak import sample, slope  # noqa: E402
+from bench.soak import Sampler  # noqa: E402
 from tests.netns.harness import (  # noqa: E402
     HarnessError,
     Netns,
@@ -48,6 +49,12 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=3)
     ap.add_argument("--rate", default="20M")
     ap.add_argument("--reneg", type=int, default=2)
+    ap.add_argument("--series", metavar="OUT", help="write every sample to OUT (JSON lines)")
+    ap.add_argument(
+        "--smaps",
+        action="store_true",
+        help="also report which memory mappings of the server's processes grew (from /proc/PID/smaps)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
@@ -75,14 +82,13 @@ def main() -> int:
         worker = threading.Thread(target=traffic, daemon=True)
         worker.start()
         start = time.monotonic()
-        rows: list[tuple[float, float, int, int]] = []
+        sampler = Sampler(server.pid, args.warmup, with_smaps=args.smaps)
         while (elapsed := time.monotonic() - start) < args.minutes * 60:
             if not server.running():
                 print(server.tail(), flush=True)
                 raise SystemExit("the pyovpn server exited during the soak")
-            rss, fds, threads = sample(server.pid)
-            rows.append((elapsed, rss, fds, threads))
-            if len(rows) % 12 == 1:
+            rss, fds, threads = sampler.take(elapsed)
+            if len(sampler.rows) % 12 == 1:
                 rekeys = len(REKEYED.findall(server.text()))
                 print(
                     f"{elapsed / 60:5.1f} min: rss {rss:.1f} MiB, fds {fds}, threads {threads}, "
@@ -92,8 +98,6 @@ def main() -> int:
         stop.set()
         worker.join(60)
         rekeys = len(REKEYED.findall(server.text()))
-    kept = [r for r in rows if r[0] >= args.warmup * 60]
-    ts = [r[0] for r in kept]
     print(
         f"\npyovpn P2P server (engine), {args.minutes:.0f} min, reneg-sec {args.reneg}, "
         f"iperf3 UDP {args.rate}; "
@@ -104,12 +108,9 @@ def main() -> int:
         f"{rekeys} renegotiations completed; "
         f"{udp['lost']} of {udp['packets']} datagrams lost ({loss:.3f} %)\n"
     )
-    print("| measure | first | last | slope per minute (95 % interval) |")
-    print("|---|---:|---:|---:|")
-    for i, name in ((1, "RSS, MiB"), (2, "open descriptors"), (3, "threads")):
-        ys = [float(r[i]) for r in kept]
-        b, half = slope(ts, ys)
-        print(f"| {name} | {ys[0]:.1f} | {ys[-1]:.1f} | {b:+.3f} ± {half:.3f} |")
+    sampler.report()
+    if args.series:
+        Path(args.series).write_text("".join(json.dumps(r) + "\n" for r in sampler.series()))
     return 0
 
 

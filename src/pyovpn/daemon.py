@@ -870,6 +870,10 @@ class Daemon:
                         iroutes=tuple(f"{net}/{plen}" for net, plen in client.iroutes),
                     )
                 )
+            # a client that left must not hand its counters to the next client given its peer id
+            live = {row.peer_id for row in rows}
+            for gone in [pid for pid in self._refs if pid not in live]:
+                del self._refs[gone]
             return status_file.render_server(rows, now, version, dco=self.dc.name == "kernel")
         counters = status_file.LinkCounters()
         if isinstance(conn, Connection) and conn.handed_over and conn.peer_id is not None:

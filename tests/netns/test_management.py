@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -33,60 +32,11 @@ from tests.netns.harness import (
     wait_for_lines,
     wait_listening,
 )
+from tests.netns.mgmt import Mgmt
 
 pytestmark = pytest.mark.netns
 
 SPEC = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
-
-
-class Mgmt:
-    """A management client on a unix socket that reads whole lines."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.sock.settimeout(15)
-        self.buf = b""
-
-    def line(self) -> str:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("management socket closed")
-            self.buf += chunk
-        raw, self.buf = self.buf.split(b"\r\n", 1)
-        return raw.decode()
-
-    def until(self, pattern: str) -> list[str]:
-        seen = []
-        while True:
-            text = self.line()
-            seen.append(text)
-            if re.search(pattern, text):
-                return seen
-
-    def command(self, text: str, multi: bool = False) -> list[str]:
-        """Send a command; its reply lines (notifications in between are skipped)."""
-        self.sock.sendall(text.encode() + b"\n")
-        out = []
-        while True:
-            text = self.line()
-            if text.startswith(">"):
-                continue
-            out.append(text)
-            if not multi or text == "END":
-                return out
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _start(net: Netns, pki: Pki, impl: str, sock_path: str, extra: str = "", pw_file: str = "") -> Proc:

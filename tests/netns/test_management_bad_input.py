@@ -20,7 +20,8 @@ import pytest
 
 from pyovpn.tools.pki import Pki
 from tests.netns.harness import HarnessError, Netns, inner_addrs, iperf3_transfer, ping
-from tests.netns.test_management import SPEC, Mgmt, _start
+from tests.netns.mgmt import Mgmt
+from tests.netns.test_management import SPEC, _start
 
 pytestmark = pytest.mark.netns
 

@@ -17,7 +17,7 @@ import pytest
 
 from pyovpn.tools.pki import Pki
 from tests.netns.harness import INIT_LINE, Star, ping, wait_for_lines, wait_listening
-from tests.netns.test_management import Mgmt
+from tests.netns.mgmt import Mgmt
 from tests.netns.test_server import SERVER4, client_conf, server_conf
 
 pytestmark = pytest.mark.netns

@@ -28,7 +28,7 @@ from tests.netns.harness import (
     wait_for_lines,
     wait_listening,
 )
-from tests.netns.test_management import Mgmt
+from tests.netns.mgmt import Mgmt
 
 pytestmark = pytest.mark.netns
 

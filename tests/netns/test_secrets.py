@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 
 from pyovpn.tools.pki import Pki
 from tests.netns.harness import INIT_LINE, Netns, Proc, TunnelSpec, spawn_tunnel, wait_for_lines
+from tests.netns.mgmt import Mgmt
 
 pytestmark = pytest.mark.netns
 
@@ -44,25 +44,15 @@ def _secrets(pki: Pki, password: str, key: Path) -> dict[str, str]:
 
 
 def _management(path: str, commands: list[str]) -> str:
-    """What the management interface says to ``commands`` (each answered within a few seconds)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(path)
-        sock.settimeout(3)
-        replies = []
+    """Everything the management interface says to ``commands``, notifications included."""
+    m = Mgmt(path)
+    try:
+        said: list[str] = []
         for cmd in commands:
-            sock.sendall(cmd.encode() + b"\n")
-            reply = b""
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline and not reply.rstrip().endswith((b"END", b"SUCCESS")):
-                try:
-                    chunk = sock.recv(65536)
-                except TimeoutError:
-                    break
-                if not chunk:
-                    break
-                reply += chunk
-            replies.append(reply.decode("utf-8", "replace"))
-        return "\n".join(replies)
+            said += m.command(cmd, multi=True, notifications=said)
+        return "\n".join(said)
+    finally:
+        m.close()
 
 
 def _everything_pyovpn_said(py: Proc, workdir: Path, mgmt_path: str) -> dict[str, str]:

@@ -628,3 +628,32 @@ def test_prometheus_metrics_and_event_stream(pki: Pki, tmp_path: Path) -> None:
     assert records[0]["common_name"] == "client" and records[0]["client_id"] == 0
     assert records[-1]["event"] == "disconnect"  # the server's shutdown dropped the client
     assert stat.S_IMODE(events.stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def test_status_keeps_no_state_for_clients_that_left(pki: Pki) -> None:
+    """The status writer remembers each client's traffic counters (for "Last Ref"), by peer id.
+    A client that left must leave that table: peer ids are reused, and the next client with
+    the id must not inherit the old one's counters."""
+
+    def text(port: int) -> str:
+        return server_text(pki, port, "server 10.8.0.0 255.255.255.0", "duplicate-cn")
+
+    async def body(server: RunningDaemon, port: int) -> None:
+        cfg = client_cfg(pki, port)
+        first, second = await connect(server, cfg, port), await connect(server, cfg, port)
+        ids = [peer_of(server, c).peer_id for c in (first, second)]
+        status = await server.daemon.status_text(version=2)
+        rows = [line.split(",") for line in status.splitlines() if line.startswith("CLIENT_LIST,")]
+        assert sorted(int(r[11]) for r in rows) == sorted(ids)  # the peer id column
+        assert set(server.daemon._refs) == set(ids)
+        first.close()
+        await wait_until(lambda: api.DelPeer(ids[0]) in server.dc.commands, 10, "the first client leaves")
+        await wait_until(lambda: len(server.daemon.current.clients) == 1, 10, "the server forgets it")  # type: ignore[union-attr]
+        await server.daemon.status_text()
+        assert set(server.daemon._refs) == {ids[1]}
+        second.close()
+
+    serve(text, body)
