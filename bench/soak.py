@@ -253,7 +253,9 @@ def main() -> int:
         server_conf = Path(td) / "server.conf"
         # duplicate-cn: the simulated clients share one certificate
         server_conf.write_text(
-            p2mp_server_config(pki, "10.79.0.0", "verb 3", f"reneg-sec {args.reneg}", "duplicate-cn")
+            p2mp_server_config(
+                pki, "10.79.0.0", "verb 3", f"reneg-sec {args.reneg}", "duplicate-cn", netmask="255.255.0.0"
+            )
         )
         argv = [sys.executable, "-m", "pyovpn", "--config", str(server_conf)]
         watch_out = args.heapwatch or args.heapwatch_malloc

@@ -554,16 +554,18 @@ class Netns(_Namespaces):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def p2mp_server_config(pki: Pki, network: str, *extra: str, port: int = DEFAULT_PORT) -> str:
-    """A P2MP UDP server on tun0 for a Star: ``network``/24 (topology subnet), the PKI's server
-    certificate and tls-crypt key, keepalive 10 60, then the ``extra`` lines."""
+def p2mp_server_config(
+    pki: Pki, network: str, *extra: str, port: int = DEFAULT_PORT, netmask: str = "255.255.255.0"
+) -> str:
+    """A P2MP UDP server on tun0 for a Star: ``network``/``netmask`` (/24 unless told; topology
+    subnet), the PKI's server certificate and tls-crypt key, keepalive 10 60, then the ``extra`` lines."""
     return (
         "\n".join(
             [
                 "dev tun0",
                 "proto udp",
                 f"port {port}",
-                f"server {network} 255.255.255.0",
+                f"server {network} {netmask}",
                 "topology subnet",
                 f"ca {pki.ca_crt}",
                 f"cert {pki.server_crt}",

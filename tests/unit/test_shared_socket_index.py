@@ -41,6 +41,19 @@ def test_peers_sharing_an_address_take_over_in_turn(sock: socket.socket) -> None
     assert addr not in shared.by_addr and shared.shadowed == {}
 
 
+def test_a_waiting_peer_that_leaves_first_leaves_no_entry_behind(sock: socket.socket) -> None:
+    # a client restarting from the same address: the old peer waits behind the new one and goes first
+    shared = _SharedUdp((0, 0), sock)
+    for n in range(50):
+        old, new = _peer(sock, 2 * n, "198.18.0.2", 1194), _peer(sock, 2 * n + 1, "198.18.0.2", 1194)
+        shared.attach(old)
+        shared.attach(new)
+        shared.detach(old)
+        assert shared.shadowed == {}  # nothing waits at the address any more
+        shared.detach(new)
+    assert shared.by_addr == {} and shared.shadowed == {}
+
+
 def test_a_waiting_peer_that_floated_away_does_not_come_back(sock: socket.socket) -> None:
     shared = _SharedUdp((0, 0), sock)
     a, b = _peer(sock, 1, "198.18.0.2", 1194), _peer(sock, 2, "198.18.0.2", 1194)

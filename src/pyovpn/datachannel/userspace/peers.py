@@ -168,6 +168,8 @@ class SharedUdp:
         if self.by_addr.get(addr) is not peer:
             if waiting and peer in waiting:
                 waiting.remove(peer)
+                if not waiting:
+                    del self.shadowed[addr]
             return
         del self.by_addr[addr]
         while waiting:  # the next peer still at this address takes over
