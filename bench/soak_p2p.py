@@ -7,7 +7,9 @@ The server renegotiates every ``--reneg`` seconds while the client sends an iper
 at ``--rate`` through the tunnel in 30 s runs, for ``--minutes``. Every 5 s the server's
 process tree is sampled (RSS, open descriptors, threads, as bench/soak.py does); after
 ``--warmup`` minutes a least-squares slope per minute is fitted with its 95 % interval. Also
-reports the renegotiations the server completed and the iperf3 loss.
+reports the renegotiations the server completed and the iperf3 loss. ``--smaps`` splits RSS by
+mapping; ``--heapwatch OUT`` / ``--heapwatch-malloc OUT`` run the server under
+bench/heapwatch.py (tracemalloc, or the allocators' own counts), as bench/soak.py does.
 
     sudo python3 bench/soak_p2p.py --minutes 30 --reneg 2
 """
@@ -30,17 +32,49 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench.soak import Sampler  # noqa: E402
 from tests.netns.harness import (  # noqa: E402
+    INIT_LINE,
     HarnessError,
     Netns,
+    Proc,
     TunnelSpec,
+    client_config,
     inner_addrs,
     iperf3_transfer,
+    server_config,
     spawn_tunnel,
+    vpn_argv,
+    wait_for_lines,
+    wait_listening,
 )
 
-from pyovpn.tools.pki import make_pki  # noqa: E402
+from pyovpn.tools.pki import Pki, make_pki  # noqa: E402
 
 REKEYED = re.compile(r"renegotiated data channel key_id")
+
+
+def _start(net: Netns, pki: Pki, spec: TunnelSpec, args: argparse.Namespace) -> Proc:
+    """The pyovpn server (under bench/heapwatch.py if asked) and the stock client, both up."""
+    extra = f"reneg-sec {args.reneg}\n"
+    watch_out = args.heapwatch or args.heapwatch_malloc
+    if not watch_out:
+        server, _client = spawn_tunnel(
+            net, pki, spec, "pyovpn", "openvpn", server_extra=extra, init_timeout=30
+        )
+        return server
+    conf = net.workdir / "s.conf"
+    conf.write_text(server_config(spec, pki, impl="pyovpn", local=net.outer("b", spec.family)) + extra)
+    (net.workdir / "c.conf").write_text(
+        client_config(spec, pki, impl="openvpn", remote=net.outer("b", spec.family))
+    )
+    watch = [sys.executable, str(ROOT / "bench" / "heapwatch.py")]
+    watch += [] if args.heapwatch else ["--malloc-only"]
+    argv = [*watch, str(Path(watch_out).resolve()), "60", "--", "--config", str(conf)]
+    server = net.spawn("b", argv, "server-pyovpn")
+    # tracemalloc makes the start (imports) several times slower
+    wait_listening(net.b, spec.proto, spec.port, timeout=120, proc=server)
+    client = net.spawn("a", vpn_argv("openvpn", net.workdir / "c.conf"), "client-openvpn")
+    wait_for_lines([server, client], INIT_LINE, 60)
+    return server
 
 
 def main() -> int:
@@ -50,6 +84,16 @@ def main() -> int:
     ap.add_argument("--rate", default="20M")
     ap.add_argument("--reneg", type=int, default=2)
     ap.add_argument("--series", metavar="OUT", help="write every sample to OUT (JSON lines)")
+    ap.add_argument(
+        "--heapwatch",
+        metavar="OUT",
+        help="run the server under bench/heapwatch.py (tracemalloc), writing its heap growth to OUT",
+    )
+    ap.add_argument(
+        "--heapwatch-malloc",
+        metavar="OUT",
+        help="run the server under bench/heapwatch.py --malloc-only (the allocators' own counts)",
+    )
     ap.add_argument(
         "--smaps",
         action="store_true",
@@ -63,9 +107,7 @@ def main() -> int:
     spec = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4, verb=3)
     with tempfile.TemporaryDirectory() as td, Netns() as net:
         pki = make_pki(Path(td) / "pki")
-        server, _client = spawn_tunnel(
-            net, pki, spec, "pyovpn", "openvpn", server_extra=f"reneg-sec {args.reneg}\n", init_timeout=30
-        )
+        server = _start(net, pki, spec, args)
         target = inner_addrs(spec).server4
 
         def traffic() -> None:

@@ -36,7 +36,7 @@ from pyovpn.datachannel.api import (
     Notification,
     PeerInfo,
 )
-from pyovpn.edge import backendfit, compression, iface
+from pyovpn.edge import backendfit, compression, iface, memory
 from pyovpn.edge import status as status_file
 from pyovpn.edge.clientroutes import ClientRoutes
 from pyovpn.edge.credentials import AnswerLater, Asker, Credentials, StaticChallenge, answer_later, ask_user
@@ -446,6 +446,7 @@ class Daemon:
         exit_code = 0
         first_packet: tuple[bytes, tuple[str, int] | None] | None = None
         status_task = asyncio.create_task(self._write_status()) if self.opts.status_file else None
+        trim_task = asyncio.create_task(memory.give_back_periodically())
         try:
             await self._start_control()
             await self._start_management()
@@ -523,10 +524,11 @@ class Daemon:
         finally:
             self._mgmt_state("EXITING", self._exit_signal or ("fatal-error" if exit_code else ""))
             self.notifier.stopping()
-            if status_task is not None:
-                status_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await status_task
+            for task in (status_task, trim_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await self._shutdown()
             if self.mgmt is not None:
                 logging.getLogger().removeHandler(self._mgmt_log)

@@ -47,9 +47,12 @@ class AddressPool:
             end = ((end + 1) & ~3) - 1
         if end < start:
             raise ConfigError(f"ifconfig-pool {first} {last}: the end is before the start")
-        # a heap, lowest address first; may hold taken addresses (a sticky one taken out of
-        # order, or one pushed twice): _used is the truth and acquire() skips those
+        # a heap, lowest address first; may hold a taken address (a sticky one taken out of
+        # order): _used is the truth and acquire() skips those. _queued is the heap's members, so
+        # an address goes in once however often its client comes back (else the heap grows by one
+        # entry per reconnect of a sticky client)
         self._free = list(range(start, end + 1, self._step))
+        self._queued = set(self._free)
         self._start, self._end = start, end
         self._v6 = ipaddress.IPv6Interface(v6_base) if v6_base else None
         self._used: dict[int, str] = {}  # address -> common name
@@ -129,6 +132,7 @@ class AddressPool:
         addr: int | None = None
         while self._free:
             candidate = heapq.heappop(self._free)
+            self._queued.discard(candidate)
             if candidate in self._used:
                 continue
             if candidate in kept_for_others:
@@ -143,13 +147,18 @@ class AddressPool:
             for name in [name for name, a in self._sticky.items() if a == addr]:
                 del self._sticky[name]
         for candidate in skipped:
-            heapq.heappush(self._free, candidate)
+            self._queue(candidate)
         return addr
+
+    def _queue(self, addr: int) -> None:
+        if addr not in self._queued:
+            self._queued.add(addr)
+            heapq.heappush(self._free, addr)
 
     def release(self, address: str) -> None:
         addr = int(ipaddress.IPv4Address(address)) - self._offset
         if self._used.pop(addr, None) is not None:
-            heapq.heappush(self._free, addr)
+            self._queue(addr)
 
     def persist_text(self) -> str:
         """The ifconfig-pool-persist file as OpenVPN 2.6 writes it: `CN,IPv4,IPv6` (IPv6 empty if none)."""
