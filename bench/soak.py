@@ -213,13 +213,8 @@ class Sampler:
             print("\n" + "\n".join(smaps_growth(self.maps_first, self.maps_last)))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=30)
-    ap.add_argument("--warmup", type=float, default=3)
-    ap.add_argument("--rate", default="20M")
-    ap.add_argument("--reneg", type=int, default=20)
-    ap.add_argument("--pause", type=float, default=2.0, help="seconds between churned connections")
+def add_heapwatch_options(ap: argparse.ArgumentParser) -> None:
+    """--heapwatch OUT / --heapwatch-malloc OUT: run the pyovpn server under bench/heapwatch.py."""
     ap.add_argument(
         "--heapwatch",
         metavar="OUT",
@@ -230,6 +225,26 @@ def main() -> int:
         metavar="OUT",
         help="run the server under bench/heapwatch.py --malloc-only (glibc's counts, no tracemalloc)",
     )
+
+
+def heapwatch_argv(args: argparse.Namespace, config: Path) -> list[str] | None:
+    """How to run pyovpn on ``config`` under bench/heapwatch.py as the options ask; None if not asked."""
+    watch_out = args.heapwatch or args.heapwatch_malloc
+    if not watch_out:
+        return None
+    watch = [sys.executable, str(ROOT / "bench" / "heapwatch.py")]
+    watch += [] if args.heapwatch else ["--malloc-only"]
+    return [*watch, str(Path(watch_out).resolve()), "60", "--", "--config", str(config)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30)
+    ap.add_argument("--warmup", type=float, default=3)
+    ap.add_argument("--rate", default="20M")
+    ap.add_argument("--reneg", type=int, default=20)
+    ap.add_argument("--pause", type=float, default=2.0, help="seconds between churned connections")
+    add_heapwatch_options(ap)
     ap.add_argument(
         "--loadgen",
         type=int,
@@ -257,12 +272,8 @@ def main() -> int:
                 pki, "10.79.0.0", "verb 3", f"reneg-sec {args.reneg}", "duplicate-cn", netmask="255.255.0.0"
             )
         )
-        argv = [sys.executable, "-m", "pyovpn", "--config", str(server_conf)]
-        watch_out = args.heapwatch or args.heapwatch_malloc
-        if watch_out:
-            watch = [sys.executable, str(ROOT / "bench" / "heapwatch.py")]
-            watch += [] if args.heapwatch else ["--malloc-only"]
-            argv = [*watch, str(Path(watch_out).resolve()), "60", "--", "--config", str(server_conf)]
+        plain = [sys.executable, "-m", "pyovpn", "--config", str(server_conf)]
+        argv = heapwatch_argv(args, server_conf) or plain
         server = star.spawn(star.server, argv, "server")
         # tracemalloc makes the start (imports) several times slower
         wait_listening(star.server, "udp", 1194, timeout=120 if args.heapwatch else 10, proc=server)

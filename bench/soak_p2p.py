@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.soak import Sampler  # noqa: E402
+from bench.soak import Sampler, add_heapwatch_options, heapwatch_argv  # noqa: E402
 from tests.netns.harness import (  # noqa: E402
     INIT_LINE,
     HarnessError,
@@ -55,20 +55,17 @@ REKEYED = re.compile(r"renegotiated data channel key_id")
 def _start(net: Netns, pki: Pki, spec: TunnelSpec, args: argparse.Namespace) -> Proc:
     """The pyovpn server (under bench/heapwatch.py if asked) and the stock client, both up."""
     extra = f"reneg-sec {args.reneg}\n"
-    watch_out = args.heapwatch or args.heapwatch_malloc
-    if not watch_out:
+    conf = net.workdir / "s.conf"
+    argv = heapwatch_argv(args, conf)
+    if argv is None:
         server, _client = spawn_tunnel(
             net, pki, spec, "pyovpn", "openvpn", server_extra=extra, init_timeout=30
         )
         return server
-    conf = net.workdir / "s.conf"
     conf.write_text(server_config(spec, pki, impl="pyovpn", local=net.outer("b", spec.family)) + extra)
     (net.workdir / "c.conf").write_text(
         client_config(spec, pki, impl="openvpn", remote=net.outer("b", spec.family))
     )
-    watch = [sys.executable, str(ROOT / "bench" / "heapwatch.py")]
-    watch += [] if args.heapwatch else ["--malloc-only"]
-    argv = [*watch, str(Path(watch_out).resolve()), "60", "--", "--config", str(conf)]
     server = net.spawn("b", argv, "server-pyovpn")
     # tracemalloc makes the start (imports) several times slower
     wait_listening(net.b, spec.proto, spec.port, timeout=120, proc=server)
@@ -84,16 +81,7 @@ def main() -> int:
     ap.add_argument("--rate", default="20M")
     ap.add_argument("--reneg", type=int, default=2)
     ap.add_argument("--series", metavar="OUT", help="write every sample to OUT (JSON lines)")
-    ap.add_argument(
-        "--heapwatch",
-        metavar="OUT",
-        help="run the server under bench/heapwatch.py (tracemalloc), writing its heap growth to OUT",
-    )
-    ap.add_argument(
-        "--heapwatch-malloc",
-        metavar="OUT",
-        help="run the server under bench/heapwatch.py --malloc-only (the allocators' own counts)",
-    )
+    add_heapwatch_options(ap)
     ap.add_argument(
         "--smaps",
         action="store_true",

@@ -40,7 +40,6 @@ def test_freed_pages_below_a_live_allocation_are_given_back() -> None:
     assert len(above) == 4000
 
 
-@pytest.mark.skipif(not _has_glibc_trim(), reason="this C library has no malloc_trim (not glibc)")
 def test_the_periodic_task_trims_until_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(memory, "_malloc_trim", lambda pad: calls.append(pad) or 1)
