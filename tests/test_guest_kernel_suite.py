@@ -50,6 +50,12 @@ def stream(argv: list[str], timeout: float) -> tuple[int, str]:
     return status, "".join(lines)
 
 
+def console_tail(out: str, lines: int = 40) -> str:
+    """The last `lines` non-empty lines of the guest's console, each cut to 200 characters."""
+    kept = [line[:200] for line in out.splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
 def _guest_pytest(args: list[str], what: str, env: tuple[str, ...] = ()) -> None:
     if os.environ.get("PYOVPN_GUEST") == "1":
         pytest.skip("already inside the guest")
@@ -79,9 +85,15 @@ def _guest_pytest(args: list[str], what: str, env: tuple[str, ...] = ()) -> None
     )
     if status == EX_UNAVAILABLE:
         pytest.skip(f"the kernel guest cannot boot here: {out.strip().splitlines()[-1:]}")
-    assert status != 124, f"{what} timed out inside the guest"
-    assert status != 125, "the guest returned no exit status (boot failure or kernel panic?)"
-    assert status == 0, f"{what} failed in the guest (exit status {status})"
+    # CI shows an assertion's message but may cut the captured output: the console's end (a panic's
+    # trace, the test that hung, run.sh's verdict) goes into the message itself
+    tail = console_tail(out)
+    assert status != 124, f"{what} timed out inside the guest; the console ended with:\n{tail}"
+    assert status != 125, (
+        f"the guest returned no exit status (boot failure, kernel panic or host-side timeout); "
+        f"the console ended with:\n{tail}"
+    )
+    assert status == 0, f"{what} failed in the guest (exit status {status}); the console ended with:\n{tail}"
     assert "no tests ran" not in out
     assert re.search(r"\b\d+ passed\b", out), f"no test of {what} passed"
 

@@ -185,6 +185,8 @@ def _check_gso_fallback(rig: Rig, a: Site, b: Site) -> None:
 
         a.call(lambda: burst(1300))  # 1300 + 28 + 24 + 28 > 1280 outer bytes
         time.sleep(0.3)
+        # how many sends the bulk check batched depends on scheduling (4 with two workers): count from here
+        gso_sends_before_small = rig.stats(a, 7).extra.get("gso_sends", 0)
         a.call(lambda: burst(500))
         time.sleep(0.3)
         sizes = b.call(lambda: _drain(rx))
@@ -196,7 +198,9 @@ def _check_gso_fallback(rig: Rig, a: Site, b: Site) -> None:
     print(f"gso fallback: received {len(sizes)}; A extra {extra}")
     assert sizes.count(1300) == 20 and sizes.count(500) == 20
     assert extra.get("gso_fallbacks", 0) >= 1
-    assert extra["gso_sends"] > 5, "small segments must still go out with GSO after the fallback"
+    assert extra.get("gso_sends", 0) > gso_sends_before_small, (
+        "small segments must still go out with GSO after the fallback"
+    )
 
 
 class _Sniffer:
