@@ -237,26 +237,31 @@ def heapwatch_argv(args: argparse.Namespace, config: Path) -> list[str] | None:
     return [*watch, str(Path(watch_out).resolve()), "60", "--", "--config", str(config)]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_soak_options(ap: argparse.ArgumentParser, *, reneg: int) -> None:
+    """What both soaks take: duration, warm-up, traffic rate, reneg-sec, sample output, memory probes."""
     ap.add_argument("--minutes", type=float, default=30)
     ap.add_argument("--warmup", type=float, default=3)
     ap.add_argument("--rate", default="20M")
-    ap.add_argument("--reneg", type=int, default=20)
-    ap.add_argument("--pause", type=float, default=2.0, help="seconds between churned connections")
+    ap.add_argument("--reneg", type=int, default=reneg)
+    ap.add_argument("--series", metavar="OUT", help="write every sample to OUT (JSON lines)")
     add_heapwatch_options(ap)
+    ap.add_argument(
+        "--smaps",
+        action="store_true",
+        help="also report which memory mappings of the server's processes grew (from /proc/PID/smaps)",
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_soak_options(ap, reneg=20)
+    ap.add_argument("--pause", type=float, default=2.0, help="seconds between churned connections")
     ap.add_argument(
         "--loadgen",
         type=int,
         default=0,
         metavar="N",
         help="also churn N simulated clients (pyovpn.tools.loadgen): connect all, hold 20 s, leave, repeat",
-    )
-    ap.add_argument("--series", metavar="OUT", help="write every sample to OUT (JSON lines)")
-    ap.add_argument(
-        "--smaps",
-        action="store_true",
-        help="also report which of the server's memory mappings grew (from /proc/PID/smaps)",
     )
     args = ap.parse_args()
     if os.geteuid() != 0:

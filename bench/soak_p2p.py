@@ -30,21 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.soak import Sampler, add_heapwatch_options, heapwatch_argv  # noqa: E402
+from bench.soak import Sampler, add_soak_options, heapwatch_argv  # noqa: E402
 from tests.netns.harness import (  # noqa: E402
-    INIT_LINE,
     HarnessError,
     Netns,
     Proc,
     TunnelSpec,
-    client_config,
     inner_addrs,
     iperf3_transfer,
-    server_config,
     spawn_tunnel,
-    vpn_argv,
-    wait_for_lines,
-    wait_listening,
 )
 
 from pyovpn.tools.pki import Pki, make_pki  # noqa: E402
@@ -54,39 +48,25 @@ REKEYED = re.compile(r"renegotiated data channel key_id")
 
 def _start(net: Netns, pki: Pki, spec: TunnelSpec, args: argparse.Namespace) -> Proc:
     """The pyovpn server (under bench/heapwatch.py if asked) and the stock client, both up."""
-    extra = f"reneg-sec {args.reneg}\n"
-    conf = net.workdir / "s.conf"
-    argv = heapwatch_argv(args, conf)
-    if argv is None:
-        server, _client = spawn_tunnel(
-            net, pki, spec, "pyovpn", "openvpn", server_extra=extra, init_timeout=30
-        )
-        return server
-    conf.write_text(server_config(spec, pki, impl="pyovpn", local=net.outer("b", spec.family)) + extra)
-    (net.workdir / "c.conf").write_text(
-        client_config(spec, pki, impl="openvpn", remote=net.outer("b", spec.family))
+    watch = heapwatch_argv(args, net.workdir / "s.conf")
+    server, _client = spawn_tunnel(
+        net,
+        pki,
+        spec,
+        "pyovpn",
+        "openvpn",
+        server_extra=f"reneg-sec {args.reneg}\n",
+        init_timeout=30 if watch is None else 60,
+        server_argv=watch,
+        # tracemalloc makes the start (imports) several times slower
+        listen_timeout=10 if watch is None else 120,
     )
-    server = net.spawn("b", argv, "server-pyovpn")
-    # tracemalloc makes the start (imports) several times slower
-    wait_listening(net.b, spec.proto, spec.port, timeout=120, proc=server)
-    client = net.spawn("a", vpn_argv("openvpn", net.workdir / "c.conf"), "client-openvpn")
-    wait_for_lines([server, client], INIT_LINE, 60)
     return server
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=30)
-    ap.add_argument("--warmup", type=float, default=3)
-    ap.add_argument("--rate", default="20M")
-    ap.add_argument("--reneg", type=int, default=2)
-    ap.add_argument("--series", metavar="OUT", help="write every sample to OUT (JSON lines)")
-    add_heapwatch_options(ap)
-    ap.add_argument(
-        "--smaps",
-        action="store_true",
-        help="also report which memory mappings of the server's processes grew (from /proc/PID/smaps)",
-    )
+    add_soak_options(ap, reneg=2)
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")

@@ -471,9 +471,14 @@ class Netns(_Namespaces):
         port: int = DEFAULT_PORT,
         name: str | None = None,
         timeout: float = 10.0,
+        argv: list[str] | None = None,
     ) -> Proc:
-        """Start ``impl`` on ``config`` in namespace b; return once it has its port open."""
-        server = self.spawn("b", vpn_argv(impl, config), name or f"server-{impl}")
+        """Start ``impl`` on ``config`` in namespace b; return once it has its port open.
+
+        ``argv`` replaces the usual command line (a wrapper such as bench/heapwatch.py, which must
+        be given ``config`` itself).
+        """
+        server = self.spawn("b", argv or vpn_argv(impl, config), name or f"server-{impl}")
         wait_listening(self.b, proto, port, timeout=timeout, proc=server)
         return server
 
@@ -887,12 +892,16 @@ def spawn_tunnel(
     server_extra: str = "",
     client_extra: str = "",
     init_timeout: float | None = None,
+    server_argv: list[str] | None = None,
+    listen_timeout: float = 10.0,
 ) -> tuple[Proc, Proc]:
     """Write s.conf/c.conf (plus extra lines), start the server in ns b, then the client in ns a.
 
     Unlike :func:`start_tunnel` it waits for the init lines only when given ``init_timeout``
     (then up to that many seconds for both); otherwise the caller decides what to wait for (a
-    refused login, a privilege drop, ...).
+    refused login, a privilege drop, ...). ``server_argv`` runs the server some other way on
+    ``net.workdir / "s.conf"`` (see :meth:`Netns.start_server`), given ``listen_timeout`` seconds
+    to open its port.
     """
     (net.workdir / "s.conf").write_text(
         server_config(spec, pki, impl=server_impl, local=net.outer("b", spec.family)) + server_extra
@@ -900,7 +909,14 @@ def spawn_tunnel(
     (net.workdir / "c.conf").write_text(
         client_config(spec, pki, impl=client_impl, remote=net.outer("b", spec.family)) + client_extra
     )
-    server = net.start_server(server_impl, net.workdir / "s.conf", proto=spec.proto, port=spec.port)
+    server = net.start_server(
+        server_impl,
+        net.workdir / "s.conf",
+        proto=spec.proto,
+        port=spec.port,
+        timeout=listen_timeout,
+        argv=server_argv,
+    )
     client = net.spawn("a", vpn_argv(client_impl, net.workdir / "c.conf"), f"client-{client_impl}")
     if init_timeout is not None:
         wait_for_lines([server, client], INIT_LINE, init_timeout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 
 import pytest
 
@@ -18,15 +17,7 @@ def _rss_kib() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-def _has_glibc_trim() -> bool:
-    try:
-        ctypes.CDLL(None).malloc_trim  # noqa: B018
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_glibc_trim(), reason="this C library has no malloc_trim (not glibc)")
+@pytest.mark.skipif(memory._malloc_trim is None, reason="this C library has no malloc_trim (not glibc)")
 def test_freed_pages_below_a_live_allocation_are_given_back() -> None:
     # 80 MB of malloc'ed buffers (above pymalloc's 512-byte limit, below malloc's mmap threshold),
     # then one live buffer above them: free() alone cannot shrink the heap past that buffer
