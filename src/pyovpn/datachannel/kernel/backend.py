@@ -305,6 +305,8 @@ class KernelDataChannel:
         except BaseException:
             sock.close()
             raise
+        if cmd.keepalive_interval or cmd.keepalive_timeout:
+            await self._keepalive_after_new(what, cmd, sock)
         old = self._peers.get(cmd.peer_id)
         if old is not None:  # the kernel did not tell us (it always does): drop it silently
             self._forget(old)
@@ -347,11 +349,27 @@ class KernelDataChannel:
                 if ip.version != version:
                     raise BackendError(f"{what}: {label} {value!r} is not an IPv{version} address")
                 attrs.append([name, str(ip)])
-        if cmd.keepalive_interval or cmd.keepalive_timeout:
-            attrs += _keepalive_attrs(cmd.keepalive_interval, cmd.keepalive_timeout)
         if tx_id != cmd.peer_id:
             attrs.append(["OVPN_A_PEER_TX_ID", tx_id])  # only recent kernels know it
         return attrs, remote, send_addr
+
+    async def _keepalive_after_new(self, what: str, cmd: api.NewPeer, sock: socket.socket) -> None:
+        """Arm the keepalive of a peer PEER_NEW just added, with a PEER_SET of its own.
+
+        Why not in PEER_NEW: the driver kicks its keepalive worker while it parses PEER_NEW, before it
+        hashes the new peer; a worker that runs on another CPU in between finds no peer and does not
+        rearm, so the peer would never expire (seen once in the emulated guest). Stock OpenVPN sends
+        the keepalive in a PEER_SET after PEER_NEW too."""
+        keepalive = _keepalive_attrs(cmd.keepalive_interval, cmd.keepalive_timeout)
+        attrs: list[_Attr] = [["OVPN_A_PEER_ID", cmd.peer_id], *keepalive]
+        try:
+            await self._genl(what, OvpnCmd.PEER_SET, "OVPN_A_PEER", attrs, peer_id=cmd.peer_id)
+        except BaseException:
+            # all or nothing: a peer without its keepalive would never expire
+            with contextlib.suppress(BackendError, OSError):
+                await self._peer_request(what, OvpnCmd.PEER_DEL, cmd.peer_id)
+            sock.close()
+            raise
 
     @staticmethod
     def _local_attr(what: str, local_ip: str, remote: api.Address) -> _Attr:
