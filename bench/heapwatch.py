@@ -17,7 +17,8 @@ flat. tracemalloc's own tables live in malloc's heap and grow with every new tra
 malloc's counts are only clean with ``--malloc-only`` (no tracemalloc; the traced column is 0).
 With ``--malloc-only`` each line also has CPython's small-object allocator's counts: arenas
 (1 MiB mappings), pools in use (16 KiB each), bytes in its used blocks and bytes free inside
-its used pools. Those arenas are mapped directly, not through malloc, and a pool first used
+its used pools; OUT.classes has, per line, each size class as SIZE:POOLS:BLOCKS-IN-USE, to tell
+which class's pools grow. Those arenas are mapped directly, not through malloc, and a pool first used
 stays resident until its whole arena is free.
 ``bench/soak.py --heapwatch OUT`` (``--heapwatch-malloc OUT``) runs the server this way.
 """
@@ -69,12 +70,12 @@ def _malloc_counts() -> tuple[int, int]:
 _PYMALLOC_LINE = re.compile(
     r"^# (arenas allocated current|bytes in allocated blocks|bytes in available blocks)\s*=\s*([\d,]+)"
 )
-_POOL_ROW = re.compile(r"^\s*\d+\s+\d+\s+(\d+)\s+\d+\s+\d+\s*$")
+_POOL_ROW = re.compile(r"^\s*\d+\s+(\d+)\s+(\d+)\s+(\d+)\s+\d+\s*$")
 
 
-def _pymalloc_counts() -> tuple[int, int, int, int]:
+def _pymalloc_counts() -> tuple[int, int, int, int, dict[int, tuple[int, int]]]:
     """CPython's small-object allocator: (arenas, pools in use, bytes in used blocks, bytes free in
-    used pools), read from ``sys._debugmallocstats()``.
+    used pools, and per size class: (pools, blocks in use)), read from ``sys._debugmallocstats()``.
 
     That function writes to the C-level stderr, so descriptor 2 is pointed at a scratch file for
     the call; a line the server writes to stderr in that millisecond ends up there too.
@@ -92,12 +93,13 @@ def _pymalloc_counts() -> tuple[int, int, int, int]:
         text = scratch.read().decode(errors="replace")
     lines = text.splitlines()
     found = {m.group(1): int(m.group(2).replace(",", "")) for m in map(_PYMALLOC_LINE.match, lines) if m}
-    pools = sum(int(m.group(1)) for m in map(_POOL_ROW.match, lines) if m)
+    classes = {int(m.group(1)): (int(m.group(2)), int(m.group(3))) for m in map(_POOL_ROW.match, lines) if m}
     return (
         found.get("arenas allocated current", 0),
-        pools,
+        sum(pools for pools, _blocks in classes.values()),
         found.get("bytes in allocated blocks", 0),
         found.get("bytes in available blocks", 0),
+        classes,
     )
 
 
@@ -106,9 +108,13 @@ def _watch_malloc(out: Path, interval: float) -> None:
     while True:
         time.sleep(interval)
         in_use, held = _malloc_counts()
-        arenas, pools, used, free = _pymalloc_counts()
+        arenas, pools, used, free, classes = _pymalloc_counts()
+        seconds = f"{time.monotonic() - start:.0f}"
         with open(f"{out}.totals", "a") as f:
-            f.write(f"{time.monotonic() - start:.0f} 0 {in_use} {held} {arenas} {pools} {used} {free}\n")
+            f.write(f"{seconds} 0 {in_use} {held} {arenas} {pools} {used} {free}\n")
+        with open(f"{out}.classes", "a") as f:
+            rows = " ".join(f"{size}:{p}:{b}" for size, (p, b) in sorted(classes.items()))
+            f.write(f"{seconds} {rows}\n")
 
 
 def _watch(out: Path, interval: float) -> None:

@@ -27,6 +27,7 @@ from pyovpn.edge.host import PeerHost
 from pyovpn.edge.instance import Instance
 from pyovpn.edge.stop import Stop, StopReason
 from pyovpn.errors import BackendError, ConfigError, PyovpnError
+from pyovpn.net import rxbuf
 from pyovpn.proto.packets import DATA_OPCODES, STRANGER_CONTROL_OPCODES, StreamFramer
 from pyovpn.proto.session import PeerRestarted, Session, SessionClosed, TunnelUp
 from pyovpn.scripts import ScriptFailed
@@ -208,7 +209,7 @@ class Connection(Instance[Command]):
             if self.transport is Transport.UDP:
                 for _ in range(RECV_BATCH):
                     try:
-                        data, sa = self.sock.recvfrom(65535)
+                        data, sa = rxbuf.recvfrom(self.sock, 65535)
                     except BlockingIOError:
                         break
                     self._on_packet(data, (sa[0], sa[1]))

@@ -75,14 +75,17 @@ def test_smaps_of_a_missing_process_is_empty() -> None:
 def test_allocator_counts_are_read() -> None:
     if sys.implementation.name != "cpython":
         pytest.skip("CPython's small-object allocator only")
-    arenas, pools, used, free = _pymalloc_counts()
+    arenas, pools, used, free, classes = _pymalloc_counts()
     assert arenas >= 1 and pools >= 1
     assert used > 0 and free >= 0
     assert used + free <= pools * 16 * 1024  # pools are 16 KiB in CPython 3.10+
+    assert pools == sum(p for p, _blocks in classes.values())
     keep = [bytearray(200) for _ in range(50_000)]  # ~10 MB of small objects
-    _arenas, pools_after, used_after, _free = _pymalloc_counts()
+    _arenas, pools_after, used_after, _free, classes_after = _pymalloc_counts()
     assert used_after > used + 5_000_000
     assert pools_after > pools
+    # each bytearray's 201-byte buffer is one block of the 208-byte class
+    assert classes_after[208][1] >= classes.get(208, (0, 0))[1] + 50_000
     del keep
     in_use, held = _malloc_counts()
     if held:  # glibc

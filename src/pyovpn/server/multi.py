@@ -30,6 +30,7 @@ from pyovpn.edge.iface import IROUTE_METRIC
 from pyovpn.edge.instance import Instance
 from pyovpn.edge.stop import Stop
 from pyovpn.errors import AuthenticationError, BackendError, ProtocolError, PyovpnError
+from pyovpn.net import rxbuf
 from pyovpn.net.sockbuf import grow_buffers
 from pyovpn.proto.cookie import CookieJar
 from pyovpn.proto.packets import DATA_OPCODES, Opcode
@@ -216,7 +217,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         assert self.sock is not None
         for _ in range(RECV_BATCH):
             try:
-                data, sa = self.sock.recvfrom(65535)
+                data, sa = rxbuf.recvfrom(self.sock, 65535)
             except BlockingIOError:
                 return
             except OSError as exc:

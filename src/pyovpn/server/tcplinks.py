@@ -21,6 +21,7 @@ from pyovpn.config import Options
 from pyovpn.datachannel.api import normalize_address
 from pyovpn.edge import sockets
 from pyovpn.errors import ProtocolError
+from pyovpn.net import rxbuf
 from pyovpn.proto.packets import StreamFramer, frame
 
 log = logging.getLogger("pyovpn")
@@ -121,7 +122,7 @@ class TcpLinks:
             if self.links.get(link.addr) is not link or link.handed_over:
                 return
             try:
-                data = link.sock.recv(_RECV)
+                data = rxbuf.recv(link.sock, _RECV)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

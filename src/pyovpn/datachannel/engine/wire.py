@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from pyovpn.datachannel import api
 from pyovpn.errors import ProtocolError
+from pyovpn.net import rxbuf
 
 __all__ = [
     "MAX_FDS",
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 MAX_MESSAGE = 1 << 20
-MAX_FDS = 8
+MAX_FDS = 253  # the kernel's own limit per message (SCM_MAX_FD); READY carries one per worker
 _MAX_DEPTH = 16
 
 
@@ -315,12 +316,23 @@ def send(sock: socket.socket, kind: Kind, rid: int, body: object, fds: Sequence[
     sock.sendmsg([data], anc)
 
 
+_FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
 def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
     """Receive one message; ``(None, [])`` at EOF. Raises ``BlockingIOError`` when none is queued.
 
     A malformed message raises ``ProtocolError`` after closing any fds that came with it.
     """
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    data, anc, flags, _addr = rxbuf.recvmsg(sock, MAX_MESSAGE, _FD_SPACE)
+    fds = array.array("i")
+    for level, ctype, cdata in anc:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            socket.close(fd)
+        raise ProtocolError(f"a message longer than {MAX_MESSAGE} bytes or with more than {MAX_FDS} fds")
     if not data:
         for fd in fds:
             socket.close(fd)

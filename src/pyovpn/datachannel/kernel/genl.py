@@ -42,6 +42,7 @@ from pyroute2.netlink import (
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
 from pyovpn.datachannel.kernel.uapi import OVPN_FAMILY_NAME, OVPN_FAMILY_VERSION, OvpnCmd, ovpnmsg
+from pyovpn.net import rxbuf
 from pyovpn.net.netlink import (
     NETLINK_ADD_MEMBERSHIP,
     NETLINK_CAP_ACK,
@@ -350,7 +351,7 @@ class GenlChannel:
             if sock is None:
                 return
             try:
-                data = sock.recv(_NL_RX_BUF)
+                data = rxbuf.recv(sock, _NL_RX_BUF)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:

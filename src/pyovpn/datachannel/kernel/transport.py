@@ -20,6 +20,7 @@ from typing import Any
 
 from pyovpn.datachannel import api
 from pyovpn.errors import BackendError
+from pyovpn.net import rxbuf
 from pyovpn.net.sockets import TCP_DISCONNECT_ERRNOS, TRANSIENT_SEND_ERRNOS
 from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
 
@@ -193,7 +194,7 @@ class Transports:
             if self.readers.get(reader.key) is not reader:
                 return
             try:
-                data, addr = sock.recvfrom(0x10000, socket.MSG_DONTWAIT)
+                data, addr = rxbuf.recvfrom(sock, 0x10000, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -225,7 +226,7 @@ class Transports:
         sock = reader.sock
         for _ in range(_RX_BATCH):
             try:
-                data = sock.recv(_TCP_RX_BUF, socket.MSG_DONTWAIT)
+                data = rxbuf.recv(sock, _TCP_RX_BUF, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:

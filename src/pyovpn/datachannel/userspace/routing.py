@@ -50,6 +50,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from pyovpn.net import rxbuf
 from pyovpn.net.sockbuf import grow_buffers
 
 __all__ = [
@@ -663,7 +664,7 @@ class RouteMonitor:
             if self._closed:
                 return
             try:
-                data = self._sock.recv(self._RECV_SIZE)
+                data = rxbuf.recv(self._sock, self._RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
