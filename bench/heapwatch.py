@@ -20,12 +20,18 @@ With ``--malloc-only`` each line also has CPython's small-object allocator's cou
 its used pools; OUT.classes has, per line, each size class as SIZE:POOLS:BLOCKS-IN-USE, to tell
 which class's pools grow. Those arenas are mapped directly, not through malloc, and a pool first used
 stays resident until its whole arena is free.
-``bench/soak.py --heapwatch OUT`` (``--heapwatch-malloc OUT``) runs the server this way.
+With ``--gc-census`` it instead runs a full collection every INTERVAL and appends to OUT.gc what
+that collection found in reference cycles (garbage only the cyclic collector frees), by type, with
+functions by name and frames by code location. Cycles made at a steady rate are a leak until the
+next full collection, and the small-object pools they fill stay resident after it.
+``bench/soak.py --heapwatch OUT`` (``--heapwatch-malloc OUT``, ``--heapwatch-gc OUT``) runs the
+server this way.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import linecache
 import os
 import re
@@ -35,7 +41,10 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import types
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 
 class _MallInfo2(ctypes.Structure):
@@ -139,16 +148,50 @@ def _watch(out: Path, interval: float) -> None:
         out.write_text("".join(lines))
 
 
+def _garbage_census(garbage: list[Any]) -> Counter[str]:
+    """What a collection freed, by type; functions by name and frames by code location, since
+    those say where a cycle was made."""
+    census: Counter[str] = Counter()
+    for obj in garbage:
+        if isinstance(obj, types.FrameType):
+            code = obj.f_code
+            census[f"frame {Path(code.co_filename).name}:{code.co_firstlineno} {code.co_name}"] += 1
+        elif isinstance(obj, types.FunctionType):
+            census[f"function {obj.__module__}.{obj.__qualname__}"] += 1
+        else:
+            census[type(obj).__qualname__] += 1
+    return census
+
+
+def _watch_garbage(out: Path, interval: float) -> None:
+    start = time.monotonic()
+    while True:
+        time.sleep(interval)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            found = gc.collect()
+            census = _garbage_census(gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        with open(f"{out}.gc", "a") as f:
+            f.write(f"{time.monotonic() - start:.0f} s: {found} objects in cycles\n")
+            f.writelines(f"    {n:7d} {what}\n" for what, n in census.most_common(30))
+
+
+_MODES = {"--malloc-only": _watch_malloc, "--gc-census": _watch_garbage}
+
+
 def main() -> None:
     args = sys.argv[1:]
-    malloc_only = bool(args) and args[0] == "--malloc-only"
-    args = args[1:] if malloc_only else args
+    mode = args[0] if args and args[0] in _MODES else None
+    args = args[1:] if mode else args
     if len(args) < 3 or args[2] != "--":
-        raise SystemExit("usage: heapwatch.py [--malloc-only] OUT INTERVAL -- PYOVPN-ARGS...")
+        raise SystemExit("usage: heapwatch.py [--malloc-only | --gc-census] OUT INTERVAL -- PYOVPN-ARGS...")
     out, interval = Path(args[0]), float(args[1])
-    if not malloc_only:
+    if mode is None:
         tracemalloc.start(15)
-    watch = _watch_malloc if malloc_only else _watch
+    watch = _MODES[mode] if mode else _watch
     threading.Thread(target=watch, args=(out, interval), daemon=True, name="heapwatch").start()
     sys.argv = ["pyovpn", *args[3:]]
     runpy.run_module("pyovpn", run_name="__main__", alter_sys=True)

@@ -225,15 +225,20 @@ def add_heapwatch_options(ap: argparse.ArgumentParser) -> None:
         metavar="OUT",
         help="run the server under bench/heapwatch.py --malloc-only (glibc's counts, no tracemalloc)",
     )
+    ap.add_argument(
+        "--heapwatch-gc",
+        metavar="OUT",
+        help="run the server under bench/heapwatch.py --gc-census (what each full collection frees)",
+    )
 
 
 def heapwatch_argv(args: argparse.Namespace, config: Path) -> list[str] | None:
     """How to run pyovpn on ``config`` under bench/heapwatch.py as the options ask; None if not asked."""
-    watch_out = args.heapwatch or args.heapwatch_malloc
+    watch_out = args.heapwatch or args.heapwatch_malloc or args.heapwatch_gc
     if not watch_out:
         return None
     watch = [sys.executable, str(ROOT / "bench" / "heapwatch.py")]
-    watch += [] if args.heapwatch else ["--malloc-only"]
+    watch += [] if args.heapwatch else ["--malloc-only"] if args.heapwatch_malloc else ["--gc-census"]
     return [*watch, str(Path(watch_out).resolve()), "60", "--", "--config", str(config)]
 
 

@@ -7,6 +7,7 @@ known series and on this very process.
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 import os
 import random
@@ -18,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.heapwatch import _malloc_counts, _pymalloc_counts  # noqa: E402
+from bench.heapwatch import _garbage_census, _malloc_counts, _pymalloc_counts  # noqa: E402
 from bench.soak import slope, smaps, smaps_growth  # noqa: E402
 
 
@@ -90,3 +91,33 @@ def test_allocator_counts_are_read() -> None:
     in_use, held = _malloc_counts()
     if held:  # glibc
         assert 0 < in_use <= held
+
+
+def test_gc_census_names_what_a_cycle_was_made_of() -> None:
+    def make_cycle() -> None:
+        holder: dict[str, object] = {}
+
+        def closure() -> object:
+            return holder
+
+        holder["f"] = closure  # dict -> function -> cell -> dict
+        try:
+            raise ValueError("kept")
+        except ValueError as exc:
+            holder["exc"] = exc  # exception -> traceback -> this frame -> holder
+
+    gc.collect()
+    gc.disable()
+    try:
+        make_cycle()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        census = _garbage_census(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert census["dict"] >= 1 and census["ValueError"] == 1 and census["traceback"] >= 1
+    closures = [k for k in census if k.startswith("function ") and k.endswith("make_cycle.<locals>.closure")]
+    assert closures and census[closures[0]] == 1
+    assert any(k.startswith("frame test_soak_tools.py:") and k.endswith(" make_cycle") for k in census)
