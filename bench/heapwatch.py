@@ -153,13 +153,14 @@ def _garbage_census(garbage: list[Any]) -> Counter[str]:
     those say where a cycle was made."""
     census: Counter[str] = Counter()
     for obj in garbage:
-        if isinstance(obj, types.FrameType):
+        kind = type(obj)  # not isinstance(): that reaches through a weak proxy to a dead referent
+        if kind is types.FrameType:
             code = obj.f_code
             census[f"frame {Path(code.co_filename).name}:{code.co_firstlineno} {code.co_name}"] += 1
-        elif isinstance(obj, types.FunctionType):
+        elif kind is types.FunctionType:
             census[f"function {obj.__module__}.{obj.__qualname__}"] += 1
         else:
-            census[type(obj).__qualname__] += 1
+            census[kind.__qualname__] += 1
     return census
 
 

@@ -17,7 +17,8 @@ fitted to each; the report gives each slope per minute with its 95 % interval, s
 "indistinguishable from zero" when the interval contains 0. At the end the churn stops and the
 server must come back to one session (the steady client) once its timeouts have run: no stuck
 sessions (the exit code says whether it did). ``--smaps`` also lists the memory mappings that
-grew, ``--heapwatch-malloc OUT`` records the allocators' own counts (bench/heapwatch.py).
+grew, ``--heapwatch-malloc OUT`` records the allocators' own counts and ``--heapwatch-gc OUT``
+what each full collection frees (bench/heapwatch.py).
 
     sudo python3 bench/soak.py --minutes 40 --warmup 5 --pause 0.3 --loadgen 100 --smaps
 """

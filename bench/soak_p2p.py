@@ -8,8 +8,9 @@ at ``--rate`` through the tunnel in 30 s runs, for ``--minutes``. Every 5 s the 
 process tree is sampled (RSS, open descriptors, threads, as bench/soak.py does); after
 ``--warmup`` minutes a least-squares slope per minute is fitted with its 95 % interval. Also
 reports the renegotiations the server completed and the iperf3 loss. ``--smaps`` splits RSS by
-mapping; ``--heapwatch OUT`` / ``--heapwatch-malloc OUT`` run the server under
-bench/heapwatch.py (tracemalloc, or the allocators' own counts), as bench/soak.py does.
+mapping; ``--heapwatch OUT`` / ``--heapwatch-malloc OUT`` / ``--heapwatch-gc OUT`` run the server
+under bench/heapwatch.py (tracemalloc, the allocators' own counts, or a census of what each full
+collection frees), as bench/soak.py does.
 
     sudo python3 bench/soak_p2p.py --minutes 30 --reneg 2
 """

@@ -12,6 +12,7 @@ import mmap
 import os
 import random
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,7 @@ def test_gc_census_names_what_a_cycle_was_made_of() -> None:
             return holder
 
         holder["f"] = closure  # dict -> function -> cell -> dict
+        holder["proxy"] = weakref.proxy(closure)  # dead by the census: must not raise ReferenceError
         try:
             raise ValueError("kept")
         except ValueError as exc:
@@ -117,6 +119,7 @@ def test_gc_census_names_what_a_cycle_was_made_of() -> None:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+    assert census["CallableProxyType"] == 1
     assert census["dict"] >= 1 and census["ValueError"] == 1 and census["traceback"] >= 1
     closures = [k for k in census if k.startswith("function ") and k.endswith("make_cycle.<locals>.closure")]
     assert closures and census[closures[0]] == 1
