@@ -175,6 +175,8 @@ def _watch_garbage(out: Path, interval: float) -> None:
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
+        # the saved garbage is still cyclic: collect it again for real, or every census counts it anew
+        gc.collect()
         with open(f"{out}.gc", "a") as f:
             f.write(f"{time.monotonic() - start:.0f} s: {found} objects in cycles\n")
             f.writelines(f"    {n:7d} {what}\n" for what, n in census.most_common(30))
