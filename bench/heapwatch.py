@@ -22,7 +22,8 @@ which class's pools grow. Those arenas are mapped directly, not through malloc, 
 stays resident until its whole arena is free.
 With ``--gc-census`` it instead runs a full collection every INTERVAL and appends to OUT.gc what
 that collection found in reference cycles (garbage only the cyclic collector frees), by type, with
-functions by name and frames by code location. Cycles made at a steady rate are a leak until the
+functions by name and frames by code location, and which types of live containers grew since
+the first census. Cycles made at a steady rate are a leak until the
 next full collection, and the small-object pools they fill stay resident after it.
 ``bench/soak.py --heapwatch OUT`` (``--heapwatch-malloc OUT``, ``--heapwatch-gc OUT``) runs the
 server this way.
@@ -164,8 +165,14 @@ def _garbage_census(garbage: list[Any]) -> Counter[str]:
     return census
 
 
+def _live_census() -> Counter[str]:
+    """The objects the cyclic collector tracks (containers), by type."""
+    return Counter(type(obj).__qualname__ for obj in gc.get_objects())
+
+
 def _watch_garbage(out: Path, interval: float) -> None:
     start = time.monotonic()
+    first: Counter[str] | None = None
     while True:
         time.sleep(interval)
         gc.set_debug(gc.DEBUG_SAVEALL)
@@ -177,9 +184,14 @@ def _watch_garbage(out: Path, interval: float) -> None:
             gc.garbage.clear()
         # the saved garbage is still cyclic: collect it again for real, or every census counts it anew
         gc.collect()
+        live = _live_census()
+        first = first if first is not None else live
+        grown = sorted(((n - first[what], what) for what, n in live.items()), reverse=True)
         with open(f"{out}.gc", "a") as f:
             f.write(f"{time.monotonic() - start:.0f} s: {found} objects in cycles\n")
             f.writelines(f"    {n:7d} {what}\n" for what, n in census.most_common(30))
+            f.write(f"  live containers since the first census, most grown: {sum(live.values())} in all\n")
+            f.writelines(f"    {n:+7d} {what}\n" for n, what in grown[:15])
 
 
 _MODES = {"--malloc-only": _watch_malloc, "--gc-census": _watch_garbage}

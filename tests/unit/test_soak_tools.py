@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.heapwatch import _garbage_census, _malloc_counts, _pymalloc_counts  # noqa: E402
+from bench.heapwatch import _garbage_census, _live_census, _malloc_counts, _pymalloc_counts  # noqa: E402
 from bench.soak import slope, smaps, smaps_growth  # noqa: E402
 
 
@@ -124,3 +124,13 @@ def test_gc_census_names_what_a_cycle_was_made_of() -> None:
     closures = [k for k in census if k.startswith("function ") and k.endswith("make_cycle.<locals>.closure")]
     assert closures and census[closures[0]] == 1
     assert any(k.startswith("frame test_soak_tools.py:") and k.endswith(" make_cycle") for k in census)
+
+
+def test_live_census_counts_containers_by_type() -> None:
+    class Marker:
+        pass
+
+    before = _live_census()["test_live_census_counts_containers_by_type.<locals>.Marker"]
+    keep = [Marker() for _ in range(1000)]
+    after = _live_census()["test_live_census_counts_containers_by_type.<locals>.Marker"]
+    assert after - before == len(keep)
