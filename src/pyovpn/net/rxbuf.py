@@ -15,6 +15,7 @@ preallocated buffers.
 
 from __future__ import annotations
 
+import array
 import mmap
 import socket
 import threading
@@ -45,11 +46,15 @@ def recvfrom(sock: socket.socket, size: int, flags: int = 0) -> tuple[bytes, Any
     return buf[:n], addr
 
 
-def recvmsg(
-    sock: socket.socket, size: int, ancbufsize: int, flags: int = 0
-) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
-    """``sock.recvmsg(size, ancbufsize, flags)``, through the thread's buffer."""
+def recv_fds(
+    sock: socket.socket, size: int, maxfds: int, flags: int = 0
+) -> tuple[bytes, list[int], int, Any]:
+    """``socket.recv_fds(sock, size, maxfds, flags)``, through the thread's buffer."""
     buf = _buffer(size)
+    fds = array.array("i")
     with memoryview(buf) as whole, whole[:size] as view:
-        n, anc, msg_flags, addr = sock.recvmsg_into([view], ancbufsize, flags)
-    return buf[:n], anc, msg_flags, addr
+        n, anc, msg_flags, addr = sock.recvmsg_into([view], socket.CMSG_SPACE(maxfds * fds.itemsize), flags)
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+    return buf[:n], list(fds), msg_flags, addr

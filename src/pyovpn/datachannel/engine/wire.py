@@ -316,30 +316,21 @@ def send(sock: socket.socket, kind: Kind, rid: int, body: object, fds: Sequence[
     sock.sendmsg([data], anc)
 
 
-_FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-
-
 def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
     """Receive one message; ``(None, [])`` at EOF. Raises ``BlockingIOError`` when none is queued.
 
     A malformed message raises ``ProtocolError`` after closing any fds that came with it.
     """
-    data, anc, flags, _addr = rxbuf.recvmsg(sock, MAX_MESSAGE, _FD_SPACE)
-    fds = array.array("i")
-    for level, ctype, cdata in anc:
-        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        for fd in fds:
-            socket.close(fd)
-        raise ProtocolError(f"a message longer than {MAX_MESSAGE} bytes or with more than {MAX_FDS} fds")
-    if not data:
-        for fd in fds:
-            socket.close(fd)
-        return None, []
+    data, fds, flags, _addr = rxbuf.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
     try:
-        return unpack(data), list(fds)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ProtocolError(f"a message longer than {MAX_MESSAGE} bytes or with more than {MAX_FDS} fds")
+        if data:
+            return unpack(data), fds
     except ProtocolError:
         for fd in fds:
             socket.close(fd)
         raise
+    for fd in fds:  # EOF
+        socket.close(fd)
+    return None, []
