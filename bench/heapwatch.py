@@ -20,17 +20,24 @@ With ``--malloc-only`` each line also has CPython's small-object allocator's cou
 its used pools; OUT.classes has, per line, each size class as SIZE:POOLS:BLOCKS-IN-USE, to tell
 which class's pools grow. Those arenas are mapped directly, not through malloc, and a pool first used
 stays resident until its whole arena is free.
+Two more censuses say who holds what grows: ``--lengths`` appends to OUT.lengths the dicts, lists,
+sets and deques that got longer since the first census, with their owner (``Type.attribute``) and
+last items; ``--untracked`` appends to OUT.untracked a count, by type and size, of the objects the
+collector does not track (bytes, str, int, tuples and dicts of atoms: what ``--gc-census`` cannot
+see) reachable from tracked ones, and which containers hold the most that are new. What grows in
+the allocator's counts but in neither census is held outside Python objects (free lists, C code).
 With ``--gc-census`` it instead runs a full collection every INTERVAL and appends to OUT.gc what
 that collection found in reference cycles (garbage only the cyclic collector frees), by type, with
 functions by name and frames by code location, and which types of live containers grew since
 the first census. Cycles made at a steady rate are a leak until the
 next full collection, and the small-object pools they fill stay resident after it.
-``bench/soak.py --heapwatch OUT`` (``--heapwatch-malloc OUT``, ``--heapwatch-gc OUT``) runs the
-server this way.
+``bench/soak.py --heapwatch OUT`` (``--heapwatch-malloc``, ``-gc``, ``-lengths``, ``-untracked``)
+runs the server this way.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import gc
 import linecache
@@ -194,7 +201,126 @@ def _watch_garbage(out: Path, interval: float) -> None:
             f.writelines(f"    {n:+7d} {what}\n" for n, what in grown[:15])
 
 
-_MODES = {"--malloc-only": _watch_malloc, "--gc-census": _watch_garbage}
+_SIZED = (dict, list, set, collections.deque, bytearray)
+
+
+def _container_lengths() -> dict[int, tuple[type, int]]:
+    """id -> (type, length) of every live dict, list, set, deque and bytearray."""
+    return {id(obj): (type(obj), len(obj)) for obj in gc.get_objects() if type(obj) in _SIZED}
+
+
+def _owner(container: Any) -> str:
+    """Where a container hangs: "Type.attr" of the object whose attribute it is, else its referrers' types."""
+    found = []
+    for ref in gc.get_referrers(container):
+        if type(ref) is types.FrameType:
+            continue
+        attrs = ref if type(ref) is dict else vars(ref) if hasattr(ref, "__dict__") else None
+        name = None
+        if isinstance(attrs, dict):
+            name = next((k for k, v in attrs.items() if v is container), None)
+        if type(ref) is dict:
+            # a dict that is some object's __dict__ (3.11 keeps most of those inside the object instead)
+            holders = [o for o in gc.get_referrers(ref) if getattr(o, "__dict__", None) is ref]
+            where = f"{type(holders[0]).__qualname__}.{name}" if holders else None
+            found.append(where or (f"dict[{name!r}]" if name else "dict"))
+        else:
+            found.append(f"{type(ref).__qualname__}.{name}" if name else type(ref).__qualname__)
+    return ", ".join(found[:4]) or "no referrer"
+
+
+def _sample(container: Any) -> str:
+    """A short look at a container's last items, to say what it holds."""
+    items = list(container.items())[-2:] if isinstance(container, dict) else list(container)[-2:]
+    return repr(items)[:160]
+
+
+def _watch_lengths(out: Path, interval: float) -> None:
+    start = time.monotonic()
+    first: dict[int, tuple[type, int]] | None = None
+    while True:
+        time.sleep(interval)
+        lengths = _container_lengths()
+        first = first if first is not None else lengths
+        grown = sorted(
+            (
+                (n - first[key][1], key)
+                for key, (kind, n) in lengths.items()
+                if key in first and first[key][0] is kind and n > first[key][1]
+            ),
+            reverse=True,
+        )[:12]
+        wanted = {key for _n, key in grown}
+        by_id = {id(obj): obj for obj in gc.get_objects() if id(obj) in wanted}
+        with open(f"{out}.lengths", "a") as f:
+            f.write(f"{time.monotonic() - start:.0f} s: {len(lengths)} sized containers; grown most:\n")
+            for n, key in grown:
+                obj = by_id.get(key)
+                if obj is None:
+                    continue
+                f.write(f"    {n:+7d} now {len(obj):7d} {type(obj).__qualname__} at {_owner(obj)}\n")
+                f.write(f"             {_sample(obj)}\n")
+            del by_id
+
+
+def _untracked(own: list[Any]) -> dict[int, tuple[str, int]]:
+    """id -> (type, id of a tracked container that holds it) of every object the collector does not
+    track (atoms such as bytes, str, int, and tuples and dicts of atoms) that a tracked container
+    other than the watcher's ``own`` reaches, directly or through other untracked objects."""
+    skip = {id(obj) for obj in own}
+    holders = [obj for obj in gc.get_objects() if id(obj) not in skip]
+    found: dict[int, tuple[str, int]] = {}
+    skip.add(id(found))
+    for holder in holders:
+        if id(holder) in skip:
+            continue
+        stack = list(gc.get_referents(holder))
+        while stack:
+            obj = stack.pop()
+            key = id(obj)
+            if key in found or gc.is_tracked(obj):
+                continue
+            found[key] = (f"{type(obj).__qualname__}:{sys.getsizeof(obj)}", id(holder))
+            if type(obj) in (tuple, dict):
+                stack.extend(gc.get_referents(obj))
+    return found
+
+
+def _watch_untracked(out: Path, interval: float) -> None:
+    start = time.monotonic()
+    first: Counter[str] | None = None
+    seen: dict[int, tuple[str, int]] = {}
+    while True:
+        time.sleep(interval)
+        now = _untracked([seen, first, sys._getframe()])
+        census = Counter(kind for kind, _holder in now.values())
+        first = first if first is not None else census
+        new = [(key, kind, holder) for key, (kind, holder) in now.items() if key not in seen]
+        seen = now
+        grown = sorted(((n - first[k], k) for k, n in census.items()), reverse=True)[:12]
+        holders = Counter(holder for _key, _kind, holder in new)
+        by_id = {id(obj): obj for obj in gc.get_objects() if id(obj) in holders}
+        with open(f"{out}.untracked", "a") as f:
+            f.write(f"{time.monotonic() - start:.0f} s: {len(now)} untracked objects; most grown types:\n")
+            f.writelines(f"    {n:+7d} {kind}\n" for n, kind in grown)
+            f.write("  containers holding the most objects that are new since the last census:\n")
+            obj = None
+            for holder, n in holders.most_common(8):
+                obj = by_id.get(holder)
+                what = f"{type(obj).__qualname__} len {len(obj)}" if hasattr(obj, "__len__") else type(obj)
+                f.write(f"    {n:7d} in {what} at {_owner(obj) if obj is not None else '?'}\n")
+                if obj is not None and type(obj) in _SIZED:
+                    f.write(f"             {_sample(obj)}\n")
+        # what the next census must not count as pyovpn's
+        del by_id, new, holders, obj, now
+
+
+_MODES = {
+    "--malloc-only": _watch_malloc,
+    "--gc-census": _watch_garbage,
+    "--lengths": _watch_lengths,
+    "--untracked": _watch_untracked,
+}
 
 
 def main() -> None:
@@ -202,7 +328,8 @@ def main() -> None:
     mode = args[0] if args and args[0] in _MODES else None
     args = args[1:] if mode else args
     if len(args) < 3 or args[2] != "--":
-        raise SystemExit("usage: heapwatch.py [--malloc-only | --gc-census] OUT INTERVAL -- PYOVPN-ARGS...")
+        modes = " | ".join(_MODES)
+        raise SystemExit(f"usage: heapwatch.py [{modes}] OUT INTERVAL -- PYOVPN-ARGS...")
     out, interval = Path(args[0]), float(args[1])
     if mode is None:
         tracemalloc.start(15)

@@ -231,15 +231,34 @@ def add_heapwatch_options(ap: argparse.ArgumentParser) -> None:
         metavar="OUT",
         help="run the server under bench/heapwatch.py --gc-census (what each full collection frees)",
     )
+    ap.add_argument(
+        "--heapwatch-lengths",
+        metavar="OUT",
+        help="run the server under bench/heapwatch.py --lengths (which dicts, lists, sets and deques grew)",
+    )
+    ap.add_argument(
+        "--heapwatch-untracked",
+        metavar="OUT",
+        help="run the server under bench/heapwatch.py --untracked (a census of untracked objects)",
+    )
+
+
+_HEAPWATCH_MODES = {  # option (as argparse names it) -> bench/heapwatch.py's mode
+    "heapwatch": [],
+    "heapwatch_malloc": ["--malloc-only"],
+    "heapwatch_gc": ["--gc-census"],
+    "heapwatch_lengths": ["--lengths"],
+    "heapwatch_untracked": ["--untracked"],
+}
 
 
 def heapwatch_argv(args: argparse.Namespace, config: Path) -> list[str] | None:
     """How to run pyovpn on ``config`` under bench/heapwatch.py as the options ask; None if not asked."""
-    watch_out = args.heapwatch or args.heapwatch_malloc or args.heapwatch_gc
-    if not watch_out:
+    chosen = [(getattr(args, name), flags) for name, flags in _HEAPWATCH_MODES.items() if getattr(args, name)]
+    if not chosen:
         return None
-    watch = [sys.executable, str(ROOT / "bench" / "heapwatch.py")]
-    watch += [] if args.heapwatch else ["--malloc-only"] if args.heapwatch_malloc else ["--gc-census"]
+    watch_out, flags = chosen[0]
+    watch = [sys.executable, str(ROOT / "bench" / "heapwatch.py"), *flags]
     return [*watch, str(Path(watch_out).resolve()), "60", "--", "--config", str(config)]
 
 

@@ -20,7 +20,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.heapwatch import _garbage_census, _live_census, _malloc_counts, _pymalloc_counts  # noqa: E402
+from bench.heapwatch import (  # noqa: E402
+    _container_lengths,
+    _garbage_census,
+    _live_census,
+    _malloc_counts,
+    _owner,
+    _pymalloc_counts,
+    _untracked,
+)
 from bench.soak import slope, smaps, smaps_growth  # noqa: E402
 
 
@@ -134,3 +142,28 @@ def test_live_census_counts_containers_by_type() -> None:
     keep = [Marker() for _ in range(1000)]
     after = _live_census()["test_live_census_counts_containers_by_type.<locals>.Marker"]
     assert after - before == len(keep)
+
+
+class _Holder:
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+
+
+def test_container_lengths_and_owner_find_a_list_that_grows() -> None:
+    holder = _Holder()
+    before = _container_lengths()[id(holder.items)]
+    holder.items.extend(os.urandom(20) for _ in range(300))
+    kind, length = _container_lengths()[id(holder.items)]
+    assert before == (list, 0) and (kind, length) == (list, 300)
+    assert "_Holder.items" in _owner(holder.items)
+
+
+def test_untracked_census_finds_atoms_and_who_holds_them() -> None:
+    holder = _Holder()
+    holder.items.extend(os.urandom(20) for _ in range(300))  # atoms: the collector never tracks bytes
+    found = _untracked([])
+    held = [found.get(id(b)) for b in holder.items]
+    assert all(h == (f"bytes:{sys.getsizeof(holder.items[0])}", id(holder.items)) for h in held)
+    # the watcher's own containers are left out, so its bookkeeping never counts as growth
+    again = _untracked([holder.items])
+    assert all(id(b) not in again for b in holder.items)
