@@ -9,8 +9,12 @@ shows as the difference between the two. Variants: the stock client, and pyovpn'
 each userspace backend (the multi-process engine and the in-process plane), and inside the
 kernel guest pyovpn's client on the kernel ovpn driver. Reports the lost datagrams (iperf3's
 receiver count), the rekeys the client logged and the longest stretch with no data.
+With ``--tcp`` the stream is one iperf3 TCP stream instead, and the dip a rekey causes shows in
+the 1 s intervals: their median, their 10th percentile and the lowest one, with and without
+renegotiation.
 
     sudo python3 bench/rekey_loss.py --seconds 105 --reneg 5 --rate 100M
+    sudo python3 bench/rekey_loss.py --seconds 60 --reneg 5 --tcp
     scripts/guest/run.sh -t 900 -- python3 bench/rekey_loss.py --seconds 60 --reneg 5 --rate 10M \
         --variants "stock client" "pyovpn client, kernel"
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -60,7 +65,8 @@ def rekeys_in(impl: str, log: str) -> int:
     return count_rekeys(log) if impl == "openvpn" else len(PYOVPN_REKEY.findall(log))
 
 
-def one(name: str, reneg: int, pki_dir: Path, rate: str, seconds: float) -> dict[str, float]:
+def one(name: str, reneg: int, pki_dir: Path, rate: str | None, seconds: float) -> dict[str, float]:
+    """One run of variant ``name``; UDP at ``rate``, or TCP if ``rate`` is None."""
     impl, pyovpn_extra = VARIANTS[name]
     spec = TunnelSpec(
         role="server",
@@ -84,9 +90,25 @@ def one(name: str, reneg: int, pki_dir: Path, rate: str, seconds: float) -> dict
         wait_for_lines([server, client], INIT_LINE, 30)
         before = rekeys_in(impl, client.text())
         res = iperf3_transfer(
-            net.a, net.b, inner_addrs(spec).server4, seconds=seconds, udp_rate=rate, length=1300
+            net.a,
+            net.b,
+            inner_addrs(spec).server4,
+            seconds=seconds,
+            udp_rate=rate,
+            length=1300 if rate else None,
         )
         rekeys = rekeys_in(impl, client.text()) - before
+    if rate is None:
+        # the first second is TCP's slow start, not a rekey
+        per_second = sorted(i["bytes"] * 8 / (i["end"] - i["start"]) / 1e6 for i in res["intervals"][1:])
+        return {
+            "mbits": res["bits_per_second"] / 1e6,
+            "median": statistics.median(per_second),
+            "p10": per_second[len(per_second) // 10],
+            "lowest": per_second[0],
+            "rekeys": float(rekeys),
+            "max_stall": float(res["max_stall"]),
+        }
     udp = res["udp"]
     return {
         "lost": float(udp["lost_packets"]),
@@ -102,6 +124,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=105)
     ap.add_argument("--reneg", type=int, default=5, help="reneg-sec of the rekeying runs")
     ap.add_argument("--rate", default="100M", help="iperf3 UDP offered rate")
+    ap.add_argument("--tcp", action="store_true", help="one TCP stream instead of UDP: the dips at rekeys")
     ap.add_argument(
         "--variants",
         nargs="+",
@@ -117,9 +140,19 @@ def main() -> int:
         for i, name in enumerate(args.variants):
             order = [args.reneg, 0] if i % 2 == 0 else [0, args.reneg]
             for reneg in order:
-                x = one(name, reneg, Path(td) / f"{i}-{reneg}", args.rate, args.seconds)
+                x = one(name, reneg, Path(td) / f"{i}-{reneg}", None if args.tcp else args.rate, args.seconds)
                 rows.append((name, reneg, x))
                 print(f"{name}, reneg-sec {reneg or 'off'}: {x}", flush=True)
+    if args.tcp:
+        print(f"\niperf3 TCP, one stream, client -> stock server for {args.seconds:.0f} s; Mbit/s\n")
+        print("| client | renegotiation | rekeys | whole run | 1 s: median | 10th percentile | lowest |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for name, reneg, x in rows:
+            print(
+                f"| {name} | {f'every {reneg} s' if reneg else 'off'} | {x['rekeys']:.0f} | "
+                f"{x['mbits']:.0f} | {x['median']:.0f} | {x['p10']:.0f} | {x['lowest']:.0f} |"
+            )
+        return 0
     print(f"\niperf3 UDP {args.rate} client -> stock server for {args.seconds:.0f} s\n")
     print("| client | renegotiation | rekeys logged | datagrams lost / sent | loss | longest stall |")
     print("|---|---|---:|---:|---:|---:|")

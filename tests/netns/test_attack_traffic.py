@@ -7,7 +7,9 @@ From the client's namespace, but from other source ports, an attacker sends:
 - well-formed DATA_V2 packets for peer ids that do not exist and for the client's peer id with
   random contents (forgeries);
 - a thousand half-open handshakes (hard resets from as many ports), which the server answers
-  statelessly (HMAC cookie): none of them becomes a client session.
+  statelessly (HMAC cookie): none of them becomes a client session;
+- oversized control messages (up to 60,000 bytes, so the IP layer fragments them) and
+  control messages at the link's size, which the control-channel wrap must reject.
 Throughout, the client pings the server through the tunnel; afterwards the server still lists
 the one client at its real address. The same attack at a P2P server (both userspace planes), and
 a P2MP server at its `max-clients` limit under half-open handshakes.
@@ -82,12 +84,29 @@ for round in range(20):
         head = (0x48 | random.randrange(8)).to_bytes(1, "big") + pid.to_bytes(3, "big")
         body = head + os.urandom(random.randint(20, 1400))
         s.sendto(body, (host, port)); sent += 1
+for _ in range(100):                                    # oversized: IP-fragmented, up to 60 kB
+    body = bytes([(4 << 3) | random.randrange(8)]) + os.urandom(random.randint(1600, 60000))
+    s.sendto(body, (host, port)); sent += 1
+for _ in range(300):                                    # control messages at the link's size
+    body = bytes([(4 << 3) | random.randrange(8)]) + os.urandom(random.randint(1200, 1471))
+    s.sendto(body, (host, port)); sent += 1
 for _ in range(1000):                                   # half-open handshakes from 1000 ports
     h = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     h.sendto(bytes([7 << 3]) + os.urandom(8) + b"\x00" + os.urandom(40), (host, port))
     h.close(); sent += 1
 print(sent)
 """
+
+
+# what the attack may cost a P2MP server's memory: a few sessions' worth, never one per datagram
+RSS_BOUND_KIB = 8 * 1024
+
+
+def _vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def _client_rows(status: str) -> list[str]:
@@ -160,7 +179,7 @@ def test_p2p_server_under_replays_forgeries_and_resets_keeps_its_peer(
     )
     during = ping(net.a, inner, count=30, timeout=40)
     sent = int((attacker.communicate(timeout=120)[0] or "0").strip())
-    assert sent > 1000 + 20 * 200
+    assert sent > 1000 + 20 * 200 + 400
     assert during.ok and during.received >= 30, during.output
     assert server.running() and client.running()
     log = server.text()[mark:]
@@ -199,6 +218,7 @@ def test_replays_forgeries_and_half_open_handshakes_change_nothing(net: Netns, p
     assert len(before) == 1, status.read_text()
     real_address = before[0].split(",")[2]
     mark = server.mark()
+    rss_before = _vm_rss_kib(server.pid)
 
     attacker = subprocess.Popen(
         [*netns_exec(net.a), sys.executable, "-c", ATTACK, server_addr, str(SPEC.port), str(replay_file)],
@@ -207,8 +227,11 @@ def test_replays_forgeries_and_half_open_handshakes_change_nothing(net: Netns, p
     )
     during = ping(net.a, inner, count=30, timeout=40)
     sent = int((attacker.communicate(timeout=120)[0] or "0").strip())
-    assert sent > 1000 + 20 * 200
+    assert sent > 1000 + 20 * 200 + 400
     assert during.ok and during.received >= 30, during.output
+    rss_after = _vm_rss_kib(server.pid)
+    print(f"\nP2MP server VmRSS: {rss_before} KiB before {sent} attack datagrams, {rss_after} KiB after")
+    assert rss_after - rss_before < RSS_BOUND_KIB, f"the server grew {rss_after - rss_before} KiB"
 
     time.sleep(12)  # status interval (10 s default) plus a margin
     assert server.running(), server.tail()
