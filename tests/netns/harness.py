@@ -967,6 +967,14 @@ class PingResult:
     output: str
 
 
+def vm_rss_kib(pid: int) -> int:
+    """The resident memory of process ``pid`` (VmRSS), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def ping(ns: str, addr: str, count: int = 3, timeout: float = 10.0) -> PingResult:
     """Ping ``addr`` from inside ``ns`` until ``count`` replies or ``timeout`` s.
 

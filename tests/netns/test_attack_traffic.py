@@ -36,6 +36,7 @@ from tests.netns.harness import (
     netns_exec,
     ping,
     spawn_tunnel,
+    vm_rss_kib,
     wait_for_lines,
     wait_listening,
 )
@@ -100,13 +101,6 @@ print(sent)
 
 # what the attack may cost a P2MP server's memory: a few sessions' worth, never one per datagram
 RSS_BOUND_KIB = 8 * 1024
-
-
-def _vm_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def _client_rows(status: str) -> list[str]:
@@ -218,7 +212,7 @@ def test_replays_forgeries_and_half_open_handshakes_change_nothing(net: Netns, p
     assert len(before) == 1, status.read_text()
     real_address = before[0].split(",")[2]
     mark = server.mark()
-    rss_before = _vm_rss_kib(server.pid)
+    rss_before = vm_rss_kib(server.pid)
 
     attacker = subprocess.Popen(
         [*netns_exec(net.a), sys.executable, "-c", ATTACK, server_addr, str(SPEC.port), str(replay_file)],
@@ -229,7 +223,7 @@ def test_replays_forgeries_and_half_open_handshakes_change_nothing(net: Netns, p
     sent = int((attacker.communicate(timeout=120)[0] or "0").strip())
     assert sent > 1000 + 20 * 200 + 400
     assert during.ok and during.received >= 30, during.output
-    rss_after = _vm_rss_kib(server.pid)
+    rss_after = vm_rss_kib(server.pid)
     print(f"\nP2MP server VmRSS: {rss_before} KiB before {sent} attack datagrams, {rss_after} KiB after")
     assert rss_after - rss_before < RSS_BOUND_KIB, f"the server grew {rss_after - rss_before} KiB"
 

@@ -39,7 +39,7 @@ import pytest
 from pyovpn.proto.session import Session, SessionConfig
 from pyovpn.tools.pki import Pki
 from tests.netns import harness
-from tests.netns.harness import INIT_LINE, Star, ping, wait_for_lines, wait_listening
+from tests.netns.harness import INIT_LINE, Star, ping, vm_rss_kib, wait_for_lines, wait_listening
 
 pytestmark = pytest.mark.netns
 
@@ -82,13 +82,6 @@ def client_conf(pki: Pki, workdir: Path, name: str, remote: str, *, openvpn: boo
         harness.p2mp_client_config(pki, remote, pki.client_crt, pki.client_key, *extra, port=PORT)
     )
     return conf
-
-
-def vm_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def cpu_seconds(pid: int) -> float:
