@@ -729,7 +729,9 @@ def main() -> int:
         default="default",
         help="all: also the in-process userspace data channel (userspace-engine inprocess)",
     )
-    ap.add_argument("--only", help="substring filter on variant names")
+    ap.add_argument(
+        "--only", help="substring filter on variant names; several, comma-separated, keep any that matches"
+    )
     ap.add_argument(
         "--rounds", type=int, default=1, help="run the variants N times in alternating order; report medians"
     )
@@ -798,7 +800,7 @@ def main() -> int:
         chosen = [
             v
             for v in variants
-            if not (args.only and args.only not in v.name)
+            if not (args.only and not any(o in v.name for o in args.only.split(",")))
             and (args.guest or args.only or args.baseline or args.variants != "default" or v.default)
         ]
         for rnd in range(args.rounds):

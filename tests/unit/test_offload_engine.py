@@ -142,11 +142,14 @@ def test_engine_dies_with_its_parent() -> None:
 
 @pytest.mark.netns
 def test_udp_engine_without_tun_offloads(lab: Lab) -> None:
-    """The plain TUN path (no vnet header) still works, e.g. on kernels that refuse offloads."""
+    """The plain TUN path (no vnet header) still works, e.g. on kernels that refuse offloads.
+
+    Side b also receives with one ``recvmsg`` per datagram (``recvmmsg=False``): the fallback
+    where recvmmsg is missing."""
     a = lab.site(lab.ns_a)
     b = lab.site(lab.ns_b)
     _start_side(a, nslab.TUN_A, nslab.TUN_B, nslab.TUN6_A, tun_offload=False)
-    _start_side(b, nslab.TUN_B, nslab.TUN_A, nslab.TUN6_B, tun_offload=False, udp_gro=False)
+    _start_side(b, nslab.TUN_B, nslab.TUN_A, nslab.TUN6_B, tun_offload=False, udp_gro=False, recvmmsg=False)
     sock_a = udp_socket(a, (nslab.VETH_A, nslab.PORT))
     sock_b = udp_socket(b, (nslab.VETH_B, nslab.PORT))
     try:
@@ -522,3 +525,108 @@ def test_engine_control_packets_under_saturation(lab: Lab, transport: Transport)
     finally:
         for s in conns:
             s.close()
+
+
+# ---------------------------------------------------------------------------- receive paths
+#
+# The receive worker takes datagrams with recvmmsg (net/mmsg.py) where it can, and with one
+# recvmsg each otherwise. Both must hand the TUN the same packets, drop the same ones and
+# report the same floats and control packets, for any mix of senders and packet kinds.
+
+
+def _rx_run(use_mmsg: bool, datagrams: list[tuple[int, bytes]], key: bytes) -> tuple[Any, ...]:
+    from pyovpn.datachannel.api import Cipher
+    from pyovpn.datachannel.crypto import DataKey, KeyState
+    from pyovpn.datachannel.engine import wire
+    from pyovpn.datachannel.engine.worker import Worker, _Peer
+    from pyovpn.net import mmsg
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    w = Worker(0, theirs, {"recvmmsg": use_mmsg})
+    assert w.mmsg_ok == (use_mmsg and mmsg.available())
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.setblocking(False)
+    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    for s in senders:
+        s.bind(("127.0.0.1", 0))
+    tun_r, tun_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)  # keeps packet boundaries
+    tun_w.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    tun_r.setblocking(False)
+    try:
+        m = {
+            "peer_id": 5, "gen": 1, "tx_peer_id": 5, "transport": Transport.UDP.value, "tx": False,
+            "rx": True, "gso": False, "gro": False, "mss4": 0, "mss6": 0,
+            "send_addr": senders[0].getsockname(), "raw_ip": "127.0.0.1",
+            "raw_port": senders[0].getsockname()[1],
+        }  # fmt: skip
+        peer = _Peer(m, rx, None)
+        w.peers[5] = peer
+        w.rx_peer = peer
+        dk = DataKey(Cipher.AES_256_GCM, key[:32], key[32:40])
+        peer.keys[0] = KeyState(0, dk, dk)
+        w.tun_fd = tun_w.fileno()
+        for who, data in datagrams:
+            senders[who].sendto(data, rx.getsockname())
+        time.sleep(0.05)
+        while True:
+            before = peer.stats.link_rx_packets + peer.stats.dropped_other
+            w._on_udp(peer)
+            if peer.stats.link_rx_packets + peer.stats.dropped_other == before:
+                break
+        tun = recv_all(tun_r)
+        events = []
+        ours.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                msg, _fds = wire.recv(ours)
+                assert msg is not None
+                events.append((msg.kind, msg.body))
+        ports = {s.getsockname()[1]: i for i, s in enumerate(senders)}
+        st = peer.stats
+        return (
+            tun,
+            [(k, b.get("ev"), ports.get(b.get("addr", (0, 0))[1])) for k, b in events],
+            (st.link_rx_packets, st.vpn_rx_packets, st.dropped_auth, st.dropped_replay, st.dropped_other),
+            dict(st.extra),
+            ports[peer.raw_port],
+        )
+    finally:
+        for s in (*senders, rx, tun_r, tun_w, ours, theirs):
+            s.close()
+        w.ep.close()
+
+
+def test_recvmmsg_and_recvmsg_receive_paths_agree() -> None:
+    from pyovpn.datachannel.api import Cipher
+    from pyovpn.datachannel.crypto import DataKey, KeyState
+
+    key = os.urandom(40)
+    dk = DataKey(Cipher.AES_256_GCM, key[:32], key[32:40])
+    tx = KeyState(0, dk, dk)
+
+    def ip_packet(i: int) -> bytes:
+        body = os.urandom(20 + i * 37 % 1300)
+        return (
+            struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(body), i, 0, 64, 17, 0, b"\n\0\0\1", b"\n\0\0\2")
+            + body
+        )
+
+    plain = [ip_packet(i) for i in range(300)]
+    data = [tx.encrypt(p, peer_id=5) for p in plain]
+    datagrams: list[tuple[int, bytes]] = [(0, d) for d in data[:100]]
+    datagrams += [(0, data[10]), (0, data[11])]  # replays
+    datagrams += [(0, b"")]  # empty
+    datagrams += [(0, data[100][:30] + bytes(len(data[100]) - 30))]  # fails authentication
+    datagrams += [(1, os.urandom(60))]  # a stranger's garbage
+    datagrams += [(1, d) for d in data[101:150]]  # the peer floats to sender 1
+    datagrams += [(0, d) for d in data[150:300]]  # and back
+    a = _rx_run(True, datagrams, key)
+    b = _rx_run(False, datagrams, key)
+    assert a == b
+    tun, events, counts, _extra, final_sender = a
+    assert tun == plain[:100] + plain[101:]  # in order; the forged packet 100 is dropped
+    assert counts[1] == 299 and counts[2] == 1 and counts[3] == 2
+    assert [e[1] for e in events if e[1] == "float"] == ["float", "float"]
+    assert final_sender == 0

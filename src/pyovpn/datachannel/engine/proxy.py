@@ -70,7 +70,8 @@ class EngineDataChannel:
     Options: ``workers`` (worker processes; default ``os.cpu_count()``, a P2P peer uses at
     most two: transmit and receive), ``replay_window``, ``udp_gso``/``udp_gro`` (socket
     batching), ``tun_offload`` (IFF_VNET_HDR + TSO/USO/checksum offloads on the TUN),
-    ``tun_gro`` (coalesce received TCP segments into GSO writes), ``mssfix`` (clamp the MSS of
+    ``tun_gro`` (coalesce received TCP segments into GSO writes), ``recvmmsg`` (many
+    datagrams per receive call; off: one ``recvmsg`` each, the fallback path), ``mssfix`` (clamp the MSS of
     TCP SYNs so encrypted packets fit this many outer IP bytes, OpenVPN's default 1492;
     0 disables), ``socket_buffer`` (SO_SNDBUF/SO_RCVBUF of the handed-over socket).
     """
@@ -97,6 +98,7 @@ class EngineDataChannel:
         tun_offload: bool = True,
         tun_gro: bool = True,
         verify_rx_checksums: bool = True,
+        recvmmsg: bool = True,
         mssfix: int = 1492,
         socket_buffer: int = 4 << 20,
         python: str | None = None,
@@ -114,6 +116,7 @@ class EngineDataChannel:
             "tun_offload": tun_offload,
             "tun_gro": tun_gro,
             "verify_rx_checksums": verify_rx_checksums,
+            "recvmmsg": recvmmsg,
             "mssfix": mssfix,
             "socket_buffer": socket_buffer,
         }

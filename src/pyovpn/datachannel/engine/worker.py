@@ -72,6 +72,7 @@ from pyovpn.datachannel.fragment import Fragmenter
 from pyovpn.datachannel.framing import FramingError, frame_slots, note_framing_error, unframe
 from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
+from pyovpn.net import mmsg
 from pyovpn.net.sockets import SOL_UDP, UDP_SEGMENT
 from pyovpn.net.sockets import TRANSIENT_SEND_ERRNOS as _TRANSIENT
 from pyovpn.proto.packets import (
@@ -86,7 +87,11 @@ log = logging.getLogger("pyovpn.engine")
 
 _DATA_V2_HDR = struct.Struct(">II")  # opcode/key id/peer id, packet id
 _TUN_BATCH = 64  # TUN reads per wakeup before other descriptors get a turn
-_UDP_BATCH = 32  # GRO receives per wakeup
+# Receives per wakeup, and datagrams (a GRO receive holds many). Large batches matter for a
+# stock peer, which sends one datagram per packet: the fixed costs of a wakeup (epoll, GRO
+# planning, the checksum check, the TUN write) are shared by more packets.
+_UDP_BATCH = 256
+_UDP_BATCH_DGRAMS = 1024
 # Control packets go out ahead of bulk data, never right behind a burst of it. Under a
 # saturating transfer the peer's receive queue is full just after each burst (stock openvpn
 # reads a 208 KiB socket buffer) and whatever lands then is dropped; control packets sent
@@ -100,7 +105,9 @@ _CTL_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS})
 _CTL_RETRY_FOR = 1.0  # after this long a refused control packet is dropped (and counted)
 _TX_BUF = 1 << 20
 _TX_FLUSH_AT = _TX_BUF - 2 * 65536 - 4096  # room for one more 64 KiB super-packet's slots
-_RX_BUF = 65536 + 4096
+_MMSG_COUNT = 32  # datagrams per recvmmsg call (each in a 64 KiB slot: 2 MiB per worker)
+_RX_ONE = 65536  # room for one receive: a UDP GRO batch is at most 64 KiB
+_RX_BUF = 4 * _RX_ONE + 4096  # several receives of one wakeup, decrypted as a batch
 _PLAIN_BUF = 8 * 65536 + 8192  # decrypted packets of several GRO receives, coalesced at once
 
 
@@ -142,6 +149,7 @@ class _Peer:
         self.ctl_q: deque[bytes] = deque()  # UDP control packets waiting to go out (in order)
         self.ctl_retry_at = 0.0  # the socket refused the head of ctl_q; try again from then
         self.ctl_refused_since = 0.0  # when the socket first refused the head of ctl_q
+        self.mmsg: mmsg.BatchReceiver | None = None
         self.dead = False
         self.set_send(m.get("send_addr"), m.get("raw_ip"), m.get("raw_port", 0))
 
@@ -194,6 +202,11 @@ class Worker:
         self.plain = bytearray(_PLAIN_BUF)
         self.plain_mv = memoryview(self.plain)
         self.plain_np = np.frombuffer(self.plain, np.uint8)
+        # recvmmsg (net/mmsg.py) where the platform has it; the option turns it off (tests of
+        # the one-recvmsg-per-datagram path, which stays as the fallback)
+        self.mmsg_ok = bool(options.get("recvmmsg", True)) and mmsg.available()
+        self.mmsg_buf: bytearray | None = None  # allocated with the first UDP receive side
+        self.mmsg_mv: memoryview | None = None
 
     # ------------------------------------------------------------------ loop
 
@@ -833,22 +846,41 @@ class Worker:
         Decrypted packets from all receives of one wakeup are coalesced together, so TCP
         segments are merged into GSO writes even when the kernel delivers the datagrams one
         by one (a peer without UDP GSO, a path without GRO). Nothing waits for more traffic.
+
+        Receives land one after another in the receive buffer and are decrypted as one batch
+        per sender address: a stock peer sends one datagram per packet, and handing them to
+        :meth:`_rx_datagrams` one at a time cost about a microsecond each in call setup alone.
         """
+        if peer.mmsg is None and self.mmsg_ok:
+            if self.mmsg_buf is None:
+                self.mmsg_buf = bytearray(_MMSG_COUNT * mmsg.SLOT)
+                self.mmsg_mv = memoryview(self.mmsg_buf)
+            peer.mmsg = mmsg.BatchReceiver(peer.fd, self.mmsg_buf, _MMSG_COUNT)
+        if peer.mmsg is not None:
+            self._on_udp_mmsg(peer, peer.mmsg)
+            return
         sock = peer.sock
-        rx = self.rx_buf
         rmv = self.rx_mv
+        rx_limit = len(self.rx_buf) - _RX_ONE
         self._sync_remote(peer)
         slots: list[tuple[int, int]] = []
         ppos = 0
-        limit = len(self.plain) - 70000
+        plain_limit = len(self.plain) - 8192
+        batch: list[tuple[int, int]] = []
+        batch_addr: Any = None
+        batch_bytes = 0
+        pos = 0
+        dgrams = 0
         for _ in range(_UDP_BATCH):
             if peer.dead:
                 return
+            if dgrams >= _UDP_BATCH_DGRAMS:
+                break
             try:
                 if peer.gro:
-                    n, anc, _flags, addr = sock.recvmsg_into([rx], _GRO_CMSG_SPACE)
+                    n, anc, _flags, addr = sock.recvmsg_into([rmv[pos : pos + _RX_ONE]], _GRO_CMSG_SPACE)
                 else:
-                    n, addr = sock.recvfrom_into(rx)
+                    n, addr = sock.recvfrom_into(rmv[pos : pos + _RX_ONE])
                     anc = None
             except (BlockingIOError, InterruptedError):
                 break
@@ -857,17 +889,98 @@ class Worker:
                 if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     continue
                 break
-            seg = gro_segment_size(anc) if anc else 0  # only a coalesced receive carries the cmsg
-            if seg and seg < n:
-                _count(peer.stats, "gro_batches")
-                dgrams = [(off, min(seg, n - off)) for off in range(0, n, seg)]
-            else:
-                dgrams = [(0, n)]
-            ppos = self._rx_datagrams(peer, rmv, dgrams, addr, slots, ppos)
-            if ppos > limit:
+            # plaintext is never longer than its datagram: ppos + batch_bytes bounds what the
+            # batch will fill, and it must leave room in the plaintext buffer
+            full = ppos + batch_bytes + n > plain_limit
+            if batch and (full or addr != batch_addr):
+                ppos = self._rx_datagrams(peer, rmv, batch, batch_addr, slots, ppos)
+                batch = []
+                batch_bytes = 0
+            if full:
                 self._tun_write(peer, slots)
                 slots = []
                 ppos = 0
+            seg = gro_segment_size(anc) if anc else 0  # only a coalesced receive carries the cmsg
+            if seg and seg < n:
+                _count(peer.stats, "gro_batches")
+                before = len(batch)
+                batch.extend((pos + off, min(seg, n - off)) for off in range(0, n, seg))
+                dgrams += len(batch) - before
+            else:
+                batch.append((pos, n))
+                dgrams += 1
+            batch_addr = addr
+            batch_bytes += n
+            pos = (pos + n + 15) & ~15
+            if pos > rx_limit:  # the buffer is full: decrypt what it holds, then start over
+                ppos = self._rx_datagrams(peer, rmv, batch, batch_addr, slots, ppos)
+                batch = []
+                batch_bytes = 0
+                pos = 0
+        if batch and not peer.dead:
+            ppos = self._rx_datagrams(peer, rmv, batch, batch_addr, slots, ppos)
+        if slots and not peer.dead:
+            self._tun_write(peer, slots)
+
+    def _on_udp_mmsg(self, peer: _Peer, rcv: mmsg.BatchReceiver) -> None:
+        """:meth:`_on_udp` with ``recvmmsg``: up to :data:`_MMSG_COUNT` datagrams per call."""
+        mv = self.mmsg_mv
+        assert mv is not None
+        self._sync_remote(peer)
+        slots: list[tuple[int, int]] = []
+        ppos = 0
+        plain_limit = len(self.plain) - 8192
+        dgrams = 0
+        slot = mmsg.SLOT
+        for _ in range(_UDP_BATCH):
+            if peer.dead or dgrams >= _UDP_BATCH_DGRAMS:
+                break
+            try:
+                n = rcv.recv()
+            except OSError as e:
+                _count(peer.stats, "rx_errors")
+                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue
+                break
+            if not n:
+                break
+            lens, addrs, segs, truncated = rcv.results(n)
+            batch: list[tuple[int, int]] = []
+            batch_addr: Any = None
+            batch_bytes = 0
+            for i in range(n):
+                ln = lens[i]
+                addr = addrs[i]
+                if truncated[i] or addr is None:  # over 64 KiB, or not an IP sender: not ours
+                    peer.stats.dropped_other += 1
+                    _count(peer.stats, "rx_truncated" if truncated[i] else "rx_unknown_family")
+                    continue
+                full = ppos + batch_bytes + ln > plain_limit
+                if batch and (full or addr != batch_addr):
+                    ppos = self._rx_datagrams(peer, mv, batch, batch_addr, slots, ppos)
+                    batch = []
+                    batch_bytes = 0
+                if full:
+                    self._tun_write(peer, slots)
+                    slots = []
+                    ppos = 0
+                base = i * slot
+                seg = segs[i]
+                if seg and seg < ln:
+                    _count(peer.stats, "gro_batches")
+                    before = len(batch)
+                    batch.extend((base + off, min(seg, ln - off)) for off in range(0, ln, seg))
+                    dgrams += len(batch) - before
+                else:
+                    batch.append((base, ln))
+                    dgrams += 1
+                batch_addr = addr
+                batch_bytes += ln
+            # the next call reuses the slots: decrypt this call's datagrams first
+            if batch and not peer.dead:
+                ppos = self._rx_datagrams(peer, mv, batch, batch_addr, slots, ppos)
+            if n < rcv.count:  # the queue is empty
+                break
         if slots and not peer.dead:
             self._tun_write(peer, slots)
 
@@ -880,9 +993,9 @@ class Worker:
         slots: list[tuple[int, int]],
         ppos: int,
     ) -> int:
-        """Decrypt datagrams into the plaintext buffer from ``ppos``; append their slots."""
+        """Decrypt datagrams of ``rmv`` into the plaintext buffer from ``ppos``; append their slots."""
         st = peer.stats
-        rx = self.rx_buf
+        rx = rmv
         keys = peer.keys
         pmv = self.plain_mv
         plain = self.plain
