@@ -8,9 +8,12 @@ every client runs one iperf3 TCP stream to the server's tunnel address for ``--s
 the same time, first clients -> server, then server -> clients (``-R``). Reports the median
 aggregate (sum of the clients' rates) with its min-max, the ratio to stock OpenVPN, and the
 server's CPU seconds per GB moved. ``--proto tcp`` runs the tunnels over TCP instead of UDP.
+``--baseline REV`` adds the pyovpn of an earlier commit (its src/ via ``git archive``) as a
+third server variant in the same alternating rounds.
 
     sudo python3 bench/p2mp_throughput.py --clients 3 --seconds 8 --rounds 3
     sudo python3 bench/p2mp_throughput.py --proto tcp --rounds 3
+    sudo python3 bench/p2mp_throughput.py --baseline HEAD~1 --rounds 5
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.throughput import OPENVPN_TUNED, _tree_cpu  # noqa: E402
+from bench.throughput import OPENVPN_TUNED, _tree_cpu, export_baseline  # noqa: E402
 from tests.netns.harness import (  # noqa: E402
     INIT_LINE,
     Star,
@@ -45,6 +48,7 @@ from pyovpn.tools.pki import Pki, issue_client, make_pki  # noqa: E402
 SERVER_IP = "10.79.0.1"
 IPERF_BASE_PORT = 5301
 VARIANTS = {"openvpn": "OpenVPN 2.6 server (tuned)", "pyovpn": "pyovpn server (userspace)"}
+BASELINE_SRC: Path | None = None  # --baseline: the earlier commit's src/
 
 
 def _server_conf(impl: str, pki: Pki, proto: str) -> str:
@@ -61,10 +65,12 @@ def one(impl: str, pki_dir: Path, n: int, seconds: float, proto: str) -> dict[st
     with Star(pki_dir, n, base=230) as star:
         conf = star.workdir / "server.conf"
         conf.write_text(_server_conf(impl, pki, proto))
+        # PYTHONPATH names the pyovpn to run, so an installed one elsewhere never stands in for it
+        src = BASELINE_SRC if impl == "pyovpn-baseline" else ROOT / "src"
         argv = (
             ["openvpn", "--config", str(conf)]
             if impl == "openvpn"
-            else [sys.executable, "-m", "pyovpn", "--config", str(conf)]
+            else ["env", f"PYTHONPATH={src}", sys.executable, "-m", "pyovpn", "--config", str(conf)]
         )
         server = star.spawn(star.server, argv, f"server-{impl}")
         wait_listening(star.server, "tcp" if proto == "tcp" else "udp", 1194, proc=server)
@@ -146,11 +152,16 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--proto", choices=["udp", "tcp"], default="udp")
+    ap.add_argument("--baseline", metavar="REV", help="also run the pyovpn of an earlier git commit")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
-    res: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as td:
+        if args.baseline:
+            global BASELINE_SRC
+            BASELINE_SRC = export_baseline(args.baseline, Path(td))
+            VARIANTS["pyovpn-baseline"] = f"pyovpn@{args.baseline} server (userspace)"
+        res: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
         for r in range(args.rounds):
             order = list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]
             for impl in order:

@@ -233,7 +233,15 @@ def _two_clients(mplab: MpLab) -> tuple[Client, Client, Site, str, UserspaceData
 
 
 @pytest.mark.netns
-def test_mp_server_two_udp_clients(mplab: MpLab) -> None:
+@pytest.mark.parametrize("receive", ["recvmmsg", "recvmsg"])
+def test_mp_server_two_udp_clients(mplab: MpLab, receive: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``receive``: how the server reads its shared socket (recvmsg: the fallback without recvmmsg)."""
+    from pyovpn.datachannel.userspace import multipoint
+
+    if receive == "recvmsg":
+        monkeypatch.setattr(multipoint.mmsg, "available", lambda: False)
+    elif not multipoint.mmsg.available():
+        pytest.skip("recvmmsg with the LP64 Linux layout is missing")
     a, b, server, ifname, sbackend = _two_clients(mplab)
     ssock = server.call(lambda: _bind_udp(("0.0.0.0", PORT)))
     dup = os.dup(ssock.fileno())  # the same socket under another descriptor is still shared

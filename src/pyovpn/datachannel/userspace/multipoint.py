@@ -26,7 +26,8 @@ from pyovpn.datachannel.framing import frame_payload
 from pyovpn.datachannel.peer_socket import give_back
 from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.datachannel.userspace.lane import close_lane
-from pyovpn.datachannel.userspace.peers import RX_BATCH, Iface, Peer, PeerTable, SharedUdp
+from pyovpn.datachannel.userspace.peers import MMSG_COUNT, RX_BATCH, Iface, Peer, PeerTable, SharedUdp
+from pyovpn.net import mmsg
 from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
 
 __all__ = ["Multipoint"]
@@ -148,6 +149,9 @@ class Multipoint(PeerTable):
         self, shared: SharedUdp, sock: socket.socket, now: float, batch: int, lane: bool = False
     ) -> None:
         """Read the shared socket (or its keepalive lane, whose packets may have waited)."""
+        if not lane and mmsg.available():
+            self._mp_udp_read_many(shared, now, batch)
+            return
         rx = self._rx_buf
         mv = self._rx_mv
         gro = shared.gro and not lane
@@ -181,6 +185,51 @@ class Multipoint(PeerTable):
                     self._mp_udp_packet(shared, mv[off : min(off + seg, n)], addr, now)
             else:
                 self._mp_udp_packet(shared, mv[:n], addr, now)
+
+    def _mp_udp_read_many(self, shared: SharedUdp, now: float, batch: int) -> None:
+        """:meth:`_mp_udp_read` with ``recvmmsg`` (net/mmsg.py): many datagrams per system call."""
+        if self._mmsg_buf is None:
+            self._mmsg_buf = bytearray(MMSG_COUNT * mmsg.SLOT)
+        rcv = shared.mmsg
+        if rcv is None:
+            rcv = shared.mmsg = mmsg.BatchReceiver(shared.fd, self._mmsg_buf, MMSG_COUNT)
+        mv = memoryview(self._mmsg_buf)
+        slot = mmsg.SLOT
+        taken = 0
+        while taken < batch:
+            if self._shared.get(shared.key) is not shared:
+                return
+            try:
+                n = rcv.recv()
+            except OSError as e:
+                count(self.iface_stats, "rx_errors")
+                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue
+                log.debug("userspace data channel: receive on the shared socket failed: %s", e)
+                return
+            if not n:
+                return
+            lens, addrs, segs, truncated = rcv.results(n)
+            for i in range(n):
+                if self._shared.get(shared.key) is not shared:
+                    return
+                ln = lens[i]
+                addr = addrs[i]
+                if truncated[i] or addr is None:  # over 64 KiB, or not an IP sender: not ours
+                    self.iface_stats.dropped_other += 1
+                    count(self.iface_stats, "rx_truncated" if truncated[i] else "rx_unknown_family")
+                    continue
+                base = i * slot
+                seg = segs[i]
+                if seg and seg < ln:
+                    count(self.iface_stats, "gro_batches")
+                    for off in range(0, ln, seg):
+                        self._mp_udp_packet(shared, mv[base + off : base + min(off + seg, ln)], addr, now)
+                else:
+                    self._mp_udp_packet(shared, mv[base : base + ln], addr, now)
+            taken += n
+            if n < rcv.count:  # the queue is empty
+                return
 
     def _mp_udp_packet(
         self, shared: SharedUdp, pkt: memoryview, addr: tuple[Any, ...], now: float, late: bool = False

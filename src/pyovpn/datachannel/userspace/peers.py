@@ -21,6 +21,7 @@ from pyovpn.datachannel.fragment import Fragmenter, Reassembler
 from pyovpn.datachannel.notify import Subscribers
 from pyovpn.datachannel.userspace.routing import PeerRouter, RouteMonitor
 from pyovpn.errors import BackendError
+from pyovpn.net.mmsg import BatchReceiver
 
 __all__ = ["RX_BATCH", "RX_BUF_SIZE", "Iface", "Peer", "PeerTable", "SharedUdp"]
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RX_BUF_SIZE = 65536
 RX_BATCH = 256  # datagrams or TUN packets per wakeup before letting other callbacks run
+MMSG_COUNT = 32  # MP: datagrams per recvmmsg call on the shared socket (64 KiB slots: 2 MiB)
 
 
 class Iface:
@@ -121,6 +123,7 @@ class SharedUdp:
         "gso",
         "key",
         "lane",
+        "mmsg",
         "orig_blocking",
         "peers",
         "shadowed",
@@ -133,6 +136,7 @@ class SharedUdp:
         self.sock = sock
         self.fd = sock.fileno()
         self.lane: socket.socket | None = None  # keepalive pings only, drained by the keepalive timer
+        self.mmsg: BatchReceiver | None = None  # MP reads with recvmmsg (net/mmsg.py), made at first read
         self.gro = False
         self.gso = False
         self.orig_blocking = True
@@ -201,6 +205,7 @@ class PeerTable:
     _closed: bool
     _rx_buf: bytearray
     _rx_mv: memoryview
+    _mmsg_buf: bytearray | None
     _tun_buf: bytearray
     _tun_mv: memoryview
     iface_stats: api.Stats  # drops that happen before a peer is known
@@ -219,6 +224,7 @@ class PeerTable:
         self._closed = False
         self._rx_buf = bytearray(RX_BUF_SIZE)
         self._rx_mv = memoryview(self._rx_buf)
+        self._mmsg_buf: bytearray | None = None  # the recvmmsg slots of MP shared sockets
         self._tun_buf = bytearray(RX_BUF_SIZE)
         self._tun_mv = memoryview(self._tun_buf)
         self.iface_stats = api.Stats()
