@@ -121,6 +121,10 @@ class BatchReceiver:
         self.hdr["control"] = _address_of(self._ctl) + np.arange(count, dtype=np.uint64) * _CMSG
         self._hdrs_ptr = _address_of(self._hdrs)
         self._addr_cache: dict[bytes, tuple[Any, ...] | None] = {}
+        self.names = np.frombuffer(self._names, dtype=np.uint8).reshape(count, _NAME)
+        # set by results(): no datagram was cut short or GRO-coalesced / all came from one sender
+        self.plain = True
+        self.one_sender = False
 
     def recv(self) -> int:
         """Take what is queued, without blocking: the number of datagrams (0 if none).
@@ -143,30 +147,45 @@ class BatchReceiver:
         coalesced) and whether the datagram was cut short (larger than a slot)."""
         hdr = self.hdr[:n]
         lens: list[int] = hdr["len"].tolist()
-        truncated: list[bool] = ((hdr["flags"] & _MSG_TRUNC) != 0).tolist()
+        trunc = (hdr["flags"] & _MSG_TRUNC) != 0
+        truncated: list[bool] = trunc.tolist()
         segs = [0] * n
         ctl_lens = hdr["controllen"]
+        self.plain = not trunc.any() and not ctl_lens.any()
+        self.one_sender = False
         if ctl_lens.any():
             ctl = self._ctl
             for i in np.flatnonzero(ctl_lens).tolist():
                 segs[i] = _gro_size(ctl, i * _CMSG, int(ctl_lens[i]))
+        namelens = hdr["namelen"]
+        rows = self.names[:n]
+        if n > 1 and (namelens == namelens[0]).all() and (rows == rows[0]).all():
+            # the usual case: one sender for the whole batch
+            self.one_sender = True
+            return lens, [self._sender(0, int(namelens[0]))] * n, segs, truncated
+        nl = namelens.tolist()
         names = self._names
-        namelens = hdr["namelen"].tolist()
-        cache = self._addr_cache
         addrs: list[tuple[Any, ...] | None] = []
-        last_raw = b""
+        last_raw = None
         last: tuple[Any, ...] | None = None
         for i in range(n):
-            raw = bytes(names[i * _NAME : i * _NAME + namelens[i]])
+            raw = names[i * _NAME : i * _NAME + nl[i]]
             if raw != last_raw:
                 last_raw = raw
-                last = cache.get(raw, ())
-                if last == ():
-                    if len(cache) >= _CACHE_MAX:
-                        cache.clear()
-                    last = cache[raw] = sockaddr_tuple(raw)
+                last = self._sender(i, nl[i])
             addrs.append(last)
         return lens, addrs, segs, truncated
+
+    def _sender(self, i: int, namelen: int) -> tuple[Any, ...] | None:
+        """Datagram ``i``'s sender as ``socket.recvfrom`` names it (cached by the raw sockaddr)."""
+        raw = bytes(self._names[i * _NAME : i * _NAME + namelen])
+        cache = self._addr_cache
+        addr = cache.get(raw, ())
+        if addr == ():
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            addr = cache[raw] = sockaddr_tuple(raw)
+        return addr
 
 
 _CMSG_HDR = struct.Struct("=Qii")  # cmsg_len, cmsg_level, cmsg_type (LP64)

@@ -945,6 +945,26 @@ class Worker:
             if not n:
                 break
             lens, addrs, segs, truncated = rcv.results(n)
+            if rcv.plain and rcv.one_sender and addrs[0] is not None:
+                # the common case, a stock peer's datagrams: one batch, no per-datagram checks here
+                total = sum(lens)
+                if ppos + total > plain_limit:
+                    self._tun_write(peer, slots)
+                    slots = []
+                    ppos = 0
+                if ppos + total <= plain_limit:
+                    dgrams += n
+                    ppos = self._rx_datagrams(
+                        peer,
+                        mv,
+                        list(zip(range(0, n * slot, slot), lens, strict=True)),
+                        addrs[0],
+                        slots,
+                        ppos,
+                    )
+                    if n < rcv.count:
+                        break
+                    continue
             batch: list[tuple[int, int]] = []
             batch_addr: Any = None
             batch_bytes = 0
