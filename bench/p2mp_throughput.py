@@ -9,11 +9,15 @@ the same time, first clients -> server, then server -> clients (``-R``). Reports
 aggregate (sum of the clients' rates) with its min-max, the ratio to stock OpenVPN, and the
 server's CPU seconds per GB moved. ``--proto tcp`` runs the tunnels over TCP instead of UDP.
 ``--baseline REV`` adds the pyovpn of an earlier commit (its src/ via ``git archive``) as a
-third server variant in the same alternating rounds.
+third server variant in the same alternating rounds. ``--idle N`` (UDP) also keeps N simulated
+clients connected during the transfers (``pyovpn.tools.loadgen`` in the first client's
+namespace, a keepalive ping every 10 s each; the server gets ``duplicate-cn``), so "100
+connected, 10 transferring" is ``--clients 10 --idle 90``.
 
     sudo python3 bench/p2mp_throughput.py --clients 3 --seconds 8 --rounds 3
     sudo python3 bench/p2mp_throughput.py --proto tcp --rounds 3
     sudo python3 bench/p2mp_throughput.py --baseline HEAD~1 --rounds 5
+    sudo python3 bench/p2mp_throughput.py --clients 10 --idle 90 --rounds 3
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,8 +56,10 @@ VARIANTS = {"openvpn": "OpenVPN 2.6 server (tuned)", "pyovpn": "pyovpn server (u
 BASELINE_SRC: Path | None = None  # --baseline: the earlier commit's src/
 
 
-def _server_conf(impl: str, pki: Pki, proto: str) -> str:
+def _server_conf(impl: str, pki: Pki, proto: str, idle: int) -> str:
     extra = [f"proto {proto}", "data-ciphers AES-256-GCM", "verb 1"]
+    if idle:
+        extra.append("duplicate-cn")  # the simulated clients share one certificate
     if impl == "openvpn":
         extra += ["disable-dco", *OPENVPN_TUNED]
     else:
@@ -60,11 +67,28 @@ def _server_conf(impl: str, pki: Pki, proto: str) -> str:
     return p2mp_server_config(pki, "10.79.0.0", *extra)
 
 
-def one(impl: str, pki_dir: Path, n: int, seconds: float, proto: str) -> dict[str, float]:
+def _connect_idle(star: Star, pki: Pki, idle: int) -> Any:
+    """``idle`` simulated clients from the first client's namespace; returns the loadgen process."""
+    crt, key = issue_client(pki, "idle")
+    conf = star.workdir / "idle.conf"
+    conf.write_text(
+        p2mp_client_config(pki, star.server_addr(0), crt, key, "data-ciphers AES-256-GCM", "verb 1")
+    )
+    argv = [sys.executable, "-m", "pyovpn.tools.loadgen", "--config", str(conf)]
+    argv += ["-n", str(idle), "--concurrency", "20", "--hold", "inf"]
+    loadgen = star.spawn(star.peers[0], ["env", f"PYTHONPATH={ROOT / 'src'}", *argv], "loadgen")
+    m = loadgen.wait_for_line(r"LOADGEN SETTLED (\{.*\})\n", 120 + idle)
+    settled = json.loads(m.group(1))
+    if int(settled["connected"]) != idle:
+        raise SystemExit(f"only {settled['connected']} of {idle} simulated clients connected: {settled}")
+    return loadgen
+
+
+def one(impl: str, pki_dir: Path, n: int, seconds: float, proto: str, idle: int = 0) -> dict[str, float]:
     pki = make_pki(pki_dir)
     with Star(pki_dir, n, base=230) as star:
         conf = star.workdir / "server.conf"
-        conf.write_text(_server_conf(impl, pki, proto))
+        conf.write_text(_server_conf(impl, pki, proto, idle))
         # PYTHONPATH names the pyovpn to run, so an installed one elsewhere never stands in for it
         src = BASELINE_SRC if impl == "pyovpn-baseline" else ROOT / "src"
         argv = (
@@ -93,6 +117,7 @@ def one(impl: str, pki_dir: Path, n: int, seconds: float, proto: str) -> dict[st
             )
             clients.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{i}"))
         wait_for_lines([server, *clients], INIT_LINE, 60)
+        loadgen = _connect_idle(star, pki, idle) if idle else None
         iperf_servers = [
             subprocess.Popen(
                 [*netns_exec(star.server), "iperf3", "-s", "-p", str(IPERF_BASE_PORT + i)],
@@ -139,6 +164,8 @@ def one(impl: str, pki_dir: Path, n: int, seconds: float, proto: str) -> dict[st
                 cpu = _tree_cpu(server.pid) - cpu0
                 out[f"{direction}_gbps"] = total_bps / 1e9
                 out[f"{direction}_cpu_s_per_gb"] = cpu / (total_bytes / 1e9) if total_bytes else float("nan")
+            if loadgen is not None and not loadgen.running():
+                raise SystemExit(f"the load generator died during the transfers:\n{loadgen.tail(20)}")
         finally:
             for p in iperf_servers:
                 p.kill()
@@ -153,7 +180,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--proto", choices=["udp", "tcp"], default="udp")
     ap.add_argument("--baseline", metavar="REV", help="also run the pyovpn of an earlier git commit")
+    ap.add_argument("--idle", type=int, default=0, help="also keep N simulated clients connected (UDP)")
     args = ap.parse_args()
+    if args.idle and args.proto != "udp":
+        ap.error("--idle: the load generator speaks UDP only")
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
     with tempfile.TemporaryDirectory() as td:
@@ -165,12 +195,14 @@ def main() -> int:
         for r in range(args.rounds):
             order = list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]
             for impl in order:
-                x = one(impl, Path(td) / f"{impl}{r}", args.clients, args.seconds, args.proto)
+                x = one(impl, Path(td) / f"{impl}{r}", args.clients, args.seconds, args.proto, args.idle)
                 res[impl].append(x)
                 print(f"round {r + 1} {impl}: {x}", flush=True)
     ref = {k: statistics.median(x[k] for x in res["openvpn"]) for k in res["openvpn"][0]}
     print(
-        f"\n{args.clients} stock OpenVPN 2.6 clients, one TCP stream each at once, {args.seconds:.0f} s, "
+        f"\n{args.clients} stock OpenVPN 2.6 clients, one TCP stream each at once"
+        + (f" ({args.idle} simulated clients connected besides)" if args.idle else "")
+        + f", {args.seconds:.0f} s, "
         f"tunnels over {args.proto.upper()}, medians of {args.rounds} rounds (min-max)\n"
     )
     print(

@@ -129,3 +129,27 @@ def test_unknown_families_and_short_addresses_give_none() -> None:
 def test_buffer_too_small_is_refused() -> None:
     with pytest.raises(ValueError, match="needs"):
         mmsg.BatchReceiver(0, bytearray(mmsg.SLOT), 2)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_slot_buffer_pages_become_resident_only_where_written() -> None:
+    """A receiver's 2 MiB of slots must not cost 2 MiB of RSS (a P2MP server has one per socket)."""
+    r, s = _pair(socket.AF_INET, "127.0.0.1")
+    try:
+        before = _resident_bytes()
+        buf = mmsg.slot_buffer(32)
+        rcv = mmsg.BatchReceiver(r.fileno(), buf, 32)
+        for _ in range(4):
+            s.sendto(b"p" * 1400, r.getsockname())
+        assert rcv.recv() == 4
+        grown = _resident_bytes() - before
+        assert len(buf) == 32 * mmsg.SLOT
+        assert grown < (1 << 20), f"{grown} bytes became resident for 4 datagrams"
+        assert bytes(buf[mmsg.SLOT : mmsg.SLOT + 1400]) == b"p" * 1400
+    finally:
+        r.close()
+        s.close()

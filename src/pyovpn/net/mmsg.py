@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import socket
 import struct
 import sys
@@ -68,7 +69,16 @@ def available() -> bool:
     return True
 
 
-def _address_of(buf: bytearray) -> int:
+SlotBuffer = bytearray | mmap.mmap
+
+
+def slot_buffer(count: int) -> mmap.mmap:
+    """Room for ``count`` slots. Anonymous memory, so only the pages the kernel writes become
+    resident: 32 one-datagram receives touch 128 KiB of the 2 MiB, not all of it."""
+    return mmap.mmap(-1, count * SLOT)
+
+
+def _address_of(buf: SlotBuffer) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
@@ -94,12 +104,12 @@ def sockaddr_tuple(raw: bytes) -> tuple[Any, ...] | None:
 class BatchReceiver:
     """Receives up to ``count`` datagrams per call into ``count`` slots of :data:`SLOT` bytes.
 
-    ``buf`` (at least ``count * SLOT`` bytes) must stay alive and unresized while this object
-    is used: the kernel is handed pointers into it. Datagram ``i`` of the last call starts at
-    ``i * SLOT``.
+    ``buf`` (at least ``count * SLOT`` bytes; :func:`slot_buffer` makes one) must stay alive and
+    unresized while this object is used: the kernel is handed pointers into it. Datagram ``i``
+    of the last call starts at ``i * SLOT``.
     """
 
-    def __init__(self, fd: int, buf: bytearray, count: int = 32) -> None:
+    def __init__(self, fd: int, buf: SlotBuffer, count: int = 32) -> None:
         if len(buf) < count * SLOT:
             raise ValueError(f"the buffer needs {count * SLOT} bytes for {count} slots")
         self.fd = fd

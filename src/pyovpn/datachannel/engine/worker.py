@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import select
 import signal
@@ -205,7 +206,7 @@ class Worker:
         # recvmmsg (net/mmsg.py) where the platform has it; the option turns it off (tests of
         # the one-recvmsg-per-datagram path, which stays as the fallback)
         self.mmsg_ok = bool(options.get("recvmmsg", True)) and mmsg.available()
-        self.mmsg_buf: bytearray | None = None  # allocated with the first UDP receive side
+        self.mmsg_buf: mmap.mmap | None = None  # allocated with the first UDP receive side
         self.mmsg_mv: memoryview | None = None
 
     # ------------------------------------------------------------------ loop
@@ -853,7 +854,7 @@ class Worker:
         """
         if peer.mmsg is None and self.mmsg_ok:
             if self.mmsg_buf is None:
-                self.mmsg_buf = bytearray(_MMSG_COUNT * mmsg.SLOT)
+                self.mmsg_buf = mmsg.slot_buffer(_MMSG_COUNT)
                 self.mmsg_mv = memoryview(self.mmsg_buf)
             peer.mmsg = mmsg.BatchReceiver(peer.fd, self.mmsg_buf, _MMSG_COUNT)
         if peer.mmsg is not None:

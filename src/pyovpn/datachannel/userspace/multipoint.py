@@ -189,7 +189,7 @@ class Multipoint(PeerTable):
     def _mp_udp_read_many(self, shared: SharedUdp, now: float, batch: int) -> None:
         """:meth:`_mp_udp_read` with ``recvmmsg`` (net/mmsg.py): many datagrams per system call."""
         if self._mmsg_buf is None:
-            self._mmsg_buf = bytearray(MMSG_COUNT * mmsg.SLOT)
+            self._mmsg_buf = mmsg.slot_buffer(MMSG_COUNT)
         rcv = shared.mmsg
         if rcv is None:
             rcv = shared.mmsg = mmsg.BatchReceiver(shared.fd, self._mmsg_buf, MMSG_COUNT)

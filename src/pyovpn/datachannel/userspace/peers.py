@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import mmap
 import socket
 from typing import Any
 
@@ -205,7 +206,7 @@ class PeerTable:
     _closed: bool
     _rx_buf: bytearray
     _rx_mv: memoryview
-    _mmsg_buf: bytearray | None
+    _mmsg_buf: mmap.mmap | None
     _tun_buf: bytearray
     _tun_mv: memoryview
     iface_stats: api.Stats  # drops that happen before a peer is known
@@ -224,7 +225,7 @@ class PeerTable:
         self._closed = False
         self._rx_buf = bytearray(RX_BUF_SIZE)
         self._rx_mv = memoryview(self._rx_buf)
-        self._mmsg_buf: bytearray | None = None  # the recvmmsg slots of MP shared sockets
+        self._mmsg_buf: mmap.mmap | None = None  # the recvmmsg slots of MP shared sockets
         self._tun_buf = bytearray(RX_BUF_SIZE)
         self._tun_mv = memoryview(self._tun_buf)
         self.iface_stats = api.Stats()
