@@ -3,13 +3,14 @@
 A stock OpenVPN peer sends one datagram per packet, so without UDP GRO on the receiving path
 every packet cost one ``recvmsg`` call from Python (about 1.8 us of interpreter and call
 overhead each). :class:`BatchReceiver` takes up to ``count`` datagrams (or GRO batches) into
-fixed 64 KiB slots of one buffer per call. Results are read column-wise through numpy views
-of the ``mmsghdr`` array; sender addresses are turned into the tuples ``socket.recvfrom``
-would return, cached by their raw bytes, since nearly every datagram comes from an address
-seen just before.
+fixed 64 KiB slots of one buffer per call. Results are read column-wise through strided
+memoryviews of the ``mmsghdr`` array (no numpy: the daemon, which reads a P2MP server's socket
+this way, must not pay numpy's resident memory). Sender addresses are turned into the tuples
+``socket.recvfrom`` would return, cached by their raw bytes, since nearly every datagram comes
+from an address seen just before.
 
-Linux x86_64/aarch64 layout (LP64) only; :func:`available` says whether it can be used, and
-callers keep their one-``recvmsg``-per-datagram path as the fallback.
+Linux little-endian LP64 layout (x86_64, aarch64) only; :func:`available` says whether it can
+be used, and callers keep their one-``recvmsg``-per-datagram path as the fallback.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import struct
 import sys
 from typing import Any
 
-import numpy as np
-
 from pyovpn.net.sockets import SOL_UDP, UDP_GRO
 
 SLOT = 65536  # one receive: a UDP GRO batch is at most 64 KiB
@@ -34,15 +33,11 @@ _MSG_DONTWAIT = 0x40
 _MSG_TRUNC = 0x20
 _HDR = 64  # sizeof(struct mmsghdr) on LP64: msghdr (56) + msg_len (4) + padding
 # struct msghdr: name*, namelen, iov*, iovlen, control*, controllen, flags; then msg_len
-_MMSGHDR = np.dtype(
-    {
-        "names": ["name", "namelen", "iov", "iovlen", "control", "controllen", "flags", "len"],
-        "formats": ["<u8", "<u4", "<u8", "<u8", "<u8", "<u8", "<i4", "<u4"],
-        "offsets": [0, 8, 16, 24, 32, 40, 48, 56],
-        "itemsize": _HDR,
-    }
-)
-_IOVEC = np.dtype({"names": ["base", "len"], "formats": ["<u8", "<u8"], "itemsize": 16})
+_MMSGHDR = struct.Struct("=QI4xQQQQi4xI4x")
+assert _MMSGHDR.size == _HDR
+_IOVEC = struct.Struct("=QQ")
+# the fields results() reads, as indexes of 32-bit words in one 64-byte record (16 words)
+_W_NAMELEN, _W_CTLLEN, _W_FLAGS, _W_LEN = 2, 10, 12, 14
 _CACHE_MAX = 4096
 
 _libc: Any = None
@@ -60,7 +55,11 @@ def _recvmmsg() -> Any:
 
 def available() -> bool:
     """Whether this platform has ``recvmmsg`` with the LP64 Linux layout this module assumes."""
-    if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
+    if (
+        not sys.platform.startswith("linux")
+        or ctypes.sizeof(ctypes.c_void_p) != 8
+        or sys.byteorder != "little"
+    ):
         return False
     try:
         _recvmmsg()
@@ -120,18 +119,21 @@ class BatchReceiver:
         self._iovs = bytearray(count * 16)
         self._names = bytearray(count * _NAME)
         self._ctl = bytearray(count * _CMSG)
-        self.hdr = np.frombuffer(self._hdrs, dtype=_MMSGHDR)
-        iov = np.frombuffer(self._iovs, dtype=_IOVEC)
         base = _address_of(buf)
-        iov["base"] = base + np.arange(count, dtype=np.uint64) * SLOT
-        iov["len"] = SLOT
-        self.hdr["name"] = _address_of(self._names) + np.arange(count, dtype=np.uint64) * _NAME
-        self.hdr["iov"] = _address_of(self._iovs) + np.arange(count, dtype=np.uint64) * 16
-        self.hdr["iovlen"] = 1
-        self.hdr["control"] = _address_of(self._ctl) + np.arange(count, dtype=np.uint64) * _CMSG
+        names = _address_of(self._names)
+        iovs = _address_of(self._iovs)
+        ctl = _address_of(self._ctl)
+        for i in range(count):
+            _IOVEC.pack_into(self._iovs, i * 16, base + i * SLOT, SLOT)
+            _MMSGHDR.pack_into(
+                self._hdrs, i * _HDR, names + i * _NAME, _NAME, iovs + i * 16, 1, ctl + i * _CMSG, _CMSG, 0, 0
+            )
+        # the kernel overwrites namelen/controllen of every message it fills: one copy restores them
+        self._pristine = bytes(self._hdrs)
+        self._words = memoryview(self._hdrs).cast("I")
         self._hdrs_ptr = _address_of(self._hdrs)
+        self._last = 0
         self._addr_cache: dict[bytes, tuple[Any, ...] | None] = {}
-        self.names = np.frombuffer(self._names, dtype=np.uint8).reshape(count, _NAME)
         # set by results(): no datagram was cut short or GRO-coalesced / all came from one sender
         self.plain = True
         self.one_sender = False
@@ -141,10 +143,11 @@ class BatchReceiver:
 
         Raises ``OSError`` for a socket error other than "nothing to read".
         """
-        hdr = self.hdr
-        hdr["namelen"] = _NAME
-        hdr["controllen"] = _CMSG
+        last = self._last * _HDR
+        if last:
+            self._hdrs[:last] = self._pristine[:last]
         n = self._fn(self.fd, self._hdrs_ptr, self.count, _MSG_DONTWAIT, None)
+        self._last = n if n > 0 else 0
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EINTR):
@@ -155,26 +158,35 @@ class BatchReceiver:
     def results(self, n: int) -> tuple[list[int], list[tuple[Any, ...] | None], list[int], list[bool]]:
         """For the last ``n`` datagrams: lengths, sender addresses, GRO segment sizes (0: not
         coalesced) and whether the datagram was cut short (larger than a slot)."""
-        hdr = self.hdr[:n]
-        lens: list[int] = hdr["len"].tolist()
-        trunc = (hdr["flags"] & _MSG_TRUNC) != 0
-        truncated: list[bool] = trunc.tolist()
+        words = self._words
+        if n == 1:  # a quiet socket (handshakes, pings): skip the column work
+            ln, flag, clen = words[_W_LEN], words[_W_FLAGS], words[_W_CTLLEN]
+            cut = bool(flag & _MSG_TRUNC)
+            self.plain = not cut and not clen
+            self.one_sender = True
+            seg = _gro_size(self._ctl, 0, clen) if clen else 0
+            return [ln], [self._sender(0, words[_W_NAMELEN])], [seg], [cut]
+        end = n * 16
+        lens: list[int] = words[_W_LEN:end:16].tolist()
+        flags: list[int] = words[_W_FLAGS:end:16].tolist()
+        ctl_lens: list[int] = words[_W_CTLLEN:end:16].tolist()
+        nl: list[int] = words[_W_NAMELEN:end:16].tolist()
+        cut = any(f & _MSG_TRUNC for f in flags)
+        truncated = [bool(f & _MSG_TRUNC) for f in flags] if cut else [False] * n
         segs = [0] * n
-        ctl_lens = hdr["controllen"]
-        self.plain = not trunc.any() and not ctl_lens.any()
+        coalesced = any(ctl_lens)
+        self.plain = not cut and not coalesced
         self.one_sender = False
-        if ctl_lens.any():
+        if coalesced:
             ctl = self._ctl
-            for i in np.flatnonzero(ctl_lens).tolist():
-                segs[i] = _gro_size(ctl, i * _CMSG, int(ctl_lens[i]))
-        namelens = hdr["namelen"]
-        rows = self.names[:n]
-        if n > 1 and (namelens == namelens[0]).all() and (rows == rows[0]).all():
+            for i, clen in enumerate(ctl_lens):
+                if clen:
+                    segs[i] = _gro_size(ctl, i * _CMSG, clen)
+        names = self._names
+        if n > 1 and nl.count(nl[0]) == n and names[: n * _NAME] == names[:_NAME] * n:
             # the usual case: one sender for the whole batch
             self.one_sender = True
-            return lens, [self._sender(0, int(namelens[0]))] * n, segs, truncated
-        nl = namelens.tolist()
-        names = self._names
+            return lens, [self._sender(0, nl[0])] * n, segs, truncated
         addrs: list[tuple[Any, ...] | None] = []
         last_raw = None
         last: tuple[Any, ...] | None = None
