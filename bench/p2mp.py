@@ -24,10 +24,12 @@ fresh server; the table shows medians, the connect time also as min-max.
 
 Prints a Markdown table with ratios (pyovpn / OpenVPN) and writes it into docs/BENCHMARKS.md
 between ``<!-- bench/p2mp.py:begin -->`` and ``<!-- bench/p2mp.py:end -->`` (``--no-write``
-to skip)::
+to skip). ``--baseline REV`` adds the pyovpn server of an earlier commit (its src/ via
+``git archive``) to the same rounds and only prints the table::
 
     sudo python3 bench/p2mp.py            # 1000 clients, 30 s idle, 3 rounds
     sudo python3 bench/p2mp.py -n 50 --idle 10 --repeat 1 --no-write
+    sudo python3 bench/p2mp.py --baseline 196103e
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
+from bench.throughput import export_baseline  # noqa: E402
 from tests.netns.harness import Netns, Proc, wait_listening  # noqa: E402
 
 from pyovpn.tools.pki import Pki, make_pki  # noqa: E402
@@ -66,8 +69,16 @@ CLIENT_GROUPS = "X25519:prime256v1:X448:secp521r1:secp384r1"
 @dataclass
 class Variant:
     name: str
-    impl: str  # "openvpn" | "pyovpn"
+    impl: str  # "openvpn" | "pyovpn" | "pyovpn-baseline" (--baseline REV)
     extra: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """Whose log lines to look for: "openvpn" or "pyovpn"."""
+        return "openvpn" if self.impl == "openvpn" else "pyovpn"
+
+
+BASELINE_SRC: Path | None = None  # --baseline: the earlier commit's src/
 
 
 @dataclass
@@ -211,7 +222,9 @@ def client_conf(pki: Pki, remote: str) -> str:
 def server_argv(impl: str, conf: Path) -> list[str]:
     if impl == "openvpn":
         return ["openvpn", "--config", str(conf)]
-    return [sys.executable, "-m", "pyovpn", "--config", str(conf)]
+    # PYTHONPATH names the pyovpn to run, so an installed one elsewhere never stands in for it
+    src = BASELINE_SRC if impl == "pyovpn-baseline" else ROOT / "src"
+    return ["env", f"PYTHONPATH={src}", sys.executable, "-m", "pyovpn", "--config", str(conf)]
 
 
 # ---------------------------------------------------------------------------- one run
@@ -286,7 +299,7 @@ def run_variant(
         m.rss_end_kib = rss_steady(server.pid)
         m.server_rcvbuf_errors = udp_rcvbuf_errors(net.b)
         m.loadgen_rcvbuf_errors = udp_rcvbuf_errors(net.a)
-        m.server_notes = _server_notes(variant.impl, server.text())
+        m.server_notes = _server_notes(variant.kind, server.text())
         mark = server.mark()
         loadgen.stop(timeout=30)
         try:
@@ -295,7 +308,7 @@ def run_variant(
             m.lg = {"error": str(exc)}
         deadline = time.monotonic() + EXIT_WAIT
         while time.monotonic() < deadline:
-            m.exits_seen = server.text()[mark:].count(EXIT_LINE[variant.impl])
+            m.exits_seen = server.text()[mark:].count(EXIT_LINE[variant.kind])
             if m.exits_seen >= m.connected:
                 break
             time.sleep(0.5)
@@ -436,6 +449,11 @@ def main() -> int:
     ap.add_argument("--only", choices=["openvpn", "pyovpn"], help="run one server only")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
     ap.add_argument("--keep", metavar="DIR", help="keep configs and logs in DIR")
+    ap.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the pyovpn server of an earlier git commit in the same rounds (printed, not written)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/p2mp.py needs root (network namespaces)", file=sys.stderr)
@@ -447,11 +465,16 @@ def main() -> int:
     ]
     if args.only:
         variants = [v for v in variants if v.impl == args.only]
+    if args.baseline:
+        variants.append(Variant(f"pyovpn@{args.baseline} (userspace data channel)", "pyovpn-baseline"))
     results: dict[str, Summary] = {v.name: Summary([]) for v in variants}
     keep = Path(args.keep) if args.keep else None
     with tempfile.TemporaryDirectory(prefix="pov-p2mp-") as tmp:
         base = keep or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
+        if args.baseline:
+            global BASELINE_SRC
+            BASELINE_SRC = export_baseline(args.baseline, base)
         pki = make_pki(base / "pki")
         for rnd in range(1, args.repeat + 1):
             for v in variants:  # alternate, so slow drift of the host's load hits both alike
@@ -470,7 +493,7 @@ def main() -> int:
     text = table(results, n, args.idle, args.concurrency)
     print()
     print(text)
-    if not args.no_write:
+    if not args.no_write and not args.baseline:
         prefix = "sudo " if os.environ.get("SUDO_USER") else ""
         write_doc(text, (f"{prefix}python3 bench/p2mp.py " + shlex.join(sys.argv[1:])).strip())
         print("\nwritten to docs/BENCHMARKS.md")
