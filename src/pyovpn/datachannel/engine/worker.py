@@ -160,6 +160,78 @@ class _Peer:
         self.raw_port = raw_port
 
 
+class _RxBatch:
+    """The plaintext of one receive wakeup, and the datagrams waiting to be decrypted into it.
+
+    Datagrams of ``buf`` wait in ``pending`` while they come from one sender; they are
+    decrypted (:meth:`Worker._rx_datagrams`) when the sender changes, when the caller is about
+    to reuse their part of ``buf``, or before the plaintext buffer could overflow (a plaintext
+    is never longer than its datagram, so ``ppos + pending_bytes`` bounds what they will fill).
+    Then the TUN gets what was decrypted so far. :meth:`finish` writes the rest.
+    """
+
+    __slots__ = ("addr", "buf", "dgrams", "limit", "peer", "pending", "pending_bytes", "ppos", "slots", "w")
+
+    def __init__(self, w: Worker, peer: _Peer, buf: memoryview) -> None:
+        self.w = w
+        self.peer = peer
+        self.buf = buf
+        self.limit = len(w.plain) - 8192
+        self.slots: list[tuple[int, int]] = []
+        self.ppos = 0
+        self.pending: list[tuple[int, int]] = []
+        self.pending_bytes = 0
+        self.addr: Any = None
+        self.dgrams = 0  # datagrams taken in this wakeup
+
+    def add(self, off: int, n: int, seg: int, addr: Any) -> None:
+        """The receive ``buf[off:off+n]`` from ``addr``; ``seg``: its GRO segment size (0: none)."""
+        self._room(n, addr)
+        pending = self.pending
+        if seg and seg < n:
+            _count(self.peer.stats, "gro_batches")
+            before = len(pending)
+            pending.extend((off + o, min(seg, n - o)) for o in range(0, n, seg))
+            self.dgrams += len(pending) - before
+        else:
+            pending.append((off, n))
+            self.dgrams += 1
+        self.addr = addr
+        self.pending_bytes += n
+
+    def add_run(self, dgrams: list[tuple[int, int]], total: int, addr: Any) -> None:
+        """Whole datagrams ``(offset, length)`` of ``total`` bytes (at most ``limit``) from ``addr``."""
+        self._room(total, addr)
+        self.pending.extend(dgrams)
+        self.dgrams += len(dgrams)
+        self.addr = addr
+        self.pending_bytes += total
+
+    def _room(self, n: int, addr: Any) -> None:
+        full = self.ppos + self.pending_bytes + n > self.limit
+        if self.pending and (full or addr != self.addr):
+            self.decrypt()
+        if full:
+            self._write()
+
+    def decrypt(self) -> None:
+        if self.pending and not self.peer.dead:
+            w = self.w
+            self.ppos = w._rx_datagrams(self.peer, self.buf, self.pending, self.addr, self.slots, self.ppos)
+        self.pending = []
+        self.pending_bytes = 0
+
+    def _write(self) -> None:
+        if self.slots and not self.peer.dead:
+            self.w._tun_write(self.peer, self.slots)
+        self.slots = []
+        self.ppos = 0
+
+    def finish(self) -> None:
+        self.decrypt()
+        self._write()
+
+
 class Worker:
     def __init__(
         self, index: int, chan: socket.socket, options: dict[str, Any], ctl: socket.socket | None = None
@@ -849,8 +921,9 @@ class Worker:
         by one (a peer without UDP GSO, a path without GRO). Nothing waits for more traffic.
 
         Receives land one after another in the receive buffer and are decrypted as one batch
-        per sender address: a stock peer sends one datagram per packet, and handing them to
-        :meth:`_rx_datagrams` one at a time cost about a microsecond each in call setup alone.
+        per sender address (:class:`_RxBatch`): a stock peer sends one datagram per packet, and
+        handing them to :meth:`_rx_datagrams` one at a time cost about a microsecond each in
+        call setup alone.
         """
         if peer.mmsg is None and self.mmsg_ok:
             if self.mmsg_buf is None:
@@ -864,18 +937,12 @@ class Worker:
         rmv = self.rx_mv
         rx_limit = len(self.rx_buf) - _RX_ONE
         self._sync_remote(peer)
-        slots: list[tuple[int, int]] = []
-        ppos = 0
-        plain_limit = len(self.plain) - 8192
-        batch: list[tuple[int, int]] = []
-        batch_addr: Any = None
-        batch_bytes = 0
+        rx = _RxBatch(self, peer, rmv)
         pos = 0
-        dgrams = 0
         for _ in range(_UDP_BATCH):
             if peer.dead:
                 return
-            if dgrams >= _UDP_BATCH_DGRAMS:
+            if rx.dgrams >= _UDP_BATCH_DGRAMS:
                 break
             try:
                 if peer.gro:
@@ -890,51 +957,22 @@ class Worker:
                 if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     continue
                 break
-            # plaintext is never longer than its datagram: ppos + batch_bytes bounds what the
-            # batch will fill, and it must leave room in the plaintext buffer
-            full = ppos + batch_bytes + n > plain_limit
-            if batch and (full or addr != batch_addr):
-                ppos = self._rx_datagrams(peer, rmv, batch, batch_addr, slots, ppos)
-                batch = []
-                batch_bytes = 0
-            if full:
-                self._tun_write(peer, slots)
-                slots = []
-                ppos = 0
-            seg = gro_segment_size(anc) if anc else 0  # only a coalesced receive carries the cmsg
-            if seg and seg < n:
-                _count(peer.stats, "gro_batches")
-                before = len(batch)
-                batch.extend((pos + off, min(seg, n - off)) for off in range(0, n, seg))
-                dgrams += len(batch) - before
-            else:
-                batch.append((pos, n))
-                dgrams += 1
-            batch_addr = addr
-            batch_bytes += n
+            rx.add(pos, n, gro_segment_size(anc) if anc else 0, addr)  # only a GRO receive has the cmsg
             pos = (pos + n + 15) & ~15
             if pos > rx_limit:  # the buffer is full: decrypt what it holds, then start over
-                ppos = self._rx_datagrams(peer, rmv, batch, batch_addr, slots, ppos)
-                batch = []
-                batch_bytes = 0
+                rx.decrypt()
                 pos = 0
-        if batch and not peer.dead:
-            ppos = self._rx_datagrams(peer, rmv, batch, batch_addr, slots, ppos)
-        if slots and not peer.dead:
-            self._tun_write(peer, slots)
+        rx.finish()
 
     def _on_udp_mmsg(self, peer: _Peer, rcv: mmsg.BatchReceiver) -> None:
         """:meth:`_on_udp` with ``recvmmsg``: up to :data:`_MMSG_COUNT` datagrams per call."""
         mv = self.mmsg_mv
         assert mv is not None
         self._sync_remote(peer)
-        slots: list[tuple[int, int]] = []
-        ppos = 0
-        plain_limit = len(self.plain) - 8192
-        dgrams = 0
+        rx = _RxBatch(self, peer, mv)
         slot = mmsg.SLOT
         for _ in range(_UDP_BATCH):
-            if peer.dead or dgrams >= _UDP_BATCH_DGRAMS:
+            if peer.dead or rx.dgrams >= _UDP_BATCH_DGRAMS:
                 break
             try:
                 n = rcv.recv()
@@ -946,64 +984,22 @@ class Worker:
             if not n:
                 break
             lens, addrs, segs, truncated = rcv.results(n)
-            if rcv.plain and rcv.one_sender and addrs[0] is not None:
+            total = sum(lens)
+            if rcv.plain and rcv.one_sender and addrs[0] is not None and total <= rx.limit:
                 # the common case, a stock peer's datagrams: one batch, no per-datagram checks here
-                total = sum(lens)
-                if ppos + total > plain_limit:
-                    self._tun_write(peer, slots)
-                    slots = []
-                    ppos = 0
-                if ppos + total <= plain_limit:
-                    dgrams += n
-                    ppos = self._rx_datagrams(
-                        peer,
-                        mv,
-                        list(zip(range(0, n * slot, slot), lens, strict=True)),
-                        addrs[0],
-                        slots,
-                        ppos,
-                    )
-                    if n < rcv.count:
-                        break
-                    continue
-            batch: list[tuple[int, int]] = []
-            batch_addr: Any = None
-            batch_bytes = 0
-            for i in range(n):
-                ln = lens[i]
-                addr = addrs[i]
-                if truncated[i] or addr is None:  # over 64 KiB, or not an IP sender: not ours
-                    peer.stats.dropped_other += 1
-                    _count(peer.stats, "rx_truncated" if truncated[i] else "rx_unknown_family")
-                    continue
-                full = ppos + batch_bytes + ln > plain_limit
-                if batch and (full or addr != batch_addr):
-                    ppos = self._rx_datagrams(peer, mv, batch, batch_addr, slots, ppos)
-                    batch = []
-                    batch_bytes = 0
-                if full:
-                    self._tun_write(peer, slots)
-                    slots = []
-                    ppos = 0
-                base = i * slot
-                seg = segs[i]
-                if seg and seg < ln:
-                    _count(peer.stats, "gro_batches")
-                    before = len(batch)
-                    batch.extend((base + off, min(seg, ln - off)) for off in range(0, ln, seg))
-                    dgrams += len(batch) - before
-                else:
-                    batch.append((base, ln))
-                    dgrams += 1
-                batch_addr = addr
-                batch_bytes += ln
-            # the next call reuses the slots: decrypt this call's datagrams first
-            if batch and not peer.dead:
-                ppos = self._rx_datagrams(peer, mv, batch, batch_addr, slots, ppos)
+                rx.add_run(list(zip(range(0, n * slot, slot), lens, strict=True)), total, addrs[0])
+            else:
+                for i in range(n):
+                    addr = addrs[i]
+                    if truncated[i] or addr is None:  # over 64 KiB, or not an IP sender: not ours
+                        peer.stats.dropped_other += 1
+                        _count(peer.stats, "rx_truncated" if truncated[i] else "rx_unknown_family")
+                        continue
+                    rx.add(i * slot, lens[i], segs[i], addr)
+            rx.decrypt()  # the next call reuses the slots: decrypt this call's datagrams first
             if n < rcv.count:  # the queue is empty
                 break
-        if slots and not peer.dead:
-            self._tun_write(peer, slots)
+        rx.finish()
 
     def _rx_datagrams(
         self,
