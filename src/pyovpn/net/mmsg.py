@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import mmap
 import socket
 import struct
@@ -53,6 +54,7 @@ def _recvmmsg() -> Any:
     return _libc.recvmmsg
 
 
+@functools.cache
 def available() -> bool:
     """Whether this platform has ``recvmmsg`` with the LP64 Linux layout this module assumes."""
     if (

@@ -29,6 +29,9 @@ TRANSIENT_SEND_ERRNOS: Final = frozenset(
         errno.EPERM,  # netfilter said no
     }
 )
+# A receive that fails with one of these reports an ICMP error queued on the socket (a port or
+# host unreachable for an earlier send); the socket is fine and the next receive goes on.
+RECV_ICMP_ERRNOS: Final = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 # On a TCP stream these mean the other end went away (PeerDelReason.TRANSPORT_DISCONNECT).
 TCP_DISCONNECT_ERRNOS: Final = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ESHUTDOWN})
 

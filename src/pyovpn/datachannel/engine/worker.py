@@ -74,7 +74,7 @@ from pyovpn.datachannel.framing import FramingError, frame_slots, note_framing_e
 from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net import mmsg
-from pyovpn.net.sockets import SOL_UDP, UDP_SEGMENT
+from pyovpn.net.sockets import RECV_ICMP_ERRNOS, SOL_UDP, UDP_SEGMENT
 from pyovpn.net.sockets import TRANSIENT_SEND_ERRNOS as _TRANSIENT
 from pyovpn.proto.packets import (
     MIN_FIRST_PACKET_LEN,
@@ -954,7 +954,7 @@ class Worker:
                 break
             except OSError as e:
                 _count(peer.stats, "rx_errors")
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                if e.errno in RECV_ICMP_ERRNOS:
                     continue
                 break
             rx.add(pos, n, gro_segment_size(anc) if anc else 0, addr)  # only a GRO receive has the cmsg
@@ -978,7 +978,7 @@ class Worker:
                 n = rcv.recv()
             except OSError as e:
                 _count(peer.stats, "rx_errors")
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                if e.errno in RECV_ICMP_ERRNOS:
                     continue
                 break
             if not n:

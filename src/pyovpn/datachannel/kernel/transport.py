@@ -21,7 +21,7 @@ from typing import Any
 from pyovpn.datachannel import api
 from pyovpn.errors import BackendError
 from pyovpn.net import rxbuf
-from pyovpn.net.sockets import TCP_DISCONNECT_ERRNOS, TRANSIENT_SEND_ERRNOS
+from pyovpn.net.sockets import RECV_ICMP_ERRNOS, TCP_DISCONNECT_ERRNOS, TRANSIENT_SEND_ERRNOS
 from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
 
 __all__ = ["Peer", "Reader", "Transports"]
@@ -199,7 +199,7 @@ class Transports:
                 return
             except OSError as e:
                 # ICMP errors queued on the socket (e.g. port unreachable) are reported once
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                if e.errno in RECV_ICMP_ERRNOS:
                     continue
                 log.debug("kernel data channel: receive failed: %s", e)
                 return

@@ -13,7 +13,6 @@ are sent per peer as one batch.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -28,6 +27,7 @@ from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.datachannel.userspace.lane import close_lane
 from pyovpn.datachannel.userspace.peers import MMSG_COUNT, RX_BATCH, Iface, Peer, PeerTable, SharedUdp
 from pyovpn.net import mmsg
+from pyovpn.net.sockets import RECV_ICMP_ERRNOS
 from pyovpn.proto.packets import OPCODE_DATA_V1, OPCODE_DATA_V2, UNDEF_PEER_ID
 
 __all__ = ["Multipoint"]
@@ -169,7 +169,7 @@ class Multipoint(PeerTable):
             except OSError as e:
                 # ICMP errors queued on the socket (e.g. port unreachable) are reported once
                 count(self.iface_stats, "rx_errors")
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                if e.errno in RECV_ICMP_ERRNOS:
                     continue
                 what = "keepalive lane" if lane else "shared socket"
                 log.debug("userspace data channel: receive on the %s failed: %s", what, e)
@@ -203,7 +203,7 @@ class Multipoint(PeerTable):
                 n = rcv.recv()
             except OSError as e:
                 count(self.iface_stats, "rx_errors")
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                if e.errno in RECV_ICMP_ERRNOS:
                     continue
                 log.debug("userspace data channel: receive on the shared socket failed: %s", e)
                 return

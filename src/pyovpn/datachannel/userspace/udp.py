@@ -7,7 +7,6 @@ serve every transport and the multipoint path too.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from typing import Any
@@ -29,7 +28,7 @@ from pyovpn.datachannel.framing import FramingError, frame_payload, note_framing
 from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.datachannel.userspace.peers import RX_BATCH, Iface, Peer, PeerTable
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
-from pyovpn.net.sockets import SOL_UDP, TRANSIENT_SEND_ERRNOS, UDP_SEGMENT
+from pyovpn.net.sockets import RECV_ICMP_ERRNOS, SOL_UDP, TRANSIENT_SEND_ERRNOS, UDP_SEGMENT
 from pyovpn.proto.packets import (
     MIN_FIRST_PACKET_LEN,
     OPCODE_DATA_V1,
@@ -66,7 +65,7 @@ class UdpPath(PeerTable):
             except OSError as e:
                 # ICMP errors queued on the socket (e.g. port unreachable) are reported once
                 count(peer.stats, "rx_errors")
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                if e.errno in RECV_ICMP_ERRNOS:
                     continue
                 log.debug("userspace data channel: receive for peer %d failed: %s", peer.peer_id, e)
                 return
