@@ -436,7 +436,6 @@ class Daemon:
             self._backend = await choice.open_backend(
                 self.opts.dco,
                 kernel_refusal=backendfit.kernel_refusal(self.opts),
-                mp=self.opts.mode == "server",
                 mssfix=self.opts.mssfix,
                 engine=backendfit.userspace_engine(self.opts),
                 workers=self.opts.engine_workers,

@@ -463,9 +463,9 @@ def test_select_picks_the_kernel_backend(one: Site, caplog: pytest.LogCaptureFix
     assert isinstance(one.run(open_backend("auto")), KernelDataChannel)
     assert "DCO: using the kernel ovpn driver (generic netlink family 'ovpn' found" in caplog.text
     assert isinstance(one.run(open_backend("kernel")), KernelDataChannel)
-    # userspace: the offload engine by default for P2P, the in-process backend for P2MP
+    # userspace: the offload engine by default (P2P and P2MP), the in-process backend on request
     assert type(one.run(open_backend("userspace"))).__name__ == "EngineDataChannel"
-    assert type(one.run(open_backend("userspace", mp=True))).__name__ == "UserspaceDataChannel"
+    assert type(one.run(open_backend("userspace", engine="inprocess"))).__name__ == "UserspaceDataChannel"
 
 
 def test_missing_cap_net_admin_is_reported(one: Site) -> None:

@@ -38,7 +38,7 @@ def test_bad_values_name_file_and_line(line: str, needle: str) -> None:
 
 
 def test_backend_choice_follows_the_options() -> None:
-    engine = _userspace_backend(mp=False, mssfix=None, engine="multiprocess", workers=1)
+    engine = _userspace_backend(mssfix=None, engine="multiprocess", workers=1)
     assert isinstance(engine, EngineDataChannel) and engine._workers == 1
-    assert isinstance(_userspace_backend(mp=False, mssfix=None, engine="inprocess"), UserspaceDataChannel)
-    assert isinstance(_userspace_backend(mp=True, mssfix=None, engine="multiprocess"), UserspaceDataChannel)
+    assert isinstance(_userspace_backend(mssfix=None, engine="inprocess"), UserspaceDataChannel)
+    assert isinstance(_userspace_backend(mssfix=None), EngineDataChannel)  # P2P and P2MP alike

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyovpn.datachannel.userspace.lane import PING_DATAGRAM_SIZE, close_lane, open_lane
+from pyovpn.datachannel.lane import PING_DATAGRAM_SIZE, close_lane, open_lane
 from pyovpn.edge.sockets import bind_server_socket as _bind_server_socket
 from tests.unit.edgefakes import recv_all
 

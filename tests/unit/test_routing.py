@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyovpn.datachannel.userspace.routing import (
+from pyovpn.datachannel.routing import (
     DIRECT,
     AddressInUseError,
     PeerRouter,

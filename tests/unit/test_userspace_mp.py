@@ -1,11 +1,14 @@
-"""Tests for the userspace backend in multipoint (MP) mode: a P2MP server and its clients.
+"""Tests for the userspace data planes in multipoint (MP) mode: a P2MP server and its clients.
 
-A "server" namespace runs an MP backend on one TUN and one UDP socket shared by all UDP
-peers; each client namespace runs a P2P userspace backend, joined to the server by its
-own veth pair. The server forwards between clients (forwarding is enabled in the server
-namespace only) and routes an "iroute" to a client through an ordinary system route via
-that client's VPN IP. Sites (threads inside the namespaces, each with an asyncio loop)
-come from tests/nslab.py. Namespaces are always deleted, even on failure.
+The scenarios run on both userspace planes, the offload engine (``engine``) and the in-process
+backend (``inprocess``); what a test reads of a plane's inner state goes through the small
+adapters below (:func:`_mp_info`). A "server" namespace runs an MP backend on one TUN and one
+UDP socket shared by all UDP peers; each client namespace runs a P2P userspace backend,
+joined to the server by its own veth pair. The server forwards between clients (forwarding
+is enabled in the server namespace only) and routes an "iroute" to a client through an
+ordinary system route via that client's VPN IP. Sites (threads inside the namespaces, each
+with an asyncio loop) come from tests/nslab.py. Namespaces are always deleted, even on
+failure.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from pyovpn.datachannel.api import (
     Transport,
 )
 from pyovpn.datachannel.crypto import PING_MAGIC, KeyState
+from pyovpn.datachannel.engine.proxy import EngineDataChannel
+from pyovpn.datachannel.lane import PING_DATAGRAM_SIZE
 from pyovpn.datachannel.userspace import UserspaceDataChannel
-from pyovpn.datachannel.userspace.lane import PING_DATAGRAM_SIZE
 from pyovpn.edge.sockets import bind_server_socket as _bind_server_socket
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
@@ -125,9 +129,44 @@ def _wait(pred: Callable[[], bool], timeout: float = 10, what: str = "condition"
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _start_server(lab: MpLab) -> tuple[Site, str]:
+PLANES = ["engine", "inprocess"]
+
+
+def _mp_backend(plane: str, *, recvmmsg: bool = True) -> EngineDataChannel | UserspaceDataChannel:
+    if plane == "engine":
+        return EngineDataChannel(workers=2, recvmmsg=recvmmsg)
+    return UserspaceDataChannel()
+
+
+def _mp_info(server: Site, *, resync: bool = False) -> dict[str, Any]:
+    """The server plane's MP state: ``shared_sockets``, ``routes``, ``resyncs``, ``synced``, ``stats``."""
+    b = server.backend
+    if isinstance(b, EngineDataChannel):
+        return server.run(b.mp_info(resync=resync))
+    assert isinstance(b, UserspaceDataChannel)
+
+    def inprocess() -> dict[str, Any]:
+        monitor = b._iface.monitor if b._iface else None
+        if resync and monitor is not None:
+            monitor.resync()
+        return {
+            "shared_sockets": len(b._shared),
+            "routes": b.mp_routes(),
+            "resyncs": monitor.resyncs if monitor else 0,
+            "synced": monitor.synced if monitor else False,
+            "stats": b.iface_stats,
+        }
+
+    return server.call(inprocess)
+
+
+def _mp_routes(server: Site) -> list[tuple[str, str | None]]:
+    return [tuple(r) for r in _mp_info(server)["routes"]]  # type: ignore[misc]
+
+
+def _start_server(lab: MpLab, plane: str = "inprocess", *, recvmmsg: bool = True) -> tuple[Site, str]:
     server = lab.site(lab.ns_server)
-    backend = UserspaceDataChannel()
+    backend = _mp_backend(plane, recvmmsg=recvmmsg)
     server.backend = backend
     backend.subscribe(server.notes.append)
     server.request(NewIface("tun", IfaceMode.MP, 1400))
@@ -202,47 +241,52 @@ async def _send_from(src: str, dst: tuple[str, int], payload: bytes, count: int 
 
 
 def _server_stats(server: Site, peer_id: int) -> dict[str, int]:
-    assert isinstance(server.backend, UserspaceDataChannel)
-    st = server.backend.peer_stats(peer_id)
+    b = server.backend
+    st = server.run(b.peer_stats(peer_id)) if isinstance(b, EngineDataChannel) else b.peer_stats(peer_id)
     return dict(st.extra) | {"dropped_other": st.dropped_other}
 
 
 def _iface_drops(server: Site, name: str) -> int:
-    assert isinstance(server.backend, UserspaceDataChannel)
-    return server.backend.iface_stats.extra.get(name, 0)
+    extra: dict[str, int] = _mp_info(server)["stats"].extra
+    return extra.get(name, 0)
 
 
 # ---------------------------------------------------------------------------- UDP
 
 
-def _start_all(mplab: MpLab, *clients: Client) -> tuple[Site, str, UserspaceDataChannel]:
+def _start_all(
+    mplab: MpLab, *clients: Client, plane: str = "inprocess", recvmmsg: bool = True
+) -> tuple[Site, str, Any]:
     """The namespaces, the server's backend and each client's; returns the server's site, TUN, backend."""
     mplab.setup(list(clients))
-    server, ifname = _start_server(mplab)
-    assert isinstance(server.backend, UserspaceDataChannel)
+    server, ifname = _start_server(mplab, plane, recvmmsg=recvmmsg)
     for c in clients:
         _start_client(mplab, c)
     return server, ifname, server.backend
 
 
-def _two_clients(mplab: MpLab) -> tuple[Client, Client, Site, str, UserspaceDataChannel]:
+def _two_clients(mplab: MpLab, plane: str, recvmmsg: bool) -> tuple[Client, Client, Site, str, Any]:
     """Clients A (AES-256-GCM) and B (ChaCha20-Poly1305) with their backends, and the server's."""
     a = Client("a", 1, 5, Cipher.AES_256_GCM)
     b = Client("b", 2, 6, Cipher.CHACHA20_POLY1305)
-    return a, b, *_start_all(mplab, a, b)
+    return a, b, *_start_all(mplab, a, b, plane=plane, recvmmsg=recvmmsg)
 
 
 @pytest.mark.netns
+@pytest.mark.parametrize("plane", PLANES)
 @pytest.mark.parametrize("receive", ["recvmmsg", "recvmsg"])
-def test_mp_server_two_udp_clients(mplab: MpLab, receive: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mp_server_two_udp_clients(
+    mplab: MpLab, plane: str, receive: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``receive``: how the server reads its shared socket (recvmsg: the fallback without recvmmsg)."""
     from pyovpn.datachannel.userspace import multipoint
 
-    if receive == "recvmsg":
+    if receive == "recvmsg" and plane == "inprocess":
         monkeypatch.setattr(multipoint.mmsg, "available", lambda: False)
-    elif not multipoint.mmsg.available():
+    elif receive == "recvmmsg" and not multipoint.mmsg.available():
+        print("skipping: recvmmsg with the LP64 Linux layout is missing")
         pytest.skip("recvmmsg with the LP64 Linux layout is missing")
-    a, b, server, ifname, sbackend = _two_clients(mplab)
+    a, b, server, ifname, _ = _two_clients(mplab, plane, receive == "recvmmsg")
     ssock = server.call(lambda: _bind_udp(("0.0.0.0", PORT)))
     dup = os.dup(ssock.fileno())  # the same socket under another descriptor is still shared
     for c in (a, b):
@@ -255,7 +299,7 @@ def test_mp_server_two_udp_clients(mplab: MpLab, receive: str, monkeypatch: pyte
         server.request(
             NewPeer(b.peer_id, dup, Transport.UDP, (b.veth, PORT), vpn_ipv4=b.vpn, vpn_ipv6=b.vpn6)
         )
-        assert len(sbackend._shared) == 1  # internal: one reader for both peers
+        assert _mp_info(server)["shared_sockets"] == 1  # internal: one reader for both peers
         with pytest.raises(BackendError, match=r"10\.88\.0\.2 is already in use by peer 5"):
             server.request(NewPeer(9, ssock.fileno(), Transport.UDP, ("198.18.9.9", PORT), vpn_ipv4=a.vpn))
         with pytest.raises(BackendError, match="peer id 5 already exists"):
@@ -289,7 +333,7 @@ def test_mp_server_two_udp_clients(mplab: MpLab, receive: str, monkeypatch: pyte
         assert a.s.run(ping(IROUTE_HOST, 2, timeout=0.5)) == 0
         assert _iface_drops(server, "tx_dropped_no_peer") - before >= 5
         assert a.s.run(ping(SERVER_VPN, 2)) == 2  # the shared socket is still read
-        assert len(sbackend._shared) == 1
+        assert _mp_info(server)["shared_sockets"] == 1
 
         # B comes back under the same id and VPN IP (a fresh key on both ends)
         b.key2 = os.urandom(256)
@@ -306,7 +350,7 @@ def test_mp_server_two_udp_clients(mplab: MpLab, receive: str, monkeypatch: pyte
         # the last peer leaves: our duplicate closes, the caller's socket is whole again
         server.request(DelPeer(a.peer_id))
         server.wait_note(lambda n: n == PeerDeleted(a.peer_id, PeerDelReason.USERSPACE))
-        assert sbackend._shared == {}
+        assert _mp_info(server)["shared_sockets"] == 0
         assert ssock.getblocking() and os.get_blocking(dup)
         a.s.call(
             lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"\x38hi", (a.veth_server, PORT))
@@ -315,16 +359,15 @@ def test_mp_server_two_udp_clients(mplab: MpLab, receive: str, monkeypatch: pyte
         assert ssock.recvfrom(100)[0] == b"\x38hi"  # the server edge reads it again itself
 
         # address removal flushes IPv4 routes without RTM_DELROUTE: the mirror must follow
-        assert sbackend.mp_routes()
+        assert _mp_routes(server)
         server.call(lambda: tun.flush_addresses(ifname))
         # (IPv6 keeps a gateway route whose gateway is no longer on-link, and so do we)
         _wait(
-            lambda: server.call(sbackend.mp_routes) == [(IROUTE6_NET, b.vpn6)],
+            lambda: _mp_routes(server) == [(IROUTE6_NET, b.vpn6)],
             what="the IPv4 routes to disappear from the mirror",
         )
-        monitor = sbackend._iface.monitor if sbackend._iface else None
         server.request(DelIface(ifname))
-        assert monitor is not None and monitor._closed
+        assert _mp_info(server)["routes"] == []  # the monitor is gone with the interface
     finally:
         ssock.close()
         os.close(dup)
@@ -356,14 +399,11 @@ def _check_mp_peer_errors(server: Site, ssock: socket.socket, a: Client) -> None
         server.request(NewPeer(1, fd, Transport.UDP, (a.veth, PORT), vpn_ipv6="nope"))
     with pytest.raises(BackendError, match="needs a remote"):
         server.request(NewPeer(1, fd, Transport.UDP, vpn_ipv4="10.88.0.9"))
-    assert isinstance(server.backend, UserspaceDataChannel)
-    assert server.backend._shared == {}  # nothing half-made stays behind
+    assert _mp_info(server)["shared_sockets"] == 0  # nothing half-made stays behind
 
 
 def _check_iroutes(server: Site, ifname: str, a: Client, b: Client) -> None:
     """An iroute is a system route via the client's VPN IP; the backend follows it."""
-    assert isinstance(server.backend, UserspaceDataChannel)
-    sb = server.backend
     ip("-n", b.s.netns, "addr", "add", f"{IROUTE_HOST}/32", "dev", "lo")
     ip("-n", b.s.netns, "addr", "add", f"{IROUTE6_HOST}/128", "dev", "lo", "nodad")
     a_tun = a.s.backend.ifname if a.s.backend else None
@@ -374,18 +414,17 @@ def _check_iroutes(server: Site, ifname: str, a: Client, b: Client) -> None:
     ip("-n", server.netns, "route", "add", IROUTE_NET, "via", b.vpn, "dev", ifname)
     ip("-n", server.netns, "-6", "route", "add", IROUTE6_NET, "via", b.vpn6, "dev", ifname)
     _wait(
-        lambda: {(IROUTE_NET, b.vpn), (IROUTE6_NET, b.vpn6)} <= set(server.call(sb.mp_routes)),
+        lambda: {(IROUTE_NET, b.vpn), (IROUTE6_NET, b.vpn6)} <= set(_mp_routes(server)),
         what="the backend to see the iroutes",
     )
-    assert ("10.88.0.0/24", None) in server.call(sb.mp_routes)  # the connected subnet, no gateway
+    assert ("10.88.0.0/24", None) in _mp_routes(server)  # the connected subnet, no gateway
     # a full dump (what a resync does) finds the same routes as the notifications did
-    seen = server.call(sb.mp_routes)
-    monitor = sb._iface.monitor if sb._iface else None  # internal: force a resync
-    assert monitor is not None
-    resyncs = monitor.resyncs
-    server.call(monitor.resync)
-    _wait(lambda: server.call(lambda: monitor.resyncs > resyncs and monitor.synced), what="a resync")
-    assert server.call(sb.mp_routes) == seen
+    seen = _mp_routes(server)
+    resyncs = _mp_info(server)["resyncs"]
+    _mp_info(server, resync=True)  # internal: force a resync
+    _wait(lambda: (info := _mp_info(server))["resyncs"] > resyncs and info["synced"], what="a resync")
+    assert _mp_routes(server) == seen
+    _wait(lambda: a.s.run(ping(IROUTE_HOST, 1, timeout=0.5)) == 1, what="the iroute to carry traffic")
     assert a.s.run(ping(IROUTE_HOST, 3)) == 3
     # IPv6 through the iroute: a UDP echo on B's fd55::1, asked from A
     assert b.s.loop is not None
@@ -420,6 +459,7 @@ def _hello_from_new_client(server_ip: str) -> int:
 
 def _check_float(server: Site, a: Client) -> None:
     assert isinstance(a.s.backend, UserspaceDataChannel)
+    server.notes.clear()
     forged = a.s.run(a.s.backend.debug(a.peer_id, "encrypt", payload=PING_MAGIC))  # A's live key
     other = a.s.call(lambda: _bind_udp((a.veth, PORT + 1000)))
     try:
@@ -480,7 +520,7 @@ def test_mp_keepalive_lane(mplab: MpLab) -> None:
     """A server socket bound as the server edge binds it gets the keepalive lane: every ping (of
     either AEAD) takes it and nothing else does, expiry still works, and a replayed ping that
     waited there is counted as late, not as a replay."""
-    a, b, server, _ifname, sbackend = _two_clients(mplab)
+    a, b, server, _ifname, sbackend = _two_clients(mplab, "inprocess", True)
     ssock = server.call(lambda: _bind_server_socket(socket.AF_INET, ("0.0.0.0", PORT), dual_stack=False))
     for c in (a, b):
         c.sock = c.s.call(lambda c=c: _bind_udp((c.veth, PORT)))
@@ -562,11 +602,12 @@ def test_mp_keepalive_lane(mplab: MpLab) -> None:
 
 
 @pytest.mark.netns
-def test_mp_server_tcp_and_udp_clients(mplab: MpLab) -> None:
+@pytest.mark.parametrize("plane", PLANES)
+def test_mp_server_tcp_and_udp_clients(mplab: MpLab, plane: str) -> None:
     """A TCP client has its own socket; it talks to the server and, through it, to a UDP client."""
     c = Client("c", 1, 11, Cipher.AES_128_GCM)
     d = Client("d", 2, 12, Cipher.AES_256_GCM)
-    server, _ifname, _ = _start_all(mplab, c, d)
+    server, _ifname, _ = _start_all(mplab, c, d, plane=plane)
 
     listener = tcp_listener(server, (c.veth_server, PORT))
     ssock = server.call(_bind_dual_stack)  # as the server edge: IPv4 clients appear v4-mapped

@@ -81,17 +81,16 @@ def kernel_ovpn_status() -> tuple[bool, str]:
 
 
 def _userspace_backend(
-    *, mp: bool, mssfix: int | None, engine: str = DEFAULT_ENGINE, workers: int | None = None
+    *, mssfix: int | None, engine: str = DEFAULT_ENGINE, workers: int | None = None
 ) -> DataChannel:
-    """The userspace data channel: the multi-process engine for P2P, in-process for MP.
+    """The userspace data channel: the multi-process engine, P2P and MP.
 
     ``engine`` is the ``userspace-engine`` option: ``inprocess`` forces the simple in-process
-    backend (its MP support is the only one today); ``workers`` (``engine-workers``) caps the
-    engine's worker processes.
+    backend; ``workers`` (``engine-workers``) caps the engine's worker processes.
     """
     from pyovpn.datachannel.userspace import UserspaceDataChannel
 
-    if mp or engine == "inprocess":
+    if engine == "inprocess":
         return UserspaceDataChannel()
     if engine != "multiprocess":
         raise BackendError(f"userspace-engine {engine!r}: use 'multiprocess' or 'inprocess'")
@@ -103,7 +102,6 @@ def _userspace_backend(
 async def open_backend(
     choice: str,
     *,
-    mp: bool = False,
     mssfix: int | None = None,
     engine: str = DEFAULT_ENGINE,
     workers: int | None = None,
@@ -115,7 +113,7 @@ async def open_backend(
             raise BackendError(f"--dco kernel: {kernel_refusal}; use --dco auto or --dco userspace")
         # OpenVPN 2.6 disables DCO for such a configuration in the same way
         log.info("DCO: kernel data channel not used: %s", kernel_refusal)
-        return _userspace_backend(mp=mp, mssfix=mssfix, engine=engine, workers=workers)
+        return _userspace_backend(mssfix=mssfix, engine=engine, workers=workers)
     # pyroute2's synchronous sockets cannot be created inside a running event loop's thread
     if choice == "kernel":
         ok, why = await asyncio.to_thread(kernel_ovpn_status)
@@ -127,7 +125,7 @@ async def open_backend(
         return KernelDataChannel()
     if choice == "userspace":
         log.info("DCO: using the userspace data channel (--dco userspace)")
-        return _userspace_backend(mp=mp, mssfix=mssfix, engine=engine, workers=workers)
+        return _userspace_backend(mssfix=mssfix, engine=engine, workers=workers)
     ok, why = await asyncio.to_thread(kernel_ovpn_status)
     if ok:
         from pyovpn.datachannel.kernel import KernelDataChannel
@@ -135,4 +133,4 @@ async def open_backend(
         log.info("DCO: using the kernel ovpn driver (%s)", why)
         return KernelDataChannel()
     log.info("DCO: auto selected the userspace data channel: %s", why)
-    return _userspace_backend(mp=mp, mssfix=mssfix, engine=engine, workers=workers)
+    return _userspace_backend(mssfix=mssfix, engine=engine, workers=workers)

@@ -1,7 +1,7 @@
 """Classic BPF programs for sockets: the instruction encodings we use and ``struct sock_fprog``.
 
 Two socket programs use them: the keepalive lane's reuseport steering
-(:mod:`pyovpn.datachannel.userspace.lane`) and the P2P stranger filter
+(:mod:`pyovpn.datachannel.lane`) and the P2P stranger filter
 (:mod:`pyovpn.datachannel.strangers`). Classic BPF needs no privileges beyond owning the socket,
 runs in the kernel's receive path before any process wakes, and is JIT-compiled on x86 and arm.
 """

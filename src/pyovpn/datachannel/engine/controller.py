@@ -67,6 +67,7 @@ from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, KeyState
 from pyovpn.datachannel.engine import wire
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import Kind, Message
+from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonitor
 from pyovpn.datachannel.validate import (
     check_new_key,
     check_no_fragment,
@@ -78,6 +79,8 @@ from pyovpn.datachannel.validate import (
 from pyovpn.errors import BackendError, ProtocolError
 from pyovpn.net import tun
 from pyovpn.net.sockbuf import grow_buffers
+from pyovpn.net.sockets import socket_key
+from pyovpn.proto.packets import UNDEF_PEER_ID
 
 log = logging.getLogger("pyovpn.engine")
 
@@ -118,6 +121,18 @@ class _Peer:
     orig_bufs: tuple[int, int] = (0, 0)
     gro: bool = False
     cell: RemoteCell | None = None  # UDP: the remote address shared with the workers
+    shared_key: tuple[int, int] | None = None  # MP over UDP: the server socket, shared by peers
+
+
+@dataclass
+class _SharedSocket:
+    """MP: the server's UDP socket, set up by its first peer and given back by its last."""
+
+    sock: socket.socket
+    orig_blocking: bool
+    gro: bool
+    gso: bool
+    peers: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -166,6 +181,12 @@ class Controller:
         self.sock_buf = int(opts.get("socket_buffer", 4 << 20))
         self.iface: _Iface | None = None
         self.peers: dict[int, _Peer] = {}
+        # MP: VPN addresses of the peers (by id) and the routes through the interface, which
+        # the monitor keeps in step with the system's; the workers get copies (set_routes)
+        self.router: PeerRouter[int] | None = None
+        self.monitor: RouteMonitor | None = None
+        self.routes_dirty = False
+        self.shared: dict[tuple[int, int], _SharedSocket] = {}
         self.queue: asyncio.Queue[tuple[Message, list[int]]] = asyncio.Queue()
         self.closed = False
         self.gen = 0
@@ -333,6 +354,8 @@ class Controller:
             return None
         if op == "stats":
             return await self._stats(self._peer("GetPeer", msg["peer_id"]))
+        if op == "mp_info":
+            return await self._mp_info(bool(msg.get("resync")))
         if op == "debug":
             peer = self._peer("debug", msg["peer_id"])
             try:
@@ -369,8 +392,6 @@ class Controller:
             raise BackendError(
                 f"NewIface: this backend already drives {self.iface.name}; use one backend per interface"
             )
-        if cmd.mode is IfaceMode.MP:
-            raise BackendError("NewIface: multipoint (MP) mode is not implemented yet in the offload engine")
         check_no_null_dev(cmd, "multi-process engine's")
         if not 68 <= cmd.mtu <= 65535:
             raise BackendError(f"NewIface: MTU {cmd.mtu} out of range 68..65535")
@@ -386,9 +407,20 @@ class Controller:
                 raise BackendError(f"NewIface: {e}") from None
             raise
         iface = _Iface(ifname, cmd.name, fd, cmd.mode, cmd.mtu, vnet)
+        mp = cmd.mode is IfaceMode.MP
         for link in self.links:
-            await self._call(link.index, "set_tun", [fd], vnet=vnet, mtu=cmd.mtu, read=link.index == 0)
+            await self._call(link.index, "set_tun", [fd], vnet=vnet, mtu=cmd.mtu, read=link.index == 0, mp=mp)
         self.iface = iface
+        if mp:
+            assert self.loop is not None
+            self.router = PeerRouter()
+            try:
+                self.monitor = RouteMonitor(
+                    self.loop, socket.if_nametoindex(ifname), self.router, self._routes_changed
+                )
+            except OSError as e:
+                await self._close_iface()
+                raise BackendError(f"NewIface: cannot follow the routes through {ifname}: {e}") from None
         log.info("offload engine: created %s (mtu %d, vnet offloads %s)", ifname, cmd.mtu, vnet)
         return {"ifname": ifname, "vnet": vnet}
 
@@ -405,6 +437,10 @@ class Controller:
         if iface is None:
             return
         self.iface = None
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        self.router = None
         for link in self.links:
             with contextlib.suppress(BackendError):
                 await self._call(link.index, "clear_tun")
@@ -420,11 +456,15 @@ class Controller:
         except BaseException:
             sock.close()
             raise
-        for old in (self.peers.get(cmd.peer_id), *self.peers.values()):
-            if old is not None and self.peers.get(old.peer_id) is old:
-                await self._remove_peer(old, PeerDelReason.TEARDOWN)  # P2P: one peer at a time
-        self._configure_socket(peer)
-        strangers.follow(peer)
+        mp = self.router is not None
+        if mp:
+            self._attach_mp_peer(peer, cmd)
+        else:
+            for old in (self.peers.get(cmd.peer_id), *self.peers.values()):
+                if old is not None and self.peers.get(old.peer_id) is old:
+                    await self._remove_peer(old, PeerDelReason.TEARDOWN)  # P2P: one peer at a time
+            self._configure_socket(peer)
+            strangers.follow(peer)
         mss4 = mss6 = 0
         if self.mssfix:
             outer = (
@@ -450,10 +490,13 @@ class Controller:
             "mss6": mss6,
             "framing": cmd.framing.value,
             "passtos": cmd.passtos,
+            "vpn4": cmd.vpn_ipv4,
+            "vpn6": cmd.vpn_ipv6,
+            "shared_key": peer.shared_key,
         }
         tx_w, rx_w = peer.workers
         self.peers[peer.peer_id] = peer
-        fds = [sock.fileno()]
+        fds = [peer.sock.fileno()]
         if peer.transport is Transport.UDP:
             assert peer.send_addr is not None
             peer.cell = RemoteCell()
@@ -469,7 +512,10 @@ class Controller:
         except BaseException:
             await self._remove_peer(peer, None)
             raise
-        log.info(
+        if peer.cell is not None:
+            peer.cell.drop_fd()  # the workers have mapped it; a server with many peers saves an fd each
+        # a server logs each client itself; at thousands of clients this line is noise there
+        (log.debug if mp else log.info)(
             "offload engine: peer %d over %s%s (tx worker %d, rx worker %d, gso=%s gro=%s)",
             peer.peer_id,
             peer.transport.value,
@@ -486,12 +532,67 @@ class Controller:
             raise BackendError(f"{what}: the offload engine is closed")
         if self.iface is None:
             raise BackendError(f"{what}: no interface; send NewIface first")
-        tx_id = peer_socket.check_new_peer(what, cmd, multipoint=False)
+        mp = self.router is not None
+        tx_id = peer_socket.check_new_peer(what, cmd, multipoint=mp)
+        if mp:
+            if cmd.vpn_ipv4 is None and cmd.vpn_ipv6 is None:
+                raise BackendError(
+                    f"{what}: an MP peer needs vpn_ipv4 or vpn_ipv6 (the kernel requires one too)"
+                )
+            if cmd.peer_id in self.peers:
+                raise BackendError(f"{what}: peer id {cmd.peer_id} already exists (delete it first)")
         n = len(self.links)
         self.gen += 1
         peer = _Peer(cmd.peer_id, self.gen, tx_id, sock, cmd.transport, [0, 1 % n])
         peer_socket.check_socket(what, cmd, peer)
         return peer
+
+    def _attach_mp_peer(self, peer: _Peer, cmd: NewPeer) -> None:
+        """MP: register the peer's VPN addresses; UDP peers share the server socket.
+
+        The first UDP peer on a socket sets it up for all of them and the last one gives it
+        back (see :meth:`_release_socket`); the others' copies of the descriptor are closed
+        at once, so a server with many clients holds one descriptor, not one per client.
+        """
+        what = "NewPeer"
+        assert self.router is not None
+        key = socket_key(peer.sock.fileno())
+        if peer.transport is Transport.TCP:
+            for other in self.peers.values():
+                if other.transport is Transport.TCP and socket_key(other.sock.fileno()) == key:
+                    peer.sock.close()
+                    raise BackendError(
+                        f"{what}: the TCP socket already carries peer {other.peer_id}; "
+                        "every TCP peer needs its own connection"
+                    )
+        try:
+            self.router.add_peer(peer.peer_id, cmd.vpn_ipv4, cmd.vpn_ipv6)
+        except AddressInUseError as e:
+            peer.sock.close()
+            raise BackendError(f"{what}: {e} by peer {e.owner}") from None
+        except ValueError as e:
+            peer.sock.close()
+            raise BackendError(f"{what}: {e}") from None
+        if peer.transport is Transport.TCP:
+            self._configure_socket(peer)
+            return
+        shared = self.shared.get(key)
+        if shared is None:
+            self._configure_socket(peer)
+            shared = _SharedSocket(
+                peer.sock,
+                peer.orig_blocking,
+                peer.gro,
+                self.want_gso and peer_socket.gso_supported(peer.sock),
+            )
+            self.shared[key] = shared
+        else:
+            peer.sock.close()
+            peer.sock = shared.sock
+            peer.orig_blocking = shared.orig_blocking
+            peer.gro = shared.gro
+        shared.peers.add(peer.peer_id)
+        peer.shared_key = key
 
     def _configure_socket(self, peer: _Peer) -> None:
         sock = peer.sock
@@ -511,9 +612,12 @@ class Controller:
             if peer.transport is Transport.TCP:
                 raise BackendError(f"{what}: a TCP peer's remote cannot change")
             peer_socket.set_remote(what, peer, cmd.remote)
-            strangers.follow(peer)
             assert peer.cell is not None and peer.send_addr is not None
             peer.cell.store(peer.send_addr)  # the workers pick it up before their next packet
+            if self.router is None:
+                strangers.follow(peer)
+            else:
+                await self._call_peer(peer, "sync_remote")  # MP: the receive side's address index
         if keepalive:
             assert cmd.keepalive_interval is not None and cmd.keepalive_timeout is not None
             await self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)
@@ -594,11 +698,58 @@ class Controller:
         except BackendError as e:
             raise BackendError(f"{what}: {e}") from None
 
+    # ------------------------------------------------------------------ MP routes
+
+    def _routes_changed(self) -> None:
+        """The route monitor changed the routes: copy them to the workers, once per loop turn."""
+        if not self.routes_dirty and self.loop is not None:
+            self.routes_dirty = True
+            self.loop.create_task(self._push_routes())
+
+    async def _push_routes(self) -> None:
+        await asyncio.sleep(0)  # more changes of the same netlink read join this copy
+        self.routes_dirty = False
+        router = self.router
+        if router is None or self.closed:
+            return
+        # IPv6 addresses do not fit the wire's 64-bit integers: they travel as decimal text
+        routes4 = list(router.routes4)
+        routes6 = [(str(net), plen, str(hop)) for net, plen, hop in router.routes6]
+        for link in self.links:
+            try:
+                await self._call(link.index, "set_routes", routes4=routes4, routes6=routes6)
+            except BackendError as e:
+                log.error("engine: worker %d did not take the routes: %s", link.index, e)
+
+    async def _mp_info(self, resync: bool) -> dict[str, Any]:
+        """MP state for tests and diagnostics: shared sockets, the routes followed, drops without a peer.
+
+        ``resync``: dump the routes again first (what the monitor does after lost notifications).
+        """
+        monitor = self.monitor
+        if resync and monitor is not None:
+            monitor.resync()
+        stats = Stats()
+        for link in self.links:
+            part = await self._call(link.index, "mp_stats")
+            if isinstance(part, Stats):
+                stats.merge(part)
+        return {
+            "shared_sockets": len(self.shared),
+            "routes": monitor.mirror.routes() if monitor is not None else [],
+            "resyncs": monitor.resyncs if monitor is not None else 0,
+            "synced": monitor.synced if monitor is not None else False,
+            "stats": stats,
+        }
 
     # ------------------------------------------------------------------ worker events
 
     async def _worker_event(self, msg: dict[str, Any]) -> None:
         ev = msg["ev"]
+        if ev == "control" and msg.get("peer_id") == UNDEF_PEER_ID:  # MP: a new client's packet
+            addr = msg.get("addr")
+            self._emit(ControlPacket(UNDEF_PEER_ID, msg["packet"], _normalize(addr) if addr else None))
+            return
         peer = self.peers.get(msg.get("peer_id", -1))
         if peer is None or peer.gen != msg.get("gen"):
             return  # about a peer that is already gone
@@ -611,7 +762,8 @@ class Controller:
             peer.raw_ip = addr[0]
             peer.raw_port = addr[1]
             peer.remote = _normalize(addr)  # the receiving worker already moved both sides
-            strangers.follow(peer)
+            if self.router is None:
+                strangers.follow(peer)
             log.info("offload engine: peer %d floated to %s:%d", peer.peer_id, *peer.remote)
             if not msg.get("noted"):  # else the worker told the proxy, in order with its control packets
                 self._emit(PeerFloated(peer.peer_id, peer.remote))
@@ -652,6 +804,19 @@ class Controller:
         if peer.cell is not None:
             peer.cell.close()
             peer.cell = None
+        if self.router is not None:
+            self.router.remove_peer(peer.peer_id)
+        if peer.shared_key is not None:
+            shared = self.shared.get(peer.shared_key)
+            peer.shared_key = None
+            if shared is None:
+                return
+            shared.peers.discard(peer.peer_id)
+            if shared.peers:
+                return  # other peers still use the socket
+            for key, value in list(self.shared.items()):
+                if value is shared:
+                    del self.shared[key]
         # give the caller's socket back as we found it (flags live on the shared file)
         peer_socket.give_back(peer.sock, blocking=peer.orig_blocking, gro=peer.gro)
         peer.sock.close()

@@ -209,6 +209,15 @@ class EngineDataChannel:
             raise BackendError(f"GetPeer: the engine answered {type(result).__name__}, not Stats")
         return result
 
+    async def mp_info(self, *, resync: bool = False) -> dict[str, Any]:
+        """MP: ``shared_sockets``, ``routes`` (``(prefix, gateway)`` the workers follow), the route
+        monitor's ``resyncs`` and ``synced``, and ``stats``: drops that belong to no peer."""
+        await self._ensure_started()
+        result = await self._call({"op": "mp_info", "resync": resync}, what="mp_info")
+        if not isinstance(result, dict):
+            raise BackendError(f"mp_info: the engine answered {type(result).__name__}")
+        return result
+
     async def debug(self, peer_id: int, what: str, **kw: Any) -> Any:
         """Test hooks on the worker holding a peer's transmit side (``set_tx_pid``, ``encrypt``)."""
         await self._ensure_started()

@@ -61,6 +61,12 @@ class RemoteCell:
             return g1, (socket.inet_ntop(socket.AF_INET6, raw), port, 0, scope)
         return g1, (socket.inet_ntop(socket.AF_INET, raw[:4]), port)
 
+    def drop_fd(self) -> None:
+        """Close the descriptor; the mapping stays (a receiver calls this once it has mapped it)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def close(self) -> None:
         self.mm.close()
-        os.close(self.fd)
+        self.drop_fd()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import mmap
 import os
 import select
@@ -55,10 +56,9 @@ from pyovpn.datachannel.datapath import GRO_CMSG_SPACE as _GRO_CMSG_SPACE
 from pyovpn.datachannel.datapath import GSO_MAX_BYTES as _GSO_MAX_BYTES
 from pyovpn.datachannel.datapath import GSO_MAX_SEGMENTS as _GSO_MAX_SEGMENTS
 from pyovpn.datachannel.datapath import GSO_SIZE as _GSO_SIZE
-from pyovpn.datachannel.datapath import TCP_RX_CHUNK as _TCP_RX_CHUNK
-from pyovpn.datachannel.datapath import TCP_TX_HIGH_WATER as _TCP_TX_HIGH_WATER
-from pyovpn.datachannel.datapath import count as _count
 from pyovpn.datachannel.datapath import (
+    KA_QUANTUM,
+    LANE_MAX_DELAY,
     debug_hook,
     gro_segment_size,
     gso_train_refused,
@@ -66,11 +66,16 @@ from pyovpn.datachannel.datapath import (
     take_frames,
     tcp_error_reason,
 )
+from pyovpn.datachannel.datapath import TCP_RX_CHUNK as _TCP_RX_CHUNK
+from pyovpn.datachannel.datapath import TCP_TX_HIGH_WATER as _TCP_TX_HIGH_WATER
+from pyovpn.datachannel.datapath import count as _count
 from pyovpn.datachannel.engine import gso, wire
 from pyovpn.datachannel.engine.remote import RemoteCell
 from pyovpn.datachannel.engine.wire import Kind
 from pyovpn.datachannel.fragment import Fragmenter
 from pyovpn.datachannel.framing import FramingError, frame_slots, note_framing_error, unframe
+from pyovpn.datachannel.lane import close_lane, open_lane
+from pyovpn.datachannel.routing import PeerRouter, PrefixTable
 from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net import mmsg
@@ -110,6 +115,8 @@ _MMSG_COUNT = 32  # datagrams per recvmmsg call (each in a 64 KiB slot: 2 MiB pe
 _RX_ONE = 65536  # room for one receive: a UDP GRO batch is at most 64 KiB
 _RX_BUF = 4 * _RX_ONE + 4096  # several receives of one wakeup, decrypted as a batch
 _PLAIN_BUF = 8 * 65536 + 8192  # decrypted packets of several GRO receives, coalesced at once
+_NEVER = float("inf")
+_LANE_BATCH = 4096  # receives per lane drain (each at most 32 datagrams)
 
 
 class _Peer:
@@ -152,12 +159,52 @@ class _Peer:
         self.ctl_refused_since = 0.0  # when the socket first refused the head of ctl_q
         self.mmsg: mmsg.BatchReceiver | None = None
         self.dead = False
+        self.vpn4: str | None = m.get("vpn4")  # MP: the peer's VPN addresses
+        self.vpn6: str | None = m.get("vpn6")
+        self.shared: _SharedRx | None = None  # MP, UDP: the socket all UDP peers share
         self.set_send(m.get("send_addr"), m.get("raw_ip"), m.get("raw_port", 0))
 
     def set_send(self, send_addr: Any, raw_ip: str | None, raw_port: int) -> None:
         self.send_addr = tuple(send_addr) if send_addr is not None else None
         self.raw_ip = raw_ip
         self.raw_port = raw_port
+
+
+class _SharedRx:
+    """MP: the UDP socket the peers of a server share, and how its datagrams find their peer.
+
+    DATA_V2 names its peer by id; DATA_V1, DATA_V2 with the undefined peer id and control
+    packets are looked up by source address, as the kernel does. The socket here is the
+    worker's one copy, whichever peer brought it: the peers' own descriptors are closed.
+    """
+
+    __slots__ = ("by_addr", "by_id", "fd", "key", "lane", "lane_mmsg", "mmsg", "sock", "tos")
+
+    def __init__(self, key: tuple[int, int], sock: socket.socket) -> None:
+        self.key = key
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.by_id: dict[int, _Peer] = {}
+        self.by_addr: dict[tuple[str | None, int], _Peer] = {}
+        self.mmsg: mmsg.BatchReceiver | None = None
+        self.tos = -1  # passtos: the TOS last set on the socket, for whichever peer
+        self.lane: socket.socket | None = None  # the keepalive lane (datachannel/lane.py), drained on a timer
+        self.lane_mmsg: mmsg.BatchReceiver | None = None
+
+    def attach(self, peer: _Peer) -> None:
+        self.by_id[peer.peer_id] = peer
+        self.by_addr[(peer.raw_ip, peer.raw_port)] = peer
+        peer.shared = self
+
+    def detach(self, peer: _Peer) -> None:
+        if self.by_id.get(peer.peer_id) is peer:
+            del self.by_id[peer.peer_id]
+        self.unindex(peer, (peer.raw_ip, peer.raw_port))
+        peer.shared = None
+
+    def unindex(self, peer: _Peer, addr: tuple[str | None, int]) -> None:
+        if self.by_addr.get(addr) is peer:
+            del self.by_addr[addr]
 
 
 class _RxBatch:
@@ -170,10 +217,23 @@ class _RxBatch:
     Then the TUN gets what was decrypted so far. :meth:`finish` writes the rest.
     """
 
-    __slots__ = ("addr", "buf", "dgrams", "limit", "peer", "pending", "pending_bytes", "ppos", "slots", "w")
+    __slots__ = (
+        "addr",
+        "buf",
+        "dgrams",
+        "late",
+        "limit",
+        "peer",
+        "pending",
+        "pending_bytes",
+        "ppos",
+        "slots",
+        "w",
+    )
 
-    def __init__(self, w: Worker, peer: _Peer, buf: memoryview) -> None:
+    def __init__(self, w: Worker, peer: _Peer, buf: memoryview, late: bool = False) -> None:
         self.w = w
+        self.late = late  # from the keepalive lane: a ping that waited there may trail newer data
         self.peer = peer
         self.buf = buf
         self.limit = len(w.plain) - 8192
@@ -214,10 +274,18 @@ class _RxBatch:
         if full:
             self._write()
 
+    def use(self, peer: _Peer) -> None:
+        """MP: the datagrams added next are ``peer``'s; what the previous peer sent goes out first."""
+        if peer is not self.peer:
+            self.finish()
+            self.peer = peer
+
     def decrypt(self) -> None:
         if self.pending and not self.peer.dead:
             w = self.w
-            self.ppos = w._rx_datagrams(self.peer, self.buf, self.pending, self.addr, self.slots, self.ppos)
+            self.ppos = w._rx_datagrams(
+                self.peer, self.buf, self.pending, self.addr, self.slots, self.ppos, self.late
+            )
         self.pending = []
         self.pending_bytes = 0
 
@@ -247,6 +315,15 @@ class Worker:
         self.peers: dict[int, _Peer] = {}
         self.tx_peer: _Peer | None = None  # P2P: the peer TUN packets go to
         self.rx_peer: _Peer | None = None
+        # MP: TUN packets go to the peer their destination routes to (the controller mirrors
+        # the system routes through the interface into the router); UDP peers share sockets
+        self.router: PeerRouter[_Peer] | None = None
+        self.shared: dict[tuple[int, int], _SharedRx] = {}
+        self.mp_stats = Stats()  # MP drops that belong to no peer (no route, unknown peer id...)
+        # timers: keepalive deadlines only move later, so one scan of all peers finds the next
+        # due time and nothing needs a look before then; peers with control packets waiting
+        self.ka_due = 0.0
+        self.ctl_waiting: set[_Peer] = set()
         self.tun_fd = -1
         self.tun_read = False
         self.tun_vnet = False
@@ -437,6 +514,10 @@ class Worker:
         if op == "exit":
             self.running = False
             return None
+        if op == "set_routes":
+            return self._set_routes(m)
+        if op == "mp_stats":
+            return self.mp_stats
         peer = self.peers.get(m["peer_id"])
         if peer is None or peer.gen != m.get("gen", peer.gen):
             raise ValueError(f"worker {self.index}: no peer {m['peer_id']}")
@@ -448,6 +529,7 @@ class Worker:
             peer.ka_timeout = m["timeout"]
             peer.last_rx = peer.last_tx = now
             peer.expired_sent = False
+            self.ka_due = 0.0
             return None
         if op == "new_key":
             cipher = Cipher(m["cipher"])
@@ -477,6 +559,8 @@ class Worker:
             return None
         if op == "send_control":
             return self._send_control(peer, m["packet"])
+        if op == "sync_remote":
+            return self._sync_remote(peer)
         if op == "stats":
             return peer.stats
         if op == "debug":
@@ -487,6 +571,7 @@ class Worker:
 
     def _set_tun(self, m: dict[str, Any], fd: int) -> None:
         self._clear_tun()
+        self.router = PeerRouter() if m.get("mp") else None
         self.tun_fd = fd
         self.tun_vnet = bool(m["vnet"])
         self.tun_mtu = m["mtu"]
@@ -494,6 +579,16 @@ class Worker:
         os.set_blocking(fd, False)
         if self.tun_read:
             self._register(fd, select.EPOLLIN, self._on_tun)
+
+    def _set_routes(self, m: dict[str, Any]) -> None:
+        """MP: the routes through the interface, ``(network, prefix length, next hop)`` as ints."""
+        if self.router is None:
+            raise ValueError(f"worker {self.index}: routes are for a multipoint interface")
+        tables: list[PrefixTable[int]] = [PrefixTable(32), PrefixTable(128)]
+        for table, rows in zip(tables, (m["routes4"], m["routes6"]), strict=True):
+            for network, prefixlen, hop in rows:
+                table.set(int(network), prefixlen, int(hop))
+        self.router.set_routes(tables[0], tables[1])
 
     def _clear_tun(self) -> None:
         self.tun_paused = False
@@ -505,16 +600,39 @@ class Worker:
         self.tun_read = False
 
     def _add_peer(self, m: dict[str, Any], fds: list[int]) -> None:
-        sock = socket.socket(fileno=fds[0])
+        key = m.get("shared_key")
+        shared = None
+        if key is not None:  # MP over UDP: one copy of the server socket serves every peer
+            key = (key[0], key[1])
+            shared = self.shared.get(key)
+            if shared is None:
+                shared = self.shared[key] = _SharedRx(key, socket.socket(fileno=fds[0]))
+                if m["rx"]:
+                    self._register(shared.fd, select.EPOLLIN, lambda _ev, sh=shared: self._on_shared(sh))
+                    shared.lane = open_lane(shared.sock)
+                    self.ka_due = 0.0  # the lane is drained on the keepalive timer
+            else:
+                os.close(fds[0])
+            sock = shared.sock
+        else:
+            sock = socket.socket(fileno=fds[0])
         cell = RemoteCell(fds[1]) if len(fds) > 1 else None
+        if cell is not None:
+            cell.drop_fd()  # the mapping stays; a server with many peers must not hold an fd each
         peer = _Peer(m, sock, cell)
         self._sync_remote(peer)
         old = self.peers.get(peer.peer_id)
         if old is not None:
             self._del_peer(old, False)
         self.peers[peer.peer_id] = peer
-        if peer.tx:
+        self.ka_due = 0.0
+        if self.router is not None:
+            self.router.add_peer(peer, peer.vpn4, peer.vpn6)  # the controller checked them
+        elif peer.tx:
             self.tx_peer = peer
+        if shared is not None:
+            shared.attach(peer)
+            return
         if peer.rx:
             self.rx_peer = peer
             if peer.transport is Transport.UDP:
@@ -543,11 +661,27 @@ class Worker:
             with contextlib.suppress(OSError):
                 peer.sock.send(peer.tcp_tx)
         peer.ctl_q.clear()
-        self._resume_tun()
-        self._unregister(peer.fd)
-        with contextlib.suppress(OSError):
-            peer.sock.detach()
-            os.close(peer.fd)
+        self.ctl_waiting.discard(peer)
+        if not self.ctl_waiting:
+            self._resume_tun()
+        if self.router is not None:
+            self.router.remove_peer(peer)
+        shared = peer.shared
+        if shared is not None:
+            shared.detach(peer)
+            if not shared.by_id:  # the last peer on it: our copy of the socket goes
+                del self.shared[shared.key]
+                self._unregister(shared.fd)
+                if shared.lane is not None:
+                    close_lane(shared.lane)
+                    shared.lane = None
+                with contextlib.suppress(OSError):
+                    shared.sock.close()
+        else:
+            self._unregister(peer.fd)
+            with contextlib.suppress(OSError):
+                peer.sock.detach()
+                os.close(peer.fd)
         if peer.cell is not None:
             with contextlib.suppress(OSError, ValueError):
                 peer.cell.close()
@@ -558,42 +692,65 @@ class Worker:
         """Adopt a remote address published by the controller (SetPeer) or the receive side (float)."""
         cell = peer.cell
         if cell is not None and cell.generation() != peer.cell_gen:
+            old = (peer.raw_ip, peer.raw_port)
             peer.cell_gen, addr = cell.load()
             peer.set_send(addr, addr[0], addr[1])
+            shared = peer.shared
+            if shared is not None and shared.by_id.get(peer.peer_id) is peer:  # MP: SetPeer moved it
+                shared.unindex(peer, old)
+                shared.by_addr[(addr[0], addr[1])] = peer
 
     # ------------------------------------------------------------------ timers (keepalive)
 
     def _next_timer(self) -> float:
-        best = None
-        for p in self.peers.values():
-            if p.ctl_q:
-                d = self._ctl_deadline(p)
-                best = d if best is None or d < best else best
-            if not (p.ka_interval and p.ka_timeout):
-                continue
-            if p.tx:
-                d = p.last_tx + p.ka_interval
-                best = d if best is None or d < best else best
-            if p.rx and not p.expired_sent:
-                d = p.last_rx + p.ka_timeout
-                best = d if best is None or d < best else best
-        if best is None:
+        best = self.ka_due
+        for p in self.ctl_waiting:
+            d = self._ctl_deadline(p)
+            best = d if d < best else best
+        if best == _NEVER:
             return -1
         return max(0.0, best - time.monotonic()) + 0.001
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if self.ctl_waiting:
+            for p in list(self.ctl_waiting):
+                if p.ctl_q and now >= self._ctl_deadline(p):
+                    self._ctl_flush(p)
+        if now >= self.ka_due:
+            self._keepalive_scan(now)
+
+    def _keepalive_scan(self, now: float) -> None:
+        """Ping and expire the peers that are due; remember when the next one will be.
+
+        The next scan is rounded up to a multiple of ``KA_QUANTUM``: with many peers their
+        deadlines are spread out, and one scan per deadline would walk all peers every few
+        milliseconds. The keepalive lanes are drained first, so no peer expires with its ping
+        still queued there, and at least every ``LANE_MAX_DELAY``.
+        """
+        best = _NEVER
+        for sh in list(self.shared.values()):
+            if sh.lane is not None:
+                self._on_shared(sh, lane=True)
+                best = min(best, now + LANE_MAX_DELAY)
         for p in list(self.peers.values()):
-            if p.ctl_q and now >= self._ctl_deadline(p):
-                self._ctl_flush(p)
-            if not (p.ka_interval and p.ka_timeout):
+            if not (p.ka_interval and p.ka_timeout) or p.dead:
                 continue
-            if p.rx and not p.expired_sent and now >= p.last_rx + p.ka_timeout:
-                p.expired_sent = True
-                self._event("expired", peer_id=p.peer_id, gen=p.gen)
-            if p.tx and now >= p.last_tx + p.ka_interval:
-                self._send_ping(p, now)
-                p.last_tx = max(p.last_tx, now)  # a lost ping must not make us spin
+            if p.rx and not p.expired_sent:
+                due = p.last_rx + p.ka_timeout
+                if now >= due:
+                    p.expired_sent = True
+                    self._event("expired", peer_id=p.peer_id, gen=p.gen)
+                elif due < best:
+                    best = due
+            if p.tx:
+                if now >= p.last_tx + p.ka_interval:
+                    self._send_ping(p, now)
+                    p.last_tx = max(p.last_tx, now)  # a lost ping must not make us spin
+                due = p.last_tx + p.ka_interval
+                if due < best:
+                    best = due
+        self.ka_due = math.ceil(best / KA_QUANTUM) * KA_QUANTUM if best != _NEVER else _NEVER
 
     def _send_ping(self, peer: _Peer, now: float) -> None:
         packet = seal_ping(peer, self._key_exhausted)
@@ -636,6 +793,8 @@ class Worker:
         readv = os.readv
         bufs = [self.tun_buf]
         tmv = self.tun_mv
+        router = self.router
+        for_dst = router.for_dst if router is not None else None
         peer = self.tx_peer
         ks = peer.keys[0] if peer is not None else None
         vnet = self.tun_vnet
@@ -656,6 +815,20 @@ class Worker:
             except OSError as e:
                 log.warning("engine worker %d: reading the TUN failed: %s", self.index, e)
                 break
+            if for_dst is not None:  # MP: the peer this packet routes to
+                dst = for_dst(tmv[hl:n])
+                if dst is not peer:
+                    if peer is not None:  # what went to the previous peer leaves first
+                        self._tun_batch_done(peer, ks, vpn_packets, vpn_bytes, dropped)
+                        vpn_packets = vpn_bytes = dropped = 0
+                    peer = dst
+                    if peer is not None:
+                        ks = peer.keys[0]
+                        frame = peer.transport is Transport.TCP
+                        reserve = 26 if frame else 24
+                if peer is None:
+                    _count(self.mp_stats, "tx_dropped_no_peer")
+                    continue
             if ks is None:
                 dropped += 1
                 continue
@@ -666,16 +839,16 @@ class Worker:
             ln = n - hl
             if ln <= 0:
                 continue
-            if peer.passtos and (tos := inner_tos(tmv, hl)) != peer.tos:  # type: ignore[union-attr]
+            if peer.passtos and (tos := inner_tos(tmv, hl)) != (marked := peer.shared or peer).tos:  # type: ignore[union-attr]
                 # what was read before goes out with the TOS it was read under; a super-packet's
-                # segments share their header's TOS
+                # segments share their header's TOS. MP: the mark is the shared socket's.
                 if offs:
                     ks = self._tx_flush(peer, ks)  # type: ignore[arg-type]
                     if ks is None:
                         dropped += 1
                         continue
                 set_outer_tos(peer.sock, tos)  # type: ignore[union-attr]
-                peer.tos = tos  # type: ignore[union-attr]
+                marked.tos = tos  # type: ignore[union-attr]
             pos = self.tx_pos
             if gtype == gso.GSO_NONE:
                 p = pos + reserve
@@ -717,15 +890,21 @@ class Worker:
                 if self.chan_poll.poll(0):
                     break  # a request (SendControl...) waits: serve it before the next chunk
         if peer is not None:
-            st = peer.stats
-            st.vpn_tx_packets += vpn_packets
-            st.vpn_tx_bytes += vpn_bytes
-            if offs and ks is not None:
-                self._tx_flush(peer, ks)
-            if dropped:
-                _count(st, "tx_dropped_no_key", dropped)
+            self._tun_batch_done(peer, ks, vpn_packets, vpn_bytes, dropped)
         elif dropped:
             self.no_peer_drops += dropped
+
+    def _tun_batch_done(
+        self, peer: _Peer, ks: KeyState | None, vpn_packets: int, vpn_bytes: int, dropped: int
+    ) -> None:
+        """Send what the TUN gave for ``peer``, and count it."""
+        st = peer.stats
+        st.vpn_tx_packets += vpn_packets
+        st.vpn_tx_bytes += vpn_bytes
+        if self.tx_offs and ks is not None:
+            self._tx_flush(peer, ks)
+        if dropped:
+            _count(st, "tx_dropped_no_key", dropped)
 
     def _clamp(self, peer: _Peer, p: int, ln: int) -> None:
         if gso.clamp_mss(self.tx_buf, p, ln, peer.mss4, peer.mss6):
@@ -846,11 +1025,12 @@ class Worker:
             _count(peer.stats, "control_tx_dropped")
             raise OSError(errno.ENOBUFS, f"{len(peer.ctl_q)} control packets are already waiting")
         peer.ctl_q.append(packet)
+        self.ctl_waiting.add(peer)
         if len(peer.ctl_q) == 1 and time.monotonic() >= self._ctl_deadline(peer):
             self._ctl_flush(peer, report=True)
         else:
             _count(peer.stats, "control_tx_held")
-        if peer.ctl_q and peer is self.tx_peer:
+        if peer.ctl_q and (peer is self.tx_peer or self.router is not None):
             self._pause_tun()
 
     def _ctl_deadline(self, peer: _Peer) -> float:
@@ -898,7 +1078,9 @@ class Worker:
                 _count(st, "control_tx")
             peer.ctl_retry_at = 0.0
         if not q or peer.dead:
-            self._resume_tun()
+            self.ctl_waiting.discard(peer)
+            if not self.ctl_waiting:
+                self._resume_tun()
 
     def _pause_tun(self) -> None:
         if not self.tun_paused and self.tun_read and self.tun_fd in self.handlers:
@@ -1001,6 +1183,102 @@ class Worker:
                 break
         rx.finish()
 
+    def _on_shared(self, sh: _SharedRx, lane: bool = False) -> None:
+        """MP network -> TUN: read the socket the UDP peers share, each datagram to its peer.
+
+        The datagrams of one sender run are decrypted as one batch, as in :meth:`_on_udp`;
+        a control packet from an address without a peer goes up with ``UNDEF_PEER_ID`` (a new
+        client's handshake). ``lane``: drain the keepalive lane instead.
+        """
+        sock = sh.lane if lane else sh.sock
+        if sock is None:
+            return
+        rcv = sh.lane_mmsg if lane else sh.mmsg
+        if rcv is None and self.mmsg_ok:
+            if self.mmsg_buf is None:
+                self.mmsg_buf = mmsg.slot_buffer(_MMSG_COUNT)
+                self.mmsg_mv = memoryview(self.mmsg_buf)
+            rcv = mmsg.BatchReceiver(sock.fileno(), self.mmsg_buf, _MMSG_COUNT)
+            if lane:
+                sh.lane_mmsg = rcv
+            else:
+                sh.mmsg = rcv
+        by_id = sh.by_id
+        by_addr = sh.by_addr
+        rx: _RxBatch | None = None
+        if rcv is not None:
+            mv = self.mmsg_mv
+            assert mv is not None
+            step = mmsg.SLOT
+        else:
+            mv = self.rx_mv
+            step = 0
+        taken = 0
+        for _ in range(_LANE_BATCH if lane else _UDP_BATCH):
+            if (taken >= _UDP_BATCH_DGRAMS and not lane) or self.shared.get(sh.key) is not sh:
+                break
+            try:
+                if rcv is not None:
+                    n = rcv.recv()
+                    if not n:
+                        break
+                    lens, addrs, segs, truncated = rcv.results(n)
+                else:
+                    got, anc, _flags, addr = sock.recvmsg_into([mv[:_RX_ONE]], _GRO_CMSG_SPACE)
+                    n = 1
+                    lens, addrs, segs, truncated = (
+                        [got],
+                        [addr],
+                        [gro_segment_size(anc) if anc else 0],
+                        [False],
+                    )
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                _count(self.mp_stats, "rx_errors")
+                if e.errno in RECV_ICMP_ERRNOS:
+                    continue
+                break
+            for i in range(n):
+                addr = addrs[i]
+                ln = lens[i]
+                if truncated[i] or addr is None or not ln:  # over 64 KiB, no IP sender, empty
+                    self.mp_stats.dropped_other += 1
+                    continue
+                off = i * step
+                b0 = mv[off]
+                opcode = b0 >> 3
+                if opcode == OPCODE_DATA_V2 and ln >= 4:
+                    rx_id = (mv[off + 1] << 16) | (mv[off + 2] << 8) | mv[off + 3]
+                    peer = by_id.get(rx_id) if rx_id != UNDEF_PEER_ID else by_addr.get((addr[0], addr[1]))
+                else:
+                    peer = by_addr.get((addr[0], addr[1]))
+                    if peer is None and opcode not in (OPCODE_DATA_V1, OPCODE_DATA_V2):
+                        self._event(
+                            "control",
+                            peer_id=UNDEF_PEER_ID,
+                            gen=0,
+                            packet=bytes(mv[off : off + ln]),
+                            addr=tuple(addr[:2]),
+                        )
+                        continue
+                if peer is None:
+                    self.mp_stats.dropped_other += 1
+                    _count(self.mp_stats, "rx_unknown_peer")
+                    continue
+                if rx is None:
+                    rx = _RxBatch(self, peer, mv, lane)
+                else:
+                    rx.use(peer)
+                rx.add(off, ln, segs[i], addr)
+            if rx is not None:
+                rx.decrypt()  # the next call reuses the buffer: decrypt this call's datagrams first
+            taken += n
+            if rcv is not None and n < rcv.count:  # the queue is empty
+                break
+        if rx is not None:
+            rx.finish()
+
     def _rx_datagrams(
         self,
         peer: _Peer,
@@ -1009,8 +1287,14 @@ class Worker:
         addr: Any,
         slots: list[tuple[int, int]],
         ppos: int,
+        late: bool = False,
     ) -> int:
-        """Decrypt datagrams of ``rmv`` into the plaintext buffer from ``ppos``; append their slots."""
+        """Decrypt datagrams of ``rmv`` into the plaintext buffer from ``ppos``; append their slots.
+
+        ``late``: they waited on the keepalive lane, so newer data may have moved the replay
+        window past them; such a ping is counted as ``keepalive_late``, not as a replay (the
+        newer data refreshed the peer already).
+        """
         st = peer.stats
         rx = rmv
         keys = peer.keys
@@ -1030,6 +1314,7 @@ class Worker:
         unpack_hdr = _DATA_V2_HDR.unpack_from
         room = len(plain)
         framing = peer.framing if peer.framing is not Framing.NONE else None
+        for_src = self.router.for_src if self.router is not None else None
         for off, sz in dgrams:
             fast = False
             if sz >= DATA_V2_OVERHEAD and ppos + sz < room:
@@ -1093,7 +1378,10 @@ class Worker:
                 st.dropped_auth += 1
                 continue
             except ReplayError:
-                st.dropped_replay += 1
+                if late:
+                    _count(st, "keepalive_late")
+                else:
+                    st.dropped_replay += 1
                 continue
             except ProtocolError:  # the general path only (a malformed packet)
                 st.dropped_other += 1
@@ -1112,6 +1400,11 @@ class Worker:
                 st.dropped_other += 1
                 _count(st, "rx_not_ip")
                 continue
+            if for_src is not None and for_src(pmv[ppos : ppos + clen]) is not peer:
+                # MP reverse-path check: the source must be this peer's VPN IP or behind its routes
+                st.dropped_other += 1
+                _count(st, "rx_dropped_src")
+                continue
             slots.append((ppos, clen))
             ppos = (ppos + clen + 2) & ~1
         st.link_rx_packets += link_p
@@ -1119,6 +1412,10 @@ class Worker:
         if authed:
             peer.last_rx = time.monotonic()
             if addr is not None and (addr[0] != peer.raw_ip or addr[1] != peer.raw_port):
+                shared = peer.shared
+                if shared is not None:
+                    shared.unindex(peer, (peer.raw_ip, peer.raw_port))
+                    shared.by_addr[(addr[0], addr[1])] = peer
                 peer.raw_ip = addr[0]
                 peer.raw_port = addr[1]
                 peer.send_addr = tuple(addr)

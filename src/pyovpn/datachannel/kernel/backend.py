@@ -498,7 +498,6 @@ class KernelDataChannel:
             raise BackendError(f"{what}: empty packet")
         self._io.send(what, peer, cmd.packet)
 
-
     # ------------------------------------------------------------------ netlink
 
     async def _ensure_channel(self, what: str) -> GenlChannel:

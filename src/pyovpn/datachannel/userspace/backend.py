@@ -78,11 +78,11 @@ from pyovpn.datachannel import api, peer_socket, strangers
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW, KeyState
 from pyovpn.datachannel.datapath import FRAME_LEN, TCP_TX_HIGH_WATER, count, debug_hook
 from pyovpn.datachannel.fragment import Fragmenter, FragmentError, Reassembler
+from pyovpn.datachannel.lane import open_lane
+from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonitor
 from pyovpn.datachannel.userspace.keepalive import Keepalive
-from pyovpn.datachannel.userspace.lane import open_lane
 from pyovpn.datachannel.userspace.multipoint import Multipoint
 from pyovpn.datachannel.userspace.peers import Iface, Peer, SharedUdp
-from pyovpn.datachannel.userspace.routing import AddressInUseError, PeerRouter, RouteMonitor
 from pyovpn.datachannel.userspace.tcp import TcpPath
 from pyovpn.datachannel.userspace.udp import UdpPath
 from pyovpn.datachannel.validate import check_new_key, check_set_peer_keepalive, check_slot, no_key_in_slot
@@ -457,7 +457,6 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
                 count(peer.stats, "control_tx_dropped")
                 return
             raise BackendError(f"{what}: send to {peer.remote} failed: {e.strerror or e}") from None
-
 
     # ------------------------------------------------------------------ teardown
 

@@ -14,17 +14,13 @@ import logging
 import math
 
 from pyovpn.datachannel.api import PeerDelReason
-from pyovpn.datachannel.datapath import seal_ping
+from pyovpn.datachannel.datapath import KA_QUANTUM, LANE_MAX_DELAY, seal_ping
 from pyovpn.datachannel.userspace.peers import Peer, PeerTable, SharedUdp
 
 __all__ = ["KA_QUANTUM", "LANE_MAX_DELAY", "Keepalive"]
 
 log = logging.getLogger(__name__)
 
-KA_QUANTUM = 0.25
-# MP: pings on the keepalive lane wait at most this long (the keepalive timer drains the lane
-# first, so a waiting ping still counts before its peer could expire)
-LANE_MAX_DELAY = 1.0
 _LANE_BATCH = 4096
 
 

@@ -7,7 +7,7 @@ peer whose remote is the source address, and every other packet up as ``ControlP
 one loop callback, in order.
 
 TUN -> network: each packet goes to the peer its destination routes to
-(:meth:`~pyovpn.datachannel.userspace.routing.PeerRouter.for_dst`); the packets of one wakeup
+(:meth:`~pyovpn.datachannel.routing.PeerRouter.for_dst`); the packets of one wakeup
 are sent per peer as one batch.
 """
 
@@ -22,9 +22,9 @@ from pyovpn.datachannel.api import ControlPacket, Framing, normalize_address
 from pyovpn.datachannel.crypto import PacketIdExhaustedError
 from pyovpn.datachannel.datapath import GRO_CMSG_SPACE, count, gro_segment_size
 from pyovpn.datachannel.framing import frame_payload
+from pyovpn.datachannel.lane import close_lane
 from pyovpn.datachannel.peer_socket import give_back
 from pyovpn.datachannel.tos import inner_tos, set_outer_tos
-from pyovpn.datachannel.userspace.lane import close_lane
 from pyovpn.datachannel.userspace.peers import MMSG_COUNT, RX_BATCH, Iface, Peer, PeerTable, SharedUdp
 from pyovpn.net import mmsg
 from pyovpn.net.sockets import RECV_ICMP_ERRNOS

@@ -20,7 +20,7 @@ from pyovpn.datachannel import api, strangers
 from pyovpn.datachannel.crypto import KeyState
 from pyovpn.datachannel.fragment import Fragmenter, Reassembler
 from pyovpn.datachannel.notify import Subscribers
-from pyovpn.datachannel.userspace.routing import PeerRouter, RouteMonitor
+from pyovpn.datachannel.routing import PeerRouter, RouteMonitor
 from pyovpn.errors import BackendError
 from pyovpn.net.mmsg import BatchReceiver
 

@@ -94,9 +94,9 @@ class UdpPath(PeerTable):
                 count(peer.stats, "rx_unknown_peer")
                 return
         elif opcode != OPCODE_DATA_V1:
-            if (
-                addr[0] != peer.raw_ip or addr[1] != peer.raw_port
-            ) and (pkt[0] not in STRANGER_FIRST_BYTES or len(pkt) < MIN_FIRST_PACKET_LEN):
+            if (addr[0] != peer.raw_ip or addr[1] != peer.raw_port) and (
+                pkt[0] not in STRANGER_FIRST_BYTES or len(pkt) < MIN_FIRST_PACKET_LEN
+            ):
                 count(peer.stats, "rx_control_stranger")  # the edge would drop it (Capabilities)
                 return
             self._emit(ControlPacket(peer.peer_id, bytes(pkt), normalize_address(addr)))

@@ -457,8 +457,10 @@ class RouteMirror:
     both the live set and the one being built, in the order the socket delivered them.
     """
 
-    def __init__(self, router: PeerRouter[Any]) -> None:
+    def __init__(self, router: PeerRouter[Any], on_change: Callable[[], None] | None = None) -> None:
         self.router = router
+        # called after the router's live routes changed (the offload engine copies them to its workers)
+        self.on_change = on_change
         self._routes: dict[_PrefixKey, dict[_RouteKey, int]] = {}
         self._staging: dict[_PrefixKey, dict[_RouteKey, int]] | None = None
 
@@ -515,6 +517,8 @@ class RouteMirror:
             table.set(dst, dst_len, entries[min(entries, key=_preference)])
         else:
             table.remove(dst, dst_len)
+        if self.on_change is not None:
+            self.on_change()
 
     def begin_resync(self) -> None:
         self._staging = {}
@@ -533,6 +537,8 @@ class RouteMirror:
             table = routes4 if family == socket.AF_INET else routes6
             table.set(dst, dst_len, entries[min(entries, key=_preference)])
         self.router.set_routes(routes4, routes6)
+        if self.on_change is not None:
+            self.on_change()
 
 
 # ---------------------------------------------------------------------------- the monitor
@@ -550,9 +556,11 @@ class RouteMonitor:
     _RECV_SIZE = 1 << 18
     _READS_PER_WAKEUP = 64
 
-    def __init__(self, loop: Any, ifindex: int, router: PeerRouter[Any]) -> None:
+    def __init__(
+        self, loop: Any, ifindex: int, router: PeerRouter[Any], on_change: Callable[[], None] | None = None
+    ) -> None:
         self.ifindex = ifindex
-        self.mirror = RouteMirror(router)
+        self.mirror = RouteMirror(router, on_change)
         self.resyncs = 0  # completed dumps
         self.overflows = 0  # ENOBUFS: notifications were lost
         self._loop = loop
