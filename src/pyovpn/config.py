@@ -284,7 +284,7 @@ class Options:
     #: `engine-workers N`: worker processes of the multi-process userspace engine (None: one per CPU).
     engine_workers: int | None = None
     #: `userspace-engine`: the userspace data channel's shape; "inprocess" forces the in-process
-    #: backend everywhere, "multiprocess" uses the engine wherever it can (P2P and client tunnels).
+    #: backend everywhere, "multiprocess" uses the engine wherever it can (P2P, clients, P2MP servers).
     userspace_engine: Literal["multiprocess", "inprocess"] = "multiprocess"
     tls_timeout: int = 2
     hand_window: int = 60

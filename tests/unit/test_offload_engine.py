@@ -35,6 +35,7 @@ from pyovpn.datachannel.api import (
 )
 from pyovpn.datachannel.engine.proxy import EngineDataChannel
 from pyovpn.errors import BackendError
+from pyovpn.proto.packets import UNDEF_PEER_ID
 from tests import nslab
 from tests.nslab import (
     Lab,
@@ -630,3 +631,135 @@ def test_recvmmsg_and_recvmsg_receive_paths_agree() -> None:
     assert counts[1] == 299 and counts[2] == 1 and counts[3] == 2
     assert [e[1] for e in events if e[1] == "float"] == ["float", "float"]
     assert final_sender == 0
+
+
+# ---------------------------------------------------------------------------- multipoint receive
+#
+# A P2MP server's receiving worker reads one socket for all UDP peers. Whatever the mix of
+# senders and packet kinds, each datagram must reach its peer (by peer id, else by address),
+# a stranger's control packet must go up as UNDEF_PEER_ID, the reverse-path check must hold,
+# and both receive paths must agree.
+
+
+def _mp_ip_packet(src: str, i: int) -> bytes:
+    body = os.urandom(20 + i * 53 % 1200)
+    hdr = struct.pack(">BBHHHBBH", 0x45, 0, 20 + len(body), i, 0, 64, 17, 0)
+    return hdr + socket.inet_aton(src) + socket.inet_aton("10.0.0.1") + body
+
+
+def _mp_rx_run(use_mmsg: bool, datagrams: list[tuple[int, bytes]], keys: dict[int, bytes]) -> tuple[Any, ...]:
+    from pyovpn.datachannel.api import Cipher
+    from pyovpn.datachannel.crypto import DataKey, KeyState
+    from pyovpn.datachannel.engine import wire
+    from pyovpn.datachannel.engine.worker import Worker, _Peer, _SharedRx
+    from pyovpn.datachannel.routing import PeerRouter
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    w = Worker(1, theirs, {"recvmmsg": use_mmsg})
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.setblocking(False)
+    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    for s in senders:
+        s.bind(("127.0.0.1", 0))
+    tun_r, tun_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun_w.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    tun_r.setblocking(False)
+    try:
+        w.router = PeerRouter()
+        shared = _SharedRx((0, 0), rx)
+        w.shared[shared.key] = shared
+        peers = {}
+        for who, (peer_id, vpn) in enumerate(((5, "10.0.0.2"), (6, "10.0.0.3"))):
+            m = {
+                "peer_id": peer_id, "gen": 1, "tx_peer_id": peer_id, "transport": Transport.UDP.value,
+                "tx": False, "rx": True, "gso": False, "gro": False, "mss4": 0, "mss6": 0,
+                "send_addr": senders[who].getsockname(), "raw_ip": "127.0.0.1",
+                "raw_port": senders[who].getsockname()[1], "vpn4": vpn,
+            }  # fmt: skip
+            peer = _Peer(m, rx, None)
+            key = keys[peer_id]
+            dk = DataKey(Cipher.AES_256_GCM, key[:32], key[32:40])
+            peer.keys[0] = KeyState(0, dk, dk)
+            w.peers[peer_id] = peer
+            w.router.add_peer(peer, vpn, None)
+            shared.attach(peer)
+            peers[peer_id] = peer
+        w.tun_fd = tun_w.fileno()
+        for who, data in datagrams:
+            senders[who].sendto(data, rx.getsockname())
+        time.sleep(0.05)
+        total = len(datagrams)
+        for _ in range(100):
+            w._on_shared(shared)
+            seen = sum(p.stats.link_rx_packets for p in peers.values()) + w.mp_stats.dropped_other
+            if seen >= total - 3:  # the three control packets are not link_rx data
+                break
+        tun = recv_all(tun_r)
+        events = []
+        ours.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                msg, _fds = wire.recv(ours)
+                assert msg is not None
+                events.append(msg.body)
+        ports = {s.getsockname()[1]: i for i, s in enumerate(senders)}
+        by_source: dict[bytes, list[bytes]] = {}
+        for pkt in tun:  # the order across clients is the batching's; each client's is fixed
+            by_source.setdefault(pkt[12:16], []).append(pkt)
+        return (
+            by_source,
+            sorted((b["ev"], b["peer_id"], ports.get(b["addr"][1]), b.get("packet") or b"") for b in events),
+            {
+                pid: (p.stats.vpn_rx_packets, p.stats.dropped_auth, dict(p.stats.extra))
+                for pid, p in peers.items()
+            },
+            (w.mp_stats.dropped_other, dict(w.mp_stats.extra)),
+            {pid: ports[p.raw_port] for pid, p in peers.items()},
+            sorted(ports[port] for _ip, port in shared.by_addr),
+        )
+    finally:
+        for s in (*senders, rx, tun_r, tun_w, ours, theirs):
+            s.close()
+        w.ep.close()
+
+
+def test_mp_shared_socket_demultiplexes_on_both_receive_paths() -> None:
+    from pyovpn.datachannel.api import Cipher
+    from pyovpn.datachannel.crypto import DataKey, KeyState
+
+    keys = {5: os.urandom(40), 6: os.urandom(40)}
+    dks = {pid: DataKey(Cipher.AES_256_GCM, k[:32], k[32:40]) for pid, k in keys.items()}
+    tx = {pid: KeyState(0, dk, dk) for pid, dk in dks.items()}
+    a_plain = [_mp_ip_packet("10.0.0.2", i) for i in range(60)]
+    b_plain = [_mp_ip_packet("10.0.0.3", i) for i in range(60)]
+    a = [tx[5].encrypt(p, peer_id=5) for p in a_plain]
+    b = [tx[6].encrypt(p, peer_id=6) for p in b_plain]
+    spoof = tx[6].encrypt(_mp_ip_packet("10.0.0.2", 99), peer_id=6)  # B sends with A's source
+    undef_plain = _mp_ip_packet("10.0.0.2", 98)
+    undef = tx[5].encrypt(undef_plain, peer_id=UNDEF_PEER_ID)  # A's key, no id: found by address
+    datagrams: list[tuple[int, bytes]] = []
+    for i in range(40):  # the two clients' datagrams interleave
+        datagrams += [(0, a[i]), (1, b[i])]
+    datagrams += [(0, undef), (1, spoof)]
+    datagrams += [(2, b"\x38hello from a new client" + bytes(40))]  # a stranger's control packet
+    datagrams += [(1, b"\x20b's control packet")]  # control from B's address
+    datagrams += [(2, b"\x48\x01"), (2, b"\x48\x00\x00\x09" + bytes(40))]  # short, unknown peer id
+    datagrams += [(2, a[40][:-1] + bytes([a[40][-1] ^ 1]))]  # A's id from a stranger, forged: no float
+    datagrams += [(2, d) for d in a[41:60]]  # A floats to sender 2
+    datagrams += [(1, d) for d in b[40:60]]
+    one = _mp_rx_run(True, datagrams, keys)
+    two = _mp_rx_run(False, datagrams, keys)
+    assert one == two
+    tun, events, per_peer, iface, remotes, indexed = one
+    # each client's packets reach the TUN in order; the forged one and B's spoofed one do not
+    assert tun[socket.inet_aton("10.0.0.3")] == b_plain
+    assert tun[socket.inet_aton("10.0.0.2")] == [*a_plain[:40], undef_plain, *a_plain[41:]]
+    assert ("control", UNDEF_PEER_ID, 2, b"\x38hello from a new client" + bytes(40)) in events
+    assert ("control", 6, 1, b"\x20b's control packet") in events
+    assert [e[:3] for e in events if e[0] == "float"] == [("float", 5, 2)]
+    assert per_peer[6][2].get("rx_dropped_src") == 1
+    assert per_peer[5][1] == 1  # the forged packet failed authentication
+    assert iface == (2, {"rx_unknown_peer": 2})  # data for no peer is dropped and counted
+    assert remotes == {5: 2, 6: 1} and indexed == [1, 2]  # the address index moved with the float

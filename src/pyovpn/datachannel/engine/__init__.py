@@ -10,7 +10,9 @@ Processes (``python -m pyovpn.datachannel.engine``):
 * the **controller** (:mod:`.controller`) executes commands, keeps the authoritative state
   (interface, peers, key slots) and turns worker events into notifications;
 * **workers** (:mod:`.worker`, forked by the controller) move packets in tight epoll loops:
-  the TUN reader/transmit side of a peer on one, its socket/receive side on another.
+  the TUN reader/transmit side of the peers on one, their socket/receive side on another.
+  P2P has one peer; a P2MP server has many, routed by destination address (see
+  :mod:`.controller`).
 
 Data path offloads (:mod:`.gso`): a TUN with ``IFF_VNET_HDR`` and TSO/USO/checksum offloads
 delivers 64 KiB super-packets that are segmented in userspace (vectorised with numpy) into

@@ -14,10 +14,19 @@ proxy about the same thing, and each side drains the other path first (the contr
 every worker event before a proxy request; the proxy reads the direct sockets before a
 controller message), so nothing a worker said earlier is seen later.
 
-Placement (P2P, one peer): worker 0 reads the TUN and owns the peer's transmit side (so
-every packet id of a key comes from one counter, and the TUN's packets stay in order),
-the next worker owns the receive side (socket, replay window, decryption, GRO into the
-TUN). With one worker both sides share it.
+Placement: worker 0 reads the TUN and owns every peer's transmit side (so every packet id
+of a key comes from one counter, and the TUN's packets stay in order), the next worker owns
+the receive sides (socket, replay window, decryption, GRO into the TUN). With one worker
+both sides share it.
+
+Multipoint (``IfaceMode.MP``, a P2MP server): UDP peers share the server's socket, which the
+receiving worker reads once for all of them (DATA_V2 by peer id, the rest by source address,
+a new client's control packets up with ``UNDEF_PEER_ID``); the transmitting worker sends each
+TUN packet to the peer its destination routes to. The controller follows the system routes
+through the interface (:class:`~pyovpn.datachannel.routing.RouteMonitor`, the same mirror the
+kernel's own FIB lookup gives the ``ovpn`` driver) and copies them to the workers whenever they
+change; each ``NewPeer`` brings the peer's VPN addresses. The peers' remote addresses are
+slots of one shared mapping (:class:`~pyovpn.datachannel.engine.remote.RemoteArea`).
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ from pyovpn.datachannel.api import (
 from pyovpn.datachannel.api import normalize_address as _normalize
 from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, KeyState
 from pyovpn.datachannel.engine import wire
-from pyovpn.datachannel.engine.remote import RemoteCell
+from pyovpn.datachannel.engine.remote import RemoteArea, RemoteCell
 from pyovpn.datachannel.engine.wire import Kind, Message
 from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonitor
 from pyovpn.datachannel.validate import (
@@ -122,6 +131,7 @@ class _Peer:
     gro: bool = False
     cell: RemoteCell | None = None  # UDP: the remote address shared with the workers
     shared_key: tuple[int, int] | None = None  # MP over UDP: the server socket, shared by peers
+    cell_slot: int | None = None  # MP over UDP: the cell is this slot of the RemoteArea
 
 
 @dataclass
@@ -187,6 +197,7 @@ class Controller:
         self.monitor: RouteMonitor | None = None
         self.routes_dirty = False
         self.shared: dict[tuple[int, int], _SharedSocket] = {}
+        self.area: RemoteArea | None = None  # MP: the peers' remote addresses, one mapping
         self.queue: asyncio.Queue[tuple[Message, list[int]]] = asyncio.Queue()
         self.closed = False
         self.gen = 0
@@ -408,8 +419,14 @@ class Controller:
             raise
         iface = _Iface(ifname, cmd.name, fd, cmd.mode, cmd.mtu, vnet)
         mp = cmd.mode is IfaceMode.MP
+        fds = [fd]
+        if mp:
+            self.area = RemoteArea()
+            fds.append(self.area.fd)
         for link in self.links:
-            await self._call(link.index, "set_tun", [fd], vnet=vnet, mtu=cmd.mtu, read=link.index == 0, mp=mp)
+            await self._call(link.index, "set_tun", fds, vnet=vnet, mtu=cmd.mtu, read=link.index == 0, mp=mp)
+        if self.area is not None:
+            self.area.drop_fd()  # every worker has mapped it
         self.iface = iface
         if mp:
             assert self.loop is not None
@@ -441,6 +458,9 @@ class Controller:
             self.monitor.close()
             self.monitor = None
         self.router = None
+        if self.area is not None:
+            self.area.close()
+            self.area = None
         for link in self.links:
             with contextlib.suppress(BackendError):
                 await self._call(link.index, "clear_tun")
@@ -499,9 +519,15 @@ class Controller:
         fds = [peer.sock.fileno()]
         if peer.transport is Transport.UDP:
             assert peer.send_addr is not None
-            peer.cell = RemoteCell()
+            slot = self.area.take() if self.area is not None else None
+            if slot is not None:
+                assert self.area is not None
+                peer.cell = self.area.cell(slot)
+                peer.cell_slot = desc["cell_slot"] = slot
+            else:
+                peer.cell = RemoteCell()
+                fds.append(peer.cell.fd)
             peer.cell.store(peer.send_addr)
-            fds.append(peer.cell.fd)
         try:
             for index in sorted(set(peer.workers)):
                 d = dict(desc, tx=index == tx_w, rx=index == rx_w)
@@ -804,6 +830,10 @@ class Controller:
         if peer.cell is not None:
             peer.cell.close()
             peer.cell = None
+        if peer.cell_slot is not None:
+            if self.area is not None:
+                self.area.give(peer.cell_slot)
+            peer.cell_slot = None
         if self.router is not None:
             self.router.remove_peer(peer.peer_id)
         if peer.shared_key is not None:

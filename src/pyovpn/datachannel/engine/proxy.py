@@ -78,6 +78,8 @@ class EngineDataChannel:
 
     name = "userspace-offload"
     capabilities = Capabilities(
+        mp=True,
+        lane=True,
         tcp_backlog=True,
         stats=True,
         gso=True,

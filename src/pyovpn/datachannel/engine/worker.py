@@ -70,7 +70,7 @@ from pyovpn.datachannel.datapath import TCP_RX_CHUNK as _TCP_RX_CHUNK
 from pyovpn.datachannel.datapath import TCP_TX_HIGH_WATER as _TCP_TX_HIGH_WATER
 from pyovpn.datachannel.datapath import count as _count
 from pyovpn.datachannel.engine import gso, wire
-from pyovpn.datachannel.engine.remote import RemoteCell
+from pyovpn.datachannel.engine.remote import RemoteArea, RemoteCell
 from pyovpn.datachannel.engine.wire import Kind
 from pyovpn.datachannel.fragment import Fragmenter
 from pyovpn.datachannel.framing import FramingError, frame_slots, note_framing_error, unframe
@@ -318,6 +318,7 @@ class Worker:
         # MP: TUN packets go to the peer their destination routes to (the controller mirrors
         # the system routes through the interface into the router); UDP peers share sockets
         self.router: PeerRouter[_Peer] | None = None
+        self.area: RemoteArea | None = None  # MP: the peers' remote addresses (slots of one mapping)
         self.shared: dict[tuple[int, int], _SharedRx] = {}
         self.mp_stats = Stats()  # MP drops that belong to no peer (no route, unknown peer id...)
         # timers: keepalive deadlines only move later, so one scan of all peers finds the next
@@ -506,7 +507,7 @@ class Worker:
     def _dispatch(self, m: dict[str, Any], fds: list[int]) -> Any:
         op = m["op"]
         if op == "set_tun":
-            return self._set_tun(m, fds[0])
+            return self._set_tun(m, fds)
         if op == "clear_tun":
             return self._clear_tun()
         if op == "add_peer":
@@ -569,9 +570,13 @@ class Worker:
 
     # ------------------------------------------------------------------ setup
 
-    def _set_tun(self, m: dict[str, Any], fd: int) -> None:
+    def _set_tun(self, m: dict[str, Any], fds: list[int]) -> None:
         self._clear_tun()
+        fd = fds[0]
         self.router = PeerRouter() if m.get("mp") else None
+        if len(fds) > 1:
+            self.area = RemoteArea(fds[1])
+            self.area.drop_fd()
         self.tun_fd = fd
         self.tun_vnet = bool(m["vnet"])
         self.tun_mtu = m["mtu"]
@@ -598,6 +603,7 @@ class Worker:
                 os.close(self.tun_fd)
         self.tun_fd = -1
         self.tun_read = False
+        self.area = None  # its mapping lives on while a peer's cell still refers to it
 
     def _add_peer(self, m: dict[str, Any], fds: list[int]) -> None:
         key = m.get("shared_key")
@@ -616,9 +622,14 @@ class Worker:
             sock = shared.sock
         else:
             sock = socket.socket(fileno=fds[0])
-        cell = RemoteCell(fds[1]) if len(fds) > 1 else None
-        if cell is not None:
-            cell.drop_fd()  # the mapping stays; a server with many peers must not hold an fd each
+        slot = m.get("cell_slot")
+        if slot is not None and self.area is not None:
+            cell: RemoteCell | None = self.area.cell(slot)
+        elif len(fds) > 1:
+            cell = RemoteCell(fds[1])
+            cell.drop_fd()  # the mapping stays
+        else:
+            cell = None
         peer = _Peer(m, sock, cell)
         self._sync_remote(peer)
         old = self.peers.get(peer.peer_id)
@@ -1186,8 +1197,9 @@ class Worker:
     def _on_shared(self, sh: _SharedRx, lane: bool = False) -> None:
         """MP network -> TUN: read the socket the UDP peers share, each datagram to its peer.
 
-        The datagrams of one sender run are decrypted as one batch, as in :meth:`_on_udp`;
-        a control packet from an address without a peer goes up with ``UNDEF_PEER_ID`` (a new
+        The datagrams of one receive call are grouped by peer (clients' datagrams arrive
+        interleaved) and each group is decrypted as one batch, as in :meth:`_on_udp`; a
+        control packet from an address without a peer goes up with ``UNDEF_PEER_ID`` (a new
         client's handshake). ``lane``: drain the keepalive lane instead.
         """
         sock = sh.lane if lane else sh.sock
@@ -1239,6 +1251,7 @@ class Worker:
                 if e.errno in RECV_ICMP_ERRNOS:
                     continue
                 break
+            groups: dict[_Peer, list[int]] = {}
             for i in range(n):
                 addr = addrs[i]
                 ln = lens[i]
@@ -1266,11 +1279,18 @@ class Worker:
                     self.mp_stats.dropped_other += 1
                     _count(self.mp_stats, "rx_unknown_peer")
                     continue
+                group = groups.get(peer)
+                if group is None:
+                    groups[peer] = [i]
+                else:
+                    group.append(i)
+            for peer, group in groups.items():
                 if rx is None:
                     rx = _RxBatch(self, peer, mv, lane)
                 else:
                     rx.use(peer)
-                rx.add(off, ln, segs[i], addr)
+                for i in group:
+                    rx.add(i * step, lens[i], segs[i], addrs[i])
             if rx is not None:
                 rx.decrypt()  # the next call reuses the buffer: decrypt this call's datagrams first
             taken += n
