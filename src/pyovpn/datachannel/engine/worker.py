@@ -215,6 +215,9 @@ class _RxBatch:
     to reuse their part of ``buf``, or before the plaintext buffer could overflow (a plaintext
     is never longer than its datagram, so ``ppos + pending_bytes`` bounds what they will fill).
     Then the TUN gets what was decrypted so far. :meth:`finish` writes the rest.
+
+    MP: the plaintext of several peers shares one TUN write batch (``owners`` says which
+    slots are whose), so clients whose datagrams interleave still get large GRO writes.
     """
 
     __slots__ = (
@@ -223,6 +226,7 @@ class _RxBatch:
         "dgrams",
         "late",
         "limit",
+        "owners",
         "peer",
         "pending",
         "pending_bytes",
@@ -238,6 +242,7 @@ class _RxBatch:
         self.buf = buf
         self.limit = len(w.plain) - 8192
         self.slots: list[tuple[int, int]] = []
+        self.owners: list[tuple[_Peer, int]] = []  # (peer, end): slots[previous end:end] are its
         self.ppos = 0
         self.pending: list[tuple[int, int]] = []
         self.pending_bytes = 0
@@ -275,24 +280,31 @@ class _RxBatch:
             self._write()
 
     def use(self, peer: _Peer) -> None:
-        """MP: the datagrams added next are ``peer``'s; what the previous peer sent goes out first."""
+        """MP: the datagrams added next are ``peer``'s (what the previous peer sent is decrypted)."""
         if peer is not self.peer:
-            self.finish()
+            self.decrypt()
             self.peer = peer
 
     def decrypt(self) -> None:
-        if self.pending and not self.peer.dead:
-            w = self.w
-            self.ppos = w._rx_datagrams(
-                self.peer, self.buf, self.pending, self.addr, self.slots, self.ppos, self.late
+        peer = self.peer
+        if self.pending and not peer.dead:
+            slots = self.slots
+            self.ppos = self.w._rx_datagrams(
+                peer, self.buf, self.pending, self.addr, slots, self.ppos, self.late
             )
+            owners = self.owners
+            if owners and owners[-1][0] is peer:
+                owners[-1] = (peer, len(slots))
+            elif not owners or owners[-1][1] < len(slots):
+                owners.append((peer, len(slots)))
         self.pending = []
         self.pending_bytes = 0
 
     def _write(self) -> None:
-        if self.slots and not self.peer.dead:
-            self.w._tun_write(self.peer, self.slots)
+        if self.slots:
+            self.w._tun_write(self.slots, self.owners)
         self.slots = []
+        self.owners = []
         self.ppos = 0
 
     def finish(self) -> None:
@@ -1447,14 +1459,20 @@ class Worker:
                 self._event("float", peer_id=peer.peer_id, gen=peer.gen, addr=tuple(addr))
         return ppos
 
-    def _tun_write(self, peer: _Peer, slots: list[tuple[int, int]]) -> None:
-        st = peer.stats
+    def _tun_write(self, slots: list[tuple[int, int]], owners: list[tuple[_Peer, int]]) -> None:
+        """Write decrypted packets to the TUN; ``owners``: ``(peer, end)``, whose slots end where."""
         fd = self.tun_fd
         plain = self.plain
-        if peer.mss4 or peer.mss6:
-            for off, ln in slots:
-                if gso.may_be_tcp_syn(plain, off):
-                    self._clamp_rx(peer, off, ln)
+        start = 0
+        for peer, end in owners:
+            if peer.mss4 or peer.mss6:
+                for off, ln in slots[start:end]:
+                    if gso.may_be_tcp_syn(plain, off):
+                        self._clamp_rx(peer, off, ln)
+            st = peer.stats
+            st.vpn_rx_packets += end - start
+            st.vpn_rx_bytes += sum(ln for _o, ln in slots[start:end])
+            start = end
         if self.tun_vnet and self.tun_gro:
             writes = gso.coalesce(plain, self.plain_np, slots, verify=self.verify_rx_csum)
         elif self.tun_vnet:
@@ -1464,14 +1482,13 @@ class Worker:
             pmv = self.plain_mv
             writes = [[pmv[o : o + ln]] for o, ln in slots]
         writev = os.writev
+        st = owners[0][0].stats  # a mixed batch's write errors and merges count for its first peer
         for iov in writes:
             try:
                 writev(fd, iov)
             except OSError:
                 st.dropped_other += 1
                 _count(st, "tun_write_errors")
-        st.vpn_rx_packets += len(slots)
-        st.vpn_rx_bytes += sum(ln for _o, ln in slots)
         if len(writes) < len(slots):
             _count(st, "gro_merged", len(slots) - len(writes))
 
@@ -1551,7 +1568,7 @@ class Worker:
         slots: list[tuple[int, int]] = []
         self._rx_datagrams(peer, self.rx_mv, dgrams, None, slots, 0)
         if slots:
-            self._tun_write(peer, slots)
+            self._tun_write(slots, [(peer, len(slots))])
 
     def _tcp_queue(self, peer: _Peer, frames: bytes, *, control: bool) -> bool:
         """Send whole frames or queue them; control frames overtake queued data frames."""
