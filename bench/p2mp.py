@@ -24,8 +24,10 @@ fresh server; the table shows medians, the connect time also as min-max.
 
 Prints a Markdown table with ratios (pyovpn / OpenVPN) and writes it into docs/BENCHMARKS.md
 between ``<!-- bench/p2mp.py:begin -->`` and ``<!-- bench/p2mp.py:end -->`` (``--no-write``
-to skip). ``--baseline REV`` adds the pyovpn server of an earlier commit (its src/ via
-``git archive``) to the same rounds and only prints the table::
+to skip). ``--engine`` adds pyovpn with ``userspace-engine multiprocess`` (the server on the
+multi-process engine; by default it runs on the in-process plane). ``--baseline REV`` adds
+the pyovpn server of an earlier commit (its src/ via ``git archive``). With either, the table
+is only printed::
 
     sudo python3 bench/p2mp.py            # 1000 clients, 30 s idle, 3 rounds
     sudo python3 bench/p2mp.py -n 50 --idle 10 --repeat 1 --no-write
@@ -450,6 +452,9 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
     ap.add_argument("--keep", metavar="DIR", help="keep configs and logs in DIR")
     ap.add_argument(
+        "--engine", action="store_true", help="also run pyovpn with userspace-engine multiprocess"
+    )
+    ap.add_argument(
         "--baseline",
         metavar="REV",
         help="also run the pyovpn server of an earlier git commit in the same rounds (printed, not written)",
@@ -465,6 +470,8 @@ def main() -> int:
     ]
     if args.only:
         variants = [v for v in variants if v.impl == args.only]
+    if args.engine and args.only != "openvpn":
+        variants.append(Variant("pyovpn (multi-process engine)", "pyovpn", ["userspace-engine multiprocess"]))
     if args.baseline:
         variants.append(Variant(f"pyovpn@{args.baseline} (userspace data channel)", "pyovpn-baseline"))
     results: dict[str, Summary] = {v.name: Summary([]) for v in variants}
@@ -479,7 +486,7 @@ def main() -> int:
         for rnd in range(1, args.repeat + 1):
             for v in variants:  # alternate, so slow drift of the host's load hits both alike
                 print(f"round {rnd}/{args.repeat}: {v.name} with {n} clients", flush=True)
-                workdir = base / f"{rnd}-{v.impl}"
+                workdir = base / f"{rnd}-{v.impl}{'-' + str(variants.index(v)) if v.extra else ''}"
                 workdir.mkdir(exist_ok=True)
                 m = run_variant(v, pki, workdir, n, args.concurrency, args.settle, args.idle)
                 results[v.name].runs.append(m)
@@ -493,7 +500,7 @@ def main() -> int:
     text = table(results, n, args.idle, args.concurrency)
     print()
     print(text)
-    if not args.no_write and not args.baseline:
+    if not args.no_write and not args.baseline and not args.engine:
         prefix = "sudo " if os.environ.get("SUDO_USER") else ""
         write_doc(text, (f"{prefix}python3 bench/p2mp.py " + shlex.join(sys.argv[1:])).strip())
         print("\nwritten to docs/BENCHMARKS.md")

@@ -9,7 +9,9 @@ the same time, first clients -> server, then server -> clients (``-R``). Reports
 aggregate (sum of the clients' rates) with its min-max, the ratio to stock OpenVPN, and the
 server's CPU seconds per GB moved. ``--proto tcp`` runs the tunnels over TCP instead of UDP.
 ``--baseline REV`` adds the pyovpn of an earlier commit (its src/ via ``git archive``) as a
-third server variant in the same alternating rounds. ``--idle N`` (UDP) also keeps N simulated
+third server variant in the same alternating rounds. ``--engine`` adds pyovpn with
+``userspace-engine multiprocess`` (the server on the multi-process engine; by default a
+server runs on the in-process plane). ``--idle N`` (UDP) also keeps N simulated
 clients connected during the transfers (``pyovpn.tools.loadgen`` in the first client's
 namespace, a keepalive ping every 10 s each; the server gets ``duplicate-cn``), so "100
 connected, 10 transferring" is ``--clients 10 --idle 90``.
@@ -18,6 +20,7 @@ connected, 10 transferring" is ``--clients 10 --idle 90``.
     sudo python3 bench/p2mp_throughput.py --proto tcp --rounds 3
     sudo python3 bench/p2mp_throughput.py --baseline HEAD~1 --rounds 5
     sudo python3 bench/p2mp_throughput.py --clients 10 --idle 90 --rounds 3
+    sudo python3 bench/p2mp_throughput.py --engine --rounds 3
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from pyovpn.tools.pki import Pki, issue_client, make_pki  # noqa: E402
 
 SERVER_IP = "10.79.0.1"
 IPERF_BASE_PORT = 5301
-VARIANTS = {"openvpn": "OpenVPN 2.6 server (tuned)", "pyovpn": "pyovpn server (userspace)"}
+VARIANTS = {"openvpn": "OpenVPN 2.6 server (tuned)", "pyovpn": "pyovpn server (userspace, default plane)"}
 BASELINE_SRC: Path | None = None  # --baseline: the earlier commit's src/
 
 
@@ -64,6 +67,8 @@ def _server_conf(impl: str, pki: Pki, proto: str, idle: int) -> str:
         extra += ["disable-dco", *OPENVPN_TUNED]
     else:
         extra += ["dco userspace"]
+    if impl == "pyovpn-engine":
+        extra += ["userspace-engine multiprocess"]
     return p2mp_server_config(pki, "10.79.0.0", *extra)
 
 
@@ -181,11 +186,16 @@ def main() -> int:
     ap.add_argument("--proto", choices=["udp", "tcp"], default="udp")
     ap.add_argument("--baseline", metavar="REV", help="also run the pyovpn of an earlier git commit")
     ap.add_argument("--idle", type=int, default=0, help="also keep N simulated clients connected (UDP)")
+    ap.add_argument(
+        "--engine", action="store_true", help="also run pyovpn with userspace-engine multiprocess"
+    )
     args = ap.parse_args()
     if args.idle and args.proto != "udp":
         ap.error("--idle: the load generator speaks UDP only")
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
+    if args.engine:
+        VARIANTS["pyovpn-engine"] = "pyovpn server (userspace, multi-process engine)"
     with tempfile.TemporaryDirectory() as td:
         if args.baseline:
             global BASELINE_SRC

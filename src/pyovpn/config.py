@@ -284,8 +284,9 @@ class Options:
     #: `engine-workers N`: worker processes of the multi-process userspace engine (None: one per CPU).
     engine_workers: int | None = None
     #: `userspace-engine`: the userspace data channel's shape; "inprocess" forces the in-process
-    #: backend everywhere, "multiprocess" uses the engine wherever it can (P2P, clients, P2MP servers).
-    userspace_engine: Literal["multiprocess", "inprocess"] = "multiprocess"
+    #: backend everywhere, "multiprocess" uses the engine wherever it can (P2P, clients, P2MP
+    #: servers), "auto" the engine except for a P2MP server (see edge/backendfit.py).
+    userspace_engine: Literal["auto", "multiprocess", "inprocess"] = "auto"
     tls_timeout: int = 2
     hand_window: int = 60
     tran_window: int = 3600
@@ -1280,11 +1281,11 @@ def _opt_disable_dco(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, dco="userspace")
 
 
-@_option("userspace-engine", args=(1, 1), usage="userspace-engine multiprocess|inprocess")
+@_option("userspace-engine", args=(1, 1), usage="userspace-engine auto|multiprocess|inprocess")
 def _opt_userspace_engine(b: _Builder, d: Directive) -> None:
-    if d.args[0] not in ("multiprocess", "inprocess"):
-        raise _error(d, f"userspace-engine: bad value '{d.args[0]}'; use multiprocess or inprocess")
-    b.opts = replace(b.opts, userspace_engine=cast(Literal["multiprocess", "inprocess"], d.args[0]))
+    if d.args[0] not in ("auto", "multiprocess", "inprocess"):
+        raise _error(d, f"userspace-engine: bad value '{d.args[0]}'; use auto, multiprocess or inprocess")
+    b.opts = replace(b.opts, userspace_engine=cast(Literal["auto", "multiprocess", "inprocess"], d.args[0]))
 
 
 # -- TLS and keys ------------------------------------------------------------------------------

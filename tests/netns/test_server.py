@@ -92,8 +92,30 @@ def client_conf(pki: Pki, workdir: Path, cn: str, remote: str, cipher: str, extr
 CLIENTS = [("alice", "AES-128-GCM"), ("bob", "CHACHA20-POLY1305"), ("carol", "AES-256-GCM")]
 
 
-def start_all(star: Star, pki: Pki, *, client_to_client: bool) -> tuple[Proc, list[Proc]]:
-    conf = server_conf(pki, star.workdir, client_to_client=client_to_client)
+# the userspace planes a server can run on: in-process (the default, `auto`) and the engine
+PLANES = ["auto", "multiprocess"]
+
+
+def plane_line(plane: str) -> str:
+    """The config line for ``plane``; in the guest the kernel driver carries the data instead."""
+    if plane != "auto" and DCO == "kernel":
+        print(f"skipping: userspace-engine {plane} is for the userspace data channel, not the kernel's")
+        pytest.skip("the userspace plane does not apply on the kernel data channel")
+    return f"userspace-engine {plane}"
+
+
+def assert_plane(server: Proc, plane: str) -> None:
+    """The server's log names the plane it runs on."""
+    if DCO != "userspace":
+        return
+    engine = "offload engine: created" in server.text()
+    assert engine == (plane == "multiprocess"), f"the server is not on the {plane} plane"
+
+
+def start_all(
+    star: Star, pki: Pki, *, client_to_client: bool, plane: str = "auto"
+) -> tuple[Proc, list[Proc]]:
+    conf = server_conf(pki, star.workdir, client_to_client=client_to_client, extra=plane_line(plane))
     server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
     wait_listening(star.server, "udp", 1194, proc=server)
     clients = []
@@ -111,8 +133,10 @@ def pushed_ip(log: str) -> str:
     raise AssertionError("no pushed ifconfig in the client log")
 
 
-def test_three_openvpn_clients_with_their_own_ciphers(star: Star, pki: Pki) -> None:
-    _server, clients = start_all(star, pki, client_to_client=True)
+@pytest.mark.parametrize("plane", PLANES)
+def test_three_openvpn_clients_with_their_own_ciphers(star: Star, pki: Pki, plane: str) -> None:
+    server, clients = start_all(star, pki, client_to_client=True, plane=plane)
+    assert_plane(server, plane)
     addrs = [pushed_ip(c.text()) for c in clients]
     assert addrs[2] == "10.78.0.50"  # ccd ifconfig-push
     assert len(set(addrs)) == 3 and all(a.startswith("10.78.0.") for a in addrs)
@@ -138,8 +162,11 @@ def test_client_to_client_refused_when_disabled(star: Star, pki: Pki) -> None:
     assert not ping(star.peers[0], addrs[1], count=2, timeout=4).ok
 
 
-def test_disconnected_client_address_is_reused_and_others_unaffected(star: Star, pki: Pki) -> None:
-    server, clients = start_all(star, pki, client_to_client=False)
+@pytest.mark.parametrize("plane", PLANES)
+def test_disconnected_client_address_is_reused_and_others_unaffected(
+    star: Star, pki: Pki, plane: str
+) -> None:
+    server, clients = start_all(star, pki, client_to_client=False, plane=plane)
     first = pushed_ip(clients[0].text())
     mark = server.mark()
     clients[0].stop()

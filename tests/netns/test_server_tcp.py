@@ -16,7 +16,17 @@ import pytest
 
 from pyovpn.tools.pki import Pki
 from tests.netns.harness import INIT_LINE, Proc, Star, ping, wait_for_lines, wait_listening
-from tests.netns.test_server import CLIENTS, SERVER4, SERVER6, client_conf, pushed_ip, server_conf
+from tests.netns.test_server import (
+    CLIENTS,
+    PLANES,
+    SERVER4,
+    SERVER6,
+    assert_plane,
+    client_conf,
+    plane_line,
+    pushed_ip,
+    server_conf,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -27,9 +37,9 @@ def star(tmp_path: Path) -> Iterator[Star]:
         yield s
 
 
-def _start(star: Star, pki: Pki) -> tuple[Proc, list[Proc], Path]:
+def _start(star: Star, pki: Pki, plane: str = "auto") -> tuple[Proc, list[Proc], Path]:
     status = star.workdir / "status.txt"
-    extra = f"proto tcp-server\nstatus {status} 1\nstatus-version 2"
+    extra = f"proto tcp-server\nstatus {status} 1\nstatus-version 2\n{plane_line(plane)}"
     conf = server_conf(pki, star.workdir, client_to_client=True, extra=extra)
     server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
     wait_listening(star.server, "tcp", 1194, timeout=30, proc=server)  # the guest's emulated CPUs are slow
@@ -45,8 +55,10 @@ def _client_rows(status: Path) -> list[str]:
     return [ln for ln in status.read_text().splitlines() if ln.startswith("CLIENT_LIST,")]
 
 
-def test_three_stock_clients_over_tcp(star: Star, pki: Pki) -> None:
-    server, clients, status = _start(star, pki)
+@pytest.mark.parametrize("plane", PLANES)
+def test_three_stock_clients_over_tcp(star: Star, pki: Pki, plane: str) -> None:
+    server, clients, status = _start(star, pki, plane)
+    assert_plane(server, plane)
     addrs = [pushed_ip(c.text()) for c in clients]
     assert len(set(addrs)) == 3
     for (cn, cipher), c in zip(CLIENTS, clients, strict=True):

@@ -15,7 +15,7 @@ from .test_config import CLIENT
 
 def test_defaults_and_values() -> None:
     o = parse_config_text(CLIENT)
-    assert (o.engine_workers, o.userspace_engine) == (None, "multiprocess")
+    assert (o.engine_workers, o.userspace_engine) == (None, "auto")
     o = parse_config_text(CLIENT + "engine-workers 3\nuserspace-engine inprocess\n")
     assert (o.engine_workers, o.userspace_engine) == (3, "inprocess")
 
@@ -42,3 +42,19 @@ def test_backend_choice_follows_the_options() -> None:
     assert isinstance(engine, EngineDataChannel) and engine._workers == 1
     assert isinstance(_userspace_backend(mssfix=None, engine="inprocess"), UserspaceDataChannel)
     assert isinstance(_userspace_backend(mssfix=None), EngineDataChannel)  # P2P and P2MP alike
+
+
+def test_auto_puts_a_p2mp_server_in_process_unless_asked() -> None:
+    """`auto` (the default) keeps a server on the in-process plane: the engine moves more data but
+    costs more memory, connect CPU and idle CPU (docs/BENCHMARKS.md); `multiprocess` asks for it."""
+    from pyovpn.edge import backendfit
+
+    from .test_config_server import SERVER
+
+    assert backendfit.userspace_engine(parse_config_text(CLIENT)) == "multiprocess"
+    o = parse_config_text(SERVER)
+    assert o.mode == "server" and backendfit.userspace_engine(o) == "inprocess"
+    o = parse_config_text(SERVER + "userspace-engine multiprocess\n")
+    assert backendfit.userspace_engine(o) == "multiprocess"
+    o = parse_config_text(CLIENT + "userspace-engine auto\n")
+    assert o.userspace_engine == "auto" and backendfit.userspace_engine(o) == "multiprocess"

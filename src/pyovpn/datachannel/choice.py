@@ -91,6 +91,7 @@ def _userspace_backend(
     from pyovpn.datachannel.userspace import UserspaceDataChannel
 
     if engine == "inprocess":
+        log.info("DCO: userspace data channel in-process (userspace-engine inprocess or auto)")
         return UserspaceDataChannel()
     if engine != "multiprocess":
         raise BackendError(f"userspace-engine {engine!r}: use 'multiprocess' or 'inprocess'")
