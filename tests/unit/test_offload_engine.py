@@ -763,3 +763,43 @@ def test_mp_shared_socket_demultiplexes_on_both_receive_paths() -> None:
     assert per_peer[5][1] == 1  # the forged packet failed authentication
     assert iface == (2, {"rx_unknown_peer": 2})  # data for no peer is dropped and counted
     assert remotes == {5: 2, 6: 1} and indexed == [1, 2]  # the address index moved with the float
+
+
+def test_a_failed_control_send_does_not_leave_the_tun_paused() -> None:
+    """MP: a held control packet pauses the TUN until no peer has one waiting. A send that fails
+    hard (reported to the caller) must not leave its peer counted as waiting, or the TUN would
+    stay paused, and the server stop sending to every client, for good."""
+    from pyovpn.datachannel.engine.worker import Worker, _Peer
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tun_r, tun_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    w = Worker(0, theirs, {})
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    try:
+        w._set_tun({"vnet": False, "mtu": 1500, "read": True, "mp": True}, [os.dup(tun_r.fileno())])
+        peers = {}
+        for peer_id, addr in ((5, sink.getsockname()), (6, ("127.0.0.1", 0))):  # port 0: EINVAL
+            m = {
+                "peer_id": peer_id, "gen": 1, "tx_peer_id": peer_id, "transport": Transport.UDP.value,
+                "tx": True, "rx": False, "gso": False, "gro": False, "mss4": 0, "mss6": 0,
+                "send_addr": addr, "raw_ip": addr[0], "raw_port": addr[1],
+            }  # fmt: skip
+            peers[peer_id] = w.peers[peer_id] = _Peer(m, sock, None)
+        w.last_burst = time.monotonic()  # a data burst just left: control packets wait their gap
+        w._send_control(peers[5], b"\x28held")
+        assert w.tun_paused and w.ctl_waiting == {peers[5]}
+        w.last_burst = 0.0
+        with pytest.raises(OSError, match="failed"):
+            w._send_control(peers[6], b"\x28fails")
+        assert peers[6] not in w.ctl_waiting and w.tun_paused  # A's packet still waits
+        time.sleep(0.01)
+        w._run_timers()
+        assert sink.recv(100) == b"\x28held"
+        assert not w.ctl_waiting and not w.tun_paused
+    finally:
+        w._clear_tun()
+        for s in (ours, theirs, tun_r, tun_w, sock, sink):
+            s.close()
+        w.ep.close()

@@ -1063,9 +1063,19 @@ class Worker:
     def _ctl_flush(self, peer: _Peer, *, report: bool = False) -> None:
         """Send queued UDP control packets in order; stop (and retry soon) if the socket is full.
 
-        Resumes reading the TUN once the queue is empty. ``report``: raise a hard send error
-        (the packet is dropped) instead of logging it.
+        Resumes reading the TUN once no peer has control packets waiting, also when a send
+        fails (a peer left behind in ``ctl_waiting`` would keep the TUN paused for good).
+        ``report``: raise a hard send error (the packet is dropped) instead of logging it.
         """
+        try:
+            self._ctl_send_queued(peer, report)
+        finally:
+            if not peer.ctl_q or peer.dead:
+                self.ctl_waiting.discard(peer)
+                if not self.ctl_waiting:
+                    self._resume_tun()
+
+    def _ctl_send_queued(self, peer: _Peer, report: bool) -> None:
         q = peer.ctl_q
         now = time.monotonic()
         if q and not peer.dead and now >= peer.ctl_retry_at:
@@ -1100,10 +1110,6 @@ class Worker:
                 peer.ctl_refused_since = 0.0
                 _count(st, "control_tx")
             peer.ctl_retry_at = 0.0
-        if not q or peer.dead:
-            self.ctl_waiting.discard(peer)
-            if not self.ctl_waiting:
-                self._resume_tun()
 
     def _pause_tun(self) -> None:
         if not self.tun_paused and self.tun_read and self.tun_fd in self.handlers:
