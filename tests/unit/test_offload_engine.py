@@ -535,10 +535,23 @@ def test_engine_control_packets_under_saturation(lab: Lab, transport: Transport)
 # report the same floats and control packets, for any mix of senders and packet kinds.
 
 
+def _worker_messages(ours: socket.socket) -> list[Any]:
+    """Everything a worker has sent on its channel so far (events, control packets)."""
+    from pyovpn.datachannel.engine import wire
+
+    out = []
+    ours.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            msg, _fds = wire.recv(ours)
+            assert msg is not None
+            out.append(msg)
+    return out
+
+
 def _rx_run(use_mmsg: bool, datagrams: list[tuple[int, bytes]], key: bytes) -> tuple[Any, ...]:
     from pyovpn.datachannel.api import Cipher
     from pyovpn.datachannel.crypto import DataKey, KeyState
-    from pyovpn.datachannel.engine import wire
     from pyovpn.datachannel.engine.worker import Worker, _Peer
     from pyovpn.net import mmsg
 
@@ -577,13 +590,7 @@ def _rx_run(use_mmsg: bool, datagrams: list[tuple[int, bytes]], key: bytes) -> t
             if peer.stats.link_rx_packets + peer.stats.dropped_other == before:
                 break
         tun = recv_all(tun_r)
-        events = []
-        ours.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                msg, _fds = wire.recv(ours)
-                assert msg is not None
-                events.append((msg.kind, msg.body))
+        events = [(msg.kind, msg.body) for msg in _worker_messages(ours)]
         ports = {s.getsockname()[1]: i for i, s in enumerate(senders)}
         st = peer.stats
         return (
@@ -650,7 +657,6 @@ def _mp_ip_packet(src: str, i: int) -> bytes:
 def _mp_rx_run(use_mmsg: bool, datagrams: list[tuple[int, bytes]], keys: dict[int, bytes]) -> tuple[Any, ...]:
     from pyovpn.datachannel.api import Cipher
     from pyovpn.datachannel.crypto import DataKey, KeyState
-    from pyovpn.datachannel.engine import wire
     from pyovpn.datachannel.engine.worker import Worker, _Peer, _SharedRx
     from pyovpn.datachannel.routing import PeerRouter
 
@@ -697,13 +703,7 @@ def _mp_rx_run(use_mmsg: bool, datagrams: list[tuple[int, bytes]], keys: dict[in
             if seen >= total - 3:  # the three control packets are not link_rx data
                 break
         tun = recv_all(tun_r)
-        events = []
-        ours.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                msg, _fds = wire.recv(ours)
-                assert msg is not None
-                events.append(msg.body)
+        events = [msg.body for msg in _worker_messages(ours)]
         ports = {s.getsockname()[1]: i for i, s in enumerate(senders)}
         by_source: dict[bytes, list[bytes]] = {}
         for pkt in tun:  # the order across clients is the batching's; each client's is fixed

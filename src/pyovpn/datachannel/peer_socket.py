@@ -14,19 +14,22 @@ import contextlib
 import ipaddress
 import os
 import socket
+from collections.abc import Container, Iterable
 from typing import Any, Protocol
 
 from pyovpn.datachannel import strangers
 from pyovpn.datachannel.api import Address, NewPeer, Transport
 from pyovpn.datachannel.validate import check_keepalive, check_new_peer_transport, check_socket_kind
 from pyovpn.errors import BackendError
-from pyovpn.net.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT, scope_index
+from pyovpn.net.sockets import SOL_UDP, UDP_GRO, UDP_SEGMENT, scope_index, socket_key
 from pyovpn.proto.packets import UNDEF_PEER_ID
 
 __all__ = [
     "RemotePeer",
     "adopt_socket",
     "check_new_peer",
+    "check_own_connection",
+    "check_peer_id_free",
     "check_socket",
     "give_back",
     "gso_supported",
@@ -54,11 +57,30 @@ def check_new_peer(what: str, cmd: NewPeer, *, multipoint: bool) -> int:
         raise BackendError(f"{what}: tx peer id {tx_id} out of range 0..0xFFFFFF")
     if not multipoint and (cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None):
         raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
+    if multipoint and cmd.vpn_ipv4 is None and cmd.vpn_ipv6 is None:
+        raise BackendError(f"{what}: an MP peer needs vpn_ipv4 or vpn_ipv6 (the kernel requires one too)")
     check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)
     check_new_peer_transport(cmd)
     if cmd.transport is Transport.TCP and cmd.local_ip is not None:
         raise BackendError(f"{what}: local_ip applies to UDP peers only")
     return tx_id
+
+
+def check_peer_id_free(what: str, peer_id: int, existing: Container[int]) -> None:
+    """MP: a peer id names one peer at a time (P2P replaces the old peer instead)."""
+    if peer_id in existing:
+        raise BackendError(f"{what}: peer id {peer_id} already exists (delete it first)")
+
+
+def check_own_connection(what: str, key: tuple[int, int], tcp_peers: Iterable[tuple[int, int]]) -> None:
+    """MP: a TCP peer's socket (``key``, see :func:`~pyovpn.net.sockets.socket_key`) must not
+    carry another peer; ``tcp_peers``: ``(peer id, socket fd)`` of the TCP peers already there."""
+    for peer_id, fd in tcp_peers:
+        if socket_key(fd) == key:
+            raise BackendError(
+                f"{what}: the TCP socket already carries peer {peer_id}; "
+                "every TCP peer needs its own connection"
+            )
 
 
 def adopt_socket(what: str, cmd: NewPeer, fd: int | None = None) -> socket.socket:

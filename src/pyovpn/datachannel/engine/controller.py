@@ -141,7 +141,6 @@ class _SharedSocket:
     sock: socket.socket
     orig_blocking: bool
     gro: bool
-    gso: bool
     peers: set[int] = field(default_factory=set)
 
 
@@ -561,12 +560,7 @@ class Controller:
         mp = self.router is not None
         tx_id = peer_socket.check_new_peer(what, cmd, multipoint=mp)
         if mp:
-            if cmd.vpn_ipv4 is None and cmd.vpn_ipv6 is None:
-                raise BackendError(
-                    f"{what}: an MP peer needs vpn_ipv4 or vpn_ipv6 (the kernel requires one too)"
-                )
-            if cmd.peer_id in self.peers:
-                raise BackendError(f"{what}: peer id {cmd.peer_id} already exists (delete it first)")
+            peer_socket.check_peer_id_free(what, cmd.peer_id, self.peers)
         n = len(self.links)
         self.gen += 1
         peer = _Peer(cmd.peer_id, self.gen, tx_id, sock, cmd.transport, [0, 1 % n])
@@ -583,16 +577,16 @@ class Controller:
         what = "NewPeer"
         assert self.router is not None
         key = socket_key(peer.sock.fileno())
-        if peer.transport is Transport.TCP:
-            for other in self.peers.values():
-                if other.transport is Transport.TCP and socket_key(other.sock.fileno()) == key:
-                    peer.sock.close()
-                    raise BackendError(
-                        f"{what}: the TCP socket already carries peer {other.peer_id}; "
-                        "every TCP peer needs its own connection"
-                    )
         try:
+            if peer.transport is Transport.TCP:
+                tcp = self.peers.values()
+                peer_socket.check_own_connection(
+                    what, key, ((p.peer_id, p.sock.fileno()) for p in tcp if p.transport is Transport.TCP)
+                )
             self.router.add_peer(peer.peer_id, cmd.vpn_ipv4, cmd.vpn_ipv6)
+        except BackendError:
+            peer.sock.close()
+            raise
         except AddressInUseError as e:
             peer.sock.close()
             raise BackendError(f"{what}: {e} by peer {e.owner}") from None
@@ -605,12 +599,7 @@ class Controller:
         shared = self.shared.get(key)
         if shared is None:
             self._configure_socket(peer)
-            shared = _SharedSocket(
-                peer.sock,
-                peer.orig_blocking,
-                peer.gro,
-                self.want_gso and peer_socket.gso_supported(peer.sock),
-            )
+            shared = _SharedSocket(peer.sock, peer.orig_blocking, peer.gro)
             self.shared[key] = shared
         else:
             peer.sock.close()
@@ -836,17 +825,15 @@ class Controller:
             peer.cell_slot = None
         if self.router is not None:
             self.router.remove_peer(peer.peer_id)
-        if peer.shared_key is not None:
-            shared = self.shared.get(peer.shared_key)
-            peer.shared_key = None
+        key, peer.shared_key = peer.shared_key, None
+        if key is not None:
+            shared = self.shared.get(key)
             if shared is None:
                 return
             shared.peers.discard(peer.peer_id)
             if shared.peers:
                 return  # other peers still use the socket
-            for key, value in list(self.shared.items()):
-                if value is shared:
-                    del self.shared[key]
+            del self.shared[key]
         # give the caller's socket back as we found it (flags live on the shared file)
         peer_socket.give_back(peer.sock, blocking=peer.orig_blocking, gro=peer.gro)
         peer.sock.close()

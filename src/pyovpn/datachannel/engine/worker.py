@@ -334,7 +334,8 @@ class Worker:
         self.shared: dict[tuple[int, int], _SharedRx] = {}
         self.mp_stats = Stats()  # MP drops that belong to no peer (no route, unknown peer id...)
         # timers: keepalive deadlines only move later, so one scan of all peers finds the next
-        # due time and nothing needs a look before then; peers with control packets waiting
+        # due time and nothing needs a look before then (a new keepalive setting can only bring
+        # it closer); peers with control packets waiting
         self.ka_due = 0.0
         self.ctl_waiting: set[_Peer] = set()
         self.tun_fd = -1
@@ -542,7 +543,9 @@ class Worker:
             peer.ka_timeout = m["timeout"]
             peer.last_rx = peer.last_tx = now
             peer.expired_sent = False
-            self.ka_due = 0.0
+            if peer.ka_interval and peer.ka_timeout:
+                # the next walk of all peers need come no earlier than this peer's first deadline
+                self.ka_due = min(self.ka_due, now + min(peer.ka_interval, peer.ka_timeout))
             return None
         if op == "new_key":
             cipher = Cipher(m["cipher"])
@@ -648,7 +651,6 @@ class Worker:
         if old is not None:
             self._del_peer(old, False)
         self.peers[peer.peer_id] = peer
-        self.ka_due = 0.0
         if self.router is not None:
             self.router.add_peer(peer, peer.vpn4, peer.vpn6)  # the controller checked them
         elif peer.tx:
@@ -1137,10 +1139,7 @@ class Worker:
         call setup alone.
         """
         if peer.mmsg is None and self.mmsg_ok:
-            if self.mmsg_buf is None:
-                self.mmsg_buf = mmsg.slot_buffer(_MMSG_COUNT)
-                self.mmsg_mv = memoryview(self.mmsg_buf)
-            peer.mmsg = mmsg.BatchReceiver(peer.fd, self.mmsg_buf, _MMSG_COUNT)
+            peer.mmsg = self._batch_receiver(peer.fd)
         if peer.mmsg is not None:
             self._on_udp_mmsg(peer, peer.mmsg)
             return
@@ -1174,6 +1173,13 @@ class Worker:
                 rx.decrypt()
                 pos = 0
         rx.finish()
+
+    def _batch_receiver(self, fd: int) -> mmsg.BatchReceiver:
+        """A ``recvmmsg`` reader of ``fd`` into the worker's one slot buffer (made on first use)."""
+        if self.mmsg_buf is None:
+            self.mmsg_buf = mmsg.slot_buffer(_MMSG_COUNT)
+            self.mmsg_mv = memoryview(self.mmsg_buf)
+        return mmsg.BatchReceiver(fd, self.mmsg_buf, _MMSG_COUNT)
 
     def _on_udp_mmsg(self, peer: _Peer, rcv: mmsg.BatchReceiver) -> None:
         """:meth:`_on_udp` with ``recvmmsg``: up to :data:`_MMSG_COUNT` datagrams per call."""
@@ -1225,10 +1231,7 @@ class Worker:
             return
         rcv = sh.lane_mmsg if lane else sh.mmsg
         if rcv is None and self.mmsg_ok:
-            if self.mmsg_buf is None:
-                self.mmsg_buf = mmsg.slot_buffer(_MMSG_COUNT)
-                self.mmsg_mv = memoryview(self.mmsg_buf)
-            rcv = mmsg.BatchReceiver(sock.fileno(), self.mmsg_buf, _MMSG_COUNT)
+            rcv = self._batch_receiver(sock.fileno())
             if lane:
                 sh.lane_mmsg = rcv
             else:

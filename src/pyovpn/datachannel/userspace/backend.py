@@ -287,10 +287,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         self, what: str, cmd: api.NewPeer, tx_id: int, iface: Iface, router: PeerRouter[Peer]
     ) -> None:
         """MP: add one of many peers (see the module docstring); UDP peers share one socket."""
-        if cmd.vpn_ipv4 is None and cmd.vpn_ipv6 is None:
-            raise BackendError(f"{what}: an MP peer needs vpn_ipv4 or vpn_ipv6 (the kernel requires one too)")
-        if cmd.peer_id in self._peers:
-            raise BackendError(f"{what}: peer id {cmd.peer_id} already exists (delete it first)")
+        peer_socket.check_peer_id_free(what, cmd.peer_id, self._peers)
         try:
             key = socket_key(cmd.socket_fd)
         except OSError as e:
@@ -299,12 +296,10 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
             ) from None
         shared = self._shared.get(key) if cmd.transport is api.Transport.UDP else None
         if cmd.transport is api.Transport.TCP:
-            for other in self._peers.values():
-                if other.transport is api.Transport.TCP and socket_key(other.fd) == key:
-                    raise BackendError(
-                        f"{what}: the TCP socket already carries peer {other.peer_id}; "
-                        "every TCP peer needs its own connection"
-                    )
+            tcp = self._peers.values()
+            peer_socket.check_own_connection(
+                what, key, ((p.peer_id, p.fd) for p in tcp if p.transport is api.Transport.TCP)
+            )
         sock = shared.sock if shared is not None else peer_socket.adopt_socket(what, cmd)
         try:
             peer = self._check_socket(what, cmd, sock, tx_id, iface)
