@@ -247,6 +247,26 @@ def test_tx_packet_id_exhaustion() -> None:
     assert server.decrypt(last) == b"b"
 
 
+@pytest.mark.parametrize("cipher", ALL_CIPHERS)
+def test_a_one_direction_copy_works_like_the_whole_key_in_its_direction(cipher: Cipher) -> None:
+    # the engine's sending worker holds only the encrypt half, its receiving worker the decrypt half
+    key2 = os.urandom(256)
+    ce, cd = split_key2(key2, cipher, tls_client=True)
+    se, sd = split_key2(key2, cipher, tls_client=False)
+    whole = KeyState.from_directions(1, cipher, ce, cd)
+    sender = KeyState.from_directions(1, cipher, ce, None)
+    receiver = KeyState.from_directions(1, cipher, None, sd)
+    assert sender.cipher is receiver.cipher is cipher
+    assert sender.encrypt(b"hello", 7) == whole.encrypt(b"hello", 7)  # same key, same packet id
+    assert receiver.decrypt(sender.encrypt(b"again", 7)) == b"again"
+    with pytest.raises(ValueError, match="no such direction"):
+        sender.decrypt(KeyState.from_directions(1, cipher, se, sd).encrypt(b"x", 7))
+    with pytest.raises(ValueError, match="no such direction"):
+        receiver.encrypt(b"x", 7)
+    with pytest.raises(ValueError, match="encrypt or a decrypt"):
+        KeyState(1, None, None)
+
+
 def test_bad_key_material() -> None:
     with pytest.raises(ValueError, match="16-byte key"):
         DataKey(Cipher.AES_128_GCM, b"\0" * 32, b"\0" * 8)

@@ -376,6 +376,79 @@ def test_mp_server_two_udp_clients(
                 c.sock.close()
 
 
+@pytest.mark.netns
+@pytest.mark.parametrize("plane", PLANES)
+def test_mp_many_clients_at_once(mplab: MpLab, plane: str) -> None:
+    """Commands for many clients in flight together, as a server's connect storm sends them.
+
+    The engine runs the commands of different peers at once (its controller orders them by
+    peer); each must still land whole on both workers. A client leaving and a new one taking
+    its VPN address in the same breath must not collide: the removal goes first.
+    """
+    a, b = Client("a", 1, 5, Cipher.AES_256_GCM), Client("b", 2, 6, Cipher.CHACHA20_POLY1305)
+    server, _ifname, backend = _start_all(mplab, a, b, plane=plane)
+    ssock = server.call(lambda: _bind_udp(("0.0.0.0", PORT)))
+    for c in (a, b):
+        c.sock = c.s.call(lambda c=c: _bind_udp((c.veth, PORT)))
+    others = range(100, 140)
+    stand_in = 139  # holds B's VPN address until B takes it over
+
+    def vpn_of(peer_id: int) -> str:
+        return b.vpn if peer_id == stand_in else f"10.88.0.{peer_id}"
+
+    async def connect(peer_id: int, remote: tuple[str, int], vpn: str, key2: bytes, cipher: Cipher) -> None:
+        await backend.request(
+            NewPeer(
+                peer_id,
+                ssock.fileno(),
+                Transport.UDP,
+                remote,
+                vpn_ipv4=vpn,
+                keepalive_interval=10,
+                keepalive_timeout=60,
+            )
+        )
+        enc, dec = split_key2(key2, cipher, tls_client=False)
+        await backend.request(NewKey(peer_id, KeySlot.PRIMARY, 0, cipher, enc, dec))
+
+    async def storm() -> list[Any]:
+        jobs = [connect(a.peer_id, (a.veth, PORT), a.vpn, a.key2, a.cipher)]
+        jobs += [
+            connect(i, ("198.18.1.200", 40000 + i), vpn_of(i), os.urandom(256), Cipher.AES_128_GCM)
+            for i in others
+        ]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    async def handover() -> list[Any]:
+        return await asyncio.gather(
+            backend.request(DelPeer(stand_in)),
+            connect(b.peer_id, (b.veth, PORT), b.vpn, b.key2, b.cipher),
+            *(backend.request(GetPeer(i)) for i in others if i != stand_in),
+            return_exceptions=True,
+        )
+
+    try:
+        assert server.run(storm()) == [None] * (1 + len(others))
+        for c in (a, b):
+            _client_peer(c, remote=(c.veth_server, PORT))
+        assert a.s.run(ping(SERVER_VPN, 3)) == 3
+        assert a.s.run(ping(b.vpn, 1, timeout=0.5)) == 0  # the stand-in has no such client
+        done = server.run(handover())
+        assert done[:2] == [None, None], done[:2]
+        asked = [i for i in others if i != stand_in]
+        assert [info.peer_id for info in done[2:]] == asked
+        server.wait_note(lambda n: n == PeerDeleted(stand_in, PeerDelReason.USERSPACE))
+        for c in (a, b):
+            assert c.s.run(ping(SERVER_VPN, 3)) == 3, f"client {c.name} -> server"
+        assert a.s.run(ping(b.vpn, 3)) == 3  # A -> B through the server
+        assert _mp_info(server)["shared_sockets"] == 1
+    finally:
+        ssock.close()
+        for c in (a, b):
+            if c.sock is not None:
+                c.sock.close()
+
+
 def _bind_dual_stack() -> socket.socket:
     s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -174,8 +175,17 @@ class ReplayWindow:
         return delta < self._extent and pid > floor and not (self._bits >> delta) & 1
 
 
+def _missing_direction(*_args: object) -> NoReturn:
+    raise ValueError("this copy of the key has no such direction")
+
+
 class KeyState:
-    """One key_id of a peer: encrypt key + tx packet id, decrypt key + replay window."""
+    """One key_id of a peer: encrypt key + tx packet id, decrypt key + replay window.
+
+    A copy may hold one direction only (the other is None): the engine's sending worker
+    needs only the encrypt key and its receiving worker only the decrypt key, and each AEAD
+    context costs about 2 KiB per client. Using the missing direction raises ValueError.
+    """
 
     __slots__ = (
         "_dec_tail",
@@ -195,43 +205,52 @@ class KeyState:
     def __init__(
         self,
         key_id: int,
-        encrypt: DataKey,
-        decrypt: DataKey,
+        encrypt: DataKey | None,
+        decrypt: DataKey | None,
         *,
         replay_window: int = DEFAULT_REPLAY_WINDOW,
         replay_expire: float | None = REPLAY_EXPIRE_SECONDS,
     ) -> None:
         if not 0 <= key_id <= 7:
             raise ValueError(f"key id must be 0..7, got {key_id}")
-        if encrypt.cipher is not decrypt.cipher:
+        if encrypt is None and decrypt is None:
+            raise ValueError("a key needs an encrypt or a decrypt direction")
+        if encrypt is not None and decrypt is not None and encrypt.cipher is not decrypt.cipher:
             raise ValueError("encrypt and decrypt keys must use the same cipher")
         self.key_id = key_id
-        self.cipher = encrypt.cipher
+        self.cipher = encrypt.cipher if encrypt is not None else decrypt.cipher  # type: ignore[union-attr]
         self.replay = ReplayWindow(replay_window, expire=replay_expire)
         self._tx_pid = 0  # last pid sent; the first packet carries 1
         self._op_v2 = ((OPCODE_DATA_V2 << 3) | key_id) << 24
         self._op_v1 = (OPCODE_DATA_V1 << 3) | key_id
         # the *_into variants (in-place batches for the offload engine): cryptography >= 47
-        self._seal = encrypt.aead.encrypt_into
-        self._seal_bytes = encrypt.aead.encrypt
-        self._open = decrypt.aead.decrypt
-        self._open_into = decrypt.aead.decrypt_into
-        self._enc_tail = encrypt.nonce_tail
-        self._dec_tail = decrypt.nonce_tail
+        self._seal: Callable[..., Any] = _missing_direction
+        self._seal_bytes: Callable[..., bytes] = _missing_direction
+        self._open: Callable[..., bytes] = _missing_direction
+        self._open_into: Callable[..., Any] = _missing_direction
+        self._enc_tail = self._dec_tail = b""
+        if encrypt is not None:
+            self._seal = encrypt.aead.encrypt_into
+            self._seal_bytes = encrypt.aead.encrypt
+            self._enc_tail = encrypt.nonce_tail
+        if decrypt is not None:
+            self._open = decrypt.aead.decrypt
+            self._open_into = decrypt.aead.decrypt_into
+            self._dec_tail = decrypt.nonce_tail
 
     @classmethod
     def from_directions(
         cls,
         key_id: int,
         cipher: Cipher,
-        encrypt: KeyDirection,
-        decrypt: KeyDirection,
+        encrypt: KeyDirection | None,
+        decrypt: KeyDirection | None,
         **kwargs: int | float | None,
     ) -> KeyState:
         return cls(
             key_id,
-            DataKey.from_direction(cipher, encrypt),
-            DataKey.from_direction(cipher, decrypt),
+            DataKey.from_direction(cipher, encrypt) if encrypt is not None else None,
+            DataKey.from_direction(cipher, decrypt) if decrypt is not None else None,
             **kwargs,  # type: ignore[arg-type]
         )
 

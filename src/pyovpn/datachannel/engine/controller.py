@@ -304,6 +304,10 @@ class Controller:
                 waiter.set_result(msg.body)
 
     async def _call(self, index: int, op: str, fds: list[int] | tuple[int, ...] = (), **kw: Any) -> Any:
+        return await self._start_call(index, op, fds, kw)
+
+    def _start_call(self, index: int, op: str, fds: Sequence[int], kw: dict[str, Any]) -> asyncio.Future[Any]:
+        """Send a request to worker ``index``; the future gets its answer."""
         link = self.links[index]
         rid = link.next_id
         link.next_id += 1
@@ -319,41 +323,119 @@ class Controller:
         finally:
             with contextlib.suppress(OSError):
                 link.sock.setblocking(False)
-        return await fut
+        return fut
+
+    async def _call_each(self, calls: Sequence[tuple[int, str, Sequence[int], dict[str, Any]]]) -> list[Any]:
+        """Send every request before waiting for any answer: the workers work at once.
+
+        Every request that went out is waited for, even after one failed, so no answer is
+        left behind; the first error is raised.
+        """
+        futs: list[asyncio.Future[Any]] = []
+        failed: BaseException | None = None
+        for index, op, fds, kw in calls:
+            try:
+                futs.append(self._start_call(index, op, fds, kw))
+            except BackendError as e:
+                failed = e
+                break
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        if failed is not None:
+            raise failed
+        return results
 
     async def _call_peer(self, peer: _Peer, op: str, **kw: Any) -> list[Any]:
-        out = []
-        for index in sorted(set(peer.workers)):
-            out.append(await self._call(index, op, peer_id=peer.peer_id, gen=peer.gen, **kw))
-        return out
+        args = dict(kw, peer_id=peer.peer_id, gen=peer.gen)
+        return await self._call_each([(index, op, (), args) for index in sorted(set(peer.workers))])
 
     def _emit(self, n: Notification) -> None:
         self._send_proxy(Kind.NOTE, 0, n)
 
     async def _process(self) -> None:
+        """Take requests and worker events in arrival order; run those of different peers at once.
+
+        A server connecting many clients sends NewPeer and NewKey for dozens of them at a
+        time; running them one after the other would cost each a round of process wakeups
+        (proxy, controller, both workers). So each item waits only for what it must follow
+        (see :meth:`_order_key`): the earlier items about the same peer, and the last
+        barrier, an item that waits for everything before it and holds back everything
+        after it. Since each handler sends its worker requests before its first wait on
+        them, the workers see requests in the order the items began.
+        """
+        last: dict[int, asyncio.Task[None]] = {}  # the latest item about each peer
+        barrier: asyncio.Task[None] | None = None
         while True:
             msg, fds = await self.queue.get()
-            body = msg.body if isinstance(msg.body, dict) else {}
-            if msg.kind is Kind.EVENT:
-                try:
-                    await self._worker_event(body)
-                except Exception:
-                    log.exception("engine: handling worker event %r failed", body.get("ev"))
-                continue
-            try:
-                if msg.kind is not Kind.REQUEST:
-                    raise BackendError(f"unexpected {msg.kind.name} message")
-                result = await self._request(body, fds)
-                kind, answer = Kind.OK, result
-            except BackendError as e:
-                kind, answer = Kind.ERR, str(e)
-            except Exception as e:
-                log.exception("engine: request failed")
-                kind, answer = Kind.ERR, f"engine internal error: {e}"
-            self._send_proxy(kind, msg.rid, answer)
-            if body.get("op") == "close":
+            key = self._order_key(msg)
+            if key is None:
+                deps = [t for t in (*last.values(), barrier) if t is not None and not t.done()]
+                last.clear()
+            else:
+                deps = [t for t in (last.get(key), barrier) if t is not None and not t.done()]
+            task = asyncio.create_task(self._handle(msg, fds, deps))
+            if key is None:
+                barrier = task
+            else:
+                last[key] = task
+
+                def forget(t: asyncio.Task[None], k: int = key) -> None:
+                    if last.get(k) is t:
+                        del last[k]
+
+                task.add_done_callback(forget)
+            if msg.kind is Kind.REQUEST and isinstance(msg.body, dict) and msg.body.get("op") == "close":
+                await task
                 self._finish()
                 return
+
+    def _order_key(self, msg: Message) -> int | None:
+        """The peer an item is about, or None for a barrier.
+
+        P2P runs one item at a time (NewPeer replaces the peer). Removing a peer is a barrier:
+        it gives back its VPN addresses and perhaps the shared socket only after the workers
+        let go, and a NewPeer reusing either must not overtake that.
+        """
+        if self.router is None:
+            return None
+        body = msg.body if isinstance(msg.body, dict) else {}
+        peer_id: object = None
+        if msg.kind is Kind.EVENT:
+            if body.get("ev") not in ("expired", "tcp_closed"):
+                peer_id = body.get("peer_id")
+        elif msg.kind is Kind.REQUEST:
+            op = body.get("op")
+            if op in ("stats", "debug"):
+                peer_id = body.get("peer_id")
+            elif op == "cmd":
+                cmd = body.get("cmd")
+                if not isinstance(cmd, (DelPeer, NewIface, DelIface)):
+                    peer_id = getattr(cmd, "peer_id", None)
+        return peer_id if isinstance(peer_id, int) and not isinstance(peer_id, bool) else None
+
+    async def _handle(self, msg: Message, fds: list[int], deps: list[asyncio.Task[None]]) -> None:
+        if deps:
+            await asyncio.wait(deps)
+        body = msg.body if isinstance(msg.body, dict) else {}
+        if msg.kind is Kind.EVENT:
+            try:
+                await self._worker_event(body)
+            except Exception:
+                log.exception("engine: handling worker event %r failed", body.get("ev"))
+            return
+        try:
+            if msg.kind is not Kind.REQUEST:
+                raise BackendError(f"unexpected {msg.kind.name} message")
+            result = await self._request(body, fds)
+            kind, answer = Kind.OK, result
+        except BackendError as e:
+            kind, answer = Kind.ERR, str(e)
+        except Exception as e:
+            log.exception("engine: request failed")
+            kind, answer = Kind.ERR, f"engine internal error: {e}"
+        self._send_proxy(kind, msg.rid, answer)
 
     # ------------------------------------------------------------------ requests
 
@@ -512,6 +594,8 @@ class Controller:
             "vpn4": cmd.vpn_ipv4,
             "vpn6": cmd.vpn_ipv6,
             "shared_key": peer.shared_key,
+            "ka_interval": cmd.keepalive_interval,
+            "ka_timeout": cmd.keepalive_timeout,
         }
         tx_w, rx_w = peer.workers
         self.peers[peer.peer_id] = peer
@@ -527,13 +611,15 @@ class Controller:
                 peer.cell = RemoteCell()
                 fds.append(peer.cell.fd)
             peer.cell.store(peer.send_addr)
+        peer.ka_interval, peer.ka_timeout = cmd.keepalive_interval, cmd.keepalive_timeout
+        calls = []
+        for index in sorted(set(peer.workers)):
+            d = dict(desc, tx=index == tx_w, rx=index == rx_w)
+            if index == rx_w:
+                d["backlog"] = cmd.tcp_backlog
+            calls.append((index, "add_peer", fds, {"peer": d}))
         try:
-            for index in sorted(set(peer.workers)):
-                d = dict(desc, tx=index == tx_w, rx=index == rx_w)
-                if index == rx_w:
-                    d["backlog"] = cmd.tcp_backlog
-                await self._call(index, "add_peer", fds, peer=d)
-            await self._set_keepalive(peer, cmd.keepalive_interval, cmd.keepalive_timeout)
+            await self._call_each(calls)
         except BaseException:
             await self._remove_peer(peer, None)
             raise
@@ -665,19 +751,26 @@ class Controller:
         except ValueError as e:
             raise BackendError(f"{what}: {e}") from None
         self.serial += 1
-        await self._call_peer(
-            peer,
-            "new_key",
-            slot=slot,
-            key_id=cmd.key_id,
-            cipher=cipher.value,
-            serial=self.serial,
-            enc_key=cmd.encrypt.cipher_key,
-            enc_tail=cmd.encrypt.nonce_tail,
-            dec_key=cmd.decrypt.cipher_key,
-            dec_tail=cmd.decrypt.nonce_tail,
-            replay_window=self.replay_window,
-        )
+        common: dict[str, Any] = {
+            "peer_id": peer.peer_id,
+            "gen": peer.gen,
+            "slot": slot,
+            "key_id": cmd.key_id,
+            "cipher": cipher.value,
+            "serial": self.serial,
+            "replay_window": self.replay_window,
+        }
+        tx_w, rx_w = peer.workers
+        calls = []
+        for index in sorted(set(peer.workers)):
+            # each worker gets the direction it works in: the sender encrypts, the receiver decrypts
+            args = dict(common)
+            if index == tx_w:
+                args.update(enc_key=cmd.encrypt.cipher_key, enc_tail=cmd.encrypt.nonce_tail)
+            if index == rx_w:
+                args.update(dec_key=cmd.decrypt.cipher_key, dec_tail=cmd.decrypt.nonce_tail)
+            calls.append((index, "new_key", (), args))
+        await self._call_each(calls)
         peer.keys[slot] = _KeyMeta(cmd.key_id, cipher, self.serial)
 
     async def _del_key(self, cmd: DelKey) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import math
 import mmap
 import os
 import select
@@ -57,7 +56,6 @@ from pyovpn.datachannel.datapath import GSO_MAX_BYTES as _GSO_MAX_BYTES
 from pyovpn.datachannel.datapath import GSO_MAX_SEGMENTS as _GSO_MAX_SEGMENTS
 from pyovpn.datachannel.datapath import GSO_SIZE as _GSO_SIZE
 from pyovpn.datachannel.datapath import (
-    KA_QUANTUM,
     LANE_MAX_DELAY,
     debug_hook,
     gro_segment_size,
@@ -69,6 +67,7 @@ from pyovpn.datachannel.datapath import (
 from pyovpn.datachannel.datapath import TCP_RX_CHUNK as _TCP_RX_CHUNK
 from pyovpn.datachannel.datapath import TCP_TX_HIGH_WATER as _TCP_TX_HIGH_WATER
 from pyovpn.datachannel.datapath import count as _count
+from pyovpn.datachannel.deadlines import DeadlineHeap, fire_time
 from pyovpn.datachannel.engine import gso, wire
 from pyovpn.datachannel.engine.remote import RemoteArea, RemoteCell
 from pyovpn.datachannel.engine.wire import Kind
@@ -120,6 +119,53 @@ _LANE_BATCH = 4096  # receives per lane drain (each at most 32 datagrams)
 
 
 class _Peer:
+    # a server holds one per client in each worker: slots keep that small
+    __slots__ = (
+        "cell",
+        "cell_gen",
+        "ctl_q",
+        "ctl_refused_since",
+        "ctl_retry_at",
+        "dead",
+        "expired_sent",
+        "fd",
+        "frag",
+        "framing",
+        "gen",
+        "gro",
+        "gso_max",
+        "ka_due",
+        "ka_interval",
+        "ka_timeout",
+        "keys",
+        "last_rx",
+        "last_tx",
+        "mmsg",
+        "mss4",
+        "mss6",
+        "passtos",
+        "peer_id",
+        "raw_ip",
+        "raw_port",
+        "rx",
+        "send_addr",
+        "serials",
+        "shared",
+        "sock",
+        "stats",
+        "tcp_bound",
+        "tcp_ctl_end",
+        "tcp_rx",
+        "tcp_tx",
+        "tcp_writer",
+        "tos",
+        "transport",
+        "tx",
+        "tx_peer_id",
+        "vpn4",
+        "vpn6",
+    )
+
     def __init__(self, m: dict[str, Any], sock: socket.socket, cell: RemoteCell | None) -> None:
         self.cell = cell
         self.cell_gen = -1
@@ -147,6 +193,7 @@ class _Peer:
         self.frag: Fragmenter | None = None  # `fragment` is the in-process plane's (pings check it)
         self.ka_interval = 0
         self.ka_timeout = 0
+        self.ka_due: float | None = None  # this peer's entry in the worker's DeadlineHeap
         self.last_rx = self.last_tx = time.monotonic()
         self.expired_sent = False
         self.tcp_rx = bytearray(m.get("backlog", b""))
@@ -333,10 +380,10 @@ class Worker:
         self.area: RemoteArea | None = None  # MP: the peers' remote addresses (slots of one mapping)
         self.shared: dict[tuple[int, int], _SharedRx] = {}
         self.mp_stats = Stats()  # MP drops that belong to no peer (no route, unknown peer id...)
-        # timers: keepalive deadlines only move later, so one scan of all peers finds the next
-        # due time and nothing needs a look before then (a new keepalive setting can only bring
-        # it closer); peers with control packets waiting
-        self.ka_due = 0.0
+        # timers: the peers' keepalive deadlines (a pass pops only the peers that are due) and
+        # when the next pass runs; peers with control packets waiting
+        self.ka_heap: DeadlineHeap[_Peer] = DeadlineHeap()
+        self.ka_fire_at = _NEVER
         self.ctl_waiting: set[_Peer] = set()
         self.tun_fd = -1
         self.tun_read = False
@@ -538,22 +585,14 @@ class Worker:
         if op == "del_peer":
             return self._del_peer(peer, bool(m.get("flush")))
         if op == "set_keepalive":
-            now = time.monotonic()
-            peer.ka_interval = m["interval"]
-            peer.ka_timeout = m["timeout"]
-            peer.last_rx = peer.last_tx = now
-            peer.expired_sent = False
-            if peer.ka_interval and peer.ka_timeout:
-                # the next walk of all peers need come no earlier than this peer's first deadline
-                self.ka_due = min(self.ka_due, now + min(peer.ka_interval, peer.ka_timeout))
-            return None
+            return self._set_keepalive(peer, m["interval"], m["timeout"])
         if op == "new_key":
             cipher = Cipher(m["cipher"])
             ks = KeyState.from_directions(
                 m["key_id"],
                 cipher,
-                KeyDirection(m["enc_key"], m["enc_tail"]),
-                KeyDirection(m["dec_key"], m["dec_tail"]),
+                KeyDirection(m["enc_key"], m["enc_tail"]) if "enc_key" in m else None,
+                KeyDirection(m["dec_key"], m["dec_tail"]) if "dec_key" in m else None,
                 replay_window=m["replay_window"],
             )
             peer.keys[m["slot"]] = ks
@@ -631,7 +670,7 @@ class Worker:
                 if m["rx"]:
                     self._register(shared.fd, select.EPOLLIN, lambda _ev, sh=shared: self._on_shared(sh))
                     shared.lane = open_lane(shared.sock)
-                    self.ka_due = 0.0  # the lane is drained on the keepalive timer
+                    self.ka_fire_at = 0.0  # the lane is drained on the keepalive timer
             else:
                 os.close(fds[0])
             sock = shared.sock
@@ -651,6 +690,8 @@ class Worker:
         if old is not None:
             self._del_peer(old, False)
         self.peers[peer.peer_id] = peer
+        if m.get("ka_interval") is not None:  # NewPeer's keepalive comes with the peer
+            self._set_keepalive(peer, m["ka_interval"], m["ka_timeout"])
         if self.router is not None:
             self.router.add_peer(peer, peer.vpn4, peer.vpn6)  # the controller checked them
         elif peer.tx:
@@ -667,6 +708,23 @@ class Worker:
                 if peer.tcp_rx:
                     self._tcp_process(peer)
 
+    def _set_keepalive(self, peer: _Peer, interval: int, timeout: int) -> None:
+        now = time.monotonic()
+        peer.ka_interval = interval
+        peer.ka_timeout = timeout
+        peer.last_rx = peer.last_tx = now  # as the kernel: both timers restart when set
+        peer.expired_sent = False
+        if interval and timeout:  # the kernel only runs keepalive with both set
+            self._ka_schedule(peer, now + min(interval, timeout))
+        else:
+            self.ka_heap.cancel(peer)
+
+    def _ka_schedule(self, peer: _Peer, due: float) -> None:
+        self.ka_heap.schedule(peer, due)
+        fire = fire_time(due)
+        if fire < self.ka_fire_at:
+            self.ka_fire_at = fire
+
     def _del_peer(self, peer: _Peer, flush: bool) -> None:
         if flush and peer.ctl_q:
             # best effort: a control packet queued just before DelPeer (e.g. EXIT) should leave
@@ -674,6 +732,7 @@ class Worker:
             with contextlib.suppress(OSError):
                 self._ctl_flush(peer)
         peer.dead = True
+        self.ka_heap.cancel(peer)
         self.peers.pop(peer.peer_id, None)
         if self.tx_peer is peer:
             self.tx_peer = None
@@ -728,7 +787,7 @@ class Worker:
     # ------------------------------------------------------------------ timers (keepalive)
 
     def _next_timer(self) -> float:
-        best = self.ka_due
+        best = self.ka_fire_at
         for p in self.ctl_waiting:
             d = self._ctl_deadline(p)
             best = d if d < best else best
@@ -742,40 +801,47 @@ class Worker:
             for p in list(self.ctl_waiting):
                 if p.ctl_q and now >= self._ctl_deadline(p):
                     self._ctl_flush(p)
-        if now >= self.ka_due:
-            self._keepalive_scan(now)
+        if now >= self.ka_fire_at:
+            self._keepalive_pass(now)
 
-    def _keepalive_scan(self, now: float) -> None:
-        """Ping and expire the peers that are due; remember when the next one will be.
+    def _keepalive_pass(self, now: float) -> None:
+        """Ping and expire the peers that are due; plan the next pass.
 
-        The next scan is rounded up to a multiple of ``KA_QUANTUM``: with many peers their
-        deadlines are spread out, and one scan per deadline would walk all peers every few
-        milliseconds. The keepalive lanes are drained first, so no peer expires with its ping
-        still queued there, and at least every ``LANE_MAX_DELAY``.
+        Passes run on multiples of ``KA_QUANTUM`` (see :mod:`pyovpn.datachannel.deadlines`).
+        The keepalive lanes are drained first, so no peer expires with its ping still queued
+        there, and at least every ``LANE_MAX_DELAY``.
         """
         best = _NEVER
         for sh in list(self.shared.values()):
             if sh.lane is not None:
                 self._on_shared(sh, lane=True)
-                best = min(best, now + LANE_MAX_DELAY)
-        for p in list(self.peers.values()):
-            if not (p.ka_interval and p.ka_timeout) or p.dead:
-                continue
-            if p.rx and not p.expired_sent:
-                due = p.last_rx + p.ka_timeout
-                if now >= due:
-                    p.expired_sent = True
-                    self._event("expired", peer_id=p.peer_id, gen=p.gen)
-                elif due < best:
-                    best = due
-            if p.tx:
-                if now >= p.last_tx + p.ka_interval:
-                    self._send_ping(p, now)
-                    p.last_tx = max(p.last_tx, now)  # a lost ping must not make us spin
-                due = p.last_tx + p.ka_interval
-                if due < best:
-                    best = due
-        self.ka_due = math.ceil(best / KA_QUANTUM) * KA_QUANTUM if best != _NEVER else _NEVER
+                best = now + LANE_MAX_DELAY
+        for p in self.ka_heap.pop_due(now):
+            self._keepalive(p, now)
+        earliest = self.ka_heap.earliest()
+        if earliest is not None and earliest < best:
+            best = earliest
+        self.ka_fire_at = fire_time(best) if best != _NEVER else _NEVER
+
+    def _keepalive(self, p: _Peer, now: float) -> None:
+        """One peer's deadlines came: expire it (receive side) or ping it (transmit side)."""
+        if p.dead or not (p.ka_interval and p.ka_timeout):
+            return
+        due = _NEVER
+        if p.rx and not p.expired_sent:
+            rx_due = p.last_rx + p.ka_timeout
+            if now >= rx_due:
+                p.expired_sent = True  # the controller deletes the peer
+                self._event("expired", peer_id=p.peer_id, gen=p.gen)
+            else:
+                due = rx_due
+        if p.tx:
+            if now >= p.last_tx + p.ka_interval:
+                self._send_ping(p, now)
+                p.last_tx = max(p.last_tx, now)  # a lost ping must not make us spin
+            due = min(due, p.last_tx + p.ka_interval)
+        if due != _NEVER:
+            self.ka_heap.schedule(p, due)
 
     def _send_ping(self, peer: _Peer, now: float) -> None:
         packet = seal_ping(peer, self._key_exhausted)

@@ -77,6 +77,7 @@ from typing import Any, cast
 from pyovpn.datachannel import api, peer_socket, strangers
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW, KeyState
 from pyovpn.datachannel.datapath import FRAME_LEN, TCP_TX_HIGH_WATER, count, debug_hook
+from pyovpn.datachannel.deadlines import DeadlineHeap
 from pyovpn.datachannel.fragment import Fragmenter, FragmentError, Reassembler
 from pyovpn.datachannel.lane import open_lane
 from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonitor
@@ -480,7 +481,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         self._emit(api.PeerDeleted(peer.peer_id, reason))
 
     def _drop_peer(self, peer: Peer) -> None:
-        peer.ka_due = None  # its heap entry is skipped from now on
+        DeadlineHeap.cancel(peer)  # its heap entry is skipped from now on
         if peer.iface.router is not None:
             peer.iface.router.remove_peer(peer)  # MP: its VPN IPs lead nowhere from now on
         if peer.shared is not None:

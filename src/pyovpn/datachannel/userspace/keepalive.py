@@ -3,18 +3,19 @@
 Keepalive runs on one timer for all peers, firing on multiples of ``KA_QUANTUM`` seconds: a
 thousand clients pinging every 10 s cost four wakeups a second instead of a hundred. A ping or
 an expiry is at most this late (OpenVPN's own timers have a 1 s granularity). Deadlines sit in
-a heap; an entry is stale once its peer's ``ka_due`` differs. The same timer drains the MP
-keepalive lanes (:mod:`.lane`) first, so no peer expires with its ping still queued there.
+the heap of :mod:`pyovpn.datachannel.deadlines`, which the engine's workers use too. The same
+timer drains the MP keepalive lanes (:mod:`.lane`) first, so no peer expires with its ping
+still queued there.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 
 from pyovpn.datachannel.api import PeerDelReason
 from pyovpn.datachannel.datapath import KA_QUANTUM, LANE_MAX_DELAY, seal_ping
+from pyovpn.datachannel.deadlines import fire_time
 from pyovpn.datachannel.userspace.peers import Peer, PeerTable, SharedUdp
 
 __all__ = ["KA_QUANTUM", "LANE_MAX_DELAY", "Keepalive"]
@@ -36,24 +37,20 @@ class Keepalive(PeerTable):
             self._ka_schedule(peer, now + min(interval, timeout))
 
     def _ka_schedule(self, peer: Peer, due: float) -> None:
-        peer.ka_due = due
-        heapq.heappush(self._ka_heap, (due, next(self._ka_seq), peer))
+        self._ka_heap.schedule(peer, due)
         if self._ka_timer is None or due < self._ka_timer_at:
             self._ka_arm()
 
     def _ka_arm(self) -> None:
         """Point the keepalive timer at the end of the quantum holding the earliest live deadline."""
         assert self._loop is not None
-        heap = self._ka_heap
-        while heap and heap[0][2].ka_due != heap[0][0]:
-            heapq.heappop(heap)  # stale: the peer was rescheduled or removed
-        lane_due = self._loop.time() + LANE_MAX_DELAY if any(s.lane for s in self._shared.values()) else None
-        if not heap and lane_due is None:
+        earliest = self._ka_heap.earliest()
+        due = earliest if earliest is not None else math.inf
+        if any(s.lane for s in self._shared.values()):
+            due = min(due, self._loop.time() + LANE_MAX_DELAY)
+        if due == math.inf:
             return
-        due = heap[0][0] if heap else math.inf
-        if lane_due is not None:
-            due = min(due, lane_due)
-        fire = math.ceil(due / KA_QUANTUM) * KA_QUANTUM
+        fire = fire_time(due)
         if self._ka_timer is not None:
             if fire >= self._ka_timer_at:
                 return
@@ -70,12 +67,7 @@ class Keepalive(PeerTable):
         for shared in list(self._shared.values()):
             if shared.lane is not None:
                 self._drain_lane(shared, now)  # first, so no peer expires with its ping still queued
-        heap = self._ka_heap
-        while heap and heap[0][0] <= until:
-            due, _, peer = heapq.heappop(heap)
-            if peer.ka_due != due:
-                continue  # rescheduled or removed since
-            peer.ka_due = None
+        for peer in self._ka_heap.pop_due(until):
             try:
                 self._keepalive(peer, now)
             except Exception:

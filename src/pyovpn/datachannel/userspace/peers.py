@@ -10,7 +10,6 @@ resolves once per class, so splitting them costs the packet loops nothing.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import mmap
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 
 from pyovpn.datachannel import api, strangers
 from pyovpn.datachannel.crypto import KeyState
+from pyovpn.datachannel.deadlines import DeadlineHeap
 from pyovpn.datachannel.fragment import Fragmenter, Reassembler
 from pyovpn.datachannel.notify import Subscribers
 from pyovpn.datachannel.routing import PeerRouter, RouteMonitor
@@ -197,9 +197,7 @@ class PeerTable:
     _iface: Iface | None
     _peers: dict[int, Peer]
     _shared: dict[tuple[int, int], SharedUdp]  # MP: shared UDP sockets by identity
-    # keepalive: (due, tiebreak, peer), stale once peer.ka_due differs
-    _ka_heap: list[tuple[float, int, Peer]]
-    _ka_seq: itertools.count[int]
+    _ka_heap: DeadlineHeap[Peer]  # keepalive deadlines (datachannel/deadlines.py)
     _ka_timer: asyncio.TimerHandle | None
     _ka_timer_at: float
     _subscribers: Subscribers
@@ -217,8 +215,7 @@ class PeerTable:
         self._iface = None
         self._peers = {}
         self._shared = {}
-        self._ka_heap = []
-        self._ka_seq = itertools.count()
+        self._ka_heap = DeadlineHeap()
         self._ka_timer = None
         self._ka_timer_at = 0.0
         self._subscribers = Subscribers()
