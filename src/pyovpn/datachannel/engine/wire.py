@@ -122,10 +122,39 @@ def pack_value(obj: object) -> bytes:
     return bytes(out)
 
 
+_TAG_INT = struct.Struct("<Bq")
+_TAG_FLOAT = struct.Struct("<Bd")
+_TAG_LEN = struct.Struct("<BI")
+_STR_CACHE: dict[str, bytes] = {}  # the encoded form of short strings: dict keys and op names repeat
+_STR_CACHE_MAX = 4096
+
+
 def _pack(obj: object, out: bytearray, depth: int) -> None:
     if depth > _MAX_DEPTH:
         raise TypeError("value nested too deeply")
-    if obj is None:
+    kind = type(obj)
+    # exact types first (the common case); subclasses, enums and dataclasses below
+    if kind is str:
+        enc = _STR_CACHE.get(obj)  # type: ignore[call-overload]
+        if enc is None:
+            raw = obj.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
+            enc = _TAG_LEN.pack(_T_STR, len(raw)) + raw
+            if len(raw) <= 32 and len(_STR_CACHE) < _STR_CACHE_MAX:
+                _STR_CACHE[obj] = enc  # type: ignore[index]
+        out += enc
+    elif kind is int:
+        try:
+            out += _TAG_INT.pack(_T_INT, obj)
+        except struct.error:
+            raise TypeError(f"integer {obj} does not fit 64 bits") from None
+    elif kind is dict:
+        out += _TAG_LEN.pack(_T_DICT, len(obj))  # type: ignore[arg-type]
+        for key, value in obj.items():  # type: ignore[attr-defined]
+            if type(key) is not str:
+                raise TypeError(f"dict key {key!r} is not a string")
+            _pack(key, out, depth + 1)
+            _pack(value, out, depth + 1)
+    elif obj is None:
         out.append(_T_NONE)
     elif obj is True:
         out.append(_T_TRUE)
@@ -139,22 +168,23 @@ def _pack(obj: object, out: bytearray, depth: int) -> None:
         _pack(obj.value, out, depth + 1)
     elif isinstance(obj, int):
         try:
-            out += _U8.pack(_T_INT) + _I64.pack(obj)
+            out += _TAG_INT.pack(_T_INT, obj)
         except struct.error:
             raise TypeError(f"integer {obj} does not fit 64 bits") from None
     elif isinstance(obj, float):
-        out += _U8.pack(_T_FLOAT) + _F64.pack(obj)
+        out += _TAG_FLOAT.pack(_T_FLOAT, obj)
     elif isinstance(obj, str):
         raw = obj.encode("utf-8", "surrogatepass")
-        out += _U8.pack(_T_STR) + _U32.pack(len(raw)) + raw
+        out += _TAG_LEN.pack(_T_STR, len(raw)) + raw
     elif isinstance(obj, (bytes, bytearray, memoryview)):
-        out += _U8.pack(_T_BYTES) + _U32.pack(len(obj)) + obj
+        out += _TAG_LEN.pack(_T_BYTES, len(obj))
+        out += obj
     elif isinstance(obj, (tuple, list)):
-        out += _U8.pack(_T_TUPLE if isinstance(obj, tuple) else _T_LIST) + _U32.pack(len(obj))
+        out += _TAG_LEN.pack(_T_TUPLE if isinstance(obj, tuple) else _T_LIST, len(obj))
         for item in obj:
             _pack(item, out, depth + 1)
     elif isinstance(obj, dict):
-        out += _U8.pack(_T_DICT) + _U32.pack(len(obj))
+        out += _TAG_LEN.pack(_T_DICT, len(obj))
         for key, value in obj.items():
             if not isinstance(key, str):
                 raise TypeError(f"dict key {key!r} is not a string")
@@ -192,37 +222,47 @@ def _unpack(mv: memoryview, pos: int, depth: int) -> tuple[Any, int]:
     end = _take(mv, pos, 1)
     tag = mv[pos]
     pos = end
+    # the common tags first, each with its bounds checked before it is read
+    if tag in (_T_STR, _T_BYTES):
+        end = _take(mv, pos, 4)
+        end = _take(mv, end, _U32.unpack_from(mv, pos)[0])
+        if tag == _T_BYTES:
+            return bytes(mv[pos + 4 : end]), end
+        try:
+            return str(mv[pos + 4 : end], "utf-8", "surrogatepass"), end
+        except UnicodeDecodeError:
+            raise ProtocolError("a string is not UTF-8") from None
+    if tag == _T_INT:
+        end = _take(mv, pos, 8)
+        return _I64.unpack_from(mv, pos)[0], end
     if tag == _T_NONE:
         return None, pos
     if tag in (_T_FALSE, _T_TRUE):
         return tag == _T_TRUE, pos
-    if tag == _T_INT:
-        end = _take(mv, pos, 8)
-        return _I64.unpack_from(mv, pos)[0], end
     if tag == _T_FLOAT:
         end = _take(mv, pos, 8)
         return _F64.unpack_from(mv, pos)[0], end
-    if tag in (_T_STR, _T_BYTES, _T_TUPLE, _T_LIST, _T_DICT):
+    if tag in (_T_TUPLE, _T_LIST, _T_DICT):
         end = _take(mv, pos, 4)
         (n,) = _U32.unpack_from(mv, pos)
         pos = end
-        if tag == _T_BYTES:
-            end = _take(mv, pos, n)
-            return bytes(mv[pos:end]), end
-        if tag == _T_STR:
-            end = _take(mv, pos, n)
-            try:
-                return str(mv[pos:end], "utf-8", "surrogatepass"), end
-            except UnicodeDecodeError:
-                raise ProtocolError("a string is not UTF-8") from None
         # each item takes at least one byte: a count beyond the rest is a lie, not an allocation
         _take(mv, pos, n)
         if tag == _T_DICT:
             items: dict[str, Any] = {}
+            size = len(mv)
             for _ in range(n):
-                key, pos = _unpack(mv, pos, depth + 1)
-                if not isinstance(key, str):
+                # keys inline: a string tag and a short ASCII name, every time
+                if pos + 5 > size or mv[pos] != _T_STR:
                     raise ProtocolError("a dict key is not a string")
+                start = pos + 5
+                pos = start + _U32.unpack_from(mv, pos + 1)[0]
+                if pos > size:
+                    raise ProtocolError(f"value truncated at byte {start}")
+                try:
+                    key = str(mv[start:pos], "utf-8", "surrogatepass")
+                except UnicodeDecodeError:
+                    raise ProtocolError("a string is not UTF-8") from None
                 items[key], pos = _unpack(mv, pos, depth + 1)
             return items, pos
         seq = []
