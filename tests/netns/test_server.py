@@ -8,6 +8,7 @@ server is 10.78.0.1 / fd00:78::1; clients get pool addresses (or ccd ones).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -282,3 +283,59 @@ def test_client_with_an_ipv6_iroute_reconnects(star: Star, pki: Pki) -> None:
     assert ping(star.peers[0], SERVER6).ok, "the reconnected client was dropped"
     assert "data channel error" not in server.text()[mark:]
     assert "fd00:66::/64" in _routes6(star.server, "fd00:66::/64")
+
+
+def test_server_on_the_engine_starts_again_when_an_engine_process_dies(star: Star, pki: Pki) -> None:
+    """kill -9 of an engine worker under a P2MP server: the server restarts, its clients come back.
+
+    The device and every client went with the engine. Like OpenVPN's soft restart, the
+    server opens its device again on a new engine; the stock clients notice the silence at
+    their ping-restart and connect again.
+    """
+    if DCO != "userspace":
+        print("skipping: the engine is the userspace data channel's, the guest runs the kernel's")
+        pytest.skip("the engine is the userspace data channel's")
+    conf = server_conf(
+        pki, star.workdir, client_to_client=False, extra="userspace-engine multiprocess\nkeepalive 1 4"
+    )
+    server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
+    wait_listening(star.server, "udp", 1194, proc=server)
+    clients = []
+    for i, (cn, cipher) in enumerate(CLIENTS[:2]):
+        cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher)
+        clients.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
+    wait_for_lines([server, *clients], INIT_LINE, 40)
+    assert_plane(server, "multiprocess")
+    engines = [p for p in _children(server.pid) if "pyovpn.datachannel.engine" in _cmdline(p)]
+    assert len(engines) == 1, engines
+    workers = _children(engines[0])
+    assert workers, "the engine has no worker processes"
+
+    mark, client_marks = server.mark(), [c.mark() for c in clients]
+    os.kill(workers[-1], signal.SIGKILL)
+    server.wait_for_line("offload engine exited unexpectedly", 15, since=mark)
+    server.wait_for_line(INIT_LINE, 30, since=mark)
+    for c, cmark in zip(clients, client_marks, strict=True):
+        c.wait_for_line(INIT_LINE, 40, since=cmark)
+    assert server.running(), f"the server exited:\n{server.tail(40)}"
+    for i in range(2):
+        assert ping(star.peers[i], SERVER4, count=3, timeout=20).ok, f"client {i} is not back"
+    new_engines = [p for p in _children(server.pid) if "pyovpn.datachannel.engine" in _cmdline(p)]
+    assert len(new_engines) == 1 and new_engines != engines
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -88,6 +88,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
         super().__init__()
         self.host = host
         self.opts = host.opts
+        self.opened: str | None = None  # the device this instance opened
         self.cfg = replace(host.session_cfg, mode_server=True)
         # OpenVPN's server frames every client's packets as its own comp-lzo/compress says
         self.framing = compression.session_framing(host.opts, None, host.dc.capabilities, host.dc.name)
@@ -159,7 +160,7 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
             self.host.iface = None
         await self.host.clean_stale_link(name)
         await self.host.dc.request(api.NewIface(name, IfaceMode.MP, o.tun_mtu))
-        self.host.iface = name
+        self.host.iface = self.opened = name
         await asyncio.to_thread(iface.configure_server, self.host.net, name, o)
         log.info("TUN/TAP device %s opened, MP mode (%s data channel)", name, self.host.dc.name)
         if o.topology == "net30":
@@ -719,7 +720,13 @@ class MultiServer(Instance[tuple[Client, ClientCommand]]):
             self._start_reading()
 
     def on_notification(self, n: Notification) -> None:
-        if isinstance(n, api.ControlPacket):
+        if isinstance(n, api.IfaceDeleted):
+            if n.name == self.opened:
+                # every client went with the device (e.g. a userspace engine process died): a
+                # soft restart opens it again, and the clients reconnect at their ping-restart
+                self.opened = None
+                self.stop(Stop.restart(f"TUN/TAP device {n.name} is gone ({n.reason})"))
+        elif isinstance(n, api.ControlPacket):
             if n.remote is not None:
                 self._on_packet(n.packet, n.remote)
             elif (client := self.by_peer.get(n.peer_id)) is not None:  # TCP: the stream is the client
