@@ -211,3 +211,32 @@ def test_keepalive_expiry(rig: Rig) -> None:
     assert len(silent.recv(100)) == 8 + 16 + 16  # DATA_V2 header, tag, 16-byte ping
     sock.close()
     silent.close()
+
+
+def test_null_device_takes_the_peers_packets_and_pings_it(rig: Rig) -> None:
+    """OpenVPN's `dev null`: no device; what the peer sends is decrypted and discarded, pings go out."""
+    rig.require("null_dev", "`dev null`")
+    one = rig.one(iface=False)
+    with pytest.raises(BackendError, match="`dev null` has one peer"):
+        one.request(api.NewIface("null", api.IfaceMode.MP, null=True))
+    one.request(api.NewIface("null", api.IfaceMode.P2P, null=True))
+    sock, far = udp_socket(one), udp_socket(one)
+    port = sock.getsockname()[1]
+    one.request(api.NewPeer(3, sock.fileno(), api.Transport.UDP, far.getsockname(), None, None, None, 1, 30))
+    cipher = api.Cipher.AES_128_GCM
+    enc, dec = keydir(cipher), keydir(cipher)
+    one.request(api.NewKey(3, api.KeySlot.PRIMARY, 1, cipher, enc, dec))
+    far_side = KeyState.from_directions(1, cipher, dec, enc)
+    # an IPv4/UDP packet for the device that is not there
+    inner = bytes.fromhex("4500001c00004000401100000a0000020a000001") + struct.pack(">HHHH", 1, 2, 8, 0)
+    for _ in range(3):
+        far.sendto(far_side.encrypt(inner, 3), ("127.0.0.1", port))
+    deadline = time.monotonic() + 10
+    while (info := one.request(api.GetPeer(3))).vpn_rx_packets < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert info.vpn_rx_packets == 3 and info.link_rx_packets == 3
+    far.settimeout(5 * rig.patience)
+    assert far_side.decrypt(far.recv(200)) == PING_MAGIC  # keepalive still runs
+    one.request(api.DelIface("null"))
+    for s in (sock, far):
+        s.close()

@@ -82,16 +82,23 @@ def _null_config(text: str) -> str:
     return "\n".join([*lines, "dev null", "ping 1", "ping-restart 4"]) + "\n"
 
 
-@pytest.mark.parametrize(("server_impl", "client_impl"), [("openvpn", "pyovpn"), ("pyovpn", "openvpn")])
+@pytest.mark.parametrize(
+    ("server_impl", "client_impl", "plane"),
+    [("openvpn", "pyovpn", "auto"), ("pyovpn", "openvpn", "auto"), ("openvpn", "pyovpn", "inprocess")],
+)
 def test_dev_null_handshakes_pings_and_rekeys(
-    net: Netns, pki: Pki, server_impl: Impl, client_impl: Impl
+    net: Netns, pki: Pki, server_impl: Impl, client_impl: Impl, plane: str
 ) -> None:
-    """`dev null` with stock OpenVPN at the other end: up, keepalive both ways, a rekey."""
+    """`dev null` with stock OpenVPN at the other end: up, keepalive both ways, a rekey.
+
+    ``plane``: pyovpn's userspace plane, the engine (``auto``) or in-process.
+    """
     spec = TunnelSpec(role="p2p", dco=None, keepalive=None, reneg_sec=6)
     server_text = h.server_config(spec, pki, impl=server_impl, local=net.outer("b", 4))
     client_text = h.client_config(spec, pki, impl=client_impl, remote=net.outer("b", 4))
-    (net.workdir / "s.conf").write_text(_null_config(server_text))
-    (net.workdir / "c.conf").write_text(_null_config(client_text))
+    for name, text, impl in (("s.conf", server_text, server_impl), ("c.conf", client_text, client_impl)):
+        extra = f"userspace-engine {plane}\n" if impl == "pyovpn" else ""
+        (net.workdir / name).write_text(_null_config(text) + extra)
     server = net.spawn("b", h.vpn_argv(server_impl, net.workdir / "s.conf"), f"server-{server_impl}")
     h.wait_listening(net.b, "udp", h.DEFAULT_PORT, proc=server)
     client = net.spawn("a", h.vpn_argv(client_impl, net.workdir / "c.conf"), f"client-{client_impl}")
@@ -105,5 +112,7 @@ def test_dev_null_handshakes_pings_and_rekeys(
     stock = client if py is server else server
     assert "kernel data channel not used: `dev null`" in py.text(), py.tail()
     assert "null device opened" in py.text(), py.tail()
+    where = "offload engine: null device" if plane == "auto" else "userspace data channel: null device"
+    assert where in py.text(), py.tail()
     # stock logs a new "Data Channel: ... cipher" line for each key negotiated (initial + rekeys)
     assert len(re.findall(r"Outgoing Data Channel: Cipher", stock.text())) >= 2, stock.tail()

@@ -81,10 +81,10 @@ def test_passtos_runs_on_the_userspace_data_plane(tmp_path: Path) -> None:
     assert not plain.passtos and backendfit.kernel_refusal(plain) is None
 
 
-def test_dev_null_runs_in_process(tmp_path: Path) -> None:
+def test_dev_null_runs_on_the_userspace_engine(tmp_path: Path) -> None:
     opts = _opts("dev null\n", tmp_path)
     assert "`dev null`" in (backendfit.kernel_refusal(opts) or "")
-    assert backendfit.userspace_engine(opts) == "inprocess"  # the engine's workers poll a TUN
+    assert backendfit.userspace_engine(opts) == "multiprocess"  # its workers write to /dev/null
     # the up/down scripts are told dev_type=null, as OpenVPN does
     env = scripts.up_down_env(iface.tun_params("null", 1500, opts, None), "init")
     assert (env["dev"], env["dev_type"]) == ("null", "null")
@@ -100,7 +100,7 @@ def test_dev_null_on_a_p2mp_server_is_refused_with_a_reason(tmp_path: Path) -> N
 
 
 def test_backends_without_passtos_or_null_devices_refuse_them() -> None:
-    """What the kernel backend (and the engine, for `dev null`) answer instead of ignoring the option."""
+    """What the kernel backend answers instead of ignoring the option."""
     peer = api.NewPeer(
         peer_id=1, socket_fd=0, transport=api.Transport.UDP, remote=("192.0.2.1", 1194), passtos=True
     )

@@ -58,3 +58,12 @@ def test_auto_puts_a_p2mp_server_in_process_unless_asked() -> None:
     assert backendfit.userspace_engine(o) == "multiprocess"
     o = parse_config_text(CLIENT + "userspace-engine auto\n")
     assert o.userspace_engine == "auto" and backendfit.userspace_engine(o) == "multiprocess"
+
+
+def test_dev_null_runs_on_the_engine_and_fragment_in_process() -> None:
+    from pyovpn.edge import backendfit
+
+    o = parse_config_text(CLIENT + "dev null\n")
+    assert o.dev_type == "null" and backendfit.userspace_engine(o) == "multiprocess"
+    o = parse_config_text(CLIENT + "proto udp\nfragment 1300\n")
+    assert o.fragment and backendfit.userspace_engine(o) == "inprocess"  # the engine seals whole packets

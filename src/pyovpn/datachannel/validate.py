@@ -11,7 +11,17 @@ from __future__ import annotations
 import os
 import socket
 
-from pyovpn.datachannel.api import Cipher, Framing, KeySlot, NewIface, NewKey, NewPeer, SetPeer, Transport
+from pyovpn.datachannel.api import (
+    Cipher,
+    Framing,
+    IfaceMode,
+    KeySlot,
+    NewIface,
+    NewKey,
+    NewPeer,
+    SetPeer,
+    Transport,
+)
 from pyovpn.errors import BackendError
 
 __all__ = [
@@ -22,6 +32,7 @@ __all__ = [
     "check_no_framing",
     "check_no_null_dev",
     "check_no_passtos",
+    "check_null_dev_is_p2p",
     "check_peer_socket",
     "check_set_peer_keepalive",
     "check_slot",
@@ -100,10 +111,16 @@ def check_no_fragment(cmd: NewPeer, backend: str) -> None:
         raise _cannot("NewPeer", backend, "cannot apply OpenVPN's `fragment`", instead)
 
 
+def check_null_dev_is_p2p(cmd: NewIface) -> None:
+    """For a backend with ``Capabilities.null_dev``: `dev null` has one peer."""
+    if cmd.null and cmd.mode is not IfaceMode.P2P:
+        raise BackendError("NewIface: `dev null` has one peer (P2P); a P2MP server needs `dev tun`")
+
+
 def check_no_null_dev(cmd: NewIface, backend: str) -> None:
     """For a backend without ``Capabilities.null_dev``: a real device only."""
     if cmd.null:
-        instead = "run with --dco userspace and `userspace-engine inprocess`, or use `dev tun`"
+        instead = "run with --dco userspace, or use `dev tun`"
         raise _cannot("NewIface", backend, "needs a real device, not `dev null`", instead)
 
 

@@ -39,15 +39,15 @@ def kernel_refusal(opts: Options) -> str | None:
 
 
 def userspace_engine(opts: Options) -> str:
-    """The `userspace-engine` to use: `dev null` runs in-process (the engine's workers poll a TUN),
-    and so does `fragment` (the engine encrypts whole packets only).
+    """The `userspace-engine` to use: `fragment` runs in-process (the engine encrypts whole
+    packets only).
 
     `auto` (the default) is the engine, except for a P2MP server: there the engine moves more
     data (bench/p2mp_throughput.py) but costs more to connect clients, more memory (three
     processes) and more idle CPU (bench/p2mp.py), so a server takes it only when asked with
     `userspace-engine multiprocess`.
     """
-    if opts.dev_type == "null" or opts.fragment:
+    if opts.fragment:
         return "inprocess"
     if opts.userspace_engine == "auto":
         return "inprocess" if opts.mode == "server" else "multiprocess"

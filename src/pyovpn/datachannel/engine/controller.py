@@ -80,7 +80,7 @@ from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonit
 from pyovpn.datachannel.validate import (
     check_new_key,
     check_no_fragment,
-    check_no_null_dev,
+    check_null_dev_is_p2p,
     check_set_peer_keepalive,
     check_slot,
     no_key_in_slot,
@@ -484,9 +484,11 @@ class Controller:
             raise BackendError(
                 f"NewIface: this backend already drives {self.iface.name}; use one backend per interface"
             )
-        check_no_null_dev(cmd, "multi-process engine's")
+        check_null_dev_is_p2p(cmd)
         if not 68 <= cmd.mtu <= 65535:
             raise BackendError(f"NewIface: MTU {cmd.mtu} out of range 68..65535")
+        if cmd.null:
+            return await self._new_null_iface(cmd)
         try:
             fd, ifname, vnet = _open_tun(cmd.name or None, self.tun_offload)
         except BackendError as e:
@@ -521,6 +523,23 @@ class Controller:
                 raise BackendError(f"NewIface: cannot follow the routes through {ifname}: {e}") from None
         log.info("offload engine: created %s (mtu %d, vnet offloads %s)", ifname, cmd.mtu, vnet)
         return {"ifname": ifname, "vnet": vnet}
+
+    async def _new_null_iface(self, cmd: NewIface) -> dict[str, Any]:
+        """`dev null`: no device; the receiving worker writes what the peer sends to /dev/null."""
+        try:
+            fd = tun.open_null()
+        except OSError as e:
+            raise BackendError(f"NewIface: cannot open {os.devnull}: {e.strerror or e}") from None
+        ifname = cmd.name or "null"
+        try:
+            for link in self.links:  # nothing to read: nothing ever comes from a null device
+                await self._call(link.index, "set_tun", [fd], vnet=False, mtu=cmd.mtu, read=False, mp=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.iface = _Iface(ifname, cmd.name, fd, cmd.mode, cmd.mtu, False)
+        log.info("offload engine: null device (packets from the peer are discarded)")
+        return {"ifname": ifname, "vnet": False}
 
     async def _del_iface(self, cmd: DelIface) -> None:
         iface = self.iface

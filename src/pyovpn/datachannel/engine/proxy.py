@@ -88,6 +88,7 @@ class EngineDataChannel:
         drops_strangers=True,
         framing=True,
         passtos=True,
+        null_dev=True,
     )
 
     def __init__(

@@ -86,7 +86,13 @@ from pyovpn.datachannel.userspace.multipoint import Multipoint
 from pyovpn.datachannel.userspace.peers import Iface, Peer, SharedUdp
 from pyovpn.datachannel.userspace.tcp import TcpPath
 from pyovpn.datachannel.userspace.udp import UdpPath
-from pyovpn.datachannel.validate import check_new_key, check_set_peer_keepalive, check_slot, no_key_in_slot
+from pyovpn.datachannel.validate import (
+    check_new_key,
+    check_null_dev_is_p2p,
+    check_set_peer_keepalive,
+    check_slot,
+    no_key_in_slot,
+)
 from pyovpn.errors import BackendError
 from pyovpn.net import tun
 from pyovpn.net.sockets import TRANSIENT_SEND_ERRNOS, socket_key
@@ -225,8 +231,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
 
     def _new_null_iface(self, cmd: api.NewIface) -> None:
         """`dev null`: no device; what the peer sends is decrypted and written to /dev/null."""
-        if cmd.mode is not api.IfaceMode.P2P:
-            raise BackendError("NewIface: `dev null` has one peer (P2P); a P2MP server needs `dev tun`")
+        check_null_dev_is_p2p(cmd)
         try:
             fd = tun.open_null()
         except OSError as e:
