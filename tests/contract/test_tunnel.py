@@ -481,3 +481,62 @@ def test_tcp_bad_frame_is_transport_error(rig: Rig) -> None:
     finally:
         server.close()
         client.close()
+
+
+def test_udp_fragment_tunnel(rig: Rig) -> None:
+    """OpenVPN's `fragment 600` on both ends: nothing on the wire above 600 bytes, all arrives.
+
+    Pings of 1400 bytes cross both ways in three pieces each, a TCP transfer (TSO
+    super-packets on a backend with ``tun_offloads``) crosses whole, and keepalive pings carry
+    the fragment header too (no expiry).
+    """
+    rig.require("fragment", "OpenVPN's `fragment`")
+    a, b = rig.pair()
+    for ns, dev in ((rig.lab.ns_a, rig.lab.veth_a), (rig.lab.ns_b, rig.lab.veth_b)):
+        # a UDP GSO train of pieces would cross the veth as one frame: have it cut first
+        ip("-n", ns, "link", "set", dev, "gso_max_segs", "1")
+    sock_a = udp_socket(a, (nslab.VETH_A, nslab.PORT))
+    sock_b = udp_socket(b, (nslab.VETH_B, nslab.PORT))
+    wire = packet_socket(b, rig.lab.veth_b, timeout=0)
+    try:
+        for site, sock, peer, remote in ((a, sock_a, 7, nslab.VETH_B), (b, sock_b, 9, nslab.VETH_A)):
+            site.request(
+                api.NewPeer(
+                    peer,
+                    sock.fileno(),
+                    api.Transport.UDP,
+                    (remote, nslab.PORT),
+                    tx_peer_id=16 - peer,
+                    keepalive_interval=1,
+                    keepalive_timeout=4,
+                    fragment=600,
+                )
+            )
+        key0 = os.urandom(256)
+        install_key(a, 7, api.KeySlot.PRIMARY, 0, key0, client=True)
+        install_key(b, 9, api.KeySlot.PRIMARY, 0, key0, client=False)
+        assert a.run(ping(nslab.TUN_B, 3, size=1400)) == 3
+        assert b.run(ping(nslab.TUN_A, 3, size=1400)) == 3
+        tcp_bulk(a, b, 2_000_000)
+        sizes = b.call(lambda: _frame_sizes(wire))
+        udp = [n for n in sizes if n > 0]
+        assert udp and max(udp) <= 600 + 14 + 20 + 8, max(udp)  # Ethernet + IPv4 + UDP headers
+        time.sleep(5 * rig.patience)  # past the keepalive timeout with nothing but pings
+        assert a.request(api.GetPeer(7)).peer_id == 7 and b.request(api.GetPeer(9)).peer_id == 9
+        assert not [n for n in a.notes + b.notes if isinstance(n, api.PeerDeleted)]
+    finally:
+        wire.close()
+        sock_a.close()
+        sock_b.close()
+
+
+def _frame_sizes(sock: socket.socket) -> list[int]:
+    """The lengths of the UDP frames a non-blocking packet socket saw so far."""
+    sizes = []
+    while True:
+        try:
+            frame = sock.recv(65536)
+        except BlockingIOError:
+            return sizes
+        if len(frame) > 23 and frame[12:14] == b"\x08\x00" and frame[23] == 17:  # IPv4, UDP
+            sizes.append(len(frame))

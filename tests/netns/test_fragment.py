@@ -1,4 +1,4 @@
-"""OpenVPN's `fragment` on pyovpn's in-process userspace plane, against stock OpenVPN 2.6 (P2P, UDP).
+"""OpenVPN's `fragment` on both of pyovpn's userspace planes, against stock OpenVPN 2.6 (P2P, UDP).
 
 Both ends run `fragment 1000`; inner pings of up to the tun MTU (1500) and beyond (the kernel
 splits those at the tun) cross both ways, while an nftables counter in each namespace sees no
@@ -26,8 +26,14 @@ MAX = 1000
 PINGS = 4
 
 
-@pytest.mark.parametrize(("server_impl", "client_impl"), [("openvpn", "pyovpn"), ("pyovpn", "openvpn")])
-def test_fragment_with_stock_openvpn(net: Netns, pki: Pki, server_impl: Impl, client_impl: Impl) -> None:
+@pytest.mark.parametrize(
+    ("server_impl", "client_impl", "plane"),
+    [("openvpn", "pyovpn", "auto"), ("pyovpn", "openvpn", "auto"), ("openvpn", "pyovpn", "inprocess")],
+)
+def test_fragment_with_stock_openvpn(
+    net: Netns, pki: Pki, server_impl: Impl, client_impl: Impl, plane: str
+) -> None:
+    """``plane``: pyovpn's userspace plane, the engine (``auto``) or in-process."""
     spec = TunnelSpec(role="p2p", dco=None, keepalive=(1, 5))
     for ns in (net.a, net.b):
         # a UDP GSO train would cross the veth as one super-packet: have it cut before the counters
@@ -38,8 +44,15 @@ def test_fragment_with_stock_openvpn(net: Netns, pki: Pki, server_impl: Impl, cl
     count_outer(net.b, "dport", big, "fragment")
     count_outer(net.a, "sport", big, "fragment")
     extra = f"fragment {MAX}\n"
+    py_extra = extra + f"userspace-engine {plane}\n"
     server, client = h.spawn_tunnel(
-        net, pki, spec, server_impl, client_impl, server_extra=extra, client_extra=extra
+        net,
+        pki,
+        spec,
+        server_impl,
+        client_impl,
+        server_extra=py_extra if server_impl == "pyovpn" else extra,
+        client_extra=py_extra if client_impl == "pyovpn" else extra,
     )
     h.wait_for_lines([server, client], h.INIT_LINE, 40)
     addrs = h.inner_addrs(spec)
@@ -51,6 +64,7 @@ def test_fragment_with_stock_openvpn(net: Netns, pki: Pki, server_impl: Impl, cl
     assert to_server["all"] >= 6 * PINGS * 2 and to_client["all"] >= 6 * PINGS * 2, (to_server, to_client)
     py = server if server_impl == "pyovpn" else client
     assert "kernel data channel not used: `fragment`" in py.text(), py.tail()
+    assert ("offload engine" in py.text()) == (plane == "auto"), py.tail()
     # keepalive pings carry the fragment header too: with nothing else crossing, no ping-restart
     time.sleep(7)
     for proc in (server, client):

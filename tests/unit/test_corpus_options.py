@@ -452,11 +452,11 @@ def test_chroot_names_an_existing_directory_relative_to_cd(tmp_path: Path) -> No
 # -- fragment -------------------------------------------------------------------------------------
 
 
-def test_fragment_runs_in_process_over_udp_only(tmp_path: Path) -> None:
+def test_fragment_runs_in_userspace_over_udp_only(tmp_path: Path) -> None:
     opts = _opts("fragment 1300\n", tmp_path)
     assert opts.fragment == 1300 and not opts.ignored
     assert "`fragment`" in (backendfit.kernel_refusal(opts) or "")
-    assert backendfit.userspace_engine(opts) == "inprocess"  # the engine encrypts whole packets only
+    assert backendfit.userspace_engine(opts) == "multiprocess"  # both userspace planes cut packets
     assert _opts("fragment 1300 mtu\n", tmp_path).fragment == 1300 - 48  # room for IPv6 + UDP headers
     with pytest.raises(ConfigError, match=r"`fragment` can only be used with `proto udp`"):
         parse("proto tcp-client\nfragment 1300\n", tmp_path)

@@ -60,10 +60,10 @@ def test_auto_puts_a_p2mp_server_in_process_unless_asked() -> None:
     assert o.userspace_engine == "auto" and backendfit.userspace_engine(o) == "multiprocess"
 
 
-def test_dev_null_runs_on_the_engine_and_fragment_in_process() -> None:
+def test_dev_null_and_fragment_run_on_the_engine() -> None:
     from pyovpn.edge import backendfit
 
     o = parse_config_text(CLIENT + "dev null\n")
     assert o.dev_type == "null" and backendfit.userspace_engine(o) == "multiprocess"
     o = parse_config_text(CLIENT + "proto udp\nfragment 1300\n")
-    assert o.fragment and backendfit.userspace_engine(o) == "inprocess"  # the engine seals whole packets
+    assert o.fragment and backendfit.userspace_engine(o) == "multiprocess"

@@ -1,4 +1,4 @@
-"""OpenVPN's `fragment`: its own fragmentation of data-channel payloads (the in-process plane only).
+"""OpenVPN's `fragment`: its own fragmentation of data-channel payloads (both userspace planes).
 
 With `fragment MAX` on both ends every payload (IP packet or keepalive ping, after compression
 framing, before encryption) starts with a 4-byte header, a big-endian word: the type in bits 0-1

@@ -22,9 +22,11 @@ from pyovpn.datachannel.api import (
     SetPeer,
     Transport,
 )
+from pyovpn.datachannel.fragment import FragmentError, fragment_size
 from pyovpn.errors import BackendError
 
 __all__ = [
+    "check_fragment",
     "check_keepalive",
     "check_new_key",
     "check_new_peer_transport",
@@ -106,9 +108,20 @@ def check_no_passtos(cmd: NewPeer, backend: str) -> None:
 def check_no_fragment(cmd: NewPeer, backend: str) -> None:
     """For a backend without ``Capabilities.fragment``: whole packets only."""
     if cmd.fragment:
-        instead = "run with --dco userspace and `userspace-engine inprocess`, or remove fragment here and on "
-        instead += "the peer"
+        instead = "run with --dco userspace, or remove fragment here and on the peer"
         raise _cannot("NewPeer", backend, "cannot apply OpenVPN's `fragment`", instead)
+
+
+def check_fragment(what: str, cmd: NewPeer, *, multipoint: bool) -> None:
+    """For a backend with ``Capabilities.fragment``: one peer over UDP, a size that leaves room."""
+    if not cmd.fragment:
+        return
+    if cmd.transport is not Transport.UDP or multipoint:
+        raise BackendError(f"{what}: `fragment` is for one peer (P2P) over UDP, as in OpenVPN")
+    try:
+        fragment_size(cmd.fragment)
+    except FragmentError as e:
+        raise BackendError(f"{what}: {e}") from None
 
 
 def check_null_dev_is_p2p(cmd: NewIface) -> None:

@@ -39,16 +39,13 @@ def kernel_refusal(opts: Options) -> str | None:
 
 
 def userspace_engine(opts: Options) -> str:
-    """The `userspace-engine` to use: `fragment` runs in-process (the engine encrypts whole
-    packets only).
+    """The `userspace-engine` to use.
 
     `auto` (the default) is the engine, except for a P2MP server: there the engine moves more
-    data (bench/p2mp_throughput.py) but costs more to connect clients, more memory (three
-    processes) and more idle CPU (bench/p2mp.py), so a server takes it only when asked with
+    data (bench/p2mp_throughput.py) but costs more memory per client (three processes) and
+    more CPU to connect clients (bench/p2mp.py), so a server takes it only when asked with
     `userspace-engine multiprocess`.
     """
-    if opts.fragment:
-        return "inprocess"
     if opts.userspace_engine == "auto":
         return "inprocess" if opts.mode == "server" else "multiprocess"
     return opts.userspace_engine

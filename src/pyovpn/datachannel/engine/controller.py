@@ -78,8 +78,8 @@ from pyovpn.datachannel.engine.remote import RemoteArea, RemoteCell
 from pyovpn.datachannel.engine.wire import Kind, Message
 from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonitor
 from pyovpn.datachannel.validate import (
+    check_fragment,
     check_new_key,
-    check_no_fragment,
     check_null_dev_is_p2p,
     check_set_peer_keepalive,
     check_slot,
@@ -569,7 +569,6 @@ class Controller:
 
     async def _new_peer(self, cmd: NewPeer, fd: int) -> None:
         what = "NewPeer"
-        check_no_fragment(cmd, "multi-process engine's")
         sock = peer_socket.adopt_socket(what, cmd, fd)
         try:
             peer = self._check_new_peer(cmd, sock)
@@ -613,6 +612,7 @@ class Controller:
             "vpn4": cmd.vpn_ipv4,
             "vpn6": cmd.vpn_ipv6,
             "shared_key": peer.shared_key,
+            "fragment": cmd.fragment,
             "ka_interval": cmd.keepalive_interval,
             "ka_timeout": cmd.keepalive_timeout,
         }
@@ -664,6 +664,7 @@ class Controller:
             raise BackendError(f"{what}: no interface; send NewIface first")
         mp = self.router is not None
         tx_id = peer_socket.check_new_peer(what, cmd, multipoint=mp)
+        check_fragment(what, cmd, multipoint=mp)
         if mp:
             peer_socket.check_peer_id_free(what, cmd.peer_id, self.peers)
         n = len(self.links)

@@ -89,6 +89,7 @@ class EngineDataChannel:
         framing=True,
         passtos=True,
         null_dev=True,
+        fragment=True,
     )
 
     def __init__(

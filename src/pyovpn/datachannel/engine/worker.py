@@ -49,7 +49,7 @@ from pyovpn.datachannel.api import (
     Transport,
 )
 from pyovpn.datachannel.api import normalize_address as _normalize
-from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PING_MAGIC, KeyState
+from pyovpn.datachannel.crypto import DATA_V2_OVERHEAD, PING_MAGIC, KeyState, PacketIdExhaustedError
 from pyovpn.datachannel.datapath import FRAME_LEN as _FRAME_LEN
 from pyovpn.datachannel.datapath import GRO_CMSG_SPACE as _GRO_CMSG_SPACE
 from pyovpn.datachannel.datapath import GSO_MAX_BYTES as _GSO_MAX_BYTES
@@ -71,7 +71,7 @@ from pyovpn.datachannel.deadlines import DeadlineHeap, fire_time
 from pyovpn.datachannel.engine import gso, wire
 from pyovpn.datachannel.engine.remote import RemoteArea, RemoteCell
 from pyovpn.datachannel.engine.wire import Kind
-from pyovpn.datachannel.fragment import Fragmenter
+from pyovpn.datachannel.fragment import Fragmenter, FragmentError, Reassembler
 from pyovpn.datachannel.framing import FramingError, frame_slots, note_framing_error, unframe
 from pyovpn.datachannel.lane import close_lane, open_lane
 from pyovpn.datachannel.routing import PeerRouter, PrefixTable
@@ -147,6 +147,7 @@ class _Peer:
         "peer_id",
         "raw_ip",
         "raw_port",
+        "reasm",
         "rx",
         "send_addr",
         "serials",
@@ -190,7 +191,11 @@ class _Peer:
         self.framing = Framing(m.get("framing", Framing.NONE.value))
         self.passtos: bool = m.get("passtos", False)  # see datachannel/tos.py
         self.tos = -1  # the TOS last set on the socket for passtos
-        self.frag: Fragmenter | None = None  # `fragment` is the in-process plane's (pings check it)
+        # `fragment MAX`: payloads cut before sealing (the sending side), put together after
+        # opening (the receiving side); pings carry the whole-packet header too
+        frag_max = m.get("fragment") or 0
+        self.frag: Fragmenter | None = Fragmenter(frag_max) if frag_max and self.tx else None
+        self.reasm: Reassembler | None = Reassembler() if frag_max and self.rx else None
         self.ka_interval = 0
         self.ka_timeout = 0
         self.ka_due: float | None = None  # this peer's entry in the worker's DeadlineHeap
@@ -1014,6 +1019,8 @@ class Worker:
                 lens.clear()
                 self.tx_pos = 0
                 return ks
+        if peer.frag is not None:
+            return self._tx_fragments(peer, ks, peer.frag)
         done = ks.encrypt_slots(self.tx_mv, offs, lens, peer.tx_peer_id, frame=frame)
         if done < len(offs):
             _count(peer.stats, "tx_dropped_no_key", len(offs) - done)
@@ -1033,6 +1040,48 @@ class Worker:
         offs.clear()
         lens.clear()
         self.tx_pos = 0
+        return ks_next
+
+    def _tx_fragments(self, peer: _Peer, ks: KeyState, frag: Fragmenter) -> KeyState | None:
+        """`fragment`: each payload of the batch cut into pieces (or marked whole), one datagram each.
+
+        Slow by design (a packet at a time): the pieces differ in size, so no GSO train.
+        """
+        mv = self.tx_mv
+        st = peer.stats
+        out: list[bytes] = []
+        ks_next: KeyState | None = ks
+        for off, ln in zip(self.tx_offs, self.tx_lens, strict=True):
+            try:
+                pieces = frag.split(mv[off + 24 : off + 24 + ln])
+            except FragmentError:
+                _count(st, "tx_dropped_too_big")
+                continue
+            try:
+                for piece in pieces:
+                    out.append(ks.encrypt(piece, peer.tx_peer_id))
+            except PacketIdExhaustedError:
+                self._key_exhausted(peer, ks)
+                ks_next = None
+                break
+        self.tx_offs.clear()
+        self.tx_lens.clear()
+        self.tx_pos = 0
+        if out:
+            self._sync_remote(peer)
+            addr = peer.send_addr
+            assert addr is not None, "a UDP peer always has a remote"  # `fragment` is UDP only
+            for packet in out:
+                try:
+                    peer.sock.sendto(packet, addr)
+                except OSError as e:
+                    _count(st, "tx_dropped")
+                    if e.errno not in _TRANSIENT:
+                        log.debug("engine: send to peer %d failed: %s", peer.peer_id, e)
+                    continue
+                st.link_tx_packets += 1
+                st.link_tx_bytes += len(packet)
+            peer.last_tx = self.last_burst = time.monotonic()
         return ks_next
 
     def _udp_send_slots(self, peer: _Peer) -> None:
@@ -1422,7 +1471,12 @@ class Worker:
         room = len(plain)
         framing = peer.framing if peer.framing is not Framing.NONE else None
         for_src = self.router.for_src if self.router is not None else None
+        reasm = peer.reasm
+        # `fragment`: a packet put together outgrows its last datagram; what the datagrams
+        # still to come need of the buffer stays free (the caller counted only their sizes)
+        left = sum(sz + 2 for _off, sz in dgrams) if reasm is not None else 0  # +2: alignment
         for off, sz in dgrams:
+            left -= sz + 2
             fast = False
             if sz >= DATA_V2_OVERHEAD and ppos + sz < room:
                 w0, pid = unpack_hdr(rx, off)
@@ -1494,6 +1548,10 @@ class Worker:
                 st.dropped_other += 1
                 continue
             authed = True
+            if reasm is not None:
+                clen = self._reassemble(peer, reasm, ppos, clen, room - left - 16)
+                if not clen:
+                    continue  # a fragment of a packet still incomplete (or a bad one, counted)
             if framing is not None:
                 try:
                     clen = unframe(framing, plain, ppos, clen)
@@ -1533,6 +1591,26 @@ class Worker:
                 # packets decrypted so far go out first, so the reply to this one follows the float
                 self._event("float", peer_id=peer.peer_id, gen=peer.gen, addr=tuple(addr))
         return ppos
+
+    def _reassemble(self, peer: _Peer, reasm: Reassembler, ppos: int, clen: int, end: int) -> int:
+        """`fragment`: the opened payload at ``plain[ppos:]`` joins its packet; the whole packet's
+        length once it is complete (written at ``ppos``, never past ``end``), else 0."""
+        st = peer.stats
+        try:
+            whole = reasm.add(bytes(self.plain_mv[ppos : ppos + clen]), time.monotonic())
+        except FragmentError as e:
+            st.dropped_other += 1
+            _count(st, "rx_bad_fragment")
+            log.debug("engine worker %d: peer %d: %s", self.index, peer.peer_id, e)
+            return 0
+        if whole is None:
+            return 0
+        if ppos + len(whole) > end:
+            st.dropped_other += 1
+            _count(st, "rx_dropped_no_room")  # only a huge packet late in a full batch
+            return 0
+        self.plain_mv[ppos : ppos + len(whole)] = whole
+        return len(whole)
 
     def _tun_write(self, slots: list[tuple[int, int]], owners: list[tuple[_Peer, int]]) -> None:
         """Write decrypted packets to the TUN; ``owners``: ``(peer, end)``, whose slots end where."""

@@ -78,7 +78,7 @@ from pyovpn.datachannel import api, peer_socket, strangers
 from pyovpn.datachannel.crypto import DEFAULT_REPLAY_WINDOW, KeyState
 from pyovpn.datachannel.datapath import FRAME_LEN, TCP_TX_HIGH_WATER, count, debug_hook
 from pyovpn.datachannel.deadlines import DeadlineHeap
-from pyovpn.datachannel.fragment import Fragmenter, FragmentError, Reassembler
+from pyovpn.datachannel.fragment import Fragmenter, Reassembler
 from pyovpn.datachannel.lane import open_lane
 from pyovpn.datachannel.routing import AddressInUseError, PeerRouter, RouteMonitor
 from pyovpn.datachannel.userspace.keepalive import Keepalive
@@ -87,6 +87,7 @@ from pyovpn.datachannel.userspace.peers import Iface, Peer, SharedUdp
 from pyovpn.datachannel.userspace.tcp import TcpPath
 from pyovpn.datachannel.userspace.udp import UdpPath
 from pyovpn.datachannel.validate import (
+    check_fragment,
     check_new_key,
     check_null_dev_is_p2p,
     check_set_peer_keepalive,
@@ -358,13 +359,9 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         peer = Peer(cmd.peer_id, tx_id, sock, cmd.transport, iface)
         peer.framing = cmd.framing
         peer.passtos = cmd.passtos
+        check_fragment(what, cmd, multipoint=iface.router is not None)
         if cmd.fragment:
-            if cmd.transport is not api.Transport.UDP or iface.router is not None:
-                raise BackendError(f"{what}: `fragment` is for one peer (P2P) over UDP, as in OpenVPN")
-            try:
-                peer.frag = Fragmenter(cmd.fragment)
-            except FragmentError as e:
-                raise BackendError(f"{what}: {e}") from None
+            peer.frag = Fragmenter(cmd.fragment)
             peer.reasm = Reassembler()
         peer_socket.check_socket(what, cmd, peer)
         return peer
