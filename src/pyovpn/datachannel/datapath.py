@@ -20,7 +20,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 from pyovpn.datachannel.api import Framing, PeerDelReason, Stats
 from pyovpn.datachannel.crypto import PING_MAGIC, KeyState, PacketIdExhaustedError
-from pyovpn.datachannel.fragment import WHOLE_HEADER, Fragmenter
+from pyovpn.datachannel.fragment import WHOLE_HEADER, Fragmenter, FragmentError, Reassembler
 from pyovpn.datachannel.framing import frame_payload
 from pyovpn.net.sockets import SOL_UDP, TCP_DISCONNECT_ERRNOS, UDP_GRO
 
@@ -39,6 +39,7 @@ __all__ = [
     "count",
     "gro_segment_size",
     "gso_train_refused",
+    "reassemble",
     "seal_ping",
     "take_frames",
     "tcp_error_reason",
@@ -83,6 +84,20 @@ _P = TypeVar("_P", bound=PingPeer)
 def count(stats: Stats, name: str, n: int = 1) -> None:
     """Add ``n`` to the extra counter ``name`` (drop reasons and the like)."""
     stats.extra[name] = stats.extra.get(name, 0) + n
+
+
+def reassemble(
+    stats: Stats, reasm: Reassembler, payload: bytes, now: float, log: logging.Logger, who: str, peer_id: int
+) -> bytes | None:
+    """`fragment`: an opened ``payload`` joins its packet; the whole packet once it is complete,
+    else None (more to come, or a bad fragment, which is counted and dropped)."""
+    try:
+        return reasm.add(payload, now)
+    except FragmentError as e:
+        stats.dropped_other += 1
+        count(stats, "rx_bad_fragment")
+        log.debug("%s: peer %d: %s", who, peer_id, e)
+        return None
 
 
 def gro_segment_size(anc: list[tuple[int, int, bytes]]) -> int:

@@ -60,6 +60,7 @@ from pyovpn.datachannel.datapath import (
     debug_hook,
     gro_segment_size,
     gso_train_refused,
+    reassemble,
     seal_ping,
     take_frames,
     tcp_error_reason,
@@ -1596,13 +1597,9 @@ class Worker:
         """`fragment`: the opened payload at ``plain[ppos:]`` joins its packet; the whole packet's
         length once it is complete (written at ``ppos``, never past ``end``), else 0."""
         st = peer.stats
-        try:
-            whole = reasm.add(bytes(self.plain_mv[ppos : ppos + clen]), time.monotonic())
-        except FragmentError as e:
-            st.dropped_other += 1
-            _count(st, "rx_bad_fragment")
-            log.debug("engine worker %d: peer %d: %s", self.index, peer.peer_id, e)
-            return 0
+        payload = bytes(self.plain_mv[ppos : ppos + clen])
+        who = f"engine worker {self.index}"
+        whole = reassemble(st, reasm, payload, time.monotonic(), log, who, peer.peer_id)
         if whole is None:
             return 0
         if ppos + len(whole) > end:

@@ -22,6 +22,7 @@ from pyovpn.datachannel.datapath import (
     count,
     gro_segment_size,
     gso_train_refused,
+    reassemble,
 )
 from pyovpn.datachannel.fragment import FragmentError
 from pyovpn.datachannel.framing import FramingError, frame_payload, note_framing_error, unframe_bytes
@@ -139,15 +140,9 @@ class UdpPath(PeerTable):
             return False
         peer.last_rx = now
         if peer.reasm is not None:
-            try:
-                whole = peer.reasm.add(plain, now)
-            except FragmentError as e:
-                st.dropped_other += 1
-                count(st, "rx_bad_fragment")
-                log.debug("userspace data channel: peer %d: %s", peer.peer_id, e)
-                return True
+            whole = reassemble(st, peer.reasm, plain, now, log, "userspace data channel", peer.peer_id)
             if whole is None:
-                return True  # more fragments to come
+                return True  # more fragments to come, or a bad one (counted)
             plain = whole
         if peer.framing is not Framing.NONE:
             try:
