@@ -277,6 +277,32 @@ def logs_tail(procs: Iterable[Proc], lines: int = 60) -> str:
     return "\n".join(p.tail(lines) for p in procs)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (of all its threads)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid``, its arguments joined by spaces ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def engine_processes(pyovpn_pid: int) -> tuple[int, list[int]]:
+    """The userspace engine under a pyovpn process: its controller's pid and its workers' pids."""
+    engines = [p for p in child_pids(pyovpn_pid) if "pyovpn.datachannel.engine" in cmdline(p)]
+    assert len(engines) == 1, f"expected one engine process under {pyovpn_pid}, found {engines}"
+    return engines[0], child_pids(engines[0])
+
+
 # ---------------------------------------------------------------------------------------
 # Namespaces
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from tests.netns.harness import (
     HarnessError,
     Netns,
     TunnelSpec,
+    engine_processes,
     iperf3_transfer,
     ping,
     start_tunnel,
@@ -32,35 +32,11 @@ from tests.netns.harness import (
 pytestmark = pytest.mark.netns
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            out += [int(c) for c in task.read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _engine(pyovpn_pid: int) -> tuple[int, list[int]]:
-    """The engine controller's pid and its workers' pids."""
-    engines = [p for p in _children(pyovpn_pid) if "pyovpn.datachannel.engine" in _cmdline(p)]
-    assert len(engines) == 1, f"expected one engine process under {pyovpn_pid}, found {engines}"
-    return engines[0], _children(engines[0])
-
-
 @pytest.mark.parametrize("victim", ["controller", "worker"])
 def test_kill_engine_process_during_transfer_recovers(net: Netns, pki: Pki, victim: str) -> None:
     spec = TunnelSpec(role="p2p", cipher="AES-256-GCM", wrap="tls-crypt", proto="udp", family=4)
     tunnel = start_tunnel(net, pki, spec, server_impl="openvpn", client_impl="pyovpn")
-    controller, workers = _engine(tunnel.client.pid)
+    controller, workers = engine_processes(tunnel.client.pid)
     assert workers, "the engine has no worker processes"
     target = controller if victim == "controller" else workers[-1]
 
@@ -83,7 +59,7 @@ def test_kill_engine_process_during_transfer_recovers(net: Netns, pki: Pki, vict
 
     assert tunnel.client.running(), f"pyovpn exited after the engine died:\n{tunnel.client.tail(40)}"
     assert "cannot reach the offload engine" not in tunnel.client.text()[mark:]
-    new_controller, new_workers = _engine(tunnel.client.pid)
+    new_controller, new_workers = engine_processes(tunnel.client.pid)
     assert new_controller != controller and target not in new_workers
     # the same TCP transfer survived the outage and moved data again after the reconnect
     assert "error" not in result, result.get("error")

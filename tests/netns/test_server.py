@@ -22,6 +22,7 @@ from tests.netns.harness import (
     INIT_LINE,
     Proc,
     Star,
+    engine_processes,
     p2mp_client_config,
     p2mp_server_config,
     ping,
@@ -117,14 +118,19 @@ def start_all(
     star: Star, pki: Pki, *, client_to_client: bool, plane: str = "auto"
 ) -> tuple[Proc, list[Proc]]:
     conf = server_conf(pki, star.workdir, client_to_client=client_to_client, extra=plane_line(plane))
+    return spawn_all(star, pki, conf, CLIENTS)
+
+
+def spawn_all(star: Star, pki: Pki, conf: Path, clients: list[tuple[str, str]]) -> tuple[Proc, list[Proc]]:
+    """The pyovpn server on ``conf`` and a stock client per ``(cn, cipher)``, all up."""
     server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
     wait_listening(star.server, "udp", 1194, proc=server)
-    clients = []
-    for i, (cn, cipher) in enumerate(CLIENTS):
+    procs = []
+    for i, (cn, cipher) in enumerate(clients):
         cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher)
-        clients.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
-    wait_for_lines([server, *clients], INIT_LINE, 40)
-    return server, clients
+        procs.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
+    wait_for_lines([server, *procs], INIT_LINE, 40)
+    return server, procs
 
 
 def pushed_ip(log: str) -> str:
@@ -231,13 +237,7 @@ def test_idle_clients_live_on_keepalive_pings(star: Star, pki: Pki) -> None:
     keepalive lane (a second socket on the server port that nobody polls): the server must
     drain it in time, or every client would time out here."""
     conf = server_conf(pki, star.workdir, client_to_client=False, extra="keepalive 1 3")
-    server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
-    wait_listening(star.server, "udp", 1194, proc=server)
-    clients = []
-    for i, (cn, cipher) in enumerate(CLIENTS[:2]):
-        cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher)
-        clients.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
-    wait_for_lines([server, *clients], INIT_LINE, 40)
+    server, clients = spawn_all(star, pki, conf, CLIENTS[:2])
     if DCO == "userspace":
         assert _udp_sockets_on(star.server, 1194) == 2, "no keepalive lane next to the server socket"
     else:
@@ -265,18 +265,14 @@ def test_client_with_an_ipv6_iroute_reconnects(star: Star, pki: Pki) -> None:
     adding them again and the server drops it right after the handshake."""
     conf = server_conf(pki, star.workdir, client_to_client=False)
     (star.workdir / "ccd" / "alice").write_text("iroute-ipv6 fd00:66::/64\n")
-    server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
-    wait_listening(star.server, "udp", 1194, proc=server)
-    cn, cipher = CLIENTS[0]
-    cconf = client_conf(pki, star.workdir, cn, star.server_addr(0), cipher)
-    alice = star.spawn(star.peers[0], ["openvpn", "--config", str(cconf)], "client-alice")
-    wait_for_lines([server, alice], INIT_LINE, 40)
+    server, (alice,) = spawn_all(star, pki, conf, CLIENTS[:1])
     server.wait_for_line("alice.*Data Channel: cipher", 20)
     assert "fd00:66::/64" in _routes6(star.server, "fd00:66::/64"), "iroute-ipv6 not installed"
     mark = server.mark()
     alice.stop()
     server.wait_for_line("alice.*client disconnected", 20, since=mark)
     assert _routes6(star.server, "fd00:66::/64") == "", "iroute-ipv6 left behind after the client left"
+    cconf = star.workdir / "alice.conf"  # written by spawn_all
     again = star.spawn(star.peers[0], ["openvpn", "--config", str(cconf)], "client-alice-again")
     again.wait_for_line(INIT_LINE, 30)
     server.wait_for_line("alice.*Data Channel: cipher", 20, since=mark)
@@ -298,17 +294,9 @@ def test_server_on_the_engine_starts_again_when_an_engine_process_dies(star: Sta
     conf = server_conf(
         pki, star.workdir, client_to_client=False, extra="userspace-engine multiprocess\nkeepalive 1 4"
     )
-    server = star.spawn(star.server, [sys.executable, "-m", "pyovpn", "--config", str(conf)], "server-pyovpn")
-    wait_listening(star.server, "udp", 1194, proc=server)
-    clients = []
-    for i, (cn, cipher) in enumerate(CLIENTS[:2]):
-        cconf = client_conf(pki, star.workdir, cn, star.server_addr(i), cipher)
-        clients.append(star.spawn(star.peers[i], ["openvpn", "--config", str(cconf)], f"client-{cn}"))
-    wait_for_lines([server, *clients], INIT_LINE, 40)
+    server, clients = spawn_all(star, pki, conf, CLIENTS[:2])
     assert_plane(server, "multiprocess")
-    engines = [p for p in _children(server.pid) if "pyovpn.datachannel.engine" in _cmdline(p)]
-    assert len(engines) == 1, engines
-    workers = _children(engines[0])
+    controller, workers = engine_processes(server.pid)
     assert workers, "the engine has no worker processes"
 
     mark, client_marks = server.mark(), [c.mark() for c in clients]
@@ -320,22 +308,4 @@ def test_server_on_the_engine_starts_again_when_an_engine_process_dies(star: Sta
     assert server.running(), f"the server exited:\n{server.tail(40)}"
     for i in range(2):
         assert ping(star.peers[i], SERVER4, count=3, timeout=20).ok, f"client {i} is not back"
-    new_engines = [p for p in _children(server.pid) if "pyovpn.datachannel.engine" in _cmdline(p)]
-    assert len(new_engines) == 1 and new_engines != engines
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            out += [int(c) for c in task.read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+    assert engine_processes(server.pid)[0] != controller  # exactly one engine, a new one
