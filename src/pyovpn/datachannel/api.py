@@ -327,7 +327,7 @@ class IfaceDeleted:
 Notification = PeerDeleted | KeyExhausted | PeerFloated | ControlPacket | IfaceDeleted
 
 
-@dataclass
+@dataclass(slots=True)  # a server keeps one per client in each process that moves its packets
 class Stats:
     """Mutable per-peer counters a backend keeps; ``PeerInfo`` is its snapshot."""
 

@@ -179,6 +179,9 @@ def _missing_direction(*_args: object) -> NoReturn:
     raise ValueError("this copy of the key has no such direction")
 
 
+_SEND_ONLY = ReplayWindow(1, expire=None)  # the replay window of every send-only key copy
+
+
 class KeyState:
     """One key_id of a peer: encrypt key + tx packet id, decrypt key + replay window.
 
@@ -219,7 +222,8 @@ class KeyState:
             raise ValueError("encrypt and decrypt keys must use the same cipher")
         self.key_id = key_id
         self.cipher = encrypt.cipher if encrypt is not None else decrypt.cipher  # type: ignore[union-attr]
-        self.replay = ReplayWindow(replay_window, expire=replay_expire)
+        # a send-only copy never opens a packet (its _open raises first): no window to keep
+        self.replay = ReplayWindow(replay_window, expire=replay_expire) if decrypt is not None else _SEND_ONLY
         self._tx_pid = 0  # last pid sent; the first packet carries 1
         self._op_v2 = ((OPCODE_DATA_V2 << 3) | key_id) << 24
         self._op_v1 = (OPCODE_DATA_V1 << 3) | key_id

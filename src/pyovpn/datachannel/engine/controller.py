@@ -104,14 +104,14 @@ TUNSETIFF = 0x400454CA
 _IFREQ = struct.Struct("16sH22x")
 
 
-@dataclass
+@dataclass(slots=True)
 class _KeyMeta:
     key_id: int
     cipher: Any
     serial: int
 
 
-@dataclass
+@dataclass(slots=True)  # one per client of a server
 class _Peer:
     peer_id: int
     gen: int
