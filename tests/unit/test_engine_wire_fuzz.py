@@ -84,3 +84,47 @@ def test_control_packets_round_trip(note: api.ControlPacket, rid: int) -> None:
     assert wire.unpack(wire.pack(wire.Kind.CONTROL, rid, note)) == (wire.Kind.CONTROL, rid, note)
     send = api.SendControl(note.peer_id, note.packet)
     assert wire.unpack(wire.pack(wire.Kind.SEND_CONTROL, rid, send)) == (wire.Kind.SEND_CONTROL, rid, send)
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.integers(0, 4))
+def test_unpack_batch_any_bytes(data: bytes, nfds: int) -> None:
+    try:
+        wire.unpack_batch(bytes([wire.Kind.BATCH]) + data, nfds)
+    except ProtocolError:
+        pass
+    try:
+        wire.unpack_batch(data, nfds)
+    except ProtocolError:
+        pass
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([wire.Kind.OK, wire.Kind.REQUEST, wire.Kind.NOTE]), _values), max_size=6
+    ),
+    st.data(),
+)
+def test_batches_round_trip_and_survive_damage(
+    items: list[tuple[wire.Kind, Any]], data: st.DataObject
+) -> None:
+    """What an Outbox would send for these messages decodes to them; damage gives ProtocolError only."""
+    raws = [wire.pack(kind, rid, value) for rid, (kind, value) in enumerate(items)]
+    datagram = b"".join(
+        [bytes([wire.Kind.BATCH]) + bytes(4)] + [len(r).to_bytes(4, "little") + b"\x00" + r for r in raws]
+    )
+    if items:
+        got = wire.unpack_batch(datagram, 0)
+        assert [(m.kind, m.rid, m.body) for m, _n in got] == [(k, i, v) for i, (k, v) in enumerate(items)]
+    cut = data.draw(st.integers(0, len(datagram) - 1))
+    try:
+        wire.unpack_batch(datagram[:cut], 0)
+    except ProtocolError:
+        pass
+    pos = data.draw(st.integers(0, len(datagram) - 1))
+    flipped = datagram[:pos] + bytes([datagram[pos] ^ data.draw(st.integers(1, 255))]) + datagram[pos + 1 :]
+    try:
+        wire.unpack_batch(flipped, data.draw(st.integers(0, 3)))
+    except ProtocolError:
+        pass

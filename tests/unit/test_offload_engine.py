@@ -535,17 +535,22 @@ def test_engine_control_packets_under_saturation(lab: Lab, transport: Transport)
 # report the same floats and control packets, for any mix of senders and packet kinds.
 
 
-def _worker_messages(ours: socket.socket) -> list[Any]:
-    """Everything a worker has sent on its channel so far (events, control packets)."""
+def _worker_messages(w: Any, ours: socket.socket) -> list[Any]:
+    """Everything a worker has said on its channel so far (events, control packets).
+
+    The test drives the worker's handlers, not its loop, so it ends the turn here: what the
+    worker queued for the controller goes out as the loop would send it.
+    """
     from pyovpn.datachannel.engine import wire
 
+    w._flush_chan()
     out = []
     ours.setblocking(False)
     with contextlib.suppress(BlockingIOError):
         while True:
-            msg, _fds = wire.recv(ours)
-            assert msg is not None
-            out.append(msg)
+            batch = wire.recv_all(ours)
+            assert batch is not None
+            out += [msg for msg, _fds in batch]
     return out
 
 
@@ -590,7 +595,7 @@ def _rx_run(use_mmsg: bool, datagrams: list[tuple[int, bytes]], key: bytes) -> t
             if peer.stats.link_rx_packets + peer.stats.dropped_other == before:
                 break
         tun = recv_all(tun_r)
-        events = [(msg.kind, msg.body) for msg in _worker_messages(ours)]
+        events = [(msg.kind, msg.body) for msg in _worker_messages(w, ours)]
         ports = {s.getsockname()[1]: i for i, s in enumerate(senders)}
         st = peer.stats
         return (
@@ -703,7 +708,7 @@ def _mp_rx_run(use_mmsg: bool, datagrams: list[tuple[int, bytes]], keys: dict[in
             if seen >= total - 3:  # the three control packets are not link_rx data
                 break
         tun = recv_all(tun_r)
-        events = [msg.body for msg in _worker_messages(ours)]
+        events = [msg.body for msg in _worker_messages(w, ours)]
         ports = {s.getsockname()[1]: i for i, s in enumerate(senders)}
         by_source: dict[bytes, list[bytes]] = {}
         for pkt in tun:  # the order across clients is the batching's; each client's is fixed

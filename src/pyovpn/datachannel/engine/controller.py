@@ -161,6 +161,7 @@ class _WorkerLink:
         self.pid = pid
         self.next_id = 1
         self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.outbox = wire.Outbox()  # requests of this turn, sent together (Controller._flush)
         self.gone = False
 
 
@@ -203,6 +204,9 @@ class Controller:
         self.serial = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.done: asyncio.Future[None] | None = None
+        # what this turn says to the proxy, sent at its end with the workers' requests
+        self.proxy_out = wire.Outbox()
+        self.flush_due = False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -217,6 +221,7 @@ class Controller:
         self._send_proxy(
             Kind.READY, 0, {"workers": [link.pid for link in self.links]}, [s.fileno() for s in self.direct]
         )
+        self._flush()
         for s in self.direct:
             s.close()
         self.direct.clear()
@@ -224,20 +229,54 @@ class Controller:
         try:
             await self.done
         finally:
+            self._flush()  # the answer to "close"
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
             await self._shutdown()
 
     def _send_proxy(self, kind: Kind, rid: int, body: object, fds: Sequence[int] = ()) -> None:
-        try:
-            self.proxy.setblocking(True)
-            wire.send(self.proxy, kind, rid, body, fds)
-        except OSError:
-            self._finish()
-        finally:
-            with contextlib.suppress(OSError):
-                self.proxy.setblocking(False)
+        self.proxy_out.add(kind, rid, body, fds)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if not self.flush_due:
+            self.flush_due = True
+            assert self.loop is not None
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send this turn's messages: the workers' requests, then the proxy's answers and notes.
+
+        A full channel is waited out (nothing is dropped). A worker that cannot be reached
+        fails the requests that were waiting to go to it; a proxy that cannot be reached ends
+        the engine.
+        """
+        self.flush_due = False
+        for link in self.links:
+            if not link.outbox:
+                continue
+            try:
+                link.sock.setblocking(True)
+                link.outbox.flush(link.sock)
+            except OSError as e:
+                for rid in link.outbox.take():
+                    fut = link.pending.pop(rid, None)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(BackendError(f"engine worker {link.index} is unreachable: {e}"))
+            finally:
+                with contextlib.suppress(OSError):
+                    link.sock.setblocking(False)
+        if self.proxy_out:
+            try:
+                self.proxy.setblocking(True)
+                self.proxy_out.flush(self.proxy)
+            except OSError:
+                self.proxy_out.take()
+                self._finish()
+            finally:
+                with contextlib.suppress(OSError):
+                    self.proxy.setblocking(False)
 
     def _finish(self) -> None:
         if self.done is not None and not self.done.done():
@@ -246,7 +285,7 @@ class Controller:
     def _on_proxy(self) -> None:
         while True:
             try:
-                msg, fds = wire.recv(self.proxy)
+                batch = wire.recv_all(self.proxy)
             except BlockingIOError:
                 return
             except ProtocolError as e:
@@ -255,7 +294,7 @@ class Controller:
             except OSError:
                 self._finish()
                 return
-            if msg is None:  # the control plane is gone: tear everything down
+            if batch is None:  # the control plane is gone: tear everything down
                 assert self.loop is not None
                 self.loop.remove_reader(self.proxy.fileno())
                 self._finish()
@@ -265,20 +304,21 @@ class Controller:
             for link in self.links:
                 if link.sock.fileno() >= 0:
                     self._on_worker(link)
-            self.queue.put_nowait((msg, fds))
+            for item in batch:
+                self.queue.put_nowait(item)
 
     def _on_worker(self, link: _WorkerLink) -> None:
         while not link.gone:
             try:
-                msg, fds = wire.recv(link.sock)
+                batch = wire.recv_all(link.sock)
             except BlockingIOError:
                 return
             except ProtocolError as e:
                 log.error("engine: dropped a malformed message from worker %d: %s", link.index, e)
                 continue
             except OSError:
-                msg, fds = None, []
-            if msg is None:
+                batch = None
+            if batch is None:
                 assert self.loop is not None
                 link.gone = True
                 self.loop.remove_reader(link.sock.fileno())
@@ -290,18 +330,19 @@ class Controller:
                     log.error("engine: worker %d exited unexpectedly", link.index)
                     self._finish()
                 return
-            for fd in fds:
-                os.close(fd)
-            if msg.kind is Kind.EVENT:
-                self.queue.put_nowait((msg, []))
-                continue
-            waiter = link.pending.pop(msg.rid, None)
-            if waiter is None or waiter.done():
-                continue
-            if msg.kind is Kind.ERR:
-                waiter.set_exception(BackendError(str(msg.body)))
-            else:
-                waiter.set_result(msg.body)
+            for msg, fds in batch:
+                for fd in fds:
+                    os.close(fd)
+                if msg.kind is Kind.EVENT:
+                    self.queue.put_nowait((msg, []))
+                    continue
+                waiter = link.pending.pop(msg.rid, None)
+                if waiter is None or waiter.done():
+                    continue
+                if msg.kind is Kind.ERR:
+                    waiter.set_exception(BackendError(str(msg.body)))
+                else:
+                    waiter.set_result(msg.body)
 
     async def _call(self, index: int, op: str, fds: list[int] | tuple[int, ...] = (), **kw: Any) -> Any:
         return await self._start_call(index, op, fds, kw)
@@ -309,20 +350,18 @@ class Controller:
     def _start_call(self, index: int, op: str, fds: Sequence[int], kw: dict[str, Any]) -> asyncio.Future[Any]:
         """Send a request to worker ``index``; the future gets its answer."""
         link = self.links[index]
+        if link.gone:
+            raise BackendError(f"engine worker {index} is unreachable: it exited")
         rid = link.next_id
         link.next_id += 1
         assert self.loop is not None
         fut: asyncio.Future[Any] = self.loop.create_future()
-        link.pending[rid] = fut
         try:
-            link.sock.setblocking(True)
-            wire.send(link.sock, Kind.REQUEST, rid, {"op": op, **kw}, fds)
-        except OSError as e:
-            link.pending.pop(rid, None)
-            raise BackendError(f"engine worker {index} is unreachable: {e}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                link.sock.setblocking(False)
+            link.outbox.add(Kind.REQUEST, rid, {"op": op, **kw}, fds)
+        except OSError as e:  # a descriptor to hand over is already gone
+            raise BackendError(f"engine worker {index}: {e}") from None
+        link.pending[rid] = fut
+        self._flush_soon()
         return fut
 
     async def _call_each(self, calls: Sequence[tuple[int, str, Sequence[int], dict[str, Any]]]) -> list[Any]:
@@ -963,6 +1002,7 @@ class Controller:
         if not self.closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._teardown(), 5)
+        self._flush()
         for link in self.links:
             with contextlib.suppress(OSError):
                 link.sock.setblocking(True)

@@ -133,6 +133,10 @@ class EngineDataChannel:
         self._direct: list[socket.socket] = []  # per worker, for control packets
         self._starting: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        # requests to the controller made in one turn go out together at its end
+        self._out = wire.Outbox()
+        self._out_what: dict[int, str] = {}  # the command each queued request is for (errors)
+        self._flush_due = False
         self._next_id = 1
         self._subscribers = Subscribers()
         self._peers: set[int] = set()
@@ -315,6 +319,8 @@ class EngineDataChannel:
             await asyncio.to_thread(proc.wait)
 
     def _fail_pending(self, exc: BaseException) -> None:
+        self._out.take()
+        self._out_what.clear()
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(exc)
@@ -338,6 +344,17 @@ class EngineDataChannel:
         rid = self._next_id
         self._next_id = (self._next_id % 0xFFFFFFFF) + 1
         fut: asyncio.Future[Any] = self._loop.create_future()
+        if sock is self._sock:
+            try:
+                self._out.add(kind, rid, body, fds)
+            except OSError as e:
+                raise BackendError(f"{what}: cannot hand over a descriptor: {e.strerror or e}") from None
+            self._pending[rid] = fut
+            self._out_what[rid] = what
+            if not self._flush_due:
+                self._flush_due = True
+                self._loop.call_soon(self._flush)
+            return await fut
         self._pending[rid] = fut
         while True:
             try:
@@ -349,6 +366,29 @@ class EngineDataChannel:
                 self._pending.pop(rid, None)
                 raise BackendError(f"{what}: cannot reach the offload engine: {e.strerror or e}") from None
         return await fut
+
+    def _flush(self) -> None:
+        """Send the requests queued for the controller; a full socket is retried, never dropped."""
+        self._flush_due = False
+        sock = self._sock
+        if sock is None or not self._out:
+            return  # an engine that went away has failed every pending request already
+        try:
+            self._out.flush(sock)
+        except BlockingIOError:
+            assert self._loop is not None
+            self._flush_due = True
+            self._loop.call_later(0.001, self._flush)
+            return
+        except OSError as e:
+            for rid in self._out.take():
+                what = self._out_what.pop(rid, "")
+                fut = self._pending.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(
+                        BackendError(f"{what}: cannot reach the offload engine: {e.strerror or e}")
+                    )
+        self._out_what.clear()  # everything queued has gone out (or failed)
 
     def _reply(self, msg: Message) -> None:
         fut = self._pending.pop(msg.rid, None)
@@ -367,32 +407,31 @@ class EngineDataChannel:
             return
         while True:
             try:
-                msg, fds = wire.recv(sock)
+                batch = wire.recv_all(sock)
             except BlockingIOError:
                 return
             except ProtocolError as e:
                 log.warning("offload engine sent an undecodable message: %s", e)
                 continue
             except OSError:
-                msg, fds = None, []
-            if msg is None:
-                for fd in fds:
-                    os.close(fd)
+                batch = None
+            if batch is None:
                 self._engine_gone()
                 return
-            if msg.kind is Kind.READY:
-                self._adopt_direct(fds)
-                if self._ready is not None and not self._ready.done():
-                    self._ready.set_result(msg.body)
-                continue
-            for fd in fds:
-                os.close(fd)
-            # whatever a worker said before the event behind this message comes first
+            # whatever a worker said before the events behind these messages comes first
             self._drain_direct()
-            if msg.kind is Kind.NOTE:
-                self._note(msg.body)
-            else:
-                self._reply(msg)
+            for msg, fds in batch:
+                if msg.kind is Kind.READY:
+                    self._adopt_direct(fds)
+                    if self._ready is not None and not self._ready.done():
+                        self._ready.set_result(msg.body)
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                if msg.kind is Kind.NOTE:
+                    self._note(msg.body)
+                else:
+                    self._reply(msg)
             if self._sock is None:
                 return
 

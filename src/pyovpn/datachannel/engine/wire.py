@@ -13,6 +13,12 @@ the packet's bytes raw to the end of the datagram) and ``SEND_CONTROL`` (peer id
 File descriptors (the transport socket in ``NewPeer``, the TUN, the workers' direct
 sockets) ride along as SCM_RIGHTS ancillary data of the message that names them.
 
+Messages that are ready in the same event-loop turn go out together as one ``BATCH``
+datagram (:class:`Outbox`, read back by :func:`recv_all`): a server connecting dozens of
+clients at once would otherwise pay a send, a wakeup and a receive per message in every
+process on the path. A batch is a sequence of items, each a u32 length, a u8 count of the
+datagram's fds that belong to it (in order) and one whole message as above.
+
 Decoding never trusts its input: anything malformed raises :class:`pyovpn.errors.ProtocolError`.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import enum
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -35,11 +42,14 @@ __all__ = [
     "MAX_MESSAGE",
     "Kind",
     "Message",
+    "Outbox",
     "pack",
     "pack_value",
     "recv",
+    "recv_all",
     "send",
     "unpack",
+    "unpack_batch",
     "unpack_value",
 ]
 
@@ -59,6 +69,7 @@ class Kind(enum.IntEnum):
     READY = 6  # controller -> proxy once the workers run, body: a dict; fds: the workers' direct sockets
     CONTROL = 7  # worker -> proxy: a received control packet (body: api.ControlPacket)
     SEND_CONTROL = 8  # proxy -> worker: send a control packet (body: api.SendControl)
+    BATCH = 9  # several messages in one datagram (see Outbox); never nested
 
 
 class Message(NamedTuple):
@@ -72,6 +83,8 @@ _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
+_ITEM = struct.Struct("<IB")  # BATCH item: length of the message, how many of the fds are its own
+_BATCH_BYTES = 32 << 10  # a batch datagram stays well below a unix socket's default send buffer
 _CONTROL = struct.Struct("<IBH")  # peer id, length of the source address text (0: none), port
 _PEER = struct.Struct("<I")
 
@@ -327,7 +340,38 @@ def unpack(data: bytes | bytearray | memoryview) -> Message:
         end = _take(mv, pos, _PEER.size)
         (peer_id,) = _PEER.unpack_from(mv, pos)
         return Message(kind, rid, api.SendControl(peer_id, bytes(mv[end:])))
+    if kind is Kind.BATCH:
+        raise ProtocolError("a batch is read with unpack_batch")
     return Message(kind, rid, unpack_value(mv[pos:]))
+
+
+def unpack_batch(data: bytes | bytearray | memoryview, nfds: int) -> list[tuple[Message, int]]:
+    """The messages of one datagram and how many of its ``nfds`` fds each owns, in order.
+
+    A plain message is a batch of one. ``ProtocolError`` for anything malformed, including
+    fd counts that do not add up to ``nfds``.
+    """
+    mv = memoryview(data)
+    if len(mv) < _HEADER.size:
+        raise ProtocolError(f"message of {len(mv)} bytes is shorter than its header")
+    if mv[0] != Kind.BATCH:
+        return [(unpack(mv), nfds)]
+    out: list[tuple[Message, int]] = []
+    pos = _HEADER.size
+    owned = 0
+    while pos < len(mv):
+        end = _take(mv, pos, _ITEM.size)
+        size, count = _ITEM.unpack_from(mv, pos)
+        pos, end = end, _take(mv, end, size)
+        msg = unpack(mv[pos:end])  # a BATCH inside is refused there
+        owned += count
+        out.append((msg, count))
+        pos = end
+    if not out:
+        raise ProtocolError("an empty batch")
+    if owned != nfds:
+        raise ProtocolError(f"a batch's messages own {owned} fds, {nfds} came with it")
+    return out
 
 
 def send(sock: socket.socket, kind: Kind, rid: int, body: object, fds: Sequence[int] = ()) -> None:
@@ -337,6 +381,107 @@ def send(sock: socket.socket, kind: Kind, rid: int, body: object, fds: Sequence[
         raise ValueError(f"message of {len(data)} bytes is too large")
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     sock.sendmsg([data], anc)
+
+
+class Outbox:
+    """Messages waiting to go to one socket; :meth:`flush` sends them in as few datagrams as fit.
+
+    Each message is packed when added, so a body that cannot be encoded fails at its sender,
+    and its fds are duplicated, so the sender may close its own copies at once (the copies
+    here are closed once sent or dropped). A flush that stops early (``BlockingIOError`` from
+    a full non-blocking socket, or any other ``OSError``) keeps what is unsent, in order, and
+    raises.
+    """
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[tuple[bytes, tuple[int, ...], int]] = []  # message, its fds, its id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, kind: Kind, rid: int, body: object, fds: Sequence[int] = ()) -> None:
+        if kind is Kind.BATCH:
+            raise TypeError("a batch is made by the outbox")
+        data = pack(kind, rid, body)
+        if len(data) > MAX_MESSAGE:
+            raise ValueError(f"message of {len(data)} bytes is too large")
+        if len(fds) > MAX_FDS:
+            raise ValueError(f"{len(fds)} fds do not fit one message")
+        own: list[int] = []
+        try:
+            for fd in fds:
+                own.append(os.dup(fd))
+        except OSError:
+            for fd in own:
+                os.close(fd)
+            raise
+        self.items.append((data, tuple(own), rid))
+
+    def flush(self, sock: socket.socket) -> None:
+        items = self.items
+        while items:
+            # the longest run from the head that fits one datagram (a big message goes alone)
+            n, size, nfds = 1, _HEADER.size + _ITEM.size + len(items[0][0]), len(items[0][1])
+            while n < len(items):
+                data, fds, _rid = items[n]
+                if size + _ITEM.size + len(data) > _BATCH_BYTES or nfds + len(fds) > MAX_FDS:
+                    break
+                size += _ITEM.size + len(data)
+                nfds += len(fds)
+                n += 1
+            if n == 1:
+                datagram, all_fds = items[0][0], items[0][1]
+            else:
+                parts = [_HEADER.pack(Kind.BATCH, 0)]
+                fd_list: list[int] = []
+                for data, fds, _rid in items[:n]:
+                    parts.append(_ITEM.pack(len(data), len(fds)))
+                    parts.append(data)
+                    fd_list.extend(fds)
+                datagram, all_fds = b"".join(parts), tuple(fd_list)
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", all_fds))] if all_fds else []
+            sock.sendmsg([datagram], anc)
+            for fd in all_fds:
+                os.close(fd)
+            del items[:n]
+
+    def take(self) -> list[int]:
+        """Forget every queued message (its socket is gone); their request ids."""
+        rids = []
+        for _data, fds, rid in self.items:
+            rids.append(rid)
+            for fd in fds:
+                os.close(fd)
+        self.items.clear()
+        return rids
+
+
+def recv_all(sock: socket.socket) -> list[tuple[Message, list[int]]] | None:
+    """Receive one datagram: its messages with their fds (a plain message is a list of one).
+
+    ``None`` at EOF; ``BlockingIOError`` when nothing is queued; a malformed datagram raises
+    ``ProtocolError`` after closing every fd that came with it.
+    """
+    data, fds, flags, _addr = rxbuf.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ProtocolError(f"a message longer than {MAX_MESSAGE} bytes or with more than {MAX_FDS} fds")
+        if data:
+            out = []
+            pos = 0
+            for msg, count in unpack_batch(data, len(fds)):
+                out.append((msg, fds[pos : pos + count]))
+                pos += count
+            return out
+    except ProtocolError:
+        for fd in fds:
+            socket.close(fd)
+        raise
+    for fd in fds:  # EOF
+        socket.close(fd)
+    return None
 
 
 def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:

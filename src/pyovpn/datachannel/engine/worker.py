@@ -410,6 +410,7 @@ class Worker:
         self.tx_pos = 0
         self.last_burst = 0.0  # when the last data burst left (monotonic)
         self.tun_paused = False  # TUN reads stop while a control packet waits to go first
+        self.chan_out = wire.Outbox()  # answers and events for the controller, sent once per turn
         self.chan_poll = select.poll()
         self.chan_poll.register(chan.fileno(), select.POLLIN)
         if ctl is not None:
@@ -451,6 +452,8 @@ class Worker:
                 self._run_timers()
             except Exception:
                 log.exception("engine worker %d: timer failed", self.index)
+            self._flush_chan()  # this turn's answers and events, in one datagram where they fit
+        self._flush_chan()  # the answer to "exit"
 
     def _register(self, fd: int, mask: int, handler: Any) -> None:
         if fd in self.handlers:
@@ -483,22 +486,39 @@ class Worker:
             self._send(ctl, Kind.NOTE, 0, PeerFloated(kw["peer_id"], _normalize(kw["addr"])))
 
     def _send(self, sock: socket.socket, kind: Kind, rid: int, body: object) -> None:
-        """Send whole, waiting if the channel is full: a control packet or event is never dropped.
+        """Queue for the controller (sent at the end of the turn), or send to the proxy now.
 
-        A broken controller channel ends the worker; a broken proxy channel only this path
-        (the controller learns the rest and decides).
+        Nothing is dropped: a full channel is waited out. What the controller was told goes
+        out before anything to the proxy, so the controller always knows first. A broken
+        controller channel ends the worker; a broken proxy channel only this path (the
+        controller learns the rest and decides).
         """
+        if sock is self.chan:
+            self.chan_out.add(kind, rid, body)
+            return
+        self._flush_chan()
         try:
             sock.setblocking(True)
             wire.send(sock, kind, rid, body)
         except OSError:
-            if sock is self.chan:
-                self.running = False
-            else:
-                self._drop_ctl()
+            self._drop_ctl()
         finally:
             with contextlib.suppress(OSError):
                 sock.setblocking(False)
+
+    def _flush_chan(self) -> None:
+        out = self.chan_out
+        if not out:
+            return
+        try:
+            self.chan.setblocking(True)
+            out.flush(self.chan)
+        except OSError:
+            out.take()
+            self.running = False
+        finally:
+            with contextlib.suppress(OSError):
+                self.chan.setblocking(False)
 
     def _drop_ctl(self) -> None:
         ctl = self.ctl
@@ -548,7 +568,7 @@ class Worker:
     def _on_chan(self, _ev: int) -> None:
         while self.running:
             try:
-                msg, fds = wire.recv(self.chan)
+                batch = wire.recv_all(self.chan)
             except BlockingIOError:
                 return
             except ProtocolError as e:
@@ -557,19 +577,20 @@ class Worker:
             except OSError:
                 self.running = False
                 return
-            if msg is None:
+            if batch is None:
                 self.running = False  # the controller is gone
                 return
-            try:
-                if msg.kind is not Kind.REQUEST or not isinstance(msg.body, dict):
-                    raise ValueError(f"unexpected {msg.kind.name} message")
-                kind, answer = Kind.OK, self._dispatch(msg.body, fds)
-            except Exception as e:  # reported to the controller, which turns it into BackendError
-                for fd in fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                kind, answer = Kind.ERR, str(e) or type(e).__name__
-            self._send(self.chan, kind, msg.rid, answer)
+            for msg, fds in batch:
+                try:
+                    if msg.kind is not Kind.REQUEST or not isinstance(msg.body, dict):
+                        raise ValueError(f"unexpected {msg.kind.name} message")
+                    kind, answer = Kind.OK, self._dispatch(msg.body, fds)
+                except Exception as e:  # reported to the controller, which turns it into BackendError
+                    for fd in fds:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                    kind, answer = Kind.ERR, str(e) or type(e).__name__
+                self._send(self.chan, kind, msg.rid, answer)
 
     def _dispatch(self, m: dict[str, Any], fds: list[int]) -> Any:
         op = m["op"]
