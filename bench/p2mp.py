@@ -26,8 +26,8 @@ Prints a Markdown table with ratios (pyovpn / OpenVPN) and writes it into docs/B
 between ``<!-- bench/p2mp.py:begin -->`` and ``<!-- bench/p2mp.py:end -->`` (``--no-write``
 to skip). ``--engine`` adds pyovpn with ``userspace-engine multiprocess`` (the server on the
 multi-process engine; by default it runs on the in-process plane). ``--baseline REV`` adds
-the pyovpn server of an earlier commit (its src/ via ``git archive``). With either, the table
-is only printed::
+the pyovpn server of an earlier commit (its src/ via ``git archive``), with ``--engine`` on
+both planes. With either, the table is only printed::
 
     sudo python3 bench/p2mp.py            # 1000 clients, 30 s idle, 3 rounds
     sudo python3 bench/p2mp.py -n 50 --idle 10 --repeat 1 --no-write
@@ -97,6 +97,8 @@ class Measurement:
     rss0_kib: float = float("nan")
     rssn_kib: float = float("nan")
     rss_end_kib: float = float("nan")
+    rss0_parts: dict[str, float] = field(default_factory=dict)  # RSS by role (see rss_by_role)
+    rssn_parts: dict[str, float] = field(default_factory=dict)
     idle_cpu_pct: float = float("nan")
     idle_seconds: float = 0.0
     loadgen_idle_cpu_pct: float = float("nan")
@@ -137,6 +139,32 @@ def rss_kib(pid: int) -> float:
         except OSError:
             pass
     return float(total)
+
+
+def rss_by_role(pid: int) -> dict[str, float]:
+    """RSS (KiB) of a server's processes by what they are: the server, the engine's controller
+    and workers (the engine is ``python -m pyovpn.datachannel.engine``, its workers its children)."""
+    out: dict[str, float] = {}
+    engine = -1
+    for p in _tree(pid):
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            kib = next(
+                int(line.split()[1])
+                for line in Path(f"/proc/{p}/status").read_text().splitlines()
+                if line.startswith("VmRSS:")
+            )
+        except (OSError, StopIteration, ValueError):
+            continue
+        if b"pyovpn.datachannel.engine" in cmd and ppid != engine:
+            engine, role = p, "engine controller"
+        elif ppid == engine:
+            role = "engine workers"
+        else:
+            role = "server"
+        out[role] = out.get(role, 0.0) + kib
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -276,6 +304,7 @@ def run_variant(
         wait_listening(net.b, "udp", PORT, timeout=20, proc=server)
         time.sleep(2.0)  # let the server finish starting up before the 0-client baseline
         m.rss0_kib = rss_steady(server.pid)
+        m.rss0_parts = rss_by_role(server.pid)
         cpu0 = cpu_seconds(server.pid)
         lg_argv = [sys.executable, "-m", "pyovpn.tools.loadgen", "--config", str(cconf)]
         lg_argv += ["-n", str(n), "--concurrency", str(concurrency), "--hold", "inf"]
@@ -292,6 +321,7 @@ def run_variant(
         print(f"    settled: {json.dumps(settled)}", flush=True)
         time.sleep(settle)
         m.rssn_kib = rss_steady(server.pid)
+        m.rssn_parts = rss_by_role(server.pid)
         s_cpu, l_cpu, t = cpu_seconds(server.pid), cpu_seconds(loadgen.pid), time.monotonic()
         time.sleep(idle)
         wall = time.monotonic() - t
@@ -415,10 +445,20 @@ def table(results: dict[str, Summary], n: int, idle: float, concurrency: int) ->
                 f"data packets received {lg.get('data_received')} (undecryptable {lg.get('data_bad')}), "
                 f"sessions that ended {lg.get('closed_after_up')}, clients silent for a whole "
                 f"ping-restart {lg.get('silent_at_end')}; RSS after the idle window "
-                f"{m.rss_end_kib / 1024:.1f} MiB; EXITs acted on within {EXIT_WAIT:.0f} s of closing "
+                f"{m.rss_end_kib / 1024:.1f} MiB; {_parts(m)}"
+                f"EXITs acted on within {EXIT_WAIT:.0f} s of closing "
                 f"all clients at once: {m.exits_seen}/{m.connected}."
             )
     return "\n".join(lines)
+
+
+def _parts(m: Measurement) -> str:
+    """Per-client memory by process, where the server has more than one."""
+    if len(m.rssn_parts) < 2 or not m.connected:
+        return ""
+    base, n = m.rss0_parts, m.connected
+    shares = ", ".join(f"{role} {(kib - base.get(role, 0.0)) / n:.1f}" for role, kib in m.rssn_parts.items())
+    return f"KiB per client by process: {shares}; "
 
 
 def write_doc(text: str, command: str) -> None:
@@ -474,6 +514,14 @@ def main() -> int:
         variants.append(Variant("pyovpn (multi-process engine)", "pyovpn", ["userspace-engine multiprocess"]))
     if args.baseline:
         variants.append(Variant(f"pyovpn@{args.baseline} (userspace data channel)", "pyovpn-baseline"))
+        if args.engine:  # the engine of the earlier commit too: what a change to it did
+            variants.append(
+                Variant(
+                    f"pyovpn@{args.baseline} (multi-process engine)",
+                    "pyovpn-baseline",
+                    ["userspace-engine multiprocess"],
+                )
+            )
     results: dict[str, Summary] = {v.name: Summary([]) for v in variants}
     keep = Path(args.keep) if args.keep else None
     with tempfile.TemporaryDirectory(prefix="pov-p2mp-") as tmp:
