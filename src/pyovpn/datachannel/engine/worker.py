@@ -508,7 +508,7 @@ class Worker:
 
     def _flush_chan(self) -> None:
         out = self.chan_out
-        if not out:
+        if not out.items:  # every turn of the data path comes here: keep the empty case cheap
             return
         try:
             self.chan.setblocking(True)
