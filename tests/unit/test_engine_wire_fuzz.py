@@ -128,3 +128,24 @@ def test_batches_round_trip_and_survive_damage(
         wire.unpack_batch(flipped, data.draw(st.integers(0, 3)))
     except ProtocolError:
         pass
+
+
+def test_dict_items_read_inline_are_checked_like_the_rest() -> None:
+    """The dict decoder reads keys and scalar values itself: each is bounds- and type-checked."""
+    raw = wire.pack_value({"ab": 7, "s": "x", "n": None, "t": True, "f": False, "l": [1]})
+    assert wire.unpack_value(raw) == {"ab": 7, "s": "x", "n": None, "t": True, "f": False, "l": [1]}
+    key_at = 5  # after the dict's tag and count
+    bad_key = raw[:key_at] + bytes([3]) + raw[key_at + 1 :]  # the key's tag says int
+    for damaged in (bad_key, raw[: key_at + 3], raw[: key_at + 7], raw[: key_at + 8]):
+        try:
+            wire.unpack_value(damaged)
+        except ProtocolError:
+            continue
+        raise AssertionError(f"{damaged!r} decoded")
+    bad_utf8 = wire.pack_value({"k": "é"}).replace("é".encode(), b"\xff\xfe")
+    try:
+        wire.unpack_value(bad_utf8)
+    except ProtocolError as e:
+        assert "UTF-8" in str(e)
+    else:
+        raise AssertionError("bad UTF-8 decoded")
