@@ -257,26 +257,18 @@ class Controller:
             if not link.outbox:
                 continue
             try:
-                link.sock.setblocking(True)
-                link.outbox.flush(link.sock)
+                link.outbox.flush(link.sock, wait=True)
             except OSError as e:
                 for rid in link.outbox.take():
                     fut = link.pending.pop(rid, None)
                     if fut is not None and not fut.done():
                         fut.set_exception(BackendError(f"engine worker {link.index} is unreachable: {e}"))
-            finally:
-                with contextlib.suppress(OSError):
-                    link.sock.setblocking(False)
         if self.proxy_out:
             try:
-                self.proxy.setblocking(True)
-                self.proxy_out.flush(self.proxy)
+                self.proxy_out.flush(self.proxy, wait=True)
             except OSError:
                 self.proxy_out.take()
                 self._finish()
-            finally:
-                with contextlib.suppress(OSError):
-                    self.proxy.setblocking(False)
 
     def _finish(self) -> None:
         if self.done is not None and not self.done.done():

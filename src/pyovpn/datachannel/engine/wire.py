@@ -25,13 +25,14 @@ Decoding never trusts its input: anything malformed raises :class:`pyovpn.errors
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import enum
 import os
 import socket
 import struct
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 from pyovpn.datachannel import api
 from pyovpn.errors import ProtocolError
@@ -233,10 +234,7 @@ def _unpack(mv: memoryview, pos: int, depth: int) -> tuple[Any, int]:
         end = _take(mv, end, _U32.unpack_from(mv, pos)[0])
         if tag == _T_BYTES:
             return bytes(mv[pos + 4 : end]), end
-        try:
-            return str(mv[pos + 4 : end], "utf-8", "surrogatepass"), end
-        except UnicodeDecodeError:
-            raise ProtocolError("a string is not UTF-8") from None
+        return _text(mv, pos + 4, end), end
     if tag == _T_INT:
         end = _take(mv, pos, 8)
         return _I64.unpack_from(mv, pos)[0], end
@@ -290,6 +288,13 @@ def _unpack(mv: memoryview, pos: int, depth: int) -> tuple[Any, int]:
     raise ProtocolError(f"unknown value tag {tag}")
 
 
+def _text(mv: memoryview, start: int, end: int) -> str:
+    try:
+        return str(mv[start:end], "utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise ProtocolError("a string is not UTF-8") from None
+
+
 def _unpack_dict(mv: memoryview, pos: int, n: int, depth: int) -> tuple[dict[str, Any], int]:
     """A dict's ``n`` items from ``pos``. Its keys, and the ints, strings, None and bools among
     its values, are read here rather than by a call each: they are most of a request's values
@@ -303,10 +308,7 @@ def _unpack_dict(mv: memoryview, pos: int, n: int, depth: int) -> tuple[dict[str
         pos = start + _U32.unpack_from(mv, pos + 1)[0]
         if pos >= size:  # the key and at least its value's tag
             raise ProtocolError(f"dict item truncated at byte {start}")
-        try:
-            key = str(mv[start:pos], "utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            raise ProtocolError("a string is not UTF-8") from None
+        key = _text(mv, start, pos)
         tag = mv[pos]
         if tag == _T_INT and pos + 9 <= size:
             items[key] = _I64.unpack_from(mv, pos + 1)[0]
@@ -322,10 +324,7 @@ def _unpack_dict(mv: memoryview, pos: int, n: int, depth: int) -> tuple[dict[str
             pos = start + _U32.unpack_from(mv, pos + 1)[0]
             if pos > size:
                 raise ProtocolError(f"a string at byte {start} is truncated")
-            try:
-                items[key] = str(mv[start:pos], "utf-8", "surrogatepass")
-            except UnicodeDecodeError:
-                raise ProtocolError("a string is not UTF-8") from None
+            items[key] = _text(mv, start, pos)
         else:
             items[key], pos = _unpack(mv, pos, depth + 1)
     return items, pos
@@ -414,6 +413,10 @@ def send(sock: socket.socket, kind: Kind, rid: int, body: object, fds: Sequence[
     data = pack(kind, rid, body)
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"message of {len(data)} bytes is too large")
+    _send_datagram(sock, data, fds)
+
+
+def _send_datagram(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     sock.sendmsg([data], anc)
 
@@ -425,7 +428,8 @@ class Outbox:
     and its fds are duplicated, so the sender may close its own copies at once (the copies
     here are closed once sent or dropped). A flush that stops early (``BlockingIOError`` from
     a full non-blocking socket, or any other ``OSError``) keeps what is unsent, in order, and
-    raises.
+    raises. ``wait``: block until the socket takes everything, then leave it non-blocking
+    again (the engine's sockets are non-blocking for reading, but nothing sent is dropped).
     """
 
     __slots__ = ("items",)
@@ -454,7 +458,18 @@ class Outbox:
             raise
         self.items.append((data, tuple(own), rid))
 
-    def flush(self, sock: socket.socket) -> None:
+    def flush(self, sock: socket.socket, *, wait: bool = False) -> None:
+        if not wait:
+            self._send(sock)
+            return
+        try:
+            sock.setblocking(True)
+            self._send(sock)
+        finally:
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+
+    def _send(self, sock: socket.socket) -> None:
         items = self.items
         while items:
             # the longest run from the head that fits one datagram (a big message goes alone)
@@ -476,8 +491,7 @@ class Outbox:
                     parts.append(data)
                     fd_list.extend(fds)
                 datagram, all_fds = b"".join(parts), tuple(fd_list)
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", all_fds))] if all_fds else []
-            sock.sendmsg([datagram], anc)
+            _send_datagram(sock, datagram, all_fds)
             for fd in all_fds:
                 os.close(fd)
             del items[:n]
@@ -499,17 +513,39 @@ def recv_all(sock: socket.socket) -> list[tuple[Message, list[int]]] | None:
     ``None`` at EOF; ``BlockingIOError`` when nothing is queued; a malformed datagram raises
     ``ProtocolError`` after closing every fd that came with it.
     """
+    return _receive(sock, _split_batch)
+
+
+def _split_batch(data: bytes, fds: list[int]) -> list[tuple[Message, list[int]]]:
+    out = []
+    pos = 0
+    for msg, count in unpack_batch(data, len(fds)):
+        out.append((msg, fds[pos : pos + count]))
+        pos += count
+    return out
+
+
+def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
+    """Receive one message; ``(None, [])`` at EOF. Raises ``BlockingIOError`` when none is queued.
+
+    A malformed message (a batch too) raises ``ProtocolError`` after closing any fds that came
+    with it.
+    """
+    got = _receive(sock, lambda data, fds: (unpack(data), fds))
+    return got if got is not None else (None, [])
+
+
+_T = TypeVar("_T")
+
+
+def _receive(sock: socket.socket, decode: Callable[[bytes, list[int]], _T]) -> _T | None:
+    """One datagram, decoded with its fds; None at EOF. The fds are closed unless decoded."""
     data, fds, flags, _addr = rxbuf.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise ProtocolError(f"a message longer than {MAX_MESSAGE} bytes or with more than {MAX_FDS} fds")
         if data:
-            out = []
-            pos = 0
-            for msg, count in unpack_batch(data, len(fds)):
-                out.append((msg, fds[pos : pos + count]))
-                pos += count
-            return out
+            return decode(data, fds)
     except ProtocolError:
         for fd in fds:
             socket.close(fd)
@@ -517,23 +553,3 @@ def recv_all(sock: socket.socket) -> list[tuple[Message, list[int]]] | None:
     for fd in fds:  # EOF
         socket.close(fd)
     return None
-
-
-def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
-    """Receive one message; ``(None, [])`` at EOF. Raises ``BlockingIOError`` when none is queued.
-
-    A malformed message raises ``ProtocolError`` after closing any fds that came with it.
-    """
-    data, fds, flags, _addr = rxbuf.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
-    try:
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            raise ProtocolError(f"a message longer than {MAX_MESSAGE} bytes or with more than {MAX_FDS} fds")
-        if data:
-            return unpack(data), fds
-    except ProtocolError:
-        for fd in fds:
-            socket.close(fd)
-        raise
-    for fd in fds:  # EOF
-        socket.close(fd)
-    return None, []

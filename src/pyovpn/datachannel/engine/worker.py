@@ -371,6 +371,7 @@ class Worker:
         self, index: int, chan: socket.socket, options: dict[str, Any], ctl: socket.socket | None = None
     ) -> None:
         self.index = index
+        self.name = f"engine worker {index}"  # for log lines written on the data path
         self.chan = chan
         self.ctl = ctl  # the direct channel to the proxy (control packets)
         self.opts = options
@@ -511,14 +512,10 @@ class Worker:
         if not out.items:  # every turn of the data path comes here: keep the empty case cheap
             return
         try:
-            self.chan.setblocking(True)
-            out.flush(self.chan)
+            out.flush(self.chan, wait=True)
         except OSError:
             out.take()
             self.running = False
-        finally:
-            with contextlib.suppress(OSError):
-                self.chan.setblocking(False)
 
     def _drop_ctl(self) -> None:
         ctl = self.ctl
@@ -1625,8 +1622,7 @@ class Worker:
         length once it is complete (written at ``ppos``, never past ``end``), else 0."""
         st = peer.stats
         payload = bytes(self.plain_mv[ppos : ppos + clen])
-        who = f"engine worker {self.index}"
-        whole = reassemble(st, reasm, payload, time.monotonic(), log, who, peer.peer_id)
+        whole = reassemble(st, reasm, payload, time.monotonic(), log, self.name, peer.peer_id)
         if whole is None:
             return 0
         if ppos + len(whole) > end:
