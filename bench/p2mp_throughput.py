@@ -16,6 +16,13 @@ clients connected during the transfers (``pyovpn.tools.loadgen`` in the first cl
 namespace, a keepalive ping every 10 s each; the server gets ``duplicate-cn``), so "100
 connected, 10 transferring" is ``--clients 10 --idle 90``.
 
+All of it (server, clients, iperf3, the kernel's network work) shares this machine's cores, so
+the run also reads the whole machine's busy time (``/proc/stat``) over each transfer. What was
+spent outside the server, per GB, bounds what any server could reach here: with a server that
+cost nothing, the rest could move at most ``cores / (rest s/GB)``. That bound is printed as the
+"ceiling", and beside it as a multiple of stock OpenVPN's aggregate: a target above it cannot be
+met on this machine by the server alone.
+
     sudo python3 bench/p2mp_throughput.py --clients 3 --seconds 8 --rounds 3
     sudo python3 bench/p2mp_throughput.py --proto tcp --rounds 3
     sudo python3 bench/p2mp_throughput.py --baseline HEAD~1 --rounds 5
@@ -89,6 +96,15 @@ def _connect_idle(star: Star, pki: Pki, idle: int) -> Any:
     return loadgen
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine so far, all cores, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
 def one(impl: str, pki_dir: Path, n: int, seconds: float, proto: str, idle: int = 0) -> dict[str, float]:
     pki = make_pki(pki_dir)
     with Star(pki_dir, n, base=230) as star:
@@ -136,6 +152,8 @@ def one(impl: str, pki_dir: Path, n: int, seconds: float, proto: str, idle: int 
             for direction, flag in (("up", []), ("down", ["-R"])):
                 time.sleep(1.0)  # an iperf3 server needs a moment between tests ("server is busy")
                 cpu0 = _tree_cpu(server.pid)
+                busy0, steal0 = machine_cpu()
+                wall0 = time.monotonic()
                 runs = [
                     subprocess.Popen(
                         [
@@ -167,8 +185,16 @@ def one(impl: str, pki_dir: Path, n: int, seconds: float, proto: str, idle: int 
                     total_bps += end["sum_received"]["bits_per_second"]
                     total_bytes += end["sum_received"]["bytes"]
                 cpu = _tree_cpu(server.pid) - cpu0
+                busy1, steal1 = machine_cpu()
+                wall = time.monotonic() - wall0
+                cores = os.cpu_count() or 1
+                gb = total_bytes / 1e9
+                rest = max(busy1 - busy0 - cpu, 0.0)  # clients, iperf3, the kernel's softirqs
                 out[f"{direction}_gbps"] = total_bps / 1e9
-                out[f"{direction}_cpu_s_per_gb"] = cpu / (total_bytes / 1e9) if total_bytes else float("nan")
+                out[f"{direction}_cpu_s_per_gb"] = cpu / gb if gb else float("nan")
+                out[f"{direction}_busy_pct"] = 100 * (busy1 - busy0) / (wall * cores - (steal1 - steal0))
+                out[f"{direction}_rest_s_per_gb"] = rest / gb if gb else float("nan")
+                out[f"{direction}_ceiling_gbps"] = 8 * cores / (rest / gb) if gb and rest else float("nan")
             if loadgen is not None and not loadgen.running():
                 raise SystemExit(f"the load generator died during the transfers:\n{loadgen.tail(20)}")
         finally:
@@ -229,6 +255,28 @@ def main() -> int:
             cells.append(f"{med / ref[f'{d}_gbps']:.2f}x" if ref[f"{d}_gbps"] else "-")
         cpu = [statistics.median(x[f"{d}_cpu_s_per_gb"] for x in rows) for d in ("up", "down")]
         print(f"| {VARIANTS[impl]} | {' | '.join(cells)} | {cpu[0]:.1f} / {cpu[1]:.1f} |")
+    print(
+        "\nThe machine during the transfers: busy = all cores' busy time over the transfer window"
+        " (100 % = every core); rest = CPU seconds per GB spent outside the server (clients, iperf3,"
+        " kernel); ceiling = what the rest allows with a server that cost nothing"
+        " (cores / rest s/GB), and that ceiling over stock OpenVPN's median aggregate.\n"
+    )
+    print(
+        "| server | busy % up / down | rest s/GB up / down | ceiling Gbit/s up / down | ceiling / OpenVPN |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for impl, rows in res.items():
+        med = {
+            k: [statistics.median(x[f"{d}_{k}"] for x in rows) for d in ("up", "down")]
+            for k in ("busy_pct", "rest_s_per_gb", "ceiling_gbps")
+        }
+        ratio = [med["ceiling_gbps"][i] / ref[f"{d}_gbps"] for i, d in enumerate(("up", "down"))]
+        print(
+            f"| {VARIANTS[impl]} | {med['busy_pct'][0]:.0f} / {med['busy_pct'][1]:.0f}"
+            f" | {med['rest_s_per_gb'][0]:.1f} / {med['rest_s_per_gb'][1]:.1f}"
+            f" | {med['ceiling_gbps'][0]:.2f} / {med['ceiling_gbps'][1]:.2f}"
+            f" | {ratio[0]:.2f}x / {ratio[1]:.2f}x |"
+        )
     return 0
 
 

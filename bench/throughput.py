@@ -115,6 +115,19 @@ VARIANTS = [
     Variant("pyovpn <-> pyovpn (offload engine)", "pyovpn-offload", "pyovpn-offload"),
     Variant(PROFILE_VARIANT, "openvpn", "pyovpn-offload", tuned=True),
     Variant("OpenVPN client <-> pyovpn server (offload engine)", "pyovpn-offload", "openvpn", tuned=True),
+    # the stock end as most users run it: no sndbuf/rcvbuf, so a 208 KiB receive buffer
+    Variant(
+        "pyovpn client (offload engine) <-> OpenVPN server (defaults)",
+        "openvpn",
+        "pyovpn-offload",
+        default=False,
+    ),
+    Variant(
+        "OpenVPN client (defaults) <-> pyovpn server (offload engine)",
+        "pyovpn-offload",
+        "openvpn",
+        default=False,
+    ),
 ]
 
 
