@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.throughput import export_baseline  # noqa: E402
+from bench.throughput import export_baseline, udp_rcvbuf_errors  # noqa: E402
 from tests.netns.harness import Netns, Proc, wait_listening  # noqa: E402
 
 from pyovpn.tools.pki import Pki, make_pki  # noqa: E402
@@ -177,17 +177,6 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / ticks
     return total
-
-
-def udp_rcvbuf_errors(ns: str) -> int:
-    """UdpRcvbufErrors of namespace ``ns`` (datagrams dropped because a socket buffer was full)."""
-    out = subprocess.run(
-        ["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], capture_output=True, text=True, check=False
-    ).stdout
-    rows = [line.split()[1:] for line in out.splitlines() if line.startswith("Udp:")]
-    if len(rows) < 2 or "RcvbufErrors" not in rows[0]:
-        return 0
-    return int(rows[1][rows[0].index("RcvbufErrors")])
 
 
 def rss_steady(pid: int, samples: int = 5, interval: float = 0.2) -> float:

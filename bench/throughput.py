@@ -199,6 +199,22 @@ def _tree_cpu(pid: int) -> float:
     return sum(cpu_seconds(p) for p in _pids(pid))
 
 
+def udp_snmp(ns: str) -> dict[str, int]:
+    """The ``Udp:`` counters of namespace ``ns`` (``/proc/net/snmp``); empty if unreadable."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], capture_output=True, text=True, check=False
+    ).stdout
+    rows = [line.split()[1:] for line in out.splitlines() if line.startswith("Udp:")]
+    if len(rows) < 2:
+        return {}
+    return dict(zip(rows[0], map(int, rows[1]), strict=False))
+
+
+def udp_rcvbuf_errors(ns: str) -> int:
+    """UdpRcvbufErrors of namespace ``ns`` (datagrams dropped because a socket buffer was full)."""
+    return udp_snmp(ns).get("RcvbufErrors", 0)
+
+
 # ----------------------------------------------------------------------------- one tunnel
 
 
@@ -254,11 +270,19 @@ class Bed:
     def transfer(self, reverse: bool, **iperf: Any) -> dict[str, float]:
         """One iperf3 run; Gbit/s that arrived, loss % (UDP) and CPU s/GB per VPN process."""
         before = {name: _tree_cpu(pid) for name, pid in self.procs}
+        receiver = self.net.a if reverse else self.net.b  # where the tunnel's datagrams arrive
+        snmp0 = udp_snmp(receiver)
         res = iperf3_transfer(
             self.net.a, self.net.b, self.target, reverse=reverse, log_dir=self.net.workdir, **iperf
         )
         used = {name: _tree_cpu(pid) - before[name] for name, pid in self.procs}
+        snmp1 = udp_snmp(receiver)
         out: dict[str, float] = {}
+        if self.procs and "RcvbufErrors" in snmp0 and "RcvbufErrors" in snmp1:
+            # datagrams the receiving end's kernel dropped because its socket buffer was full
+            dropped = snmp1["RcvbufErrors"] - snmp0["RcvbufErrors"]
+            arrived = snmp1["InDatagrams"] - snmp0["InDatagrams"] + dropped
+            out["rx drops"] = 100 * dropped / arrived if arrived else 0.0
         if "udp" in res:
             moved = res["udp"]["bytes_received"]
             out["gbit"] = moved * 8 / res["udp"]["seconds"] / 1e9
@@ -387,6 +411,10 @@ def _cpu(r: dict[str, float] | None) -> str:
     return f"{r['server cpu']:.2f} / {r['client cpu']:.2f}"
 
 
+def _drops(r: dict[str, float] | None) -> str:
+    return _fmt(r, "rx drops", ".1f")
+
+
 def _ratio(r: dict[str, float] | None, ref: dict[str, float] | None) -> str:
     if not r or not ref or "error" in r or "error" in ref or not ref["gbit"]:
         return "-"
@@ -397,8 +425,8 @@ def tcp_table(results: dict[str, dict[str, dict[str, float]]], test: str, ref_na
     ref = results.get(ref_name, {})
     lines = [
         f"| variant | a→b Gbit/s | b→a Gbit/s | ratio to {ref_name} (a→b / b→a) "
-        "| CPU s/GB a→b (srv/cli) | CPU s/GB b→a (srv/cli) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| CPU s/GB a→b (srv/cli) | CPU s/GB b→a (srv/cli) | receiver socket drops % (a→b / b→a) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         ab, ba = r.get(f"{test} a->b"), r.get(f"{test} b->a")
@@ -408,7 +436,8 @@ def tcp_table(results: dict[str, dict[str, dict[str, float]]], test: str, ref_na
         if not ref:
             ratio = "-"
         lines.append(
-            f"| {name} | {_fmt(ab, 'gbit')} | {_fmt(ba, 'gbit')} | {ratio} | {_cpu(ab)} | {_cpu(ba)} |"
+            f"| {name} | {_fmt(ab, 'gbit')} | {_fmt(ba, 'gbit')} | {ratio} | {_cpu(ab)} | {_cpu(ba)} "
+            f"| {_drops(ab)} / {_drops(ba)} |"
         )
     return lines
 
@@ -445,7 +474,8 @@ def tables(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
     common = "P2P UDP/IPv4, AES-256-GCM, two namespaces over veth"
     cpu_note = (
         "CPU = user+system seconds of the VPN process (with its child processes) per GB that "
-        "arrived (server / client)."
+        "arrived (server / client). Receiver socket drops = tunnel datagrams that the receiving "
+        "end's kernel dropped because that VPN process's UDP receive buffer was full (UdpRcvbufErrors)."
     )
     if "tcp1" in args.tests:
         parts += [
