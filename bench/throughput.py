@@ -145,6 +145,8 @@ GUEST_VARIANTS = [
 
 # --baseline: the src/ directory of the earlier commit, exported for this run
 BASELINE_SRC: Path | None = None
+# --pyovpn-line: config lines for every pyovpn end (e.g. "shaper 30000000")
+PYOVPN_LINES: list[str] = []
 
 
 def _impl(name: str) -> str:
@@ -245,6 +247,11 @@ class Bed:
             assert v.client is not None
             scfg = server_config(spec, pki, impl=_impl(v.server), local=net.outer("b", 4))  # type: ignore[arg-type]
             ccfg = client_config(spec, pki, impl=_impl(v.client), remote=net.outer("b", 4))  # type: ignore[arg-type]
+            if PYOVPN_LINES:
+                if _impl(v.server) == "pyovpn":
+                    scfg += "\n".join(PYOVPN_LINES) + "\n"
+                if _impl(v.client) == "pyovpn":
+                    ccfg += "\n".join(PYOVPN_LINES) + "\n"
             if v.tuned:
                 if v.server == "openvpn":
                     scfg += "\n".join(OPENVPN_TUNED) + "\n"
@@ -792,6 +799,13 @@ def main() -> int:
     ap.add_argument(
         "--guest", action="store_true", help="kernel DCO variants (run inside scripts/guest/run.sh)"
     )
+    ap.add_argument(
+        "--pyovpn-line",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a config line for every pyovpn end, e.g. 'shaper 30000000' (repeatable)",
+    )
     ap.add_argument("--profile", action="store_true", help="py-spy profile of pyovpn instead of the tables")
     ap.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second (default 100)")
     ap.add_argument("--profile-top", type=int, default=12, help="frames to list (default 12)")
@@ -834,6 +848,7 @@ def main() -> int:
     started = time.monotonic()
     per_round: dict[str, list[dict[str, dict[str, float]]]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
+        PYOVPN_LINES[:] = args.pyovpn_line
         if args.baseline:
             global BASELINE_SRC
             BASELINE_SRC = export_baseline(args.baseline, Path(tmp))

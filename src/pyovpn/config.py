@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
+from pyovpn.datachannel.shaper import SHAPER_MAX, SHAPER_MIN
 from pyovpn.errors import ConfigError, ProtocolError
 from pyovpn.proto import dnsopts, tlscryptv2
 from pyovpn.proto.redirect import BadRedirectFlag, PullFilterAction, add_redirect, redirect_from
@@ -208,6 +209,8 @@ class Options:
     passtos: bool = False
     #: `fragment MAX [mtu]`: the largest UDP payload OpenVPN's own fragmentation lets out (0: off)
     fragment: int = 0
+    #: `shaper N`: the tunnel datagrams sent to the peer held to N bytes per second (0: off; P2P)
+    shaper: int = 0
     #: `allow-compression no|asym|yes` as given ("" when absent).
     allow_compression: str = ""
     reneg_sec: int = 3600
@@ -2086,11 +2089,6 @@ _REFUSED: dict[str, str] = {
         "`socks-proxy` is not supported: pyovpn connects to the server directly. Remove it, or run "
         "the connection through a system-level proxy/tunnel"
     ),
-    "shaper": (
-        "`shaper` is not supported: offloaded packets bypass the userspace path where OpenVPN shapes "
-        "traffic. Remove it and shape the tun device with tc instead "
-        "(e.g. `tc qdisc add dev tun0 root tbf rate 1mbit burst 32kbit latency 400ms`)"
-    ),
     "ncp-disable": (
         "`ncp-disable` was removed in OpenVPN 2.6; remove it and restrict ciphers with `data-ciphers`"
     ),
@@ -2307,6 +2305,12 @@ def _opt_fragment(b: _Builder, d: Directive) -> None:
     b.opts = replace(b.opts, fragment=size)
 
 
+@_option("shaper", args=(1, 1), usage="shaper BYTES_PER_SECOND")
+def _opt_shaper(b: _Builder, d: Directive) -> None:
+    # carried out on the userspace engine (datachannel/shaper.py); see edge/backendfit.py
+    b.opts = replace(b.opts, shaper=_int(d, d.args[0], "shaper", SHAPER_MIN, SHAPER_MAX))
+
+
 @_option("passtos")
 def _opt_passtos(b: _Builder, d: Directive) -> None:
     # carried out on the userspace data plane (the kernel ovpn driver sends every packet with the
@@ -2345,6 +2349,15 @@ def _validate(b: _Builder) -> Options:
             "`fragment` on a P2MP server is not supported: fragmentation runs per connection on "
             "pyovpn's in-process data plane, which does it for P2P only; use `mssfix` instead",
             "fragment",
+        )
+    if o.shaper and server:
+        raise fail("`shaper` cannot be used on a P2MP server (as in OpenVPN); remove it", "shaper")
+    if o.shaper and o.userspace_engine == "inprocess":
+        raise fail(
+            "`shaper` runs on the userspace engine, not with `userspace-engine inprocess`: remove "
+            "one of the two",
+            "shaper",
+            "userspace-engine",
         )
     if dev_type == "null" and server:
         raise fail(

@@ -365,6 +365,7 @@ class Connection(Instance[Command]):
                         framing=framing,
                         passtos=self.opts.passtos,
                         fragment=self.opts.fragment if self.transport is Transport.UDP else 0,
+                        shaper=self.opts.shaper,
                     )
                 )
             except BaseException:

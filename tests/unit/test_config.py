@@ -554,7 +554,8 @@ def test_bad_arguments_name_the_option(line: str, needle: str) -> None:
         ("secret static.key", ["secret", "tls-crypt"]),
         ("http-proxy proxy.example.com 8080", ["http-proxy"]),
         ("socks-proxy 127.0.0.1 1080", ["socks-proxy"]),
-        ("shaper 10000", ["shaper", "tc"]),
+        ("shaper 99", ["shaper", "between 100 and 100000000"]),
+        ("shaper fast", ["shaper", "not an integer"]),
         ("ncp-disable", ["ncp-disable", "data-ciphers"]),
         ("crl-verify crl.pem later", ["crl-verify", "unknown flag", "DIR dir"]),
     ],
@@ -566,6 +567,18 @@ def test_refusals_say_why_and_where(line: str, needles: list[str]) -> None:
     assert str(err).startswith(f"r.conf:{n}: ")
     for needle in needles:
         assert needle in str(err)
+
+
+def test_shaper_is_carried_out_for_one_peer() -> None:
+    """`shaper N` (OpenVPN's bounds, 100..100000000 bytes/s) sends the connection to the engine;
+    a P2MP server or the in-process plane refuses it at the line that asks."""
+    assert parse_config_text(CLIENT + "shaper 100000\n").shaper == 100000
+    assert parse_config_text(CLIENT).shaper == 0
+    server = "mode server\ntls-server\ndev tun\ntopology subnet\nifconfig 10.8.0.1 255.255.255.0\n"
+    err = config_error(server + INLINE_CREDENTIALS + "shaper 100000\n", source="s.conf")
+    assert "P2MP server" in str(err) and err.line == server.count("\n") + INLINE_CREDENTIALS.count("\n") + 1
+    err = config_error(CLIENT + "userspace-engine inprocess\nshaper 100000\n", source="c.conf")
+    assert "userspace-engine inprocess" in str(err) and "shaper" in str(err)
 
 
 def test_refusal_of_inline_secret() -> None:

@@ -81,6 +81,14 @@ def test_passtos_runs_on_the_userspace_data_plane(tmp_path: Path) -> None:
     assert not plain.passtos and backendfit.kernel_refusal(plain) is None
 
 
+def test_shaper_runs_on_the_userspace_engine(tmp_path: Path) -> None:
+    """Carried out (datachannel/shaper.py), so the kernel is ruled out with the reason."""
+    opts = _opts("shaper 100000\n", tmp_path)
+    assert opts.shaper == 100000 and not opts.ignored
+    assert "`shaper`" in (backendfit.kernel_refusal(opts) or "")
+    assert backendfit.userspace_engine(opts) == "multiprocess"
+
+
 def test_dev_null_runs_on_the_userspace_engine(tmp_path: Path) -> None:
     opts = _opts("dev null\n", tmp_path)
     assert "`dev null`" in (backendfit.kernel_refusal(opts) or "")
@@ -110,6 +118,20 @@ def test_backends_without_passtos_or_null_devices_refuse_them() -> None:
     with pytest.raises(BackendError, match=r"needs a real device, not `dev null`"):
         validate.check_no_null_dev(api.NewIface("null", null=True), "kernel")
     validate.check_no_null_dev(api.NewIface("tun0"), "kernel")
+
+
+def test_shaper_is_refused_where_it_cannot_be_kept() -> None:
+    """The kernel and the in-process plane refuse `shaper`; the engine takes it for one peer only."""
+    udp = {"peer_id": 1, "socket_fd": 0, "transport": api.Transport.UDP, "remote": ("192.0.2.1", 1194)}
+    shaped = api.NewPeer(**udp, shaper=100000)  # type: ignore[arg-type]
+    with pytest.raises(BackendError, match=r"kernel data channel cannot hold the sending rate.*remove shape"):
+        validate.check_no_shaper(shaped, "kernel")
+    validate.check_no_shaper(api.NewPeer(**udp), "kernel")  # type: ignore[arg-type]
+    validate.check_shaper("NewPeer", shaped, multipoint=False)
+    with pytest.raises(BackendError, match=r"`shaper` is for one peer"):
+        validate.check_shaper("NewPeer", shaped, multipoint=True)
+    with pytest.raises(BackendError, match=r"outside 100\.\.100000000"):
+        validate.check_shaper("NewPeer", api.NewPeer(**udp, shaper=50), multipoint=False)  # type: ignore[arg-type]
 
 
 def _ip4(tos: int) -> bytes:

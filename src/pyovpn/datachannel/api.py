@@ -150,6 +150,9 @@ class NewPeer:
     passtos: bool = False
     # `fragment MAX`: OpenVPN's own fragmentation, no datagram above MAX bytes (0: off; Capabilities.fragment)
     fragment: int = 0
+    # `shaper N`: the tunnel datagrams sent to this peer held to N bytes per second (0: off;
+    # Capabilities.shaper; one peer, as in OpenVPN)
+    shaper: int = 0
 
 
 @dataclass(frozen=True)
@@ -393,6 +396,7 @@ class Capabilities:
     passtos: bool = False  # NewPeer.passtos (the inner packet's TOS/DSCP+ECN on the outer packet)
     null_dev: bool = False  # NewIface.null (OpenVPN's `dev null`)
     fragment: bool = False  # NewPeer.fragment (OpenVPN's fragmentation, P2P over UDP)
+    shaper: bool = False  # NewPeer.shaper (OpenVPN's rate limit of what is sent, P2P)
 
 
 class DataChannel(Protocol):

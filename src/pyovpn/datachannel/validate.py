@@ -23,6 +23,7 @@ from pyovpn.datachannel.api import (
     Transport,
 )
 from pyovpn.datachannel.fragment import FragmentError, fragment_size
+from pyovpn.datachannel.shaper import SHAPER_MAX, SHAPER_MIN
 from pyovpn.errors import BackendError
 
 __all__ = [
@@ -34,9 +35,11 @@ __all__ = [
     "check_no_framing",
     "check_no_null_dev",
     "check_no_passtos",
+    "check_no_shaper",
     "check_null_dev_is_p2p",
     "check_peer_socket",
     "check_set_peer_keepalive",
+    "check_shaper",
     "check_slot",
     "check_socket_kind",
     "no_key_in_slot",
@@ -110,6 +113,25 @@ def check_no_fragment(cmd: NewPeer, backend: str) -> None:
     if cmd.fragment:
         instead = "run with --dco userspace, or remove fragment here and on the peer"
         raise _cannot("NewPeer", backend, "cannot apply OpenVPN's `fragment`", instead)
+
+
+def check_no_shaper(cmd: NewPeer, backend: str) -> None:
+    """For a backend without ``Capabilities.shaper``: packets leave as fast as they come."""
+    if cmd.shaper:
+        instead = "run with --dco userspace (the default userspace-engine), or remove shaper"
+        raise _cannot("NewPeer", backend, "cannot hold the sending rate (`shaper`)", instead)
+
+
+def check_shaper(what: str, cmd: NewPeer, *, multipoint: bool) -> None:
+    """For a backend with ``Capabilities.shaper``: one peer, a rate within OpenVPN's bounds."""
+    if not cmd.shaper:
+        return
+    if multipoint:
+        raise BackendError(f"{what}: `shaper` is for one peer (P2P), as in OpenVPN")
+    if not SHAPER_MIN <= cmd.shaper <= SHAPER_MAX:
+        raise BackendError(
+            f"{what}: shaper {cmd.shaper} is outside {SHAPER_MIN}..{SHAPER_MAX} bytes per second"
+        )
 
 
 def check_fragment(what: str, cmd: NewPeer, *, multipoint: bool) -> None:

@@ -1,8 +1,9 @@
 """Whether a configuration can run on the kernel data channel, and which userspace engine it needs.
 
 The kernel ovpn driver is used whenever the connection allows; what it cannot do (compression
-framing, `passtos`, `dev null`, `fragment`, a net30 P2MP server) sends the connection to pyovpn's userspace
-data plane, and the reasons go into the one log line that says so (``datachannel/choice.py``).
+framing, `passtos`, `dev null`, `fragment`, `shaper`, a net30 P2MP server) sends the connection
+to pyovpn's userspace data plane, and the reasons go into the one log line that says so
+(``datachannel/choice.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def kernel_refusal(opts: Options) -> str | None:
     if opts.fragment:
         # as OpenVPN 2.6 ("--fragment disables data channel offload")
         reasons.append("`fragment` is OpenVPN's own fragmentation, which the kernel ovpn driver lacks")
+    if opts.shaper:
+        reasons.append("`shaper` holds the sending rate in userspace; the kernel ovpn driver sends at once")
     if opts.mode == "server" and opts.topology == "net30":
         # as OpenVPN 2.6 ("NOT using '--topology subnet' disables data channel offload")
         reasons.append(

@@ -82,6 +82,7 @@ from pyovpn.datachannel.validate import (
     check_new_key,
     check_null_dev_is_p2p,
     check_set_peer_keepalive,
+    check_shaper,
     check_slot,
     no_key_in_slot,
 )
@@ -644,6 +645,7 @@ class Controller:
             "vpn6": cmd.vpn_ipv6,
             "shared_key": peer.shared_key,
             "fragment": cmd.fragment,
+            "shaper": cmd.shaper,
             "ka_interval": cmd.keepalive_interval,
             "ka_timeout": cmd.keepalive_timeout,
         }
@@ -696,6 +698,7 @@ class Controller:
         mp = self.router is not None
         tx_id = peer_socket.check_new_peer(what, cmd, multipoint=mp)
         check_fragment(what, cmd, multipoint=mp)
+        check_shaper(what, cmd, multipoint=mp)
         if mp:
             peer_socket.check_peer_id_free(what, cmd.peer_id, self.peers)
         n = len(self.links)

@@ -90,6 +90,7 @@ class EngineDataChannel:
         passtos=True,
         null_dev=True,
         fragment=True,
+        shaper=True,
     )
 
     def __init__(

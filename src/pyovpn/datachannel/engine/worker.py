@@ -75,6 +75,7 @@ from pyovpn.datachannel.fragment import Fragmenter, FragmentError, Reassembler
 from pyovpn.datachannel.framing import FramingError, frame_slots, note_framing_error, unframe
 from pyovpn.datachannel.lane import close_lane, open_lane
 from pyovpn.datachannel.routing import PeerRouter, PrefixTable
+from pyovpn.datachannel.shaper import Shaper
 from pyovpn.datachannel.tos import inner_tos, set_outer_tos
 from pyovpn.errors import AuthenticationError, ProtocolError, ReplayError
 from pyovpn.net import mmsg
@@ -151,6 +152,7 @@ class _Peer:
         "rx",
         "send_addr",
         "serials",
+        "shaper",
         "shared",
         "sock",
         "stats",
@@ -196,6 +198,8 @@ class _Peer:
         frag_max = m.get("fragment") or 0
         self.frag: Fragmenter | None = Fragmenter(frag_max) if frag_max and self.tx else None
         self.reasm: Reassembler | None = Reassembler() if frag_max and self.rx else None
+        rate = m.get("shaper") or 0  # `shaper`: P2P only (the controller checked)
+        self.shaper: Shaper | None = Shaper(rate) if rate and self.tx else None
         self.ka_interval = 0
         self.ka_timeout = 0
         self.ka_due: float | None = None  # this peer's entry in the worker's DeadlineHeap
@@ -411,6 +415,7 @@ class Worker:
         self.tx_pos = 0
         self.last_burst = 0.0  # when the last data burst left (monotonic)
         self.tun_paused = False  # TUN reads stop while a control packet waits to go first
+        self.tun_held_until = 0.0  # `shaper`: no TUN reads before then (monotonic; 0: not held)
         self.chan_out = wire.Outbox()  # answers and events for the controller, sent once per turn
         self.chan_poll = select.poll()
         self.chan_poll.register(chan.fileno(), select.POLLIN)
@@ -676,6 +681,7 @@ class Worker:
 
     def _clear_tun(self) -> None:
         self.tun_paused = False
+        self.tun_held_until = 0.0
         if self.tun_fd >= 0:
             self._unregister(self.tun_fd)
             with contextlib.suppress(OSError):
@@ -816,12 +822,20 @@ class Worker:
         for p in self.ctl_waiting:
             d = self._ctl_deadline(p)
             best = d if d < best else best
-        if best == _NEVER:
-            return -1
-        return max(0.0, best - time.monotonic()) + 0.001
+        now = time.monotonic()
+        timeout = max(0.0, best - now) + 0.001 if best != _NEVER else -1.0
+        if self.tun_held_until:
+            # `shaper`: epoll rounds up to whole milliseconds already; a margin on top would
+            # cost a millisecond per burst
+            held = max(0.0, self.tun_held_until - now)
+            timeout = held if timeout < 0 or held < timeout else timeout
+        return timeout
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if self.tun_held_until and now >= self.tun_held_until:
+            self.tun_held_until = 0.0
+            self._tun_interest()
         if self.ctl_waiting:
             for p in list(self.ctl_waiting):
                 if p.ctl_q and now >= self._ctl_deadline(p):
@@ -903,8 +917,8 @@ class Worker:
     # ------------------------------------------------------------------ TUN -> network
 
     def _on_tun(self, _ev: int) -> None:
-        if self.tun_paused:
-            return  # a control packet goes first (this event was reported before the pause)
+        if self.tun_paused or self.tun_held_until:
+            return  # a control packet goes first, or `shaper` holds the TUN (reported before)
         fd = self.tun_fd
         readv = os.readv
         bufs = [self.tun_buf]
@@ -923,7 +937,17 @@ class Worker:
         dropped = 0
         vpn_bytes = 0
         vpn_packets = 0
+        shaper = peer.shaper if peer is not None and for_dst is None else None
+        if shaper is not None:
+            assert peer is not None
+            sent_before = peer.stats.link_tx_bytes
+            budget = shaper.burst  # bytes read per wakeup: one burst, then the TUN waits its time
+        else:
+            sent_before = 0
+            budget = 1 << 62
         for _ in range(_TUN_BATCH):
+            if vpn_bytes >= budget:
+                break
             try:
                 n = readv(fd, bufs)
             except (BlockingIOError, InterruptedError):
@@ -1007,6 +1031,8 @@ class Worker:
                     break  # a request (SendControl...) waits: serve it before the next chunk
         if peer is not None:
             self._tun_batch_done(peer, ks, vpn_packets, vpn_bytes, dropped)
+            if shaper is not None:
+                self._shaped(peer, shaper, sent_before)
         elif dropped:
             self.no_peer_drops += dropped
 
@@ -1255,14 +1281,28 @@ class Worker:
 
     def _pause_tun(self) -> None:
         if not self.tun_paused and self.tun_read and self.tun_fd in self.handlers:
-            self.ep.modify(self.tun_fd, 0)
             self.tun_paused = True
+            self._tun_interest()
 
     def _resume_tun(self) -> None:
         if self.tun_paused:
             self.tun_paused = False
-            if self.tun_read and self.tun_fd in self.handlers:
-                self.ep.modify(self.tun_fd, select.EPOLLIN)
+            self._tun_interest()
+
+    def _tun_interest(self) -> None:
+        """Poll the TUN unless a control packet waits (``tun_paused``) or `shaper` holds it."""
+        if self.tun_read and self.tun_fd in self.handlers:
+            want = 0 if self.tun_paused or self.tun_held_until else select.EPOLLIN
+            self.ep.modify(self.tun_fd, want)
+
+    def _shaped(self, peer: _Peer, shaper: Shaper, sent_before: int) -> None:
+        """`shaper`: what this wakeup sent is paid for in time; the TUN waits until then."""
+        now = time.monotonic()
+        shaper.sent(peer.stats.link_tx_bytes - sent_before, now)
+        wait = shaper.wait(now)
+        if wait > 0 and not self.tun_held_until:
+            self.tun_held_until = now + wait
+            self._tun_interest()
 
     # ------------------------------------------------------------------ network -> TUN
 

@@ -39,6 +39,7 @@ from pyovpn.datachannel.validate import (
     check_no_framing,
     check_no_null_dev,
     check_no_passtos,
+    check_no_shaper,
     check_peer_socket,
     check_set_peer_keepalive,
     check_slot,
@@ -278,6 +279,7 @@ class KernelDataChannel:
         check_no_framing(cmd)
         check_no_passtos(cmd, "kernel")
         check_no_fragment(cmd, "kernel")
+        check_no_shaper(cmd, "kernel")
         if iface.mode is api.IfaceMode.P2P and (cmd.vpn_ipv4 is not None or cmd.vpn_ipv6 is not None):
             raise BackendError(f"{what}: VPN IPs are not allowed in P2P mode (the kernel rejects them too)")
         check_keepalive(what, cmd.keepalive_interval, cmd.keepalive_timeout)

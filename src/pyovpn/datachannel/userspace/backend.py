@@ -89,6 +89,7 @@ from pyovpn.datachannel.userspace.udp import UdpPath
 from pyovpn.datachannel.validate import (
     check_fragment,
     check_new_key,
+    check_no_shaper,
     check_null_dev_is_p2p,
     check_set_peer_keepalive,
     check_slot,
@@ -360,6 +361,7 @@ class UserspaceDataChannel(Keepalive, Multipoint, UdpPath, TcpPath):
         peer.framing = cmd.framing
         peer.passtos = cmd.passtos
         check_fragment(what, cmd, multipoint=iface.router is not None)
+        check_no_shaper(cmd, "userspace (in-process)")
         if cmd.fragment:
             peer.frag = Fragmenter(cmd.fragment)
             peer.reasm = Reassembler()
