@@ -22,7 +22,7 @@ from pyovpn.connlist import ConnectionList, GiveUp, randomized_hostname
 from pyovpn.datachannel import api
 from pyovpn.datachannel.api import Notification, PeerDelReason, Transport
 from pyovpn.datachannel.api import normalize_address as _addr
-from pyovpn.edge import compression, sockets
+from pyovpn.edge import backendfit, compression, sockets
 from pyovpn.edge.host import PeerHost
 from pyovpn.edge.instance import Instance
 from pyovpn.edge.stop import Stop, StopReason
@@ -365,7 +365,9 @@ class Connection(Instance[Command]):
                         framing=framing,
                         passtos=self.opts.passtos,
                         fragment=self.opts.fragment if self.transport is Transport.UDP else 0,
-                        shaper=self.opts.shaper,
+                        shaper=backendfit.session_shaper(
+                            self.opts, up.pushed.shaper if up.pushed else None, dc.capabilities, dc.name
+                        ),
                     )
                 )
             except BaseException:

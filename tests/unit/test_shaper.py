@@ -52,3 +52,24 @@ def test_the_rate_over_many_batches_is_the_rate_asked() -> None:
 def test_rates_outside_openvpns_bounds_are_refused(rate: int) -> None:
     with pytest.raises(ValueError, match="outside"):
         Shaper(rate)
+
+
+def test_a_pushed_shaper_wins_where_the_backend_keeps_it(caplog: pytest.LogCaptureFixture) -> None:
+    """As an OpenVPN client: a pushed `shaper` replaces the configured one. A backend that cannot
+    keep it says so in a warning; a pushed rate out of bounds is skipped and stays in `ignored`,
+    whose warning names it (edge/pushwarn.py)."""
+    from pyovpn.config import parse_config_text
+    from pyovpn.datachannel.api import Capabilities
+    from pyovpn.edge.backendfit import session_shaper
+    from pyovpn.proto.push import parse_pushed_options
+    from tests.unit.configtext import INLINE_CREDENTIALS
+
+    pushed = parse_pushed_options(["ifconfig 10.8.0.2 255.255.255.0", "shaper 50000", "shaper 5"])
+    assert pushed.shaper == 50000 and pushed.ignored == ["shaper 5"]
+    opts = parse_config_text("tls-client\nremote vpn.example.com 1194\nshaper 200000\n" + INLINE_CREDENTIALS)
+    engine, kernel = Capabilities(shaper=True), Capabilities()
+    assert session_shaper(opts, None, engine, "userspace") == 200000
+    assert session_shaper(opts, 50000, engine, "userspace") == 50000
+    with caplog.at_level("WARNING"):
+        assert session_shaper(opts, 50000, kernel, "kernel") == 0
+    assert "'shaper 50000' is not applied: the kernel data channel" in caplog.text

@@ -8,8 +8,13 @@ to pyovpn's userspace data plane, and the reasons go into the one log line that 
 
 from __future__ import annotations
 
+import logging
+
 from pyovpn.config import Options
+from pyovpn.datachannel.api import Capabilities
 from pyovpn.edge import compression
+
+log = logging.getLogger(__name__)
 
 
 def kernel_refusal(opts: Options) -> str | None:
@@ -39,6 +44,24 @@ def kernel_refusal(opts: Options) -> str | None:
             "address, which the kernel ovpn driver cannot map to its peers"
         )
     return "; ".join(reasons) if reasons else None
+
+
+def session_shaper(opts: Options, pushed: int | None, caps: Capabilities, backend: str) -> int:
+    """The `shaper` rate for this session's peer: the server's push wins over the config, as in
+    OpenVPN. A pushed rate the backend cannot keep is logged and not applied: the backend was
+    chosen before the push arrived (a configured one chose the userspace engine already)."""
+    if pushed is None:
+        return opts.shaper
+    if not caps.shaper:
+        log.warning(
+            "pushed option 'shaper %d' is not applied: the %s data channel sends at once. Put "
+            "`shaper` in this config to run on the userspace engine, which keeps it",
+            pushed,
+            backend,
+        )
+        return 0
+    log.info("Data Channel: shaper %d bytes per second, pushed by the server", pushed)
+    return pushed
 
 
 def userspace_engine(opts: Options) -> str:

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from pyovpn.datachannel.api import Framing
+from pyovpn.datachannel.shaper import SHAPER_MAX, SHAPER_MIN
 from pyovpn.errors import ProtocolError
 from pyovpn.proto.redirect import REDIRECT_OPTIONS, BadRedirectFlag, RedirectFlags, add_redirect
 
@@ -38,6 +39,7 @@ class PushedOptions:
     auth_token: str | None = None
     auth_token_user: str | None = None  # base64, as pushed
     compression: tuple[str, str] | None = None  # pushed comp-lzo/compress and its argument ("" for none)
+    shaper: int | None = None  # pushed `shaper N` (bytes per second)
     dns_lines: list[str] = field(default_factory=list)  # pushed `dhcp-option ...`/`dns ...`, see dnsopts
     ignored: list[str] = field(default_factory=list)
 
@@ -154,6 +156,11 @@ def parse_pushed_options(options: list[str]) -> PushedOptions:
                 ) from None
         elif name in ("dhcp-option", "dns"):
             p.dns_lines.append(" ".join(words))
+        elif name == "shaper" and len(words) == 2 and words[1].isdigit():
+            if not SHAPER_MIN <= int(words[1]) <= SHAPER_MAX:
+                p.ignored.append(opt)  # as OpenVPN: an option error in a push skips that option
+                continue
+            p.shaper = int(words[1])
         else:
             p.ignored.append(opt)
     return p
