@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
-from pyovpn.datachannel.shaper import SHAPER_MAX, SHAPER_MIN
+from pyovpn.datachannel.api import SHAPER_MAX, SHAPER_MIN
 from pyovpn.errors import ConfigError, ProtocolError
 from pyovpn.proto import dnsopts, tlscryptv2
 from pyovpn.proto.redirect import BadRedirectFlag, PullFilterAction, add_redirect, redirect_from

@@ -125,6 +125,10 @@ class DelIface:
     name: str
 
 
+SHAPER_MIN = 100  # bytes per second: OpenVPN's bounds for `shaper` (NewPeer.shaper)
+SHAPER_MAX = 100_000_000
+
+
 @dataclass(frozen=True)
 class NewPeer:
     """Create a peer. ``socket_fd`` is a file descriptor in the caller's process.
@@ -150,8 +154,8 @@ class NewPeer:
     passtos: bool = False
     # `fragment MAX`: OpenVPN's own fragmentation, no datagram above MAX bytes (0: off; Capabilities.fragment)
     fragment: int = 0
-    # `shaper N`: the tunnel datagrams sent to this peer held to N bytes per second (0: off;
-    # Capabilities.shaper; one peer, as in OpenVPN)
+    # `shaper N`: the tunnel datagrams sent to this peer held to N bytes per second (0: off, else
+    # SHAPER_MIN..SHAPER_MAX; Capabilities.shaper; one peer, as in OpenVPN)
     shaper: int = 0
 
 

@@ -16,8 +16,9 @@ Pure arithmetic on the times it is given, so it is tested without a clock.
 
 from __future__ import annotations
 
-SHAPER_MIN = 100  # bytes per second, OpenVPN's bounds for `shaper`
-SHAPER_MAX = 100_000_000
+from pyovpn.datachannel.api import SHAPER_MAX, SHAPER_MIN
+
+__all__ = ["BURST", "MAX_CREDIT", "SHAPER_MAX", "SHAPER_MIN", "TICK", "Shaper"]
 BURST = 64 * 1024  # bytes sent per wakeup of a shaped peer, at rates up to BURST / TICK
 TICK = 0.002  # seconds: an epoll timer counts whole milliseconds, and wakes about one late
 MAX_CREDIT = 0.005  # seconds of lateness credited back at most

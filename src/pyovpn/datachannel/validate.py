@@ -12,6 +12,8 @@ import os
 import socket
 
 from pyovpn.datachannel.api import (
+    SHAPER_MAX,
+    SHAPER_MIN,
     Cipher,
     Framing,
     IfaceMode,
@@ -23,7 +25,6 @@ from pyovpn.datachannel.api import (
     Transport,
 )
 from pyovpn.datachannel.fragment import FragmentError, fragment_size
-from pyovpn.datachannel.shaper import SHAPER_MAX, SHAPER_MIN
 from pyovpn.errors import BackendError
 
 __all__ = [

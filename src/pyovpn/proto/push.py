@@ -5,8 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from pyovpn.datachannel.api import Framing
-from pyovpn.datachannel.shaper import SHAPER_MAX, SHAPER_MIN
+from pyovpn.datachannel.api import SHAPER_MAX, SHAPER_MIN, Framing
 from pyovpn.errors import ProtocolError
 from pyovpn.proto.redirect import REDIRECT_OPTIONS, BadRedirectFlag, RedirectFlags, add_redirect
 
