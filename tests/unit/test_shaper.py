@@ -66,6 +66,9 @@ def test_a_pushed_shaper_wins_where_the_backend_keeps_it(caplog: pytest.LogCaptu
 
     pushed = parse_pushed_options(["ifconfig 10.8.0.2 255.255.255.0", "shaper 50000", "shaper 5"])
     assert pushed.shaper == 50000 and pushed.ignored == ["shaper 5"]
+    # not a number to int(), though str.isdigit() says digits: skipped, never a crash
+    odd = parse_pushed_options(["shaper \u00b2", "shaper \u0663\u0660\u0660", "shaper -1"])
+    assert odd.shaper is None and len(odd.ignored) == 3
     opts = parse_config_text("tls-client\nremote vpn.example.com 1194\nshaper 200000\n" + INLINE_CREDENTIALS)
     engine, kernel = Capabilities(shaper=True), Capabilities()
     assert session_shaper(opts, None, engine, "userspace") == 200000

@@ -155,7 +155,8 @@ def parse_pushed_options(options: list[str]) -> PushedOptions:
                 ) from None
         elif name in ("dhcp-option", "dns"):
             p.dns_lines.append(" ".join(words))
-        elif name == "shaper" and len(words) == 2 and words[1].isdigit():
+        elif name == "shaper" and len(words) == 2 and words[1].isascii() and words[1].isdigit():
+            # isascii: str.isdigit() also takes digits such as '²' that int() refuses
             if not SHAPER_MIN <= int(words[1]) <= SHAPER_MAX:
                 p.ignored.append(opt)  # as OpenVPN: an option error in a push skips that option
                 continue
